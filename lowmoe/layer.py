@@ -1,0 +1,201 @@
+"""One decoder layer at a time, computed by transformers' own classes.
+
+lowmoe never re-implements attention, rotary embeddings, masks or routers. ``ModelSkeleton``
+builds the family's ``*ForCausalLM`` on the ``meta`` device from config.json (no memory), which
+gives the decoder-layer, rotary-embedding, norm and embedding classes. ``materialize_layer``
+builds one real decoder layer from that layer's tensors; ``LayerInputs`` carries the rotary
+embeddings and causal masks shared by every layer for one token batch.
+
+``MoeProbe`` hooks a layer's MoE block: the router's (logits, top-k weights, top-k index) and the
+experts module's input and (weighted, routed) output, per forward call. ``expert_output`` runs a
+single expert through transformers' experts module on chosen tokens (unweighted f_e(x)).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .adapters import Adapter
+
+log = logging.getLogger(__name__)
+
+
+def hf_config(raw: dict, num_experts: int | None = None, top_k: int | None = None, adapter: Adapter | None = None):
+    """A transformers config object from a parsed config.json (optionally with other expert counts)."""
+    from transformers import AutoConfig
+
+    raw = dict(raw)
+    if adapter is not None and num_experts is not None:
+        for k in adapter.expert_count_keys:
+            if k in raw or k == adapter.expert_count_keys[0]:
+                raw[k] = num_experts
+    if adapter is not None and top_k is not None:
+        raw[adapter.top_k_key] = top_k
+    model_type = raw.pop("model_type")
+    raw.pop("transformers_version", None)
+    cfg = AutoConfig.for_model(model_type, **raw)
+    # Eager experts: the per-expert loop is what the probes and expert_output() rely on, and it is
+    # what from_pretrained uses on CPU. Attention keeps transformers' default for the family.
+    cfg._experts_implementation = "eager"
+    return cfg
+
+
+class ModelSkeleton:
+    """The model built on the meta device: module classes and shapes, no weights."""
+
+    def __init__(self, raw_config: dict, adapter: Adapter):
+        from transformers import AutoModelForCausalLM
+
+        self.raw = raw_config
+        self.adapter = adapter
+        self.config = hf_config(raw_config)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(self.config)
+        self.config = self.model.config  # now carries the attention implementation chosen by transformers
+        self.base = self.model.model
+        self.layer_cls = type(self.base.layers[0])
+        self.moe_layers = set(adapter.moe_layers(raw_config))
+
+    def layer_types(self) -> list[str] | None:
+        return getattr(self.config, "layer_types", None)
+
+    def new_layer(self, layer_idx: int, config=None) -> nn.Module:
+        with torch.device("meta"):
+            return self.layer_cls(config or self.config, layer_idx)
+
+    def rotary(self, device) -> nn.Module:
+        rot_cls = type(self.base.rotary_emb)
+        return rot_cls(self.config, device=device) if "device" in rot_cls.__init__.__code__.co_varnames else rot_cls(self.config).to(device)
+
+
+def materialize(module: nn.Module, state: dict[str, torch.Tensor], device, dtype) -> nn.Module:
+    """Fill a meta-device module with ``state`` (every key must match), cast to ``dtype``."""
+    module = module.to_empty(device=device)
+    keep_fp32 = {k for k in state if k.endswith("e_score_correction_bias")}
+    state = {k: (v.to(device=device) if k in keep_fp32 else v.to(device=device, dtype=dtype)) for k, v in state.items()}
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise RuntimeError(f"layer tensors do not fit the {type(module).__name__} module: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    # Non-persistent buffers (none in current MoE layers, but be safe) keep their meta value otherwise.
+    for name, buf in list(module.named_buffers()):
+        if buf.is_meta:
+            raise RuntimeError(f"{type(module).__name__}: buffer {name} was not provided")
+    return module.eval()
+
+
+def materialize_layer(skel: ModelSkeleton, layer_idx: int, runtime_state: dict[str, torch.Tensor], device, dtype,
+                      num_experts: int | None = None, top_k: int | None = None) -> nn.Module:
+    cfg = None
+    if num_experts is not None or top_k is not None:
+        cfg = hf_config(skel.raw, num_experts=num_experts, top_k=top_k, adapter=skel.adapter)
+    return materialize(skel.new_layer(layer_idx, cfg), runtime_state, device, dtype)
+
+
+@dataclass
+class LayerInputs:
+    """What every decoder layer needs besides hidden states, for one (batch, seq) token block."""
+
+    position_ids: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    masks: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, skel: ModelSkeleton, hidden: torch.Tensor, rotary: nn.Module) -> "LayerInputs":
+        from transformers import masking_utils
+
+        b, s, _ = hidden.shape
+        pos = torch.arange(s, device=hidden.device).unsqueeze(0).expand(b, -1)
+        pe = rotary(hidden, pos)
+        kw = dict(config=skel.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=pos)
+        masks = {"full_attention": masking_utils.create_causal_mask(**kw)}
+        if skel.layer_types() and "sliding_attention" in skel.layer_types():
+            masks["sliding_attention"] = masking_utils.create_sliding_window_causal_mask(**kw)
+        return cls(pos, pe, masks)
+
+    def mask_for(self, skel: ModelSkeleton, layer_idx: int):
+        types = skel.layer_types()
+        return self.masks[types[layer_idx] if types else "full_attention"]
+
+
+def run_layer(skel: ModelSkeleton, layer: nn.Module, layer_idx: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+    out = layer(hidden, attention_mask=inputs.mask_for(skel, layer_idx), position_ids=inputs.position_ids,
+                position_embeddings=inputs.position_embeddings, past_key_values=None, use_cache=False)
+    return out[0] if isinstance(out, tuple) else out
+
+
+# ---- probing the MoE block ------------------------------------------------------------------
+
+
+@dataclass
+class MoeCall:
+    """One forward call of a MoE block, flattened over tokens.
+
+    router_logits: (T, E) float32   -- raw router logits (pre-softmax / pre-sigmoid, router bias included)
+    top_k_index:   (T, k) long       -- experts chosen by transformers' router
+    top_k_weights: (T, k) float32    -- their weights as the experts module applies them
+    moe_input:     (T, H)            -- hidden states entering the experts (after the post-attn norm)
+    routed_output: (T, H)            -- Σ_k weight · expert output (before any shared expert is added)
+    """
+
+    router_logits: torch.Tensor
+    top_k_index: torch.Tensor
+    top_k_weights: torch.Tensor
+    moe_input: torch.Tensor
+    routed_output: torch.Tensor
+    experts: nn.Module
+    token_mask: torch.Tensor | None = None  # (T,) bool: tokens that count in statistics
+
+
+def moe_modules(adapter: Adapter, layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    block = layer.get_submodule(adapter.runtime_moe_prefix.rstrip("."))
+    return block, getattr(block, adapter.runtime_router), block.experts
+
+
+class MoeProbe:
+    """Context manager: calls ``callback(MoeCall)`` for every forward of the layer's MoE block."""
+
+    def __init__(self, adapter: Adapter, layer: nn.Module, callback: Callable[[MoeCall], None],
+                 token_mask: torch.Tensor | None = None):
+        self.adapter, self.layer, self.callback = adapter, layer, callback
+        self.token_mask = token_mask
+        self._handles = []
+        self._router_out = None
+
+    def __enter__(self):
+        _, router, experts = moe_modules(self.adapter, self.layer)
+
+        def on_router(mod, args, out):
+            self._router_out = out
+
+        def on_experts(mod, args, out):
+            hidden, idx, w = args[0], args[1], args[2]
+            logits = self._router_out[0]
+            self.callback(MoeCall(logits.reshape(-1, logits.shape[-1]).float(), idx.reshape(-1, idx.shape[-1]),
+                                  w.reshape(-1, w.shape[-1]).float(), hidden, out, mod,
+                                  None if self.token_mask is None else self.token_mask.reshape(-1)))
+
+        self._handles = [router.register_forward_hook(on_router), experts.register_forward_hook(on_experts)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+@torch.no_grad()
+def expert_output(experts: nn.Module, hidden: torch.Tensor, expert_idx: int) -> torch.Tensor:
+    """f_e(x) for the rows of ``hidden`` (T, H): one expert, unweighted, via transformers' own module."""
+    idx = torch.full((hidden.shape[0], 1), expert_idx, dtype=torch.long, device=hidden.device)
+    w = torch.ones((hidden.shape[0], 1), dtype=hidden.dtype, device=hidden.device)
+    return experts(hidden, idx, w)
+
+
+def clone_config(cfg):
+    return copy.deepcopy(cfg)
