@@ -1,0 +1,160 @@
+"""The ``lowmoe`` command line: a thin shell over the Python API.
+
+It parses flags, calls the library and maps ``LowmoeError`` to a one-line message and a non-zero
+exit (a traceback only with ``-v``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import LowmoeError
+
+log = logging.getLogger("lowmoe")
+
+
+class LowmoeGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LowmoeError as e:
+            if ctx.obj and ctx.obj.get("verbose", 0) >= 2:
+                raise
+            click.echo(f"lowmoe: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("lowmoe: interrupted; rerun the same command with --resume to continue", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=LowmoeGroup)
+@click.option("-v", "--verbose", count=True, help="-v: debug logs; -vv: also tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
+@click.version_option(package_name="lowmoe")
+@click.pass_context
+def main(ctx, verbose, quiet):
+    """Prune and merge the experts of Mixture-of-Experts LLMs, one decoder layer at a time."""
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+    ctx.obj["quiet"] = quiet
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--arch", default="mixtral", show_default=True, help="Model family (see `lowmoe families`).")
+@click.option("--layers", default=4, show_default=True, type=int)
+@click.option("--hidden-size", default=64, show_default=True, type=int)
+@click.option("--intermediate-size", default=128, show_default=True, type=int, help="Per-expert intermediate size.")
+@click.option("--experts", default=8, show_default=True, type=int)
+@click.option("--top-k", default=2, show_default=True, type=int)
+@click.option("--heads", default=None, type=int, help="Attention heads (default hidden/16).")
+@click.option("--vocab-size", default=None, type=int, help="Default: the byte tokenizer's 259.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--shard-size", default="2GB", show_default=True, help="Max bytes per shard, e.g. 500MB.")
+@click.option("--mtp-layers", default=0, show_default=True, type=int, help="DeepSeek-V3 MTP layers past num_hidden_layers.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--overwrite", is_flag=True)
+def synth(out, arch, layers, hidden_size, intermediate_size, experts, top_k, heads, vocab_size, dtype, shard_size, mtp_layers, seed, overwrite):
+    """Write a random-init MoE checkpoint in a family's real on-disk layout."""
+    from .synth import synth_model
+    from .tokenizer import VOCAB_SIZE
+
+    synth_model(out, arch, layers=layers, hidden_size=hidden_size, intermediate_size=intermediate_size, experts=experts,
+                top_k=top_k, heads=heads, vocab_size=vocab_size or VOCAB_SIZE, dtype=dtype, shard_size=shard_size,
+                mtp_layers=mtp_layers, seed=seed, overwrite=overwrite)
+    click.echo(f"wrote {arch} model to {out}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect(model, as_json):
+    """Family, layers, experts, top-k, bytes per layer and the memory a prune will need."""
+    from .inspect import inspect_model, format_inspection
+
+    info = inspect_model(model)
+    click.echo(json.dumps(info, indent=1) if as_json else format_inspection(info))
+
+
+@main.command()
+def families():
+    """List the supported model families."""
+    from .adapters import ALL
+
+    for a in ALL:
+        click.echo(f"{a.family:12s} model_type={','.join(a.model_types):12s} experts key={a.expert_count_keys[0]:18s} layout={a.expert_layout}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--keep", default=None, help="Experts kept per layer: a count, 'half', '25%' or 0.5.")
+@click.option("--method", default="frequency", show_default=True, help="Scoring / merging / search method.")
+@click.option("--calib", multiple=True, type=click.Path(path_type=Path), help="Calibration file (text or JSONL); repeatable.")
+@click.option("--plan", "plan", default=None, type=click.Path(path_type=Path), help="Apply a saved plan (no calibration).")
+@click.option("--top-k", default=None, type=int, help="Experts per token in the output (default: unchanged).")
+@click.option("--seq-len", default=256, show_default=True, type=int)
+@click.option("--n-samples", default=64, show_default=True, type=int, help="Calibration sequences.")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="Sequences per activation chunk.")
+@click.option("--layout", default="pack", show_default=True, type=click.Choice(["pack", "per-sample"]))
+@click.option("--answer-only", is_flag=True, help="Count only answer/assistant tokens in the statistics.")
+@click.option("--one-shot", is_flag=True, help="Score every layer on the original model's activations.")
+@click.option("--no-protect-super-experts", is_flag=True, help="Allow dropping super experts.")
+@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute dtype.")
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue a killed run in OUT.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
+@click.option("--save-plan", default=None, type=click.Path(path_type=Path), help="Also write the plan to this file.")
+@click.pass_context
+def prune(ctx, model, out, keep, method, calib, plan, top_k, seq_len, n_samples, batch_size, layout, answer_only, one_shot,
+          no_protect_super_experts, device, dtype, max_shard_size, seed, resume, overwrite, save_plan):
+    """Prune MODEL's experts into a new checkpoint OUT."""
+    from .pipeline import prune as run_prune
+    from .report import print_prune_summary
+
+    report = run_prune(model, out, keep=keep, method=method, calib=[str(c) for c in calib], plan=plan, top_k=top_k,
+                       seq_len=seq_len, n_samples=n_samples, batch_size=batch_size, layout=layout, answer_only=answer_only,
+                       sequential=not one_shot, protect_super_experts=not no_protect_super_experts, device=device,
+                       dtype=dtype, max_shard_size=max_shard_size, seed=seed, resume=resume, overwrite=overwrite,
+                       progress=not ctx.obj["quiet"])
+    if save_plan:
+        Path(save_plan).write_text(json.dumps(report["plan"], indent=1) + "\n")
+    print_prune_summary(report)
+
+
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules."""
+    import importlib
+
+    for mod, attr, name in (("lowmoe.cli_eval", "eval_command", "eval"), ("lowmoe.cli_score", "score_command", "score")):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        main.add_command(getattr(m, attr), name)
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":
+    main()
