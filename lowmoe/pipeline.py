@@ -103,13 +103,14 @@ class PruneConfig:
         if self.plan is None:
             k = self.resolve_keep(ck.num_experts)
             top_k = self.top_k or ck.top_k
-            if k <= min(top_k, ck.top_k) - 1 or k < top_k:
-                raise ConfigError(f"--keep {self.keep}: must be >= the experts per token ({top_k}); "
-                                  f"use --top-k to route to fewer experts")
-            if k >= ck.num_experts and (self.top_k is None or self.top_k == ck.top_k):
-                raise ConfigError(f"--keep {self.keep}: must be < the model's {ck.num_experts} experts per layer")
             if k > ck.num_experts:
                 raise ConfigError(f"--keep {self.keep}: the model has only {ck.num_experts} experts per layer")
+            if k < top_k:
+                raise ConfigError(f"--keep {self.keep}: must be >= the experts per token ({top_k}); "
+                                  f"use --top-k to route to fewer experts")
+            if k == ck.num_experts and (self.top_k is None or self.top_k == ck.top_k):
+                raise ConfigError(f"--keep {self.keep}: must be < the model's {ck.num_experts} experts per layer "
+                                  f"(or pass --top-k to only reduce the experts per token)")
         if self.top_k is not None and not 1 <= self.top_k:
             raise ConfigError(f"--top-k must be >= 1, got {self.top_k}")
 
@@ -406,6 +407,8 @@ def prune(model: str | Path, out: str | Path, **options) -> dict:
     fingerprint = _fingerprint(cfg, ck)
     manifest = prepare_output(cfg, ck, fingerprint)
     run = PruneRun(cfg, ck, fingerprint, manifest)
+    if manifest is None:
+        run._save_manifest()  # from now on the directory is a resumable, unfinished lowmoe output
     t0 = time.time()
     if plan_in is not None:
         run.layers = dict(plan_in.layers)

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny synthetic checkpoints (built once per session) and calibration text."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowmoe.synth import synth_model
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe", "gpt_oss"]
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """synth_dir(arch, **kw) -> path of a cached tiny synthetic model (do not modify it)."""
+    root = tmp_path_factory.mktemp("synth")
+    made: dict[str, Path] = {}
+
+    def make(arch: str = "mixtral", **kw) -> Path:
+        opts = dict(layers=3, hidden_size=32, intermediate_size=32, experts=8, top_k=2, shard_size="40KB")
+        opts.update(kw)
+        key = arch + "-" + hashlib.md5(repr(sorted(opts.items())).encode()).hexdigest()[:8]
+        if key not in made:
+            made[key] = synth_model(root / key, arch, **opts)
+        return made[key]
+
+    return make
+
+
+def write_calib(path: Path, n_lines: int = 200, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "12+3=15", "def f(x):", "return x", "(())", "sort 3 1 2"]
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(n_lines)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def calib_txt(tmp_path_factory) -> Path:
+    return write_calib(tmp_path_factory.mktemp("calib") / "calib.txt")
+
+
+def dir_digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under ``path`` (relative name -> digest)."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(path).rglob("*")) if p.is_file()}
