@@ -116,8 +116,11 @@ class ShardWriter:
         self.flush()
         n = len(self.shards)
         weight_map: dict[str, str] = {}
+        umask = os.umask(0)
+        os.umask(umask)
         for i, s in enumerate(self.shards, 1):
             final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.chmod(self.out_dir / s["tmp"], 0o666 & ~umask)  # safetensors creates files 0600
             os.replace(self.out_dir / s["tmp"], self.out_dir / final)
             for k in s["keys"]:
                 weight_map[k] = final
