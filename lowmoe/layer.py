@@ -141,6 +141,10 @@ class MoeCall:
     top_k_weights: (T, k) float32    -- their weights as the experts module applies them
     moe_input:     (T, H)            -- hidden states entering the experts (after the post-attn norm)
     routed_output: (T, H)            -- Σ_k weight · expert output (before any shared expert is added)
+    expert_outputs: (T, k, H) | None -- unweighted f_e(x_t) of each top-k slot (only when the callback
+                                        sets ``needs_expert_outputs``; computed at no extra expert cost)
+    token_domain:  (T,) long | None  -- calibration domain of each token (index into CalibTokens.domains)
+    router_scoring: "softmax" or "sigmoid" -- how the router turns logits into scores (adapter data)
     """
 
     router_logits: torch.Tensor
@@ -150,6 +154,10 @@ class MoeCall:
     routed_output: torch.Tensor
     experts: nn.Module
     token_mask: torch.Tensor | None = None  # (T,) bool: tokens that count in statistics
+    expert_outputs: torch.Tensor | None = None
+    token_domain: torch.Tensor | None = None
+    router: nn.Module | None = None
+    router_scoring: str = "softmax"
 
 
 def moe_modules(adapter: Adapter, layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -161,11 +169,14 @@ class MoeProbe:
     """Context manager: calls ``callback(MoeCall)`` for every forward of the layer's MoE block."""
 
     def __init__(self, adapter: Adapter, layer: nn.Module, callback: Callable[[MoeCall], None],
-                 token_mask: torch.Tensor | None = None):
+                 token_mask: torch.Tensor | None = None, token_domain: torch.Tensor | None = None):
         self.adapter, self.layer, self.callback = adapter, layer, callback
         self.token_mask = token_mask
+        self.token_domain = token_domain
         self._handles = []
         self._router_out = None
+        self._slot_outputs = None
+        self._patched = None
 
     def __enter__(self):
         _, router, experts = moe_modules(self.adapter, self.layer)
@@ -176,10 +187,30 @@ class MoeProbe:
         def on_experts(mod, args, out):
             hidden, idx, w = args[0], args[1], args[2]
             logits = self._router_out[0]
+            slots, self._slot_outputs = self._slot_outputs, None
             self.callback(MoeCall(logits.reshape(-1, logits.shape[-1]).float(), idx.reshape(-1, idx.shape[-1]),
                                   w.reshape(-1, w.shape[-1]).float(), hidden, out, mod,
-                                  None if self.token_mask is None else self.token_mask.reshape(-1)))
+                                  None if self.token_mask is None else self.token_mask.reshape(-1),
+                                  expert_outputs=slots,
+                                  token_domain=None if self.token_domain is None else self.token_domain.reshape(-1),
+                                  router=router, router_scoring=getattr(self.adapter, "router_scoring", "softmax")))
 
+        if getattr(self.callback, "needs_expert_outputs", False):
+            # Run transformers' experts module once per top-k slot with unit weights: the same expert
+            # work as one call (each token still visits only its k experts), but it yields every slot's
+            # unweighted output f_e(x) (T, k, H), which REAP / EASY-EP / super-expert detection need.
+            # The weighted sum over slots then replaces the module's own weighted index_add.
+            orig = experts.forward
+
+            def forward(hidden_states, top_k_index, top_k_weights, *rest, **kw):
+                ones = torch.ones_like(top_k_weights[..., :1])
+                slots = torch.stack([orig(hidden_states, top_k_index[..., j:j + 1], ones, *rest, **kw)
+                                     for j in range(top_k_index.shape[-1])], dim=-2)  # (T, k, H)
+                self._slot_outputs = slots
+                return (slots.float() * top_k_weights.float().unsqueeze(-1)).sum(-2).to(hidden_states.dtype)
+
+            experts.forward = forward
+            self._patched = experts
         self._handles = [router.register_forward_hook(on_router), experts.register_forward_hook(on_experts)]
         return self
 
@@ -187,6 +218,9 @@ class MoeProbe:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._patched is not None:
+            del self._patched.forward  # back to the class's forward
+            self._patched = None
 
 
 @torch.no_grad()

@@ -96,5 +96,16 @@ def method_names() -> list[str]:
     return sorted(set(SCORERS) | set(LAYER_METHODS) | set(EXTRA_METHODS))
 
 
-def protection_observers(ck) -> list:
-    return []
+def protection_observers(ck, stream=None, progress: bool = True, n_seqs: int = 4) -> list:
+    """Observers whose ``protected(layer_idx)`` names experts that must never be dropped.
+
+    Super-expert protection (``scoring.super_experts``): its thresholds are model-wide, so with a
+    ``stream`` (the prune pipeline) the first ``n_seqs`` calibration sequences are profiled through
+    the original model before the first layer is decided (one extra read of the checkpoint plus a
+    forward of those sequences). Without one, a running observer applies the thresholds to the
+    layers seen so far (an approximation; it needs each slot's expert output)."""
+    from .scoring.super_experts import MaximaObserver, profile
+
+    if stream is None:
+        return [MaximaObserver(ck.num_experts)]
+    return [profile(stream, n_seqs=n_seqs, progress=progress)]

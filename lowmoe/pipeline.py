@@ -97,9 +97,9 @@ class PruneConfig:
             parse_size(self.max_shard_size)
         except ValueError as e:
             raise ConfigError(f"--max-shard-size: {e}") from None
-        for c in self.calib:
-            if not Path(c).is_file():
-                raise ConfigError(f"--calib {c}: file not found")
+        from .calibration import check_sources
+
+        check_sources(self.calib)
         if self.plan is None:
             k = self.resolve_keep(ck.num_experts)
             top_k = self.top_k or ck.top_k
@@ -253,7 +253,8 @@ class Stream:
         for c, sl in self.chunks():
             h = self.cache.read(b, c, device=self.device).to(self.dtype)
             if probe is not None:
-                with MoeProbe(adapter, module, probe, token_mask=self.tokens.count_mask[sl].to(self.device)):
+                dom = self.tokens.domain[sl].to(self.device)[:, None].expand(-1, h.shape[1])  # (B, S)
+                with MoeProbe(adapter, module, probe, token_mask=self.tokens.count_mask[sl].to(self.device), token_domain=dom):
                     out = run_layer(self.skel, module, layer_idx, h, self.inputs_for(h))
             else:
                 out = run_layer(self.skel, module, layer_idx, h, self.inputs_for(h))
@@ -457,6 +458,7 @@ def score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int) -> dict:
     tokens = calibrate(cfg, ck)
     stream = open_stream(run, cfg, tokens)
     groups = _keep_groups(ck, keep_n)
+    guards = _protection_observers(cfg, ck, stream)  # built once: may profile the model (super experts)
     for layer_idx in _progress(range(run.next_layer, ck.num_layers), ck.num_layers - run.next_layer, f"prune ({cfg.method})", cfg.progress):
         times = run.times.setdefault(layer_idx, {})
         t0 = time.perf_counter()
@@ -472,7 +474,7 @@ def score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int) -> dict:
             run.write_layer(layer_idx, tensors)
         else:
             method = make_layer_method(cfg.method, ck.num_experts, ck.top_k, seed=cfg.seed, **cfg.method_options)
-            observers = [method] + _protection_observers(cfg, ck)
+            observers = [method] + guards
             needs_outputs = any(o.needs_expert_outputs for o in observers)
 
             def probe(call):
@@ -517,13 +519,13 @@ def _keep_groups(ck: Checkpoint, keep_n: int) -> int:
     return 1
 
 
-def _protection_observers(cfg: PruneConfig, ck: Checkpoint) -> list:
+def _protection_observers(cfg: PruneConfig, ck: Checkpoint, stream: Stream | None = None) -> list:
     """Observers that mark experts which must never be dropped (super experts)."""
     if not cfg.protect_super_experts:
         return []
     from . import methods
 
-    return methods.protection_observers(ck)
+    return methods.protection_observers(ck, stream=stream, progress=cfg.progress)
 
 
 __all__ = ["PruneConfig", "prune", "available_methods", "PlanError"]

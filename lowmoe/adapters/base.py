@@ -49,6 +49,8 @@ class Adapter:
     extra_layers: Callable[[dict], list[int]] = field(default=lambda cfg: [])
     # Whether the router uses DeepSeek-style group-limited routing (n_group / topk_group).
     grouped_routing: bool = False
+    # How the router turns logits into per-expert scores: "softmax" or "sigmoid" (DeepSeek-V3).
+    router_scoring: str = "softmax"
     notes: str = ""
 
     # ---- key templates -------------------------------------------------------------------

@@ -93,6 +93,7 @@ DEEPSEEK_V3 = Adapter(
     dense_layers=_deepseek_dense,
     extra_layers=_deepseek_mtp,
     grouped_routing=True,
+    router_scoring="sigmoid",
     notes="sigmoid router with e_score_correction_bias; MTP layers past num_hidden_layers copied unchanged",
 )
 
