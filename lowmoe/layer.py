@@ -94,6 +94,9 @@ def materialize_layer(skel: ModelSkeleton, layer_idx: int, runtime_state: dict[s
     cfg = None
     if num_experts is not None or top_k is not None:
         cfg = hf_config(skel.raw, num_experts=num_experts, top_k=top_k, adapter=skel.adapter)
+        # same attention kernel as the skeleton: LayerInputs builds masks for it (sdpa's mask may be
+        # None = "causal"; an eager layer given None would attend to every position)
+        cfg._attn_implementation = skel.config._attn_implementation
     return materialize(skel.new_layer(layer_idx, cfg), runtime_state, device, dtype)
 
 
