@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .errors import LowmoeError
+from .errors import ConfigError, LowmoeError
 
 log = logging.getLogger("lowmoe")
 
@@ -123,9 +123,16 @@ def families():
 @click.option("--resume", is_flag=True, help="Continue a killed run in OUT.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
 @click.option("--save-plan", default=None, type=click.Path(path_type=Path), help="Also write the plan to this file.")
+@click.option("--dev", default=None, type=click.Path(path_type=Path), help="EEP: dev-split JSONL for the final pick.")
+@click.option("--generations", default=None, type=int, help="EEP: generations (default 40).")
+@click.option("--population", default=None, type=int, help="EEP: candidates per generation (default 16).")
+@click.option("--init", "init", default=None, help="EEP: 'random' or a scoring method whose plan seeds the search.")
+@click.option("--quant", default=None, type=click.Choice(["none", "int8", "nf4"]), help="EEP: quantized layer cache for the search.")
+@click.option("--layer-groups", default=None, help="EEP: layer groups sharing W_EM/W_RM: a count (default 4) or 'layer'.")
 @click.pass_context
 def prune(ctx, model, out, keep, method, calib, plan, top_k, seq_len, n_samples, batch_size, layout, answer_only, one_shot,
-          no_protect_super_experts, device, dtype, max_shard_size, seed, resume, overwrite, save_plan):
+          no_protect_super_experts, device, dtype, max_shard_size, seed, resume, overwrite, save_plan,
+          dev, generations, population, init, quant, layer_groups):
     """Prune MODEL's experts into a new checkpoint OUT."""
     from .pipeline import prune as run_prune
     from .report import print_prune_summary
@@ -134,10 +141,23 @@ def prune(ctx, model, out, keep, method, calib, plan, top_k, seq_len, n_samples,
                        seq_len=seq_len, n_samples=n_samples, batch_size=batch_size, layout=layout, answer_only=answer_only,
                        sequential=not one_shot, protect_super_experts=not no_protect_super_experts, device=device,
                        dtype=dtype, max_shard_size=max_shard_size, seed=seed, resume=resume, overwrite=overwrite,
-                       progress=not ctx.obj["quiet"])
+                       progress=not ctx.obj["quiet"], **_eep_options(method, dev=dev, generations=generations,
+                                                                     population=population, init=init, quant=quant,
+                                                                     layer_groups=layer_groups))
     if save_plan:
         Path(save_plan).write_text(json.dumps(report["plan"], indent=1) + "\n")
     print_prune_summary(report)
+
+
+def _eep_options(method: str, **given) -> dict:
+    """The EEP-only flags, as ``method_options`` (an error if they are given to another method)."""
+    given = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None}
+    if not given:
+        return {}
+    if method != "eep":
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ConfigError(f"{flags}: only used by --method eep (got --method {method})")
+    return {"method_options": given}
 
 
 def _register_optional_commands() -> None:

@@ -109,3 +109,7 @@ def protection_observers(ck, stream=None, progress: bool = True, n_seqs: int = 4
     if stream is None:
         return [MaximaObserver(ck.num_experts)]
     return [profile(stream, n_seqs=n_seqs, progress=progress)]
+
+
+# Registers the EEP search runner (lowmoe/eep).
+from . import eep as _eep  # noqa: E402,F401

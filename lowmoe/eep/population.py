@@ -1,0 +1,234 @@
+"""Population-parallel streamed evaluation: a whole generation in one pass over the layers.
+
+EEP's reference code loads the whole model and, per candidate, merges weights and regenerates
+on the training subset. Here one generation is evaluated in **one pass over the decoder layers**:
+
+    for layer L = 0 .. n-1:
+        load layer L once (checkpoint shards, or the NF4/int8 cache of ``lowmoe.quant``)
+        for every distinct hidden-state stream that needs layer L:
+            build the candidate's layer L (apply_layer: W_EM merge + W_RM router, E' experts, top-k)
+            run the stream's cached boundary-L chunks through it -> boundary L+1 of its stream
+    final norm + lm_head on each final stream -> teacher-forced fitness (``fitness``)
+
+**Streams and prefix sharing.** Hidden states live on disk (``ActivationCache``), one *stream*
+per distinct model prefix. A stream's name at boundary b is a hash of the candidate's plan on
+layers 0..b-1, so candidates identical on layers 0..L share one hidden-state stream up to L+1
+and the layer is computed once for all of them. Streams of the best candidates of the archive
+(``retain``) are kept between generations: a child that differs from its parent only from layer
+group g onward starts from its parent's cached boundary and skips every layer before g.
+
+Memory: one layer's weights + one candidate's built layer + one activation chunk, whatever the
+population size; the streams are on disk.
+
+``WholeModelEvaluator`` is the reference and the benchmark baseline: the whole model in memory,
+one candidate at a time, built with transformers from the same applied tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+
+import torch
+
+from ..apply import apply_layer
+from ..cache import ActivationCache
+from ..checkpoint import Checkpoint
+from ..layer import LayerInputs, ModelSkeleton, hf_config, materialize_layer, run_layer
+from .fitness import Fitness, FitnessData, Head
+from .space import Candidate, SearchSpace
+
+log = logging.getLogger(__name__)
+
+ROOT = "root"  # stream name of the (shared) token embeddings at boundary 0
+
+
+class PopulationEvaluator:
+    def __init__(self, ck: Checkpoint, weights, space: SearchSpace, data: FitnessData, root, *, device, dtype,
+                 top_k: int, batch_size: int = 8, progress: bool = False):
+        self.ck, self.weights, self.space, self.data = ck, weights, space, data
+        self.adapter = ck.adapter
+        self.device, self.dtype, self.top_k, self.batch_size = torch.device(device), dtype, top_k, batch_size
+        self.progress = progress
+        self.skel = ModelSkeleton(ck.config, ck.adapter)
+        self.rotary = self.skel.rotary(self.device)
+        self.cache = ActivationCache(root)
+        self.num_chunks = (data.input_ids.shape[0] + batch_size - 1) // batch_size
+        self.moe = set(ck.moe_layers())
+        self._inputs: dict[tuple, LayerInputs] = {}
+        self._head: Head | None = None
+        self._final: dict[str, Fitness] = {}  # final-stream key -> fitness (same function, same value)
+        self.stats = {"layer_loads": 0, "layer_builds": 0, "layer_runs": 0, "layer_runs_saved": 0, "evaluations": 0}
+        if not self.cache.has(0, self.num_chunks, ROOT):
+            self._embed()
+
+    # ---- keys ----------------------------------------------------------------------------
+    def prefix_keys(self, cand: Candidate) -> list[str]:
+        """Stream name at every boundary 0..n: a hash of the candidate's plan on the layers before it."""
+        keys, key = [ROOT], ROOT
+        for L in range(self.ck.num_layers):
+            if L in self.moe:
+                g = self.space.group_of(L)
+                key = hashlib.sha1(key.encode() + f"|{L}|".encode() + cand.group_bytes(g)).hexdigest()[:20]
+            keys.append(key)
+        return keys
+
+    # ---- compute -------------------------------------------------------------------------
+    def _embed(self) -> None:
+        key = "model.embed_tokens.weight"
+        w = self.ck.read([key])[key].to(self.device, self.dtype)
+        for c, sl in self.data.batches(self.batch_size):
+            self.cache.write(0, c, torch.nn.functional.embedding(self.data.input_ids[sl].to(self.device), w), ROOT)
+
+    def _inputs_for(self, h: torch.Tensor) -> LayerInputs:
+        k = tuple(h.shape[:2])
+        if k not in self._inputs:
+            self._inputs[k] = LayerInputs.build(self.skel, h, self.rotary)
+        return self._inputs[k]
+
+    @torch.no_grad()
+    def _run(self, module, layer_idx: int, src: str, dst: str) -> None:
+        for c, _ in self.data.batches(self.batch_size):
+            h = self.cache.read(layer_idx, c, src, device=self.device).to(self.dtype)
+            self.cache.write(layer_idx + 1, c, run_layer(self.skel, module, layer_idx, h, self._inputs_for(h)), dst)
+        self.stats["layer_runs"] += 1
+
+    def build_layer(self, layer_idx: int, tensors: dict[str, torch.Tensor], cand: Candidate | None):
+        """Layer ``layer_idx`` as the written model will have it (``cand`` None: a dense layer)."""
+        if cand is None or layer_idx not in self.moe:
+            rt = self.adapter.to_runtime(layer_idx, tensors, layer_idx in self.moe)
+            return materialize_layer(self.skel, layer_idx, rt, self.device, self.dtype)
+        out = apply_layer(self.adapter, layer_idx, tensors, self.space.layer_plan(cand, layer_idx), self.ck.num_experts)
+        self.stats["layer_builds"] += 1
+        return materialize_layer(self.skel, layer_idx, self.adapter.to_runtime(layer_idx, out, True), self.device,
+                                 self.dtype, num_experts=self.space.keep, top_k=self.top_k)
+
+    @torch.no_grad()
+    def _fitness(self, stream: str) -> Fitness:
+        if self._head is None:
+            self._head = Head(self.ck, self.skel, self.device, self.dtype)
+        rows = []
+        n = self.ck.num_layers
+        for c, sl in self.data.batches(self.batch_size):
+            h = self.cache.read(n, c, stream, device=self.device).to(self.dtype)
+            rows += self.data.score_logits(self._head(h), sl)
+        return self.data.aggregate(rows)
+
+    def evaluate(self, cands: list[Candidate]) -> list[Fitness]:
+        """Fitness of every candidate, in one pass over the layers."""
+        n = self.ck.num_layers
+        keys = [self.prefix_keys(c) for c in cands]
+        todo = [i for i, k in enumerate(keys) if k[n] not in self._final]
+        # where each candidate starts: the deepest boundary already on disk (its own prefix)
+        start = {}
+        for i in todo:
+            b = n
+            while b > 0 and not self.cache.has(b, self.num_chunks, keys[i][b]):
+                b -= 1
+            start[i] = b
+            self.stats["layer_runs_saved"] += b
+        layers = range(min(start.values(), default=n), n)
+        if self.progress and todo:
+            from tqdm.auto import tqdm
+
+            layers = tqdm(layers, desc=f"evaluate {len(todo)}", unit="layer", leave=False, dynamic_ncols=True)
+        for L in layers:
+            # distinct output streams needed at boundary L+1, with the input stream they read
+            jobs: dict[str, tuple[str, int]] = {}
+            for i in todo:
+                if start[i] <= L and keys[i][L + 1] not in jobs and not self.cache.has(L + 1, self.num_chunks, keys[i][L + 1]):
+                    jobs[keys[i][L + 1]] = (keys[i][L], i)
+            if not jobs:
+                continue
+            tensors = self.weights.layer(L)
+            self.stats["layer_loads"] += 1
+            if L not in self.moe:
+                module = self.build_layer(L, tensors, None)
+                for dst, (src, _) in jobs.items():
+                    self._run(module, L, src, dst)
+            else:
+                for dst, (src, i) in jobs.items():
+                    module = self.build_layer(L, tensors, cands[i])
+                    self._run(module, L, src, dst)
+                    del module
+            del tensors
+        for i in todo:
+            k = keys[i][n]
+            if k not in self._final:
+                self._final[k] = self._fitness(k)
+                self.stats["evaluations"] += 1
+        return [self._final[k[n]] for k in keys]
+
+    def retain(self, cands: list[Candidate]) -> int:
+        """Keep only the streams of ``cands`` on disk (plus the embeddings); returns bytes kept."""
+        keep = {(ROOT, 0)}
+        for c in cands:
+            for b, k in enumerate(self.prefix_keys(c)):
+                keep.add((k, b))
+        total = 0
+        for sdir in list(self.cache.root.iterdir()) if self.cache.root.exists() else []:
+            for bdir in list(sdir.iterdir()):
+                b = int(bdir.name[1:])
+                if (sdir.name, b) in keep:
+                    total += sum(f.stat().st_size for f in bdir.iterdir())
+                else:
+                    shutil.rmtree(bdir, ignore_errors=True)
+            if not any(sdir.iterdir()):
+                sdir.rmdir()
+        return total
+
+
+class WholeModelEvaluator:
+    """Reference / baseline: every tensor of the model in memory, candidates one at a time.
+
+    Per candidate: apply its plan to every MoE layer (the same ``apply_layer`` as the writer),
+    build the ``*ForCausalLM`` with E' experts and top-k with transformers, run every fitness
+    sequence through it, score the logits."""
+
+    def __init__(self, ck: Checkpoint, space: SearchSpace, data: FitnessData, *, device="cpu", dtype=torch.float32,
+                 top_k: int, batch_size: int = 8):
+        self.ck, self.space, self.data = ck, space, data
+        self.device, self.dtype, self.top_k, self.batch_size = torch.device(device), dtype, top_k, batch_size
+        self.layers = {L: ck.read_layer(L) for L in range(ck.num_layers)}  # the whole model
+        self.other = ck.read(ck.other_keys())
+        self.moe = set(ck.moe_layers())
+        self.skel = ModelSkeleton(ck.config, ck.adapter)
+
+    def model(self, cand: Candidate):
+        from transformers import AutoModelForCausalLM
+
+        ad = self.ck.adapter
+        state = dict(self.other)
+        for L, tensors in self.layers.items():
+            moe = L in self.moe
+            t = apply_layer(ad, L, tensors, self.space.layer_plan(cand, L), self.ck.num_experts) if moe else tensors
+            state.update({ad.layer_prefix(L) + k: v for k, v in ad.to_runtime(L, t, moe).items()})
+        cfg = hf_config(self.ck.config, num_experts=self.space.keep, top_k=self.top_k, adapter=ad)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        if "lm_head.weight" not in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        state = {k: v.to(self.device, self.dtype) if not k.endswith("e_score_correction_bias") else v.to(self.device)
+                 for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        model.model.rotary_emb = self.skel.rotary(self.device)  # non-persistent buffers were on meta
+        return model.eval()
+
+    @torch.no_grad()
+    def evaluate_one(self, cand: Candidate) -> Fitness:
+        model = self.model(cand)
+        rows = []
+        for _, sl in self.data.batches(self.batch_size):
+            rows += self.data.score_logits(model(self.data.input_ids[sl].to(self.device), use_cache=False).logits, sl)
+        return self.data.aggregate(rows)
+
+    def evaluate(self, cands: list[Candidate]) -> list[Fitness]:
+        return [self.evaluate_one(c) for c in cands]
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
