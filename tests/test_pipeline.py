@@ -142,3 +142,31 @@ def test_merge_matrix_plan(synth_dir, tmp_path):
     torch.testing.assert_close(out.read([p + "experts.1.w1.weight"])[p + "experts.1.w1.weight"], (a + b) / 2)
     g = ck.read([p + "gate.weight"])[p + "gate.weight"]
     torch.testing.assert_close(out.read([p + "gate.weight"])[p + "gate.weight"][1], (g[2] + g[3]) / 2)
+
+
+def test_sequential_scores_equal_pruned_model_in_transformers(synth_dir, calib_txt, tmp_path):
+    """Layer L+1 is scored on the outputs of the already-pruned layer L: feeding the pruned
+    checkpoint (run whole in transformers) through the ORIGINAL layer-(L+1) router gives the same
+    routing frequencies as the streamed run."""
+    from lowmoe.calibration import load_tokenizer, tokenize
+
+    src = synth_dir("mixtral")
+    report = lowmoe.prune(src, tmp_path / "out", calib=[calib_txt], protect_super_experts=False, **OPTS)
+    tokens = tokenize([calib_txt], load_tokenizer(src), seq_len=32, n_samples=8)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ck = Checkpoint(src)
+    router_in = {}
+    for i, layer in enumerate(model.model.layers):
+        # attention weights are untouched by pruning, so the router input of pruned layer i equals
+        # what the original layer i sees when fed the pruned model's hidden states
+        layer.mlp.gate.register_forward_pre_hook(lambda mod, args, i=i: router_in.__setitem__(i, args[0]))
+    with torch.no_grad():
+        model(tokens.input_ids)
+    mask = tokens.count_mask.reshape(-1)
+    for L in (1, 2):
+        w = ck.read([f"model.layers.{L}.block_sparse_moe.gate.weight"]).popitem()[1]
+        logits = router_in[L].reshape(-1, w.shape[1])[mask] @ w.T
+        idx = torch.topk(torch.softmax(logits, -1), 2, dim=-1).indices
+        want = torch.bincount(idx.reshape(-1), minlength=8).double() / idx.numel()
+        got = torch.tensor(report["scores"][str(L)], dtype=torch.float64)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
