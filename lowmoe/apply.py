@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 # Extension point for per-layer plan fields beyond keep/merge/router (e.g. DERN's "neurons"):
 # name -> fn(adapter, layer_idx, experts_out: dict[key, tensor], originals: dict[key, tensor], value) -> experts_out
 LAYER_EXTENSIONS: dict[str, Callable] = {}
+# Fields applied to the layer's *input* tensors before keep/merge (e.g. "align": neuron permutations
+# that leave each expert's function unchanged): name -> fn(adapter, layer_idx, tensors, value) -> tensors
+LAYER_PRE_EXTENSIONS: dict[str, Callable] = {}
 
 
 def _matrix(m, n_out: int, n_in: int) -> torch.Tensor:
@@ -54,6 +57,10 @@ def _map_rows(t: torch.Tensor, keep: list[int], mat: torch.Tensor | None) -> tor
 def apply_layer(adapter: Adapter, layer_idx: int, tensors: dict[str, torch.Tensor], lp: LayerPlan,
                 num_experts: int) -> dict[str, torch.Tensor]:
     """Return the layer's output tensors (on-disk keys) with ``lp`` applied."""
+    for name, value in lp.extra.items():
+        pre = LAYER_PRE_EXTENSIONS.get(name)
+        if pre is not None:
+            tensors = pre(adapter, layer_idx, tensors, value)
     prefix = adapter.layer_prefix(layer_idx)
     n_out = len(lp.keep)
     merge = _matrix(lp.merge, n_out, num_experts) if lp.merge is not None else None

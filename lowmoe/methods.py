@@ -113,3 +113,7 @@ def protection_observers(ck, stream=None, progress: bool = True, n_seqs: int = 4
 
 # Registers the EEP search runner (lowmoe/eep).
 from . import eep as _eep  # noqa: E402,F401
+
+
+# Registers the merging methods (lowmoe/merging) and their plan fields in lowmoe.apply.
+from . import merging as _merging  # noqa: E402,F401
