@@ -129,10 +129,12 @@ def families():
 @click.option("--init", "init", default=None, help="EEP: 'random' or a scoring method whose plan seeds the search.")
 @click.option("--quant", default=None, type=click.Choice(["none", "int8", "nf4"]), help="EEP: quantized layer cache for the search.")
 @click.option("--layer-groups", default=None, help="EEP: layer groups sharing W_EM/W_RM: a count (default 4) or 'layer'.")
+@click.option("--method-option", "-O", "method_option", multiple=True, metavar="KEY=VALUE",
+              help="A method's own option, e.g. -O align=true -O similarity=weight (see docs/merging.md); repeatable.")
 @click.pass_context
 def prune(ctx, model, out, keep, method, calib, plan, top_k, seq_len, n_samples, batch_size, layout, answer_only, one_shot,
           no_protect_super_experts, device, dtype, max_shard_size, seed, resume, overwrite, save_plan,
-          dev, generations, population, init, quant, layer_groups):
+          dev, generations, population, init, quant, layer_groups, method_option):
     """Prune MODEL's experts into a new checkpoint OUT."""
     from .pipeline import prune as run_prune
     from .report import print_prune_summary
@@ -141,9 +143,9 @@ def prune(ctx, model, out, keep, method, calib, plan, top_k, seq_len, n_samples,
                        seq_len=seq_len, n_samples=n_samples, batch_size=batch_size, layout=layout, answer_only=answer_only,
                        sequential=not one_shot, protect_super_experts=not no_protect_super_experts, device=device,
                        dtype=dtype, max_shard_size=max_shard_size, seed=seed, resume=resume, overwrite=overwrite,
-                       progress=not ctx.obj["quiet"], **_eep_options(method, dev=dev, generations=generations,
-                                                                     population=population, init=init, quant=quant,
-                                                                     layer_groups=layer_groups))
+                       progress=not ctx.obj["quiet"], **_add_method_options(
+                           _eep_options(method, dev=dev, generations=generations, population=population, init=init,
+                                        quant=quant, layer_groups=layer_groups), method_option))
     if save_plan:
         Path(save_plan).write_text(json.dumps(report["plan"], indent=1) + "\n")
     print_prune_summary(report)
@@ -158,6 +160,18 @@ def _eep_options(method: str, **given) -> dict:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise ConfigError(f"{flags}: only used by --method eep (got --method {method})")
     return {"method_options": given}
+
+
+def _add_method_options(kwargs: dict, pairs: tuple[str, ...]) -> dict:
+    """Fold ``--method-option KEY=VALUE`` pairs into ``method_options`` (values stay strings; each
+    method validates and converts its own options)."""
+    opts = dict(kwargs.get("method_options", {}))
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--method-option {pair!r}: expected KEY=VALUE, e.g. align=true")
+        opts[key.strip().replace("-", "_")] = value.strip()
+    return {**kwargs, "method_options": opts} if opts else kwargs
 
 
 def _register_optional_commands() -> None:
