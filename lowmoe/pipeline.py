@@ -36,10 +36,11 @@ from .cache import ActivationCache
 from .calibration import CalibTokens, load_tokenizer, tokenize
 from .checkpoint import Checkpoint
 from .errors import ConfigError, OutputError, PlanError
-from .layer import LayerInputs, ModelSkeleton, MoeProbe, materialize_layer, run_layer
+from .layer import LayerInputs, ModelSkeleton, MoeProbe, run_layer
 from .memory import cuda_peak_bytes, fmt_bytes, peak_rss_bytes
 from .methods import make_layer_method
 from .plan import LayerPlan, Plan
+from .prefetch import IOStats, LayerReader, Prefetcher, WriteBehind
 from .writer import ShardWriter, parse_size
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class PruneConfig:
     device: str = "cpu"
     dtype: str = "float32"
     max_shard_size: str | int = "5GB"
+    max_vram: str | int | None = None  # device budget, e.g. "20GiB" (lowmoe.budget)
+    max_ram: str | int | None = None  # host RAM budget
+    prefetch: bool = True  # read layer L+1 and the next activation chunk while L computes (lowmoe.prefetch)
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -145,7 +149,7 @@ def available_methods() -> list[str]:
 
 def _fingerprint(cfg: PruneConfig, ck: Checkpoint) -> str:
     d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
-         if k not in ("out", "resume", "overwrite", "progress", "device")}
+         if k not in ("out", "resume", "overwrite", "progress", "device", "max_vram", "max_ram", "prefetch")}
     if isinstance(cfg.plan, (str, Path)):
         d["plan"] = Path(cfg.plan).read_text()
     d["index"] = sorted(ck.weight_map.items())
@@ -198,14 +202,20 @@ def _json_default(o):
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    from .device import resolve_device
+
+    return resolve_device(name)
+
+
+def plan_run_budget(cfg: PruneConfig, ck: Checkpoint):
+    """``--max-vram``/``--max-ram`` checked against the checkpoint's layer sizes before any work."""
+    from .budget import parse_budget, plan_budget
+    from .device import resolve_dtype
+
+    device = _device(cfg.device)
+    return plan_budget(ck, device=device, dtype=resolve_dtype(DTYPES[cfg.dtype], device), batch_size=cfg.batch_size,
+                       seq_len=cfg.seq_len, max_vram=parse_budget(cfg.max_vram, "--max-vram"),
+                       max_ram=parse_budget(cfg.max_ram, "--max-ram"), prefetch=cfg.prefetch)
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -219,10 +229,17 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 class Stream:
     """Streams hidden states of the calibration tokens through the model, layer by layer."""
 
-    def __init__(self, ck: Checkpoint, tokens: CalibTokens, cache: ActivationCache, device, dtype, batch_size: int):
+    def __init__(self, ck: Checkpoint, tokens: CalibTokens, cache: ActivationCache, device, dtype, batch_size: int,
+                 budget=None, prefetch: bool = True):
+        from .budget import Placer
+
         self.ck, self.tokens, self.cache = ck, tokens, cache
         self.device, self.dtype = device, dtype
         self.batch_size = batch_size
+        self.io = IOStats()  # time waited for reads vs time the reads took (report "io")
+        self.prefetch = prefetch
+        self.prefetch_layers = prefetch if budget is None else budget.prefetch_layers
+        self.placer = Placer(device, dtype, budget, self.io)  # builds layers under --max-vram/--max-ram
         self.skel = ModelSkeleton(ck.config, ck.adapter)
         self.rotary = self.skel.rotary(device)
         self.num_chunks = (tokens.input_ids.shape[0] + batch_size - 1) // batch_size
@@ -239,6 +256,21 @@ class Stream:
             self.cache.write(0, c, torch.nn.functional.embedding(self.tokens.input_ids[sl].to(self.device), w))
         del w
 
+    def materialize(self, layer_idx: int, runtime_state: dict, *, num_experts: int | None = None, top_k: int | None = None):
+        """``layer.materialize_layer`` on this stream's device, under its budget (experts chunked if needed)."""
+        return self.placer.materialize(self.skel, layer_idx, runtime_state, num_experts=num_experts, top_k=top_k)
+
+    def layers(self, start: int, moe: set[int]) -> LayerReader:
+        """``(layer_idx, LayerData)`` from ``start`` on; layer L+1 is read while L computes."""
+        ad = self.ck.adapter
+        return LayerReader(self.ck, range(start, self.ck.num_layers), prefetch=self.prefetch_layers,
+                           pin_memory=self.device.type == "cuda", stats=self.io,
+                           to_runtime=lambda L, t: ad.to_runtime(L, t, L in moe))
+
+    def _read_chunk(self, boundary: int, chunk: int) -> torch.Tensor:
+        h = self.cache.read(boundary, chunk)
+        return h.pin_memory() if self.device.type == "cuda" else h
+
     def inputs_for(self, hidden: torch.Tensor) -> LayerInputs:
         key = tuple(hidden.shape[:2])
         if key not in self._inputs:
@@ -250,16 +282,26 @@ class Stream:
         """Run every cached chunk of boundary ``layer_idx`` through ``module``; optionally hook its
         MoE block with ``probe(call)`` and write the outputs to boundary ``layer_idx + 1``."""
         b = layer_idx if read_boundary is None else read_boundary
-        for c, sl in self.chunks():
-            h = self.cache.read(b, c, device=self.device).to(self.dtype)
-            if probe is not None:
-                dom = self.tokens.domain[sl].to(self.device)[:, None].expand(-1, h.shape[1])  # (B, S)
-                with MoeProbe(adapter, module, probe, token_mask=self.tokens.count_mask[sl].to(self.device), token_domain=dom):
+        slices = dict(self.chunks())
+        # chunk c+1 is read (and written back, for c-1) on background threads while c computes
+        reader = Prefetcher(lambda c: self._read_chunk(b, c), list(slices), depth=1 if self.prefetch else 0,
+                            stats=self.io, kind="cache", name="lowmoe-cache-reader")
+        writer = WriteBehind(enabled=self.prefetch and write, stats=self.io)
+        try:
+            for c, h in reader:
+                sl = slices[c]
+                h = h.to(self.device, non_blocking=True).to(self.dtype)
+                if probe is not None:
+                    dom = self.tokens.domain[sl].to(self.device)[:, None].expand(-1, h.shape[1])  # (B, S)
+                    with MoeProbe(adapter, module, probe, token_mask=self.tokens.count_mask[sl].to(self.device), token_domain=dom):
+                        out = run_layer(self.skel, module, layer_idx, h, self.inputs_for(h))
+                else:
                     out = run_layer(self.skel, module, layer_idx, h, self.inputs_for(h))
-            else:
-                out = run_layer(self.skel, module, layer_idx, h, self.inputs_for(h))
-            if write:
-                self.cache.write(layer_idx + 1, c, out)
+                if write:
+                    out = out.detach().to("cpu")
+                    writer.submit(self.cache.write, layer_idx + 1, c, out, nbytes=out.numel() * out.element_size())
+        finally:
+            writer.close()
 
 
 @dataclass
@@ -405,9 +447,11 @@ def prune(model: str | Path, out: str | Path, **options) -> dict:
     ck.validate()
     cfg.check(ck)
     plan_in = _plan_from_input(cfg, ck) if cfg.plan is not None else None
+    budget = plan_run_budget(cfg, ck) if plan_in is None else None  # fails here if a budget cannot hold
     fingerprint = _fingerprint(cfg, ck)
     manifest = prepare_output(cfg, ck, fingerprint)
     run = PruneRun(cfg, ck, fingerprint, manifest)
+    run.budget = budget
     if manifest is None:
         run._save_manifest()  # from now on the directory is a resumable, unfinished lowmoe output
     t0 = time.time()
@@ -443,7 +487,8 @@ def calibrate(cfg: PruneConfig, ck: Checkpoint) -> CalibTokens:
 
 def open_stream(run: PruneRun, cfg: PruneConfig, tokens: CalibTokens) -> Stream:
     cache = ActivationCache(run.out / WORK_DIR / "cache")
-    stream = Stream(run.ck, tokens, cache, _device(cfg.device), DTYPES[cfg.dtype], cfg.batch_size)
+    stream = Stream(run.ck, tokens, cache, _device(cfg.device), DTYPES[cfg.dtype], cfg.batch_size,
+                    budget=getattr(run, "budget", None), prefetch=cfg.prefetch)
     if run.next_layer == 0:
         stream.embed()
     elif not cache.has(run.next_layer, stream.num_chunks):
@@ -459,14 +504,16 @@ def score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int) -> dict:
     stream = open_stream(run, cfg, tokens)
     groups = _keep_groups(ck, keep_n)
     guards = _protection_observers(cfg, ck, stream)  # built once: may profile the model (super experts)
-    for layer_idx in _progress(range(run.next_layer, ck.num_layers), ck.num_layers - run.next_layer, f"prune ({cfg.method})", cfg.progress):
+    t_start = time.perf_counter()
+    reader = stream.layers(run.next_layer, run.moe)  # layer L+1 is read while L computes
+    for layer_idx, data in _progress(reader, len(reader), f"prune ({cfg.method})", cfg.progress):
         times = run.times.setdefault(layer_idx, {})
-        t0 = time.perf_counter()
-        tensors = ck.read_layer(layer_idx)
-        times["read_s"] = round(time.perf_counter() - t0, 4)
+        times["read_s"] = round(reader.last_wait_s, 4)  # time waited for the read (hidden by prefetch when ~0)
+        tensors = data.tensors
         is_moe = layer_idx in run.moe
         t0 = time.perf_counter()
-        module = materialize_layer(stream.skel, layer_idx, adapter.to_runtime(layer_idx, tensors, is_moe), stream.device, stream.dtype)
+        module = stream.materialize(layer_idx, data.runtime)
+        del data
         if not is_moe:
             stream.forward(layer_idx, module, write=True)
             times["compute_s"] = round(time.perf_counter() - t0, 4)
@@ -496,8 +543,8 @@ def score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int) -> dict:
             del module
             out_tensors = run.write_layer(layer_idx, tensors)
             if cfg.sequential:
-                pruned = materialize_layer(stream.skel, layer_idx, adapter.to_runtime(layer_idx, out_tensors, True),
-                                           stream.device, stream.dtype, num_experts=keep_n, top_k=top_k)
+                pruned = stream.materialize(layer_idx, adapter.to_runtime(layer_idx, out_tensors, True),
+                                            num_experts=keep_n, top_k=top_k)
                 stream.forward(layer_idx, pruned, write=True)
                 del pruned
             times["compute_s"] = round(time.perf_counter() - t0 - times.get("write_s", 0.0), 4)
@@ -505,7 +552,8 @@ def score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int) -> dict:
         run.finish_layer(layer_idx)
     return {"calibration": {"sequences": int(tokens.input_ids.shape[0]), "seq_len": int(tokens.input_ids.shape[1]),
                             "tokens_counted": tokens.num_tokens, "files": [str(c) for c in cfg.calib]},
-            "cache_bytes_written": stream.cache.bytes_written}
+            "cache_bytes_written": stream.cache.bytes_written,
+            "io": stream.io.to_json(time.perf_counter() - t_start), "budget": stream.placer.report()}
 
 
 def _keep_groups(ck: Checkpoint, keep_n: int) -> int:

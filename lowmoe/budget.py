@@ -1,0 +1,527 @@
+"""Memory budgets: ``--max-vram`` and ``--max-ram``, planned before the run and held during it.
+
+Where it sits: ``pipeline.prune`` calls ``plan_budget`` right after the option checks, from the
+checkpoint index alone (the per-layer sizes ``lowmoe inspect`` prints) and the calibration shape
+(batch size x sequence length). A budget that cannot work fails there, in the first second, with
+the number it would need. During the run every layer is built through ``Placer.materialize``:
+
+* a layer that fits is built whole on the compute device, as before;
+* a layer whose experts do not fit is built with its attention, norms, router and shared experts
+  resident and its routed experts replaced by ``ChunkedExperts``: a module that keeps the expert
+  weights in (pinned) host memory and, on every forward, moves them to the device in groups of
+  ``group_size`` experts -- the next group is copied on a side CUDA stream while the current one
+  computes -- and runs transformers' own experts math on each group. This is what a DeepSeek-V3
+  layer (256 experts, ~22 GB in bf16) needs on a 24 GB card.
+
+What counts against the device budget (bytes in the compute dtype):
+
+    resident weights  (every tensor of the layer but the routed experts)
+  + expert weights    (all of them, or 2 groups when chunked: the one computing + the one arriving)
+  + activations       (``activation_bytes``: one chunk of B x S tokens through attention and the
+                       experts, with the per-slot expert outputs the scorers use)
+
+``Accountant`` keeps that bookkeeping while the run goes (weights are added when built and removed
+when freed), so the report can show the planned and the held peak next to CUDA's own
+``max_memory_allocated``. On CPU the compute copy lives in RAM; ``--max-vram`` on a CPU run limits
+that copy as if it were a device (a rehearsal of the GPU run's plan: the same layers get chunked).
+
+Host RAM (``--max-ram``) holds the layer as read (stored dtype), its runtime copy (per-expert
+checkpoints are stacked into transformers' fused layout), the prefetched next layer, the output
+copy of the layer being written, activation chunks in flight and the interpreter. When two layers do not fit, layer
+prefetching is turned off; when one does not, the run is refused.
+
+Expert chunking does not change a number: each expert sees the same token rows in the same order
+as in transformers' loop, and the outputs are summed over experts in ascending order, exactly as
+``index_add_`` in the original module does, so the results are bit-identical (tested).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import weakref
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .device import dtype_bytes
+from .errors import ConfigError
+from .memory import fmt_bytes
+from .prefetch import DeviceStager, IOStats
+
+log = logging.getLogger(__name__)
+
+# Python, torch and transformers before any tensor is loaded (as lowmoe.inspect assumes).
+HOST_BASE_BYTES = 600 * 10**6
+# Head-room for the caching allocator's rounding and small temporaries, as a fraction of the budget.
+SAFETY = 0.05
+
+
+def parse_budget(value, flag: str) -> int | None:
+    """``'20GiB'``, ``'500MB'``, a byte count or None -> bytes (ConfigError naming ``flag``)."""
+    if value is None or value == "":
+        return None
+    from .writer import parse_size
+
+    try:
+        n = parse_size(value)
+    except ValueError:
+        raise ConfigError(f"{flag} {value!r}: expected a size such as 20GiB, 500MB or a byte count") from None
+    if n <= 0:
+        raise ConfigError(f"{flag} {value!r}: must be a positive size")
+    return n
+
+
+# ---- sizes from the index ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerSize:
+    """One decoder layer's weights, from the index (no tensor is read)."""
+
+    layer_idx: int
+    stored_bytes: int  # as on disk
+    resident_numel: int  # everything but the routed experts
+    expert_numel: int  # one routed expert (0 for a dense layer)
+    num_experts: int  # routed experts (0 for a dense layer)
+
+    def resident_bytes(self, b: int) -> int:
+        return self.resident_numel * b
+
+    def expert_bytes(self, b: int) -> int:
+        return self.expert_numel * b
+
+
+def _numel(shape) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def layer_sizes(ck) -> list[LayerSize]:
+    """Per-layer weight counts: resident part and one routed expert (experts are equal in size)."""
+    ad = ck.adapter
+    moe = set(ck.moe_layers())
+    out = []
+    for L in range(ck.num_layers):
+        keys = ck.layer_keys(L)
+        numel = {k: _numel(ck.tensor_info(k)[0]) for k in keys}
+        expert_keys: list[str] = []
+        n_exp = 0
+        if L in moe:
+            n_exp = ck.num_experts
+            if ad.expert_layout == "per_expert":
+                for e in range(n_exp):
+                    expert_keys += ad.expert_keys(L, e)
+            else:
+                expert_keys = ad.fused_keys(L)
+        ex = set(expert_keys)
+        ex_numel = sum(numel[k] for k in ex if k in numel)
+        out.append(LayerSize(L, ck.layer_bytes(L), sum(v for k, v in numel.items() if k not in ex),
+                             ex_numel // n_exp if n_exp else 0, n_exp))
+    return out
+
+
+def activation_bytes(config: dict, *, batch_size: int, seq_len: int, dtype_bytes: int, top_k: int, num_experts: int) -> int:
+    """Device bytes of one calibration chunk (B x S tokens) going through one decoder layer.
+
+    Counted generously: hidden states in/out/residual/norm (~8 T x H), q/k/v/o, attention scores
+    and their softmax (B x heads x S x S, twice, as eager/math attention materializes them), the
+    float mask, router logits in fp32, one expert's gate/up/act intermediates for all T tokens,
+    the per-slot expert outputs (T x k x H, in the compute dtype and fp32) that the scorers read,
+    and the per-expert outputs ``ChunkedExperts`` collects before summing.
+    """
+    b, T = dtype_bytes, batch_size * seq_len
+    H = int(config.get("hidden_size", 0))
+    heads = int(config.get("num_attention_heads") or max(1, H // 64))
+    head_dim = int(config.get("head_dim") or max(1, H // heads))
+    inter = int(config.get("moe_intermediate_size") or config.get("intermediate_size") or 4 * H)
+    dense_inter = int(config.get("intermediate_size") or inter)
+    hidden = 8 * T * H * b
+    attn = 4 * T * heads * head_dim * b + 2 * batch_size * heads * seq_len * seq_len * b + batch_size * seq_len * seq_len * b
+    router = 2 * T * max(num_experts, 1) * 4
+    mlp = 3 * T * max(inter, dense_inter) * b
+    slots = T * max(top_k, 1) * H * (2 * b + 4)
+    return int(hidden + attn + router + mlp + slots)
+
+
+# ---- the plan ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How one layer is built: whole, or experts in groups of ``group_size``."""
+
+    group_size: int | None  # None = all experts resident
+    double_buffer: bool = True  # chunked: the next group arrives while this one computes
+    device_bytes: int = 0  # planned peak: weights held + activations
+
+    @property
+    def chunked(self) -> bool:
+        return self.group_size is not None
+
+
+def choose_placement(*, resident: int, per_expert: int, num_experts: int, weights_budget: int | None,
+                     act: int = 0) -> Placement | None:
+    """The largest expert group that fits ``weights_budget`` (bytes for weights), or None if not even
+    resident + one expert does. ``act`` only goes into the reported planned peak."""
+    total = resident + per_expert * num_experts
+    if weights_budget is None or total <= weights_budget or num_experts == 0:
+        if weights_budget is not None and total > weights_budget:  # dense layer over budget
+            return None
+        return Placement(None, device_bytes=total + act)
+    room = weights_budget - resident
+    g = room // (2 * per_expert) if per_expert else num_experts
+    if g >= 1:
+        g = min(int(g), num_experts)
+        return Placement(g, True, resident + 2 * g * per_expert + act)
+    if room >= per_expert:
+        return Placement(1, False, resident + per_expert + act)
+    return None
+
+
+@dataclass
+class BudgetPlan:
+    """The budget decisions of a run, made before it starts (``plan_budget``)."""
+
+    device: str
+    compute_dtype: str
+    max_vram: int | None
+    max_ram: int | None
+    device_budget: int | None  # bytes the compute copy may use (VRAM, or RAM on a CPU run)
+    activation_bytes: int
+    weights_budget: int | None  # device_budget - activations - safety margin
+    prefetch_layers: bool
+    layers: dict[int, Placement] = field(default_factory=dict)
+    host_peak_bytes: int = 0
+    device_peak_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def chunked_layers(self) -> list[int]:
+        return sorted(L for L, p in self.layers.items() if p.chunked)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["layers"] = {str(L): asdict(p) for L, p in sorted(self.layers.items()) if p.chunked}
+        d["chunked_layers"] = self.chunked_layers
+        return d
+
+
+def plan_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int,
+                max_vram: int | None = None, max_ram: int | None = None, prefetch: bool = True) -> BudgetPlan:
+    """Decide, from the index alone, how every layer will be built under the budgets; raise
+    ``ConfigError`` (naming the flag and the size needed) if a budget cannot be held."""
+    b = dtype_bytes(dtype)
+    sizes = layer_sizes(ck)
+    cfg = ck.config
+    act = activation_bytes(cfg, batch_size=batch_size, seq_len=seq_len, dtype_bytes=b, top_k=ck.top_k,
+                           num_experts=ck.num_experts)
+    on_cpu = device.type != "cuda"
+    per_expert_layout = ck.adapter.expert_layout == "per_expert"
+    stored_b = {L.layer_idx: L.stored_bytes for L in sizes}
+    largest_stored = max(stored_b.values())
+
+    def host_layer(L: LayerSize) -> int:
+        # as read + the stacked runtime copy of the experts (per-expert checkpoints only)
+        ratio = L.stored_bytes / max(1, L.resident_numel + L.expert_numel * L.num_experts)
+        return L.stored_bytes + (int(L.expert_numel * L.num_experts * ratio) if per_expert_layout else 0)
+
+    largest_host = max(host_layer(L) for L in sizes)
+    chunk_host = 4 * batch_size * seq_len * int(cfg.get("hidden_size", 0)) * 4  # chunks in flight, fp32
+    host_fixed = HOST_BASE_BYTES + chunk_host + largest_stored  # + the written (plan-applied) copy of a layer
+
+    notes: list[str] = []
+    do_prefetch = prefetch
+    if max_ram is not None:
+        need_two = host_fixed + 2 * largest_host
+        if do_prefetch and need_two > max_ram:
+            do_prefetch = False
+            notes.append(f"--max-ram {fmt_bytes(max_ram)} cannot hold two layers ({fmt_bytes(need_two)} needed); "
+                         "layer prefetching is off")
+        need_one = host_fixed + largest_host
+        if need_one > max_ram:
+            raise ConfigError(
+                f"--max-ram {fmt_bytes(max_ram)} is too small: one layer as read and in runtime layout "
+                f"({fmt_bytes(largest_host)}) + its plan-applied copy + activation chunks + the interpreter need about "
+                f"{fmt_bytes(need_one)}; raise --max-ram")
+
+    host_layers = (2 if do_prefetch else 1) * largest_host
+    device_budget = max_vram
+    if on_cpu and max_ram is not None:
+        # The compute copy lives in RAM too: what is left after the host's own needs.
+        left = max_ram - host_fixed - host_layers
+        device_budget = left if device_budget is None else min(device_budget, left)
+    weights_budget = None
+    if device_budget is not None:
+        weights_budget = int(device_budget * (1 - SAFETY)) - act
+        flag = "--max-vram" if max_vram is not None and (not on_cpu or max_ram is None or max_vram <= device_budget) else "--max-ram"
+        if weights_budget <= 0:
+            raise ConfigError(f"{flag} {fmt_bytes(device_budget)}: one activation chunk alone needs ~{fmt_bytes(act)} "
+                              f"(--batch-size {batch_size} x --seq-len {seq_len}); lower them or raise {flag}")
+        embed = ck.tensor_bytes("model.embed_tokens.weight") // max(1, _stored_elem(ck, "model.embed_tokens.weight")) * b \
+            if "model.embed_tokens.weight" in ck.weight_map else 0
+        if embed > weights_budget:
+            raise ConfigError(f"{flag} {fmt_bytes(device_budget)}: the embedding matrix needs {fmt_bytes(embed)} on the "
+                              f"device; raise {flag}")
+
+    layers: dict[int, Placement] = {}
+    for L in sizes:
+        p = choose_placement(resident=L.resident_bytes(b), per_expert=L.expert_bytes(b), num_experts=L.num_experts,
+                             weights_budget=weights_budget, act=act)
+        if p is None:
+            need = int((L.resident_bytes(b) + L.expert_bytes(b) + act) / (1 - SAFETY)) + 1
+            raise ConfigError(
+                f"{flag} {fmt_bytes(device_budget)}: layer {L.layer_idx} cannot run even one expert at a time: attention + "
+                f"router + shared weights {fmt_bytes(L.resident_bytes(b))} + one expert {fmt_bytes(L.expert_bytes(b))} + "
+                f"activations {fmt_bytes(act)} need at least {fmt_bytes(need)}; raise {flag} or lower --batch-size/--seq-len")
+        layers[L.layer_idx] = p
+    chunked = sorted(L for L, p in layers.items() if p.chunked)
+    if chunked:
+        notes.append(f"{len(chunked)} layer(s) run with experts streamed in groups of "
+                     f"{min(layers[L].group_size for L in chunked)}-{max(layers[L].group_size for L in chunked)} "
+                     f"to stay under {fmt_bytes(device_budget)}")
+    device_peak = max(p.device_bytes for p in layers.values()) if layers else act
+    host_peak = host_fixed + host_layers + (device_peak if on_cpu else 0)
+    return BudgetPlan(device=str(device), compute_dtype=str(dtype).replace("torch.", ""), max_vram=max_vram, max_ram=max_ram,
+                      device_budget=device_budget, activation_bytes=act, weights_budget=weights_budget,
+                      prefetch_layers=do_prefetch, layers=layers, host_peak_bytes=int(host_peak),
+                      device_peak_bytes=int(device_peak), notes=notes)
+
+
+def _stored_elem(ck, key: str) -> int:
+    from .checkpoint import DTYPE_BYTES
+
+    return DTYPE_BYTES.get(ck.tensor_info(key)[1], 4)
+
+
+# ---- bookkeeping -------------------------------------------------------------------------------
+
+
+class Accountant:
+    """Device bytes held by lowmoe's weights (+ the planned activation bytes): current and peak.
+
+    ``track(obj, nbytes)`` counts ``nbytes`` until ``obj`` is garbage-collected (or ``release``d).
+    """
+
+    def __init__(self, activation_bytes: int = 0):
+        self.activation_bytes = activation_bytes
+        self.current = 0
+        self.peak = activation_bytes
+        self._live: dict[int, int] = {}
+        self._next = 0
+
+    def add(self, nbytes: int) -> int:
+        token = self._next
+        self._next += 1
+        self._live[token] = nbytes
+        self.current += nbytes
+        self.peak = max(self.peak, self.current + self.activation_bytes)
+        return token
+
+    def release(self, token: int) -> None:
+        self.current -= self._live.pop(token, 0)
+
+    def track(self, obj, nbytes: int) -> int:
+        token = self.add(nbytes)
+        weakref.finalize(obj, self.release, token)
+        return token
+
+
+def _state_bytes(state: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
+    b = dtype_bytes(dtype)
+    return sum(v.numel() * (v.element_size() if not v.is_floating_point() or k.endswith("e_score_correction_bias") else b)
+               for k, v in state.items())
+
+
+# ---- expert chunking ---------------------------------------------------------------------------
+
+
+class ChunkedExperts(nn.Module):
+    """Stands in for a transformers experts module whose weights do not fit on the device.
+
+    Called like the original ``experts(hidden (T, H), top_k_index (T, k), top_k_weights (T, k))``.
+    The routed experts' weights stay in host memory (``host``: runtime name -> (E, ...) tensor,
+    pinned on CUDA) and visit the device ``group_size`` experts at a time. For each expert hit by
+    a token, the rows routed to it are passed, in transformers' own order (slot-major, then token),
+    to the *original* class's forward on a shallow copy of the module holding just that group; the
+    per-expert outputs are then ``index_add_``-ed in ascending expert order, exactly as the original
+    loop accumulates them. The last group stays resident, and the group order "snakes" (starts from
+    the resident one) so consecutive calls reuse it.
+
+    ``MoeProbe`` hooks and patches this module like the original one: it sees the same arguments
+    and the same output.
+    """
+
+    def __init__(self, template: nn.Module, host: dict[str, torch.Tensor], *, group_size: int, device, dtype,
+                 double_buffer: bool = True, accountant: Accountant | None = None, stats: IOStats | None = None):
+        super().__init__()
+        names = list(template._parameters)
+        missing = [n for n in names if n not in host]
+        if missing or set(host) - set(names):
+            raise RuntimeError(f"expert tensors do not fit {type(template).__name__}: missing {missing}, "
+                               f"unexpected {sorted(set(host) - set(names))}")
+        E = {v.shape[0] for v in host.values()}
+        if len(E) != 1:
+            raise RuntimeError(f"expert tensors disagree on the expert count: {sorted(E)}")
+        self.num_experts = E.pop()
+        self.group_size = max(1, min(int(group_size), self.num_experts))
+        self.double_buffer = double_buffer
+        self.device, self.dtype = torch.device(device), dtype
+        # Not registered as a submodule: its (meta) parameters must not be seen by to_empty/state_dict.
+        object.__setattr__(self, "_template", template)
+        object.__setattr__(self, "_original_forward", type(template).forward)
+        self._host = host
+        self._acct = accountant or Accountant()
+        self._stager = DeviceStager(self.device, stats, kind="experts")
+        self._resident: tuple[int, nn.Module, int] | None = None  # (group id, module, accountant token)
+        self._staged: dict[int, tuple[object, int]] = {}
+        self.group_loads = 0  # how many groups were moved to the device (for tests and the report)
+        self._per_expert_bytes = sum(v[0].numel() for v in host.values()) * dtype_bytes(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{type(self._template).__name__}, num_experts={self.num_experts}, group_size={self.group_size}"
+
+    @property
+    def num_groups(self) -> int:
+        return -(-self.num_experts // self.group_size)
+
+    def _range(self, g: int) -> tuple[int, int]:
+        return g * self.group_size, min((g + 1) * self.group_size, self.num_experts)
+
+    def _stage(self, g: int) -> None:
+        if g in self._staged or (self._resident is not None and self._resident[0] == g):
+            return
+        a, z = self._range(g)
+        token = self._acct.add((z - a) * self._per_expert_bytes)
+        staged = self._stager.stage({n: v[a:z] for n, v in self._host.items()}, self.dtype)
+        self._staged[g] = (staged, token)
+        self.group_loads += 1
+
+    def _take(self, g: int) -> nn.Module:
+        if self._resident is not None and self._resident[0] == g:
+            return self._resident[1]
+        self._stage(g)
+        staged, token = self._staged.pop(g)
+        tensors = staged.wait()
+        sub = copy.copy(self._template)  # same class, config and act_fn; its own parameter dict
+        sub._parameters = {n: nn.Parameter(t, requires_grad=False) for n, t in tensors.items()}
+        sub.num_experts = self._range(g)[1] - self._range(g)[0]
+        self._evict()
+        self._resident = (g, sub, token)
+        return sub
+
+    def _evict(self) -> None:
+        if self._resident is not None:
+            self._acct.release(self._resident[2])
+            self._resident = None
+
+    def release(self) -> None:
+        """Free the device copies (also done when the module is garbage-collected)."""
+        self._evict()
+        for _, token in self._staged.values():
+            self._acct.release(token)
+        self._staged.clear()
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:
+            pass
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        E, G = self.num_experts, self.group_size
+        with torch.no_grad():
+            hit = torch.unique(top_k_index).tolist()  # ascending
+        hit = [e for e in hit if 0 <= e < E]  # E is transformers' "no expert" sentinel
+        groups = sorted({e // G for e in hit})
+        if self._resident is not None and self._resident[0] in groups:
+            i = groups.index(self._resident[0])
+            groups = groups[i:] + groups[:i]
+        outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        slot_major = top_k_index.transpose(0, 1)  # (k, T): transformers' expert_mask[e] layout
+        for j, g in enumerate(groups):
+            if not self.double_buffer:
+                self._evict()  # room for one group only: free it before the next one arrives
+            sub = self._take(g)
+            if self.double_buffer and j + 1 < len(groups):
+                self._stage(groups[j + 1])  # copies while this group computes
+            a, z = self._range(g)
+            for e in hit:
+                if not a <= e < z:
+                    continue
+                pos, tok = torch.where(slot_major == e)  # rows in the original loop's order
+                local = torch.full((tok.shape[0], 1), e - a, dtype=top_k_index.dtype, device=top_k_index.device)
+                w = top_k_weights[tok, pos].unsqueeze(-1)  # (n, 1)
+                outputs[e] = (tok, self._original_forward(sub, hidden_states[tok], local, w))  # (n, H) = weighted f_e
+        final = torch.zeros_like(hidden_states)
+        for e in sorted(outputs):
+            tok, y = outputs[e]
+            final.index_add_(0, tok, y.to(final.dtype))
+        return final
+
+
+# ---- building layers under the budget ---------------------------------------------------------
+
+
+class Placer:
+    """Builds each decoder layer on the compute device, whole or with chunked experts."""
+
+    def __init__(self, device, dtype, plan: BudgetPlan | None = None, stats: IOStats | None = None):
+        self.device, self.dtype = torch.device(device), dtype
+        self.plan = plan
+        self.stats = stats or IOStats()
+        self.accountant = Accountant(plan.activation_bytes if plan is not None and plan.device_budget is not None else 0)
+        self.chunked_builds: dict[int, int] = {}  # layer -> group size used
+
+    @property
+    def weights_budget(self) -> int | None:
+        return None if self.plan is None else self.plan.weights_budget
+
+    def materialize(self, skel, layer_idx: int, runtime_state: dict[str, torch.Tensor], *,
+                    num_experts: int | None = None, top_k: int | None = None) -> nn.Module:
+        """``layer.materialize_layer`` under the budget (same arguments, same module and numbers)."""
+        from .layer import hf_config, materialize
+
+        ad = skel.adapter
+        cfg = None
+        if num_experts is not None or top_k is not None:
+            cfg = hf_config(skel.raw, num_experts=num_experts, top_k=top_k, adapter=skel.adapter)
+            cfg._attn_implementation = skel.config._attn_implementation  # as layer.materialize_layer does
+        module = skel.new_layer(layer_idx, cfg)
+        exp_prefix = ad.runtime_moe_prefix + "experts."
+        experts_state = {k[len(exp_prefix):]: v for k, v in runtime_state.items() if k.startswith(exp_prefix)}
+        rest = {k: v for k, v in runtime_state.items() if not k.startswith(exp_prefix)}
+        placement = None
+        if self.weights_budget is not None and experts_state and layer_idx in skel.moe_layers:
+            n_exp = next(iter(experts_state.values())).shape[0]
+            per_expert = sum(v[0].numel() for v in experts_state.values()) * dtype_bytes(self.dtype)
+            placement = choose_placement(resident=_state_bytes(rest, self.dtype), per_expert=per_expert,
+                                         num_experts=n_exp, weights_budget=self.weights_budget)
+            if placement is None:
+                raise ConfigError(f"layer {layer_idx} does not fit the device budget even one expert at a time "
+                                  f"({fmt_bytes(self.plan.device_budget)}); raise --max-vram")
+        if placement is None or not placement.chunked:
+            built = materialize(module, runtime_state, self.device, self.dtype)
+            self.accountant.track(built, _state_bytes(runtime_state, self.dtype))
+            return built
+        block = module.get_submodule(ad.runtime_moe_prefix.rstrip("."))
+        if self.device.type == "cuda":
+            experts_state = {k: (v if v.is_pinned() else v.pin_memory()) for k, v in experts_state.items()}
+        block.experts = ChunkedExperts(block.experts, experts_state, group_size=placement.group_size, device=self.device,
+                                       dtype=self.dtype, double_buffer=placement.double_buffer,
+                                       accountant=self.accountant, stats=self.stats)
+        built = materialize(module, rest, self.device, self.dtype)
+        self.accountant.track(built, _state_bytes(rest, self.dtype))
+        self.chunked_builds[layer_idx] = placement.group_size
+        log.debug("layer %d: experts streamed in groups of %d", layer_idx, placement.group_size)
+        return built
+
+    def report(self) -> dict:
+        d = {"accounted_peak_bytes": self.accountant.peak, "chunked_layers": sorted(self.chunked_builds),
+             "group_sizes": {str(k): v for k, v in sorted(self.chunked_builds.items())}}
+        if self.plan is not None:
+            d["plan"] = self.plan.to_json()
+        if self.device.type == "cuda":
+            d["cuda_max_memory_allocated"] = int(torch.cuda.max_memory_allocated(self.device))
+        return d

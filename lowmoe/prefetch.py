@@ -1,0 +1,279 @@
+"""Overlap reading with compute: the next layer's tensors and the next activation chunk are read
+by a background thread while the current one computes.
+
+Where it sits: ``pipeline.score_and_write`` iterates ``LayerReader`` instead of calling
+``Checkpoint.read_layer`` itself, and ``pipeline.Stream.forward`` reads its activation-cache chunks
+through ``Prefetcher`` (and writes them behind, through ``WriteBehind``). Nothing here changes a
+number: the same bytes arrive in the same order, only earlier.
+
+    main thread:   compute L   | compute L+1 | compute L+2
+    reader thread: read L+1    | read L+2    | read L+3        (depth 1: at most one layer ahead)
+
+Reads release the GIL (safetensors' pread, torch copies), so one background thread is enough to
+hide the disk behind the compute. On CUDA the reader also copies each tensor into page-locked
+(pinned) host memory, so the host->device copy that ``materialize`` does later is a fast DMA, and
+``DeviceStager`` issues such copies on a separate CUDA stream so they overlap with kernels on the
+default stream (used for expert groups in ``budget.ChunkedExperts``).
+
+``IOStats`` records what the main thread spent *waiting* for data (the part of the I/O that was not
+hidden) next to the time the reads took; the prune report shows both ("io" section).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import torch
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class IOStats:
+    """Seconds the main thread waited for reads (``wait_s``) vs seconds the reads took (``read_s``).
+
+    With prefetching off, every read is waited for, so ``wait_s == read_s``; with it on, ``wait_s``
+    is the I/O that compute did not hide. Kinds: "layer" (checkpoint tensors), "cache" (activation
+    chunks read), "cache_write" (activation chunks written), "experts" (expert groups to the device).
+    """
+
+    wait_s: dict[str, float] = field(default_factory=dict)
+    read_s: dict[str, float] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    count: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add_wait(self, kind: str, seconds: float) -> None:
+        with self._lock:
+            self.wait_s[kind] = self.wait_s.get(kind, 0.0) + seconds
+
+    def add_read(self, kind: str, seconds: float, nbytes: int = 0) -> None:
+        with self._lock:
+            self.read_s[kind] = self.read_s.get(kind, 0.0) + seconds
+            self.bytes[kind] = self.bytes.get(kind, 0) + int(nbytes)
+            self.count[kind] = self.count.get(kind, 0) + 1
+
+    @property
+    def total_wait_s(self) -> float:
+        return sum(self.wait_s.values())
+
+    def to_json(self, wall_s: float | None = None) -> dict:
+        d = {"wait_s": {k: round(v, 4) for k, v in sorted(self.wait_s.items())},
+             "read_s": {k: round(v, 4) for k, v in sorted(self.read_s.items())},
+             "bytes": dict(sorted(self.bytes.items())), "count": dict(sorted(self.count.items())),
+             "total_wait_s": round(self.total_wait_s, 4)}
+        if wall_s:
+            d["wait_fraction"] = round(self.total_wait_s / wall_s, 4)
+        return d
+
+
+def tensors_nbytes(obj) -> int:
+    """Bytes of the tensors in ``obj`` (a tensor, a dict of them, or a LayerData: as read)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensors_nbytes(v) for v in obj.values())
+    if hasattr(obj, "tensors"):
+        return tensors_nbytes(obj.tensors)
+    return 0
+
+
+def pin(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Page-locked copies (CUDA only): host->device copies from them are DMA and can be async."""
+    return {k: v.pin_memory() for k, v in tensors.items()}
+
+
+class Prefetcher(Iterable[tuple[T, R]]):
+    """Yields ``(item, load(item))`` in order, loading up to ``depth`` items ahead on one thread.
+
+    ``depth=0`` loads in the calling thread (no overlap; everything counts as wait). The thread is
+    a daemon and the iterator shuts it down when exhausted or closed, so an exception in the
+    consumer does not leave reads running.
+    """
+
+    def __init__(self, load: Callable[[T], R], items: Iterable[T], *, depth: int = 1, stats: IOStats | None = None,
+                 kind: str = "read", name: str = "lowmoe-prefetch"):
+        self.load, self.items = load, list(items)
+        self.depth, self.stats, self.kind, self.name = max(0, int(depth)), stats or IOStats(), kind, name
+        self.last_wait_s = 0.0  # how long the item just yielded was waited for
+
+    def _timed(self, item: T) -> R:
+        t0 = time.perf_counter()
+        out = self.load(item)
+        self.stats.add_read(self.kind, time.perf_counter() - t0, tensors_nbytes(out))
+        return out
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[tuple[T, R]]:
+        if self.depth == 0:
+            for item in self.items:
+                t0 = time.perf_counter()
+                out = self._timed(item)
+                self.last_wait_s = time.perf_counter() - t0
+                self.stats.add_wait(self.kind, self.last_wait_s)
+                yield item, out
+            return
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
+        pending: list[tuple[T, Future]] = []
+        try:
+            it = iter(self.items)
+            for item in it:
+                pending.append((item, pool.submit(self._timed, item)))
+                if len(pending) >= self.depth:  # the rest is submitted as items are taken
+                    break
+            while pending:
+                item, fut = pending.pop(0)
+                t0 = time.perf_counter()
+                out = fut.result()  # re-raises the reader's exception here, in order
+                self.last_wait_s = time.perf_counter() - t0
+                self.stats.add_wait(self.kind, self.last_wait_s)
+                nxt = next(it, _END)
+                if nxt is not _END:
+                    pending.append((nxt, pool.submit(self._timed, nxt)))
+                yield item, out
+                del out  # drop our reference before the next one is loaded further
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+_END = object()
+
+
+@dataclass
+class LayerData:
+    tensors: dict[str, torch.Tensor]  # on-disk keys, stored dtype: what apply/write use
+    runtime: dict[str, torch.Tensor] | None  # transformers' state-dict layout (pinned on CUDA)
+
+
+class LayerReader(Prefetcher):
+    """``(layer_idx, LayerData)`` for ``layers`` in order, the next one read while this one computes.
+
+    The reader thread reads the layer (``read``, default ``ck.read_layer``), turns it into the
+    runtime layout (``to_runtime(layer_idx, tensors)``: stacking per-expert tensors is CPU work
+    worth overlapping too) and, with ``pin_memory`` (CUDA runs), page-locks the runtime tensors so
+    the host->device copy is a DMA. Host memory holds at most two layers (the budget planner turns
+    prefetching off when ``--max-ram`` cannot hold two).
+    """
+
+    def __init__(self, ck, layers: Iterable[int], *, prefetch: bool = True, pin_memory: bool = False,
+                 stats: IOStats | None = None, read: Callable[[int], dict] | None = None,
+                 to_runtime: Callable[[int, dict], dict] | None = None):
+        read = read or ck.read_layer
+
+        def load(layer_idx: int) -> LayerData:
+            t = read(layer_idx)
+            rt = to_runtime(layer_idx, t) if to_runtime is not None else None
+            if pin_memory and rt is not None:
+                rt = pin(rt)
+            return LayerData(t, rt)
+
+        super().__init__(load, layers, depth=1 if prefetch else 0, stats=stats, kind="layer", name="lowmoe-layer-reader")
+
+
+class WriteBehind:
+    """Runs ``write`` calls on one background thread, in order; ``flush()`` waits for all of them.
+
+    Used for activation-cache chunks: the next chunk computes while the previous one is saved.
+    At most ``max_pending`` writes are queued (each holds its tensor), so memory stays bounded.
+    """
+
+    def __init__(self, enabled: bool = True, stats: IOStats | None = None, kind: str = "cache_write", max_pending: int = 2):
+        self.enabled, self.stats, self.kind, self.max_pending = enabled, stats or IOStats(), kind, max_pending
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowmoe-write") if enabled else None
+        self._pending: list[Future] = []
+
+    def _timed(self, fn: Callable, args: tuple, nbytes: int) -> None:
+        t0 = time.perf_counter()
+        fn(*args)
+        self.stats.add_read(self.kind, time.perf_counter() - t0, nbytes)
+
+    def submit(self, fn: Callable, *args, nbytes: int = 0) -> None:
+        if not self.enabled:
+            t0 = time.perf_counter()
+            self._timed(fn, args, nbytes)
+            self.stats.add_wait(self.kind, time.perf_counter() - t0)
+            return
+        while len(self._pending) >= self.max_pending:
+            self._wait(self._pending.pop(0))
+        self._pending.append(self._pool.submit(self._timed, fn, args, nbytes))
+
+    def _wait(self, fut: Future) -> None:
+        t0 = time.perf_counter()
+        fut.result()
+        self.stats.add_wait(self.kind, time.perf_counter() - t0)
+
+    def flush(self) -> None:
+        while self._pending:
+            self._wait(self._pending.pop(0))
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+
+class DeviceStager:
+    """Host->device copies on a side CUDA stream, so they overlap with compute on the main stream.
+
+    ``stage(tensors)`` enqueues non-blocking copies (casting on the device afterwards is cheaper
+    than on the host) and returns a handle; ``handle.wait()`` makes the current stream wait for the
+    copies and returns the device tensors. On CPU it casts synchronously (nothing to overlap).
+    Source tensors should be pinned for the copy to be truly asynchronous.
+    """
+
+    def __init__(self, device: torch.device, stats: IOStats | None = None, kind: str = "experts"):
+        self.device = torch.device(device)
+        self.stats, self.kind = stats or IOStats(), kind
+        self.stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+
+    def stage(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> "Staged":
+        t0 = time.perf_counter()
+        if self.stream is None:
+            out = {k: v.to(dtype=dtype) if dtype is not None and v.is_floating_point() else v for k, v in tensors.items()}
+            self.stats.add_read(self.kind, time.perf_counter() - t0, tensors_nbytes(tensors))
+            return Staged(out, None, self.stats, self.kind)
+        # The side stream must not start copying before the main stream has finished with whatever
+        # memory the caching allocator hands these tensors (they may reuse freed blocks).
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            out = {}
+            for k, v in tensors.items():
+                d = v.to(self.device, non_blocking=True)
+                out[k] = d.to(dtype) if dtype is not None and d.is_floating_point() else d
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.stats.add_read(self.kind, time.perf_counter() - t0, tensors_nbytes(tensors))
+        return Staged(out, event, self.stats, self.kind)
+
+
+class Staged:
+    def __init__(self, tensors: dict[str, torch.Tensor], event, stats: IOStats, kind: str):
+        self.tensors, self.event, self.stats, self.kind = tensors, event, stats, kind
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        if self.event is not None:
+            t0 = time.perf_counter()
+            cur = torch.cuda.current_stream()
+            cur.wait_event(self.event)
+            # Tensors made on the side stream and used on this one: tell the allocator, so their
+            # memory is not reused by the side stream while kernels here still read it.
+            for v in self.tensors.values():
+                v.record_stream(cur)
+            self.stats.add_wait(self.kind, time.perf_counter() - t0)
+            self.event = None
+        return self.tensors
