@@ -116,9 +116,14 @@ def families():
 @click.option("--answer-only", is_flag=True, help="Count only answer/assistant tokens in the statistics.")
 @click.option("--one-shot", is_flag=True, help="Score every layer on the original model's activations.")
 @click.option("--no-protect-super-experts", is_flag=True, help="Allow dropping super experts.")
-@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute dtype.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--dtype", default="fp32", show_default=True,
+              type=click.Choice(["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]),
+              help="Compute dtype (scores are accumulated in fp32 whatever it is).")
 @click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--max-vram", default=None, help="Device memory budget, e.g. 20GiB; experts are streamed in groups when a layer does not fit.")
+@click.option("--max-ram", default=None, help="Host RAM budget, e.g. 32GiB (checked before the run starts).")
+@click.option("--no-prefetch", is_flag=True, help="Do not read the next layer / activation chunk while computing.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue a killed run in OUT.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
@@ -133,7 +138,7 @@ def families():
               help="A method's own option, e.g. -O align=true -O similarity=weight (see docs/merging.md); repeatable.")
 @click.pass_context
 def prune(ctx, model, out, keep, method, calib, plan, top_k, seq_len, n_samples, batch_size, layout, answer_only, one_shot,
-          no_protect_super_experts, device, dtype, max_shard_size, seed, resume, overwrite, save_plan,
+          no_protect_super_experts, device, dtype, max_shard_size, max_vram, max_ram, no_prefetch, seed, resume, overwrite, save_plan,
           dev, generations, population, init, quant, layer_groups, method_option):
     """Prune MODEL's experts into a new checkpoint OUT."""
     from .pipeline import prune as run_prune
@@ -142,7 +147,8 @@ def prune(ctx, model, out, keep, method, calib, plan, top_k, seq_len, n_samples,
     report = run_prune(model, out, keep=keep, method=method, calib=[str(c) for c in calib], plan=plan, top_k=top_k,
                        seq_len=seq_len, n_samples=n_samples, batch_size=batch_size, layout=layout, answer_only=answer_only,
                        sequential=not one_shot, protect_super_experts=not no_protect_super_experts, device=device,
-                       dtype=dtype, max_shard_size=max_shard_size, seed=seed, resume=resume, overwrite=overwrite,
+                       dtype=dtype, max_shard_size=max_shard_size, max_vram=max_vram, max_ram=max_ram,
+                       prefetch=not no_prefetch, seed=seed, resume=resume, overwrite=overwrite,
                        progress=not ctx.obj["quiet"], **_add_method_options(
                            _eep_options(method, dev=dev, generations=generations, population=population, init=init,
                                         quant=quant, layer_groups=layer_groups), method_option))
