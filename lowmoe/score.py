@@ -1,0 +1,227 @@
+"""Expert scores without writing a model (``lowmoe score``).
+
+The same streamed pass as pruning -- calibration tokens embedded into the disk activation cache,
+then one decoder layer at a time read, run on the cached hidden states with hooks on its router
+and experts, and dropped -- but nothing is written except ``scores.json``. Every layer is scored
+on the *original* model's activations (one-shot: there is no keep count to prune with). Several
+methods can share one pass (``method=["reap", "easy-ep"]``): the hooks feed every method's
+observer from the same forward call.
+
+Super experts come from the same pass: every expert's max |down_proj output| is recorded and the
+model-wide thresholds are applied after the last layer (``scoring.super_experts``), so no
+profiling pre-pass is needed here. With ``keep=`` each method's keep-set per layer (super experts
+and DeepSeek groups respected) is added, i.e. the plan a one-shot prune would use.
+
+    import lowmoe.score
+    rep = lowmoe.score.score("model", calib=["math.jsonl"], method="easy-ep", out="scores.json")
+    rep["layers"]["3"]["scores"]["easy-ep"]    # one float per expert
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .cache import ActivationCache
+from .calibration import check_sources, load_tokenizer, tokenize
+from .checkpoint import Checkpoint
+from .errors import ConfigError
+from .layer import materialize_layer
+from .memory import fmt_bytes, peak_rss_bytes
+from .methods import ScoreThenKeep, make_layer_method, method_names
+from .pipeline import DTYPES, PruneConfig, Stream, _device, _keep_groups, _progress
+from .scoring import choose_keep
+from .scoring.super_experts import MaximaObserver
+
+log = logging.getLogger(__name__)
+
+
+def scoring_methods() -> list[str]:
+    """Methods ``score`` accepts: every per-layer method (runners such as EEP search have no scores)."""
+    from .methods import EXTRA_METHODS
+
+    return [m for m in method_names() if m not in EXTRA_METHODS]
+
+
+def score(model: str | Path, calib, method: str | list[str] = "frequency", out: str | Path | None = None, *,
+          keep: int | str | None = None, seq_len: int = 256, n_samples: int = 64, batch_size: int = 8,
+          layout: str = "pack", answer_only: bool = False, protect_super_experts: bool = True,
+          device: str = "cpu", dtype: str = "float32", seed: int = 0, progress: bool = True,
+          method_options: dict | None = None, work_dir: str | Path | None = None) -> dict:
+    """Score every MoE layer's experts with ``method`` (a name or a list of names) in one streamed
+    pass; return the report and, with ``out``, write it as JSON."""
+    t_start = time.time()
+    methods = [method] if isinstance(method, str) else list(method)
+    if not methods:
+        raise ConfigError("--method: give at least one scoring method")
+    valid = scoring_methods()
+    for m in methods:
+        if m not in valid:
+            raise ConfigError(f"--method {m!r} has no per-layer scores; choose from: {', '.join(valid)}")
+    calib = [calib] if isinstance(calib, (str, Path)) else list(calib or [])
+    if not calib:
+        raise ConfigError("--calib is required: the calibration data to score experts on")
+    for name in ("seq_len", "n_samples", "batch_size"):
+        if int(locals()[name]) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {locals()[name]}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    check_sources(calib)
+    ck = Checkpoint(Path(model))
+    ck.validate()
+    keep_n = None
+    if keep is not None:
+        keep_n = PruneConfig(model=Path(model), out=Path("."), keep=keep).resolve_keep(ck.num_experts)
+        if not ck.top_k <= keep_n <= ck.num_experts:
+            raise ConfigError(f"--keep {keep}: must be between the experts per token ({ck.top_k}) and {ck.num_experts}")
+    if out is not None and Path(out).is_dir():
+        raise ConfigError(f"--out {out}: is a directory; give a file name such as scores.json")
+
+    tok = load_tokenizer(ck.path)
+    tokens = tokenize([str(c) for c in calib], tok, seq_len=seq_len, n_samples=n_samples, layout=layout,
+                      answer_only=answer_only, max_positions=ck.config.get("max_position_embeddings"))
+    tmp = Path(tempfile.mkdtemp(prefix="lowmoe-score-", dir=str(work_dir) if work_dir else None))
+    try:
+        stream = Stream(ck, tokens, ActivationCache(tmp / "cache"), _device(device), DTYPES[dtype], batch_size)
+        stream.embed()
+        layers = _score_layers(stream, ck, methods, keep_n, seed, method_options or {}, protect_super_experts, progress)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    report = _report(ck, methods, tokens, calib, layers, keep_n, seq_len, protect_super_experts, t_start)
+    report["options"] = {"layout": layout, "answer_only": answer_only, "dtype": dtype, "device": device,
+                         "batch_size": batch_size, "seed": seed, "method_options": method_options or {}}
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1) + "\n")
+    log.info("scored %d MoE layers with %s in %.1fs; peak RSS %s", len(report["layers"]), ", ".join(methods),
+             report["timings"]["total_s"], fmt_bytes(report["memory"]["peak_rss_bytes"]))
+    return report
+
+
+def _score_layers(stream: Stream, ck: Checkpoint, methods: list[str], keep_n: int | None, seed: int,
+                  method_options: dict, protect: bool, progress: bool) -> dict:
+    adapter = ck.adapter
+    moe = set(ck.moe_layers())
+    groups = _keep_groups(ck, keep_n) if keep_n else 1
+    maxima = MaximaObserver(ck.num_experts) if protect else None
+    layers: dict[int, dict] = {}
+    for layer_idx in _progress(range(ck.num_layers), ck.num_layers, f"score ({', '.join(methods)})", progress):
+        t0 = time.perf_counter()
+        is_moe = layer_idx in moe
+        tensors = ck.read_layer(layer_idx)
+        module = materialize_layer(stream.skel, layer_idx, adapter.to_runtime(layer_idx, tensors, is_moe),
+                                   stream.device, stream.dtype)
+        if not is_moe:
+            stream.forward(layer_idx, module, write=True)
+        else:
+            observers = [make_layer_method(m, ck.num_experts, ck.top_k, seed=seed, **method_options.get(m, {}))
+                         for m in methods]
+            if maxima is not None:
+                observers.append(maxima)
+
+            def probe(call, observers=observers):
+                for o in observers:
+                    o.observe(call)
+
+            probe.needs_expert_outputs = any(o.needs_expert_outputs for o in observers)
+            stream.forward(layer_idx, module, write=True, probe=probe, adapter=adapter)
+            if maxima is not None:
+                maxima.commit(layer_idx)
+            entry: dict = {"scores": {}, "stats": {}, "keep": {}}
+            for name, meth in zip(methods, observers):
+                if keep_n is not None and not isinstance(meth, ScoreThenKeep):
+                    # A search (reconstruction) decides while the layer is loaded; super experts are
+                    # protected with the running thresholds (the layers seen so far).
+                    prot = maxima.protected(layer_idx) if maxima is not None else set()
+                    plan = meth.decide(layer_idx, keep_n, protected=prot, groups=groups, tensors=tensors, adapter=adapter)
+                    entry["keep"][name] = list(plan.keep)
+                s = meth.scores()
+                entry["scores"][name] = None if s is None else [float(v) for v in s]
+                entry["stats"][name] = meth.state()
+            entry["_methods"] = observers[:len(methods)]  # for keep-sets once super experts are known
+            layers[layer_idx] = entry
+        del module, tensors
+        stream.cache.drop(layer_idx)
+        if layer_idx in layers:
+            layers[layer_idx]["time_s"] = round(time.perf_counter() - t0, 4)
+
+    found, summary = maxima.result() if maxima is not None else ({}, {})
+    for layer_idx, entry in layers.items():
+        entry["protected"] = sorted(found.get(layer_idx, ()))
+        meths = entry.pop("_methods")
+        if keep_n is None:
+            entry.pop("keep")
+        else:
+            for name, meth in zip(methods, meths):
+                s = entry["scores"][name]
+                if s is not None and isinstance(meth, ScoreThenKeep):
+                    entry["keep"][name] = choose_keep(torch.tensor(s), keep_n, set(entry["protected"]), groups)
+    return {"layers": layers, "super_experts": summary}
+
+
+def _report(ck, methods, tokens, calib, res, keep_n, seq_len, protect, t_start) -> dict:
+    layers = res["layers"]
+    domains = tokens.domains
+    out_layers = {}
+    for layer_idx, entry in sorted(layers.items()):
+        e = dict(entry)
+        # Usage per domain (share of top-k assignments), from the first method's routing counts.
+        st = entry["stats"][methods[0]]
+        if "domains" in st:
+            e["usage"] = {domains[int(d)]: v["usage"] for d, v in st["domains"].items()}
+        elif "routed_tokens" in st and st.get("tokens"):
+            e["usage"] = {domains[0] if len(domains) == 1 else "all":
+                          [c / (st["tokens"] * ck.top_k) for c in st["routed_tokens"]]}
+        out_layers[str(layer_idx)] = e
+    return {
+        "lowmoe_version": __version__, "model": str(ck.path), "family": ck.adapter.family,
+        "num_experts": ck.num_experts, "top_k": ck.top_k, "methods": methods, "keep": keep_n,
+        "sequential": False,
+        "calibration": {"sources": [str(c) for c in calib], "domains": domains,
+                        "sequences": int(tokens.input_ids.shape[0]), "seq_len": int(tokens.input_ids.shape[1]),
+                        "tokens_counted": tokens.num_tokens,
+                        "sequences_per_domain": torch.bincount(tokens.domain, minlength=len(domains)).tolist()},
+        "super_experts": res["super_experts"] if protect else {"disabled": True},
+        "layers": out_layers,
+        "timings": {"total_s": round(time.time() - t_start, 3)},
+        "memory": {"peak_rss_bytes": peak_rss_bytes()},
+    }
+
+
+def format_scores(report: dict, top: int = 8) -> str:
+    """Per-layer tables for the terminal: each method's highest-scoring experts, super experts,
+    and (with keep) the kept set."""
+    lines = [f"{report['model']}  ({report['family']}, {report['num_experts']} experts, top-{report['top_k']})",
+             f"calibration: {report['calibration']['sequences']} sequences x {report['calibration']['seq_len']} tokens, "
+             f"{report['calibration']['tokens_counted']} counted; domains: {', '.join(report['calibration']['domains'])}"]
+    se = report.get("super_experts", {})
+    if se.get("super_experts"):
+        lines.append("super experts (never dropped): " + ", ".join(f"L{s['layer']}/E{s['expert']} (max {s['max_abs_output']:.3g})"
+                                                                 for s in se["super_experts"]))
+    for m in report["methods"]:
+        lines.append("")
+        lines.append(f"method {m}: top {min(top, report['num_experts'])} experts per layer (expert:score)"
+                     + ("   | kept" if report.get("keep") else ""))
+        for layer, e in report["layers"].items():
+            s = e["scores"].get(m)
+            if s is None:
+                continue
+            order = sorted(range(len(s)), key=lambda i: -s[i])[:top]
+            row = "  ".join(f"{i:>3}:{s[i]:.3g}" for i in order)
+            kept = f"   | {e['keep'][m]}" if e.get("keep") and m in e["keep"] else ""
+            prot = f"  protected {e['protected']}" if e.get("protected") else ""
+            lines.append(f"  layer {int(layer):>3}  {row}{kept}{prot}")
+    lines.append("")
+    lines.append(f"wall {report['timings']['total_s']:.1f}s, peak RSS {fmt_bytes(report['memory']['peak_rss_bytes'])}")
+    return "\n".join(lines)
+
+
+__all__ = ["score", "format_scores", "scoring_methods"]
