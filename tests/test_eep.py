@@ -1,0 +1,205 @@
+"""EEP search: streamed population fitness equals whole-model fitness, the written model is the
+model that was scored, evolution operators, determinism and resume, the prune CLI path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import lowmoe
+from lowmoe.calibration import load_tokenizer
+from lowmoe.checkpoint import Checkpoint
+from lowmoe.eep.evolve import Evolution, EvolveOptions
+from lowmoe.eep.fitness import Fitness, FitnessData
+from lowmoe.eep.population import PopulationEvaluator, WholeModelEvaluator
+from lowmoe.eep.space import Candidate, SearchSpace
+from lowmoe.errors import ConfigError
+from lowmoe.quant import layer_weights
+
+
+def records(n=12):
+    recs = [{"prompt": f"add:\n{a}+{b}=", "answer": f"{a + b}\n"} for a in range(4) for b in range(n // 4)]
+    recs.append({"prompt": "pick one:", "options": ["ab", "c", "dd"], "answer": 1})
+    return recs
+
+
+def write_jsonl(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def merged(space: SearchSpace, base: Candidate, rng, scale=0.2) -> Candidate:
+    """A merging-phase candidate: real rows, W_RM != W_EM."""
+    return Candidate(base.em + rng.normal(0, scale, base.em.shape), base.rm + rng.normal(0, scale, base.rm.shape)).canonical()
+
+
+def population(space, rng):
+    a, b = space.random_onehot(rng), space.random_onehot(rng)
+    # c shares a's first group (prefix sharing within the generation), d is a merged a
+    c = Candidate(a.em.copy(), a.rm.copy())
+    c.em[-1], c.rm[-1] = b.em[-1], b.rm[-1]
+    return [a, b, c.canonical(), merged(space, a, rng), merged(space, b, rng)]
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_population_streaming_equals_whole_model(synth_dir, tmp_path, arch):
+    src = synth_dir(arch)
+    ck = Checkpoint(src)
+    data = FitnessData.from_records(records(), load_tokenizer(src))
+    space = SearchSpace.build(ck.moe_layers(), ck.num_experts, 4, "layer")
+    rng = np.random.default_rng(0)
+    cands = population(space, rng)
+    pe = PopulationEvaluator(ck, layer_weights(ck, "none", None), space, data, tmp_path / "acts", device="cpu",
+                             dtype=torch.float32, top_k=2, batch_size=4)
+    got = pe.evaluate(cands)
+    # layers before the first differing group were computed once for a and c
+    assert pe.stats["layer_builds"] < len(cands) * len(ck.moe_layers())
+    ref = WholeModelEvaluator(ck, space, data, top_k=2, batch_size=4).evaluate(cands)
+    for g, r in zip(got, ref):
+        assert g.acc == r.acc and g.ll == pytest.approx(r.ll, abs=1e-5)
+    assert len({round(f.ll, 6) for f in got}) > 1, "different candidates should score differently"
+    # next generation: streams of the retained candidates are reused from disk
+    pe.retain(cands[:2])
+    kids = [Candidate(cands[0].em.copy(), cands[0].rm.copy())]
+    other = merged(space, space.random_onehot(rng), rng)
+    kids[0].em[-1], kids[0].rm[-1] = other.em[-1], other.rm[-1]  # a's prefix, a new last layer
+    kids.append(merged(space, cands[1], rng))
+    kids = [k.canonical() for k in kids]
+    saved = pe.stats["layer_runs_saved"]
+    got2 = pe.evaluate(kids)
+    assert pe.stats["layer_runs_saved"] > saved
+    ref2 = WholeModelEvaluator(ck, space, data, top_k=2, batch_size=4).evaluate(kids)
+    for g, r in zip(got2, ref2):
+        assert g.acc == r.acc and g.ll == pytest.approx(r.ll, abs=1e-5)
+
+
+def test_written_checkpoint_is_the_scored_model(synth_dir, tmp_path):
+    """Fitness is measured with exactly the router and experts the output checkpoint has."""
+    src = synth_dir("qwen2_moe")
+    ck = Checkpoint(src)
+    tok = load_tokenizer(src)
+    data = FitnessData.from_records(records(), tok)
+    space = SearchSpace.build(ck.moe_layers(), ck.num_experts, 4, 2)
+    cand = merged(space, space.random_onehot(np.random.default_rng(1)), np.random.default_rng(2))
+    pe = PopulationEvaluator(ck, layer_weights(ck, "none", None), space, data, tmp_path / "acts", device="cpu",
+                             dtype=torch.float32, top_k=1, batch_size=4)
+    [fit] = pe.evaluate([cand])
+    plan = space.plan(cand, 1).to_json()
+    assert "router" in plan["layers"]["0"] and "merge" in plan["layers"]["0"]
+    lowmoe.prune(src, tmp_path / "out", plan=plan, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.num_experts == 4 and model.config.num_experts_per_tok == 1
+    rows = []
+    with torch.no_grad():
+        for _, sl in data.batches(4):
+            rows += data.score_logits(model(data.input_ids[sl], use_cache=False).logits, sl)
+    ref = data.aggregate(rows)
+    assert ref.acc == fit.acc and ref.ll == pytest.approx(fit.ll, abs=1e-5)
+
+
+def test_fitness_exact_match_and_multiple_choice():
+    tok = load_tokenizer_stub()
+    data = FitnessData.from_records([{"prompt": "ab", "answer": "cd"},
+                                     {"prompt": "x", "options": ["y", "z"], "answer": "z"}], tok)
+    assert [r.example for r in data.rows] == [0, 1, 1] and data.labels == [None, 1]
+    V = 300
+    logits = torch.zeros(3, data.input_ids.shape[1], V)
+    ids = data.input_ids
+    # example 0: greedy gets 'c' right and 'd' wrong -> not exact
+    logits[0, 1, ids[0, 2]] = 5.0
+    logits[0, 2, 7] = 5.0
+    # MC: option 'z' (gold) is more likely than 'y'
+    logits[1, 0, ids[1, 1]] = 1.0
+    logits[2, 0, ids[2, 1]] = 3.0
+    per_row = data.score_logits(logits, slice(0, 3))
+    assert [r[0] for r in per_row] == [False, True, True]  # (MC rows: each option its own argmax)
+    fit = data.aggregate(per_row)
+    assert fit.acc == 0.5
+    logits[0, 2, ids[0, 3]] = 6.0  # now 'd' is the argmax too
+    assert data.aggregate(data.score_logits(logits, slice(0, 3))).acc == 1.0
+
+
+def load_tokenizer_stub():
+    from lowmoe.tokenizer import build_byte_tokenizer
+
+    return build_byte_tokenizer()
+
+
+# ---- the search space and evolution operators ----------------------------------------------------
+
+
+def test_space_groups_plan_and_canonical_form():
+    sp = SearchSpace.build([0, 1, 2, 3, 4], 8, 4, 2)
+    assert sp.groups == ((0, 1), (2, 3, 4)) and sp.group_of(3) == 1
+    assert SearchSpace.build([0, 1, 2], 8, 4, "layer").num_groups == 3
+    with pytest.raises(ConfigError, match="--layer-groups"):
+        SearchSpace.build([0, 1], 8, 4, 5)
+    c = sp.onehot([[6, 1, 4, 2], [0, 1, 2, 3]])
+    assert sp.layer_plan(c, 0).keep == [1, 2, 4, 6] and sp.layer_plan(c, 0).merge is None
+    # permuting rows jointly is the same model: same key
+    perm = Candidate(c.em[:, ::-1].copy(), c.rm[:, ::-1].copy())
+    assert perm.canonical().key() == c.key()
+    from_plan = sp.from_keep({0: [1, 2, 4, 6], 1: [1, 2, 4, 7], 2: [0, 1, 2, 3], 3: [0, 1, 2, 3], 4: [0, 1, 2, 5]})
+    assert sp.layer_plan(from_plan, 0).keep == [1, 2, 4, 6] and sp.layer_plan(from_plan, 4).keep == [0, 1, 2, 3]
+
+
+def fake_fitness(cands):
+    """A deterministic landscape: reward keeping experts 0..3 and mass on the diagonal."""
+    out = []
+    for c in cands:
+        score = float(c.em[:, :, :4].sum() + 0.5 * c.rm[:, :, :4].sum())
+        out.append(Fitness(round(score / (2 * c.em.shape[0] * c.em.shape[1]), 3), -abs(c.em.sum() - c.em.shape[0] * c.em.shape[1])))
+    return out
+
+
+def test_evolution_operators_keep_their_invariants():
+    sp = SearchSpace.build(list(range(4)), 8, 4, "layer")
+    ev = Evolution(sp, EvolveOptions(generations=2, population=4), fake_fitness)
+    rng = np.random.default_rng(0)
+    c = sp.random_onehot(rng)
+    for _ in range(20):
+        m = ev.discrete_mutate(c, rng)
+        assert m.is_onehot()
+        for g in range(sp.num_groups):
+            assert len(set(m.em[g].argmax(1).tolist())) == sp.keep  # distinct experts per group
+    g = ev.gaussian_mutate(c, rng)
+    assert g.em.shape == c.em.shape and not g.is_onehot()
+    x = ev.crossover(c, sp.random_onehot(rng), rng)
+    assert x.em.shape == c.em.shape
+
+
+def test_evolution_improves_and_is_deterministic_and_resumable(tmp_path):
+    sp = SearchSpace.build(list(range(4)), 8, 4, 2)
+    opts = EvolveOptions(generations=6, population=6, seed=3)
+    full = Evolution(sp, opts, fake_fitness, state_path=tmp_path / "a.json")
+    st = full.run()
+    assert st.curve[-1]["best_acc"] > st.curve[0]["gen_median_acc"]
+    assert [c["phase"] for c in st.curve] == ["prune", "prune", "merge", "merge", "merge", "merge"]
+    # same seed -> same archive; a search killed after 3 generations resumes to the same result
+    calls = {"n": 0}
+
+    def dying(cands):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return fake_fitness(cands)
+
+    with pytest.raises(KeyboardInterrupt):
+        Evolution(sp, opts, dying, state_path=tmp_path / "b.json").run()
+    resumed = Evolution(sp, opts, fake_fitness, state_path=tmp_path / "b.json")
+    assert resumed.state.generation == 3
+    st2 = resumed.run()
+    assert [e.cand.key() for e in st2.archive] == [e.cand.key() for e in st.archive]
+    assert [e.fitness for e in st2.archive] == [e.fitness for e in st.archive]
+
+
+def test_top_k_only_starts_from_the_identity():
+    sp = SearchSpace.build(list(range(3)), 8, 8, 1)
+    ev = Evolution(sp, EvolveOptions(generations=1, population=4), fake_fitness)
+    init = ev.initial(np.random.default_rng(0))
+    assert init[0].key() == sp.identity().key() and len(init) == 4
+    assert ev.phase(0) == "merge"

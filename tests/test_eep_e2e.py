@@ -1,0 +1,57 @@
+"""EEP end to end: ``prune(method="eep")`` and the CLI flags (dev pick, determinism, top-k only, errors)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+import lowmoe
+
+from .test_eep import records, write_jsonl
+
+
+
+def test_prune_method_eep_end_to_end(synth_dir, tmp_path):
+    src = synth_dir("mixtral")
+    train = write_jsonl(tmp_path / "train.jsonl", records(8))
+    dev = write_jsonl(tmp_path / "dev.jsonl", records(4))
+    opts = dict(keep=4, method="eep", calib=[train], seq_len=64, batch_size=4, progress=False,
+                method_options={"dev": str(dev), "generations": 2, "population": 3, "layer_groups": "layer"})
+    r1 = lowmoe.prune(src, tmp_path / "a", **opts)
+    eep = r1["eep"]
+    assert len(eep["curve"]) == 2 and eep["evaluations"] >= 3 and eep["best"]["dev"] is not None
+    assert len(eep["best"]["groups"]) == 3 and len(eep["best"]["groups"][0]["W_EM"]) == 4
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert model.config.num_local_experts == 4
+    r2 = lowmoe.prune(src, tmp_path / "b", **opts)
+    assert r2["plan"]["layers"] == r1["plan"]["layers"], "same seed and data -> same plan"
+    # the best plan's matrices are the ones written in the plan
+    g0 = eep["best"]["groups"][0]
+    lp = r1["plan"]["layers"]["0"]
+    if "merge" in lp:
+        assert np.allclose(lp["merge"], g0["W_EM"], atol=1e-6) and np.allclose(lp["router"], g0["W_RM"], atol=1e-6)
+    else:
+        assert lp["keep"] == np.asarray(g0["W_EM"]).argmax(1).tolist()
+
+
+def test_cli_eep_fewer_active_experts_and_flag_errors(synth_dir, tmp_path):
+    from lowmoe.cli import main
+
+    src = synth_dir("mixtral")
+    train = write_jsonl(tmp_path / "train.jsonl", records(8))
+    res = CliRunner().invoke(main, ["-q", "prune", str(src), str(tmp_path / "o"), "--method", "eep", "--keep", "8",
+                                    "--top-k", "1", "--calib", str(train), "--generations", "2", "--population", "3",
+                                    "--seq-len", "64", "--quant", "int8"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "o" / "lowmoe_report.json").read_text())
+    assert rep["num_experts"]["after"] == 8 and rep["num_experts_per_tok"]["after"] == 1
+    assert rep["eep"]["curve"][0]["phase"] == "merge" and rep["eep"]["quant"]["mode"] == "int8"
+    res = CliRunner().invoke(main, ["prune", str(src), str(tmp_path / "p"), "--method", "frequency", "--keep", "4",
+                                    "--calib", str(train), "--generations", "3"])
+    assert res.exit_code != 0 and "--generations" in res.output and "--method eep" in res.output
+    res = CliRunner().invoke(main, ["prune", str(src), str(tmp_path / "q"), "--method", "eep", "--keep", "4",
+                                    "--calib", str(train), "--init", "nonsense"])
+    assert res.exit_code != 0 and "--init" in res.output
