@@ -195,6 +195,8 @@ class BudgetPlan:
     layers: dict[int, Placement] = field(default_factory=dict)
     host_peak_bytes: int = 0
     device_peak_bytes: int = 0
+    host_layer_bytes: int = 0  # largest layer in host memory (as read + runtime layout)
+    host_fixed_bytes: int = 0  # interpreter + activation chunks + the written copy of a layer
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -286,7 +288,8 @@ def plan_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size: int
     return BudgetPlan(device=str(device), compute_dtype=str(dtype).replace("torch.", ""), max_vram=max_vram, max_ram=max_ram,
                       device_budget=device_budget, activation_bytes=act, weights_budget=weights_budget,
                       prefetch_layers=do_prefetch, layers=layers, host_peak_bytes=int(host_peak),
-                      device_peak_bytes=int(device_peak), notes=notes)
+                      device_peak_bytes=int(device_peak), host_layer_bytes=int(largest_host),
+                      host_fixed_bytes=int(host_fixed), notes=notes)
 
 
 def _stored_elem(ck, key: str) -> int:
@@ -481,40 +484,27 @@ class Placer:
     def materialize(self, skel, layer_idx: int, runtime_state: dict[str, torch.Tensor], *,
                     num_experts: int | None = None, top_k: int | None = None) -> nn.Module:
         """``layer.materialize_layer`` under the budget (same arguments, same module and numbers)."""
-        from .layer import hf_config, materialize
-
         ad = skel.adapter
-        cfg = None
-        if num_experts is not None or top_k is not None:
-            cfg = hf_config(skel.raw, num_experts=num_experts, top_k=top_k, adapter=skel.adapter)
-            cfg._attn_implementation = skel.config._attn_implementation  # as layer.materialize_layer does
-        module = skel.new_layer(layer_idx, cfg)
         exp_prefix = ad.runtime_moe_prefix + "experts."
-        experts_state = {k[len(exp_prefix):]: v for k, v in runtime_state.items() if k.startswith(exp_prefix)}
-        rest = {k: v for k, v in runtime_state.items() if not k.startswith(exp_prefix)}
         placement = None
-        if self.weights_budget is not None and experts_state and layer_idx in skel.moe_layers:
-            n_exp = next(iter(experts_state.values())).shape[0]
-            per_expert = sum(v[0].numel() for v in experts_state.values()) * dtype_bytes(self.dtype)
-            placement = choose_placement(resident=_state_bytes(rest, self.dtype), per_expert=per_expert,
-                                         num_experts=n_exp, weights_budget=self.weights_budget)
-            if placement is None:
-                raise ConfigError(f"layer {layer_idx} does not fit the device budget even one expert at a time "
-                                  f"({fmt_bytes(self.plan.device_budget)}); raise --max-vram")
-        if placement is None or not placement.chunked:
-            built = materialize(module, runtime_state, self.device, self.dtype)
-            self.accountant.track(built, _state_bytes(runtime_state, self.dtype))
-            return built
-        block = module.get_submodule(ad.runtime_moe_prefix.rstrip("."))
-        if self.device.type == "cuda":
-            experts_state = {k: (v if v.is_pinned() else v.pin_memory()) for k, v in experts_state.items()}
-        block.experts = ChunkedExperts(block.experts, experts_state, group_size=placement.group_size, device=self.device,
-                                       dtype=self.dtype, double_buffer=placement.double_buffer,
-                                       accountant=self.accountant, stats=self.stats)
-        built = materialize(module, rest, self.device, self.dtype)
-        self.accountant.track(built, _state_bytes(rest, self.dtype))
-        self.chunked_builds[layer_idx] = placement.group_size
-        log.debug("layer %d: experts streamed in groups of %d", layer_idx, placement.group_size)
+        if self.weights_budget is not None and layer_idx in skel.moe_layers:
+            experts = {k: v for k, v in runtime_state.items() if k.startswith(exp_prefix)}
+            rest = {k: v for k, v in runtime_state.items() if not k.startswith(exp_prefix)}
+            if experts:
+                n_exp = next(iter(experts.values())).shape[0]
+                per_expert = sum(v[0].numel() for v in experts.values()) * dtype_bytes(self.dtype)
+                placement = choose_placement(resident=_state_bytes(rest, self.dtype), per_expert=per_expert,
+                                             num_experts=n_exp, weights_budget=self.weights_budget)
+                if placement is None:
+                    raise ConfigError(f"layer {layer_idx} does not fit the device budget even one expert at a time "
+                                      f"({fmt_bytes(self.plan.device_budget)}); raise --max-vram")
+        group = placement.group_size if placement is not None else None
+        built = build_layer(skel, layer_idx, runtime_state, self.device, self.dtype, group_size=group,
+                            double_buffer=placement.double_buffer if placement is not None else True,
+                            accountant=self.accountant, stats=self.stats, num_experts=num_experts, top_k=top_k)
+        if group is not None:
+            self.chunked_builds[layer_idx] = group
+            log.debug("layer %d: experts streamed in groups of %d", layer_idx, group)
         return built
 
     def report(self) -> dict:
@@ -525,3 +515,35 @@ class Placer:
         if self.device.type == "cuda":
             d["cuda_max_memory_allocated"] = int(torch.cuda.max_memory_allocated(self.device))
         return d
+
+
+def build_layer(skel, layer_idx: int, runtime_state: dict[str, torch.Tensor], device, dtype, *,
+                group_size: int | None = None, double_buffer: bool = True, accountant: Accountant | None = None,
+                stats: IOStats | None = None, num_experts: int | None = None, top_k: int | None = None) -> nn.Module:
+    """One decoder layer on ``device``: whole (``group_size=None``, exactly ``materialize_layer``) or
+    with its routed experts wrapped in ``ChunkedExperts`` streaming ``group_size`` at a time."""
+    from .layer import hf_config, materialize
+
+    device = torch.device(device)
+    accountant = accountant if accountant is not None else Accountant()
+    cfg = None
+    if num_experts is not None or top_k is not None:
+        cfg = hf_config(skel.raw, num_experts=num_experts, top_k=top_k, adapter=skel.adapter)
+        cfg._attn_implementation = skel.config._attn_implementation  # as layer.materialize_layer does
+    module = skel.new_layer(layer_idx, cfg)
+    if group_size is None:
+        built = materialize(module, runtime_state, device, dtype)
+        accountant.track(built, _state_bytes(runtime_state, dtype))
+        return built
+    ad = skel.adapter
+    exp_prefix = ad.runtime_moe_prefix + "experts."
+    experts = {k[len(exp_prefix):]: v for k, v in runtime_state.items() if k.startswith(exp_prefix)}
+    rest = {k: v for k, v in runtime_state.items() if not k.startswith(exp_prefix)}
+    if device.type == "cuda":  # async host->device copies need page-locked sources
+        experts = {k: (v if v.is_pinned() else v.pin_memory()) for k, v in experts.items()}
+    block = module.get_submodule(ad.runtime_moe_prefix.rstrip("."))
+    block.experts = ChunkedExperts(block.experts, experts, group_size=group_size, device=device, dtype=dtype,
+                                   double_buffer=double_buffer, accountant=accountant, stats=stats)
+    built = materialize(module, rest, device, dtype)
+    accountant.track(built, _state_bytes(rest, dtype))
+    return built

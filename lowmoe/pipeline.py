@@ -252,6 +252,7 @@ class Stream:
     def embed(self) -> None:
         key = "model.embed_tokens.weight"
         w = self.ck.read([key])[key].to(self.device, self.dtype)
+        self.placer.accountant.track(w, w.numel() * w.element_size())  # counts against --max-vram while it lives
         for c, sl in self.chunks():
             self.cache.write(0, c, torch.nn.functional.embedding(self.tokens.input_ids[sl].to(self.device), w))
         del w

@@ -1,0 +1,70 @@
+"""--device / --dtype resolution: valid values, clear errors before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lowmoe.cli import main
+from lowmoe.device import describe_device, dtype_bytes, dtype_name, resolve_device, resolve_dtype
+from lowmoe.errors import ConfigError
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")
+
+
+def test_cpu_and_auto():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(" CPU ") == torch.device("cpu")
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == want
+    assert resolve_device(None).type == want
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:x", "cuda:-1", "tpu", "mps:0"])
+def test_bad_device_names(bad):
+    with pytest.raises(ConfigError, match="--device"):
+        resolve_device(bad)
+
+
+@no_cuda
+@pytest.mark.parametrize("name", ["cuda", "cuda:0", "cuda:3"])
+def test_cuda_without_cuda_is_a_clear_error(name):
+    with pytest.raises(ConfigError, match="CUDA is not available.*--device cpu"):
+        resolve_device(name)
+
+
+@pytest.mark.parametrize("name,want", [("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("fp16", torch.float16),
+                                       ("float16", torch.float16), ("fp32", torch.float32), ("FP32", torch.float32)])
+def test_dtypes(name, want):
+    assert resolve_dtype(name, torch.device("cpu")) is want
+    assert dtype_bytes(want) == {torch.float32: 4}.get(want, 2)
+    assert dtype_name(want) in ("bf16", "fp16", "fp32")
+
+
+def test_bad_dtype():
+    with pytest.raises(ConfigError, match="--dtype 'int8'.*bf16, fp16, fp32"):
+        resolve_dtype("int8")
+
+
+def test_describe_cpu():
+    d = describe_device(torch.device("cpu"))
+    assert d["device"] == "cpu" and d["threads"] >= 1
+
+
+@no_cuda
+def test_cli_prune_cuda_on_cpu_machine_fails_fast(synth_dir, calib_txt, tmp_path):
+    r = CliRunner().invoke(main, ["prune", str(synth_dir("mixtral")), str(tmp_path / "o"), "--keep", "4",
+                                  "--calib", str(calib_txt), "--device", "cuda"])
+    assert r.exit_code == 2, r.output
+    assert "--device cuda: CUDA is not available" in r.output
+    assert not (tmp_path / "o").exists(), "nothing may be written before the options are checked"
+
+
+def test_cli_prune_bf16_alias_runs(synth_dir, calib_txt, tmp_path):
+    r = CliRunner().invoke(main, ["-q", "prune", str(synth_dir("mixtral")), str(tmp_path / "o"), "--keep", "4",
+                                  "--calib", str(calib_txt), "--device", "cpu", "--dtype", "bf16", "--n-samples", "4",
+                                  "--seq-len", "16", "--batch-size", "2"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "o" / "model.safetensors.index.json").is_file()

@@ -1,0 +1,135 @@
+"""Overlapped I/O: order, bounded look-ahead, error propagation, wait accounting, same results."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import lowmoe
+from lowmoe.checkpoint import Checkpoint
+from lowmoe.pipeline import REPORT
+from lowmoe.prefetch import DeviceStager, IOStats, LayerReader, Prefetcher, WriteBehind
+
+from .conftest import dir_digest
+
+OPTS = dict(keep=4, method="frequency", n_samples=8, seq_len=32, batch_size=2, progress=False)
+
+
+def test_prefetcher_yields_in_order_and_loads_one_ahead():
+    live, peak, lock = [0], [0], threading.Lock()
+
+    def load(i):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        return i * 10
+
+    got = []
+    for i, v in Prefetcher(load, range(6), depth=1):
+        got.append((i, v))
+        time.sleep(0.01)  # let the reader run ahead as far as it may
+        with lock:
+            live[0] -= 1
+    assert got == [(i, i * 10) for i in range(6)]
+    assert peak[0] <= 2, "depth 1 means the item in use plus one being read, never more"
+
+
+def test_prefetch_hides_io_behind_compute():
+    def load(i):
+        time.sleep(0.05)  # "disk"
+        return i
+
+    def run(depth):
+        stats = IOStats()
+        t0 = time.perf_counter()
+        for _ in Prefetcher(load, range(6), depth=depth, stats=stats, kind="layer"):
+            time.sleep(0.05)  # "compute"
+        return time.perf_counter() - t0, stats
+
+    wall0, s0 = run(0)
+    wall1, s1 = run(1)
+    assert s0.wait_s["layer"] == pytest.approx(s0.read_s["layer"], rel=0.05)  # no overlap: every read is waited for
+    assert s1.read_s["layer"] >= 0.25
+    assert s1.wait_s["layer"] < 0.5 * s1.read_s["layer"], "with prefetch most of the read time is hidden"
+    assert wall1 < 0.85 * wall0
+    assert s1.count["layer"] == 6
+
+
+def test_prefetch_error_arrives_at_its_item():
+    def load(i):
+        if i == 3:
+            raise OSError("shard truncated")
+        return i
+
+    seen = []
+    with pytest.raises(OSError, match="truncated"):
+        for i, _ in Prefetcher(load, range(6), depth=1):
+            seen.append(i)
+    assert seen == [0, 1, 2]
+
+
+def test_write_behind_keeps_order_and_flushes():
+    out, stats = [], IOStats()
+
+    def write(i):
+        time.sleep(0.01)
+        out.append(i)
+
+    w = WriteBehind(True, stats, max_pending=2)
+    for i in range(5):
+        w.submit(write, i, nbytes=4)
+    w.close()
+    assert out == list(range(5)) and stats.count["cache_write"] == 5 and stats.bytes["cache_write"] == 20
+
+
+def test_write_behind_error_is_raised_on_flush():
+    def write(i):
+        raise ValueError("disk full")
+
+    w = WriteBehind(True)
+    w.submit(write, 0)
+    with pytest.raises(ValueError, match="disk full"):
+        w.close()
+
+
+def test_layer_reader_matches_checkpoint(synth_dir):
+    ck = Checkpoint(synth_dir("qwen3_moe"))
+    moe = set(ck.moe_layers())
+    stats = IOStats()
+    reader = LayerReader(ck, range(ck.num_layers), stats=stats,
+                         to_runtime=lambda L, t: ck.adapter.to_runtime(L, t, L in moe))
+    seen = []
+    for L, data in reader:
+        ref = ck.read_layer(L)
+        assert list(data.tensors) == list(ref) and all(torch.equal(data.tensors[k], ref[k]) for k in ref)
+        rt = ck.adapter.to_runtime(L, ref, L in moe)
+        assert set(data.runtime) == set(rt) and all(torch.equal(data.runtime[k], rt[k]) for k in rt)
+        seen.append(L)
+    assert seen == list(range(ck.num_layers))
+    assert stats.bytes["layer"] == sum(ck.layer_bytes(L) for L in seen)
+
+
+def test_stager_on_cpu_casts():
+    st = DeviceStager(torch.device("cpu"))
+    t = {"w": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "i": torch.arange(3)}
+    out = st.stage(t, torch.float32).wait()
+    assert out["w"].dtype == torch.float32 and torch.equal(out["w"], t["w"].float()) and out["i"].dtype == torch.long
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_prune_same_bytes_with_and_without_prefetch(synth_dir, calib_txt, tmp_path, arch):
+    src = synth_dir(arch)
+    r_off = lowmoe.prune(src, tmp_path / "off", calib=[calib_txt], prefetch=False, **OPTS)
+    r_on = lowmoe.prune(src, tmp_path / "on", calib=[calib_txt], prefetch=True, **OPTS)
+    files = lambda p: {k: v for k, v in dir_digest(p).items() if k != REPORT}  # noqa: E731
+    assert files(tmp_path / "on") == files(tmp_path / "off")
+    assert r_on["scores"] == r_off["scores"] and r_on["plan"] == r_off["plan"]
+    io = r_on["io"]
+    assert io["count"]["layer"] == 3 and io["count"]["cache"] > 0 and io["count"]["cache_write"] > 0
+    assert 0 <= io["wait_fraction"] <= 1
+    # without prefetch, all read time is waited for
+    off = r_off["io"]
+    assert off["wait_s"]["layer"] == pytest.approx(off["read_s"]["layer"], rel=0.2, abs=2e-3)
