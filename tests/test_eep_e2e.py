@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
@@ -55,3 +56,30 @@ def test_cli_eep_fewer_active_experts_and_flag_errors(synth_dir, tmp_path):
     res = CliRunner().invoke(main, ["prune", str(src), str(tmp_path / "q"), "--method", "eep", "--keep", "4",
                                     "--calib", str(train), "--init", "nonsense"])
     assert res.exit_code != 0 and "--init" in res.output
+
+
+def test_killed_eep_search_resumes_to_the_same_plan(synth_dir, tmp_path, monkeypatch):
+    from lowmoe.eep import population
+
+    src = synth_dir("mixtral")
+    train = write_jsonl(tmp_path / "train.jsonl", records(4))
+    opts = dict(keep=4, method="eep", calib=[train], seq_len=64, batch_size=4, progress=False,
+                method_options={"generations": 3, "population": 2, "layer_groups": "layer"})
+    fresh = lowmoe.prune(src, tmp_path / "fresh", **opts)
+    real = population.PopulationEvaluator.evaluate
+    calls = {"n": 0}
+
+    def dies_in_generation_2(self, cands):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, cands)
+
+    monkeypatch.setattr(population.PopulationEvaluator, "evaluate", dies_in_generation_2)
+    with pytest.raises(KeyboardInterrupt):
+        lowmoe.prune(src, tmp_path / "out", **opts)
+    assert (tmp_path / "out" / ".lowmoe-work" / "eep" / "state.json").is_file()
+    monkeypatch.setattr(population.PopulationEvaluator, "evaluate", real)
+    resumed = lowmoe.prune(src, tmp_path / "out", resume=True, **opts)
+    assert resumed["plan"]["layers"] == fresh["plan"]["layers"]
+    assert [c["best_ll"] for c in resumed["eep"]["curve"]] == [c["best_ll"] for c in fresh["eep"]["curve"]]
