@@ -13,7 +13,8 @@ option is one sequence, the prediction is the option with the largest summed log
 the tie-break is log p(gold option | options) = ll_gold − logsumexp over options.
 
 Data: JSON Lines ``{"prompt": ..., "answer": ...}`` or ``{"prompt": ..., "options": [...],
-"answer": <index or option text>}``. Sequences are right-padded; with causal attention real
+"answer": <index or option text>}``. Prompts are tokenised as ``lowmoe.evaluate`` does (special tokens
+included, no trailing EOS), answers apart. Sequences are right-padded; with causal attention real
 tokens never see the padding, so no attention mask is needed (as in ``calibration``).
 
 ``FitnessData`` holds the token batches; ``score_logits`` turns one chunk's logits into per-row
@@ -91,9 +92,14 @@ class FitnessData:
         seqs: list[list[int]] = []
         rows: list[Row] = []
         labels: list[int | None] = []
-        enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731 (as calibration does)
+        enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        eos = tokenizer.eos_token_id
         for n, rec in enumerate(records):
-            prompt = enc(str(rec["prompt"]))
+            # as lowmoe.evaluate: the prompt with the tokenizer's special tokens (a BOS where it adds
+            # one, never a trailing EOS), the answer without, tokenised apart so the boundary is exact
+            prompt = tokenizer(str(rec["prompt"]), add_special_tokens=True)["input_ids"]
+            if eos is not None and prompt and prompt[-1] == eos:
+                prompt = prompt[:-1]
             options = rec.get("options")
             if options is None:
                 answers, label = [str(rec["answer"])], None
