@@ -205,6 +205,7 @@ def _read_json_array(p: Path, text: str, tokenizer) -> list[Document] | None:
 def read_dataset(src: Source, tokenizer=None) -> list[Document]:
     """Rows of a saved ``datasets`` directory or a local CSV / Parquet file -> Documents."""
     datasets = _require_datasets(src)
+    datasets.disable_progress_bars()
     p = src.path
     try:
         if src.kind == "dataset-dir":
