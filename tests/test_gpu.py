@@ -1,0 +1,77 @@
+"""On a CUDA device: the same plan as on CPU, expert chunking exact, --max-vram held.
+
+Every test here is marked ``gpu`` and skipped when CUDA is not available (CI is CPU-only).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowmoe
+from lowmoe.budget import ChunkedExperts, build_layer
+from lowmoe.checkpoint import Checkpoint
+from lowmoe.layer import LayerInputs, ModelSkeleton, MoeProbe, moe_modules, run_layer
+from lowmoe.prefetch import DeviceStager
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+OPTS = dict(keep=4, n_samples=16, seq_len=32, batch_size=4, progress=False)
+# ~200 MB of fp32 weights: large next to activations, so the budget is about weights
+BIG = dict(layers=4, hidden_size=256, intermediate_size=2048, experts=8, top_k=2, shard_size="50MB")
+
+
+@pytest.mark.parametrize("method", ["frequency", "reap"])
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_same_plan_on_cpu_and_gpu(synth_dir, calib_txt, tmp_path, arch, method):
+    src = synth_dir(arch)
+    cpu = lowmoe.prune(src, tmp_path / "cpu", calib=[calib_txt], method=method, device="cpu", **OPTS)
+    gpu = lowmoe.prune(src, tmp_path / "gpu", calib=[calib_txt], method=method, device="cuda", **OPTS)
+    assert gpu["plan"]["layers"] == cpu["plan"]["layers"]
+    for L, s in cpu["scores"].items():
+        assert torch.allclose(torch.tensor(gpu["scores"][L]), torch.tensor(s), rtol=1e-4, atol=1e-6), L
+
+
+def test_chunked_experts_on_cuda_bit_identical(synth_dir):
+    src = synth_dir("qwen3_moe", top_k=4)
+    ck = Checkpoint(src)
+    skel = ModelSkeleton(ck.config, ck.adapter)
+    dev = torch.device("cuda")
+    rt = ck.adapter.to_runtime(1, ck.read_layer(1), True)
+    whole = build_layer(skel, 1, rt, dev, torch.bfloat16)
+    chunked = build_layer(skel, 1, rt, dev, torch.bfloat16, group_size=3)
+    assert isinstance(moe_modules(ck.adapter, chunked)[2], ChunkedExperts)
+    h = torch.randn(2, 16, ck.config["hidden_size"], generator=torch.Generator().manual_seed(0)).to(dev, torch.bfloat16)
+    inputs = LayerInputs.build(skel, h, skel.rotary(dev))
+    outs = []
+    for layer in (whole, chunked):
+        calls = []
+        cb = calls.append
+        with torch.no_grad(), MoeProbe(ck.adapter, layer, cb):
+            outs.append(run_layer(skel, layer, 1, h, inputs))
+        outs.append(calls[0].routed_output)
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+
+
+def test_stager_copies_on_side_stream():
+    st = DeviceStager(torch.device("cuda"))
+    src = {"w": torch.randn(64, 64).pin_memory()}
+    out = st.stage(src, torch.bfloat16).wait()
+    assert out["w"].is_cuda and out["w"].dtype == torch.bfloat16
+    assert torch.equal(out["w"].cpu(), src["w"].to(torch.bfloat16))
+
+
+def test_prune_holds_a_third_of_the_model(synth_dir, calib_txt, tmp_path):
+    src = synth_dir("mixtral", **BIG)
+    budget = Checkpoint(src).total_bytes() // 3
+    ref = lowmoe.prune(src, tmp_path / "ref", calib=[calib_txt], device="cuda", **OPTS)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    rep = lowmoe.prune(src, tmp_path / "bud", calib=[calib_txt], device="cuda", max_vram=budget, **OPTS)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    assert rep["budget"]["chunked_layers"], "expert chunking must engage"
+    assert peak <= budget, f"CUDA peak {peak} over the budget {budget}"
+    assert rep["budget"]["accounted_peak_bytes"] <= budget
+    assert rep["plan"] == ref["plan"]
