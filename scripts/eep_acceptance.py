@@ -1,0 +1,113 @@
+"""EEP on the shipped toy MoE: search vs the best one-shot scoring method, and top-2 -> top-1.
+
+    python scripts/eep_acceptance.py [--model lowmoe/assets/toy-moe] [--domains arithmetic,reverse]
+                                     [--generations 40] [--population 16] [--n-search 48] [--n-test 200]
+
+For every domain and every sparsity (8 -> 4 experts = 50%, 8 -> 2 = 75%):
+
+* **one-shot baselines**: every scoring method (``lowmoe.scoring.SCORERS``) prunes with the domain's
+  ``calib`` split as calibration; the best of them *on the test split* is the bar (generous to them).
+* **EEP**: ``--method eep`` with fitness on ``--n-search`` calib-split examples and the final pick on
+  ``--n-search`` other calib-split examples (``--dev``). The search never sees the test split.
+* **top-k 2 -> 1**: EEP with ``--keep 8 --top-k 1`` (merging only) vs the full model routed top-1.
+
+Every model is scored with ``lowmoe.evaluate`` (greedy exact match) on ``--n-test`` held-out test
+examples. Prints a table and writes the figures as JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lowmoe  # noqa: E402
+from lowmoe import tasks  # noqa: E402
+from lowmoe.checkpoint import Checkpoint  # noqa: E402
+from lowmoe.evaluate import evaluate  # noqa: E402
+from lowmoe.scoring import SCORERS  # noqa: E402
+
+
+def test_acc(model_dir: Path, domain: str, n: int) -> float:
+    return evaluate(model_dir, tasks=[domain], n=n, split="test", mode="greedy")["tasks"][domain]["exact_match"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, default=Path(lowmoe.__file__).parent / "assets" / "toy-moe")
+    p.add_argument("--domains", default="arithmetic,reverse")
+    p.add_argument("--keeps", default="4,2")
+    p.add_argument("--generations", type=int, default=40)
+    p.add_argument("--population", type=int, default=16)
+    p.add_argument("--n-search", type=int, default=48)
+    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--layer-groups", default="layer")
+    p.add_argument("--init", default="random")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-topk", action="store_true", help="skip the top-2 -> top-1 experiment")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    results = {"model": str(args.model), "args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
+    full_top2: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="eep-accept-") as tmp:
+        tmp = Path(tmp)
+        for domain in args.domains.split(","):
+            # search / dev: two disjoint halves of the calib split; calibration for one-shot: the calib split
+            recs = tasks.make_split(domain, "calib", 2 * args.n_search, seed=args.seed)
+            search = tasks.write_jsonl(recs[:args.n_search], tmp / f"{domain}-search.jsonl")
+            dev = tasks.write_jsonl(recs[args.n_search:], tmp / f"{domain}-dev.jsonl")
+            calib = tasks.write_jsonl(recs, tmp / f"{domain}-calib.jsonl")
+            full_top2[domain] = test_acc(args.model, domain, args.n_test)
+            print(f"[{domain}] full model (8 experts, top-2): {full_top2[domain]:.3f}", flush=True)
+            for keep in [int(k) for k in args.keeps.split(",")]:
+                one_shot = {}
+                for m in sorted(SCORERS):
+                    out = tmp / f"{domain}-{m}-{keep}"
+                    lowmoe.prune(args.model, out, keep=keep, method=m, calib=[calib], layout="per-sample", seq_len=160,
+                                 n_samples=len(recs), progress=False, overwrite=True)
+                    one_shot[m] = test_acc(out, domain, args.n_test)
+                best_m = max(one_shot, key=one_shot.get)
+                out = tmp / f"{domain}-eep-{keep}"
+                t0 = time.time()
+                rep = lowmoe.prune(args.model, out, keep=keep, method="eep", calib=[search], seq_len=160, n_samples=args.n_search,
+                                   seed=args.seed, progress=False, overwrite=True,
+                                   method_options={"dev": str(dev), "generations": args.generations, "population": args.population,
+                                                   "layer_groups": args.layer_groups, "init": args.init})
+                eep_acc = test_acc(out, domain, args.n_test)
+                row = {"domain": domain, "keep": keep, "sparsity": 1 - keep / 8, "one_shot": one_shot, "best_one_shot": best_m,
+                       "eep": eep_acc, "margin": eep_acc - one_shot[best_m], "eep_search_s": round(time.time() - t0, 1),
+                       "eep_train_fitness": rep["eep"]["best"]["fitness"], "eep_dev_fitness": rep["eep"]["best"]["dev"],
+                       "eep_evaluations": rep["eep"]["evaluations"], "eep_phase": rep["eep"]["best"]["phase"]}
+                results["runs"].append(row)
+                print(f"[{domain}] keep {keep}/8: best one-shot {best_m} {one_shot[best_m]:.3f} | EEP {eep_acc:.3f} "
+                      f"(margin {row['margin']:+.3f}; search {row['eep_search_s']} s, {row['eep_evaluations']} evals)", flush=True)
+            if not args.no_topk:
+                top1 = tmp / f"{domain}-top1"
+                plan = {"format": "lowmoe-plan/1", "num_experts_per_tok": 1,
+                        "layers": {str(L): {"keep": list(range(8))} for L in range(Checkpoint(args.model).num_layers)}}
+                lowmoe.prune(args.model, top1, plan=plan, progress=False, overwrite=True)
+                plain = test_acc(top1, domain, args.n_test)
+                out = tmp / f"{domain}-eep-top1"
+                lowmoe.prune(args.model, out, keep=8, top_k=1, method="eep", calib=[search], seq_len=160, n_samples=args.n_search,
+                             seed=args.seed, progress=False, overwrite=True,
+                             method_options={"dev": str(dev), "generations": args.generations, "population": args.population,
+                                             "layer_groups": args.layer_groups})
+                merged = test_acc(out, domain, args.n_test)
+                results["runs"].append({"domain": domain, "keep": 8, "top_k": 1, "plain_top1": plain, "eep_top1": merged,
+                                        "margin": merged - plain})
+                print(f"[{domain}] top-2 -> top-1: plain top-1 {plain:.3f} | EEP merge {merged:.3f} (margin {merged - plain:+.3f})",
+                      flush=True)
+    results["full_top2"] = full_top2
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
