@@ -115,7 +115,7 @@ def profile(stream, n_seqs: int = 4, progress: bool = True) -> SuperExpertGuard:
     """Stream the first ``n_seqs`` calibration sequences through the original model, one layer at
     a time (hidden states kept in memory: n_seqs × seq_len × hidden), recording every expert's
     max |down_proj output|; returns the guard holding the super experts."""
-    from ..layer import MoeProbe, materialize_layer, run_layer
+    from ..layer import MoeProbe, run_layer
 
     ck, skel, adapter = stream.ck, stream.skel, stream.ck.adapter
     ids = stream.tokens.input_ids[:n_seqs]
@@ -126,15 +126,16 @@ def profile(stream, n_seqs: int = 4, progress: bool = True) -> SuperExpertGuard:
     inputs = stream.inputs_for(h)
     moe = set(ck.moe_layers())
     obs = MaximaObserver(ck.num_experts)
-    layers = range(ck.num_layers)
+    reader = stream.layers(0, moe)  # layer L+1 is read while L computes (lowmoe.prefetch)
+    layers = reader
     if progress:
         from tqdm.auto import tqdm
 
-        layers = tqdm(layers, desc="super-expert profile", unit="layer", dynamic_ncols=True, leave=False)
-    for layer_idx in layers:
+        layers = tqdm(reader, total=len(reader), desc="super-expert profile", unit="layer", dynamic_ncols=True, leave=False)
+    for layer_idx, data in layers:
         is_moe = layer_idx in moe
-        module = materialize_layer(skel, layer_idx, adapter.to_runtime(layer_idx, ck.read_layer(layer_idx), is_moe),
-                                   stream.device, stream.dtype)
+        module = stream.materialize(layer_idx, data.runtime)  # under --max-vram: experts chunked if needed
+        del data
         if is_moe:
             with MoeProbe(adapter, module, obs):
                 h = run_layer(skel, module, layer_idx, h, inputs)
