@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Benchmarks of the merging methods (issue 6).
+
+``memory``: peak RSS and wall time of ``lowmoe.prune`` per merging method on the >= 2 GB synthetic
+Mixtral-layout model (16 layers, bf16), against ``frequency`` (drop only) as the baseline. Each run
+is its own process (peak RSS = that process's ru_maxrss); merging must stay streamed, so the peak
+should stay near frequency's, far below the model size.
+
+``quality``: exact match and answer perplexity of each method on one task domain of the toy MoE
+(``lowmoe/assets/toy-moe``) at 50 % and 75 % expert sparsity, against ``frequency`` and the
+unpruned model; calibration = that domain's ``calib`` split, evaluation = its ``test`` split.
+
+    nice -n 10 python scripts/bench_merge.py memory [--model /tmp/lowmoe-bench/mix2g]
+    nice -n 10 python scripts/bench_merge.py quality [--domain arithmetic] [--n 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path("/tmp/lowmoe-bench")
+# (label, method, method_options)
+VARIANTS = [
+    ("frequency (drop)", "frequency", {}),
+    ("merge-freq", "merge-freq", {}),
+    ("merge-freq +align", "merge-freq", {"align": "true"}),
+    ("hc-merge", "hc-merge", {}),
+    ("hc-merge +align", "hc-merge", {"align": "true"}),
+    ("diverse-group (weight)", "diverse-group", {}),
+    ("diverse-group (output)", "diverse-group", {"representation": "output"}),
+    ("c-prune", "c-prune", {}),
+    ("c-prune +align", "c-prune", {"align": "true"}),
+    ("dern", "dern", {}),
+]
+
+
+def ensure_model(path: Path) -> Path:
+    if (path / "model.safetensors.index.json").is_file():
+        return path
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "model.safetensors.index.json").is_file():
+            subprocess.run([sys.executable, "-m", "lowmoe.cli", "-q", "synth", str(path), "--arch", "mixtral", "--layers", "16",
+                            "--hidden-size", "1024", "--intermediate-size", "3584", "--experts", "8", "--top-k", "2",
+                            "--dtype", "bfloat16", "--shard-size", "1GB"], check=True)
+    return path
+
+
+def child_prune(model: Path, out: Path, method: str, options: dict, **kw) -> dict:
+    """Run lowmoe.prune in a fresh process; its report (with that process's peak RSS)."""
+    code = ("import json, sys, torch, lowmoe; torch.set_num_threads(2); a = json.loads(sys.argv[1]); "
+            "r = lowmoe.prune(a.pop('model'), a.pop('out'), **a); "
+            "print('REPORT' + json.dumps({k: r[k] for k in ('memory', 'timings', 'wall_s', 'bytes', 'num_experts')}))")
+    args = dict(model=str(model), out=str(out), method=method, method_options=options, progress=False, overwrite=True, **kw)
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"{method} {options} failed:\n{p.stderr[-3000:]}")
+    line = next(l for l in p.stdout.splitlines() if l.startswith("REPORT"))
+    rep = json.loads(line[len("REPORT"):])
+    rep["process_wall_s"] = wall
+    rep["child_maxrss"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return rep
+
+
+def write_calib(path: Path, n_lines: int = 400) -> Path:
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "12+3=15", "def f(x):", "return x", "(())", "sort 3 1 2", "the", "of"]
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(14)) for _ in range(n_lines)) + "\n")
+    return path
+
+
+def gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GB"
+
+
+def memory(args) -> None:
+    model = ensure_model(Path(args.model))
+    work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=BENCH_DIR))
+    calib = write_calib(work / "calib.txt")
+    rows = []
+    try:
+        for label, method, opts in VARIANTS:
+            if args.methods and method not in args.methods:
+                continue
+            out = work / "out"
+            rep = child_prune(model, out, method, opts, keep=args.keep, calib=[str(calib)], n_samples=args.n_samples,
+                              seq_len=args.seq_len, batch_size=args.batch_size, max_shard_size="1GB")
+            shutil.rmtree(out, ignore_errors=True)
+            mem = rep["memory"]
+            rows.append({"label": label, "method": method, "options": opts, "wall_s": rep["wall_s"],
+                         "process_wall_s": round(rep["process_wall_s"], 1), "peak_rss_bytes": mem["peak_rss_bytes"],
+                         "largest_layer_bytes": mem["largest_layer_bytes"], "model_bytes": mem["model_bytes"],
+                         "output_bytes": rep["bytes"]["output"]})
+            print(f"{label:26s} wall {rep['wall_s']:7.1f} s  peak RSS {gb(mem['peak_rss_bytes'])}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = rows[0] if rows and rows[0]["method"] == "frequency" else None
+    print(f"\nmodel {model}: {gb(rows[0]['model_bytes'])}, largest layer {gb(rows[0]['largest_layer_bytes'])}; "
+          f"keep {args.keep}/8, calibration {args.n_samples} x {args.seq_len} tokens\n")
+    print("| method | wall s | peak RSS | RSS / model | vs frequency (wall, RSS) |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        rel = f"{r['wall_s'] / base['wall_s']:.2f}x, {r['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}x" if base else ""
+        print(f"| {r['label']} | {r['wall_s']:.1f} | {gb(r['peak_rss_bytes'])} | {r['peak_rss_bytes'] / r['model_bytes']:.2f} | {rel} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def quality(args) -> None:
+    import torch
+
+    import lowmoe
+    from lowmoe import tasks
+    from lowmoe.evaluate import evaluate
+
+    torch.set_num_threads(2)
+    model = Path(args.model)
+    work = Path(tempfile.mkdtemp(prefix="bench-merge-q-"))
+    calib = tasks.calib_file(args.domain, n=args.calib_n, out_dir=work)
+    results = {"domain": args.domain, "n": args.n, "model": str(model), "rows": []}
+    base = evaluate(model, tasks=[args.domain], n=args.n, split="test")["tasks"][args.domain]
+    results["unpruned"] = {"exact_match": base["exact_match"], "perplexity": base["perplexity"]}
+    print(f"unpruned: exact {base['exact_match']:.3f}  ppl {base['perplexity']:.3f}", flush=True)
+    try:
+        for keep in args.keep:
+            for label, method, opts in VARIANTS:
+                out = work / "out"
+                t0 = time.time()
+                lowmoe.prune(model, out, keep=keep, method=method, calib=[str(calib)], method_options=opts,
+                             n_samples=args.calib_n, seq_len=160, layout="per-sample", progress=False, overwrite=True)
+                r = evaluate(out, tasks=[args.domain], n=args.n, split="test")["tasks"][args.domain]
+                row = {"keep": keep, "label": label, "method": method, "options": opts, "exact_match": r["exact_match"],
+                       "perplexity": r["perplexity"], "prune_s": round(time.time() - t0, 1)}
+                results["rows"].append(row)
+                print(f"keep {keep}  {label:26s} exact {r['exact_match']:.3f}  ppl {r['perplexity']:.3f}", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    E = json.loads((model / "config.json").read_text())["num_local_experts"]
+    print(f"\ntoy MoE, domain {args.domain}, {args.n} test prompts; unpruned exact {base['exact_match']:.3f}, ppl {base['perplexity']:.2f}\n")
+    print("| sparsity | method | exact match | Δ vs frequency | answer ppl | ppl vs frequency |")
+    print("|---|---|---:|---:|---:|---:|")
+    for keep in args.keep:
+        rows = [r for r in results["rows"] if r["keep"] == keep]
+        f = next(r for r in rows if r["method"] == "frequency")
+        for r in rows:
+            print(f"| {100 * (1 - keep / E):.0f}% (keep {keep}/{E}) | {r['label']} | {r['exact_match']:.3f} | "
+                  f"{r['exact_match'] - f['exact_match']:+.3f} | {r['perplexity']:.2f} | {r['perplexity'] / f['perplexity']:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("memory", help="peak RSS and wall time per method on the >= 2 GB synthetic model")
+    m.add_argument("--model", default=str(BENCH_DIR / "mix2g"))
+    m.add_argument("--keep", type=int, default=4)
+    m.add_argument("--n-samples", type=int, default=8)
+    m.add_argument("--seq-len", type=int, default=128)
+    m.add_argument("--batch-size", type=int, default=4)
+    m.add_argument("--methods", nargs="*", help="only these methods")
+    m.add_argument("--json")
+    q = sub.add_parser("quality", help="exact match per method on the toy MoE, one domain, 50%% and 75%% sparsity")
+    q.add_argument("--model", default=str(Path(__file__).resolve().parent.parent / "lowmoe" / "assets" / "toy-moe"))
+    q.add_argument("--domain", default="arithmetic")
+    q.add_argument("--keep", type=int, nargs="+", default=[4, 2])
+    q.add_argument("--n", type=int, default=100)
+    q.add_argument("--calib-n", type=int, default=64)
+    q.add_argument("--json")
+    args = ap.parse_args()
+    memory(args) if args.cmd == "memory" else quality(args)
+
+
+if __name__ == "__main__":
+    main()
