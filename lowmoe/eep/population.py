@@ -161,12 +161,21 @@ class PopulationEvaluator:
                 self.stats["evaluations"] += 1
         return [self._final[k[n]] for k in keys]
 
-    def retain(self, cands: list[Candidate]) -> int:
-        """Keep only the streams of ``cands`` on disk (plus the embeddings); returns bytes kept."""
+    def boundary_bytes(self) -> int:
+        """Disk bytes of one stream at one boundary: every fitness token's hidden state."""
+        n, s = self.data.input_ids.shape
+        return n * s * int(self.ck.config["hidden_size"]) * torch.tensor([], dtype=self.dtype).element_size()
+
+    def retain(self, cands: list[Candidate], max_bytes: int | None = None) -> int:
+        """Keep only the streams of ``cands`` (best first) on disk, plus the embeddings, adding
+        candidates while their streams fit in ``max_bytes``; returns the bytes kept."""
         keep = {(ROOT, 0)}
+        per = self.boundary_bytes()
         for c in cands:
-            for b, k in enumerate(self.prefix_keys(c)):
-                keep.add((k, b))
+            more = {(k, b) for b, k in enumerate(self.prefix_keys(c))} - keep
+            if max_bytes is not None and (len(keep) + len(more)) * per > max_bytes:
+                break
+            keep |= more
         total = 0
         for sdir in list(self.cache.root.iterdir()) if self.cache.root.exists() else []:
             for bdir in list(sdir.iterdir()):

@@ -35,7 +35,7 @@ from .space import Candidate, SearchSpace
 log = logging.getLogger(__name__)
 
 OPTION_NAMES = ("dev", "generations", "population", "init", "quant", "layer_groups", "prune_generations", "dev_num",
-                "retain")
+                "retain", "retain_gb")
 
 
 def parse_options(opts: dict, seed: int) -> tuple[dict, EvolveOptions]:
@@ -58,7 +58,8 @@ def parse_options(opts: dict, seed: int) -> tuple[dict, EvolveOptions]:
     evo = EvolveOptions(seed=seed, **kw)
     evo.check()
     return {"quant": quant, "init": init, "dev": dev, "layer_groups": opts.get("layer_groups"),
-            "retain": int(opts.get("retain") or max(evo.parents_rank, 8))}, evo
+            "retain": int(opts.get("retain") or max(evo.parents_rank, 8)),
+            "retain_bytes": int(float(opts.get("retain_gb") or 10) * 1e9)}, evo
 
 
 def run_eep(run, cfg, top_k: int) -> dict:
@@ -92,7 +93,9 @@ def run_eep(run, cfg, top_k: int) -> dict:
                               fingerprint={"top_k": top_k, "quant": opts["quant"], "init": opts["init"],
                                            "train": train.input_ids.shape[0]},
                               progress=cfg.progress)
-        evolution.on_generation = lambda g: evaluator.retain([e.cand for e in evolution.state.ranked()[:opts["retain"]]])
+        # keep the hidden-state streams of the archive top (the likely parents) for the next generation
+        evolution.on_generation = lambda g: evaluator.retain([e.cand for e in evolution.state.ranked()[:opts["retain"]]],
+                                                             max_bytes=opts["retain_bytes"])
         log.info("EEP search: %d -> %d experts, top-%d, %d layer group(s), %d generations x %d, fitness on %d examples "
                  "(%d tokens), weights %s", ck.num_experts, keep_n, top_k, space.num_groups, evo.generations, evo.population,
                  train.num_examples, train.num_tokens, opts["quant"])
