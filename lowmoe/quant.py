@@ -15,8 +15,9 @@ least ``MIN_NUMEL`` values). Router weights, router biases and norms stay exact:
 decision is what the search changes, and it must see the model's real router.
 
 ``layer(L)`` returns the layer's tensors under their on-disk keys, dequantized to their stored
-dtype (bitsandbytes' CPU path on CPU; its CUDA kernels when ``device`` is a GPU), so the rest of
-lowmoe (``apply_layer``, ``to_runtime``) is unchanged. The final model is never written from this
+dtype (bitsandbytes' CPU path on CPU; its CUDA kernels when ``device`` is a GPU -- untested here,
+no GPU was available), on the CPU where ``apply_layer`` works, so the rest of lowmoe
+(``apply_layer``, ``to_runtime``) is unchanged. The final model is never written from this
 cache -- the EEP runner writes from the original checkpoint.
 """
 
@@ -151,8 +152,9 @@ class QuantizedWeights:
                 st = self.F.QuantState(absmax=absmax, shape=shape, code=code, blocksize=self.blocksize, dtype=dtype)
                 w = self.F.dequantize_blockwise(q, st)
             out[key] = w.reshape(shape).to(dtype)
-        # the checkpoint's key order (apply_layer and the writer are order-sensitive only for output)
-        return {k: out[k] for k in self.ck.layer_keys(layer_idx)}
+        # the checkpoint's key order; on CPU, where apply_layer works (dequantized on the GPU by
+        # bitsandbytes' CUDA kernels when the device is one)
+        return {k: out[k].cpu() for k in self.ck.layer_keys(layer_idx)}
 
 
 def hash_weight_map(ck: Checkpoint) -> str:
