@@ -42,7 +42,7 @@ import torch
 
 from ..errors import OutputError
 from ..plan import LayerPlan
-from .common import COMMON_OPTIONS, agglomerate, groups_to_plan, lead_clusters, parse_options
+from .common import COMMON_OPTIONS, agglomerate, groups_to_plan, lead_clusters, parse_options, report_matrix
 from .stats import LayerStats, gram_to_cosine, weight_gram
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def run_c_prune(run, cfg, top_k: int) -> dict:
                 sim = gram_to_cosine(weight_gram(adapter, layer_idx, tensors, E))
                 _, history = agglomerate(1 - sim, 1, "average", protected)
                 summaries[layer_idx] = {"frequency": stats.frequency().tolist(), "importance": stats.saliency().tolist(),
-                                        "history": history, "similarity": [[round(float(x), 6) for x in r] for r in sim]}
+                                        "history": history, "similarity": report_matrix(sim)}
             else:
                 stream.forward(layer_idx, module, write=True)
             del module

@@ -78,6 +78,16 @@ def parse_options(method: str, options: dict, spec: dict) -> dict:
     return out
 
 
+REPORT_MATRIX_MAX = 64  # E x E matrices go into the report only up to this many experts
+
+
+def report_matrix(m: torch.Tensor) -> list | None:
+    """An (E, E) matrix for the report, rounded; None past REPORT_MATRIX_MAX experts (size)."""
+    if m.shape[0] > REPORT_MATRIX_MAX:
+        return None
+    return [[round(float(x), 6) for x in row] for row in m]
+
+
 # ---- grouping helpers -------------------------------------------------------------------------
 
 

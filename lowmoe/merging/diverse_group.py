@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import MergeMethod, assign_to_leaders
+from .common import MergeMethod, assign_to_leaders, report_matrix
 from .stats import gram_to_cosine, weight_gram
 
 
@@ -56,5 +56,5 @@ class DiverseGroup(MergeMethod):
         freq = self.stats.frequency()
         dist = self.disparity(layer_idx, tensors, adapter)
         kept = farthest_point(dist, keep_n, freq, protected)
-        self.info = {"disparity": [[round(float(x), 6) for x in row] for row in dist], "kept_order": kept}
+        self.info = {"disparity": report_matrix(dist), "kept_order": kept}
         return assign_to_leaders(-dist, kept, protected)

@@ -17,7 +17,7 @@ rows. ``max_tokens`` caps the tokens used for the mean outputs (cost is E/k × a
 
 from __future__ import annotations
 
-from .common import MergeMethod, agglomerate, lead_clusters
+from .common import MergeMethod, agglomerate, lead_clusters, report_matrix
 from .stats import gram_to_cosine
 
 
@@ -38,5 +38,5 @@ class HcMerge(MergeMethod):
     def make_groups(self, layer_idx, keep_n, protected, tensors, adapter):
         dist = self.distances()
         clusters, history = agglomerate(dist, keep_n, self.opts["linkage"], protected)
-        self.info = {"distance": [[round(float(x), 6) for x in row] for row in dist], "merges": history}
+        self.info = {"distance": report_matrix(dist), "merges": history}
         return lead_clusters(clusters, self.stats.frequency(), protected)

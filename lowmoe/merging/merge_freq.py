@@ -18,7 +18,7 @@ tied experts and the full router, lowmoe writes a compact model with k experts a
 
 from __future__ import annotations
 
-from .common import MergeMethod, assign_to_leaders, pick_leaders
+from .common import MergeMethod, assign_to_leaders, pick_leaders, report_matrix
 from .stats import gram_to_cosine, weight_gram
 
 
@@ -42,5 +42,5 @@ class MergeFreq(MergeMethod):
         freq = self.stats.frequency()
         leaders = pick_leaders(freq, keep_n, protected)
         sim = self.similarity(layer_idx, tensors, adapter)
-        self.info = {"similarity": [[round(float(x), 6) for x in row] for row in sim]}
+        self.info = {"similarity": report_matrix(sim)}
         return assign_to_leaders(sim, leaders, protected)
