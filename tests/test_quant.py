@@ -60,3 +60,14 @@ def test_search_fitness_on_nf4_is_close(synth_dir, tmp_path):
 def test_unknown_quant_mode(synth_dir, tmp_path):
     with pytest.raises(ConfigError, match="--quant"):
         layer_weights(Checkpoint(synth_dir("mixtral")), "fp3", tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_dequantization_matches_cpu(synth_dir, tmp_path):
+    src = synth_dir("mixtral", hidden_size=64, intermediate_size=128, dtype="float32")
+    ck = Checkpoint(src)
+    cpu = QuantizedWeights(ck, tmp_path / "q", "nf4", device="cpu")
+    gpu = QuantizedWeights(ck, tmp_path / "q", "nf4", device="cuda")
+    for k, t in cpu.layer(0).items():
+        assert torch.allclose(gpu.layer(0)[k], t, atol=1e-6), k
