@@ -199,16 +199,18 @@ class MoeProbe:
                                   router=router, router_scoring=getattr(self.adapter, "router_scoring", "softmax")))
 
         if getattr(self.callback, "needs_expert_outputs", False):
-            # Run transformers' experts module once per top-k slot with unit weights: the same expert
-            # work as one call (each token still visits only its k experts), but it yields every slot's
-            # unweighted output f_e(x) (T, k, H), which REAP / EASY-EP / super-expert detection need.
-            # The weighted sum over slots then replaces the module's own weighted index_add.
+            # Run transformers' experts module once on one row per (token, top-k slot) with unit
+            # weights: the same expert work as the normal call (each token still visits only its k
+            # experts, in one loop over experts), but it yields every slot's unweighted output f_e(x)
+            # (T, k, H), which REAP / EASY-EP / super-expert detection need. The weighted sum over
+            # slots then replaces the module's own weighted index_add.
             orig = experts.forward
 
             def forward(hidden_states, top_k_index, top_k_weights, *rest, **kw):
-                ones = torch.ones_like(top_k_weights[..., :1])
-                slots = torch.stack([orig(hidden_states, top_k_index[..., j:j + 1], ones, *rest, **kw)
-                                     for j in range(top_k_index.shape[-1])], dim=-2)  # (T, k, H)
+                t, k = top_k_index.shape
+                rows = hidden_states.repeat_interleave(k, dim=0)  # (T·k, H)
+                ones = torch.ones((t * k, 1), dtype=top_k_weights.dtype, device=top_k_weights.device)
+                slots = orig(rows, top_k_index.reshape(t * k, 1), ones, *rest, **kw).view(t, k, -1)  # (T, k, H)
                 self._slot_outputs = slots
                 return (slots.float() * top_k_weights.float().unsqueeze(-1)).sum(-2).to(hidden_states.dtype)
 

@@ -1,0 +1,134 @@
+"""Benchmark ``lowmoe score``: wall time and peak RSS of each scoring method against one plain
+streamed forward pass over the same calibration tokens (same reader, cache, layer compute; no hooks).
+
+Every measurement runs in a fresh process so peak RSS is its own. Prints a table.
+
+    nice -n 10 .venv/bin/python scripts/bench_score.py --model /tmp/lowmoe-bench/mix2g --n-samples 64 --seq-len 512
+
+The model: ``lowmoe synth /tmp/lowmoe-bench/mix2g --arch mixtral --layers 16 --hidden-size 1024
+--intermediate-size 3584 --experts 8 --top-k 2 --dtype bfloat16 --shard-size 1GB`` (2.9 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+METHODS = ["frequency", "gate-mass", "reap", "easy-ep", "tcess", "reconstruction"]
+
+
+def write_calib(path: Path, n_chars: int) -> Path:
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "def f(x):", "return x + 1", "12 + 30 = 42", "sort the list", "(())", "proof."]
+    path.write_text(" ".join(rng.choice(words) for _ in range(n_chars // 6)))
+    return path
+
+
+def child_plain(args) -> dict:
+    """One plain streamed forward pass: calibrate, embed, then every layer read, built and run."""
+    import torch
+
+    from lowmoe.cache import ActivationCache
+    from lowmoe.calibration import load_tokenizer, tokenize
+    from lowmoe.checkpoint import Checkpoint
+    from lowmoe.layer import materialize_layer
+    from lowmoe.pipeline import DTYPES, Stream
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    ck = Checkpoint(args.model)
+    tokens = tokenize([args.calib], load_tokenizer(ck.path), seq_len=args.seq_len, n_samples=args.n_samples)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-plain-"))
+    try:
+        stream = Stream(ck, tokens, ActivationCache(tmp), torch.device(args.device), DTYPES[args.dtype], args.batch_size)
+        stream.embed()
+        moe = set(ck.moe_layers())
+        for layer_idx in range(ck.num_layers):
+            rt = ck.adapter.to_runtime(layer_idx, ck.read_layer(layer_idx), layer_idx in moe)
+            module = materialize_layer(stream.skel, layer_idx, rt, stream.device, stream.dtype)
+            stream.forward(layer_idx, module, write=True)
+            del module, rt
+            stream.cache.drop(layer_idx)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"wall_s": time.perf_counter() - t0}
+
+
+def child_score(args) -> dict:
+    import torch
+
+    from lowmoe.score import score
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    rep = score(args.model, calib=[args.calib], method=args.method, seq_len=args.seq_len, n_samples=args.n_samples,
+                batch_size=args.batch_size, device=args.device, dtype=args.dtype, progress=False,
+                protect_super_experts=not args.no_protect)
+    n_super = len(rep["super_experts"].get("super_experts", []))
+    return {"wall_s": time.perf_counter() - t0, "super_experts": n_super}
+
+
+def run_child(argv: list[str]) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"child failed: {' '.join(argv)}\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="/tmp/lowmoe-bench/mix2g")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--n-samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="Plain passes to time (the fastest counts).")
+    ap.add_argument("--no-protect", action="store_true", help="Score without super-expert detection.")
+    ap.add_argument("--calib", default=None)
+    ap.add_argument("--method", default=None)
+    ap.add_argument("--child", action="store_true")
+    args = ap.parse_args()
+
+    if args.child:
+        res = child_plain(args) if args.method is None else child_score(args)
+        res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps(res))
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="bench-score-"))
+    calib = args.calib or str(write_calib(work / "calib.txt", args.n_samples * args.seq_len * 2))
+    common = ["--model", args.model, "--calib", calib, "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len),
+              "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--device", args.device,
+              "--threads", str(args.threads)] + (["--no-protect"] if args.no_protect else [])
+    model_bytes = sum(p.stat().st_size for p in Path(args.model).glob("*.safetensors"))
+    print(f"model {args.model} ({model_bytes / 1e9:.2f} GB), {args.n_samples} x {args.seq_len} tokens, "
+          f"batch {args.batch_size}, {args.dtype} on {args.device}, {args.threads} threads", flush=True)
+    plain = min((run_child(common) for _ in range(args.repeats)), key=lambda r: r["wall_s"])
+    rows = [("plain streamed forward", plain, None)]
+    print(f"plain pass: {plain['wall_s']:.1f}s, peak RSS {plain['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+    for m in args.methods.split(","):
+        res = run_child(common + ["--method", m])
+        rows.append((m, res, res["wall_s"] / plain["wall_s"]))
+        print(f"{m}: {res['wall_s']:.1f}s ({rows[-1][2]:.2f}x), peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(f"| {'run':24s} | {'wall s':>8s} | {'x plain':>7s} | {'peak RSS MiB':>12s} |")
+    print(f"|{'-' * 26}|{'-' * 10}|{'-' * 9}|{'-' * 14}|")
+    for name, res, ratio in rows:
+        r = "1.00" if ratio is None else f"{ratio:.2f}"
+        print(f"| {name:24s} | {res['wall_s']:8.1f} | {r:>7s} | {res['peak_rss_bytes'] / 2**20:12.0f} |")
+
+
+if __name__ == "__main__":
+    main()
