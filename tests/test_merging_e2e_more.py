@@ -84,3 +84,21 @@ def test_c_prune_report_and_resume(synth_dir, calib_txt, tmp_path, monkeypatch):
     a = {k: v for k, v in dir_digest(tmp_path / "ref").items() if k != "lowmoe_report.json"}
     b = {k: v for k, v in dir_digest(tmp_path / "k").items() if k != "lowmoe_report.json"}
     assert a == b
+
+
+def test_cli_method_options_and_registration(synth_dir, calib_txt, tmp_path):
+    from click.testing import CliRunner
+
+    from lowmoe.cli import main
+
+    assert {"merge-freq", "hc-merge", "diverse-group", "c-prune", "dern"} <= set(lowmoe.available_methods())
+    args = ["-q", "prune", str(synth_dir("mixtral")), str(tmp_path / "o"), "--keep", "4", "--method", "merge-freq",
+            "--calib", str(calib_txt), "--n-samples", "4", "--seq-len", "32", "--no-protect-super-experts"]
+    r = CliRunner().invoke(main, args + ["-O", "align=true", "-O", "similarity=weight"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "o" / "lowmoe_report.json").read_text())
+    assert any("align" in lp for lp in rep["plan"]["layers"].values())
+    r = CliRunner().invoke(main, args + ["--overwrite", "-O", "similarity"])
+    assert r.exit_code != 0 and "KEY=VALUE" in r.output
+    r = CliRunner().invoke(main, args + ["--overwrite", "-O", "simlarity=weight"])
+    assert r.exit_code != 0 and "simlarity" in r.output and "similarity" in r.output
