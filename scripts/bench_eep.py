@@ -88,7 +88,7 @@ def run_streamed(args) -> dict:
         return fits
 
     evo = Evolution(space, EvolveOptions(generations=args.generations, population=args.population, seed=0), evaluate)
-    evo.on_generation = lambda g: ev.retain([e.cand for e in evo.state.ranked()[:args.retain]])
+    evo.on_generation = lambda g: ev.retain([e.cand for e in evo.parents()[:args.retain]], max_bytes=int(args.retain_gb * 1e9))
     st = evo.run()
     cands = [{"cand": e.cand.to_json(), "fitness": e.fitness.to_json()} for e in st.archive]
     return {"generations": gens, "candidates": cands, "stats": ev.stats, "peak_rss": peak_rss_bytes(), "quant_s": quant_s,
@@ -132,7 +132,8 @@ def main():
     p.add_argument("--quant", default="none", choices=["none", "int8", "nf4"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--retain", type=int, default=16)
+    p.add_argument("--retain", type=int, default=None, help="streams kept for at most this many parents (default: all)")
+    p.add_argument("--retain-gb", type=float, default=10.0)
     p.add_argument("--baseline-evals", type=int, default=6)
     p.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
     p.add_argument("--mode", default="both", choices=["both", "streamed", "whole"], help=argparse.SUPPRESS)
@@ -153,7 +154,7 @@ def main():
                 "--generations", str(args.generations), "--examples", str(args.examples), "--domain", args.domain,
                 "--keep", str(args.keep), "--top-k", str(args.top_k), "--layer-groups", str(args.layer_groups),
                 "--quant", args.quant, "--threads", str(args.threads), "--batch-size", str(args.batch_size),
-                "--retain", str(args.retain), "--baseline-evals", str(args.baseline_evals)]
+                "--retain-gb", str(args.retain_gb), *(["--retain", str(args.retain)] if args.retain else []), "--baseline-evals", str(args.baseline_evals)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         print(f"streamed population search ({args.generations} generations x {args.population}, quant {args.quant}) ...", flush=True)
         subprocess.run(base + ["--mode", "streamed", "--work", str(tmp / "w"), "--result", str(tmp / "s.json")], check=True, env=env)

@@ -168,6 +168,15 @@ class Evolution:
         i = sum(1 for e in ranked if e.fitness.acc * 100 >= best - threshold)
         return ranked[:max(i, min_rank, 1)]
 
+    def parents(self) -> list[Entry]:
+        """Every archive entry the next generation may draw a parent from, best first."""
+        ranked = self.state.ranked()
+        if not ranked:
+            return []
+        a = self._pool(ranked, self.opts.single_threshold, self.opts.single_rank)
+        b = self._pool(ranked, self.opts.parents_threshold, self.opts.parents_rank)
+        return ranked[:max(len(a), len(b))]
+
     def _select_groups(self, rng: np.random.Generator, n: int) -> np.ndarray:
         while True:
             sel = rng.random(n) < self.opts.group_prob

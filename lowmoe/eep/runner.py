@@ -58,7 +58,7 @@ def parse_options(opts: dict, seed: int) -> tuple[dict, EvolveOptions]:
     evo = EvolveOptions(seed=seed, **kw)
     evo.check()
     return {"quant": quant, "init": init, "dev": dev, "layer_groups": opts.get("layer_groups"),
-            "retain": int(opts.get("retain") or max(evo.parents_rank, 8)),
+            "retain": None if opts.get("retain") is None else int(opts["retain"]),
             "retain_bytes": int(float(opts.get("retain_gb") or 10) * 1e9)}, evo
 
 
@@ -93,8 +93,9 @@ def run_eep(run, cfg, top_k: int) -> dict:
                               fingerprint={"top_k": top_k, "quant": opts["quant"], "init": opts["init"],
                                            "train": train.input_ids.shape[0]},
                               progress=cfg.progress)
-        # keep the hidden-state streams of the archive top (the likely parents) for the next generation
-        evolution.on_generation = lambda g: evaluator.retain([e.cand for e in evolution.state.ranked()[:opts["retain"]]],
+        # keep the hidden-state streams of every possible parent of the next generation (best first,
+        # within the disk cap): a child starts at the first layer where it differs from its parent
+        evolution.on_generation = lambda g: evaluator.retain([e.cand for e in evolution.parents()[:opts["retain"]]],
                                                              max_bytes=opts["retain_bytes"])
         log.info("EEP search: %d -> %d experts, top-%d, %d layer group(s), %d generations x %d, fitness on %d examples "
                  "(%d tokens), weights %s", ck.num_experts, keep_n, top_k, space.num_groups, evo.generations, evo.population,
