@@ -56,7 +56,11 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
           device: str = "cpu", dtype: str = "float32", seed: int = 0, progress: bool = True,
           method_options: dict | None = None, work_dir: str | Path | None = None) -> dict:
     """Score every MoE layer's experts with ``method`` (a name or a list of names) in one streamed
-    pass; return the report and, with ``out``, write it as JSON."""
+    pass; return the report and, with ``out``, write it as JSON.
+
+    ``method_options``: options for the methods, either flat (``{"renormalize": False}``, given to
+    every method, as ``prune(method_options=...)``) or per method (``{"reap": {...}}``).
+    ``work_dir``: where the temporary activation cache lives (default: the system temp dir)."""
     t_start = time.time()
     methods = [method] if isinstance(method, str) else list(method)
     if not methods:
@@ -112,6 +116,8 @@ def _score_layers(stream: Stream, ck: Checkpoint, methods: list[str], keep_n: in
     moe = set(ck.moe_layers())
     groups = _keep_groups(ck, keep_n) if keep_n else 1
     maxima = MaximaObserver(ck.num_experts) if protect else None
+    if not (method_options and set(method_options) <= set(methods)):
+        method_options = {m: dict(method_options) for m in methods}  # flat options: the same for every method
     layers: dict[int, dict] = {}
     for layer_idx in _progress(range(ck.num_layers), ck.num_layers, f"score ({', '.join(methods)})", progress):
         t0 = time.perf_counter()

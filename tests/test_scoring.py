@@ -133,3 +133,31 @@ def test_choose_keep_protected_and_groups():
     assert choose_keep(s, 2) == [6, 7]
     assert choose_keep(s, 2, protected={5}) == [5, 6]
     assert choose_keep(s, 4, groups=2) == [0, 1, 6, 7]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe", "deepseek_v2", "phimoe", "gpt_oss"])
+def test_expert_outputs_probe_keeps_the_model_output(arch, synth_dir):
+    """With slot outputs requested, the probe's own weighted sum replaces the experts module's: the
+    model's logits are unchanged, and routed_output = Σ_k weight · slot output."""
+    from lowmoe.layer import MoeProbe
+
+    path = synth_dir(arch)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ck = Checkpoint(path)
+    ids = torch.randint(3, 250, (2, 10), generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def cb(call):
+        seen.append(call)
+
+    cb.needs_expert_outputs = True
+    with torch.no_grad():
+        ref = model(ids).logits
+        with MoeProbe(ck.adapter, model.model.layers[ck.moe_layers()[-1]], cb):
+            got = model(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    c = seen[0]
+    torch.testing.assert_close((c.expert_outputs * c.top_k_weights[:, :, None]).sum(1), c.routed_output, rtol=1e-5, atol=1e-6)
+    rep = make_scorer("reap", ck.num_experts, ck.top_k)
+    rep.observe(c)
+    assert torch.isfinite(rep.scores()).all() and rep.scores().sum() > 0
