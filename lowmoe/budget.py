@@ -234,62 +234,78 @@ def plan_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size: int
     host_fixed = HOST_BASE_BYTES + chunk_host + largest_stored  # + the written (plan-applied) copy of a layer
 
     notes: list[str] = []
-    do_prefetch = prefetch
     if max_ram is not None:
-        need_two = host_fixed + 2 * largest_host
-        if do_prefetch and need_two > max_ram:
-            do_prefetch = False
-            notes.append(f"--max-ram {fmt_bytes(max_ram)} cannot hold two layers ({fmt_bytes(need_two)} needed); "
-                         "layer prefetching is off")
         need_one = host_fixed + largest_host
         if need_one > max_ram:
             raise ConfigError(
                 f"--max-ram {fmt_bytes(max_ram)} is too small: one layer as read and in runtime layout "
                 f"({fmt_bytes(largest_host)}) + its plan-applied copy + activation chunks + the interpreter need about "
                 f"{fmt_bytes(need_one)}; raise --max-ram")
+    embed_key = "model.embed_tokens.weight"
+    embed = (ck.tensor_bytes(embed_key) // _stored_elem(ck, embed_key) * b) if embed_key in ck.weight_map else 0
 
-    host_layers = (2 if do_prefetch else 1) * largest_host
-    device_budget = max_vram
-    if on_cpu and max_ram is not None:
-        # The compute copy lives in RAM too: what is left after the host's own needs.
-        left = max_ram - host_fixed - host_layers
-        device_budget = left if device_budget is None else min(device_budget, left)
-    weights_budget = None
-    if device_budget is not None:
-        weights_budget = int(device_budget * (1 - SAFETY)) - act
-        flag = "--max-vram" if max_vram is not None and (not on_cpu or max_ram is None or max_vram <= device_budget) else "--max-ram"
-        if weights_budget <= 0:
-            raise ConfigError(f"{flag} {fmt_bytes(device_budget)}: one activation chunk alone needs ~{fmt_bytes(act)} "
-                              f"(--batch-size {batch_size} x --seq-len {seq_len}); lower them or raise {flag}")
-        embed = ck.tensor_bytes("model.embed_tokens.weight") // max(1, _stored_elem(ck, "model.embed_tokens.weight")) * b \
-            if "model.embed_tokens.weight" in ck.weight_map else 0
-        if embed > weights_budget:
-            raise ConfigError(f"{flag} {fmt_bytes(device_budget)}: the embedding matrix needs {fmt_bytes(embed)} on the "
-                              f"device; raise {flag}")
+    def place(do_prefetch: bool) -> BudgetPlan:
+        host_layers = (2 if do_prefetch else 1) * largest_host
+        device_budget, what = max_vram, f"--max-vram {fmt_bytes(max_vram)}" if max_vram is not None else ""
+        flag = "--max-vram"
+        if on_cpu and max_ram is not None:
+            # The compute copy lives in RAM too: it gets what is left after the host's own needs.
+            left = max_ram - host_fixed - host_layers
+            if device_budget is None or left < device_budget:
+                device_budget, flag = left, "--max-ram"
+                what = (f"--max-ram {fmt_bytes(max_ram)} (leaves {fmt_bytes(left)} for the compute copy after "
+                        f"{fmt_bytes(host_fixed + host_layers)} of host needs)")
+        weights_budget = None
+        if device_budget is not None:
+            weights_budget = int(device_budget * (1 - SAFETY)) - act
+            if weights_budget <= 0:
+                raise ConfigError(f"{what}: one activation chunk alone needs ~{fmt_bytes(act)} "
+                                  f"(--batch-size {batch_size} x --seq-len {seq_len}); lower them or raise {flag}")
+            if embed > weights_budget:
+                raise ConfigError(f"{what}: the embedding matrix needs {fmt_bytes(embed)} on the device; raise {flag}")
+        layers: dict[int, Placement] = {}
+        for L in sizes:
+            p = choose_placement(resident=L.resident_bytes(b), per_expert=L.expert_bytes(b), num_experts=L.num_experts,
+                                 weights_budget=weights_budget, act=act)
+            if p is None:
+                need = int((L.resident_bytes(b) + L.expert_bytes(b) + act) / (1 - SAFETY)) + 1
+                raise ConfigError(
+                    f"{what}: layer {L.layer_idx} cannot run even one expert at a time: attention + router + shared "
+                    f"weights {fmt_bytes(L.resident_bytes(b))} + one expert {fmt_bytes(L.expert_bytes(b))} + activations "
+                    f"{fmt_bytes(act)} need at least {fmt_bytes(need)}; raise {flag} or lower --batch-size/--seq-len")
+            layers[L.layer_idx] = p
+        chunked = sorted(L for L, p in layers.items() if p.chunked)
+        plan_notes = []
+        if chunked:
+            plan_notes.append(f"{len(chunked)} layer(s) run with experts streamed in groups of "
+                              f"{min(layers[L].group_size for L in chunked)}-{max(layers[L].group_size for L in chunked)} "
+                              f"to stay under {fmt_bytes(device_budget)}")
+        device_peak = max(p.device_bytes for p in layers.values()) if layers else act
+        host_peak = host_fixed + host_layers + (device_peak if on_cpu else 0)
+        return BudgetPlan(device=str(device), compute_dtype=str(dtype).replace("torch.", ""), max_vram=max_vram,
+                          max_ram=max_ram, device_budget=device_budget, activation_bytes=act, weights_budget=weights_budget,
+                          prefetch_layers=do_prefetch, layers=layers, host_peak_bytes=int(host_peak),
+                          device_peak_bytes=int(device_peak), host_layer_bytes=int(largest_host),
+                          host_fixed_bytes=int(host_fixed), notes=plan_notes)
 
-    layers: dict[int, Placement] = {}
-    for L in sizes:
-        p = choose_placement(resident=L.resident_bytes(b), per_expert=L.expert_bytes(b), num_experts=L.num_experts,
-                             weights_budget=weights_budget, act=act)
-        if p is None:
-            need = int((L.resident_bytes(b) + L.expert_bytes(b) + act) / (1 - SAFETY)) + 1
-            raise ConfigError(
-                f"{flag} {fmt_bytes(device_budget)}: layer {L.layer_idx} cannot run even one expert at a time: attention + "
-                f"router + shared weights {fmt_bytes(L.resident_bytes(b))} + one expert {fmt_bytes(L.expert_bytes(b))} + "
-                f"activations {fmt_bytes(act)} need at least {fmt_bytes(need)}; raise {flag} or lower --batch-size/--seq-len")
-        layers[L.layer_idx] = p
-    chunked = sorted(L for L, p in layers.items() if p.chunked)
-    if chunked:
-        notes.append(f"{len(chunked)} layer(s) run with experts streamed in groups of "
-                     f"{min(layers[L].group_size for L in chunked)}-{max(layers[L].group_size for L in chunked)} "
-                     f"to stay under {fmt_bytes(device_budget)}")
-    device_peak = max(p.device_bytes for p in layers.values()) if layers else act
-    host_peak = host_fixed + host_layers + (device_peak if on_cpu else 0)
-    return BudgetPlan(device=str(device), compute_dtype=str(dtype).replace("torch.", ""), max_vram=max_vram, max_ram=max_ram,
-                      device_budget=device_budget, activation_bytes=act, weights_budget=weights_budget,
-                      prefetch_layers=do_prefetch, layers=layers, host_peak_bytes=int(host_peak),
-                      device_peak_bytes=int(device_peak), host_layer_bytes=int(largest_host),
-                      host_fixed_bytes=int(host_fixed), notes=notes)
+    if prefetch and max_ram is not None:
+        need_two = host_fixed + 2 * largest_host
+        why = None
+        if need_two > max_ram:
+            why = f"cannot hold two layers ({fmt_bytes(need_two)} needed)"
+        else:
+            try:
+                return _with_notes(place(True), notes)
+            except ConfigError:  # on a CPU run a second layer in RAM can starve the compute copy
+                why = "leaves too little for the compute copy with two layers in RAM"
+        notes.append(f"--max-ram {fmt_bytes(max_ram)} {why}; layer prefetching is off")
+        return _with_notes(place(False), notes)
+    return _with_notes(place(prefetch), notes)
+
+
+def _with_notes(plan: BudgetPlan, notes: list[str]) -> BudgetPlan:
+    plan.notes = notes + plan.notes
+    return plan
 
 
 def _stored_elem(ck, key: str) -> int:

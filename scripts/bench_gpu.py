@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -160,13 +159,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--runs", default="read,resident,overlap,serial,budget")
+    ap.add_argument("--repeat", type=int, default=1, help="run the list this many times (interleaved); report medians")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
     if args.one:
         print("RESULT " + json.dumps(one(json.loads(args.one)), default=str))
         return
-
-    import torch
 
     from lowmoe.checkpoint import Checkpoint
     from lowmoe.device import describe_device, resolve_device
@@ -178,10 +176,11 @@ def main() -> None:
     max_vram = args.max_vram or str(size // 3)
     work = Path(tempfile.mkdtemp(prefix="lowmoe-bench-gpu-", dir=BENCH_DIR if BENCH_DIR.is_dir() else None))
     calib = calib_file(work / "calib.txt")
-    runs = [r for r in args.runs.split(",") if r] + (["ram"] if args.max_ram else [])
+    runs = ([r for r in args.runs.split(",") if r] + (["ram"] if args.max_ram else [])) * max(1, args.repeat)
     print(f"model   {model}: {gb(size)}, {ck.num_layers} layers, largest layer {gb(max(ck.layer_bytes(i) for i in range(ck.num_layers)))}")
     print(f"device  {describe_device(device)}; dtype {args.dtype}; calibration {args.n_samples} x {args.seq_len} tokens")
-    results = {}
+    results: dict[str, dict] = {}
+    walls: dict[str, list[float]] = {}
     for run in runs:
         cold = drop_caches()
         spec = dict(run=run, model=str(model), calib=str(calib), out=str(work / f"out-{run}"), device=str(device),
@@ -194,6 +193,9 @@ def main() -> None:
             continue
         r = json.loads(line[0][7:])
         r["cold_cache"] = cold
+        walls.setdefault(run, []).append(r["wall_s"])
+        r["walls_s"] = walls[run]
+        r["wall_s"] = sorted(walls[run])[len(walls[run]) // 2]  # median so far
         results[run] = r
         extra = ""
         if r.get("io"):
@@ -204,7 +206,9 @@ def main() -> None:
             extra += f"  CUDA peak {gb(r['cuda_peak'])}"
         if r.get("peak_rss"):
             extra += f"  peak RSS {gb(r['peak_rss'])}"
-        print(f"{run:9s} {r['wall_s']:8.2f} s{'' if cold else ' (warm page cache)'}{extra}")
+        print(f"{run:9s} {walls[run][-1]:8.2f} s{'' if cold else ' (warm page cache)'}{extra}", flush=True)
+    if args.repeat > 1:
+        print("medians: " + ", ".join(f"{k} {v['wall_s']:.2f} s" for k, v in results.items()))
     if {"read", "resident", "overlap"} <= set(results):
         floor = max(results["read"]["wall_s"], results["resident"]["wall_s"])
         print(f"overlap / max(read, resident) = {results['overlap']['wall_s'] / floor:.2f}  (target <= 1.3)")
@@ -231,7 +235,6 @@ def main() -> None:
         args.json.write_text(json.dumps({"model": str(model), "model_bytes": size, "device": describe_device(device),
                                          "dtype": args.dtype, "results": results}, indent=1, default=str))
     shutil.rmtree(work, ignore_errors=True)
-    _ = torch
 
 
 if __name__ == "__main__":

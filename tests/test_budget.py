@@ -189,6 +189,9 @@ def test_max_ram(synth_dir, calib_txt, tmp_path):
     p = plan_budget(ck, device=CPU, dtype=torch.float32, batch_size=2, seq_len=16, max_ram=two - 1)
     assert not p.prefetch_layers and any("prefetching is off" in n for n in p.notes)
     assert p.device_budget == two - 1 - free.host_fixed_bytes - free.host_layer_bytes  # left for the compute copy
+    # two layers fit, but then nothing is left to compute with: prefetching gives way, not the run
+    p = plan_budget(ck, device=CPU, dtype=torch.float32, batch_size=2, seq_len=16, max_ram=two + 100_000)
+    assert not p.prefetch_layers and any("too little for the compute copy" in n for n in p.notes)
     # on a CPU run the compute copy lives in RAM too: with ~1 MB left for it, experts get chunked
     p = plan_budget(ck, device=CPU, dtype=torch.float32, batch_size=2, seq_len=16,
                     max_ram=free.host_fixed_bytes + free.host_layer_bytes + 1_100_000)
