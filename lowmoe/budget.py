@@ -460,7 +460,7 @@ class ChunkedExperts(nn.Module):
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         slot_major = top_k_index.transpose(0, 1)  # (k, T): transformers' expert_mask[e] layout
         for j, g in enumerate(groups):
-            if not self.double_buffer:
+            if not self.double_buffer and self._resident is not None and self._resident[0] != g:
                 self._evict()  # room for one group only: free it before the next one arrives
             sub = self._take(g)
             if self.double_buffer and j + 1 < len(groups):

@@ -20,5 +20,11 @@ def print_prune_summary(report: dict) -> None:
     mem = report["memory"]
     click.echo(f"  wall {report['timings']['total_s']:.1f}s, peak RSS {fmt_bytes(mem['peak_rss_bytes'])} "
                f"(largest layer {fmt_bytes(mem['largest_layer_bytes'])}, whole model {fmt_bytes(mem['model_bytes'])})")
-    for n in report.get("notes", []):
+    io, budget = report.get("io"), report.get("budget")
+    if io:
+        click.echo(f"  I/O wait {io['total_wait_s']:.1f}s ({100 * io.get('wait_fraction', 0):.1f}% of the streamed pass)")
+    if budget and budget.get("chunked_layers"):
+        click.echo(f"  {len(budget['chunked_layers'])} layer(s) ran with experts streamed in groups; device peak "
+                   f"{fmt_bytes(budget.get('cuda_max_memory_allocated') or budget['accounted_peak_bytes'])}")
+    for n in report.get("notes", []) + ((budget or {}).get("plan") or {}).get("notes", []):
         click.echo(f"  note: {n}")
