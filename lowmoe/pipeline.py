@@ -554,6 +554,7 @@ def score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int) -> dict:
     return {"calibration": {"sequences": int(tokens.input_ids.shape[0]), "seq_len": int(tokens.input_ids.shape[1]),
                             "tokens_counted": tokens.num_tokens, "files": [str(c) for c in cfg.calib]},
             "cache_bytes_written": stream.cache.bytes_written,
+            "super_experts": next((g.summary for g in guards if getattr(g, "summary", None)), {}),
             "io": stream.io.to_json(time.perf_counter() - t_start), "budget": stream.placer.report()}
 
 

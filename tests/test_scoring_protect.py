@@ -46,6 +46,7 @@ def test_planted_super_expert_is_protected(tmp_path, calib_txt):
     rep = lowmoe.prune(path, tmp_path / "o", keep=2, method="frequency", calib=[calib_txt], progress=False, **CAL)
     assert rep["protected_experts"] == {"0": [], "1": [planted], "2": []}
     assert planted in rep["plan"]["layers"]["1"]["keep"]
+    assert [(s["layer"], s["expert"]) for s in rep["super_experts"]["super_experts"]] == [(1, planted)]
     off = lowmoe.prune(path, tmp_path / "o2", keep=2, method="frequency", calib=[calib_txt], progress=False,
                        protect_super_experts=False, **CAL)
     assert planted not in off["plan"]["layers"]["1"]["keep"]
