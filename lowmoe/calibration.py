@@ -223,7 +223,7 @@ def read_dataset(src: Source, tokenizer=None) -> list[Document]:
             ds = datasets.load_dataset(src.kind, data_files=str(p), split="train")
     except CalibrationError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- datasets/pyarrow raise many types for unreadable input
         raise CalibrationError(f"--calib {p}: cannot read it with datasets ({type(e).__name__}: {str(e)[:160]})") from None
     if len(ds) == 0:
         raise CalibrationError(f"--calib {p}: dataset has no rows")
@@ -268,7 +268,7 @@ def load_tokenizer(model_dir: str | Path):
 
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- any tokenizer load failure is reported the same way
         raise CalibrationError(f"{model_dir}: cannot load the model's tokenizer ({type(e).__name__}: {str(e)[:120]}); "
                                "calibration text needs it") from None
 

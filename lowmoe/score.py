@@ -205,9 +205,10 @@ def _report(ck, methods, tokens, calib, res, keep_n, seq_len, protect, t_start) 
 def format_scores(report: dict, top: int = 8) -> str:
     """Per-layer tables for the terminal: each method's highest-scoring experts, super experts,
     and (with keep) the kept set."""
+    cal = report["calibration"]
     lines = [f"{report['model']}  ({report['family']}, {report['num_experts']} experts, top-{report['top_k']})",
-             f"calibration: {report['calibration']['sequences']} sequences x {report['calibration']['seq_len']} tokens, "
-             f"{report['calibration']['tokens_counted']} counted; domains: {', '.join(report['calibration']['domains'])}"]
+             (f"calibration: {cal['sequences']} sequences x {cal['seq_len']} tokens, {cal['tokens_counted']} counted; "
+              f"domains: {', '.join(cal['domains'])}")]
     se = report.get("super_experts", {})
     if se.get("super_experts"):
         lines.append("super experts (never dropped): " + ", ".join(f"L{s['layer']}/E{s['expert']} (max {s['max_abs_output']:.3g})"
@@ -230,4 +231,4 @@ def format_scores(report: dict, top: int = 8) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["score", "format_scores", "scoring_methods"]
+__all__ = ["format_scores", "score", "scoring_methods"]

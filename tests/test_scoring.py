@@ -22,7 +22,7 @@ from lowmoe.score import score
 from lowmoe.scoring import FrequencyScorer, choose_keep, make_scorer
 
 METHODS = ["frequency", "gate-mass", "reap", "easy-ep", "tcess"]
-CAL = dict(seq_len=24, n_samples=6, batch_size=4)
+CAL = {"seq_len": 24, "n_samples": 6, "batch_size": 4}
 
 
 def reference_calls(path, calib, **cal):
@@ -52,8 +52,8 @@ def reference_calls(path, calib, **cal):
         u = torch.einsum("th,eih->tei", x, gu[:, inter:])
         f = torch.einsum("tei,ehi->teh", F.silu(g) * u, dn)  # (T, E, H) every expert's own output
         logits, w, idx = rec["router"]
-        res[L] = dict(x=x, logits=logits.float(), idx=idx, w=w.float(), f=f,
-                      scoring="sigmoid" if ck.adapter.router_scoring == "sigmoid" else "softmax")
+        res[L] = {"x": x, "logits": logits.float(), "idx": idx, "w": w.float(), "f": f,
+                  "scoring": ck.adapter.router_scoring}
     return res
 
 

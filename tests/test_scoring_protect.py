@@ -15,7 +15,7 @@ from lowmoe.score import score
 from lowmoe.scoring.super_experts import find_super_experts
 from lowmoe.synth import synth_model
 
-CAL = dict(seq_len=32, n_samples=6, batch_size=3)
+CAL = {"seq_len": 32, "n_samples": 6, "batch_size": 3}
 
 
 def edit_checkpoint(path: Path, fn) -> None:

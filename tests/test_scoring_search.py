@@ -35,7 +35,7 @@ def test_loss_equals_pruned_checkpoint_error(arch, synth_dir, calib_txt, tmp_pat
     path = synth_dir(arch)
     ck = Checkpoint(path)
     L = ck.moe_layers()[-1]
-    model, ck, meth, x, block = _observe(path, calib_txt, L, max_tokens=10**6)
+    _, ck, meth, x, block = _observe(path, calib_txt, L, max_tokens=10**6)
     plan = {"format": "lowmoe-plan/1", "num_experts_per_tok": ck.top_k,
             "layers": {str(i): {"keep": KEEP} for i in ck.moe_layers()}}
     lowmoe.prune(path, tmp_path / "p", plan=plan, progress=False)
@@ -68,7 +68,7 @@ def test_beam_search_matches_exhaustive(synth_dir, calib_txt):
 def test_groups_and_64_experts(tmp_path, synth_dir, calib_txt):
     rep = lowmoe.prune(synth_dir("deepseek_v3"), tmp_path / "ds", keep=4, method="reconstruction", calib=[calib_txt],
                        progress=False, seq_len=16, n_samples=4)
-    for L, lp in rep["plan"]["layers"].items():
+    for lp in rep["plan"]["layers"].values():
         assert sum(e < 4 for e in lp["keep"]) == 2  # equal per DeepSeek group
     big = synth_dir("mixtral", layers=1, experts=64, top_k=4, intermediate_size=8)
     rep = lowmoe.prune(big, tmp_path / "big", keep=16, method="reconstruction", calib=[calib_txt], progress=False,
