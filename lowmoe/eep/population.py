@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import time
 
 import torch
 
@@ -235,9 +234,3 @@ class WholeModelEvaluator:
 
     def evaluate(self, cands: list[Candidate]) -> list[Fitness]:
         return [self.evaluate_one(c) for c in cands]
-
-
-def timed(fn, *args):
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - t0

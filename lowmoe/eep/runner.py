@@ -22,7 +22,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 
 from .. import methods
 from ..errors import ConfigError
