@@ -246,7 +246,7 @@ class ReconstructionMethod(LayerMethod):
                        "relative_error": best_loss / total if total > 0 else None}
         plan = LayerPlan(sorted(int(j) for j in torch.nonzero(keep).reshape(-1)))
         self.scores()  # single-drop losses for the report, while G is still here
-        self._release()
+        self.release()
         return plan
 
     def _beam(self, e, groups, per, k_per, prot) -> tuple[torch.Tensor, float]:
@@ -279,8 +279,10 @@ class ReconstructionMethod(LayerMethod):
         gs = self._gram.view(n, e * e).gather(1, lin).view(n, k, k)
         return torch.einsum("ni,nij,nj->n", self._w, gs, self._w).double().sum()
 
-    def _release(self) -> None:
+    def release(self) -> None:
+        """Drop the token sample, G and the reference to the layer's experts (its weights)."""
         self._x, self._gram, self._experts = None, None, None
+        self._logits = self._idx = self._w = self._keys = None
 
     def scores(self) -> torch.Tensor | None:
         """Loss of dropping each expert alone (higher = more important)."""

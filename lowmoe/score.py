@@ -152,7 +152,11 @@ def _score_layers(stream: Stream, ck: Checkpoint, methods: list[str], keep_n: in
                 s = meth.scores()
                 entry["scores"][name] = None if s is None else [float(v) for v in s]
                 entry["stats"][name] = meth.state()
-            entry["_methods"] = observers[:len(methods)]  # for keep-sets once super experts are known
+            # Which methods take the top-`keep` by score (decided once super experts are known).
+            entry["_by_score"] = [isinstance(m, ScoreThenKeep) for m in observers[:len(methods)]]
+            for meth in observers[:len(methods)]:
+                getattr(meth, "release", lambda: None)()  # e.g. reconstruction's hold on the layer's experts
+            del observers, probe
             layers[layer_idx] = entry
         del module, tensors
         stream.cache.drop(layer_idx)
@@ -162,13 +166,13 @@ def _score_layers(stream: Stream, ck: Checkpoint, methods: list[str], keep_n: in
     found, summary = maxima.result() if maxima is not None else ({}, {})
     for layer_idx, entry in layers.items():
         entry["protected"] = sorted(found.get(layer_idx, ()))
-        meths = entry.pop("_methods")
+        by_score = entry.pop("_by_score")
         if keep_n is None:
             entry.pop("keep")
         else:
-            for name, meth in zip(methods, meths):
+            for name, scored in zip(methods, by_score):
                 s = entry["scores"][name]
-                if s is not None and isinstance(meth, ScoreThenKeep):
+                if s is not None and scored:
                     entry["keep"][name] = choose_keep(torch.tensor(s), keep_n, set(entry["protected"]), groups)
     return {"layers": layers, "super_experts": summary}
 

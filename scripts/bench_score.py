@@ -1,7 +1,10 @@
 """Benchmark ``lowmoe score``: wall time and peak RSS of each scoring method against one plain
 streamed forward pass over the same calibration tokens (same reader, cache, layer compute; no hooks).
 
-Every measurement runs in a fresh process so peak RSS is its own. Prints a table.
+Every measurement runs in a fresh process so peak RSS is its own. Wall time and CPU time (user +
+system of that process) are both reported: on a shared machine wall time swings with other load,
+CPU time much less. The plain pass runs first and last (``--repeats`` times each); the ratio uses
+their mean. Prints a table.
 
     nice -n 10 .venv/bin/python scripts/bench_score.py --model /tmp/lowmoe-bench/mix2g --n-samples 64 --seq-len 512
 
@@ -77,7 +80,7 @@ def child_score(args) -> dict:
 
 
 def run_child(argv: list[str]) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise SystemExit(f"child failed: {' '.join(argv)}\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -102,7 +105,9 @@ def main() -> None:
 
     if args.child:
         res = child_plain(args) if args.method is None else child_score(args)
-        res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        res["peak_rss_bytes"] = ru.ru_maxrss * 1024
+        res["cpu_s"] = ru.ru_utime + ru.ru_stime
         print(json.dumps(res))
         return
 
@@ -114,20 +119,25 @@ def main() -> None:
     model_bytes = sum(p.stat().st_size for p in Path(args.model).glob("*.safetensors"))
     print(f"model {args.model} ({model_bytes / 1e9:.2f} GB), {args.n_samples} x {args.seq_len} tokens, "
           f"batch {args.batch_size}, {args.dtype} on {args.device}, {args.threads} threads", flush=True)
-    plain = min((run_child(common) for _ in range(args.repeats)), key=lambda r: r["wall_s"])
-    rows = [("plain streamed forward", plain, None)]
-    print(f"plain pass: {plain['wall_s']:.1f}s, peak RSS {plain['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
-    for m in args.methods.split(","):
-        res = run_child(common + ["--method", m])
-        rows.append((m, res, res["wall_s"] / plain["wall_s"]))
-        print(f"{m}: {res['wall_s']:.1f}s ({rows[-1][2]:.2f}x), peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+    def show(name, res):
+        print(f"{name}: wall {res['wall_s']:.1f}s, cpu {res['cpu_s']:.1f}s, peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB",
+              flush=True)
+        return res
+
+    plains = [show("plain pass", run_child(common)) for _ in range(args.repeats)]
+    results = [(m, show(m, run_child(common + ["--method", m]))) for m in args.methods.split(",")]
+    plains += [show("plain pass", run_child(common)) for _ in range(args.repeats)]
     shutil.rmtree(work, ignore_errors=True)
+    base = {k: sum(p[k] for p in plains) / len(plains) for k in ("wall_s", "cpu_s", "peak_rss_bytes")}
     print()
-    print(f"| {'run':24s} | {'wall s':>8s} | {'x plain':>7s} | {'peak RSS MiB':>12s} |")
-    print(f"|{'-' * 26}|{'-' * 10}|{'-' * 9}|{'-' * 14}|")
-    for name, res, ratio in rows:
-        r = "1.00" if ratio is None else f"{ratio:.2f}"
-        print(f"| {name:24s} | {res['wall_s']:8.1f} | {r:>7s} | {res['peak_rss_bytes'] / 2**20:12.0f} |")
+    print(f"| {'run':26s} | {'wall s':>7s} | {'x plain':>7s} | {'cpu s':>7s} | {'x plain':>7s} | {'peak RSS MiB':>12s} |")
+    print(f"|{'-' * 28}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 14}|")
+    walls = ", ".join(f"{p['wall_s']:.0f}" for p in plains)
+    rows = [(f"plain pass (mean of {len(plains)})", base)] + results
+    for name, res in rows:
+        print(f"| {name:26s} | {res['wall_s']:7.1f} | {res['wall_s'] / base['wall_s']:7.2f} | {res['cpu_s']:7.1f} | "
+              f"{res['cpu_s'] / base['cpu_s']:7.2f} | {res['peak_rss_bytes'] / 2**20:12.0f} |")
+    print(f"plain passes, wall s: {walls}")
 
 
 if __name__ == "__main__":
