@@ -50,6 +50,7 @@ def main():
     p.add_argument("--layer-groups", default="layer")
     p.add_argument("--init", default="random")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default=",".join(sorted(SCORERS)), help="one-shot scoring methods to compare with")
     p.add_argument("--no-topk", action="store_true", help="skip the top-2 -> top-1 experiment")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -68,7 +69,7 @@ def main():
             print(f"[{domain}] full model (8 experts, top-2): {full_top2[domain]:.3f}", flush=True)
             for keep in [int(k) for k in args.keeps.split(",")]:
                 one_shot = {}
-                for m in sorted(SCORERS):
+                for m in args.methods.split(","):
                     out = tmp / f"{domain}-{m}-{keep}"
                     lowmoe.prune(args.model, out, keep=keep, method=m, calib=[calib], layout="per-sample", seq_len=160,
                                  n_samples=len(recs), progress=False, overwrite=True)
@@ -76,7 +77,7 @@ def main():
                 best_m = max(one_shot, key=one_shot.get)
                 out = tmp / f"{domain}-eep-{keep}"
                 t0 = time.time()
-                rep = lowmoe.prune(args.model, out, keep=keep, method="eep", calib=[search], seq_len=160, n_samples=args.n_search,
+                rep = lowmoe.prune(args.model, out, keep=keep, method="eep", calib=[search], seq_len=160, n_samples=args.n_search, batch_size=16,
                                    seed=args.seed, progress=False, overwrite=True,
                                    method_options={"dev": str(dev), "generations": args.generations, "population": args.population,
                                                    "layer_groups": args.layer_groups, "init": args.init})
@@ -95,7 +96,7 @@ def main():
                 lowmoe.prune(args.model, top1, plan=plan, progress=False, overwrite=True)
                 plain = test_acc(top1, domain, args.n_test)
                 out = tmp / f"{domain}-eep-top1"
-                lowmoe.prune(args.model, out, keep=8, top_k=1, method="eep", calib=[search], seq_len=160, n_samples=args.n_search,
+                lowmoe.prune(args.model, out, keep=8, top_k=1, method="eep", calib=[search], seq_len=160, n_samples=args.n_search, batch_size=16,
                              seed=args.seed, progress=False, overwrite=True,
                              method_options={"dev": str(dev), "generations": args.generations, "population": args.population,
                                              "layer_groups": args.layer_groups})
