@@ -1,0 +1,247 @@
+"""Exact-match accuracy and answer perplexity of a checkpoint on prompt/answer tasks.
+
+This is how lowmoe measures whether pruning worked: the same held-out prompts (``lowmoe.tasks``
+domains or a user's JSONL of ``{"prompt", "answer"}`` lines) are scored before and after.
+
+Two modes, same metrics:
+
+- ``greedy``: the model is loaded whole with ``AutoModelForCausalLM.from_pretrained`` and decodes
+  greedily (batched, left-padded) exactly as many tokens as the gold answer has; an answer is
+  exact iff every decoded token equals the gold one. Perplexity comes from one teacher-forced pass.
+- ``streaming``: for models larger than memory. Teacher-forced, one decoder layer at a time
+  (embed → each layer materialised from its own tensors and run over every batch → final norm and
+  lm_head), so peak memory is about one layer plus the activations. An answer counts as exact iff
+  every answer token is the argmax given the gold prefix, which is the same event as greedy exact
+  match (greedy decoding reproduces the gold prefix token by token exactly when each gold token is
+  the argmax); ``tests/test_evaluate.py`` checks the two agree.
+
+Perplexity is exp(mean NLL per answer token). Prompts are tokenised with the tokenizer's special
+tokens (a BOS where the tokenizer adds one), answers without; the answer boundary is exact because
+the two are tokenised separately and concatenated.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import tasks as task_data
+from .errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+MODES = ("greedy", "streaming")
+
+
+@dataclass
+class Item:
+    task: str
+    prompt_ids: list[int]
+    answer_ids: list[int]
+
+
+def load_items(tokenizer, tasks=None, jsonl=None, n: int = 200, split: str = "test", seed: int = 0,
+               shots: int = task_data.DEFAULT_SHOTS) -> dict[str, list[Item]]:
+    """Tokenised eval items per task name (a domain of ``lowmoe.tasks`` or a JSONL file's stem)."""
+    if not tasks and not jsonl:
+        raise ConfigError("nothing to evaluate: give tasks (e.g. arithmetic,reverse) or a JSONL file of prompt/answer lines")
+    records: dict[str, list[dict]] = {}
+    if tasks:
+        for d in task_data.check_domains(tasks):
+            records[d] = task_data.make_split(d, split, n, seed=seed, shots=shots)
+    for path in ([jsonl] if isinstance(jsonl, (str, Path)) else list(jsonl or [])):
+        recs = task_data.read_jsonl(path)[:n]
+        records[Path(path).stem] = recs
+    eos = tokenizer.eos_token_id
+    out: dict[str, list[Item]] = {}
+    for name, recs in records.items():
+        items = []
+        for r in recs:
+            p = tokenizer(r["prompt"], add_special_tokens=True)["input_ids"]
+            if eos is not None and p and p[-1] == eos:  # tokenizers that append EOS to every text
+                p = p[:-1]
+            a = tokenizer(r["answer"], add_special_tokens=False)["input_ids"]
+            if not a:
+                raise ConfigError(f"task {name!r}: answer {r['answer']!r} tokenises to nothing")
+            items.append(Item(name, p, a))
+        out[name] = items
+    return out
+
+
+def _right_padded(items: list[Item], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, answer mask) — mask[b, i] is True where token i is an answer token (predicted from i-1)."""
+    seqs = [it.prompt_ids + it.answer_ids for it in items]
+    n = max(map(len, seqs))
+    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
+    ans = torch.zeros((len(items), n), dtype=torch.bool)
+    for b, (it, s) in enumerate(zip(items, seqs)):
+        ids[b, :len(s)] = torch.tensor(s)
+        ans[b, len(it.prompt_ids):len(s)] = True
+    return ids, ans
+
+
+def score_logits(logits: torch.Tensor, ids: torch.Tensor, ans: torch.Tensor) -> tuple[list[bool], list[float], list[int]]:
+    """Teacher-forced exactness, answer NLL and answer-token count per row.
+
+    logits: (B, S, V) for ids (B, S); ans: (B, S) bool answer positions.
+    """
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)  # (B, S-1, V) predicts ids[:, 1:]
+    tgt, am = ids[:, 1:], ans[:, 1:]
+    tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, S-1)
+    hit = (logp.argmax(-1) == tgt) | ~am
+    nll = -(tok_lp * am).sum(-1)
+    return hit.all(-1).tolist(), nll.tolist(), am.sum(-1).tolist()
+
+
+def _summarise(items: list[Item], exact: list[bool], nll: list[float], ntok: list[int], extra: dict | None = None) -> dict:
+    total_tok = max(1, sum(ntok))
+    out = {"n": len(items), "exact_match": sum(exact) / max(1, len(items)),
+           "perplexity": math.exp(sum(nll) / total_tok), "answer_tokens": sum(ntok), "correct": [bool(e) for e in exact]}
+    out.update(extra or {})
+    return out
+
+
+# ---- greedy: the whole model through transformers ----------------------------------------------
+
+
+@torch.no_grad()
+def _greedy(model_dir: Path, tok, by_task: dict[str, list[Item]], batch_size: int, device, dtype) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    results = {}
+    for name, items in by_task.items():
+        exact, tf_exact, nll, ntok = [], [], [], []
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            # Teacher-forced pass: perplexity (and teacher-forced exactness, for the record).
+            ids, ans = _right_padded(chunk, pad)
+            logits = model(input_ids=ids.to(device), attention_mask=_prefix_mask(chunk, ids.shape[1]).long().to(device)).logits
+            e, l, t = score_logits(logits.cpu(), ids, ans)
+            tf_exact += e
+            nll += l
+            ntok += t
+            exact += _greedy_batch(model, chunk, pad, device)
+        results[name] = _summarise(items, exact, nll, ntok, {"teacher_forced_exact_match": sum(tf_exact) / max(1, len(items))})
+    return results
+
+
+def _prefix_mask(chunk: list[Item], width: int) -> torch.Tensor:
+    m = torch.zeros((len(chunk), width), dtype=torch.bool)
+    for b, it in enumerate(chunk):
+        m[b, :len(it.prompt_ids) + len(it.answer_ids)] = True
+    return m
+
+
+def _greedy_batch(model, chunk: list[Item], pad: int, device) -> list[bool]:
+    """Left-pad the prompts, decode max(answer length) tokens greedily, compare each answer's prefix."""
+    width = max(len(it.prompt_ids) for it in chunk)
+    ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for b, it in enumerate(chunk):
+        ids[b, width - len(it.prompt_ids):] = torch.tensor(it.prompt_ids)
+        mask[b, width - len(it.prompt_ids):] = 1
+    steps = max(len(it.answer_ids) for it in chunk)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=steps, do_sample=False,
+                         num_beams=1, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+    gen = out[:, width:].cpu().tolist()
+    return [g[:len(it.answer_ids)] == it.answer_ids for g, it in zip(gen, chunk)]
+
+
+# ---- streaming: one decoder layer at a time ----------------------------------------------------
+
+
+@torch.no_grad()
+def _streaming(model_dir: Path, tok, by_task: dict[str, list[Item]], batch_size: int, device, dtype) -> dict:
+    from .checkpoint import Checkpoint
+    from .layer import LayerInputs, ModelSkeleton, materialize, materialize_layer, run_layer
+
+    ckpt = Checkpoint(model_dir)
+    skel = ModelSkeleton(ckpt.config, ckpt.adapter)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    flat = [it for items in by_task.values() for it in items]
+    # Sort by length so batches carry little padding; right padding under a causal mask never
+    # changes the real tokens' states.
+    order = sorted(range(len(flat)), key=lambda i: len(flat[i].prompt_ids) + len(flat[i].answer_ids))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    tensors = [_right_padded([flat[i] for i in b], pad) for b in batches]
+
+    embed = ckpt.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"].to(device=device, dtype=dtype)
+    hidden = [torch.nn.functional.embedding(ids.to(device), embed) for ids, _ in tensors]
+    tied = ckpt.config.get("tie_word_embeddings", False) or "lm_head.weight" not in ckpt.weight_map
+    del embed
+    rotary = skel.rotary(device)
+    inputs = [LayerInputs.build(skel, h, rotary) for h in hidden]
+    moe = set(ckpt.moe_layers())
+    for layer_idx in range(ckpt.num_layers):
+        state = ckpt.adapter.to_runtime(layer_idx, ckpt.read_layer(layer_idx), layer_idx in moe)
+        layer = materialize_layer(skel, layer_idx, state, device, dtype)
+        del state
+        hidden = [run_layer(skel, layer, layer_idx, h, inp) for h, inp in zip(hidden, inputs)]
+        del layer
+    norm = materialize(copy.deepcopy(skel.base.norm), {"weight": ckpt.read(["model.norm.weight"])["model.norm.weight"]}, device, dtype)
+    head_key = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    head = ckpt.read([head_key])[head_key].to(device=device, dtype=dtype)
+    per_item: dict[int, tuple[bool, float, int]] = {}
+    for b, (ids, ans), h in zip(batches, tensors, hidden):
+        logits = norm(h) @ head.T  # (B, S, V)
+        for i, e, l, t in zip(b, *score_logits(logits.cpu(), ids, ans)):
+            per_item[i] = (e, l, t)
+    ckpt.close()
+    results, start = {}, 0
+    for name, items in by_task.items():
+        rows = [per_item[start + j] for j in range(len(items))]
+        start += len(items)
+        results[name] = _summarise(items, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+    return results
+
+
+# ---- public API ----------------------------------------------------------------------------
+
+
+def evaluate(model_dir: str | Path, tasks=None, jsonl=None, n: int = 200, split: str = "test", mode: str = "greedy",
+             batch_size: int = 32, seed: int = 0, shots: int = task_data.DEFAULT_SHOTS, device: str = "cpu",
+             dtype: torch.dtype = torch.float32) -> dict:
+    """Score ``model_dir`` on task domains and/or a JSONL of prompt/answer pairs.
+
+    Returns ``{"model", "mode", "split", "n", "seed", "wall_s", "tasks": {name: {"exact_match",
+    "perplexity", "n", "answer_tokens", "correct": [bool per example], ...}}, "mean_exact_match"}``.
+    """
+    from .calibration import load_tokenizer
+
+    model_dir = Path(model_dir)
+    if mode not in MODES:
+        raise ConfigError(f"mode {mode!r} is unknown; choose one of: {', '.join(MODES)}")
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointError(f"{model_dir}: no config.json (expected a Hugging Face checkpoint folder)")
+    if n < 1:
+        raise ConfigError(f"n must be at least 1 (got {n})")
+    t0 = time.time()
+    tok = load_tokenizer(model_dir)
+    by_task = load_items(tok, tasks=tasks, jsonl=jsonl, n=n, split=split, seed=seed, shots=shots)
+    run = _greedy if mode == "greedy" else _streaming
+    results = run(model_dir, tok, by_task, batch_size, torch.device(device), dtype)
+    return {"model": str(model_dir), "mode": mode, "split": split, "n": n, "seed": seed, "wall_s": round(time.time() - t0, 3),
+            "tasks": results, "mean_exact_match": sum(r["exact_match"] for r in results.values()) / len(results)}
+
+
+def format_table(result: dict, baseline: dict | None = None) -> str:
+    """A small text table of one evaluation (and, with ``baseline``, the change relative to it)."""
+    head = f"{'task':<14}{'n':>6}{'exact':>9}{'ppl':>10}"
+    if baseline:
+        head += f"{'Δexact':>9}{'ppl×':>8}"
+    lines = [head, "-" * len(head)]
+    for name, r in result["tasks"].items():
+        line = f"{name:<14}{r['n']:>6}{r['exact_match']:>9.3f}{r['perplexity']:>10.3f}"
+        b = (baseline or {}).get("tasks", {}).get(name)
+        if b:
+            line += f"{r['exact_match'] - b['exact_match']:>+9.3f}{r['perplexity'] / b['perplexity']:>8.2f}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""The shipped toy MoE: a normal sharded HF checkpoint, small, trained, specialised, reproducible."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowmoe import tasks
+from lowmoe.checkpoint import Checkpoint
+from lowmoe.evaluate import evaluate
+
+TOY = tasks.TOY_MODEL
+REPORT = json.loads((TOY / "training_report.json").read_text())
+EASY = ["sort", "brackets"]
+
+
+def _train_script():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_toy_moe.py"
+    spec = importlib.util.spec_from_file_location("train_toy_moe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_files_and_size():
+    names = {p.name for p in TOY.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "model.safetensors.index.json", "training_report.json"} <= names
+    assert len([n for n in names if n.endswith(".safetensors")]) >= 2
+    assert sum(p.stat().st_size for p in TOY.parent.rglob("*") if p.is_file()) <= 8 * 2**20  # all assets
+    ck = Checkpoint(TOY)
+    assert ck.adapter.family == "mixtral" and ck.num_experts == 8 and ck.top_k == 2 and ck.moe_layers() == [0, 1, 2, 3]
+
+
+def test_loads_in_transformers_without_key_mismatch():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, info = AutoModelForCausalLM.from_pretrained(str(TOY), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert model.dtype == torch.float32
+    tok = AutoTokenizer.from_pretrained(str(TOY))
+    assert tok("ab\n", add_special_tokens=False)["input_ids"] == [67, 68, 201] and tok.pad_token_id == 0
+
+
+def test_report_metrics_reproduce_and_easy_domains_are_learned():
+    ev = REPORT["eval"]
+    res = evaluate(TOY, tasks=list(REPORT["metrics"]), n=ev["n"], seed=ev["seed"], mode="streaming", batch_size=100)
+    for d, m in REPORT["metrics"].items():
+        assert res["tasks"][d]["exact_match"] == pytest.approx(m["exact_match"], abs=0.011), d  # ≤ 2 of 200 flips (float order)
+        assert res["tasks"][d]["perplexity"] == pytest.approx(m["perplexity"], rel=1e-3), d
+    for d in EASY:
+        assert REPORT["metrics"][d]["exact_match"] >= 0.9, d
+
+
+def test_experts_specialise_by_domain():
+    # Fraction of top-2 slots on the domain's preferred pair, averaged over layers; uniform routing gives 0.25.
+    share = {d: sum(v) / len(v) for d, v in REPORT["preferred_pair_share"].items()}
+    assert all(s > 0.5 for s in share.values()), share
+    routing = REPORT["routing_frequency"]["by_domain"]
+    for d, layers in routing.items():
+        assert len(layers) == 4 and all(abs(sum(row) - 1) < 1e-3 for row in layers)
+
+
+def test_training_is_reproducible(tmp_path):
+    train = _train_script()
+    args = ["--steps", "4", "--batch-size", "8", "--layers", "2", "--hidden", "32", "--expert-ffn", "32",
+            "--eval-n", "6", "--eval-every", "2", "--domains", "sort,text", "--shard-size", "40KB"]
+    train.main(args + ["--out", str(tmp_path / "a")])
+    train.main(args + ["--out", str(tmp_path / "b")])
+    ra, rb = (json.loads((tmp_path / x / "training_report.json").read_text()) for x in "ab")
+    assert ra["metrics"] == rb["metrics"] and ra["routing_frequency"] == rb["routing_frequency"]
+    from safetensors.torch import load_file
+
+    for shard in sorted((tmp_path / "a").glob("*.safetensors")):
+        a, b = load_file(shard), load_file(tmp_path / "b" / shard.name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((tmp_path / "a").glob("*.safetensors"))) >= 2
+
+
+@pytest.mark.slow
+def test_script_reproduces_the_shipped_model(tmp_path):
+    """Full retraining (~15-30 min on 2 cores): same seed and settings -> the shipped metrics, within noise."""
+    train = _train_script()
+    a = REPORT["args"]
+    argv = ["--out", str(tmp_path / "toy"), "--seed", str(REPORT["seed"]), "--steps", str(a["steps"]),
+            "--batch-size", str(a["batch_size"]), "--lr", str(a["lr"]), "--route-weight", str(a["route_weight"]),
+            "--threads", str(a["threads"]), "--loss-balance", a.get("loss_balance", "token")]
+    train.main(argv)
+    new = json.loads((tmp_path / "toy" / "training_report.json").read_text())
+    for d, m in REPORT["metrics"].items():
+        assert new["metrics"][d]["exact_match"] == pytest.approx(m["exact_match"], abs=0.05), d
