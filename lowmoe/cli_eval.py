@@ -49,8 +49,8 @@ def eval_command(model, tasks, jsonl, n, split, streaming, batch_size, seed, sho
     try:
         if not tasks and not jsonl:
             tasks = "arithmetic,reverse,sort,lookup,brackets,text"
-        kw = dict(tasks=tasks, jsonl=list(jsonl), n=n, split=split, mode="streaming" if streaming else "greedy",
-                  batch_size=batch_size, seed=seed, shots=shots, device=device)
+        kw = {"tasks": tasks, "jsonl": list(jsonl), "n": n, "split": split, "mode": "streaming" if streaming else "greedy",
+              "batch_size": batch_size, "seed": seed, "shots": shots, "device": device}
         base = evaluate(resolve_model(baseline), **kw) if baseline else None
         result = evaluate(resolve_model(model), **kw)
     except LowmoeError as e:

@@ -22,9 +22,9 @@ import gzip
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 from .errors import CalibrationError, ConfigError
 
@@ -39,7 +39,7 @@ TEXT_CORPUS = ASSETS / "stdlib_docstrings.txt.gz"
 TOY_MODEL = ASSETS / "toy-moe"  # the trained toy MoE shipped with lowmoe (scripts/train_toy_moe.py)
 
 # Hash buckets (of 100) of each split: train 0-79, calib 80-89, test 90-99.
-_BUCKETS = {"train": range(0, 80), "calib": range(80, 90), "test": range(90, 100)}
+_BUCKETS = {"train": range(80), "calib": range(80, 90), "test": range(90, 100)}
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -283,8 +283,7 @@ def write_jsonl(records: list[dict], path: str | Path, fields: tuple[str, ...] =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps({k: r[k] for k in fields if k in r}) + "\n")
+        f.writelines(json.dumps({k: r[k] for k in fields if k in r}) + "\n" for r in records)
     return path
 
 

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowmoe import tasks  # noqa: E402
-from lowmoe.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_byte_tokenizer, save_byte_tokenizer  # noqa: E402
+from lowmoe import tasks
+from lowmoe.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_byte_tokenizer, save_byte_tokenizer
 
 log = logging.getLogger("train_toy_moe")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from lowmoe import tasks
@@ -17,7 +16,7 @@ TOY = tasks.TOY_MODEL
 
 @pytest.fixture(scope="module")
 def toy_results():
-    kw = dict(tasks="arithmetic,reverse,brackets,text", n=40, batch_size=40, seed=5)
+    kw = {"tasks": "arithmetic,reverse,brackets,text", "n": 40, "batch_size": 40, "seed": 5}
     return evaluate(TOY, mode="greedy", **kw), evaluate(TOY, mode="streaming", **kw)
 
 
@@ -93,5 +92,3 @@ def test_cli_missing_model(tmp_path):
     res = CliRunner().invoke(eval_command, [str(tmp_path / "nowhere"), "--tasks", "sort"])
     assert res.exit_code == 2 and "no config.json" in res.output
 
-
-torch.set_num_threads(1)

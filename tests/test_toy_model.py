@@ -61,7 +61,7 @@ def test_experts_specialise_by_domain():
     share = {d: sum(v) / len(v) for d, v in REPORT["preferred_pair_share"].items()}
     assert all(s > 0.5 for s in share.values()), share
     routing = REPORT["routing_frequency"]["by_domain"]
-    for d, layers in routing.items():
+    for layers in routing.values():
         assert len(layers) == 4 and all(abs(sum(row) - 1) < 1e-3 for row in layers)
 
 
