@@ -218,3 +218,17 @@ def test_prune_under_a_third_of_the_model(synth_dir, calib_txt, tmp_path, method
     assert rep["plan"] == ref["plan"] and rep["scores"] == ref["scores"]
     assert model_files(tmp_path / "bud") == model_files(tmp_path / "ref")
     assert rep["io"]["count"].get("experts", 0) > 0
+
+
+def test_toy_model_same_plan_under_budget_and_without_prefetch(calib_txt, tmp_path):
+    from lowmoe.tasks import TOY_MODEL
+
+    if not (TOY_MODEL / "model.safetensors.index.json").is_file():
+        pytest.skip("toy model not shipped in this checkout")
+    budget = Checkpoint(TOY_MODEL).total_bytes() // 4
+    opts = dict(OPTS, method="reap", seq_len=32)
+    ref = lowmoe.prune(TOY_MODEL, tmp_path / "ref", calib=[calib_txt], prefetch=False, **opts)
+    bud = lowmoe.prune(TOY_MODEL, tmp_path / "bud", calib=[calib_txt], max_vram=budget, **opts)
+    assert bud["budget"]["chunked_layers"] and bud["budget"]["accounted_peak_bytes"] <= budget
+    assert bud["plan"] == ref["plan"] and bud["scores"] == ref["scores"]
+    assert model_files(tmp_path / "bud") == model_files(tmp_path / "ref")

@@ -22,9 +22,11 @@ BIG = dict(layers=4, hidden_size=256, intermediate_size=2048, experts=8, top_k=2
 
 
 @pytest.mark.parametrize("method", ["frequency", "reap"])
-@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "toy"])
 def test_same_plan_on_cpu_and_gpu(synth_dir, calib_txt, tmp_path, arch, method):
-    src = synth_dir(arch)
+    from lowmoe.tasks import TOY_MODEL
+
+    src = TOY_MODEL if arch == "toy" else synth_dir(arch)
     cpu = lowmoe.prune(src, tmp_path / "cpu", calib=[calib_txt], method=method, device="cpu", **OPTS)
     gpu = lowmoe.prune(src, tmp_path / "gpu", calib=[calib_txt], method=method, device="cuda", **OPTS)
     assert gpu["plan"]["layers"] == cpu["plan"]["layers"]
