@@ -101,6 +101,9 @@ class PruneConfig:
             parse_size(self.max_shard_size)
         except ValueError as e:
             raise ConfigError(f"--max-shard-size: {e}") from None
+        from .budget import parse_budget
+
+        parse_budget(self.max_vram, "--max-vram"), parse_budget(self.max_ram, "--max-ram")
         from .calibration import check_sources
 
         check_sources(self.calib)
