@@ -245,3 +245,25 @@ def format_table(result: dict, baseline: dict | None = None) -> str:
             line += f"{r['exact_match'] - b['exact_match']:>+9.3f}{r['perplexity'] / b['perplexity']:>8.2f}"
         lines.append(line)
     return "\n".join(lines)
+
+
+def prune_and_compare(domain: str = "sort", out: str | Path = "toy-pruned", model: str | Path | None = None, keep: int | str = "half",
+                      method: str = "frequency", n: int = 100, calib_n: int = 64, seed: int = 0, overwrite: bool = True) -> dict:
+    """The main job on the shipped toy MoE: prune it for ``domain``, evaluate before and after, return both.
+
+    Calibration is ``calib_n`` examples of the domain's calibration split (written next to ``out``);
+    evaluation is every domain's held-out test split (streaming, teacher-forced). Print the result with
+    ``format_table(result["after"], result["before"])``.
+    """
+    from .pipeline import prune
+    from .tasks import DOMAINS, TOY_MODEL, calib_file, check_domains
+
+    check_domains([domain])
+    model = Path(model) if model is not None else TOY_MODEL
+    out = Path(out)
+    calib = calib_file(domain, n=calib_n, out_dir=out.parent / f"{out.name}-calib", seed=seed)
+    report = prune(model, out, keep=keep, method=method, calib=[str(calib)], seed=seed, overwrite=overwrite, seq_len=128,
+                   n_samples=calib_n)
+    kw = {"tasks": DOMAINS, "n": n, "seed": seed, "mode": "streaming", "batch_size": 100}
+    return {"domain": domain, "method": method, "keep": keep, "calib": str(calib), "report": report,
+            "before": evaluate(model, **kw), "after": evaluate(out, **kw)}

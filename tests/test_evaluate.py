@@ -92,3 +92,14 @@ def test_cli_missing_model(tmp_path):
     res = CliRunner().invoke(eval_command, [str(tmp_path / "nowhere"), "--tasks", "sort"])
     assert res.exit_code == 2 and "no config.json" in res.output
 
+
+
+def test_prune_and_compare(tmp_path):
+    from lowmoe.evaluate import prune_and_compare
+
+    res = prune_and_compare("sort", out=tmp_path / "toy-sort", n=30, calib_n=16)
+    assert (tmp_path / "toy-sort-calib" / "sort-calib.jsonl").is_file()
+    before, after = res["before"]["tasks"], res["after"]["tasks"]
+    assert after["sort"]["exact_match"] >= 0.9 * before["sort"]["exact_match"]
+    assert all(len(v["keep"]) == 4 for v in res["report"]["plan"]["layers"].values())
+    assert "sort" in format_table(res["after"], res["before"])
