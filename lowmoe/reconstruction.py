@@ -138,6 +138,7 @@ class ReconstructionMethod(LayerMethod):
         self._w = torch.zeros(0, top_k)  # (N, k)
         self._experts = None
         self._sim: RouterSim | None = None
+        self._checked = False
         self._gram: torch.Tensor | None = None  # (N, E, E)
         self._single: torch.Tensor | None = None
         self._state: dict = {}
@@ -148,7 +149,9 @@ class ReconstructionMethod(LayerMethod):
         logits, idx, w = call.router_logits[sel].float().cpu(), call.top_k_index[sel].cpu(), call.top_k_weights[sel].float().cpu()
         if self._sim is None:
             self._sim = RouterSim(call.router, call.router_scoring, self.top_k)
+        if not self._checked and logits.shape[0]:
             self._check_router(logits, idx, w)
+            self._checked = True
         self._experts = call.experts  # kept until decide(): G needs the experts' weights
         keys = torch.rand(x.shape[0], generator=self.gen)
         x = x.to("cpu")

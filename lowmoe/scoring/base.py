@@ -13,7 +13,7 @@ one domain ``scores()`` is the method's formula as published. With several, each
 vector is normalised per layer to unit L1 mass and the vectors are summed, each weighted by its
 domain's share of counted tokens (so ``--calib math.jsonl@3 --calib code.jsonl@1`` weighs math 3:1,
 and equal shares give exactly EASY-EP's mixed-domain rule "normalise per domain, then add",
-Dong et al. 2025, arXiv 2504.06792). Without normalisation a domain whose tokens have larger
+arXiv 2504.06792). Without normalisation a domain whose tokens have larger
 norms or more tokens would decide alone.
 """
 

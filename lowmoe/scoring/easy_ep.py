@@ -1,4 +1,4 @@
-"""EASY-EP: expert importance from a few domain demonstrations (Dong et al., arXiv 2504.06792).
+"""EASY-EP: expert importance from a few domain demonstrations (arXiv 2504.06792).
 
 For MoE layer l, token t with input h_t (the hidden state entering the experts) and routed-experts
 output r_t = Σ_{i∈top-k} g_{i,t} · E_i(h_t) (taken *before* any shared expert is added, the

@@ -1,4 +1,4 @@
-"""REAP: router-weighted expert activation pruning (Lasby et al., Cerebras, arXiv 2510.13999).
+"""REAP: router-weighted expert activation pruning (Cerebras, arXiv 2510.13999).
 
 For expert j and the set X_j of counted tokens whose top-k includes j:
 

@@ -1,4 +1,4 @@
-"""Super-expert protection (Su et al., "Unveiling Super Experts in Mixture-of-Experts LLMs",
+"""Super-expert protection ("Super Experts" in MoE LLMs,
 arXiv 2507.23279).
 
 Super experts produce rare, extreme outliers in their down_proj output; those drive the massive

@@ -1,4 +1,4 @@
-"""PreMoe TCESS: task-conditioned expected selection score (Zhang et al., arXiv 2505.17639).
+"""PreMoe TCESS: task-conditioned expected selection score (arXiv 2505.17639).
 
 As PreMoe's released code computes it: per token keep the router logits of its top-k experts
 (the experts the router actually chose when ``k`` is the model's top-k, else the k largest logits),
