@@ -144,7 +144,7 @@ def plot(result: dict, path: Path) -> Path | None:
     rows = [r for r in result["rows"] if "skipped" not in r]
     groups = sorted({(r["domain"], r["sparsity"]) for r in rows})
     methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "random", m))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(methods)) / 3), 4))
+    fig, ax = plt.subplots(figsize=(min(18, 3 + 1.5 * len(groups)), 4.5))
     width = 0.8 / max(1, len(methods))
     for i, m in enumerate(methods):
         xs, ys, es = [], [], []
@@ -158,6 +158,7 @@ def plot(result: dict, path: Path) -> Path | None:
     ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], [f"{d}\n{s:.0%}" for d, s in groups])
     ax.set_ylabel("target-domain exact match / full model")
     ax.axhline(1.0, color="k", lw=0.5)
+    ax.set_ylim(0, 1.2)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
