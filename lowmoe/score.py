@@ -33,7 +33,6 @@ from .cache import ActivationCache
 from .calibration import check_sources, load_tokenizer, tokenize
 from .checkpoint import Checkpoint
 from .errors import ConfigError
-from .layer import materialize_layer
 from .memory import fmt_bytes, peak_rss_bytes
 from .methods import ScoreThenKeep, make_layer_method, method_names
 from .pipeline import DTYPES, PruneConfig, Stream, _device, _keep_groups, _progress
@@ -119,12 +118,13 @@ def _score_layers(stream: Stream, ck: Checkpoint, methods: list[str], keep_n: in
     if not (method_options and set(method_options) <= set(methods)):
         method_options = {m: dict(method_options) for m in methods}  # flat options: the same for every method
     layers: dict[int, dict] = {}
-    for layer_idx in _progress(range(ck.num_layers), ck.num_layers, f"score ({', '.join(methods)})", progress):
+    reader = stream.layers(0, moe)  # layer L+1 is read while L computes, as in prune
+    for layer_idx, data in _progress(reader, len(reader), f"score ({', '.join(methods)})", progress):
         t0 = time.perf_counter()
         is_moe = layer_idx in moe
-        tensors = ck.read_layer(layer_idx)
-        module = materialize_layer(stream.skel, layer_idx, adapter.to_runtime(layer_idx, tensors, is_moe),
-                                   stream.device, stream.dtype)
+        tensors = data.tensors
+        module = stream.materialize(layer_idx, data.runtime)  # under the stream's device budget
+        del data
         if not is_moe:
             stream.forward(layer_idx, module, write=True)
         else:

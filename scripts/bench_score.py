@@ -36,13 +36,13 @@ def write_calib(path: Path, n_chars: int) -> Path:
 
 
 def child_plain(args) -> dict:
-    """One plain streamed forward pass: calibrate, embed, then every layer read, built and run."""
+    """One plain streamed forward pass: calibrate, embed, then every layer read (the next one
+    prefetched, as in prune and score), built and run."""
     import torch
 
     from lowmoe.cache import ActivationCache
     from lowmoe.calibration import load_tokenizer, tokenize
     from lowmoe.checkpoint import Checkpoint
-    from lowmoe.layer import materialize_layer
     from lowmoe.pipeline import DTYPES, Stream
 
     torch.set_num_threads(args.threads)
@@ -53,12 +53,11 @@ def child_plain(args) -> dict:
     try:
         stream = Stream(ck, tokens, ActivationCache(tmp), torch.device(args.device), DTYPES[args.dtype], args.batch_size)
         stream.embed()
-        moe = set(ck.moe_layers())
-        for layer_idx in range(ck.num_layers):
-            rt = ck.adapter.to_runtime(layer_idx, ck.read_layer(layer_idx), layer_idx in moe)
-            module = materialize_layer(stream.skel, layer_idx, rt, stream.device, stream.dtype)
+        for layer_idx, data in stream.layers(0, set(ck.moe_layers())):
+            module = stream.materialize(layer_idx, data.runtime)
+            del data
             stream.forward(layer_idx, module, write=True)
-            del module, rt
+            del module
             stream.cache.drop(layer_idx)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
