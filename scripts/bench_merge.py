@@ -141,6 +141,8 @@ def quality(args) -> None:
     try:
         for keep in args.keep:
             for label, method, opts in VARIANTS:
+                if args.only and label not in args.only and method != "frequency":
+                    continue
                 out = work / "out"
                 t0 = time.time()
                 lowmoe.prune(model, out, keep=keep, method=method, calib=[str(calib)], method_options=opts,
@@ -185,6 +187,7 @@ def main() -> None:
     q.add_argument("--keep", type=int, nargs="+", default=[4, 2])
     q.add_argument("--n", type=int, default=100)
     q.add_argument("--calib-n", type=int, default=64)
+    q.add_argument("--only", nargs="*", help="only these variant labels (frequency always runs), e.g. 'merge-freq +align' dern")
     q.add_argument("--json")
     args = ap.parse_args()
     memory(args) if args.cmd == "memory" else quality(args)

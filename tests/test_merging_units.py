@@ -221,6 +221,11 @@ def test_dern_segments_go_to_their_matching_neurons():
     # neurons that received an identical segment are unchanged; expert shapes are kept
     assert torch.allclose(g0[[0, 1, 2, 4, 5]], keep0["gate"][[0, 1, 2, 4, 5]], atol=1e-5)
     assert torch.allclose(out[MIXTRAL.expert_keys(0, 1)[2]], keep1["down"], atol=1e-5)
+    # a random projection of the features (match_dim) still finds exact copies
+    mp = Dern(4, 1, match_dim=5, seed=0)
+    mp.observe(call(torch.zeros(40, 4), routing([20, 12, 8, 0])))
+    lpp = mp.decide(0, 2, protected=set(), groups=1, tensors=tensors, adapter=MIXTRAL)
+    assert lpp.extra["neurons"]["sources"]["2"]["neuron"] == [3, 1, 4, 0, 5, 2]
 
 
 def test_dern_plan_field_validates():

@@ -9,7 +9,9 @@ Per MoE layer:
 2. **segments**: neuron n of an expert is the segment φ(n) = [gate row n | up row n | down column n]
    (3H; GPT-OSS adds the gate/up biases of neuron n when merging, not when matching);
 3. **assignment**: each segment of a dropped expert d goes to the retained expert r and neuron m
-   with the highest cosine cos(φ_d(n), φ_r(m)) over every retained expert's neurons;
+   with the highest cosine cos(φ_d(n), φ_r(m)) over every retained expert's neurons. This costs
+   (E−k)·k·I²·3H multiply-adds per layer; ``match_dim=d`` (default 0: exact) compares seeded
+   Gaussian projections of the segments to d dims instead (cosines kept approximately);
 4. **merge, weighted by usage**: retained neuron m of r becomes
        φ'_r(m) = (u_r φ_r(m) + Σ_{(d,n) → (r,m)} u_d φ_d(n)) / (u_r + Σ u_d)
    (neurons that receive no segment are unchanged). Dropped experts that were never routed
@@ -41,10 +43,17 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
-def assign_segments(dropped: dict[str, torch.Tensor], retained: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+def features(w: dict[str, torch.Tensor], proj: torch.Tensor | None) -> torch.Tensor:
+    """Unit-norm neuron features (I, 3H), or (I, d) after a random projection."""
+    f = neuron_features(w)
+    return _unit(f if proj is None else f @ proj)
+
+
+def assign_segments(dropped: dict[str, torch.Tensor], retained: list[torch.Tensor],
+                    proj: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
     """For every neuron of ``dropped`` (canonical weights), the (slot, neuron) of the most similar
-    retained neuron; ``retained`` holds each slot's unit-norm neuron features (I_r, 3H)."""
-    seg = _unit(neuron_features(dropped))  # (I, 3H)
+    retained neuron; ``retained`` holds each slot's ``features`` (I_r, 3H or d)."""
+    seg = features(dropped, proj)  # (I, 3H) or (I, d)
     best_sim = torch.full((seg.shape[0],), -2.0)
     best_slot = torch.zeros(seg.shape[0], dtype=torch.long)
     best_neuron = torch.zeros(seg.shape[0], dtype=torch.long)
@@ -61,7 +70,7 @@ def assign_segments(dropped: dict[str, torch.Tensor], retained: list[torch.Tenso
 
 class Dern(LayerMethod):
     name = "dern"
-    OPTIONS = {"statistic": ("frequency", ("frequency", "gate-mass"))}
+    OPTIONS = {"statistic": ("frequency", ("frequency", "gate-mass")), "match_dim": (0, int)}
 
     def __init__(self, num_experts: int, top_k: int, **options):
         super().__init__(num_experts, top_k, **options)
@@ -80,12 +89,19 @@ class Dern(LayerMethod):
     def decide(self, layer_idx, keep_n, *, protected, groups, tensors, adapter) -> LayerPlan:
         u = self.usage()
         keep = choose_keep(u, keep_n, set(protected), groups)
-        retained = [_unit(neuron_features(expert_weights(adapter, layer_idx, tensors, e))) for e in keep]
+        proj = None
+        if self.opts["match_dim"]:
+            # Matching costs (E-k)·k·I²·3H multiply-adds per layer; a seeded Gaussian projection to
+            # match_dim dims keeps cosines approximately (Johnson-Lindenstrauss) at d/3H of the cost.
+            h3 = expert_weights(adapter, layer_idx, tensors, keep[0])["gate"].shape[1] * 3
+            g = torch.Generator().manual_seed(int(self.options.get("seed", 0)) * 1_000_003 + layer_idx)
+            proj = torch.randn(h3, self.opts["match_dim"], generator=g) / self.opts["match_dim"] ** 0.5
+        retained = [features(expert_weights(adapter, layer_idx, tensors, e), proj) for e in keep]
         sources = {}
         for d in range(self.num_experts):
             if d in keep or float(u[d]) <= 0.0:
                 continue
-            slot, neuron = assign_segments(expert_weights(adapter, layer_idx, tensors, d), retained)
+            slot, neuron = assign_segments(expert_weights(adapter, layer_idx, tensors, d), retained, proj)
             sources[str(d)] = {"weight": float(u[d]), "slot": slot, "neuron": neuron}
         self.info = {"kept": keep, "segments_per_slot": [sum(s["slot"].count(j) for s in sources.values())
                                                          for j in range(len(keep))]}
