@@ -169,9 +169,9 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--loss-balance", choices=["token", "domain"], default="token",
+    p.add_argument("--loss-balance", choices=["token", "domain"], default="domain",
                    help="average the loss over all answer tokens, or per domain first")
-    p.add_argument("--route-weight", type=float, default=0.1, help="weight of the per-domain routing prior (0 = off)")
+    p.add_argument("--route-weight", type=float, default=0.2, help="weight of the per-domain routing prior (0 = off)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=96)
     p.add_argument("--heads", type=int, default=4)

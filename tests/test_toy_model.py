@@ -15,7 +15,7 @@ from lowmoe.evaluate import evaluate
 
 TOY = tasks.TOY_MODEL
 REPORT = json.loads((TOY / "training_report.json").read_text())
-EASY = ["sort", "brackets"]
+EASY = ["reverse", "sort", "brackets"]
 
 
 def _train_script():
