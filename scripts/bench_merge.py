@@ -40,6 +40,7 @@ VARIANTS = [
     ("c-prune", "c-prune", {}),
     ("c-prune +align", "c-prune", {"align": "true"}),
     ("dern", "dern", {}),
+    ("dern match_dim=256", "dern", {"match_dim": "256"}),
 ]
 
 # The memory run skips the +align variants of hc-merge / c-prune (same alignment cost as merge-freq's).
@@ -97,7 +98,9 @@ def memory(args) -> None:
     rows = []
     try:
         for label, method, opts in VARIANTS:
-            if label in MEMORY_SKIP or (args.methods and method not in args.methods):
+            if args.only and label not in args.only:
+                continue
+            if not args.only and (label in MEMORY_SKIP or (args.methods and method not in args.methods)):
                 continue
             out = work / "out"
             rep = child_prune(model, out, method, opts, keep=args.keep, calib=[str(calib)], n_samples=args.n_samples,
@@ -180,6 +183,7 @@ def main() -> None:
     m.add_argument("--batch-size", type=int, default=4)
     m.add_argument("--max-shard-size", default="256MB", help="output shard size (the writer buffers up to one shard)")
     m.add_argument("--methods", nargs="*", help="only these methods")
+    m.add_argument("--only", nargs="*", help="only these variant labels, e.g. 'dern match_dim=256'")
     m.add_argument("--json")
     q = sub.add_parser("quality", help="exact match per method on the toy MoE, one domain, 50%% and 75%% sparsity")
     q.add_argument("--model", default=str(Path(__file__).resolve().parent.parent / "lowmoe" / "assets" / "toy-moe"))
