@@ -180,6 +180,28 @@ def _add_method_options(kwargs: dict, pairs: tuple[str, ...]) -> dict:
     return {**kwargs, "method_options": opts} if opts else kwargs
 
 
+@main.command()
+@click.option("--domain", default="sort", show_default=True, help="Task domain to prune for (see lowmoe.tasks.DOMAINS).")
+@click.option("--method", default="easy-ep", show_default=True, help="Scoring / merging method.")
+@click.option("--keep", default="half", show_default=True, help="Experts kept per layer.")
+@click.option("--n", default=100, show_default=True, type=int, help="Held-out test examples per domain.")
+@click.option("--out", default="toy-pruned", show_default=True, type=click.Path(path_type=Path), help="Output directory (replaced).")
+def demo(domain, method, keep, n, out):
+    """The main job on the shipped toy MoE: prune it for one domain, evaluate before and after."""
+    import time
+
+    from .evaluate import format_table, prune_and_compare
+
+    t0 = time.time()
+    res = prune_and_compare(domain=domain, out=out, method=method, keep=keep, n=n)
+    r = res["report"]
+    click.echo(f"\npruned the toy MoE for '{domain}' with {method}: {r['num_experts']['before']} -> "
+               f"{r['num_experts']['after']} experts per layer, written to {out}")
+    click.echo(f"held-out exact match and perplexity after pruning (delta vs the full model), {n} examples per domain:\n")
+    click.echo(format_table(res["after"], res["before"]))
+    click.echo(f"\ndone in {time.time() - t0:.0f}s; the plan is in {Path(out) / 'lowmoe_report.json'}")
+
+
 def _register_optional_commands() -> None:
     """Commands that live in their own modules."""
     import importlib
