@@ -137,7 +137,13 @@ class Checkpoint:
         if self._shapes is None:
             self._shapes = {}
         if key not in self._shapes:
-            sl = self._handle(self.weight_map[key]).get_slice(key)
+            shard = self.weight_map[key]
+            try:
+                sl = self._handle(shard).get_slice(key)
+            except CheckpointError:
+                raise
+            except Exception:
+                raise CheckpointError(f"{self.path / shard}: index names tensor {key!r} but the shard does not contain it") from None
             self._shapes[key] = (tuple(sl.get_shape()), sl.get_dtype())
         return self._shapes[key]
 
