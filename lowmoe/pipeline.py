@@ -332,6 +332,7 @@ class PruneRun:
         self.next_layer = 0
         self.started = time.time()
         self.resumed_from: int | None = None
+        self.budget = None  # lowmoe.budget plan (--max-vram / --max-ram), set by prune()
         if manifest is not None:
             self._restore(manifest)
 
@@ -492,7 +493,7 @@ def calibrate(cfg: PruneConfig, ck: Checkpoint) -> CalibTokens:
 def open_stream(run: PruneRun, cfg: PruneConfig, tokens: CalibTokens) -> Stream:
     cache = ActivationCache(run.out / WORK_DIR / "cache")
     stream = Stream(run.ck, tokens, cache, _device(cfg.device), DTYPES[cfg.dtype], cfg.batch_size,
-                    budget=getattr(run, "budget", None), prefetch=cfg.prefetch)
+                    budget=run.budget, prefetch=cfg.prefetch)
     if run.next_layer == 0:
         stream.embed()
     elif not cache.has(run.next_layer, stream.num_chunks):
