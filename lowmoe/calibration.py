@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .errors import CalibrationError, ConfigError
+from .jsonl import json_lines
 
 log = logging.getLogger(__name__)
 
@@ -150,16 +151,7 @@ def read_documents(path: str | Path, tokenizer=None) -> list[Document]:
         docs = _read_json_array(p, text, tokenizer)
         if docs is not None:
             return docs
-    docs = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{p}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CalibrationError(f"{where}: not valid JSON ({e.msg}); expected one JSON object per line") from None
-        docs.append(record_document(rec, tokenizer, where))
+    docs = [record_document(rec, tokenizer, where) for where, rec in json_lines(p, text)]
     if not docs:
         raise CalibrationError(f"{p}: no records")
     return docs

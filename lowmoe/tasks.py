@@ -27,6 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .errors import CalibrationError, ConfigError
+from .jsonl import json_lines
 
 DOMAINS = ["arithmetic", "reverse", "sort", "lookup", "brackets", "text"]
 SPLITS = ("train", "calib", "test")
@@ -293,19 +294,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise CalibrationError(f"{path}: file not found (expected JSON lines with 'prompt' and 'answer')")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CalibrationError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("answer"), str):
-                raise CalibrationError(f"{path}:{i}: expected an object with string fields 'prompt' and 'answer'")
-            if not rec["answer"]:
-                raise CalibrationError(f"{path}:{i}: 'answer' is empty (exact match needs at least one answer token)")
-            out.append(rec)
+    for where, rec in json_lines(path):
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("answer"), str):
+            raise CalibrationError(f"{where}: expected an object with string fields 'prompt' and 'answer'")
+        if not rec["answer"]:
+            raise CalibrationError(f"{where}: 'answer' is empty (exact match needs at least one answer token)")
+        out.append(rec)
     if not out:
         raise CalibrationError(f"{path}: no records (expected JSON lines with 'prompt' and 'answer')")
     return out

@@ -23,7 +23,6 @@ statistics; ``aggregate`` turns rows into a ``Fitness``. ``Head`` is the final n
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CalibrationError
+from ..jsonl import json_lines
 
 
 @dataclass(frozen=True, order=True)
@@ -173,15 +173,9 @@ def read_records(path: str | Path) -> list[dict]:
     if not p.is_file():
         raise CalibrationError(f"{p}: fitness data file not found (expected JSONL with prompt/answer records)")
     records = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CalibrationError(f"{p}:{n}: not valid JSON ({e.msg}); expected one JSON object per line") from None
+    for where, rec in json_lines(p):
         if not isinstance(rec, dict) or "prompt" not in rec or "answer" not in rec:
-            raise CalibrationError(f"{p}:{n}: EEP fitness needs JSONL records with 'prompt' and 'answer' "
+            raise CalibrationError(f"{where}: EEP fitness needs JSONL records with 'prompt' and 'answer' "
                                    "(and optionally 'options' for multiple choice)")
         records.append(rec)
     if not records:
