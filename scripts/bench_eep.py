@@ -27,23 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BENCH_MODEL = Path("/tmp/lowmoe-bench/mix2g")
-
-
-def ensure_model(path: Path) -> Path:
-    if (path / "model.safetensors.index.json").is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    import fcntl
-
-    with open(path.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (path / "model.safetensors.index.json").is_file():
-            from lowmoe.synth import synth_model
-
-            synth_model(path, "mixtral", layers=16, hidden_size=1024, intermediate_size=3584, experts=8, top_k=2,
-                        dtype="bfloat16", shard_size="1GB")
-    return path
+from _bench import BENCH_MODEL, ensure_model  # noqa: E402
 
 
 def setup(args):

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -39,32 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BENCH_DIR = Path("/tmp/lowmoe-bench")
-
-
-def ensure_model(path: Path, layers: int, hidden: int, inter: int) -> Path:
-    if (path / "model.safetensors.index.json").is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.parent / ".lock"
-    with open(lock, "w") as f:
-        import fcntl
-
-        fcntl.flock(f, fcntl.LOCK_EX)  # another engineer's script may be making the same model
-        if not (path / "model.safetensors.index.json").is_file():
-            subprocess.run([sys.executable, "-m", "lowmoe.cli", "-q", "synth", str(path), "--arch", "mixtral",
-                            "--layers", str(layers), "--hidden-size", str(hidden), "--intermediate-size", str(inter),
-                            "--experts", "8", "--top-k", "2", "--dtype", "bfloat16", "--shard-size", "1GB"], check=True)
-    return path
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
+from _bench import BENCH_DIR, drop_caches, ensure_model  # noqa: E402
 
 
 def calib_file(path: Path) -> Path:

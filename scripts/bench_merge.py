@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BENCH_DIR = Path("/tmp/lowmoe-bench")
+from _bench import BENCH_DIR, ensure_model  # noqa: E402
 # (label, method, method_options)
 VARIANTS = [
     ("frequency (drop)", "frequency", {}),
@@ -45,21 +45,6 @@ VARIANTS = [
 
 # The memory run skips the +align variants of hc-merge / c-prune (same alignment cost as merge-freq's).
 MEMORY_SKIP = {"hc-merge +align", "c-prune +align"}
-
-
-def ensure_model(path: Path) -> Path:
-    if (path / "model.safetensors.index.json").is_file():
-        return path
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (path / "model.safetensors.index.json").is_file():
-            subprocess.run([sys.executable, "-m", "lowmoe.cli", "-q", "synth", str(path), "--arch", "mixtral", "--layers", "16",
-                            "--hidden-size", "1024", "--intermediate-size", "3584", "--experts", "8", "--top-k", "2",
-                            "--dtype", "bfloat16", "--shard-size", "1GB"], check=True)
-    return path
 
 
 def child_prune(model: Path, out: Path, method: str, options: dict, **kw) -> dict:

@@ -25,26 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BENCH_DIR = Path("/tmp/lowmoe-bench")
-
-
-def ensure_model(path: Path) -> Path:
-    if (path / "model.safetensors.index.json").is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "lowmoe.cli", "-q", "synth", str(path), "--arch", "mixtral", "--layers", "16",
-                    "--hidden-size", "1024", "--intermediate-size", "3584", "--experts", "8", "--top-k", "2",
-                    "--dtype", "bfloat16", "--shard-size", "1GB"], check=True)
-    return path
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
+from _bench import BENCH_DIR, drop_caches, ensure_model  # noqa: E402
 
 
 def timed(cmd: list[str], **kw) -> tuple[float, int]:

@@ -1,0 +1,37 @@
+"""What every benchmark script shares: the synthetic >= 2 GB Mixtral-layout model (made once, under
+a lock, so concurrent benchmarks do not build it twice) and dropping the page cache for cold reads."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+BENCH_DIR = Path("/tmp/lowmoe-bench")
+BENCH_MODEL = BENCH_DIR / "mix2g"
+
+
+def ensure_model(path: Path = BENCH_MODEL, layers: int = 16, hidden: int = 1024, inter: int = 3584) -> Path:
+    """Synthesize the benchmark model at ``path`` unless it is already there (~2.9 GB with the defaults)."""
+    path = Path(path)
+    if (path / "model.safetensors.index.json").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "model.safetensors.index.json").is_file():
+            from lowmoe.synth import synth_model
+
+            synth_model(path, "mixtral", layers=layers, hidden_size=hidden, intermediate_size=inter, experts=8, top_k=2,
+                        dtype="bfloat16", shard_size="1GB")
+    return path
+
+
+def drop_caches() -> bool:
+    """Drop the OS page cache (needs root); False where that is not allowed (reads are then warm)."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
