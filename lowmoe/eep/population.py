@@ -35,13 +35,143 @@ import torch
 from ..apply import apply_layer
 from ..cache import ActivationCache
 from ..checkpoint import Checkpoint
-from ..layer import LayerInputs, ModelSkeleton, hf_config, materialize_layer, run_layer
+from ..layer import LayerInputs, ModelSkeleton, hf_config, materialize, materialize_layer, run_layer
 from .fitness import Fitness, FitnessData, Head
 from .space import Candidate, SearchSpace
 
 log = logging.getLogger(__name__)
 
 ROOT = "root"  # stream name of the (shared) token embeddings at boundary 0
+
+
+class KeptExperts(torch.nn.Module):
+    """A pruning-phase candidate's experts: slot j is expert ``keep[j]`` of the loaded layer's own
+    experts module (shared, nothing copied). ``keep`` ascends, so the module visits the experts and
+    adds their outputs in the same order as a module holding only the kept experts would: the
+    output is bit-identical."""
+
+    def __init__(self, experts: torch.nn.Module, keep: list[int]):
+        super().__init__()
+        self.inner = experts
+        self.register_buffer("keep", torch.tensor(keep, dtype=torch.long), persistent=False)
+
+    def forward(self, hidden_states, top_k_index, *args, **kwargs):
+        return self.inner(hidden_states, self.keep.to(top_k_index.device)[top_k_index], *args, **kwargs)
+
+
+class LoadedLayer:
+    """One decoder layer, loaded once per generation and shared by every candidate that runs it.
+
+    ``module`` is the original layer (attention, norms, all E experts) in the compute dtype. A
+    candidate's layer is that module with the candidate's MoE block swapped in (``use``); the block
+    is built from the loaded weights instead of re-reading, re-stacking and re-casting the layer:
+
+    * keep-list (pruning phase): the kept experts are the loaded ones behind an index map (``KeptExperts``);
+    * merged experts: θ'_j = Σ_i W_EM[j, i] θ_i computed as ``apply_layer`` does (float32
+      accumulation in expert order, or its matrix product for a fused layout, cast to the stored dtype);
+    * router rows (W_RM) through ``apply_layer`` itself; the block's other tensors (shared experts) are shared.
+
+    Bit-identical to ``apply_layer`` + ``materialize_layer`` (tests). Where merging from the loaded copy
+    could not be (a compute dtype narrower than the stored one), a merged block comes from
+    ``apply_layer`` over the stored tensors, which are then kept for the layer's candidates."""
+
+    def __init__(self, ev: "PopulationEvaluator", layer_idx: int, tensors: dict[str, torch.Tensor]):
+        ad = ev.adapter
+        self.ev, self.idx, self.is_moe = ev, layer_idx, layer_idx in ev.moe
+        if not self.is_moe:
+            self.module = materialize_layer(ev.skel, layer_idx, ad.to_runtime(layer_idx, tensors, False), ev.device, ev.dtype)
+            return
+        prefix = ad.layer_prefix(layer_idx)
+        experts = {k: t for k, t in tensors.items() if ad.is_expert_key(k[len(prefix):])}
+        state = ad.to_runtime(layer_idx, {k: t for k, t in tensors.items() if k not in experts}, True)
+        state.update(self._load_experts(experts))
+        self.module = materialize_layer(ev.skel, layer_idx, state, ev.device, ev.dtype)
+        self.path = ad.runtime_moe_prefix.rstrip(".")
+        self.base = self.module.get_submodule(self.path)
+        self.router_tensors = {k: tensors[k] for k in ad.router_keys(layer_idx) if k in tensors}
+        # merging from the loaded copy equals merging the stored tensors iff the cast to the compute dtype was exact
+        stored = {t.dtype for t in experts.values()}
+        self.exact = len(stored) == 1 and (ev.dtype == torch.float32 or stored == {ev.dtype})
+        self.stored_dtype = stored.pop() if len(stored) == 1 else None
+        # the stored expert tensors are only needed for the apply_layer fallback
+        self.tensors = tensors if not self.exact else None
+        self.shared = {k: v for k, v in self.base.state_dict().items()
+                       if not k.startswith("experts.") and not k.startswith(ad.runtime_router + ".")}
+
+    def _load_experts(self, experts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The runtime expert tensors (experts on dim 0) in the compute dtype, written expert by expert
+        (``to_runtime`` of one expert at a time) into buffers the evaluator reuses from layer to layer:
+        a fresh allocation of twice the layer per layer costs more in page faults than the copy."""
+        ev, ad, L = self.ev, self.ev.adapter, self.idx
+        E = ev.ck.num_experts
+        if ad.expert_layout == "fused":
+            parts = [(None, experts)]
+        else:  # expert e's tensors renamed to expert 0, so to_runtime stacks just that one
+            base = ad.layer_prefix(L) + ad.moe_prefix + "experts."
+            parts = []
+            for e in range(E):
+                own = f"{base}{e}."
+                parts.append((e, {base + "0." + k[len(own):]: t for k, t in experts.items() if k.startswith(own)}))
+        out: dict[str, torch.Tensor] = {}
+        for e, part in parts:
+            for k, v in ad.to_runtime(L, part, True).items():
+                shape = tuple(v.shape) if e is None else (E,) + tuple(v.shape[1:])
+                buf = ev.buffer(k, shape, ev.dtype)
+                (buf if e is None else buf[e]).copy_(v if e is None else v[0])
+                out[k] = buf
+        return out
+
+    def block(self, lp) -> torch.nn.Module:
+        """The candidate's MoE block for ``lp`` (a ``LayerPlan``)."""
+        ev, ad, L = self.ev, self.ev.adapter, self.idx
+        n = len(lp.keep)
+        meta = ev.skel.new_layer(L, ev.candidate_config()).get_submodule(self.path)
+        if lp.extra:
+            raise ValueError(f"layer {L}: EEP candidates carry no plan extensions, got {sorted(lp.extra)}")
+        kept = lp.merge is None and lp.keep == sorted(lp.keep)
+        if not kept and not self.exact:
+            out = apply_layer(ad, L, self.tensors, lp, ev.ck.num_experts)
+            state = self._block_state(ad.to_runtime(L, {k: v for k, v in out.items()
+                                                        if k[len(ad.layer_prefix(L)):].startswith(ad.moe_prefix)}, True))
+            return materialize(meta, state, ev.device, ev.dtype)
+        state = self._block_state(ad.to_runtime(L, apply_layer(ad, L, self.router_tensors, lp, ev.ck.num_experts), True))
+        state.update(self.shared)
+        if kept:
+            meta.experts = torch.nn.Identity()
+            block = materialize(meta, state, ev.device, ev.dtype)
+            block.experts = KeptExperts(self.base.experts, lp.keep).to(ev.device)
+            return block
+        E = ev.ck.num_experts
+        for name, x in self.base.experts.named_parameters():  # runtime tensors, experts on dim 0
+            if lp.merge is None:
+                y = x[lp.keep]
+            elif ad.expert_layout == "fused":  # apply._map_rows
+                y = (torch.tensor(lp.merge, dtype=torch.float32, device=x.device) @ x.float().reshape(E, -1))
+                y = y.reshape((n,) + tuple(x.shape[1:])).to(self.stored_dtype)
+            else:  # apply._combine, per output expert, in a reused float32 buffer
+                y = ev.buffer("merged:" + name, (n,) + tuple(x.shape[1:]), torch.float32)
+                for j, row in enumerate(torch.tensor(lp.merge, dtype=torch.float32).tolist()):
+                    y[j].zero_()
+                    for i, c in enumerate(row):
+                        if c != 0.0:
+                            y[j].add_(x[i].float(), alpha=c)
+                    if ev.dtype == torch.float32:  # the stored dtype's rounding, in place
+                        y[j].copy_(y[j].to(self.stored_dtype))
+                if ev.dtype != torch.float32:
+                    y = y.to(self.stored_dtype)
+            state["experts." + name] = y
+        return materialize(meta, state, ev.device, ev.dtype)
+
+    def _block_state(self, runtime: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        p = self.ev.adapter.runtime_moe_prefix
+        return {k[len(p):]: v for k, v in runtime.items() if k.startswith(p)}
+
+    def use(self, block: torch.nn.Module | None) -> torch.nn.Module:
+        """The layer module with ``block`` as its MoE block (None: the original block)."""
+        if self.is_moe:
+            parent, _, attr = self.path.rpartition(".")
+            setattr(self.module.get_submodule(parent) if parent else self.module, attr, block if block is not None else self.base)
+        return self.module
 
 
 class PopulationEvaluator:
@@ -58,10 +188,26 @@ class PopulationEvaluator:
         self.moe = set(ck.moe_layers())
         self._inputs: dict[tuple, LayerInputs] = {}
         self._head: Head | None = None
+        self._cand_cfg = None
+        self._buffers: dict[str, torch.Tensor] = {}  # reused storage (LoadedLayer experts, merged experts)
         self._final: dict[str, Fitness] = {}  # final-stream key -> fitness (same function, same value)
         self.stats = {"layer_loads": 0, "layer_builds": 0, "layer_runs": 0, "layer_runs_saved": 0, "evaluations": 0}
         if not self.cache.has(0, self.num_chunks, ROOT):
             self._embed()
+
+    def buffer(self, name: str, shape: tuple, dtype) -> torch.Tensor:
+        """A tensor kept for reuse under ``name`` (its contents are the caller's; one user at a time)."""
+        b = self._buffers.get(name)
+        if b is None or tuple(b.shape) != tuple(shape) or b.dtype != dtype:
+            b = self._buffers[name] = torch.empty(shape, dtype=dtype, device=self.device)
+        return b
+
+    def candidate_config(self):
+        """The transformers config of a candidate's layer: E' experts, top-k (made once)."""
+        if self._cand_cfg is None:
+            self._cand_cfg = hf_config(self.skel.raw, num_experts=self.space.keep, top_k=self.top_k, adapter=self.adapter)
+            self._cand_cfg._attn_implementation = self.skel.config._attn_implementation  # as materialize_layer
+        return self._cand_cfg
 
     # ---- keys ----------------------------------------------------------------------------
     def prefix_keys(self, cand: Candidate) -> list[str]:
@@ -95,7 +241,8 @@ class PopulationEvaluator:
         self.stats["layer_runs"] += 1
 
     def build_layer(self, layer_idx: int, tensors: dict[str, torch.Tensor], cand: Candidate | None):
-        """Layer ``layer_idx`` as the written model will have it (``cand`` None: a dense layer)."""
+        """Layer ``layer_idx`` as the written model will have it (``cand`` None: a dense layer), built
+        from scratch with ``apply_layer``: the reference path (``evaluate`` uses ``LoadedLayer``)."""
         if cand is None or layer_idx not in self.moe:
             rt = self.adapter.to_runtime(layer_idx, tensors, layer_idx in self.moe)
             return materialize_layer(self.skel, layer_idx, rt, self.device, self.dtype)
@@ -141,18 +288,16 @@ class PopulationEvaluator:
                     jobs[keys[i][L + 1]] = (keys[i][L], i)
             if not jobs:
                 continue
-            tensors = self.weights.layer(L)
+            loaded = LoadedLayer(self, L, self.weights.layer(L))
             self.stats["layer_loads"] += 1
-            if L not in self.moe:
-                module = self.build_layer(L, tensors, None)
-                for dst, (src, _) in jobs.items():
-                    self._run(module, L, src, dst)
-            else:
-                for dst, (src, i) in jobs.items():
-                    module = self.build_layer(L, tensors, cands[i])
-                    self._run(module, L, src, dst)
-                    del module
-            del tensors
+            for dst, (src, i) in jobs.items():
+                block = None
+                if loaded.is_moe:
+                    block = loaded.block(self.space.layer_plan(cands[i], L))
+                    self.stats["layer_builds"] += 1
+                self._run(loaded.use(block), L, src, dst)
+                del block
+            del loaded
         for i in todo:
             k = keys[i][n]
             if k not in self._final:

@@ -1,0 +1,57 @@
+"""The streamed evaluator's fast paths are bit-identical to building each candidate from scratch:
+a candidate's MoE block built from the once-loaded layer (kept experts behind an index map, merged
+experts from the loaded weights) gives exactly the layer output of ``apply_layer`` + ``materialize_layer``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lowmoe.checkpoint import Checkpoint
+from lowmoe.eep.population import KeptExperts, LoadedLayer, PopulationEvaluator
+from lowmoe.eep.space import SearchSpace
+from lowmoe.layer import LayerInputs, materialize_layer, run_layer
+from lowmoe.quant import layer_weights
+
+from .test_eep import merged, records
+
+
+def evaluator(src, tmp_path, dtype=torch.float32, top_k=2):
+    from lowmoe.calibration import load_tokenizer
+    from lowmoe.eep.fitness import FitnessData
+
+    ck = Checkpoint(src)
+    data = FitnessData.from_records(records(8), load_tokenizer(src))
+    space = SearchSpace.build(ck.moe_layers(), ck.num_experts, 4, "layer")
+    return PopulationEvaluator(ck, layer_weights(ck, "none", None), space, data, tmp_path / "acts", device="cpu",
+                               dtype=dtype, top_k=top_k, batch_size=4)
+
+
+@pytest.mark.parametrize("arch,stored,dtype", [("mixtral", "bfloat16", torch.float32), ("deepseek_v3", "bfloat16", torch.float32),
+                                               ("qwen2_moe", "bfloat16", torch.float32), ("gpt_oss", "bfloat16", torch.float32),
+                                               ("mixtral", "bfloat16", torch.bfloat16), ("mixtral", "float32", torch.bfloat16)])
+def test_loaded_layer_block_is_bit_identical_to_a_fresh_build(synth_dir, tmp_path, arch, stored, dtype):
+    """Also where the loaded copy is lossy (float32 stored, bfloat16 compute): then the block comes from apply_layer."""
+    src = synth_dir(arch, dtype=stored)
+    pe = evaluator(src, tmp_path, dtype=dtype)
+    rng = np.random.default_rng(0)
+    onehot = pe.space.random_onehot(rng)
+    cands = [onehot, merged(pe.space, onehot, rng)]
+    h = torch.randn(2, 9, int(pe.ck.config["hidden_size"]), generator=torch.Generator().manual_seed(0)).to(dtype)
+    inputs = LayerInputs.build(pe.skel, h, pe.rotary)
+    L = pe.ck.moe_layers()[-1]
+    tensors = pe.weights.layer(L)
+    loaded = LoadedLayer(pe, L, tensors)
+    assert loaded.exact == (stored == "bfloat16")
+    for cand, kept in zip(cands, (True, False)):
+        lp = pe.space.layer_plan(cand, L)
+        assert (lp.merge is None) == kept
+        block = loaded.block(lp)
+        assert isinstance(block.experts, KeptExperts) == kept
+        got = run_layer(pe.skel, loaded.use(block), L, h, inputs)
+        ref = run_layer(pe.skel, pe.build_layer(L, tensors, cand), L, h, inputs)
+        assert torch.equal(got, ref)
+    # the original block comes back
+    full = materialize_layer(pe.skel, L, pe.adapter.to_runtime(L, tensors, True), "cpu", dtype)
+    assert torch.equal(run_layer(pe.skel, loaded.use(None), L, h, inputs), run_layer(pe.skel, full, L, h, inputs))
