@@ -212,13 +212,22 @@ def _device(name: str) -> torch.device:
 
 def plan_run_budget(cfg: PruneConfig, ck: Checkpoint):
     """``--max-vram``/``--max-ram`` checked against the checkpoint's layer sizes before any work."""
-    from .budget import parse_budget, plan_budget
     from .device import resolve_dtype
 
     device = _device(cfg.device)
-    return plan_budget(ck, device=device, dtype=resolve_dtype(DTYPES[cfg.dtype], device), batch_size=cfg.batch_size,
-                       seq_len=cfg.seq_len, max_vram=parse_budget(cfg.max_vram, "--max-vram"),
-                       max_ram=parse_budget(cfg.max_ram, "--max-ram"), prefetch=cfg.prefetch)
+    return plan_stream_budget(ck, device=device, dtype=resolve_dtype(DTYPES[cfg.dtype], device), batch_size=cfg.batch_size,
+                              seq_len=cfg.seq_len, max_vram=cfg.max_vram, max_ram=cfg.max_ram, prefetch=cfg.prefetch)
+
+
+def plan_stream_budget(ck: Checkpoint, *, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int,
+                       max_vram=None, max_ram=None, prefetch: bool = True):
+    """The ``Stream`` budget of any streamed pass (prune, score, streaming eval): sizes as given on the
+    command line (``"20GiB"``, bytes or None), planned from the index; ConfigError naming the flag."""
+    from .budget import parse_budget, plan_budget
+
+    return plan_budget(ck, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
+                       max_vram=parse_budget(max_vram, "--max-vram"), max_ram=parse_budget(max_ram, "--max-ram"),
+                       prefetch=prefetch)
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -233,7 +242,7 @@ class Stream:
     """Streams hidden states of the calibration tokens through the model, layer by layer."""
 
     def __init__(self, ck: Checkpoint, tokens: CalibTokens, cache: ActivationCache, device, dtype, batch_size: int,
-                 budget=None, prefetch: bool = True):
+                 budget=None, prefetch: bool = True, quant: str = "none"):
         from .budget import Placer
 
         self.ck, self.tokens, self.cache = ck, tokens, cache
@@ -243,6 +252,7 @@ class Stream:
         self.prefetch = prefetch
         self.prefetch_layers = prefetch if budget is None else budget.prefetch_layers
         self.placer = Placer(device, dtype, budget, self.io)  # builds layers under --max-vram/--max-ram
+        self.quant = quant  # "nf4"/"int8": layers built with bitsandbytes-quantized weights (lowmoe.quant)
         self.skel = ModelSkeleton(ck.config, ck.adapter)
         self.rotary = self.skel.rotary(device)
         self.num_chunks = (tokens.input_ids.shape[0] + batch_size - 1) // batch_size
@@ -261,7 +271,15 @@ class Stream:
         del w
 
     def materialize(self, layer_idx: int, runtime_state: dict, *, num_experts: int | None = None, top_k: int | None = None):
-        """``layer.materialize_layer`` on this stream's device, under its budget (experts chunked if needed)."""
+        """``layer.materialize_layer`` on this stream's device, under its budget (experts chunked if needed),
+        or with quantized linear weights (``quant``; never chunked, see ``quant.check_quant_budget``)."""
+        if self.quant != "none":
+            from .quant import build_quantized_layer
+
+            if num_experts is not None or top_k is not None:
+                raise ConfigError("--quant: quantized layers are built with the model's own expert count and top-k")
+            return build_quantized_layer(self.skel, layer_idx, runtime_state, self.device, self.dtype, self.quant,
+                                         accountant=self.placer.accountant)
         return self.placer.materialize(self.skel, layer_idx, runtime_state, num_experts=num_experts, top_k=top_k)
 
     def layers(self, start: int, moe: set[int]) -> LayerReader:

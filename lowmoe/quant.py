@@ -19,18 +19,38 @@ dtype (bitsandbytes' CPU path on CPU; its CUDA kernels when ``device`` is a GPU 
 no GPU was available), on the CPU where ``apply_layer`` works, so the rest of lowmoe
 (``apply_layer``, ``to_runtime``) is unchanged. The final model is never written from this
 cache -- the EEP runner writes from the original checkpoint.
+
+**Quantized compute** (``lowmoe score --quant``, ``lowmoe eval --streaming --quant``):
+``build_quantized_layer`` builds one decoder layer whose linear weights are held on the compute
+device in the same two formats (``QTensor``: bitsandbytes codes + per-block absmax), the rest
+(router, norms, biases, gates) exact in the compute dtype:
+
+* attention projections, shared experts and dense MLPs: ``QuantLinear`` (an ``nn.Linear`` whose
+  weight is dequantized by bitsandbytes -- its CUDA kernels on a GPU, its CPU path otherwise -- in
+  the compute dtype right before the matmul). For NF4 this is what ``bnb.nn.Linear4bit`` computes
+  for inputs of more than one token (``bnb.matmul_4bit`` dequantizes, then multiplies);
+* routed experts: ``QuantExperts``, each expert's matrices quantized on their own and dequantized
+  one expert at a time, run through transformers' own experts code (as ``budget.ChunkedExperts``
+  runs a group), so only one expert is ever held in full precision.
+
+The numbers are those of the same layer with every quantized weight replaced by its dequantized
+value (tested); the accuracy cost against fp32/bf16 is measured by ``scripts/bench_quant.py``
+(``docs/gpu.md``, "Quantized compute").
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from .checkpoint import Checkpoint
 from .errors import ConfigError
@@ -171,3 +191,209 @@ def layer_weights(ck: Checkpoint, mode: str, root: str | Path, device="cpu", pro
     if mode == "none":
         return OriginalWeights(ck)
     return QuantizedWeights(ck, root, mode, device=device, progress=progress)
+
+
+# ---- quantized compute ---------------------------------------------------------------------------
+
+BYTES_PER_PARAM = {"nf4": 0.5 + 4 / BLOCKSIZE["nf4"], "int8": 1 + 4 / BLOCKSIZE["int8"]}  # codes + fp32 absmax
+
+
+def check_quant_mode(mode: str) -> None:
+    """``--quant`` is valid and, when it is not ``none``, bitsandbytes can be imported (ConfigError)."""
+    if mode not in QUANT_MODES:
+        raise ConfigError(f"--quant {mode!r}: choose one of {', '.join(QUANT_MODES)}")
+    if mode != "none":
+        _bnb()
+
+
+@dataclass
+class QTensor:
+    """One weight matrix as bitsandbytes codes (NF4: two per byte; int8: the dynamic 8-bit map)
+    plus one fp32 absmax per block, on the device it is computed on."""
+
+    mode: str
+    codes: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    code: torch.Tensor | None = None  # int8: the 256-value map
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.absmax, self.code) if t is not None)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The matrix in ``dtype``, on the codes' device (bitsandbytes' CUDA kernels on a GPU)."""
+        F = _bnb()
+        if self.mode == "nf4":
+            st = F.QuantState(absmax=self.absmax, shape=self.shape, blocksize=BLOCKSIZE["nf4"], quant_type="nf4", dtype=dtype)
+            w = F.dequantize_4bit(self.codes, st)
+        else:
+            st = F.QuantState(absmax=self.absmax, shape=self.shape, code=self.code, blocksize=BLOCKSIZE["int8"], dtype=dtype)
+            w = F.dequantize_blockwise(self.codes, st)
+        return w.reshape(self.shape).to(dtype)
+
+
+def quantize_tensor(t: torch.Tensor, mode: str, device: str | torch.device = "cpu") -> QTensor:
+    """Quantize ``t`` on ``device`` (moved there first, so a GPU does the work) as the EEP cache does:
+    NF4 with blocks of 64, or blockwise dynamic int8 with blocks of 256."""
+    F = _bnb()
+    x = t.to(device).contiguous()
+    if mode == "nf4":
+        q, st = F.quantize_4bit(x, quant_type="nf4", blocksize=BLOCKSIZE["nf4"])
+        return QTensor(mode, q, st.absmax.float(), x.shape)
+    if mode == "int8":
+        q, st = F.quantize_blockwise(x, blocksize=BLOCKSIZE["int8"])
+        return QTensor(mode, q, st.absmax.float(), x.shape, st.code)
+    raise ConfigError(f"--quant {mode!r}: choose one of {', '.join(QUANT_MODES)}")
+
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` with its weight held as a ``QTensor``: y = x W^T + b, W dequantized per call.
+
+    The codes are a plain attribute, not a buffer, so ``layer.materialize`` (``to_empty``) leaves
+    them alone; the bias (if any) is an ordinary parameter filled from the layer's state."""
+
+    def __init__(self, weight: QTensor, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.qweight = weight
+        self.bias = linear.bias  # meta until materialized, or None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, quant={self.qweight.mode}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.qweight.dequantize(x.dtype), self.bias)
+
+
+class QuantExperts(nn.Module):
+    """Stands in for a transformers experts module (3-D per-expert parameters) with quantized experts.
+
+    Called like the original ``experts(hidden (T, H), top_k_index (T, k), top_k_weights (T, k))``.
+    For every expert hit, in ascending order, its matrices are dequantized into a one-expert shallow
+    copy of the original module, the rows routed to it are passed (slot-major, then token: the
+    original loop's order) to the original class's forward, and the result is ``index_add_``-ed at
+    once -- the original loop's arithmetic on the dequantized weights. Parameters that are not 3-D
+    (GPT-OSS's expert biases) stay exact, as parameters of this module.
+    """
+
+    def __init__(self, template: nn.Module, quantized: dict[str, list[QTensor]], dtype: torch.dtype):
+        super().__init__()
+        object.__setattr__(self, "_template", template)  # meta parameters: not a submodule
+        object.__setattr__(self, "_original_forward", type(template).forward)
+        self._q = quantized
+        self.dtype = dtype
+        self.num_experts = len(next(iter(quantized.values())))
+        for name, p in template._parameters.items():
+            if name not in quantized:
+                self.register_parameter(name, p)  # filled by layer.materialize
+
+    def extra_repr(self) -> str:
+        mode = next(iter(self._q.values()))[0].mode
+        return f"{type(self._template).__name__}, num_experts={self.num_experts}, quant={mode}"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(q.nbytes for qs in self._q.values() for q in qs)
+
+    def expert_module(self, e: int) -> nn.Module:
+        """Expert ``e`` alone, dequantized, as a one-expert module of the original class."""
+        sub = copy.copy(self._template)
+        params = {n: nn.Parameter(qs[e].dequantize(self.dtype).unsqueeze(0), requires_grad=False) for n, qs in self._q.items()}
+        params.update({n: nn.Parameter(p[e:e + 1], requires_grad=False) for n, p in self._parameters.items()})
+        sub._parameters = params
+        sub.num_experts = 1
+        return sub
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            hit = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < self.num_experts]  # ascending
+        slot_major = top_k_index.transpose(0, 1)  # (k, T): transformers' expert_mask[e] layout
+        final = torch.zeros_like(hidden_states)
+        for e in hit:
+            pos, tok = torch.where(slot_major == e)
+            local = torch.zeros((tok.shape[0], 1), dtype=top_k_index.dtype, device=top_k_index.device)
+            w = top_k_weights[tok, pos].unsqueeze(-1)  # (n, 1)
+            y = self._original_forward(self.expert_module(e), hidden_states[tok], local, w)  # (n, H) weighted f_e
+            final.index_add_(0, tok, y.to(final.dtype))
+        return final
+
+
+def _quantized_linear(name: str, lin: nn.Linear, router: str) -> bool:
+    """Attention / MLP / shared-expert projections are quantized; gates stay exact: the router and
+    scalar gates such as Qwen2-MoE's ``shared_expert_gate`` (one output)."""
+    return name != router and lin.out_features > 1
+
+
+def build_quantized_layer(skel, layer_idx: int, runtime_state: dict[str, torch.Tensor], device, dtype: torch.dtype,
+                          mode: str, *, accountant=None) -> nn.Module:
+    """Decoder layer ``layer_idx`` on ``device`` with its linear weights quantized (``mode`` nf4/int8)
+    and everything else exact in ``dtype`` (same arguments as ``layer.materialize_layer``).
+
+    Weights are quantized where they will be used (on a GPU, by bitsandbytes' CUDA kernels), one
+    expert matrix at a time, so the full-precision copy on the device never exceeds one matrix."""
+    from .layer import materialize
+
+    device = torch.device(device)
+    ad = skel.adapter
+    module = skel.new_layer(layer_idx)  # meta
+    exact = dict(runtime_state)
+    qbytes = 0
+    router = ad.runtime_moe_prefix + ad.runtime_router
+    for name, lin in list(module.named_modules()):
+        if isinstance(lin, nn.Linear) and _quantized_linear(name, lin, router):
+            q = quantize_tensor(exact.pop(name + ".weight"), mode, device)
+            module.set_submodule(name, QuantLinear(q, lin))
+            qbytes += q.nbytes
+    if layer_idx in skel.moe_layers:
+        block = module.get_submodule(ad.runtime_moe_prefix.rstrip("."))
+        prefix = ad.runtime_moe_prefix + "experts."
+        quantized = {}
+        for pname, p in block.experts.named_parameters(recurse=False):
+            if p.ndim == 3:
+                t = exact.pop(prefix + pname)  # (E, ...)
+                quantized[pname] = [quantize_tensor(t[e], mode, device) for e in range(t.shape[0])]
+        block.experts = QuantExperts(block.experts, quantized, dtype)
+        qbytes += block.experts.nbytes
+    built = materialize(module, exact, device, dtype)
+    if accountant is not None:
+        from .device import dtype_bytes
+
+        accountant.track(built, qbytes + sum(v.numel() for v in exact.values()) * dtype_bytes(dtype))
+    return built
+
+
+def check_quant_budget(plan, ck: Checkpoint, mode: str, dtype: torch.dtype) -> None:
+    """With ``--quant``, every layer is built whole and quantized (no expert chunking): its codes,
+    its exact tensors and the largest matrix dequantized at once must fit the planned weights budget
+    (``budget.BudgetPlan.weights_budget``); ConfigError naming the flag otherwise. Sizes come from
+    the index: 2-D+ tensors other than the router count as quantized."""
+    if mode == "none" or plan is None or plan.weights_budget is None:
+        return
+    from .device import dtype_bytes
+    from .memory import fmt_bytes
+
+    b = dtype_bytes(dtype)
+    moe = set(ck.moe_layers())
+    flag = "--max-vram" if plan.max_vram is not None and plan.device_budget == plan.max_vram else "--max-ram"
+    for L in range(ck.num_layers):
+        prefix = ck.adapter.layer_prefix(L)
+        q = rest = largest = 0
+        for key in ck.layer_keys(L):
+            shape = ck.tensor_info(key)[0]
+            n = 1
+            for d in shape:
+                n *= d
+            rel = key[len(prefix):]
+            if len(shape) >= 2 and shape[0] > 1 and not rel.endswith("bias") and not ck.adapter.is_router_key(rel):
+                q += n
+                # fused expert tensors are dequantized one expert at a time
+                one = n // shape[0] if (L in moe and len(shape) == 3) else n
+                largest = max(largest, one)
+            else:
+                rest += n
+        need = int(q * BYTES_PER_PARAM[mode]) + rest * b + largest * b
+        if need > plan.weights_budget:
+            raise ConfigError(f"{flag} {fmt_bytes(plan.device_budget)}: layer {L} quantized ({mode}) needs "
+                              f"{fmt_bytes(need)} for its weights next to {fmt_bytes(plan.activation_bytes)} of activations "
+                              f"(--quant layers are not expert-chunked); raise {flag} or use --quant none")
