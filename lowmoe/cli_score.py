@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from .device import DTYPE_CHOICES
+
 
 @click.command("score")
 @click.argument("model", type=click.Path(path_type=Path))
@@ -25,20 +27,26 @@ import click
 @click.option("--no-protect-super-experts", is_flag=True, help="Do not detect super experts.")
 @click.option("--reap-no-renormalize", is_flag=True, help="REAP: use the full-softmax router probability, not renormalised over top-k.")
 @click.option("--heatmap", default=None, type=click.Path(path_type=Path), help="Also draw expert usage per layer and domain (PNG; needs matplotlib).")
-@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute dtype.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(DTYPE_CHOICES),
+              help="Compute dtype (scores are accumulated in fp32 whatever it is).")
+@click.option("--max-vram", default=None, help="Device memory budget, e.g. 20GiB; experts are streamed in groups when a layer does not fit.")
+@click.option("--max-ram", default=None, help="Host RAM budget, e.g. 32GiB (checked before the run starts).")
+@click.option("--no-prefetch", is_flag=True, help="Do not read the next layer / activation chunk while computing.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
 @click.pass_context
 def score_command(ctx, model, calib, methods, out, keep, seq_len, n_samples, batch_size, layout, answer_only,
-                  no_protect_super_experts, reap_no_renormalize, heatmap, device, dtype, seed, as_json):
+                  no_protect_super_experts, reap_no_renormalize, heatmap, device, dtype, max_vram, max_ram, no_prefetch,
+                  seed, as_json):
     """Score MODEL's experts on calibration data and write scores.json (no output model)."""
     from .score import format_scores, score
 
     opts = {"reap": {"renormalize": False}} if reap_no_renormalize else {}
     report = score(model, calib=list(calib), method=list(methods), out=out, keep=keep, seq_len=seq_len,
                    n_samples=n_samples, batch_size=batch_size, layout=layout, answer_only=answer_only,
-                   protect_super_experts=not no_protect_super_experts, device=device, dtype=dtype, seed=seed,
+                   protect_super_experts=not no_protect_super_experts, device=device, dtype=dtype, max_vram=max_vram,
+                   max_ram=max_ram, prefetch=not no_prefetch, seed=seed,
                    progress=not (ctx.obj or {}).get("quiet"), method_options=opts)
     if heatmap:
         from .heatmap import usage_heatmap

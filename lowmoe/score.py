@@ -1,8 +1,10 @@
 """Expert scores without writing a model (``lowmoe score``).
 
 The same streamed pass as pruning -- calibration tokens embedded into the disk activation cache,
-then one decoder layer at a time read, run on the cached hidden states with hooks on its router
-and experts, and dropped -- but nothing is written except ``scores.json``. Every layer is scored
+then one decoder layer at a time read (the next one prefetched while this one computes), built
+under the ``--max-vram``/``--max-ram`` budget (experts streamed in groups when a layer does not
+fit; see ``lowmoe.budget``), run on the cached hidden states with hooks on its router and experts,
+and dropped -- but nothing is written except ``scores.json``. Every layer is scored
 on the *original* model's activations (one-shot: there is no keep count to prune with). Several
 methods can share one pass (``method=["reap", "easy-ep"]``): the hooks feed every method's
 observer from the same forward call.
@@ -32,10 +34,12 @@ from . import __version__
 from .cache import ActivationCache
 from .calibration import check_sources, load_tokenizer, tokenize
 from .checkpoint import Checkpoint
+from .device import dtype_name, resolve_device, resolve_dtype
 from .errors import ConfigError
-from .memory import fmt_bytes, peak_rss_bytes
+from .memory import cuda_peak_bytes, fmt_bytes, peak_rss_bytes
 from .methods import ScoreThenKeep, make_layer_method, method_names
-from .pipeline import DTYPES, PruneConfig, Stream, _device, _keep_groups, _progress
+from .pipeline import PruneConfig, Stream, _keep_groups, _progress, plan_stream_budget
+from .quant import check_quant_budget, check_quant_mode
 from .scoring import choose_keep
 from .scoring.super_experts import MaximaObserver
 
@@ -52,10 +56,17 @@ def scoring_methods() -> list[str]:
 def score(model: str | Path, calib, method: str | list[str] = "frequency", out: str | Path | None = None, *,
           keep: int | str | None = None, seq_len: int = 256, n_samples: int = 64, batch_size: int = 8,
           layout: str = "pack", answer_only: bool = False, protect_super_experts: bool = True,
-          device: str = "cpu", dtype: str = "float32", seed: int = 0, progress: bool = True,
+          device: str = "auto", dtype: str = "fp32", max_vram: str | int | None = None,
+          max_ram: str | int | None = None, prefetch: bool = True, quant: str = "none", seed: int = 0, progress: bool = True,
           method_options: dict | None = None, work_dir: str | Path | None = None) -> dict:
     """Score every MoE layer's experts with ``method`` (a name or a list of names) in one streamed
     pass; return the report and, with ``out``, write it as JSON.
+
+    ``device``/``dtype``/``max_vram``/``max_ram``/``prefetch`` mean what they mean for ``prune``
+    (``docs/gpu.md``); the budget is planned from the index before any work, and expert chunking and
+    prefetching change no score. ``quant`` (``nf4``/``int8``) builds each layer with its linear
+    weights (experts, attention, shared experts) held as bitsandbytes codes and dequantized per use,
+    router and norms exact (``lowmoe.quant``): less device memory, scores moved by the rounding.
 
     ``method_options``: options for the methods, either flat (``{"renormalize": False}``, given to
     every method, as ``prune(method_options=...)``) or per method (``{"reap": {...}}``).
@@ -74,11 +85,19 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
     for name in ("seq_len", "n_samples", "batch_size"):
         if int(locals()[name]) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {locals()[name]}")
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    dev = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype, dev)
+    check_quant_mode(quant)
+    if quant != "none" and "reconstruction" in methods:
+        # reconstruction takes its device and dtype from the experts module's parameters, which a
+        # quantized (or expert-chunked) layer does not have
+        raise ConfigError(f"--quant {quant}: --method reconstruction cannot run on quantized experts; use --quant none")
     check_sources(calib)
     ck = Checkpoint(Path(model))
     ck.validate()
+    budget = plan_stream_budget(ck, device=dev, dtype=compute_dtype, batch_size=batch_size, seq_len=seq_len,
+                                max_vram=max_vram, max_ram=max_ram, prefetch=prefetch)  # fails here if it cannot hold
+    check_quant_budget(budget, ck, quant, compute_dtype)
     keep_n = None
     if keep is not None:
         keep_n = PruneConfig(model=Path(model), out=Path("."), keep=keep).resolve_keep(ck.num_experts)
@@ -92,15 +111,20 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
                       answer_only=answer_only, max_positions=ck.config.get("max_position_embeddings"))
     tmp = Path(tempfile.mkdtemp(prefix="lowmoe-score-", dir=str(work_dir) if work_dir else None))
     try:
-        stream = Stream(ck, tokens, ActivationCache(tmp / "cache"), _device(device), DTYPES[dtype], batch_size)
+        stream = Stream(ck, tokens, ActivationCache(tmp / "cache"), dev, compute_dtype, batch_size, budget=budget,
+                        prefetch=prefetch, quant=quant)
+        t_pass = time.perf_counter()
         stream.embed()
         layers = _score_layers(stream, ck, methods, keep_n, seed, method_options or {}, protect_super_experts, progress)
+        io = stream.io.to_json(time.perf_counter() - t_pass)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     report = _report(ck, methods, tokens, calib, layers, keep_n, seq_len, protect_super_experts, t_start)
-    report["options"] = {"layout": layout, "answer_only": answer_only, "dtype": dtype, "device": device,
-                         "batch_size": batch_size, "seed": seed, "method_options": method_options or {}}
+    report["options"] = {"layout": layout, "answer_only": answer_only, "dtype": dtype_name(compute_dtype),
+                         "device": str(dev), "quant": quant, "batch_size": batch_size, "seed": seed, "prefetch": prefetch,
+                         "method_options": method_options or {}}
+    report["io"], report["budget"] = io, stream.placer.report()
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=1) + "\n")
@@ -202,7 +226,7 @@ def _report(ck, methods, tokens, calib, res, keep_n, seq_len, protect, t_start) 
         "super_experts": res["super_experts"] if protect else {"disabled": True},
         "layers": out_layers,
         "timings": {"total_s": round(time.time() - t_start, 3)},
-        "memory": {"peak_rss_bytes": peak_rss_bytes()},
+        "memory": {"peak_rss_bytes": peak_rss_bytes(), "cuda_peak_bytes": cuda_peak_bytes()},
     }
 
 

@@ -1,0 +1,99 @@
+"""``lowmoe score`` under --max-ram / --max-vram and with or without prefetching: same scores; and the
+flags' errors (budget too small, a device that is not there) are one line, before any work."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lowmoe.budget import SAFETY, layer_sizes, plan_budget
+from lowmoe.checkpoint import Checkpoint
+from lowmoe.cli import main
+from lowmoe.score import score
+
+CAL = {"seq_len": 16, "n_samples": 4, "batch_size": 2, "progress": False, "device": "cpu"}
+METHODS = ["frequency", "reap", "easy-ep"]
+
+
+def chunking_ram(model, batch_size: int, seq_len: int) -> int:
+    """A --max-ram that leaves the CPU compute copy room for the resident weights + 2 groups of 2
+    experts (so every MoE layer is expert-chunked, with layer prefetching still on)."""
+    ck = Checkpoint(model)
+    base = plan_budget(ck, device=torch.device("cpu"), dtype=torch.float32, batch_size=batch_size, seq_len=seq_len)
+    L = max(layer_sizes(ck), key=lambda s: s.resident_numel + s.expert_numel * s.num_experts)
+    need = base.activation_bytes + L.resident_bytes(4) + 4 * L.expert_bytes(4)
+    return base.host_fixed_bytes + 2 * base.host_layer_bytes + math.ceil(need / (1 - SAFETY)) + 1
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_scores_equal_with_ram_budget_and_without_prefetch(synth_dir, calib_txt, arch):
+    model = synth_dir(arch)
+    ref = score(model, calib=[calib_txt], method=METHODS, keep=4, **CAL)
+    assert ref["budget"]["chunked_layers"] == [] and ref["options"]["device"] == "cpu"
+    ram = chunking_ram(model, CAL["batch_size"], CAL["seq_len"])
+    small = score(model, calib=[calib_txt], method=METHODS, keep=4, max_ram=ram, **CAL)
+    serial = score(model, calib=[calib_txt], method=METHODS, keep=4, prefetch=False, **CAL)
+    moe = sorted(int(L) for L in ref["layers"])
+    assert small["budget"]["chunked_layers"] == moe, "the RAM budget must force expert chunking"
+    assert set(small["budget"]["group_sizes"].values()) == {2}
+    assert small["budget"]["plan"]["max_ram"] == ram
+    for other in (small, serial):
+        for L, e in ref["layers"].items():
+            assert other["layers"][L]["scores"] == e["scores"], L  # bit-identical, not just close
+            assert other["layers"][L]["keep"] == e["keep"], L
+    io = serial["io"]
+    assert io["wait_s"]["layer"] >= io["read_s"]["layer"] - 2e-4  # nothing overlapped: every read waited for
+
+
+def test_max_vram_rehearsal_on_cpu(synth_dir, calib_txt):
+    model = synth_dir("mixtral")
+    ck = Checkpoint(model)
+    base = plan_budget(ck, device=torch.device("cpu"), dtype=torch.float32, batch_size=2, seq_len=16)
+    L = layer_sizes(ck)[0]
+    vram = math.ceil((base.activation_bytes + L.resident_bytes(4) + 2 * L.expert_bytes(4)) / (1 - SAFETY)) + 1
+    ref = score(model, calib=[calib_txt], method="reap", **CAL)
+    rep = score(model, calib=[calib_txt], method="reap", max_vram=vram, **CAL)
+    assert set(rep["budget"]["group_sizes"].values()) == {1}
+    assert rep["budget"]["accounted_peak_bytes"] <= vram
+    assert all(rep["layers"][k]["scores"] == v["scores"] for k, v in ref["layers"].items())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-vram", "20KB"], "--max-vram 20.0 KB"),
+    (["--max-ram", "100MB"], "--max-ram 100.0 MB is too small"),
+    (["--max-vram", "lots"], "--max-vram 'lots': expected a size such as 20GiB"),
+    (["--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
+    (["--dtype", "int4"], "Invalid value for '--dtype'"),
+])
+def test_score_cli_flag_errors(synth_dir, calib_txt, args, message, tmp_path):
+    r = CliRunner().invoke(main, ["score", str(synth_dir("mixtral")), "--calib", str(calib_txt), "--device", "cpu",
+                                  "--out", str(tmp_path / "s.json"), *args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output, r.output
+    if "Invalid value" not in message:
+        lines = [x for x in r.output.splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith("lowmoe: error: "), r.output
+    assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_score_cuda_without_cuda_is_a_clean_error(synth_dir, calib_txt):
+    r = CliRunner().invoke(main, ["score", str(synth_dir("mixtral")), "--calib", str(calib_txt), "--device", "cuda"])
+    assert r.exit_code == 2
+    assert "lowmoe: error: --device cuda: CUDA is not available on this machine" in r.output
+    assert "use --device cpu or auto" in r.output
+
+
+def test_score_cli_defaults_to_auto(synth_dir, calib_txt, tmp_path):
+    out = tmp_path / "s.json"
+    r = CliRunner().invoke(main, ["-q", "score", str(synth_dir("mixtral")), "--calib", str(calib_txt), "--seq-len", "16",
+                                  "--n-samples", "4", "--out", str(out), "--dtype", "bf16", "--no-prefetch", "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    opts = json.loads(out.read_text())["options"]
+    want = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert opts["device"] == want and opts["dtype"] == "bf16" and opts["prefetch"] is False
