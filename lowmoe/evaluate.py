@@ -158,13 +158,61 @@ def _greedy_batch(model, chunk: list[Item], pad: int, device) -> list[bool]:
 # ---- streaming: one decoder layer at a time ----------------------------------------------------
 
 
+class _EvalTokens:
+    """Eval batches as a ``Stream``'s token source (the role ``CalibTokens`` plays in prune/score):
+    chunk ``c`` is batch ``c``, right-padded to its own width, so a batch of short prompts does not
+    pay for the longest one. Used with ``Stream(..., batch_size=1)``: one chunk per batch."""
+
+    def __init__(self, batches: list[torch.Tensor]):
+        self.ids = batches
+        self.input_ids = torch.empty((len(batches), 0), dtype=torch.long)  # only its length is read
+
+    def batches(self, batch_size: int):
+        for c in range(len(self.ids)):
+            yield c, slice(c, c + 1)
+
+
+def _eval_stream_class():
+    from .pipeline import Stream
+
+    class EvalStream(Stream):
+        """``pipeline.Stream`` over eval batches of different widths (``_EvalTokens``)."""
+
+        def embed(self) -> None:
+            key = "model.embed_tokens.weight"
+            w = self.ck.read([key])[key].to(self.device, self.dtype)
+            self.placer.accountant.track(w, w.numel() * w.element_size())
+            for c, sl in self.chunks():
+                self.cache.write(0, c, torch.nn.functional.embedding(self.tokens.ids[sl.start].to(self.device), w))
+            del w
+
+    return EvalStream
+
+
+def _logits_fp32(h: torch.Tensor, head: torch.Tensor, block: int = 16384) -> torch.Tensor:
+    """(B, S, H) x (V, H) -> (B, S, V) fp32 logits, products accumulated in fp32 whatever the compute
+    dtype; the head is upcast ``block`` vocabulary rows at a time to bound the extra memory."""
+    x = h.float()
+    return torch.cat([torch.nn.functional.linear(x, head[v:v + block].float()) for v in range(0, head.shape[0], block)], -1)
+
+
 @torch.no_grad()
-def _streaming(model_dir: Path, tok, by_task: dict[str, list[Item]], batch_size: int, device, dtype) -> dict:
+def _streaming(model_dir: Path, tok, by_task: dict[str, list[Item]], batch_size: int, device, dtype, *,
+               max_vram=None, max_ram=None, prefetch: bool = True, quant: str = "none", progress: bool = False,
+               work_dir: str | Path | None = None) -> dict:
+    """Teacher-forced scores through ``pipeline.Stream``: hidden states in the disk activation cache,
+    one decoder layer built at a time under the ``--max-vram``/``--max-ram`` plan, the next layer and
+    cache chunk read while this one computes; then final norm and lm_head per batch."""
+    import shutil
+    import tempfile
+
+    from .cache import ActivationCache
     from .checkpoint import Checkpoint
-    from .layer import LayerInputs, ModelSkeleton, materialize, materialize_layer, run_layer
+    from .layer import materialize
+    from .pipeline import _progress, plan_stream_budget
 
     ckpt = Checkpoint(model_dir)
-    skel = ModelSkeleton(ckpt.config, ckpt.adapter)
+    ckpt.validate()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     flat = [it for items in by_task.values() for it in items]
     # Sort by length so batches carry little padding; right padding under a causal mask never
@@ -172,64 +220,109 @@ def _streaming(model_dir: Path, tok, by_task: dict[str, list[Item]], batch_size:
     order = sorted(range(len(flat)), key=lambda i: len(flat[i].prompt_ids) + len(flat[i].answer_ids))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     tensors = [_right_padded([flat[i] for i in b], pad) for b in batches]
+    width = max(ids.shape[1] for ids, _ in tensors)
+    budget = plan_stream_budget(ckpt, device=device, dtype=dtype, batch_size=batch_size, seq_len=width,
+                                max_vram=max_vram, max_ram=max_ram, prefetch=prefetch)  # before any work
+    if quant != "none":
+        from .quant import check_quant_budget
 
-    embed = ckpt.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"].to(device=device, dtype=dtype)
-    hidden = [torch.nn.functional.embedding(ids.to(device), embed) for ids, _ in tensors]
-    tied = ckpt.config.get("tie_word_embeddings", False) or "lm_head.weight" not in ckpt.weight_map
-    del embed
-    rotary = skel.rotary(device)
-    inputs = [LayerInputs.build(skel, h, rotary) for h in hidden]
-    moe = set(ckpt.moe_layers())
-    for layer_idx in range(ckpt.num_layers):
-        state = ckpt.adapter.to_runtime(layer_idx, ckpt.read_layer(layer_idx), layer_idx in moe)
-        layer = materialize_layer(skel, layer_idx, state, device, dtype)
-        del state
-        hidden = [run_layer(skel, layer, layer_idx, h, inp) for h, inp in zip(hidden, inputs)]
-        del layer
-    norm = materialize(copy.deepcopy(skel.base.norm), {"weight": ckpt.read(["model.norm.weight"])["model.norm.weight"]}, device, dtype)
-    head_key = "model.embed_tokens.weight" if tied else "lm_head.weight"
-    head = ckpt.read([head_key])[head_key].to(device=device, dtype=dtype)
+        check_quant_budget(budget, ckpt, quant, dtype)
+    tmp = Path(tempfile.mkdtemp(prefix="lowmoe-eval-", dir=str(work_dir) if work_dir else None))
     per_item: dict[int, tuple[bool, float, int]] = {}
-    for b, (ids, ans), h in zip(batches, tensors, hidden):
-        logits = norm(h) @ head.T  # (B, S, V)
-        for i, e, l, t in zip(b, *score_logits(logits.cpu(), ids, ans)):
-            per_item[i] = (e, l, t)
-    ckpt.close()
+    try:
+        stream = _eval_stream_class()(ckpt, _EvalTokens([ids for ids, _ in tensors]), ActivationCache(tmp / "cache"),
+                                      device, dtype, 1, budget=budget, prefetch=prefetch, quant=quant)
+        t0 = time.perf_counter()
+        stream.embed()
+        moe = set(ckpt.moe_layers())
+        reader = stream.layers(0, moe)  # layer L+1 is read while L computes
+        for layer_idx, data in _progress(reader, len(reader), "eval (streaming)", progress):
+            module = stream.materialize(layer_idx, data.runtime)
+            del data
+            stream.forward(layer_idx, module, write=True)
+            del module
+            stream.cache.drop(layer_idx)
+        skel = stream.skel
+        norm = materialize(copy.deepcopy(skel.base.norm), {"weight": ckpt.read(["model.norm.weight"])["model.norm.weight"]},
+                           device, dtype)
+        tied = ckpt.config.get("tie_word_embeddings", False) or "lm_head.weight" not in ckpt.weight_map
+        head_key = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        head = ckpt.read([head_key])[head_key].to(device=device, dtype=dtype)
+        stream.placer.accountant.track(head, head.numel() * head.element_size())
+        for c, (b, (ids, ans)) in enumerate(zip(batches, tensors)):
+            h = stream.cache.read(ckpt.num_layers, c).to(device, dtype)
+            for i, e, l, t in zip(b, *score_logits(_logits_fp32(norm(h), head).cpu(), ids, ans)):
+                per_item[i] = (e, l, t)
+        io, placed = stream.io.to_json(time.perf_counter() - t0), stream.placer.report()
+        del head, norm, stream
+    finally:
+        ckpt.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     results, start = {}, 0
     for name, items in by_task.items():
         rows = [per_item[start + j] for j in range(len(items))]
         start += len(items)
         results[name] = _summarise(items, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
-    return results
+    return {"tasks": results, "io": io, "budget": placed}
 
 
 # ---- public API ----------------------------------------------------------------------------
 
 
 def evaluate(model_dir: str | Path, tasks=None, jsonl=None, n: int = 200, split: str = "test", mode: str = "greedy",
-             batch_size: int = 32, seed: int = 0, shots: int = task_data.DEFAULT_SHOTS, device: str = "cpu",
-             dtype: torch.dtype = torch.float32) -> dict:
+             batch_size: int = 32, seed: int = 0, shots: int = task_data.DEFAULT_SHOTS, device: str = "auto",
+             dtype: str | torch.dtype = "fp32", *, max_vram: str | int | None = None, max_ram: str | int | None = None,
+             prefetch: bool = True, quant: str = "none", progress: bool = False,
+             work_dir: str | Path | None = None) -> dict:
     """Score ``model_dir`` on task domains and/or a JSONL of prompt/answer pairs.
 
-    Returns ``{"model", "mode", "split", "n", "seed", "wall_s", "tasks": {name: {"exact_match",
-    "perplexity", "n", "answer_tokens", "correct": [bool per example], ...}}, "mean_exact_match"}``.
+    ``device`` is ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; ``dtype`` the compute
+    dtype (bf16/fp16/fp32; log-probabilities and NLL sums are fp32 whatever it is). Streaming mode
+    only: ``max_vram``/``max_ram`` budgets (planned before any work, as for ``prune``), ``prefetch``
+    (read the next layer while this one computes), ``quant`` (``nf4``/``int8``: the layers' linear
+    weights held quantized by bitsandbytes, ``lowmoe.quant``), ``work_dir`` (activation cache).
+
+    Returns ``{"model", "mode", "split", "n", "seed", "device", "dtype", "wall_s", "tasks": {name:
+    {"exact_match", "perplexity", "n", "answer_tokens", "correct": [bool per example], ...}},
+    "mean_exact_match"}`` (streaming adds ``io`` and ``budget``, as in the prune report).
     """
     from .calibration import load_tokenizer
+    from .device import dtype_name, resolve_device, resolve_dtype
 
     model_dir = Path(model_dir)
     if mode not in MODES:
         raise ConfigError(f"mode {mode!r} is unknown; choose one of: {', '.join(MODES)}")
+    if mode != "streaming":
+        flags = [f for f, v in (("--max-vram", max_vram), ("--max-ram", max_ram), ("--no-prefetch", not prefetch),
+                                ("--quant", quant != "none")) if v]
+        if flags:
+            raise ConfigError(f"{', '.join(flags)}: only used with --streaming (mode 'streaming')")
+    dev = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype, dev)
+    if quant != "none":
+        from .quant import check_quant_mode
+
+        check_quant_mode(quant)
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir}: no config.json (expected a Hugging Face checkpoint folder)")
     if n < 1:
         raise ConfigError(f"n must be at least 1 (got {n})")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     t0 = time.time()
     tok = load_tokenizer(model_dir)
     by_task = load_items(tok, tasks=tasks, jsonl=jsonl, n=n, split=split, seed=seed, shots=shots)
-    run = _greedy if mode == "greedy" else _streaming
-    results = run(model_dir, tok, by_task, batch_size, torch.device(device), dtype)
-    return {"model": str(model_dir), "mode": mode, "split": split, "n": n, "seed": seed, "wall_s": round(time.time() - t0, 3),
-            "tasks": results, "mean_exact_match": sum(r["exact_match"] for r in results.values()) / len(results)}
+    extra: dict = {}
+    if mode == "greedy":
+        results = _greedy(model_dir, tok, by_task, batch_size, dev, compute_dtype)
+    else:
+        out = _streaming(model_dir, tok, by_task, batch_size, dev, compute_dtype, max_vram=max_vram, max_ram=max_ram,
+                         prefetch=prefetch, quant=quant, progress=progress, work_dir=work_dir)
+        results = out.pop("tasks")
+        extra = {"quant": quant, **out}
+    return {"model": str(model_dir), "mode": mode, "split": split, "n": n, "seed": seed, "device": str(dev),
+            "dtype": dtype_name(compute_dtype), "wall_s": round(time.time() - t0, 3), "tasks": results,
+            "mean_exact_match": sum(r["exact_match"] for r in results.values()) / len(results), **extra}
 
 
 def format_table(result: dict, baseline: dict | None = None) -> str:
@@ -248,12 +341,13 @@ def format_table(result: dict, baseline: dict | None = None) -> str:
 
 
 def prune_and_compare(domain: str = "sort", out: str | Path = "toy-pruned", model: str | Path | None = None, keep: int | str = "half",
-                      method: str = "frequency", n: int = 100, calib_n: int = 64, seed: int = 0, overwrite: bool = True) -> dict:
+                      method: str = "frequency", n: int = 100, calib_n: int = 64, seed: int = 0, overwrite: bool = True,
+                      progress: bool = True) -> dict:
     """The main job on the shipped toy MoE: prune it for ``domain``, evaluate before and after, return both.
 
     Calibration is ``calib_n`` examples of the domain's calibration split (written next to ``out``);
     evaluation is every domain's held-out test split (streaming, teacher-forced). Print the result with
-    ``format_table(result["after"], result["before"])``.
+    ``format_table(result["after"], result["before"])``. ``progress=False`` (``lowmoe -q demo``): no bars.
     """
     from .pipeline import prune
     from .tasks import DOMAINS, TOY_MODEL, calib_file, check_domains
@@ -263,7 +357,7 @@ def prune_and_compare(domain: str = "sort", out: str | Path = "toy-pruned", mode
     out = Path(out)
     calib = calib_file(domain, n=calib_n, out_dir=out.parent / f"{out.name}-calib", seed=seed)
     report = prune(model, out, keep=keep, method=method, calib=[str(calib)], seed=seed, overwrite=overwrite, seq_len=128,
-                   n_samples=calib_n)
-    kw = {"tasks": DOMAINS, "n": n, "seed": seed, "mode": "streaming", "batch_size": 100}
+                   n_samples=calib_n, progress=progress)
+    kw = {"tasks": DOMAINS, "n": n, "seed": seed, "mode": "streaming", "batch_size": 100, "progress": progress}
     return {"domain": domain, "method": method, "keep": keep, "calib": str(calib), "report": report,
             "before": evaluate(model, **kw), "after": evaluate(out, **kw)}
