@@ -186,14 +186,15 @@ def _add_method_options(kwargs: dict, pairs: tuple[str, ...]) -> dict:
 @click.option("--keep", default="half", show_default=True, help="Experts kept per layer.")
 @click.option("--n", default=100, show_default=True, type=int, help="Held-out test examples per domain.")
 @click.option("--out", default="toy-pruned", show_default=True, type=click.Path(path_type=Path), help="Output directory (replaced).")
-def demo(domain, method, keep, n, out):
+@click.pass_context
+def demo(ctx, domain, method, keep, n, out):
     """The main job on the shipped toy MoE: prune it for one domain, evaluate before and after."""
     import time
 
     from .evaluate import format_table, prune_and_compare
 
     t0 = time.time()
-    res = prune_and_compare(domain=domain, out=out, method=method, keep=keep, n=n)
+    res = prune_and_compare(domain=domain, out=out, method=method, keep=keep, n=n, progress=not ctx.obj["quiet"])
     r = res["report"]
     click.echo(f"\npruned the toy MoE for '{domain}' with {method}: {r['num_experts']['before']} -> "
                f"{r['num_experts']['after']} experts per layer, written to {out}")
