@@ -17,7 +17,7 @@ from lowmoe.quant import layer_weights
 from .test_eep import merged, records
 
 
-def evaluator(src, tmp_path, dtype=torch.float32, top_k=2):
+def evaluator(src, tmp_path, dtype=torch.float32, top_k=2, **kw):
     from lowmoe.calibration import load_tokenizer
     from lowmoe.eep.fitness import FitnessData
 
@@ -25,7 +25,7 @@ def evaluator(src, tmp_path, dtype=torch.float32, top_k=2):
     data = FitnessData.from_records(records(8), load_tokenizer(src))
     space = SearchSpace.build(ck.moe_layers(), ck.num_experts, 4, "layer")
     return PopulationEvaluator(ck, layer_weights(ck, "none", None), space, data, tmp_path / "acts", device="cpu",
-                               dtype=dtype, top_k=top_k, batch_size=4)
+                               dtype=dtype, top_k=top_k, batch_size=4, **kw)
 
 
 @pytest.mark.parametrize("arch,stored,dtype", [("mixtral", "bfloat16", torch.float32), ("deepseek_v3", "bfloat16", torch.float32),
@@ -55,3 +55,29 @@ def test_loaded_layer_block_is_bit_identical_to_a_fresh_build(synth_dir, tmp_pat
     # the original block comes back
     full = materialize_layer(pe.skel, L, pe.adapter.to_runtime(L, tensors, True), "cpu", dtype)
     assert torch.equal(run_layer(pe.skel, loaded.use(None), L, h, inputs), run_layer(pe.skel, full, L, h, inputs))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_shared_plans_and_trimmed_last_layer_keep_fitness(synth_dir, tmp_path, arch):
+    """Streams that differ only in an earlier layer share each later layer's built block; the last MoE
+    block and the head run on the scored positions only. Fitness equals the whole model's (and the
+    untrimmed pass's) up to float rounding."""
+    from lowmoe.eep.population import WholeModelEvaluator
+    from lowmoe.eep.space import Candidate
+
+    src = synth_dir(arch)
+    pe = evaluator(src, tmp_path / "a")
+    full = evaluator(src, tmp_path / "b", trim_last=False)
+    rng = np.random.default_rng(3)
+    a = merged(pe.space, pe.space.random_onehot(rng), rng)
+    b = Candidate(a.em.copy(), a.rm.copy())
+    other = pe.space.random_onehot(rng)
+    b.em[0], b.rm[0] = other.em[0], other.rm[0]  # differs from a in the first MoE layer only
+    cands = [a, b.canonical(), pe.space.random_onehot(rng)]
+    got = pe.evaluate(cands)
+    assert pe.stats["layer_builds"] < pe.stats["layer_runs"]
+    ref = WholeModelEvaluator(pe.ck, pe.space, pe.data, top_k=2, batch_size=4).evaluate(cands)
+    untrimmed = full.evaluate(cands)
+    for g, r, u in zip(got, ref, untrimmed):
+        assert g.acc == r.acc == u.acc
+        assert g.ll == pytest.approx(r.ll, abs=1e-5) and g.ll == pytest.approx(u.ll, abs=1e-5)

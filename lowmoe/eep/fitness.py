@@ -44,7 +44,7 @@ class Fitness:
         return {"acc": self.acc, "ll": self.ll}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Fitness":
+    def from_json(cls, d: dict) -> Fitness:
         return cls(float(d["acc"]), float(d["ll"]))
 
 
@@ -75,7 +75,7 @@ class FitnessData:
             yield i // batch_size, slice(i, i + batch_size)
 
     @classmethod
-    def load(cls, paths, tokenizer, *, max_examples: int | None = None, max_len: int | None = None) -> "FitnessData":
+    def load(cls, paths, tokenizer, *, max_examples: int | None = None, max_len: int | None = None) -> FitnessData:
         """Examples from one or more JSONL files (``max_examples``: the first N over all files)."""
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         records = []
@@ -88,11 +88,11 @@ class FitnessData:
 
     @classmethod
     def from_records(cls, records: list[dict], tokenizer, *, source: str = "records", max_len: int | None = None,
-                     where: str = "records") -> "FitnessData":
+                     where: str = "records") -> FitnessData:
         seqs: list[list[int]] = []
         rows: list[Row] = []
         labels: list[int | None] = []
-        enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
         eos = tokenizer.eos_token_id
         for n, rec in enumerate(records):
             # as lowmoe.evaluate: the prompt with the tokenizer's special tokens (a BOS where it adds
@@ -131,14 +131,29 @@ class FitnessData:
         return cls(ids_t, rows, labels, source)
 
     # ---- scoring -----------------------------------------------------------------------------
+    def positions(self, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence in chunk, position) of every logit fitness reads for the chunk ``input_ids[sl]``:
+        per sequence, the position before each answer token (position t predicts t+1), in row order."""
+        b_idx, t_idx = [], []
+        for b, row in enumerate(self.rows[sl]):
+            b_idx += [b] * row.length
+            t_idx += range(row.start - 1, row.start - 1 + row.length)
+        return torch.tensor(b_idx, dtype=torch.long), torch.tensor(t_idx, dtype=torch.long)
+
     def score_logits(self, logits: torch.Tensor, sl: slice) -> list[tuple[bool, float]]:
         """Per sequence of the chunk: (every answer token is the argmax, summed answer log-prob).
 
         logits: (B, S, V) for the chunk's sequences ``input_ids[sl]``; position t predicts t+1."""
+        b, t = self.positions(sl)
+        return self.score_positions(logits[b.to(logits.device), t.to(logits.device)], sl)
+
+    def score_positions(self, logits: torch.Tensor, sl: slice) -> list[tuple[bool, float]]:
+        """``score_logits`` from only the logits it reads: (P, V) at ``positions(sl)``, in that order."""
         ids = self.input_ids[sl]
-        out = []
+        out, p = [], 0
         for b, row in enumerate(self.rows[sl]):
-            pred = logits[b, row.start - 1:row.start - 1 + row.length].float()  # (A, V)
+            pred = logits[p:p + row.length].float()  # (A, V)
+            p += row.length
             gold = ids[b, row.start:row.start + row.length].to(pred.device)  # (A,)
             logp = torch.log_softmax(pred, dim=-1).gather(1, gold[:, None]).squeeze(1)
             exact = bool((pred.argmax(dim=-1) == gold).all())  # what greedy decoding picks

@@ -59,6 +59,29 @@ class KeptExperts(torch.nn.Module):
         return self.inner(hidden_states, self.keep.to(top_k_index.device)[top_k_index], *args, **kwargs)
 
 
+class TokenSubset(torch.nn.Module):
+    """A MoE block run on chosen tokens only (``index`` into the flattened batch); the others get 0.
+
+    MoE blocks are token-wise, so the chosen tokens' outputs are those of the whole batch up to float
+    rounding (the experts' matrix products see fewer rows). Used on the last decoder layer, where
+    fitness reads only the positions before answer tokens."""
+
+    def __init__(self, block: torch.nn.Module, index: torch.Tensor):
+        super().__init__()
+        self.block, self.index = block, index
+
+    def forward(self, hidden_states, *args, **kwargs):
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        out = self.block(flat[self.index].unsqueeze(0), *args, **kwargs)
+        rest = None
+        if isinstance(out, tuple):  # e.g. (hidden, router scores): the decoder layer keeps only the first
+            out, rest = out[0], out[1:]
+        full = torch.zeros_like(flat)
+        full[self.index] = out.reshape(-1, flat.shape[-1]).to(full.dtype)
+        full = full.view_as(hidden_states)
+        return (full, *rest) if rest is not None else full
+
+
 class LoadedLayer:
     """One decoder layer, loaded once per generation and shared by every candidate that runs it.
 
@@ -75,7 +98,7 @@ class LoadedLayer:
     could not be (a compute dtype narrower than the stored one), a merged block comes from
     ``apply_layer`` over the stored tensors, which are then kept for the layer's candidates."""
 
-    def __init__(self, ev: "PopulationEvaluator", layer_idx: int, tensors: dict[str, torch.Tensor]):
+    def __init__(self, ev: PopulationEvaluator, layer_idx: int, tensors: dict[str, torch.Tensor]):
         ad = ev.adapter
         self.ev, self.idx, self.is_moe = ev, layer_idx, layer_idx in ev.moe
         if not self.is_moe:
@@ -176,7 +199,7 @@ class LoadedLayer:
 
 class PopulationEvaluator:
     def __init__(self, ck: Checkpoint, weights, space: SearchSpace, data: FitnessData, root, *, device, dtype,
-                 top_k: int, batch_size: int = 8, progress: bool = False):
+                 top_k: int, batch_size: int = 8, progress: bool = False, trim_last: bool = True):
         self.ck, self.weights, self.space, self.data = ck, weights, space, data
         self.adapter = ck.adapter
         self.device, self.dtype, self.top_k, self.batch_size = torch.device(device), dtype, top_k, batch_size
@@ -189,7 +212,9 @@ class PopulationEvaluator:
         self._inputs: dict[tuple, LayerInputs] = {}
         self._head: Head | None = None
         self._cand_cfg = None
-        self._buffers: dict[str, torch.Tensor] = {}  # reused storage (LoadedLayer experts, merged experts)
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._positions: dict[int, torch.Tensor] = {}  # chunk -> flat indices of the positions fitness scores
+        self.trim_last = trim_last  # last MoE block only on those positions (False: all, bit-exact to the whole model)  # reused storage (LoadedLayer experts, merged experts)
         self._final: dict[str, Fitness] = {}  # final-stream key -> fitness (same function, same value)
         self.stats = {"layer_loads": 0, "layer_builds": 0, "layer_runs": 0, "layer_runs_saved": 0, "evaluations": 0}
         if not self.cache.has(0, self.num_chunks, ROOT):
@@ -234,11 +259,22 @@ class PopulationEvaluator:
         return self._inputs[k]
 
     @torch.no_grad()
-    def _run(self, module, layer_idx: int, src: str, dst: str) -> None:
-        for c, _ in self.data.batches(self.batch_size):
-            h = self.cache.read(layer_idx, c, src, device=self.device).to(self.dtype)
-            self.cache.write(layer_idx + 1, c, run_layer(self.skel, module, layer_idx, h, self._inputs_for(h)), dst)
+    def _run(self, loaded: LoadedLayer, block, src: str, dst: str) -> None:
+        L = loaded.idx
+        last = L == self.ck.num_layers - 1 and loaded.is_moe and self.trim_last
+        module = loaded.use(block)
+        for c, sl in self.data.batches(self.batch_size):
+            h = self.cache.read(L, c, src, device=self.device).to(self.dtype)
+            if last:  # nothing after this layer reads other positions than the ones fitness scores
+                module = loaded.use(TokenSubset(block if block is not None else loaded.base, self._flat_positions(c, sl, h)))
+            self.cache.write(L + 1, c, run_layer(self.skel, module, L, h, self._inputs_for(h)), dst)
         self.stats["layer_runs"] += 1
+
+    def _flat_positions(self, c: int, sl: slice, h: torch.Tensor) -> torch.Tensor:
+        if c not in self._positions:
+            b, t = self.data.positions(sl)
+            self._positions[c] = (b * h.shape[1] + t).to(self.device)
+        return self._positions[c]
 
     def build_layer(self, layer_idx: int, tensors: dict[str, torch.Tensor], cand: Candidate | None):
         """Layer ``layer_idx`` as the written model will have it (``cand`` None: a dense layer), built
@@ -259,7 +295,8 @@ class PopulationEvaluator:
         n = self.ck.num_layers
         for c, sl in self.data.batches(self.batch_size):
             h = self.cache.read(n, c, stream, device=self.device).to(self.dtype)
-            rows += self.data.score_logits(self._head(h), sl)
+            # the head on the scored positions only
+            rows += self.data.score_positions(self._head(h.reshape(-1, h.shape[-1])[self._flat_positions(c, sl, h)]), sl)
         return self.data.aggregate(rows)
 
     def evaluate(self, cands: list[Candidate]) -> list[Fitness]:
@@ -290,12 +327,18 @@ class PopulationEvaluator:
                 continue
             loaded = LoadedLayer(self, L, self.weights.layer(L))
             self.stats["layer_loads"] += 1
+            # jobs with the same plan for this layer (streams that differ only before it) share one built block
+            by_plan: dict[bytes, list[tuple[str, str, int]]] = {}
             for dst, (src, i) in jobs.items():
+                plan = cands[i].group_bytes(self.space.group_of(L)) if loaded.is_moe else b""
+                by_plan.setdefault(plan, []).append((dst, src, i))
+            for group in by_plan.values():
                 block = None
                 if loaded.is_moe:
-                    block = loaded.block(self.space.layer_plan(cands[i], L))
+                    block = loaded.block(self.space.layer_plan(cands[group[0][2]], L))
                     self.stats["layer_builds"] += 1
-                self._run(loaded.use(block), L, src, dst)
+                for dst, src, _ in group:
+                    self._run(loaded, block, src, dst)
                 del block
             del loaded
         for i in todo:
