@@ -33,12 +33,16 @@ from .device import DTYPE_CHOICES
 @click.option("--max-vram", default=None, help="Device memory budget, e.g. 20GiB; experts are streamed in groups when a layer does not fit.")
 @click.option("--max-ram", default=None, help="Host RAM budget, e.g. 32GiB (checked before the run starts).")
 @click.option("--no-prefetch", is_flag=True, help="Do not read the next layer / activation chunk while computing.")
+@click.option("--quant", default="none", show_default=True, type=click.Choice(["none", "int8", "nf4"]),
+              help="Hold each layer's expert, attention and shared-expert weights as bitsandbytes NF4 (~0.56 byte/param) "
+                   "or blockwise int8 (~1 byte/param), dequantized per use; router and norms stay exact. "
+                   "Needs bitsandbytes. Accuracy cost: see docs/gpu.md, 'Quantized compute'.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
 @click.pass_context
 def score_command(ctx, model, calib, methods, out, keep, seq_len, n_samples, batch_size, layout, answer_only,
                   no_protect_super_experts, reap_no_renormalize, heatmap, device, dtype, max_vram, max_ram, no_prefetch,
-                  seed, as_json):
+                  quant, seed, as_json):
     """Score MODEL's experts on calibration data and write scores.json (no output model)."""
     from .score import format_scores, score
 
@@ -46,7 +50,7 @@ def score_command(ctx, model, calib, methods, out, keep, seq_len, n_samples, bat
     report = score(model, calib=list(calib), method=list(methods), out=out, keep=keep, seq_len=seq_len,
                    n_samples=n_samples, batch_size=batch_size, layout=layout, answer_only=answer_only,
                    protect_super_experts=not no_protect_super_experts, device=device, dtype=dtype, max_vram=max_vram,
-                   max_ram=max_ram, prefetch=not no_prefetch, seed=seed,
+                   max_ram=max_ram, prefetch=not no_prefetch, quant=quant, seed=seed,
                    progress=not (ctx.obj or {}).get("quiet"), method_options=opts)
     if heatmap:
         from .heatmap import usage_heatmap

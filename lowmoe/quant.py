@@ -364,35 +364,41 @@ def build_quantized_layer(skel, layer_idx: int, runtime_state: dict[str, torch.T
 
 
 def check_quant_budget(plan, ck: Checkpoint, mode: str, dtype: torch.dtype) -> None:
-    """With ``--quant``, every layer is built whole and quantized (no expert chunking): its codes,
-    its exact tensors and the largest matrix dequantized at once must fit the planned weights budget
-    (``budget.BudgetPlan.weights_budget``); ConfigError naming the flag otherwise. Sizes come from
-    the index: 2-D+ tensors other than the router count as quantized."""
+    """With ``--quant``, every layer is built whole and quantized (no expert chunking): its codes, its
+    exact tensors (router, norms, biases, gates) and the most it dequantizes at once (one expert's
+    matrices, or the largest other matrix) must fit the planned weights budget
+    (``budget.BudgetPlan.weights_budget``); ConfigError naming the flag otherwise. From the index."""
     if mode == "none" or plan is None or plan.weights_budget is None:
         return
+    import math
+
     from .device import dtype_bytes
     from .memory import fmt_bytes
 
     b = dtype_bytes(dtype)
+    ad = ck.adapter
     moe = set(ck.moe_layers())
     flag = "--max-vram" if plan.max_vram is not None and plan.device_budget == plan.max_vram else "--max-ram"
     for L in range(ck.num_layers):
-        prefix = ck.adapter.layer_prefix(L)
-        q = rest = largest = 0
+        prefix = ad.layer_prefix(L)
+        expert_keys: set[str] = set()
+        if L in moe:
+            expert_keys = set(ad.fused_keys(L)) if ad.expert_layout != "per_expert" else {
+                k for e in range(ck.num_experts) for k in ad.expert_keys(L, e)}
+        quantized = exact = largest = experts_q = 0
         for key in ck.layer_keys(L):
             shape = ck.tensor_info(key)[0]
-            n = 1
-            for d in shape:
-                n *= d
-            rel = key[len(prefix):]
-            if len(shape) >= 2 and shape[0] > 1 and not rel.endswith("bias") and not ck.adapter.is_router_key(rel):
-                q += n
-                # fused expert tensors are dequantized one expert at a time
-                one = n // shape[0] if (L in moe and len(shape) == 3) else n
-                largest = max(largest, one)
+            n, rel = math.prod(shape), key[len(prefix):]
+            if len(shape) >= 2 and shape[0] > 1 and not rel.endswith("bias") and not ad.is_router_key(rel):
+                quantized += n
+                if key in expert_keys:
+                    experts_q += n
+                else:
+                    largest = max(largest, n)
             else:
-                rest += n
-        need = int(q * BYTES_PER_PARAM[mode]) + rest * b + largest * b
+                exact += n
+        one_expert = experts_q // ck.num_experts if L in moe else 0  # dequantized together (QuantExperts)
+        need = int(quantized * BYTES_PER_PARAM[mode]) + (exact + max(largest, one_expert)) * b
         if need > plan.weights_budget:
             raise ConfigError(f"{flag} {fmt_bytes(plan.device_budget)}: layer {L} quantized ({mode}) needs "
                               f"{fmt_bytes(need)} for its weights next to {fmt_bytes(plan.activation_bytes)} of activations "

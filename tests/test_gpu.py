@@ -77,3 +77,39 @@ def test_prune_holds_a_third_of_the_model(synth_dir, calib_txt, tmp_path):
     assert peak <= budget, f"CUDA peak {peak} over the budget {budget}"
     assert rep["budget"]["accounted_peak_bytes"] <= budget
     assert rep["plan"] == ref["plan"]
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quantized_layer_on_cuda_matches_cpu(synth_dir, mode):
+    pytest.importorskip("bitsandbytes")
+    from lowmoe.quant import build_quantized_layer
+
+    ck = Checkpoint(synth_dir("mixtral", hidden_size=64, intermediate_size=64))
+    skel = ModelSkeleton(ck.config, ck.adapter)
+    rt = ck.adapter.to_runtime(1, ck.read_layer(1), True)
+    h = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for dev in (torch.device("cpu"), torch.device("cuda")):
+        layer = build_quantized_layer(skel, 1, rt, dev, torch.float32, mode)  # quantized on dev by bitsandbytes
+        x = h.to(dev)
+        with torch.no_grad():
+            outs.append(run_layer(skel, layer, 1, x, LayerInputs.build(skel, x, skel.rotary(dev))).cpu())
+    assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_quantized_scores_and_streaming_eval_on_cuda(calib_txt):
+    pytest.importorskip("bitsandbytes")
+    from lowmoe.evaluate import evaluate
+    from lowmoe.score import score
+    from lowmoe.tasks import TOY_MODEL
+
+    kw = {"calib": [calib_txt], "method": ["frequency", "reap"], "keep": 4, "seq_len": 64, "n_samples": 8, "quant": "nf4",
+          "progress": False}
+    cpu, gpu = score(TOY_MODEL, device="cpu", **kw), score(TOY_MODEL, device="cuda", **kw)
+    for L, e in cpu["layers"].items():
+        for m in ("frequency", "reap"):
+            assert torch.allclose(torch.tensor(gpu["layers"][L]["scores"][m]), torch.tensor(e["scores"][m]), rtol=1e-3, atol=1e-6)
+    ev = {"tasks": "sort", "n": 50, "mode": "streaming", "batch_size": 50, "quant": "nf4", "max_vram": "1GiB"}
+    a, b = evaluate(TOY_MODEL, device="cpu", **ev), evaluate(TOY_MODEL, device="cuda", **ev)
+    assert sum(x != y for x, y in zip(a["tasks"]["sort"]["correct"], b["tasks"]["sort"]["correct"])) <= 1
+    assert b["budget"]["cuda_max_memory_allocated"] < 2**30
