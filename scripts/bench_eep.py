@@ -2,14 +2,21 @@
 
     python scripts/bench_eep.py [--model /tmp/lowmoe-bench/mix2g] [--population 16] [--generations 3]
                                 [--examples 8] [--quant none] [--threads 1] [--baseline-evals 6]
+                                [--no-trim-last]
 
 1. **streamed** (a subprocess): the real EEP search (``lowmoe.eep.evolve``) for ``--generations``
    generations of ``--population``, every generation one population-parallel streamed pass
    (``PopulationEvaluator``: one layer in memory, prefix sharing, retained parent streams).
    The candidates it evaluated are saved.
-2. **whole model** (a subprocess): the same candidates, one at a time, with every tensor of the model
-   in memory (``WholeModelEvaluator``: apply the plan, build the transformers model, forward) on the
-   same fitness tokens. ``--baseline-evals`` of them are timed (its cost per candidate is constant).
+2. **whole model, teacher-forced** (a subprocess): the same candidates, one at a time, with every
+   tensor of the model in memory (``WholeModelEvaluator``: apply the plan, build the transformers
+   model, one forward) on the same fitness tokens. ``--baseline-evals`` of them are timed (its cost
+   per candidate is constant), spread over the run.
+3. **whole model, generation** (a subprocess): what EEP's reference code does per candidate -- the
+   whole model resident, the candidate's merged weights loaded, fitness by greedy *generation*
+   (transformers ``generate``, greedy, KV cache, batched with left padding, as many new tokens as the
+   longest gold answer of the batch); an example is right iff its first |answer| generated tokens
+   are the answer. Same candidates as 2; its accuracy is checked against the teacher-forced fitness.
 
 Throughput is reported per wall hour and per CPU hour (process CPU time: robust on a shared
 machine), plus peak RSS of each process, and a check that both give the same fitness values.
@@ -27,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _bench import BENCH_MODEL, ensure_model  # noqa: E402
+from _bench import BENCH_MODEL, ensure_model
 
 
 def setup(args):
@@ -60,15 +67,16 @@ def run_streamed(args) -> dict:
     weights = layer_weights(ck, args.quant, work / f"quant-{args.quant}")
     quant_s = time.perf_counter() - t0
     ev = PopulationEvaluator(ck, weights, space, data, work / "acts", device="cpu", dtype=torch.float32, top_k=args.top_k,
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size, trim_last=not args.no_trim_last)
     gens = []
 
     def evaluate(cands):
-        w0, c0 = time.perf_counter(), time.process_time()
+        w0, c0, r0 = time.perf_counter(), time.process_time(), ev.stats["layer_runs"]
         fits = ev.evaluate(cands)
-        gens.append({"candidates": len(cands), "wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0})
+        gens.append({"candidates": len(cands), "wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0,
+                     "layer_runs": ev.stats["layer_runs"] - r0})
         print(f"  streamed generation {len(gens) - 1}: {len(cands)} candidates in {gens[-1]['wall_s']:.1f} s wall, "
-              f"{gens[-1]['cpu_s']:.1f} s CPU", flush=True)
+              f"{gens[-1]['cpu_s']:.1f} s CPU, {gens[-1]['layer_runs']} layer runs", flush=True)
         return fits
 
     evo = Evolution(space, EvolveOptions(generations=args.generations, population=args.population, seed=0), evaluate)
@@ -77,10 +85,40 @@ def run_streamed(args) -> dict:
     cands = [{"cand": e.cand.to_json(), "fitness": e.fitness.to_json()} for e in st.archive]
     return {"generations": gens, "candidates": cands, "stats": ev.stats, "peak_rss": peak_rss_bytes(), "quant_s": quant_s,
             "bytes_read": weights.bytes_read, "largest_layer": max(ck.layer_bytes(i) for i in range(ck.num_layers)),
-            "model_bytes": ck.total_bytes(), "tokens": data.num_tokens}
+            "model_bytes": ck.total_bytes(), "tokens": data.num_tokens, "layers": ck.num_layers,
+            "chunk_bytes": min(args.batch_size, data.input_ids.shape[0]) * data.input_ids.shape[1] * int(ck.config["hidden_size"]) * 4}
+
+
+def greedy_fitness(model, data, batch_size: int) -> tuple[dict, list[int]]:
+    """EEP-style fitness: accuracy of greedy generation (KV cache), batched with left padding, as
+    many new tokens as the longest gold answer of the batch; right iff the first |answer| tokens match.
+    Also returns every example's first generated token."""
+    import torch
+
+    if any(lbl is not None for lbl in data.labels):
+        raise SystemExit("the generation baseline handles generative (prompt/answer) examples only")
+    pad = int(model.config.pad_token_id or 0)
+    right, first = 0, []
+    for i in range(0, len(data.rows), batch_size):
+        rows = data.rows[i:i + batch_size]
+        ids = data.input_ids[i:i + batch_size]
+        width = max(r.start for r in rows)
+        prompt = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            prompt[b, width - r.start:] = ids[b, :r.start]
+            mask[b, width - r.start:] = 1
+        new = max(r.length for r in rows)
+        out = model.generate(input_ids=prompt, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new,
+                             use_cache=True, pad_token_id=pad)[:, width:]
+        right += sum(bool(torch.equal(out[b, :r.length], ids[b, r.start:r.start + r.length])) for b, r in enumerate(rows))
+        first += out[:, 0].tolist()
+    return {"acc": right / len(data.rows)}, first
 
 
 def run_whole(args) -> dict:
+    import torch
+
     from lowmoe.eep.population import WholeModelEvaluator
     from lowmoe.eep.space import Candidate
     from lowmoe.memory import peak_rss_bytes
@@ -96,10 +134,23 @@ def run_whole(args) -> dict:
     out = []
     for c in subset:
         w0, c0 = time.perf_counter(), time.process_time()
-        f = ev.evaluate_one(Candidate.from_json(c["cand"]))
-        out.append({"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0, "fitness": f.to_json(),
-                    "streamed": c["fitness"]})
-        print(f"  whole-model candidate {len(out)}: {out[-1]['wall_s']:.1f} s wall, {out[-1]['cpu_s']:.1f} s CPU", flush=True)
+        cand = Candidate.from_json(c["cand"])
+        if args.mode == "whole":
+            f = ev.evaluate_one(cand).to_json()
+        else:  # build the candidate's model as the teacher-forced baseline does, then generate
+            with torch.no_grad():
+                model = ev.model(cand)
+                f, first = greedy_fitness(model, data, args.batch_size)
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        if args.mode == "generate":  # untimed check: greedy's first token is the teacher-forced argmax
+            with torch.no_grad():
+                tf = [int(model(data.input_ids[i:i + 1], use_cache=False).logits[0, r.start - 1].argmax())
+                      for i, r in enumerate(data.rows)]
+            f["first_token_agree"] = sum(a == b for a, b in zip(first, tf)) / len(tf)
+            del model
+        out.append({"wall_s": wall, "cpu_s": cpu, "fitness": f, "streamed": c["fitness"]})
+        print(f"  {args.mode} candidate {len(out)}: {out[-1]['wall_s']:.1f} s wall, {out[-1]['cpu_s']:.1f} s CPU, "
+              f"acc {f['acc']:.3f} (streamed {c['fitness']['acc']:.3f})", flush=True)
     return {"evals": out, "load_s": load_s, "peak_rss": peak_rss_bytes()}
 
 
@@ -120,7 +171,8 @@ def main():
     p.add_argument("--retain-gb", type=float, default=10.0)
     p.add_argument("--baseline-evals", type=int, default=6)
     p.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
-    p.add_argument("--mode", default="both", choices=["both", "streamed", "whole"], help=argparse.SUPPRESS)
+    p.add_argument("--no-trim-last", action="store_true", help="run the last MoE block on every position (bit-exact)")
+    p.add_argument("--mode", default="both", choices=["both", "streamed", "whole", "generate"], help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     p.add_argument("--candidates", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -138,47 +190,61 @@ def main():
                 "--generations", str(args.generations), "--examples", str(args.examples), "--domain", args.domain,
                 "--keep", str(args.keep), "--top-k", str(args.top_k), "--layer-groups", str(args.layer_groups),
                 "--quant", args.quant, "--threads", str(args.threads), "--batch-size", str(args.batch_size),
-                "--retain-gb", str(args.retain_gb), *(["--retain", str(args.retain)] if args.retain else []), "--baseline-evals", str(args.baseline_evals)]
+                "--retain-gb", str(args.retain_gb), *(["--retain", str(args.retain)] if args.retain else []),
+                "--baseline-evals", str(args.baseline_evals), *(["--no-trim-last"] if args.no_trim_last else [])]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         print(f"streamed population search ({args.generations} generations x {args.population}, quant {args.quant}) ...", flush=True)
         subprocess.run(base + ["--mode", "streamed", "--work", str(tmp / "w"), "--result", str(tmp / "s.json")], check=True, env=env)
         s = json.loads((tmp / "s.json").read_text())
         (tmp / "c.json").write_text(json.dumps(s["candidates"]))
-        print("whole model in memory, one candidate at a time ...", flush=True)
-        subprocess.run(base + ["--mode", "whole", "--candidates", str(tmp / "c.json"), "--result", str(tmp / "b.json")], check=True, env=env)
-        b = json.loads((tmp / "b.json").read_text())
-    n = sum(g["candidates"] for g in s["generations"])
-    s_wall, s_cpu = sum(g["wall_s"] for g in s["generations"]), sum(g["cpu_s"] for g in s["generations"])
-    later = s["generations"][1:]
-    b_wall = sum(e["wall_s"] for e in b["evals"]) / len(b["evals"])
-    b_cpu = sum(e["cpu_s"] for e in b["evals"]) / len(b["evals"])
-    max_dll = max(abs(e["fitness"]["ll"] - e["streamed"]["ll"]) for e in b["evals"])
-    same_acc = all(e["fitness"]["acc"] == e["streamed"]["acc"] for e in b["evals"])
+        res = {}
+        for mode, what in (("whole", "teacher-forced"), ("generate", "greedy generation")):
+            print(f"whole model in memory, one candidate at a time, {what} ...", flush=True)
+            subprocess.run(base + ["--mode", mode, "--candidates", str(tmp / "c.json"), "--result", str(tmp / f"{mode}.json")],
+                           check=True, env=env)
+            res[mode] = json.loads((tmp / f"{mode}.json").read_text())
+    gens = s["generations"]
+    n = sum(g["candidates"] for g in gens)
+    s_wall, s_cpu = sum(g["wall_s"] for g in gens), sum(g["cpu_s"] for g in gens)
+    tail = gens[len(gens) // 2:]  # the second half: cross-generation stream reuse at its steady state
+    bound = 2 * s["largest_layer"] + s["chunk_bytes"] + 2**30
     fig = {
         "model": str(args.model), "model_bytes": s["model_bytes"], "largest_layer_bytes": s["largest_layer"],
         "fitness_tokens": s["tokens"], "population": args.population, "generations": args.generations, "quant": args.quant,
-        "threads": args.threads, "layer_groups": args.layer_groups,
+        "threads": args.threads, "layer_groups": args.layer_groups, "trim_last": not args.no_trim_last,
+        "rss_bound": bound, "chunk_bytes": s["chunk_bytes"],
         "streamed": {"evals": n, "evals_per_hour_wall": n / s_wall * 3600, "evals_per_cpu_hour": n / s_cpu * 3600,
-                     "children_evals_per_cpu_hour": (sum(g["candidates"] for g in later) / sum(g["cpu_s"] for g in later) * 3600) if later else None,
-                     "peak_rss": s["peak_rss"], "stats": s["stats"], "bytes_read": s["bytes_read"], "quant_build_s": s["quant_s"]},
-        "whole_model": {"evals_timed": len(b["evals"]), "evals_per_hour_wall": 3600 / b_wall, "evals_per_cpu_hour": 3600 / b_cpu,
-                        "load_s": b["load_s"], "peak_rss": b["peak_rss"]},
-        "same_fitness": {"accuracy_equal": same_acc, "max_abs_ll_diff": max_dll},
+                     "second_half_evals_per_cpu_hour": sum(g["candidates"] for g in tail) / sum(g["cpu_s"] for g in tail) * 3600,
+                     "generations": gens, "peak_rss": s["peak_rss"], "stats": s["stats"], "bytes_read": s["bytes_read"],
+                     "quant_build_s": s["quant_s"]},
     }
-    fig["speedup_cpu"] = fig["streamed"]["evals_per_cpu_hour"] / fig["whole_model"]["evals_per_cpu_hour"]
-    fig["speedup_wall"] = fig["streamed"]["evals_per_hour_wall"] / fig["whole_model"]["evals_per_hour_wall"]
     print()
     print(f"model {args.model} ({fmt_bytes(s['model_bytes'])}, largest layer {fmt_bytes(s['largest_layer'])}), "
-          f"{s['tokens']} fitness tokens, {args.threads} thread(s), quant {args.quant}")
-    print(f"streamed population : {fig['streamed']['evals_per_cpu_hour']:8.1f} evals/CPU-hour  "
-          f"{fig['streamed']['evals_per_hour_wall']:8.1f} evals/wall-hour  peak RSS {fmt_bytes(s['peak_rss'])}  "
-          f"(layer runs {s['stats']['layer_runs']}, saved by prefix sharing {s['stats']['layer_runs_saved']})")
-    if later:
-        print(f"  children generations only: {fig['streamed']['children_evals_per_cpu_hour']:.1f} evals/CPU-hour")
-    print(f"whole model in RAM  : {fig['whole_model']['evals_per_cpu_hour']:8.1f} evals/CPU-hour  "
-          f"{fig['whole_model']['evals_per_hour_wall']:8.1f} evals/wall-hour  peak RSS {fmt_bytes(b['peak_rss'])}")
-    print(f"speedup: {fig['speedup_cpu']:.2f}x per CPU-hour, {fig['speedup_wall']:.2f}x per wall-hour; "
-          f"same fitness: accuracy equal {same_acc}, max |Δll| {max_dll:.2e}")
+          f"{s['tokens']} fitness tokens, {args.threads} thread(s), quant {args.quant}; "
+          f"RSS bound 2 x layer + chunk + 1 GB = {fmt_bytes(bound)}")
+    st = s["stats"]
+    print(f"streamed population   : {fig['streamed']['evals_per_cpu_hour']:7.1f} evals/CPU-hour {fig['streamed']['evals_per_hour_wall']:7.1f} "
+          f"evals/wall-hour  peak RSS {fmt_bytes(s['peak_rss'])}  (second half {fig['streamed']['second_half_evals_per_cpu_hour']:.1f}/CPU-hour; "
+          f"{st['layer_runs']} layer runs for {n} x {s['layers']} = {n * s['layers']} candidate layers; "
+          f"{st['layer_runs_saved']} skipped from retained streams; {st['layer_builds']} MoE blocks built)")
+    for mode, label in (("whole", "whole model, teacher-f"), ("generate", "whole model, generate")):
+        b = res[mode]
+        w = sum(e["wall_s"] for e in b["evals"]) / len(b["evals"])
+        c = sum(e["cpu_s"] for e in b["evals"]) / len(b["evals"])
+        same_acc = all(e["fitness"]["acc"] == e["streamed"]["acc"] for e in b["evals"])
+        d = {"evals_timed": len(b["evals"]), "evals_per_hour_wall": 3600 / w, "evals_per_cpu_hour": 3600 / c,
+             "load_s": b["load_s"], "peak_rss": b["peak_rss"], "accuracy_equal": same_acc, "evals": b["evals"],
+             "speedup_cpu": fig["streamed"]["evals_per_cpu_hour"] * c / 3600,
+             "speedup_wall": fig["streamed"]["evals_per_hour_wall"] * w / 3600}
+        if mode == "whole":
+            d["max_abs_ll_diff"] = max(abs(e["fitness"]["ll"] - e["streamed"]["ll"]) for e in b["evals"])
+        else:
+            d["first_token_agree"] = min(e["fitness"]["first_token_agree"] for e in b["evals"])
+        fig[mode] = d
+        print(f"{label:22s}: {d['evals_per_cpu_hour']:7.1f} evals/CPU-hour {d['evals_per_hour_wall']:7.1f} evals/wall-hour  "
+              f"peak RSS {fmt_bytes(b['peak_rss'])}  -> streamed is {d['speedup_cpu']:.2f}x per CPU-hour, "
+              f"{d['speedup_wall']:.2f}x per wall-hour; accuracy equal {same_acc}"
+              + (f", max |dll| {d['max_abs_ll_diff']:.2e}" if mode == "whole" else f", first-token agreement {d['first_token_agree']:.2f}"))
     if args.json:
         args.json.write_text(json.dumps(fig, indent=1))
 
