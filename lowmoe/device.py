@@ -65,9 +65,8 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device | None = None) -
         if key not in DTYPES:
             raise ConfigError(f"--dtype {name!r}: choose one of bf16, fp16, fp32")
         dtype = DTYPES[key]
-    if device is not None and device.type == "cuda" and dtype == torch.bfloat16:
-        if not torch.cuda.is_bf16_supported():
-            raise ConfigError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no bf16 support; use --dtype fp16 or fp32")
+    if device is not None and device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no bf16 support; use --dtype fp16 or fp32")
     return dtype
 
 
