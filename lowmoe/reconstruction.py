@@ -137,6 +137,7 @@ class ReconstructionMethod(LayerMethod):
         self._idx = torch.zeros(0, top_k, dtype=torch.long)  # (N, k) original routing
         self._w = torch.zeros(0, top_k)  # (N, k)
         self._experts = None
+        self._compute: tuple[torch.device, torch.dtype] | None = None
         self._sim: RouterSim | None = None
         self._checked = False
         self._gram: torch.Tensor | None = None  # (N, E, E)
@@ -153,6 +154,9 @@ class ReconstructionMethod(LayerMethod):
             self._check_router(logits, idx, w)
             self._checked = True
         self._experts = call.experts  # kept until decide(): G needs the experts' weights
+        # where and in what dtype the experts run: taken from their input, because an expert-chunked
+        # (or quantized) experts module holds no ordinary parameters to ask
+        self._compute = (call.moe_input.device, call.moe_input.dtype)
         keys = torch.rand(x.shape[0], generator=self.gen)
         x = x.to("cpu")
         self._x = x if self._x is None else torch.cat([self._x, x])
@@ -185,8 +189,7 @@ class ReconstructionMethod(LayerMethod):
         experts, x = self._experts, self._x
         n, h = x.shape
         e = self.num_experts
-        dev = next(experts.parameters()).device
-        dtype = next(experts.parameters()).dtype
+        dev, dtype = self._compute
         block = max(1, (256 * 2**20) // (4 * e * h))  # tokens per block: all experts' outputs <= 256 MB
         gram = torch.empty(n, e, e)
         for s in range(0, n, block):

@@ -97,3 +97,15 @@ def test_score_cli_defaults_to_auto(synth_dir, calib_txt, tmp_path):
     opts = json.loads(out.read_text())["options"]
     want = "cuda:0" if torch.cuda.is_available() else "cpu"
     assert opts["device"] == want and opts["dtype"] == "bf16" and opts["prefetch"] is False
+
+
+def test_reconstruction_scores_under_expert_chunking(synth_dir, calib_txt):
+    """reconstruction runs the experts itself (its Gram matrix of expert outputs); on an expert-chunked
+    layer it must find the device and dtype from the experts' input, and give the same keep-sets."""
+    model = synth_dir("mixtral")
+    ref = score(model, calib=[calib_txt], method="reconstruction", keep=4, **CAL)
+    small = score(model, calib=[calib_txt], method="reconstruction", keep=4,
+                  max_ram=chunking_ram(model, CAL["batch_size"], CAL["seq_len"]), **CAL)
+    assert small["budget"]["chunked_layers"] == sorted(int(L) for L in ref["layers"])
+    for L, e in ref["layers"].items():
+        assert small["layers"][L]["keep"] == e["keep"], L
