@@ -144,19 +144,21 @@ def _seed_candidate(run, cfg, space: SearchSpace, method: str, work: Path) -> Ca
         keep = {int(k): v for k, v in json.loads(path.read_text()).items()}
         return space.from_keep(keep)
     from ..cache import ActivationCache
-    from ..layer import materialize_layer
     from ..pipeline import DTYPES, Stream, _device, calibrate
 
     ck, adapter = run.ck, run.ck.adapter
     tokens = calibrate(cfg, ck)
     cache = ActivationCache(work / "acts-seed")
-    stream = Stream(ck, tokens, cache, _device(cfg.device), DTYPES[cfg.dtype], cfg.batch_size)
+    # the same stream as a one-shot prune: layer L+1 read while L computes, under --max-vram/--max-ram
+    stream = Stream(ck, tokens, cache, _device(cfg.device), DTYPES[cfg.dtype], cfg.batch_size, budget=run.budget,
+                    prefetch=cfg.prefetch)
     stream.embed()
     keep: dict[int, list[int]] = {}
     moe = set(ck.moe_layers())
-    for L in range(ck.num_layers):
-        tensors = ck.read_layer(L)
-        module = materialize_layer(stream.skel, L, adapter.to_runtime(L, tensors, L in moe), stream.device, stream.dtype)
+    for L, data in stream.layers(0, moe):
+        tensors = data.tensors
+        module = stream.materialize(L, data.runtime)
+        del data
         if L in moe:
             m = methods.make_layer_method(method, ck.num_experts, ck.top_k, seed=cfg.seed)
 
