@@ -11,8 +11,8 @@ For every domain and every sparsity (8 -> 4 experts = 50%, 8 -> 2 = 75%):
   ``--n-search`` other calib-split examples (``--dev``). The search never sees the test split.
 * **top-k 2 -> 1**: EEP with ``--keep 8 --top-k 1`` (merging only) vs the full model routed top-1.
 
-Every model is scored with ``lowmoe.evaluate`` (greedy exact match) on ``--n-test`` held-out test
-examples. Prints a table and writes the figures as JSON (``--json``).
+Every model is scored with ``lowmoe.evaluate`` (exact match, teacher-forced: the same event as
+greedy decoding reproducing the answer) on ``--n-test`` held-out test examples. Prints a table and writes the figures as JSON (``--json``).
 """
 
 from __future__ import annotations
@@ -34,8 +34,16 @@ from lowmoe.evaluate import evaluate  # noqa: E402
 from lowmoe.scoring import SCORERS  # noqa: E402
 
 
-def test_acc(model_dir: Path, domain: str, n: int) -> float:
-    return evaluate(model_dir, tasks=[domain], n=n, split="test", mode="greedy")["tasks"][domain]["exact_match"]
+def test_acc(model_dir: Path, domain: str, n: int) -> tuple[float, list[bool]]:
+    """Exact match on the test split and the per-example outcomes. Teacher-forced: the same event as
+    greedy exact match (tests/test_evaluate.py checks it), about 10x faster."""
+    r = evaluate(model_dir, tasks=[domain], n=n, split="test", mode="streaming", device="cpu")["tasks"][domain]
+    return r["exact_match"], r["correct"]
+
+
+def paired_se(a: list[bool], b: list[bool]) -> float:
+    """Standard error of acc(b) - acc(a) on the same examples: sqrt(discordant pairs) / n (McNemar)."""
+    return sum(x != y for x, y in zip(a, b)) ** 0.5 / len(a)
 
 
 def main():
@@ -46,7 +54,9 @@ def main():
     p.add_argument("--generations", type=int, default=40)
     p.add_argument("--population", type=int, default=16)
     p.add_argument("--n-search", type=int, default=48)
+    p.add_argument("--n-dev", type=int, default=None, help="dev examples for the final pick (default: --n-search)")
     p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--n-oneshot", type=int, default=128, help="calibration prompts for the one-shot scorers")
     p.add_argument("--layer-groups", default="layer")
     p.add_argument("--init", default="random")
     p.add_argument("--seed", type=int, default=0)
@@ -61,19 +71,20 @@ def main():
         tmp = Path(tmp)
         for domain in args.domains.split(","):
             # search / dev: two disjoint halves of the calib split; calibration for one-shot: the calib split
-            recs = tasks.make_split(domain, "calib", 2 * args.n_search, seed=args.seed)
+            n_dev = args.n_dev or args.n_search
+            recs = tasks.make_split(domain, "calib", args.n_search + n_dev, seed=args.seed)
             search = tasks.write_jsonl(recs[:args.n_search], tmp / f"{domain}-search.jsonl")
             dev = tasks.write_jsonl(recs[args.n_search:], tmp / f"{domain}-dev.jsonl")
             calib = tasks.write_jsonl(recs, tmp / f"{domain}-calib.jsonl")
-            full_top2[domain] = test_acc(args.model, domain, args.n_test)
+            full_top2[domain], _ = test_acc(args.model, domain, args.n_test)
             print(f"[{domain}] full model (8 experts, top-2): {full_top2[domain]:.3f}", flush=True)
             for keep in [int(k) for k in args.keeps.split(",")]:
-                one_shot = {}
+                one_shot, outcomes = {}, {}
                 for m in args.methods.split(","):
                     out = tmp / f"{domain}-{m}-{keep}"
                     lowmoe.prune(args.model, out, keep=keep, method=m, calib=[calib], layout="per-sample", seq_len=160,
-                                 n_samples=len(recs), progress=False, overwrite=True)
-                    one_shot[m] = test_acc(out, domain, args.n_test)
+                                 n_samples=min(len(recs), args.n_oneshot), progress=False, overwrite=True)
+                    one_shot[m], outcomes[m] = test_acc(out, domain, args.n_test)
                 best_m = max(one_shot, key=one_shot.get)
                 out = tmp / f"{domain}-eep-{keep}"
                 t0 = time.time()
@@ -81,30 +92,32 @@ def main():
                                    seed=args.seed, progress=False, overwrite=True,
                                    method_options={"dev": str(dev), "generations": args.generations, "population": args.population,
                                                    "layer_groups": args.layer_groups, "init": args.init})
-                eep_acc = test_acc(out, domain, args.n_test)
+                eep_acc, eep_correct = test_acc(out, domain, args.n_test)
                 row = {"domain": domain, "keep": keep, "sparsity": 1 - keep / 8, "one_shot": one_shot, "best_one_shot": best_m,
-                       "eep": eep_acc, "margin": eep_acc - one_shot[best_m], "eep_search_s": round(time.time() - t0, 1),
+                       "eep": eep_acc, "margin": eep_acc - one_shot[best_m],
+                       "margin_se": paired_se(outcomes[best_m], eep_correct), "eep_search_s": round(time.time() - t0, 1),
                        "eep_train_fitness": rep["eep"]["best"]["fitness"], "eep_dev_fitness": rep["eep"]["best"]["dev"],
                        "eep_evaluations": rep["eep"]["evaluations"], "eep_phase": rep["eep"]["best"]["phase"]}
                 results["runs"].append(row)
                 print(f"[{domain}] keep {keep}/8: best one-shot {best_m} {one_shot[best_m]:.3f} | EEP {eep_acc:.3f} "
-                      f"(margin {row['margin']:+.3f}; search {row['eep_search_s']} s, {row['eep_evaluations']} evals)", flush=True)
+                      f"(margin {row['margin']:+.3f} ± {row['margin_se']:.3f}; search {row['eep_search_s']} s, {row['eep_evaluations']} evals)", flush=True)
             if not args.no_topk:
                 top1 = tmp / f"{domain}-top1"
                 plan = {"format": "lowmoe-plan/1", "num_experts_per_tok": 1,
                         "layers": {str(L): {"keep": list(range(8))} for L in range(Checkpoint(args.model).num_layers)}}
                 lowmoe.prune(args.model, top1, plan=plan, progress=False, overwrite=True)
-                plain = test_acc(top1, domain, args.n_test)
+                plain, plain_correct = test_acc(top1, domain, args.n_test)
                 out = tmp / f"{domain}-eep-top1"
                 lowmoe.prune(args.model, out, keep=8, top_k=1, method="eep", calib=[search], seq_len=160, n_samples=args.n_search, batch_size=16,
                              seed=args.seed, progress=False, overwrite=True,
                              method_options={"dev": str(dev), "generations": args.generations, "population": args.population,
                                              "layer_groups": args.layer_groups})
-                merged = test_acc(out, domain, args.n_test)
+                merged, merged_correct = test_acc(out, domain, args.n_test)
+                se = paired_se(plain_correct, merged_correct)
                 results["runs"].append({"domain": domain, "keep": 8, "top_k": 1, "plain_top1": plain, "eep_top1": merged,
-                                        "margin": merged - plain})
-                print(f"[{domain}] top-2 -> top-1: plain top-1 {plain:.3f} | EEP merge {merged:.3f} (margin {merged - plain:+.3f})",
-                      flush=True)
+                                        "margin": merged - plain, "margin_se": se})
+                print(f"[{domain}] top-2 -> top-1: plain top-1 {plain:.3f} | EEP merge {merged:.3f} "
+                      f"(margin {merged - plain:+.3f} ± {se:.3f})", flush=True)
     results["full_top2"] = full_top2
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
