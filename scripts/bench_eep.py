@@ -109,8 +109,9 @@ def greedy_fitness(model, data, batch_size: int) -> tuple[dict, list[int]]:
             prompt[b, width - r.start:] = ids[b, :r.start]
             mask[b, width - r.start:] = 1
         new = max(r.length for r in rows)
-        out = model.generate(input_ids=prompt, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new,
+        out = model.generate(input_ids=prompt, attention_mask=mask, do_sample=False, max_new_tokens=new,
                              use_cache=True, pad_token_id=pad)[:, width:]
+        # (a sequence that ended with EOS is padded: it is right only if the whole answer came before)
         right += sum(bool(torch.equal(out[b, :r.length], ids[b, r.start:r.start + r.length])) for b, r in enumerate(rows))
         first += out[:, 0].tolist()
     return {"acc": right / len(data.rows)}, first

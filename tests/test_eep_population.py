@@ -42,7 +42,7 @@ def test_loaded_layer_block_is_bit_identical_to_a_fresh_build(synth_dir, tmp_pat
     inputs = LayerInputs.build(pe.skel, h, pe.rotary)
     L = pe.ck.moe_layers()[-1]
     tensors = pe.weights.layer(L)
-    loaded = LoadedLayer(pe, L, tensors)
+    loaded = LoadedLayer(pe, L, dict(tensors))
     assert loaded.exact == (stored == "bfloat16")
     for cand, kept in zip(cands, (True, False)):
         lp = pe.space.layer_plan(cand, L)

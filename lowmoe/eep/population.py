@@ -4,11 +4,18 @@ EEP's reference code loads the whole model and, per candidate, merges weights an
 on the training subset. Here one generation is evaluated in **one pass over the decoder layers**:
 
     for layer L = 0 .. n-1:
-        load layer L once (checkpoint shards, or the NF4/int8 cache of ``lowmoe.quant``)
-        for every distinct hidden-state stream that needs layer L:
-            build the candidate's layer L (apply_layer: W_EM merge + W_RM router, E' experts, top-k)
-            run the stream's cached boundary-L chunks through it -> boundary L+1 of its stream
-    final norm + lm_head on each final stream -> teacher-forced fitness (``fitness``)
+        load layer L once (checkpoint shards, or the NF4/int8 cache of ``lowmoe.quant``) into the
+            layer's own module, all E experts, compute dtype (``LoadedLayer``)
+        for every distinct plan of layer L among the streams that need it:
+            build the candidate's MoE block from the loaded layer (kept experts by index, or
+            W_EM merges; router rows W_RM through apply_layer) and swap it into the module
+            for every stream with that plan: run its boundary-L chunks -> boundary L+1
+    final norm + lm_head on the scored positions of each final stream -> teacher-forced fitness
+
+On the last layer the MoE block runs only on the positions fitness scores (``TokenSubset``):
+nothing after it reads the others. Everything else is bit-identical to building each candidate's
+layer with ``apply_layer`` (tests); the trimmed last block equals it up to float rounding
+(``trim_last=False`` turns it off).
 
 **Streams and prefix sharing.** Hidden states live on disk (``ActivationCache``), one *stream*
 per distinct model prefix. A stream's name at boundary b is a hash of the candidate's plan on
@@ -17,8 +24,8 @@ and the layer is computed once for all of them. Streams of the best candidates o
 (``retain``) are kept between generations: a child that differs from its parent only from layer
 group g onward starts from its parent's cached boundary and skips every layer before g.
 
-Memory: one layer's weights + one candidate's built layer + one activation chunk, whatever the
-population size; the streams are on disk.
+Memory: one layer in the compute dtype (kept in buffers reused from layer to layer) + one
+candidate's MoE block + one activation chunk, whatever the population size; the streams are on disk.
 
 ``WholeModelEvaluator`` is the reference and the benchmark baseline: the whole model in memory,
 one candidate at a time, built with transformers from the same applied tensors.
@@ -99,6 +106,7 @@ class LoadedLayer:
     ``apply_layer`` over the stored tensors, which are then kept for the layer's candidates."""
 
     def __init__(self, ev: PopulationEvaluator, layer_idx: int, tensors: dict[str, torch.Tensor]):
+        """``tensors``: the layer's stored tensors (on-disk keys); this takes the dict over."""
         ad = ev.adapter
         self.ev, self.idx, self.is_moe = ev, layer_idx, layer_idx in ev.moe
         if not self.is_moe:
@@ -106,18 +114,22 @@ class LoadedLayer:
             return
         prefix = ad.layer_prefix(layer_idx)
         experts = {k: t for k, t in tensors.items() if ad.is_expert_key(k[len(prefix):])}
+        # merging from the loaded copy equals merging the stored tensors iff the cast to the compute dtype was exact
+        stored = {t.dtype for t in experts.values()}
+        self.exact = len(stored) == 1 and (ev.dtype == torch.float32 or stored == {ev.dtype})
+        self.stored_dtype = next(iter(stored)) if len(stored) == 1 else None
+        # the stored expert tensors are only needed for the apply_layer fallback; otherwise they are
+        # dropped from ``tensors`` (which this takes over) and freed one expert at a time as they are loaded
+        self.tensors = tensors if not self.exact else None
+        if self.exact:
+            for k in experts:
+                del tensors[k]
+        self.router_tensors = {k: tensors[k] for k in ad.router_keys(layer_idx) if k in tensors}
         state = ad.to_runtime(layer_idx, {k: t for k, t in tensors.items() if k not in experts}, True)
         state.update(self._load_experts(experts))
         self.module = materialize_layer(ev.skel, layer_idx, state, ev.device, ev.dtype)
         self.path = ad.runtime_moe_prefix.rstrip(".")
         self.base = self.module.get_submodule(self.path)
-        self.router_tensors = {k: tensors[k] for k in ad.router_keys(layer_idx) if k in tensors}
-        # merging from the loaded copy equals merging the stored tensors iff the cast to the compute dtype was exact
-        stored = {t.dtype for t in experts.values()}
-        self.exact = len(stored) == 1 and (ev.dtype == torch.float32 or stored == {ev.dtype})
-        self.stored_dtype = stored.pop() if len(stored) == 1 else None
-        # the stored expert tensors are only needed for the apply_layer fallback
-        self.tensors = tensors if not self.exact else None
         self.shared = {k: v for k, v in self.base.state_dict().items()
                        if not k.startswith("experts.") and not k.startswith(ad.runtime_router + ".")}
 
@@ -127,16 +139,18 @@ class LoadedLayer:
         a fresh allocation of twice the layer per layer costs more in page faults than the copy."""
         ev, ad, L = self.ev, self.ev.adapter, self.idx
         E = ev.ck.num_experts
-        if ad.expert_layout == "fused":
-            parts = [(None, experts)]
-        else:  # expert e's tensors renamed to expert 0, so to_runtime stacks just that one
-            base = ad.layer_prefix(L) + ad.moe_prefix + "experts."
-            parts = []
-            for e in range(E):
+        base = ad.layer_prefix(L) + ad.moe_prefix + "experts."
+
+        def parts():
+            if ad.expert_layout == "fused":
+                yield None, experts
+                return
+            for e in range(E):  # expert e's tensors renamed to expert 0, so to_runtime stacks just that one
                 own = f"{base}{e}."
-                parts.append((e, {base + "0." + k[len(own):]: t for k, t in experts.items() if k.startswith(own)}))
+                yield e, {base + "0." + k[len(own):]: experts.pop(k) for k in [k for k in experts if k.startswith(own)]}
+
         out: dict[str, torch.Tensor] = {}
-        for e, part in parts:
+        for e, part in parts():
             for k, v in ad.to_runtime(L, part, True).items():
                 shape = tuple(v.shape) if e is None else (E,) + tuple(v.shape[1:])
                 buf = ev.buffer(k, shape, ev.dtype)
@@ -325,6 +339,9 @@ class PopulationEvaluator:
                     jobs[keys[i][L + 1]] = (keys[i][L], i)
             if not jobs:
                 continue
+            # the previous layer's merge buffer is not needed while this one is read and loaded
+            for name in [b for b in self._buffers if b.startswith("merged:")]:
+                del self._buffers[name]
             loaded = LoadedLayer(self, L, self.weights.layer(L))
             self.stats["layer_loads"] += 1
             # jobs with the same plan for this layer (streams that differ only before it) share one built block
