@@ -25,6 +25,6 @@ def make_scorer(name: str, num_experts: int, top_k: int, **options) -> Scorer:
     return cls(num_experts, top_k, **options)
 
 
-from .. import reconstruction  # noqa: F401  registers methods.LAYER_METHODS["reconstruction"]
+from .. import reconstruction  # noqa: E402, F401  registers (after SCORERS: it imports them) methods.LAYER_METHODS["reconstruction"]
 
 __all__ = ["SCORERS", "Scorer", "choose_keep", "make_scorer", "router_probs"]
