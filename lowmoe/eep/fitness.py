@@ -92,7 +92,10 @@ class FitnessData:
         seqs: list[list[int]] = []
         rows: list[Row] = []
         labels: list[int | None] = []
-        enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+
+        def enc(s):
+            return tokenizer(s, add_special_tokens=False)["input_ids"]
+
         eos = tokenizer.eos_token_id
         for n, rec in enumerate(records):
             # as lowmoe.evaluate: the prompt with the tokenizer's special tokens (a BOS where it adds
