@@ -203,3 +203,25 @@ def test_top_k_only_starts_from_the_identity():
     init = ev.initial(np.random.default_rng(0))
     assert init[0].key() == sp.identity().key() and len(init) == 4
     assert ev.phase(0) == "merge"
+
+
+def test_seeded_pick_rescores_the_seed_on_dev():
+    """A seed that falls out of the training top-dev_num is still compared on dev, and wins there."""
+    sp = SearchSpace.build(list(range(3)), 8, 4, "layer")
+    seed = sp.onehot([[0, 1, 2, 3]] * 3)
+    key = seed.canonical().key()
+
+    def train(cands):  # the seed looks worst on the training split
+        return [Fitness(0.0 if c.key() == key else 0.5, -1.0 + 1e-3 * i) for i, c in enumerate(cands)]
+
+    def dev(cands):  # ... and best on dev
+        return [Fitness(1.0 if c.key() == key else 0.25, -1.0) for c in cands]
+
+    opts = EvolveOptions(generations=3, population=8, dev_num=4)
+    ev = Evolution(sp, opts, train, seed_cand=seed)
+    ev.run()
+    assert key not in [e.cand.key() for e in ev.state.ranked()[:4]]
+    assert ev.pick(dev).cand.key() == key
+    unseeded = Evolution(sp, opts, train)
+    unseeded.run()
+    assert unseeded.pick(dev).cand.key() != key

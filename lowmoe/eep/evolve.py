@@ -21,7 +21,8 @@ Algorithm (Liu et al., arXiv 2407.00945, §4.3 / Alg. 1; defaults from the autho
   W_EM row is divided by its sum (W_RM is never normalised).
 * Children already in the archive are redrawn (up to ``max_redraw`` times).
 * **Final pick**: the top ``dev_num`` (20) by training fitness are re-scored on the dev split and
-  the best on dev is returned (without dev data: the best on training fitness).
+  the best on dev is returned (without dev data: the best on training fitness). A seeded search
+  also re-scores its seed, so the pick is never worse on dev than the one-shot plan.
 
 lowmoe evaluates ``population`` children per generation in one streamed pass
 (``population.PopulationEvaluator``) instead of EEP's one candidate per full-model run. EEP's
@@ -341,6 +342,13 @@ class Evolution:
         if evaluate_dev is None:
             return ranked[0]
         top = ranked[:self.opts.dev_num]
+        if self.seed_cand is not None:
+            # a seeded search (--init METHOD) also re-scores its seed on dev, so the pick is never
+            # worse on dev than the one-shot plan it started from
+            key = self.seed_cand.canonical().key()
+            seed = next((e for e in ranked if e.cand.key() == key), None)
+            if seed is not None and all(e.cand.key() != key for e in top):
+                top.append(seed)
         todo = [e for e in top if e.dev is None]
         if todo:
             for e, f in zip(todo, evaluate_dev([e.cand for e in todo])):
