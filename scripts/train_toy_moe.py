@@ -172,6 +172,9 @@ def main(argv=None):
     p.add_argument("--loss-balance", choices=["token", "domain"], default="domain",
                    help="average the loss over all answer tokens, or per domain first")
     p.add_argument("--route-weight", type=float, default=0.2, help="weight of the per-domain routing prior (0 = off)")
+    p.add_argument("--balance-weight", type=float, default=0.0,
+                   help="weight of the Switch/Mixtral load-balancing loss (0 = off); with --route-weight 0 it gives a toy "
+                        "whose experts are not specialised by domain")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=96)
     p.add_argument("--heads", type=int, default=4)
@@ -218,7 +221,7 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         x, m, _, dom = encode(tok, data.batch(args.batch_size))
-        out = model(input_ids=x, output_router_logits=args.route_weight > 0)
+        out = model(input_ids=x, output_router_logits=args.route_weight > 0 or args.balance_weight > 0)
         logits = out.logits[:, :-1].float()
         tgt = x[:, 1:].masked_fill(~m[:, 1:], -100)
         if args.loss_balance == "token":
@@ -232,6 +235,10 @@ def main(argv=None):
         if args.route_weight > 0:
             rl = route_loss(out.router_logits, dom, x != PAD_ID, domains, args.experts)
             loss = loss + args.route_weight * rl
+        if args.balance_weight > 0:
+            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+            loss = loss + args.balance_weight * load_balancing_loss_func(out.router_logits, args.experts, args.top_k, x != PAD_ID)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
