@@ -30,6 +30,9 @@ checkpoints are stacked into transformers' fused layout), the prefetched next la
 copy of the layer being written, activation chunks in flight and the interpreter. When two layers do not fit, layer
 prefetching is turned off; when one does not, the run is refused.
 
+The EEP search's population evaluation plans its own pass with ``plan_population`` (no prefetch, a
+candidate's E' experts counted in host RAM) and streams a candidate's experts the same way.
+
 Expert chunking does not change a number: each expert sees the same token rows in the same order
 as in transformers' loop, and the outputs are summed over experts in ascending order, exactly as
 ``index_add_`` in the original module does, so the results are bit-identical (tested).
@@ -211,9 +214,13 @@ class BudgetPlan:
 
 
 def plan_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int,
-                max_vram: int | None = None, max_ram: int | None = None, prefetch: bool = True) -> BudgetPlan:
+                max_vram: int | None = None, max_ram: int | None = None, prefetch: bool = True,
+                extra_host: dict[str, int] | None = None) -> BudgetPlan:
     """Decide, from the index alone, how every layer will be built under the budgets; raise
-    ``ConfigError`` (naming the flag and the size needed) if a budget cannot be held."""
+    ``ConfigError`` (naming the flag and the size needed) if a budget cannot be held.
+
+    ``extra_host``: what else the pass holds in host memory beside one layer (name -> bytes; the EEP
+    evaluator's candidate experts, ``plan_population``), counted like the interpreter's share."""
     b = dtype_bytes(dtype)
     sizes = layer_sizes(ck)
     cfg = ck.config
@@ -232,6 +239,8 @@ def plan_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size: int
     largest_host = max(host_layer(L) for L in sizes)
     chunk_host = 4 * batch_size * seq_len * int(cfg.get("hidden_size", 0)) * 4  # chunks in flight, fp32
     host_fixed = HOST_BASE_BYTES + chunk_host + largest_stored  # + the written (plan-applied) copy of a layer
+    host_fixed += sum((extra_host or {}).values())
+    extra_what = "".join(f" + {what}" for what in (extra_host or {}))
 
     notes: list[str] = []
     if max_ram is not None:
@@ -239,7 +248,7 @@ def plan_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size: int
         if need_one > max_ram:
             raise ConfigError(
                 f"--max-ram {fmt_bytes(max_ram)} is too small: one layer as read and in runtime layout "
-                f"({fmt_bytes(largest_host)}) + its plan-applied copy + activation chunks + the interpreter need about "
+                f"({fmt_bytes(largest_host)}) + its plan-applied copy{extra_what} + activation chunks + the interpreter need about "
                 f"{fmt_bytes(need_one)}; raise --max-ram")
     embed_key = "model.embed_tokens.weight"
     embed = (ck.tensor_bytes(embed_key) // _stored_elem(ck, embed_key) * b) if embed_key in ck.weight_map else 0
@@ -312,6 +321,98 @@ def _stored_elem(ck, key: str) -> int:
     from .checkpoint import DTYPE_BYTES
 
     return DTYPE_BYTES.get(ck.tensor_info(key)[1], 4)
+
+
+# ---- the EEP population evaluator --------------------------------------------------------------
+
+
+@dataclass
+class PopulationBudget:
+    """How ``eep.population.PopulationEvaluator`` builds each MoE layer under the budgets.
+
+    ``layers[L].group_size`` None: the loaded layer fits whole on the device with a merged candidate
+    block beside it (the unbudgeted fast path). Otherwise the layer's routed experts stay in host
+    memory in their stored dtype, its resident part and the candidate's router are on the device, and
+    the candidate's ``num_experts`` (E') selected or merged experts visit it ``group_size`` at a time
+    through ``ChunkedExperts`` (one group of E' when they fit)."""
+
+    plan: BudgetPlan  # planned for this pass: no layer prefetch, the candidate's host experts counted
+    num_experts: int
+    layers: dict[int, Placement] = field(default_factory=dict)
+    candidate_host_bytes: int = 0
+
+    @property
+    def chunked_layers(self) -> list[int]:
+        return sorted(L for L, p in self.layers.items() if p.chunked)
+
+
+def _budget_flag(plan: BudgetPlan) -> str:
+    """The flag whose size became the device budget."""
+    return "--max-vram" if plan.max_vram is not None and plan.device_budget == plan.max_vram else "--max-ram"
+
+
+def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size: int, seq_len: int) -> PopulationBudget | None:
+    """The budget of the EEP search's streamed population evaluation, from the run's plan (``plan_budget``
+    with the run's flags; None or no flag given: None, no budget). From the index alone, before the search.
+
+    Host: one layer as read + its runtime copy (no prefetch: the evaluator reads layer by layer) + a
+    candidate's E' experts in the stored dtype + the float32 merge temporaries (one expert, or the
+    whole fused tensors: ``apply._map_rows`` multiplies them at once). Device, per MoE layer with E
+    experts of P params, in the compute dtype (b bytes): whole when
+
+        resident + E*P*b + E' router rows + E'*P*(4 + b) (+ E*P*4 fused)  <=  weights budget
+
+    (the loaded layer plus a merged block and its float32 buffer), else resident + E' router rows + 1
+    or 2 groups of the candidate's experts (``choose_placement`` over E'). ConfigError naming the
+    flag when not even one expert fits."""
+    if plan is None or (plan.max_vram is None and plan.max_ram is None):
+        return None
+    device, dtype = torch.device(plan.device), getattr(torch, plan.compute_dtype)
+    b = dtype_bytes(dtype)
+    fused = ck.adapter.expert_layout == "fused"
+    E, n = ck.num_experts, int(num_experts)
+    sizes = [s for s in layer_sizes(ck) if s.num_experts]
+
+    def stored_elem(s: LayerSize) -> float:
+        return s.stored_bytes / max(1, s.resident_numel + s.expert_numel * s.num_experts)
+
+    cand_host = max((int(n * s.expert_numel * stored_elem(s)) + 4 * s.expert_numel * ((E + n) if fused else 1)
+                     for s in sizes), default=0)
+    pop = plan_budget(ck, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, max_vram=plan.max_vram,
+                      max_ram=plan.max_ram, prefetch=False,
+                      extra_host={f"a candidate's {n} experts and their merge buffers": cand_host})
+    wb, act = pop.weights_budget, pop.activation_bytes
+    flag = _budget_flag(pop)
+    layers: dict[int, Placement] = {}
+    for s in sizes:
+        router = sum(_numel(ck.tensor_info(k)[0]) for k in ck.adapter.router_keys(s.layer_idx)) * n // E * 4
+        res, pe = s.resident_bytes(b), s.expert_bytes(b)
+        whole = res + E * pe + router + n * s.expert_numel * (4 + b) + (4 * E * s.expert_numel if fused else 0)
+        if wb is None or whole <= wb:
+            layers[s.layer_idx] = Placement(None, device_bytes=whole + act)
+            continue
+        p = choose_placement(resident=res + router, per_expert=pe, num_experts=n, weights_budget=wb, act=act)
+        if p is None:
+            need = int((res + router + pe + act) / (1 - SAFETY)) + 1
+            raise ConfigError(
+                f"{flag} {fmt_bytes(pop.device_budget)}: EEP search, layer {s.layer_idx}: attention + router + shared "
+                f"weights {fmt_bytes(res)} + a candidate's router {fmt_bytes(router)} + one expert {fmt_bytes(pe)} + "
+                f"activations {fmt_bytes(act)} need at least {fmt_bytes(need)}; raise {flag} or lower --batch-size/--seq-len")
+        if not p.chunked:  # the E' experts fit: one group, loaded once per candidate block
+            p = Placement(n, False, p.device_bytes)
+        layers[s.layer_idx] = p
+    pop.device_peak_bytes = max([pop.device_peak_bytes] + [p.device_bytes for p in layers.values()])
+    pop.host_peak_bytes = (pop.host_fixed_bytes + pop.host_layer_bytes
+                           + (pop.device_peak_bytes if device.type != "cuda" else 0))
+    out = PopulationBudget(pop, n, layers, cand_host)
+    if out.chunked_layers:
+        pop.notes.append(f"EEP search: {len(out.chunked_layers)} layer(s) keep their experts in host memory and run a "
+                         f"candidate's {n} experts in groups of "
+                         f"{min(layers[L].group_size for L in out.chunked_layers)}-"
+                         f"{max(layers[L].group_size for L in out.chunked_layers)}")
+    for note in pop.notes:
+        log.info(note)
+    return out
 
 
 # ---- bookkeeping -------------------------------------------------------------------------------

@@ -27,6 +27,13 @@ group g onward starts from its parent's cached boundary and skips every layer be
 Memory: one layer in the compute dtype (kept in buffers reused from layer to layer) + one
 candidate's MoE block + one activation chunk, whatever the population size; the streams are on disk.
 
+**Budgets** (``--max-vram``/``--max-ram``, ``budget.plan_population``, planned before the search): a
+MoE layer that does not fit whole beside a merged block keeps its experts in host memory in their
+stored dtype; its resident part (attention, norms, router, shared experts) and each candidate's
+router are on the device, and the candidate's E' experts -- selected or merged on the host exactly
+as ``apply_layer`` does -- visit the device in groups through ``budget.ChunkedExperts``. Same
+fitness, bit for bit (tests). Between generations nothing is left on the device.
+
 ``WholeModelEvaluator`` is the reference and the benchmark baseline: the whole model in memory,
 one candidate at a time, built with transformers from the same applied tensors.
 """
@@ -40,15 +47,19 @@ import shutil
 import torch
 
 from ..apply import apply_layer
+from ..budget import Accountant, BudgetPlan, ChunkedExperts, Placement, build_layer, plan_population
 from ..cache import ActivationCache
 from ..checkpoint import Checkpoint
+from ..device import dtype_bytes
 from ..layer import LayerInputs, ModelSkeleton, hf_config, materialize, materialize_layer, run_layer
+from ..prefetch import IOStats
 from .fitness import Fitness, FitnessData, Head
 from .space import Candidate, SearchSpace
 
 log = logging.getLogger(__name__)
 
 ROOT = "root"  # stream name of the (shared) token embeddings at boundary 0
+_WHOLE = Placement(None)  # a layer the budget leaves whole (dense layers, no budget)
 
 
 class KeptExperts(torch.nn.Module):
@@ -109,11 +120,17 @@ class LoadedLayer:
         """``tensors``: the layer's stored tensors (on-disk keys); this takes the dict over."""
         ad = ev.adapter
         self.ev, self.idx, self.is_moe = ev, layer_idx, layer_idx in ev.moe
+        self.placement = ev.placement(layer_idx)  # under a budget: chunked = experts stay in host memory
         if not self.is_moe:
-            self.module = materialize_layer(ev.skel, layer_idx, ad.to_runtime(layer_idx, tensors, False), ev.device, ev.dtype)
+            state = ad.to_runtime(layer_idx, tensors, False)
+            self.module = materialize_layer(ev.skel, layer_idx, state, ev.device, ev.dtype)
+            ev.track(self.module, sum(v.numel() for v in state.values()) * ev.elem_bytes)
             return
         prefix = ad.layer_prefix(layer_idx)
         experts = {k: t for k, t in tensors.items() if ad.is_expert_key(k[len(prefix):])}
+        if self.placement is not None and self.placement.chunked:
+            self._load_host(tensors, experts)
+            return
         # merging from the loaded copy equals merging the stored tensors iff the cast to the compute dtype was exact
         stored = {t.dtype for t in experts.values()}
         self.exact = len(stored) == 1 and (ev.dtype == torch.float32 or stored == {ev.dtype})
@@ -128,18 +145,49 @@ class LoadedLayer:
         state = ad.to_runtime(layer_idx, {k: t for k, t in tensors.items() if k not in experts}, True)
         state.update(self._load_experts(experts))
         self.module = materialize_layer(ev.skel, layer_idx, state, ev.device, ev.dtype)
+        ev.track(self.module, sum(v.numel() for v in state.values()) * ev.elem_bytes)
+        self._set_base()
+
+    def _set_base(self) -> None:
+        ad = self.ev.adapter
         self.path = ad.runtime_moe_prefix.rstrip(".")
         self.base = self.module.get_submodule(self.path)
         self.shared = {k: v for k, v in self.base.state_dict().items()
                        if not k.startswith("experts.") and not k.startswith(ad.runtime_router + ".")}
 
-    def _load_experts(self, experts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _load_host(self, tensors: dict[str, torch.Tensor], experts: dict[str, torch.Tensor]) -> None:
+        """Under a budget the layer's experts do not fit beside a candidate's: they stay in host memory
+        in their stored dtype (runtime layout, pinned for a GPU), the rest is built on the device, and
+        each candidate block gets its E' experts as ``ChunkedExperts`` (``block``). Merging from the
+        stored tensors is what ``apply_layer`` does, so it is always exact."""
+        ev, ad, L = self.ev, self.ev.adapter, self.idx
+        self.exact, self.tensors, self.stored_dtype = True, None, None
+        for k in experts:
+            del tensors[k]
+        self.router_tensors = {k: tensors[k] for k in ad.router_keys(L) if k in tensors}
+        state = ad.to_runtime(L, tensors, True)
+        host = self._load_experts(experts, host=True)
+        exp_prefix = ad.runtime_moe_prefix + "experts."
+        self.host = {k[len(exp_prefix):]: v for k, v in host.items()}  # (E, ...) per runtime expert tensor
+        # the original block (``use(None)``) streams all E experts in the run plan's groups; candidates never run it
+        whole = ev.budget.plan.layers.get(L)
+        group = whole.group_size if whole is not None and whole.chunked else ev.ck.num_experts
+        self.module = build_layer(ev.skel, L, {**state, **host}, ev.device, ev.dtype, group_size=group,
+                                  double_buffer=whole is None or whole.double_buffer, accountant=ev.accountant,
+                                  stats=ev.io)
+        self._set_base()
+
+    def _load_experts(self, experts: dict[str, torch.Tensor], host: bool = False) -> dict[str, torch.Tensor]:
         """The runtime expert tensors (experts on dim 0) in the compute dtype, written expert by expert
         (``to_runtime`` of one expert at a time) into buffers the evaluator reuses from layer to layer:
-        a fresh allocation of twice the layer per layer costs more in page faults than the copy."""
+        a fresh allocation of twice the layer per layer costs more in page faults than the copy.
+        ``host``: in host memory and the stored dtype instead (a fused layout is used as read)."""
         ev, ad, L = self.ev, self.ev.adapter, self.idx
         E = ev.ck.num_experts
         base = ad.layer_prefix(L) + ad.moe_prefix + "experts."
+        if host and ad.expert_layout == "fused":
+            out = ad.to_runtime(L, experts, True)
+            return {k: v.pin_memory() if ev.device.type == "cuda" else v for k, v in out.items()}
 
         def parts():
             if ad.expert_layout == "fused":
@@ -153,7 +201,7 @@ class LoadedLayer:
         for e, part in parts():
             for k, v in ad.to_runtime(L, part, True).items():
                 shape = tuple(v.shape) if e is None else (E,) + tuple(v.shape[1:])
-                buf = ev.buffer(k, shape, ev.dtype)
+                buf = ev.buffer("host:" + k, shape, v.dtype, host=True) if host else ev.buffer(k, shape, ev.dtype)
                 (buf if e is None else buf[e]).copy_(v if e is None else v[0])
                 out[k] = buf
         return out
@@ -165,19 +213,21 @@ class LoadedLayer:
         meta = ev.skel.new_layer(L, ev.candidate_config()).get_submodule(self.path)
         if lp.extra:
             raise ValueError(f"layer {L}: EEP candidates carry no plan extensions, got {sorted(lp.extra)}")
+        if self.placement is not None and self.placement.chunked:
+            return self._chunked_block(lp, meta)
         kept = lp.merge is None and lp.keep == sorted(lp.keep)
         if not kept and not self.exact:
             out = apply_layer(ad, L, self.tensors, lp, ev.ck.num_experts)
             state = self._block_state(ad.to_runtime(L, {k: v for k, v in out.items()
                                                         if k[len(ad.layer_prefix(L)):].startswith(ad.moe_prefix)}, True))
-            return materialize(meta, state, ev.device, ev.dtype)
+            return ev.track(materialize(meta, state, ev.device, ev.dtype), sum(v.numel() for v in state.values()) * ev.elem_bytes)
         state = self._block_state(ad.to_runtime(L, apply_layer(ad, L, self.router_tensors, lp, ev.ck.num_experts), True))
         state.update(self.shared)
         if kept:
             meta.experts = torch.nn.Identity()
             block = materialize(meta, state, ev.device, ev.dtype)
             block.experts = KeptExperts(self.base.experts, lp.keep).to(ev.device)
-            return block
+            return ev.track(block, self._state_bytes(state))
         E = ev.ck.num_experts
         for name, x in self.base.experts.named_parameters():  # runtime tensors, experts on dim 0
             if lp.merge is None:
@@ -197,7 +247,44 @@ class LoadedLayer:
                 if ev.dtype != torch.float32:
                     y = y.to(self.stored_dtype)
             state["experts." + name] = y
-        return materialize(meta, state, ev.device, ev.dtype)
+        merge_buffers = sum(b.numel() * b.element_size() for k, b in ev._buffers.items() if k.startswith("merged:"))
+        return ev.track(materialize(meta, state, ev.device, ev.dtype), self._state_bytes(state) + merge_buffers)
+
+    def _chunked_block(self, lp, meta: torch.nn.Module) -> torch.nn.Module:
+        """The candidate's block with its router (and the shared experts) on the device and its E'
+        experts in host memory, visiting the device in the planned groups (``budget.ChunkedExperts``).
+        The experts are selected or merged from the stored-dtype host copy exactly as ``apply_layer``
+        does: float32 accumulation in expert order (``apply._combine``) or the float32 matrix product
+        of a fused layout (``apply._map_rows``), rounded to the stored dtype."""
+        ev, ad, L = self.ev, self.ev.adapter, self.idx
+        E, n = ev.ck.num_experts, len(lp.keep)
+        state = self._block_state(ad.to_runtime(L, apply_layer(ad, L, self.router_tensors, lp, E), True))
+        experts: dict[str, torch.Tensor] = {}
+        for name, x in self.host.items():  # (E, ...) stored dtype
+            y = ev.buffer("host:candidate:" + name, (n,) + tuple(x.shape[1:]), x.dtype, host=True)
+            if lp.merge is None:
+                torch.index_select(x, 0, torch.tensor(lp.keep, dtype=torch.long), out=y)
+            elif ad.expert_layout == "fused":
+                y.copy_((torch.tensor(lp.merge, dtype=torch.float32) @ x.float().reshape(E, -1)).reshape(y.shape))
+            else:
+                acc = ev.buffer("host:acc", tuple(x.shape[1:]), torch.float32, host=True)
+                for j, row in enumerate(torch.tensor(lp.merge, dtype=torch.float32).tolist()):
+                    acc.zero_()
+                    for i, c in enumerate(row):
+                        if c != 0.0:
+                            acc.add_(x[i].float(), alpha=c)
+                    y[j].copy_(acc)  # the stored dtype's rounding, as apply._combine's .to(dtype)
+            experts[name] = y
+        meta.experts = ChunkedExperts(meta.experts, experts, group_size=self.placement.group_size, device=ev.device,
+                                      dtype=ev.dtype, double_buffer=self.placement.double_buffer,
+                                      accountant=ev.accountant, stats=ev.io)
+        state.update(self.shared)
+        ev.stats["chunked_blocks"] += 1
+        return ev.track(materialize(meta, state, ev.device, ev.dtype), self._state_bytes(state))
+
+    def _state_bytes(self, state: dict[str, torch.Tensor]) -> int:
+        """Device bytes a block adds to the loaded layer (its shared tensors are the layer's own)."""
+        return sum(v.numel() for k, v in state.items() if k not in self.shared) * self.ev.elem_bytes
 
     def _block_state(self, runtime: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         p = self.ev.adapter.runtime_moe_prefix
@@ -213,7 +300,17 @@ class LoadedLayer:
 
 class PopulationEvaluator:
     def __init__(self, ck: Checkpoint, weights, space: SearchSpace, data: FitnessData, root, *, device, dtype,
-                 top_k: int, batch_size: int = 8, progress: bool = False, trim_last: bool = True):
+                 top_k: int, batch_size: int = 8, progress: bool = False, trim_last: bool = True, budget=None):
+        """``budget``: the run's ``budget.BudgetPlan`` (``--max-vram``/``--max-ram``) or its
+        ``budget.plan_population``; None: no budget (every layer whole on the device)."""
+        if isinstance(budget, BudgetPlan):
+            budget = plan_population(ck, budget, num_experts=space.keep, batch_size=batch_size,
+                                     seq_len=int(data.input_ids.shape[1]))
+        self.budget = budget
+        self.elem_bytes = dtype_bytes(dtype)
+        self.accountant = Accountant(budget.plan.activation_bytes if budget is not None and budget.plan.weights_budget
+                                     is not None else 0)
+        self.io = IOStats()  # expert-group transfers of chunked layers
         self.ck, self.weights, self.space, self.data = ck, weights, space, data
         self.adapter = ck.adapter
         self.device, self.dtype, self.top_k, self.batch_size = torch.device(device), dtype, top_k, batch_size
@@ -231,15 +328,33 @@ class PopulationEvaluator:
         self.trim_last = trim_last  # last MoE block only on those positions (False: all, bit-exact to the whole model)  # reused storage (LoadedLayer experts, merged experts)
         self._final: dict[str, Fitness] = {}  # final-stream key -> fitness (same function, same value)
         self.stats = {"layer_loads": 0, "layer_builds": 0, "layer_runs": 0, "layer_runs_saved": 0, "evaluations": 0}
+        if budget is not None:
+            self.stats.update(chunked_blocks=0, chunked_layers=budget.chunked_layers, accounted_peak_bytes=0,
+                              device_budget_bytes=budget.plan.device_budget)
         if not self.cache.has(0, self.num_chunks, ROOT):
             self._embed()
 
-    def buffer(self, name: str, shape: tuple, dtype) -> torch.Tensor:
-        """A tensor kept for reuse under ``name`` (its contents are the caller's; one user at a time)."""
+    def buffer(self, name: str, shape: tuple, dtype, host: bool = False) -> torch.Tensor:
+        """A tensor kept for reuse under ``name`` (its contents are the caller's; one user at a time);
+        ``host``: in host memory (pinned when the compute device is a GPU, for async copies)."""
         b = self._buffers.get(name)
         if b is None or tuple(b.shape) != tuple(shape) or b.dtype != dtype:
-            b = self._buffers[name] = torch.empty(shape, dtype=dtype, device=self.device)
+            if host:
+                b = torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
+            else:
+                b = torch.empty(shape, dtype=dtype, device=self.device)
+            self._buffers[name] = b
         return b
+
+    def placement(self, layer_idx: int):
+        """Under a budget, how layer ``layer_idx`` is built (``budget.PopulationBudget``); else None."""
+        return None if self.budget is None else self.budget.layers.get(layer_idx)
+
+    def track(self, obj, nbytes: int):
+        """Count ``nbytes`` of device memory against the budget while ``obj`` lives; returns ``obj``."""
+        if self.budget is not None:
+            self.accountant.track(obj, nbytes)
+        return obj
 
     def candidate_config(self):
         """The transformers config of a candidate's layer: E' experts, top-k (made once)."""
@@ -263,6 +378,7 @@ class PopulationEvaluator:
     def _embed(self) -> None:
         key = "model.embed_tokens.weight"
         w = self.ck.read([key])[key].to(self.device, self.dtype)
+        self.track(w, w.numel() * w.element_size())
         for c, sl in self.data.batches(self.batch_size):
             self.cache.write(0, c, torch.nn.functional.embedding(self.data.input_ids[sl].to(self.device), w), ROOT)
 
@@ -305,6 +421,7 @@ class PopulationEvaluator:
     def _fitness(self, stream: str) -> Fitness:
         if self._head is None:
             self._head = Head(self.ck, self.skel, self.device, self.dtype)
+            self.track(self._head, self._head.weight.numel() * self.elem_bytes)
         rows = []
         n = self.ck.num_layers
         for c, sl in self.data.batches(self.batch_size):
@@ -342,6 +459,10 @@ class PopulationEvaluator:
             # the previous layer's merge buffer is not needed while this one is read and loaded
             for name in [b for b in self._buffers if b.startswith("merged:")]:
                 del self._buffers[name]
+            if self.budget is not None:  # nor, under a budget, the buffers of the other kind of layer
+                chunked = (self.placement(L) or _WHOLE).chunked
+                for name in [b for b in self._buffers if b.startswith("host:") != chunked]:
+                    del self._buffers[name]
             loaded = LoadedLayer(self, L, self.weights.layer(L))
             self.stats["layer_loads"] += 1
             # jobs with the same plan for this layer (streams that differ only before it) share one built block
@@ -356,6 +477,7 @@ class PopulationEvaluator:
                     self.stats["layer_builds"] += 1
                 for dst, src, _ in group:
                     self._run(loaded, block, src, dst)
+                loaded.use(None)  # the module lets go of the block before the next one is built
                 del block
             del loaded
         for i in todo:
@@ -363,6 +485,10 @@ class PopulationEvaluator:
             if k not in self._final:
                 self._final[k] = self._fitness(k)
                 self.stats["evaluations"] += 1
+        if self.budget is not None:  # nothing stays on the device (or pinned) between generations
+            self._head = None
+            self._buffers.clear()
+            self.stats["accounted_peak_bytes"] = self.accountant.peak
         return [self._final[k[n]] for k in keys]
 
     def boundary_bytes(self) -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 
 from .. import methods
+from ..budget import plan_population
 from ..errors import ConfigError
 from ..quant import QUANT_MODES, layer_weights
 from .evolve import EvolveOptions, Evolution
@@ -72,6 +73,8 @@ def run_eep(run, cfg, top_k: int) -> dict:
     work = run.out / WORK_DIR / "eep"
     work.mkdir(parents=True, exist_ok=True)
     device, dtype = _device(cfg.device), DTYPES[cfg.dtype]
+    # --max-vram/--max-ram for the population evaluation, planned (and refused if too small) before any work
+    budget = plan_population(ck, run.budget, num_experts=keep_n, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
     final_path = work / "final.json"
     report: dict = {}
     if final_path.is_file():  # the search finished before a kill: only the write is left
@@ -87,7 +90,7 @@ def run_eep(run, cfg, top_k: int) -> dict:
         quant_s = time.perf_counter() - t0
         seed_cand = _seed_candidate(run, cfg, space, opts["init"], work) if opts["init"] != "random" else None
         evaluator = PopulationEvaluator(ck, weights, space, train, work / "acts-train", device=device, dtype=dtype,
-                                        top_k=top_k, batch_size=cfg.batch_size, progress=False)
+                                        top_k=top_k, batch_size=cfg.batch_size, progress=False, budget=budget)
         evolution = Evolution(space, evo, evaluator.evaluate, state_path=work / "state.json", seed_cand=seed_cand,
                               fingerprint={"top_k": top_k, "quant": opts["quant"], "init": opts["init"],
                                            "train": train.input_ids.shape[0]},
@@ -103,7 +106,7 @@ def run_eep(run, cfg, top_k: int) -> dict:
         dev_eval = None
         if dev is not None:
             dev_evaluator = PopulationEvaluator(ck, weights, space, dev, work / "acts-dev", device=device, dtype=dtype,
-                                                top_k=top_k, batch_size=cfg.batch_size)
+                                                top_k=top_k, batch_size=cfg.batch_size, budget=budget)
             dev_eval = dev_evaluator.evaluate
         chosen = evolution.pick(dev_eval)
         best = chosen.cand

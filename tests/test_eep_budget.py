@@ -1,0 +1,132 @@
+"""The EEP population evaluation under ``--max-ram`` / ``--max-vram``: a budget that keeps a layer's
+experts in host memory and runs a candidate's E' experts in groups (``budget.ChunkedExperts``) gives
+exactly the unbudgeted fitness, keeps the accounted peak under the budget, and a budget too small
+for one expert fails before any work."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import lowmoe
+from lowmoe.budget import SAFETY, layer_sizes, plan_budget, plan_population
+from lowmoe.checkpoint import Checkpoint
+from lowmoe.errors import ConfigError
+
+from .conftest import dir_digest
+from .test_eep import merged, population, records, write_jsonl
+from .test_eep_population import evaluator
+
+KEEP = 4
+
+
+def router_bytes(ck: Checkpoint, layer_idx: int, keep: int) -> int:
+    numel = sum(math.prod(ck.tensor_info(k)[0]) for k in ck.adapter.router_keys(layer_idx))
+    return numel * keep // ck.num_experts * 4
+
+
+def grouping_ram(src, *, batch_size: int, seq_len: int, groups_of: int = 1) -> int:
+    """A --max-ram that leaves the CPU compute copy room for the resident weights, a candidate's
+    router and 2 groups of ``groups_of`` of its experts (not all 4 of them, nor the whole layer)."""
+    ck = Checkpoint(src)
+    cpu = torch.device("cpu")
+    base = plan_population(ck, plan_budget(ck, device=cpu, dtype=torch.float32, batch_size=batch_size, seq_len=seq_len,
+                                           max_ram=10**12), num_experts=KEEP, batch_size=batch_size, seq_len=seq_len)
+    L = max(layer_sizes(ck), key=lambda s: s.resident_numel + s.expert_numel * s.num_experts)
+    need = (base.plan.activation_bytes + L.resident_bytes(4) + router_bytes(ck, L.layer_idx, KEEP)
+            + (2 * groups_of + 1) * L.expert_bytes(4))
+    return base.plan.host_fixed_bytes + base.plan.host_layer_bytes + math.ceil(need / (1 - SAFETY))
+
+
+def ram_plan(src, ram: int, *, batch_size: int = 4, seq_len: int):
+    ck = Checkpoint(src)
+    return plan_budget(ck, device=torch.device("cpu"), dtype=torch.float32, batch_size=batch_size, seq_len=seq_len,
+                       max_ram=ram)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_streamed_fitness_under_a_ram_budget_equals_unbudgeted(synth_dir, tmp_path, arch):
+    """Pruning- and merging-phase candidates, prefix sharing, the trimmed last layer: bit-identical
+    (GPT-OSS: fused experts, merged by one matrix product)."""
+    src = synth_dir(arch)
+    ref = evaluator(src, tmp_path / "ref")
+    seq_len = int(ref.data.input_ids.shape[1])
+    ram = grouping_ram(src, batch_size=4, seq_len=seq_len)
+    small = evaluator(src, tmp_path / "small", budget=ram_plan(src, ram, seq_len=seq_len))
+    moe = ref.ck.moe_layers()
+    assert small.budget.chunked_layers == moe, "the RAM budget must keep every MoE layer's experts on the host"
+    assert {p.group_size for p in small.budget.layers.values()} == {1}
+    rng = np.random.default_rng(0)
+    cands = population(ref.space, rng) + [merged(ref.space, ref.space.random_onehot(rng), rng)]
+    onehot = [bool(np.isin(c.em[0], [0.0, 1.0]).all()) for c in cands]
+    assert any(onehot) and not all(onehot), "pruning- and merging-phase candidates"
+    got, want = small.evaluate(cands), ref.evaluate(cands)
+    for g, w in zip(got, want):
+        assert (g.acc, g.ll) == (w.acc, w.ll)  # exactly, not just close
+    assert small.stats["chunked_blocks"] == small.stats["layer_builds"] > 0
+    assert 0 < small.stats["accounted_peak_bytes"] <= small.budget.plan.device_budget < ram
+    # a second generation reuses the streams and still agrees
+    more = [merged(ref.space, cands[0], rng), ref.space.random_onehot(rng)]
+    assert [(f.acc, f.ll) for f in small.evaluate(more)] == [(f.acc, f.ll) for f in ref.evaluate(more)]
+
+
+def test_a_layer_that_fits_takes_the_fast_path(synth_dir, tmp_path):
+    """Qwen2-MoE (shared experts): a roomy budget keeps the unbudgeted path, a tight one chunks; same fitness."""
+    src = synth_dir("qwen2_moe")
+    roomy = evaluator(src, tmp_path / "roomy", budget=ram_plan(src, 2 * 10**9, seq_len=64))
+    seq_len = int(roomy.data.input_ids.shape[1])  # the evaluator plans for its data's shape
+    assert roomy.budget.chunked_layers == []
+    tight = evaluator(src, tmp_path / "tight", budget=ram_plan(src, grouping_ram(src, batch_size=4, seq_len=seq_len),
+                                                                seq_len=seq_len))
+    assert tight.budget.chunked_layers == roomy.ck.moe_layers()
+    cands = population(roomy.space, np.random.default_rng(1))
+    want = [(f.acc, f.ll) for f in roomy.evaluate(cands)]
+    assert [(f.acc, f.ll) for f in tight.evaluate(cands)] == want
+    assert roomy.stats["chunked_blocks"] == 0 and tight.stats["chunked_blocks"] > 0
+    for ev in (roomy, tight):
+        assert 0 < ev.stats["accounted_peak_bytes"] <= ev.budget.plan.device_budget
+
+
+def test_too_small_budget_fails_before_the_search(synth_dir, tmp_path):
+    src = synth_dir("mixtral", intermediate_size=64)  # experts larger than the embedding matrix
+    ck = Checkpoint(src)
+    base = plan_budget(ck, device=torch.device("cpu"), dtype=torch.float32, batch_size=4, seq_len=64)
+    L = layer_sizes(ck)[0]
+    # room for the layer's resident weights + one expert (what the one-shot stream needs), not the candidate's router
+    wb = L.resident_bytes(4) + L.expert_bytes(4)
+    vram = next(v for v in range(int((wb + base.activation_bytes) / (1 - SAFETY)) - 8, 10**9)
+                if int(v * (1 - SAFETY)) - base.activation_bytes >= wb)
+    assert plan_budget(ck, device=torch.device("cpu"), dtype=torch.float32, batch_size=4, seq_len=64,
+                       max_vram=vram).layers[0].group_size == 1
+    train = write_jsonl(tmp_path / "train.jsonl", records(8))
+    with pytest.raises(ConfigError, match=r"^--max-vram .*EEP search, layer 0: .*raise --max-vram") as e:
+        lowmoe.prune(src, tmp_path / "out", keep=KEEP, method="eep", calib=[train], seq_len=64, batch_size=4,
+                     progress=False, device="cpu", max_vram=vram,
+                     method_options={"generations": 1, "population": 2, "layer_groups": "layer"})
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out" / ".lowmoe-work" / "eep" / "acts-train").exists()
+    assert not (tmp_path / "out" / ".lowmoe-work" / "eep" / "state.json").exists()
+
+
+def test_prune_eep_with_max_ram_writes_the_same_checkpoint(synth_dir, tmp_path):
+    src = synth_dir("mixtral")
+    train = write_jsonl(tmp_path / "train.jsonl", records(8))
+    opts = dict(keep=KEEP, method="eep", calib=[train], seq_len=32, batch_size=4, progress=False, device="cpu",
+                method_options={"generations": 2, "population": 2, "prune_generations": 1, "layer_groups": "layer"})
+    ref = lowmoe.prune(src, tmp_path / "a", **opts)
+    ram = grouping_ram(src, batch_size=4, seq_len=32)
+    small = lowmoe.prune(src, tmp_path / "b", max_ram=ram, **opts)
+    stats = small["eep"]["stream_stats"]
+    assert stats["chunked_layers"] == Checkpoint(src).moe_layers() and stats["chunked_blocks"] > 0
+    assert 0 < stats["accounted_peak_bytes"] <= stats["device_budget_bytes"] < ram
+    assert [c["phase"] for c in ref["eep"]["curve"]] == ["prune", "merge"]
+    def curve(r):
+        return [{k: v for k, v in c.items() if k != "elapsed_s"} for c in r["eep"]["curve"]]
+
+    assert curve(small) == curve(ref)
+    assert small["plan"]["layers"] == ref["plan"]["layers"]
+    digest = {k: v for k, v in dir_digest(tmp_path / "a").items() if k.endswith(".safetensors")}
+    assert digest and {k: v for k, v in dir_digest(tmp_path / "b").items() if k.endswith(".safetensors")} == digest
