@@ -457,6 +457,23 @@ def _state_bytes(state: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
 # ---- expert chunking ---------------------------------------------------------------------------
 
 
+def hit_experts(top_k_index: torch.Tensor, num_experts: int) -> list[int]:
+    """The experts at least one row is routed to, ascending (``num_experts`` is transformers' "no expert" sentinel)."""
+    with torch.no_grad():
+        return [e for e in torch.unique(top_k_index).tolist() if 0 <= e < num_experts]
+
+
+def run_routed_rows(forward, module: nn.Module, hidden_states: torch.Tensor, slot_major: torch.Tensor,
+                    top_k_weights: torch.Tensor, expert: int, local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows routed to ``expert``, in transformers' loop order (``slot_major`` is ``top_k_index`` (k, T):
+    slot-major, then token), through the experts class's own ``forward`` on ``module``, which holds that
+    expert at index ``local``. Returns (token rows, weighted f_e of those rows) for ``index_add_``."""
+    pos, tok = torch.where(slot_major == expert)
+    idx = torch.full((tok.shape[0], 1), local, dtype=slot_major.dtype, device=slot_major.device)
+    w = top_k_weights[tok, pos].unsqueeze(-1)  # (n, 1)
+    return tok, forward(module, hidden_states[tok], idx, w)  # (n, H)
+
+
 class ChunkedExperts(nn.Module):
     """Stands in for a transformers experts module whose weights do not fit on the device.
 
@@ -551,9 +568,7 @@ class ChunkedExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         E, G = self.num_experts, self.group_size
-        with torch.no_grad():
-            hit = torch.unique(top_k_index).tolist()  # ascending
-        hit = [e for e in hit if 0 <= e < E]  # E is transformers' "no expert" sentinel
+        hit = hit_experts(top_k_index, E)
         groups = sorted({e // G for e in hit})
         if self._resident is not None and self._resident[0] in groups:
             i = groups.index(self._resident[0])
@@ -570,10 +585,7 @@ class ChunkedExperts(nn.Module):
             for e in hit:
                 if not a <= e < z:
                     continue
-                pos, tok = torch.where(slot_major == e)  # rows in the original loop's order
-                local = torch.full((tok.shape[0], 1), e - a, dtype=top_k_index.dtype, device=top_k_index.device)
-                w = top_k_weights[tok, pos].unsqueeze(-1)  # (n, 1)
-                outputs[e] = (tok, self._original_forward(sub, hidden_states[tok], local, w))  # (n, H) = weighted f_e
+                outputs[e] = run_routed_rows(self._original_forward, sub, hidden_states, slot_major, top_k_weights, e, e - a)
         final = torch.zeros_like(hidden_states)
         for e in sorted(outputs):
             tok, y = outputs[e]

@@ -306,15 +306,13 @@ class QuantExperts(nn.Module):
         return sub
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            hit = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < self.num_experts]  # ascending
+        from .budget import hit_experts, run_routed_rows
+
         slot_major = top_k_index.transpose(0, 1)  # (k, T): transformers' expert_mask[e] layout
         final = torch.zeros_like(hidden_states)
-        for e in hit:
-            pos, tok = torch.where(slot_major == e)
-            local = torch.zeros((tok.shape[0], 1), dtype=top_k_index.dtype, device=top_k_index.device)
-            w = top_k_weights[tok, pos].unsqueeze(-1)  # (n, 1)
-            y = self._original_forward(self.expert_module(e), hidden_states[tok], local, w)  # (n, H) weighted f_e
+        for e in hit_experts(top_k_index, self.num_experts):  # ascending, as the original loop sums
+            tok, y = run_routed_rows(self._original_forward, self.expert_module(e), hidden_states, slot_major,
+                                     top_k_weights, e, 0)
             final.index_add_(0, tok, y.to(final.dtype))
         return final
 
