@@ -2,7 +2,7 @@
 
     python scripts/bench_eep.py [--model /tmp/lowmoe-bench/mix2g] [--population 16] [--generations 3]
                                 [--examples 8] [--quant none] [--threads 1] [--baseline-evals 6]
-                                [--no-trim-last]
+                                [--no-trim]
 
 1. **streamed** (a subprocess): the real EEP search (``lowmoe.eep.evolve``) for ``--generations``
    generations of ``--population``, every generation one population-parallel streamed pass
@@ -67,7 +67,7 @@ def run_streamed(args) -> dict:
     weights = layer_weights(ck, args.quant, work / f"quant-{args.quant}")
     quant_s = time.perf_counter() - t0
     ev = PopulationEvaluator(ck, weights, space, data, work / "acts", device="cpu", dtype=torch.float32, top_k=args.top_k,
-                             batch_size=args.batch_size, trim_last=not args.no_trim_last)
+                             batch_size=args.batch_size, trim=not args.no_trim)
     gens = []
 
     def evaluate(cands):
@@ -172,7 +172,8 @@ def main():
     p.add_argument("--retain-gb", type=float, default=10.0)
     p.add_argument("--baseline-evals", type=int, default=6)
     p.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
-    p.add_argument("--no-trim-last", action="store_true", help="run the last MoE block on every position (bit-exact)")
+    p.add_argument("--no-trim", action="store_true",
+                   help="run the MoE blocks on every position, padding included (bit-exact to the whole model)")
     p.add_argument("--mode", default="both", choices=["both", "streamed", "whole", "generate"], help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     p.add_argument("--candidates", default=None, help=argparse.SUPPRESS)
@@ -192,7 +193,7 @@ def main():
                 "--keep", str(args.keep), "--top-k", str(args.top_k), "--layer-groups", str(args.layer_groups),
                 "--quant", args.quant, "--threads", str(args.threads), "--batch-size", str(args.batch_size),
                 "--retain-gb", str(args.retain_gb), *(["--retain", str(args.retain)] if args.retain else []),
-                "--baseline-evals", str(args.baseline_evals), *(["--no-trim-last"] if args.no_trim_last else [])]
+                "--baseline-evals", str(args.baseline_evals), *(["--no-trim"] if args.no_trim else [])]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         print(f"streamed population search ({args.generations} generations x {args.population}, quant {args.quant}) ...", flush=True)
         subprocess.run(base + ["--mode", "streamed", "--work", str(tmp / "w"), "--result", str(tmp / "s.json")], check=True, env=env)
@@ -212,7 +213,7 @@ def main():
     fig = {
         "model": str(args.model), "model_bytes": s["model_bytes"], "largest_layer_bytes": s["largest_layer"],
         "fitness_tokens": s["tokens"], "population": args.population, "generations": args.generations, "quant": args.quant,
-        "threads": args.threads, "layer_groups": args.layer_groups, "trim_last": not args.no_trim_last,
+        "threads": args.threads, "layer_groups": args.layer_groups, "trim": not args.no_trim,
         "rss_bound": bound, "chunk_bytes": s["chunk_bytes"],
         "streamed": {"evals": n, "evals_per_hour_wall": n / s_wall * 3600, "evals_per_cpu_hour": n / s_cpu * 3600,
                      "second_half_evals_per_cpu_hour": sum(g["candidates"] for g in tail) / sum(g["cpu_s"] for g in tail) * 3600,

@@ -67,7 +67,7 @@ def test_shared_plans_and_trimmed_last_layer_keep_fitness(synth_dir, tmp_path, a
 
     src = synth_dir(arch)
     pe = evaluator(src, tmp_path / "a")
-    full = evaluator(src, tmp_path / "b", trim_last=False)
+    full = evaluator(src, tmp_path / "b", trim=False)
     rng = np.random.default_rng(3)
     a = merged(pe.space, pe.space.random_onehot(rng), rng)
     b = Candidate(a.em.copy(), a.rm.copy())
@@ -76,8 +76,35 @@ def test_shared_plans_and_trimmed_last_layer_keep_fitness(synth_dir, tmp_path, a
     cands = [a, b.canonical(), pe.space.random_onehot(rng)]
     got = pe.evaluate(cands)
     assert pe.stats["layer_builds"] < pe.stats["layer_runs"]
+    assert pe._live and all(v is not None for v in pe._live.values()), "the padded chunks must be trimmed"
     ref = WholeModelEvaluator(pe.ck, pe.space, pe.data, top_k=2, batch_size=4).evaluate(cands)
     untrimmed = full.evaluate(cands)
     for g, r, u in zip(got, ref, untrimmed):
         assert g.acc == r.acc == u.acc
         assert g.ll == pytest.approx(r.ll, abs=1e-5) and g.ll == pytest.approx(u.ll, abs=1e-5)
+
+
+def test_live_positions_are_all_that_scored_logits_depend_on(synth_dir):
+    """Changing the tokens at every position outside ``live_positions`` (padding, final tokens) leaves
+    the logits ``positions`` reads unchanged: trimming the MoE blocks to the live positions is exact."""
+    from transformers import AutoModelForCausalLM
+
+    from lowmoe.calibration import load_tokenizer
+    from lowmoe.eep.fitness import FitnessData
+
+    src = synth_dir("mixtral")
+    data = FitnessData.from_records(records(8), load_tokenizer(src))
+    n, s = data.input_ids.shape
+    b, t = data.live_positions(slice(0, n))
+    live = torch.zeros(n, s, dtype=torch.bool)
+    live[b, t] = True
+    assert 0 < live.sum() < n * s
+    sb, st = data.positions(slice(0, n))
+    assert live[sb, st].all() and not live[sb, st + 1].all(), "scored positions are live; each final token is not"
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    noisy = data.input_ids.clone()
+    noisy[~live] = torch.randint(0, model.config.vocab_size, (int((~live).sum()),))
+    with torch.no_grad():
+        ref = model(data.input_ids).logits[sb, st]
+        got = model(noisy).logits[sb, st]
+    torch.testing.assert_close(got, ref)

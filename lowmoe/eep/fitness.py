@@ -143,6 +143,18 @@ class FitnessData:
             t_idx += range(row.start - 1, row.start - 1 + row.length)
         return torch.tensor(b_idx, dtype=torch.long), torch.tensor(t_idx, dtype=torch.long)
 
+    def live_positions(self, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence in chunk, position) of every position whose hidden state fitness depends on, for
+        the chunk ``input_ids[sl]``: per sequence, 0 .. the last position ``positions`` reads.
+        Sequences are right-padded and attention is causal, so the padding and each sequence's final
+        token are never read by a scored position."""
+        b_idx, t_idx = [], []
+        for b, row in enumerate(self.rows[sl]):
+            end = row.start - 1 + row.length  # one past the last scored position
+            b_idx += [b] * end
+            t_idx += range(end)
+        return torch.tensor(b_idx, dtype=torch.long), torch.tensor(t_idx, dtype=torch.long)
+
     def score_logits(self, logits: torch.Tensor, sl: slice) -> list[tuple[bool, float]]:
         """Per sequence of the chunk: (every answer token is the argmax, summed answer log-prob).
 

@@ -12,10 +12,12 @@ on the training subset. Here one generation is evaluated in **one pass over the 
             for every stream with that plan: run its boundary-L chunks -> boundary L+1
     final norm + lm_head on the scored positions of each final stream -> teacher-forced fitness
 
-On the last layer the MoE block runs only on the positions fitness scores (``TokenSubset``):
-nothing after it reads the others. Everything else is bit-identical to building each candidate's
-layer with ``apply_layer`` (tests); the trimmed last block equals it up to float rounding
-(``trim_last=False`` turns it off).
+MoE blocks are token-wise, so they run only on the positions fitness depends on (``TokenSubset``):
+on the last layer the positions it scores (nothing after that layer reads the others), before it
+every position up to each sequence's last scored one (right padding and each sequence's final
+token are never attended to by a scored position). Everything else is bit-identical to building
+each candidate's layer with ``apply_layer`` (tests); the trimmed blocks equal it up to float
+rounding (``trim=False`` turns trimming off).
 
 **Streams and prefix sharing.** Hidden states live on disk (``ActivationCache``), one *stream*
 per distinct model prefix. A stream's name at boundary b is a hash of the candidate's plan on
@@ -81,8 +83,9 @@ class TokenSubset(torch.nn.Module):
     """A MoE block run on chosen tokens only (``index`` into the flattened batch); the others get 0.
 
     MoE blocks are token-wise, so the chosen tokens' outputs are those of the whole batch up to float
-    rounding (the experts' matrix products see fewer rows). Used on the last decoder layer, where
-    fitness reads only the positions before answer tokens."""
+    rounding (the experts' matrix products see fewer rows). Used where fitness never reads the
+    other positions: padding and final tokens, and on the last layer everything but the scored
+    positions."""
 
     def __init__(self, block: torch.nn.Module, index: torch.Tensor):
         super().__init__()
@@ -300,7 +303,7 @@ class LoadedLayer:
 
 class PopulationEvaluator:
     def __init__(self, ck: Checkpoint, weights, space: SearchSpace, data: FitnessData, root, *, device, dtype,
-                 top_k: int, batch_size: int = 8, progress: bool = False, trim_last: bool = True, budget=None):
+                 top_k: int, batch_size: int = 8, progress: bool = False, trim: bool = True, budget=None):
         """``budget``: the run's ``budget.BudgetPlan`` (``--max-vram``/``--max-ram``) or its
         ``budget.plan_population``; None: no budget (every layer whole on the device)."""
         if isinstance(budget, BudgetPlan):
@@ -325,7 +328,8 @@ class PopulationEvaluator:
         self._cand_cfg = None
         self._buffers: dict[str, torch.Tensor] = {}
         self._positions: dict[int, torch.Tensor] = {}  # chunk -> flat indices of the positions fitness scores
-        self.trim_last = trim_last  # last MoE block only on those positions (False: all, bit-exact to the whole model)  # reused storage (LoadedLayer experts, merged experts)
+        self._live: dict[int, torch.Tensor | None] = {}  # chunk -> flat indices of the positions it depends on
+        self.trim = trim  # MoE blocks only on those positions (False: every position, bit-exact to the whole model)
         self._final: dict[str, Fitness] = {}  # final-stream key -> fitness (same function, same value)
         self.stats = {"layer_loads": 0, "layer_builds": 0, "layer_runs": 0, "layer_runs_saved": 0, "evaluations": 0}
         if budget is not None:
@@ -391,12 +395,15 @@ class PopulationEvaluator:
     @torch.no_grad()
     def _run(self, loaded: LoadedLayer, block, src: str, dst: str) -> None:
         L = loaded.idx
-        last = L == self.ck.num_layers - 1 and loaded.is_moe and self.trim_last
+        last = L == self.ck.num_layers - 1
         module = loaded.use(block)
         for c, sl in self.data.batches(self.batch_size):
             h = self.cache.read(L, c, src, device=self.device).to(self.dtype)
-            if last:  # nothing after this layer reads other positions than the ones fitness scores
-                module = loaded.use(TokenSubset(block if block is not None else loaded.base, self._flat_positions(c, sl, h)))
+            if self.trim and loaded.is_moe:
+                # after the last layer only the scored positions are read; before it, every position up to them
+                index = self._flat_positions(c, sl, h) if last else self._live_positions(c, sl, h)
+                module = loaded.use(block if index is None else
+                                    TokenSubset(block if block is not None else loaded.base, index))
             self.cache.write(L + 1, c, run_layer(self.skel, module, L, h, self._inputs_for(h)), dst)
         self.stats["layer_runs"] += 1
 
@@ -405,6 +412,13 @@ class PopulationEvaluator:
             b, t = self.data.positions(sl)
             self._positions[c] = (b * h.shape[1] + t).to(self.device)
         return self._positions[c]
+
+    def _live_positions(self, c: int, sl: slice, h: torch.Tensor) -> torch.Tensor | None:
+        """Flat indices of the chunk's positions fitness depends on; None when that is all of them."""
+        if c not in self._live:
+            b, t = self.data.live_positions(sl)
+            self._live[c] = None if len(t) == h.shape[0] * h.shape[1] else (b * h.shape[1] + t).to(self.device)
+        return self._live[c]
 
     def build_layer(self, layer_idx: int, tensors: dict[str, torch.Tensor], cand: Candidate | None):
         """Layer ``layer_idx`` as the written model will have it (``cand`` None: a dense layer), built
