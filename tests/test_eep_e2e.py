@@ -38,6 +38,25 @@ def test_prune_method_eep_end_to_end(synth_dir, tmp_path):
         assert lp["keep"] == np.asarray(g0["W_EM"]).argmax(1).tolist()
 
 
+def test_seeded_search_reports_its_seed_and_never_picks_worse_on_dev(synth_dir, tmp_path):
+    """``--init frequency``: the seed is the plan a one-shot ``--method frequency`` prune writes with the
+    same options; the report gives its training and dev fitness, and the pick is at least as good on dev."""
+    src = synth_dir("mixtral")
+    train = write_jsonl(tmp_path / "train.jsonl", records(8))
+    dev = write_jsonl(tmp_path / "dev.jsonl", records(4))
+    common = dict(keep=4, calib=[train], seq_len=64, batch_size=4, progress=False)
+    one_shot = lowmoe.prune(src, tmp_path / "f", method="frequency", **common)
+    rep = lowmoe.prune(src, tmp_path / "e", method="eep", **common,
+                       method_options={"dev": str(dev), "generations": 2, "population": 3, "layer_groups": "layer",
+                                       "init": "frequency"})
+    seed = rep["eep"]["seed"]
+    assert seed["method"] == "frequency"
+    assert seed["keep"] == [one_shot["plan"]["layers"][str(L)]["keep"] for L in range(len(seed["keep"]))]
+    assert seed["dev"] is not None and 0 <= seed["fitness"]["acc"] <= 1
+    best = rep["eep"]["best"]
+    assert (best["dev"]["acc"], best["dev"]["ll"]) >= (seed["dev"]["acc"], seed["dev"]["ll"])
+
+
 def test_cli_eep_fewer_active_experts_and_flag_errors(synth_dir, tmp_path):
     from lowmoe.cli import main
 

@@ -336,19 +336,24 @@ class Evolution:
             bar.close()
         return st
 
+    def seed_entry(self) -> Entry | None:
+        """The archive entry of the seed (``--init METHOD``), once evaluated."""
+        if self.seed_cand is None:
+            return None
+        key = self.seed_cand.canonical().key()
+        return next((e for e in self.state.ranked() if e.cand.key() == key), None)
+
     def pick(self, evaluate_dev: Callable[[list[Candidate]], list[Fitness]] | None) -> Entry:
         """EEP's final pick: the top ``dev_num`` by training fitness, re-scored on dev."""
         ranked = self.state.ranked()
         if evaluate_dev is None:
             return ranked[0]
         top = ranked[:self.opts.dev_num]
-        if self.seed_cand is not None:
-            # a seeded search (--init METHOD) also re-scores its seed on dev, so the pick is never
-            # worse on dev than the one-shot plan it started from
-            key = self.seed_cand.canonical().key()
-            seed = next((e for e in ranked if e.cand.key() == key), None)
-            if seed is not None and all(e.cand.key() != key for e in top):
-                top.append(seed)
+        # a seeded search (--init METHOD) also re-scores its seed on dev, so the pick is never
+        # worse on dev than the one-shot plan it started from
+        seed = self.seed_entry()
+        if seed is not None and all(e is not seed for e in top):
+            top.append(seed)
         todo = [e for e in top if e.dev is None]
         if todo:
             for e, f in zip(todo, evaluate_dev([e.cand for e in todo])):

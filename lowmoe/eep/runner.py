@@ -24,6 +24,7 @@ from pathlib import Path
 
 
 from .. import methods
+from ..apply import apply_layer
 from ..budget import plan_population
 from ..errors import ConfigError
 from ..quant import QUANT_MODES, layer_weights
@@ -88,7 +89,7 @@ def run_eep(run, cfg, top_k: int) -> dict:
         t0 = time.perf_counter()
         weights = layer_weights(ck, opts["quant"], work / f"quant-{opts['quant']}", device=device, progress=cfg.progress)
         quant_s = time.perf_counter() - t0
-        seed_cand = _seed_candidate(run, cfg, space, opts["init"], work) if opts["init"] != "random" else None
+        seed_cand = _seed_candidate(run, cfg, space, opts["init"], work, top_k) if opts["init"] != "random" else None
         evaluator = PopulationEvaluator(ck, weights, space, train, work / "acts-train", device=device, dtype=dtype,
                                         top_k=top_k, batch_size=cfg.batch_size, progress=False, budget=budget)
         evolution = Evolution(space, evo, evaluator.evaluate, state_path=work / "state.json", seed_cand=seed_cand,
@@ -111,6 +112,11 @@ def run_eep(run, cfg, top_k: int) -> dict:
         chosen = evolution.pick(dev_eval)
         best = chosen.cand
         prune_best = next((e for e in state.ranked() if e.phase == "prune"), None)
+        seed_entry = evolution.seed_entry()
+        if seed_entry is not None:
+            log.info("EEP seed (%s): train %.4f%s; pick: train %.4f%s", opts["init"], seed_entry.fitness.acc,
+                     "" if seed_entry.dev is None else f", dev {seed_entry.dev.acc:.4f}", chosen.fitness.acc,
+                     "" if chosen.dev is None else f", dev {chosen.dev.acc:.4f}")
         report = {
             "options": {**{k: v for k, v in opts.items()}, **{k: v for k, v in vars(evo).items()}},
             "space": space.describe(), "top_k": top_k,
@@ -124,6 +130,10 @@ def run_eep(run, cfg, top_k: int) -> dict:
                      "generation": chosen.generation, "phase": chosen.phase,
                      "groups": [{"layers": list(layers), "W_EM": best.em[g].tolist(), "W_RM": best.rm[g].tolist()}
                                 for g, layers in enumerate(space.groups)]},
+            "seed": None if seed_entry is None else {
+                "method": opts["init"], "fitness": seed_entry.fitness.to_json(),
+                "dev": None if seed_entry.dev is None else seed_entry.dev.to_json(),
+                "keep": [seed_entry.cand.em[g].argmax(1).tolist() for g in range(space.num_groups)]},
             "best_prune_phase": None if prune_best is None else {"fitness": prune_best.fitness.to_json(),
                                                                  "keep": [prune_best.cand.em[g].argmax(1).tolist() for g in range(space.num_groups)]},
         }
@@ -139,15 +149,17 @@ def run_eep(run, cfg, top_k: int) -> dict:
     return {"eep": {**report, "fitness_png": png}}
 
 
-def _seed_candidate(run, cfg, space: SearchSpace, method: str, work: Path) -> Candidate:
-    """A one-shot scoring pass (``method`` on the --calib text, original model activations), as a
-    one-hot seed for the search; cached in ``seed.json`` for resumes."""
+def _seed_candidate(run, cfg, space: SearchSpace, method: str, work: Path, top_k: int | None = None) -> Candidate:
+    """The plan ``lowmoe prune --method METHOD`` writes with the same options, as a one-hot seed for
+    the search: ``method`` on the --calib text, layer L+1 scored on the pruned layer L's outputs
+    (unless ``sequential`` is off: the original model's), super experts protected unless
+    ``--no-protect-super-experts``. Cached in ``seed-METHOD.json`` for resumes."""
     path = work / f"seed-{method}.json"
     if path.is_file():
         keep = {int(k): v for k, v in json.loads(path.read_text()).items()}
         return space.from_keep(keep)
     from ..cache import ActivationCache
-    from ..pipeline import DTYPES, Stream, _device, calibrate
+    from ..pipeline import DTYPES, Stream, _device, _keep_groups, _protection_observers, calibrate
 
     ck, adapter = run.ck, run.ck.adapter
     tokens = calibrate(cfg, ck)
@@ -156,6 +168,8 @@ def _seed_candidate(run, cfg, space: SearchSpace, method: str, work: Path) -> Ca
     stream = Stream(ck, tokens, cache, _device(cfg.device), DTYPES[cfg.dtype], cfg.batch_size, budget=run.budget,
                     prefetch=cfg.prefetch)
     stream.embed()
+    guards = _protection_observers(cfg, ck, stream)  # as the one-shot prune: super experts are never dropped
+    groups = _keep_groups(ck, space.keep)
     keep: dict[int, list[int]] = {}
     moe = set(ck.moe_layers())
     for L, data in stream.layers(0, moe):
@@ -164,13 +178,24 @@ def _seed_candidate(run, cfg, space: SearchSpace, method: str, work: Path) -> Ca
         del data
         if L in moe:
             m = methods.make_layer_method(method, ck.num_experts, ck.top_k, seed=cfg.seed)
+            observers = [m] + guards
 
-            def probe(call, m=m):
-                m.observe(call)
+            def probe(call, observers=observers):
+                for o in observers:
+                    o.observe(call)
 
-            probe.needs_expert_outputs = m.needs_expert_outputs
-            stream.forward(L, module, write=True, probe=probe, adapter=adapter)
-            keep[L] = list(m.decide(L, space.keep, protected=set(), groups=1, tensors=tensors, adapter=adapter).keep)
+            probe.needs_expert_outputs = any(o.needs_expert_outputs for o in observers)
+            stream.forward(L, module, write=not cfg.sequential, probe=probe, adapter=adapter)
+            protected = set().union(*(g.protected(L) for g in guards))
+            lp = m.decide(L, space.keep, protected=protected, groups=groups, tensors=tensors, adapter=adapter)
+            keep[L] = list(lp.keep)
+            if cfg.sequential:  # the next layer sees this layer pruned, as in the one-shot prune
+                del module
+                out = apply_layer(adapter, L, tensors, lp, ck.num_experts)
+                module = stream.materialize(L, adapter.to_runtime(L, out, True), num_experts=space.keep,
+                                            top_k=top_k or ck.top_k)
+                del out
+                stream.forward(L, module, write=True)
         else:
             stream.forward(L, module, write=True)
         cache.drop(L)
