@@ -38,6 +38,9 @@ TEXT_BYTES = 96  # text prompts are shorter: they dominate padding, hence traini
 ASSETS = Path(__file__).parent / "assets"
 TEXT_CORPUS = ASSETS / "stdlib_docstrings.txt.gz"
 TOY_MODEL = ASSETS / "toy-moe"  # the trained toy MoE shipped with lowmoe (scripts/train_toy_moe.py)
+# the same toy trained without the per-domain routing prior (Mixtral load-balancing loss instead): its
+# experts are not assigned to domains, so pruning costs accuracy and a search has room (docs/eep.md)
+TOY_MODEL_LEARNED = ASSETS / "toy-moe-learned"
 
 # Hash buckets (of 100) of each split: train 0-79, calib 80-89, test 90-99.
 _BUCKETS = {"train": range(80), "calib": range(80, 90), "test": range(90, 100)}

@@ -10,6 +10,13 @@ experts specialise by domain the way large MoEs do (measured in the report, per 
 so that "keep half the experts for domain X" is a meaningful, measurable operation.
 
     python scripts/train_toy_moe.py --out lowmoe/assets/toy-moe            # reproduces the shipped model
+    python scripts/train_toy_moe.py --out lowmoe/assets/toy-moe-learned --route-weight 0 \
+        --balance-weight 0.02 --loss-balance domain                          # the second one (~11 min)
+
+``toy-moe-learned`` has no routing prior: a Mixtral load-balancing loss (``--balance-weight``) keeps
+the router from collapsing and the experts are not assigned to domains, as in a real MoE trained
+without domain labels. Pruning it costs accuracy, which gives EEP's search something to win
+(docs/eep.md).
 
 The output is a normal sharded HF checkpoint (``save_pretrained`` with a small ``max_shard_size``)
 plus the tokenizer, generation_config.json and ``training_report.json`` (per-domain exact match and
