@@ -233,12 +233,40 @@ class QTensor:
         return w.reshape(self.shape).to(dtype)
 
 
+NF4_ROUND_TRIP_MAX = 0.1  # mean |error| of NF4 (blocks of 64) on N(0, 1) data is about 0.073
+_nf4_checked: set[tuple] = set()
+
+
+def check_nf4(device: str | torch.device, shape: tuple[int, ...]) -> None:
+    """ConfigError unless bitsandbytes' NF4 round trip on ``device`` is as accurate as NF4 is for
+    matrices of ``shape`` (checked once per device type and shape, on N(0, 1) data).
+
+    bitsandbytes 0.49-0.50's CPU path gets some shapes wrong: a 128x96 matrix (rows not a multiple
+    of the block) comes back with a mean error of 0.17 instead of 0.073 (0.48 and 96x128 give
+    0.073); on the 96-wide toy, NF4 streaming-eval perplexity went from 1.03 to 7.4."""
+    kind, shape = torch.device(device).type, tuple(int(d) for d in shape)
+    if (kind, shape) in _nf4_checked:
+        return
+    F = _bnb()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    q, st = F.quantize_4bit(x, quant_type="nf4", blocksize=BLOCKSIZE["nf4"])
+    err = float((F.dequantize_4bit(q, st).reshape(x.shape).float() - x).abs().mean())
+    if not err <= NF4_ROUND_TRIP_MAX:
+        import bitsandbytes
+
+        raise ConfigError(f"--quant nf4: bitsandbytes {bitsandbytes.__version__} round-trips a {'x'.join(map(str, shape))} "
+                          f"matrix on {kind} with a mean error of {err:.3f} (NF4 gives about 0.073); "
+                          "install bitsandbytes<0.49 or use --quant int8")
+    _nf4_checked.add((kind, shape))
+
+
 def quantize_tensor(t: torch.Tensor, mode: str, device: str | torch.device = "cpu") -> QTensor:
     """Quantize ``t`` on ``device`` (moved there first, so a GPU does the work) as the EEP cache does:
     NF4 with blocks of 64, or blockwise dynamic int8 with blocks of 256."""
     F = _bnb()
     x = t.to(device).contiguous()
     if mode == "nf4":
+        check_nf4(x.device, x.shape)
         q, st = F.quantize_4bit(x, quant_type="nf4", blocksize=BLOCKSIZE["nf4"])
         return QTensor(mode, q, st.absmax.float(), x.shape)
     if mode == "int8":

@@ -71,3 +71,23 @@ def test_gpu_dequantization_matches_cpu(synth_dir, tmp_path):
     gpu = QuantizedWeights(ck, tmp_path / "q", "nf4", device="cuda")
     for k, t in cpu.layer(0).items():
         assert torch.allclose(gpu.layer(0)[k], t, atol=1e-6), k
+
+
+def test_nf4_round_trip_is_checked_once_per_device_and_shape(monkeypatch):
+    """The installed bitsandbytes round-trips NF4 as accurately as NF4 is, for the toy's shapes; one
+    that does not (as 0.49-0.50's CPU path on 128x96) is refused with a one-line error naming
+    --quant nf4, the shape and the version."""
+    import bitsandbytes.functional as F
+
+    from lowmoe import quant
+
+    monkeypatch.setattr(quant, "_nf4_checked", set())
+    for shape in [(128, 96), (96, 128), (256, 96)]:
+        quant.check_nf4("cpu", shape)
+    assert ("cpu", (128, 96)) in quant._nf4_checked
+    real = F.dequantize_4bit
+    monkeypatch.setattr(quant, "_nf4_checked", set())
+    monkeypatch.setattr(F, "dequantize_4bit", lambda q, st: real(q, st) * 1.5)  # a 50% scale error
+    with pytest.raises(ConfigError, match=r"--quant nf4: bitsandbytes .* 64x64 matrix on cpu .*bitsandbytes<0\.49"):
+        quant.quantize_tensor(torch.randn(64, 64), "nf4")
+    assert not quant._nf4_checked

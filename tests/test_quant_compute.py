@@ -82,9 +82,8 @@ def test_scores_move_by_a_bounded_amount(synth_dir, calib_txt):
 
 
 def test_toy_keep_sets_mostly_agree(tmp_path):
-    """Measured by scripts/bench_quant.py (docs/gpu.md): over sort/reverse/arithmetic with int8 no
-    keep-set changed; with NF4 at most one of the four layers per domain for frequency and EASY-EP
-    (two for REAP on reverse), one on sort."""
+    """Measured by scripts/bench_quant.py (docs/gpu.md): with int8 no keep-set changes; with NF4 a
+    changed keep-set differs by one expert, in at most one of the four layers on sort."""
     from lowmoe.tasks import TOY_MODEL, calib_file
 
     cal = calib_file("sort", n=16, out_dir=tmp_path)
@@ -94,8 +93,8 @@ def test_toy_keep_sets_mostly_agree(tmp_path):
     for mode, min_same in (("int8", 4), ("nf4", 3)):
         rep = score(TOY_MODEL, calib=[str(cal)], method=methods, quant=mode, **kw)
         for m in methods:
-            same = sum(set(e["keep"][m]) == set(rep["layers"][L]["keep"][m]) for L, e in ref["layers"].items())
-            assert same >= min_same, (mode, m, same)
+            moved = [len(set(e["keep"][m]) - set(rep["layers"][L]["keep"][m])) for L, e in ref["layers"].items()]
+            assert max(moved) <= 1 and moved.count(0) >= min_same, (mode, m, moved)
 
 
 def test_quant_budget(synth_dir, calib_txt):
