@@ -1,7 +1,9 @@
-"""EEP on the shipped toy MoE: search vs the best one-shot scoring method, and top-2 -> top-1.
+"""EEP on a shipped toy MoE: search vs the best one-shot scoring method, and top-2 -> top-1.
 
-    python scripts/eep_acceptance.py [--model lowmoe/assets/toy-moe] [--domains arithmetic,reverse]
-                                     [--generations 40] [--population 16] [--n-search 48] [--n-test 200]
+    python scripts/eep_acceptance.py [--model lowmoe/assets/toy-moe-learned] [--domains sort,brackets,reverse,lookup]
+                                     [--generations 40] [--population 16] [--n-search 256] [--n-test 1000]
+
+The defaults reproduce docs/eep.md's table (about 25 min per domain on one core).
 
 For every domain and every sparsity (8 -> 4 experts = 50%, 8 -> 2 = 75%):
 
@@ -48,17 +50,17 @@ def paired_se(a: list[bool], b: list[bool]) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, default=Path(lowmoe.__file__).parent / "assets" / "toy-moe")
-    p.add_argument("--domains", default="arithmetic,reverse")
-    p.add_argument("--keeps", default="4,2")
+    p.add_argument("--model", type=Path, default=tasks.TOY_MODEL_LEARNED)
+    p.add_argument("--domains", default="sort,brackets,reverse,lookup")
+    p.add_argument("--keeps", default="4,2", help="experts kept per layer, comma-separated ('' : top-k 2 -> 1 only)")
     p.add_argument("--generations", type=int, default=40)
     p.add_argument("--population", type=int, default=16)
-    p.add_argument("--n-search", type=int, default=48)
+    p.add_argument("--n-search", type=int, default=256)
     p.add_argument("--n-dev", type=int, default=None, help="dev examples for the final pick (default: --n-search)")
-    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--n-oneshot", type=int, default=128, help="calibration prompts for the one-shot scorers")
     p.add_argument("--layer-groups", default="layer")
-    p.add_argument("--init", default="random")
+    p.add_argument("--init", default="easy-ep")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(sorted(SCORERS)), help="one-shot scoring methods to compare with")
     p.add_argument("--no-topk", action="store_true", help="skip the top-2 -> top-1 experiment")
@@ -78,7 +80,7 @@ def main():
             calib = tasks.write_jsonl(recs, tmp / f"{domain}-calib.jsonl")
             full_top2[domain], _ = test_acc(args.model, domain, args.n_test)
             print(f"[{domain}] full model (8 experts, top-2): {full_top2[domain]:.3f}", flush=True)
-            for keep in [int(k) for k in args.keeps.split(",")]:
+            for keep in [int(k) for k in args.keeps.split(",") if k]:
                 one_shot, outcomes = {}, {}
                 for m in args.methods.split(","):
                     out = tmp / f"{domain}-{m}-{keep}"
@@ -88,7 +90,8 @@ def main():
                 best_m = max(one_shot, key=one_shot.get)
                 out = tmp / f"{domain}-eep-{keep}"
                 t0 = time.time()
-                rep = lowmoe.prune(args.model, out, keep=keep, method="eep", calib=[search], seq_len=160, n_samples=args.n_search, batch_size=16,
+                rep = lowmoe.prune(args.model, out, keep=keep, method="eep", calib=[search], seq_len=160, n_samples=args.n_search,
+                                   batch_size=16, layout="per-sample",
                                    seed=args.seed, progress=False, overwrite=True,
                                    method_options={"dev": str(dev), "generations": args.generations, "population": args.population,
                                                    "layer_groups": args.layer_groups, "init": args.init})
@@ -98,9 +101,21 @@ def main():
                        "margin_se": paired_se(outcomes[best_m], eep_correct), "eep_search_s": round(time.time() - t0, 1),
                        "eep_train_fitness": rep["eep"]["best"]["fitness"], "eep_dev_fitness": rep["eep"]["best"]["dev"],
                        "eep_evaluations": rep["eep"]["evaluations"], "eep_phase": rep["eep"]["best"]["phase"]}
+                seed = rep["eep"].get("seed")
+                if seed is not None:  # the one-shot plan the search started from, on the same test examples
+                    groups = rep["eep"]["best"]["groups"]
+                    plan = {"format": "lowmoe-plan/1", "num_experts_per_tok": Checkpoint(args.model).top_k,
+                            "layers": {str(L): {"keep": k} for g, k in enumerate(seed["keep"]) for L in groups[g]["layers"]}}
+                    lowmoe.prune(args.model, tmp / "seed", plan=plan, progress=False, overwrite=True)
+                    seed_acc, seed_correct = test_acc(tmp / "seed", domain, args.n_test)
+                    row.update(seed_method=seed["method"], seed_train_fitness=seed["fitness"], seed_dev_fitness=seed["dev"],
+                               seed_test=seed_acc, margin_vs_seed=eep_acc - seed_acc,
+                               margin_vs_seed_se=paired_se(seed_correct, eep_correct))
                 results["runs"].append(row)
                 print(f"[{domain}] keep {keep}/8: best one-shot {best_m} {one_shot[best_m]:.3f} | EEP {eep_acc:.3f} "
-                      f"(margin {row['margin']:+.3f} ± {row['margin_se']:.3f}; search {row['eep_search_s']} s, {row['eep_evaluations']} evals)", flush=True)
+                      f"(margin {row['margin']:+.3f} ± {row['margin_se']:.3f}; search {row['eep_search_s']} s, {row['eep_evaluations']} evals)"
+                      + (f" | its seed ({seed['method']}): test {row['seed_test']:.3f}, dev {seed['dev']['acc']:.3f}, "
+                         f"EEP dev {row['eep_dev_fitness']['acc']:.3f}" if seed is not None else ""), flush=True)
             if not args.no_topk:
                 top1 = tmp / f"{domain}-top1"
                 plan = {"format": "lowmoe-plan/1", "num_experts_per_tok": 1,
