@@ -66,7 +66,7 @@ def run_streamed(args) -> dict:
     t0 = time.perf_counter()
     weights = layer_weights(ck, args.quant, work / f"quant-{args.quant}")
     quant_s = time.perf_counter() - t0
-    ev = PopulationEvaluator(ck, weights, space, data, work / "acts", device="cpu", dtype=torch.float32, top_k=args.top_k,
+    ev = PopulationEvaluator(ck, weights, space, data, work / "acts", device="cpu", dtype=getattr(torch, args.dtype), top_k=args.top_k,
                              batch_size=args.batch_size, trim=not args.no_trim)
     gens = []
 
@@ -127,7 +127,7 @@ def run_whole(args) -> dict:
     ck, data, space = setup(args)
     cands = json.loads(Path(args.candidates).read_text())
     w0 = time.perf_counter()
-    ev = WholeModelEvaluator(ck, space, data, top_k=args.top_k, batch_size=args.batch_size)
+    ev = WholeModelEvaluator(ck, space, data, top_k=args.top_k, batch_size=args.batch_size, dtype=getattr(torch, args.dtype))
     load_s = time.perf_counter() - w0
     # spread the timed subset over the run (early random and later children alike)
     step = max(1, len(cands) // args.baseline_evals)
@@ -167,6 +167,8 @@ def main():
     p.add_argument("--layer-groups", default="4")
     p.add_argument("--quant", default="none", choices=["none", "int8", "nf4"])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype of both the streamed search and the baselines")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--retain", type=int, default=None, help="streams kept for at most this many parents (default: all)")
     p.add_argument("--retain-gb", type=float, default=10.0)
@@ -191,7 +193,7 @@ def main():
         base = [sys.executable, __file__, "--model", str(args.model), "--population", str(args.population),
                 "--generations", str(args.generations), "--examples", str(args.examples), "--domain", args.domain,
                 "--keep", str(args.keep), "--top-k", str(args.top_k), "--layer-groups", str(args.layer_groups),
-                "--quant", args.quant, "--threads", str(args.threads), "--batch-size", str(args.batch_size),
+                "--quant", args.quant, "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--dtype", args.dtype,
                 "--retain-gb", str(args.retain_gb), *(["--retain", str(args.retain)] if args.retain else []),
                 "--baseline-evals", str(args.baseline_evals), *(["--no-trim"] if args.no_trim else [])]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -213,7 +215,7 @@ def main():
     fig = {
         "model": str(args.model), "model_bytes": s["model_bytes"], "largest_layer_bytes": s["largest_layer"],
         "fitness_tokens": s["tokens"], "population": args.population, "generations": args.generations, "quant": args.quant,
-        "threads": args.threads, "layer_groups": args.layer_groups, "trim": not args.no_trim,
+        "threads": args.threads, "dtype": args.dtype, "layer_groups": args.layer_groups, "trim": not args.no_trim,
         "rss_bound": bound, "chunk_bytes": s["chunk_bytes"],
         "streamed": {"evals": n, "evals_per_hour_wall": n / s_wall * 3600, "evals_per_cpu_hour": n / s_cpu * 3600,
                      "second_half_evals_per_cpu_hour": sum(g["candidates"] for g in tail) / sum(g["cpu_s"] for g in tail) * 3600,
