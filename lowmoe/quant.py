@@ -241,9 +241,9 @@ def check_nf4(device: str | torch.device, shape: tuple[int, ...]) -> None:
     """ConfigError unless bitsandbytes' NF4 round trip on ``device`` is as accurate as NF4 is for
     matrices of ``shape`` (checked once per device type and shape, on N(0, 1) data).
 
-    bitsandbytes 0.49-0.50's CPU path gets some shapes wrong: a 128x96 matrix (rows not a multiple
-    of the block) comes back with a mean error of 0.17 instead of 0.073 (0.48 and 96x128 give
-    0.073); on the 96-wide toy, NF4 streaming-eval perplexity went from 1.03 to 7.4."""
+    bitsandbytes 0.49-0.50's CPU path gets some shapes wrong: a 128x96 matrix (row length not a
+    multiple of the block) comes back with a mean error of 0.17 instead of 0.073 (0.48 and 96x128 give
+    0.073); on the 96-wide toy, streaming-eval perplexity on reverse was 7.4 under NF4, 1.004 in fp32."""
     kind, shape = torch.device(device).type, tuple(int(d) for d in shape)
     if (kind, shape) in _nf4_checked:
         return
