@@ -37,16 +37,24 @@ def _matrix(m, n_out: int, n_in: int) -> torch.Tensor:
     return t
 
 
-def _combine(tensors: list[torch.Tensor], coeffs: torch.Tensor) -> torch.Tensor:
-    """Σ_i coeffs[i] · tensors[i] in float32, returned in the tensors' dtype."""
-    acc = torch.zeros(tensors[0].shape, dtype=torch.float32)
-    for c, t in zip(coeffs.tolist(), tensors):
+def combine_into(acc: torch.Tensor, tensors, coeffs: list[float]) -> torch.Tensor:
+    """``acc`` (float32) = Σ_i coeffs[i] · tensors[i], accumulated in expert order, zero terms
+    skipped; returns ``acc``. The one merge loop: the writer (``_combine``) and the EEP evaluator's
+    reused buffers both run it, so their merged experts are bit-identical."""
+    acc.zero_()
+    for c, t in zip(coeffs, tensors):
         if c != 0.0:
             acc.add_(t.float(), alpha=c)
-    return acc.to(tensors[0].dtype)
+    return acc
 
 
-def _map_rows(t: torch.Tensor, keep: list[int], mat: torch.Tensor | None) -> torch.Tensor:
+def _combine(tensors: list[torch.Tensor], coeffs: torch.Tensor) -> torch.Tensor:
+    """Σ_i coeffs[i] · tensors[i] in float32, returned in the tensors' dtype."""
+    acc = torch.empty(tensors[0].shape, dtype=torch.float32)
+    return combine_into(acc, tensors, coeffs.tolist()).to(tensors[0].dtype)
+
+
+def map_rows(t: torch.Tensor, keep: list[int], mat: torch.Tensor | None) -> torch.Tensor:
     """Rows (dim 0) of a per-expert tensor: select ``keep`` or map with ``mat`` (E' x E)."""
     if mat is None:
         return t[keep].clone()
@@ -77,11 +85,11 @@ def apply_layer(adapter: Adapter, layer_idx: int, tensors: dict[str, torch.Tenso
                 dom = router.abs().argmax(dim=1).tolist()
                 out[key] = t[dom].clone()
             else:
-                out[key] = _map_rows(t, lp.keep, router)
+                out[key] = map_rows(t, lp.keep, router)
         elif adapter.is_expert_key(rel):
             originals[key] = t
             if adapter.expert_layout == "fused":
-                experts_out[key] = _map_rows(t, lp.keep, merge)
+                experts_out[key] = map_rows(t, lp.keep, merge)
             else:
                 _, e, suffix = rel[len(adapter.moe_prefix):].split(".", 2)
                 per_expert.setdefault(suffix, [None] * num_experts)[int(e)] = t

@@ -357,7 +357,7 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
 
     Host: one layer as read + its runtime copy (no prefetch: the evaluator reads layer by layer) + a
     candidate's E' experts in the stored dtype + the float32 merge temporaries (one expert, or the
-    whole fused tensors: ``apply._map_rows`` multiplies them at once). Device, per MoE layer with E
+    whole fused tensors: ``apply.map_rows`` multiplies them at once). Device, per MoE layer with E
     experts of P params, in the compute dtype (b bytes): whole when
 
         resident + E*P*b + E' router rows + E'*P*(4 + b) (+ E*P*4 fused)  <=  weights budget

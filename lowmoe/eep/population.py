@@ -48,7 +48,7 @@ import shutil
 
 import torch
 
-from ..apply import apply_layer
+from ..apply import apply_layer, combine_into, map_rows
 from ..budget import Accountant, BudgetPlan, ChunkedExperts, Placement, build_layer, plan_population
 from ..cache import ActivationCache
 from ..checkpoint import Checkpoint
@@ -231,20 +231,15 @@ class LoadedLayer:
             block = materialize(meta, state, ev.device, ev.dtype)
             block.experts = KeptExperts(self.base.experts, lp.keep).to(ev.device)
             return ev.track(block, self._state_bytes(state))
-        E = ev.ck.num_experts
         for name, x in self.base.experts.named_parameters():  # runtime tensors, experts on dim 0
             if lp.merge is None:
                 y = x[lp.keep]
-            elif ad.expert_layout == "fused":  # apply._map_rows
-                y = (torch.tensor(lp.merge, dtype=torch.float32, device=x.device) @ x.float().reshape(E, -1))
-                y = y.reshape((n,) + tuple(x.shape[1:])).to(self.stored_dtype)
+            elif ad.expert_layout == "fused":
+                y = map_rows(x, lp.keep, torch.tensor(lp.merge, dtype=torch.float32, device=x.device)).to(self.stored_dtype)
             else:  # apply._combine, per output expert, in a reused float32 buffer
                 y = ev.buffer("merged:" + name, (n,) + tuple(x.shape[1:]), torch.float32)
                 for j, row in enumerate(torch.tensor(lp.merge, dtype=torch.float32).tolist()):
-                    y[j].zero_()
-                    for i, c in enumerate(row):
-                        if c != 0.0:
-                            y[j].add_(x[i].float(), alpha=c)
+                    combine_into(y[j], x, row)
                     if ev.dtype == torch.float32:  # the stored dtype's rounding, in place
                         y[j].copy_(y[j].to(self.stored_dtype))
                 if ev.dtype != torch.float32:
@@ -257,8 +252,8 @@ class LoadedLayer:
         """The candidate's block with its router (and the shared experts) on the device and its E'
         experts in host memory, visiting the device in the planned groups (``budget.ChunkedExperts``).
         The experts are selected or merged from the stored-dtype host copy exactly as ``apply_layer``
-        does: float32 accumulation in expert order (``apply._combine``) or the float32 matrix product
-        of a fused layout (``apply._map_rows``), rounded to the stored dtype."""
+        does: float32 accumulation in expert order (``apply.combine_into``) or the float32 matrix product
+        of a fused layout (``apply.map_rows``), rounded to the stored dtype."""
         ev, ad, L = self.ev, self.ev.adapter, self.idx
         E, n = ev.ck.num_experts, len(lp.keep)
         state = self._block_state(ad.to_runtime(L, apply_layer(ad, L, self.router_tensors, lp, E), True))
@@ -268,15 +263,11 @@ class LoadedLayer:
             if lp.merge is None:
                 torch.index_select(x, 0, torch.tensor(lp.keep, dtype=torch.long), out=y)
             elif ad.expert_layout == "fused":
-                y.copy_((torch.tensor(lp.merge, dtype=torch.float32) @ x.float().reshape(E, -1)).reshape(y.shape))
+                y.copy_(map_rows(x, lp.keep, torch.tensor(lp.merge, dtype=torch.float32)))
             else:
                 acc = ev.buffer("host:acc", tuple(x.shape[1:]), torch.float32, host=True)
                 for j, row in enumerate(torch.tensor(lp.merge, dtype=torch.float32).tolist()):
-                    acc.zero_()
-                    for i, c in enumerate(row):
-                        if c != 0.0:
-                            acc.add_(x[i].float(), alpha=c)
-                    y[j].copy_(acc)  # the stored dtype's rounding, as apply._combine's .to(dtype)
+                    y[j].copy_(combine_into(acc, x, row))  # the stored dtype's rounding, as apply._combine's .to(dtype)
             experts[name] = y
         meta.experts = ChunkedExperts(meta.experts, experts, group_size=self.placement.group_size, device=ev.device,
                                       dtype=ev.dtype, double_buffer=self.placement.double_buffer,
