@@ -128,14 +128,11 @@ class QuantizedWeights:
                 if not self._quantizable(layer_idx, key, t):
                     out[key] = t.contiguous()
                     continue
-                x = t.contiguous()
-                if self.mode == "nf4":
-                    q, st = self.F.quantize_4bit(x, quant_type="nf4", blocksize=self.blocksize)
-                else:
-                    q, st = self.F.quantize_blockwise(x, blocksize=self.blocksize)
-                    out["__code__"] = st.code.float().contiguous()  # the same dynamic map for every tensor
-                out[key + "::q"] = q.contiguous()
-                out[key + "::absmax"] = st.absmax.float().contiguous()
+                qt = quantize_tensor(t, self.mode)  # on the CPU, as read
+                if qt.code is not None:
+                    out["__code__"] = qt.code.float().contiguous()  # the same dynamic map for every tensor
+                out[key + "::q"] = qt.codes.contiguous()
+                out[key + "::absmax"] = qt.absmax.contiguous()
                 meta[key] = {"shape": list(t.shape), "dtype": str(t.dtype)}
             tmp = self._path(layer_idx).with_suffix(".tmp")
             save_file(out, str(tmp), metadata={"lowmoe_quant": json.dumps(meta)})

@@ -91,3 +91,18 @@ def test_nf4_round_trip_is_checked_once_per_device_and_shape(monkeypatch):
     with pytest.raises(ConfigError, match=r"--quant nf4: bitsandbytes .* 64x64 matrix on cpu .*bitsandbytes<0\.49"):
         quant.quantize_tensor(torch.randn(64, 64), "nf4")
     assert not quant._nf4_checked
+
+
+def test_eep_nf4_cache_is_refused_where_the_round_trip_is_off(synth_dir, tmp_path, monkeypatch):
+    """The EEP search's NF4 layer cache quantizes through the same checked path."""
+    import bitsandbytes.functional as F
+
+    from lowmoe import quant
+
+    real = F.dequantize_4bit
+    monkeypatch.setattr(quant, "_nf4_checked", set())
+    monkeypatch.setattr(F, "dequantize_4bit", lambda q, st: real(q, st) * 1.5)
+    with pytest.raises(ConfigError, match=r"--quant nf4: bitsandbytes .* matrix on cpu"):
+        layer_weights(Checkpoint(synth_dir("mixtral", hidden_size=64, intermediate_size=128, dtype="float32")), "nf4",
+                      tmp_path / "q")
+    assert not (tmp_path / "q" / "quant.json").exists()
