@@ -98,7 +98,7 @@ class QuantizedWeights:
         self.device = torch.device(device)
         self.blocksize = BLOCKSIZE[mode]
         self.bytes_read = 0
-        self.F = _bnb()
+        _bnb()  # bitsandbytes importable (ConfigError otherwise) before any work
         self._build(progress)
 
     # ---- building ------------------------------------------------------------------------
@@ -160,15 +160,8 @@ class QuantizedWeights:
                 continue
             out[key] = t
         for key, m in meta.items():
-            q, absmax = raw[key + "::q"], raw[key + "::absmax"]
-            shape, dtype = torch.Size(m["shape"]), _DTYPES[m["dtype"]]
-            if self.mode == "nf4":
-                st = self.F.QuantState(absmax=absmax, shape=shape, blocksize=self.blocksize, quant_type="nf4", dtype=dtype)
-                w = self.F.dequantize_4bit(q, st)
-            else:
-                st = self.F.QuantState(absmax=absmax, shape=shape, code=code, blocksize=self.blocksize, dtype=dtype)
-                w = self.F.dequantize_blockwise(q, st)
-            out[key] = w.reshape(shape).to(dtype)
+            qt = QTensor(self.mode, raw[key + "::q"], raw[key + "::absmax"], torch.Size(m["shape"]), code)
+            out[key] = qt.dequantize(_DTYPES[m["dtype"]])
         # the checkpoint's key order; on CPU, where apply_layer works (dequantized on the GPU by
         # bitsandbytes' CUDA kernels when the device is one)
         return {k: out[k].cpu() for k in self.ck.layer_keys(layer_idx)}
