@@ -519,60 +519,93 @@ def open_stream(run: PruneRun, cfg: PruneConfig, tokens: CalibTokens) -> Stream:
     return stream
 
 
-def score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int) -> dict:
-    """One streamed pass: score each MoE layer, decide its keep-set, write it, propagate."""
-    ck, adapter = run.ck, run.adapter
-    keep_n = cfg.resolve_keep(ck.num_experts)
-    tokens = calibrate(cfg, ck)
-    stream = open_stream(run, cfg, tokens)
-    groups = _keep_groups(ck, keep_n)
-    guards = _protection_observers(cfg, ck, stream)  # built once: may profile the model (super experts)
-    t_start = time.perf_counter()
-    reader = stream.layers(run.next_layer, run.moe)  # layer L+1 is read while L computes
-    for layer_idx, data in _progress(reader, len(reader), f"prune ({cfg.method})", cfg.progress):
-        times = run.times.setdefault(layer_idx, {})
-        times["read_s"] = round(reader.last_wait_s, 4)  # time waited for the read (hidden by prefetch when ~0)
-        tensors = data.tensors
-        is_moe = layer_idx in run.moe
-        t0 = time.perf_counter()
-        module = stream.materialize(layer_idx, data.runtime)
-        del data
-        if not is_moe:
-            stream.forward(layer_idx, module, write=True)
-            times["compute_s"] = round(time.perf_counter() - t0, 4)
-            del module
-            run.write_layer(layer_idx, tensors)
-        else:
-            method = make_layer_method(cfg.method, ck.num_experts, ck.top_k, seed=cfg.seed, **cfg.method_options)
-            observers = [method] + guards
-            needs_outputs = any(o.needs_expert_outputs for o in observers)
+@dataclass
+class LayerDecision:
+    """One layer of a one-shot scoring pass (``decide_layers``), after its outputs were propagated."""
 
-            def probe(call):
+    idx: int
+    plan: LayerPlan | None  # None: a dense layer
+    method: Any = None  # the layer's scoring method (scores, state), MoE layers only
+    protected: set[int] = field(default_factory=set)
+
+
+def decide_layers(stream: Stream, layers, cfg: PruneConfig, method: str, options: dict, keep_n: int, top_k: int,
+                  guards: list, apply):
+    """The one-shot prune's layer loop: for each ``(idx, LayerData)`` of ``layers`` (a
+    ``Stream.layers`` reader), run the layer on its cached inputs with ``method`` observing each MoE
+    layer (and the super-expert ``guards``), decide its keep-set, and propagate: ``apply(idx, tensors,
+    plan)`` returns the layer's output tensors (``plan`` None for a dense layer), and with
+    ``cfg.sequential`` the next layer reads this one's outputs *with the plan applied*; without it,
+    the original layer's. Yields a ``LayerDecision`` per layer once its outputs are cached and its
+    inputs dropped. ``score_and_write`` writes the applied tensors; the EEP search's ``--init`` seed
+    only keeps the plans, so the seed is exactly the plan a one-shot prune writes."""
+    ck, adapter = stream.ck, stream.ck.adapter
+    moe = set(ck.moe_layers())
+    groups = _keep_groups(ck, keep_n)
+    for idx, data in layers:
+        tensors = data.tensors
+        module = stream.materialize(idx, data.runtime)
+        del data
+        if idx not in moe:
+            stream.forward(idx, module, write=True)
+            del module
+            apply(idx, tensors, None)
+            decision = LayerDecision(idx, None)
+        else:
+            m = make_layer_method(method, ck.num_experts, ck.top_k, seed=cfg.seed, **options)
+            observers = [m] + guards
+
+            def probe(call, observers=observers):
                 for o in observers:
                     o.observe(call)
 
-            probe.needs_expert_outputs = needs_outputs
-            stream.forward(layer_idx, module, write=not cfg.sequential, probe=probe, adapter=adapter)
-            protected = set()
-            for o in observers[1:]:
-                protected |= o.protected(layer_idx)
-            run.layers[layer_idx] = method.decide(layer_idx, keep_n, protected=protected, groups=groups,
-                                                  tensors=tensors, adapter=adapter)
-            scores = method.scores()
-            if scores is not None:
-                run.scores[layer_idx] = [float(s) for s in scores]
-            run.protected[layer_idx] = sorted(protected)
-            run.stats[layer_idx] = method.state()
+            probe.needs_expert_outputs = any(o.needs_expert_outputs for o in observers)
+            stream.forward(idx, module, write=not cfg.sequential, probe=probe, adapter=adapter)
+            protected = set().union(*(g.protected(idx) for g in guards))
+            lp = m.decide(idx, keep_n, protected=protected, groups=groups, tensors=tensors, adapter=adapter)
             del module
-            out_tensors = run.write_layer(layer_idx, tensors)
-            if cfg.sequential:
-                pruned = stream.materialize(layer_idx, adapter.to_runtime(layer_idx, out_tensors, True),
-                                            num_experts=keep_n, top_k=top_k)
-                stream.forward(layer_idx, pruned, write=True)
+            out = apply(idx, tensors, lp)
+            if cfg.sequential:  # the next layer sees this one pruned
+                pruned = stream.materialize(idx, adapter.to_runtime(idx, out, True), num_experts=keep_n, top_k=top_k)
+                stream.forward(idx, pruned, write=True)
                 del pruned
-            times["compute_s"] = round(time.perf_counter() - t0 - times.get("write_s", 0.0), 4)
-        stream.cache.drop(layer_idx)
-        run.finish_layer(layer_idx)
+            del out
+            decision = LayerDecision(idx, lp, m, protected)
+        del tensors
+        stream.cache.drop(idx)
+        yield decision
+
+
+def score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int) -> dict:
+    """One streamed pass: score each MoE layer, decide its keep-set, write it, propagate."""
+    ck = run.ck
+    keep_n = cfg.resolve_keep(ck.num_experts)
+    tokens = calibrate(cfg, ck)
+    stream = open_stream(run, cfg, tokens)
+    guards = _protection_observers(cfg, ck, stream)  # built once: may profile the model (super experts)
+    t_start = time.perf_counter()
+    reader = stream.layers(run.next_layer, run.moe)  # layer L+1 is read while L computes
+
+    def write(idx: int, tensors: dict, lp: LayerPlan | None) -> dict:
+        if lp is not None:
+            run.layers[idx] = lp
+        return run.write_layer(idx, tensors)
+
+    layers = _progress(reader, len(reader), f"prune ({cfg.method})", cfg.progress)
+    t0 = time.perf_counter()
+    for d in decide_layers(stream, layers, cfg, cfg.method, cfg.method_options, keep_n, top_k, guards, write):
+        times = run.times.setdefault(d.idx, {})
+        times["read_s"] = round(reader.last_wait_s, 4)  # time waited for the read (hidden by prefetch when ~0)
+        # the time since the last layer finished, less the read wait and the write
+        times["compute_s"] = round(max(0.0, time.perf_counter() - t0 - reader.last_wait_s - times.get("write_s", 0.0)), 4)
+        if d.method is not None:
+            scores = d.method.scores()
+            if scores is not None:
+                run.scores[d.idx] = [float(s) for s in scores]
+            run.protected[d.idx] = sorted(d.protected)
+            run.stats[d.idx] = d.method.state()
+        run.finish_layer(d.idx)
+        t0 = time.perf_counter()
     return {"calibration": {"sequences": int(tokens.input_ids.shape[0]), "seq_len": int(tokens.input_ids.shape[1]),
                             "tokens_counted": tokens.num_tokens, "files": [str(c) for c in cfg.calib]},
             "cache_bytes_written": stream.cache.bytes_written,

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 
-from .. import methods
 from ..apply import apply_layer
 from ..budget import plan_population
 from ..errors import ConfigError
@@ -159,47 +158,24 @@ def _seed_candidate(run, cfg, space: SearchSpace, method: str, work: Path, top_k
         keep = {int(k): v for k, v in json.loads(path.read_text()).items()}
         return space.from_keep(keep)
     from ..cache import ActivationCache
-    from ..pipeline import DTYPES, Stream, _device, _keep_groups, _protection_observers, calibrate
+    from ..pipeline import DTYPES, Stream, _device, _protection_observers, calibrate, decide_layers
 
-    ck, adapter = run.ck, run.ck.adapter
-    tokens = calibrate(cfg, ck)
+    ck = run.ck
     cache = ActivationCache(work / "acts-seed")
     # the same stream as a one-shot prune: layer L+1 read while L computes, under --max-vram/--max-ram
-    stream = Stream(ck, tokens, cache, _device(cfg.device), DTYPES[cfg.dtype], cfg.batch_size, budget=run.budget,
-                    prefetch=cfg.prefetch)
+    stream = Stream(ck, calibrate(cfg, ck), cache, _device(cfg.device), DTYPES[cfg.dtype], cfg.batch_size,
+                    budget=run.budget, prefetch=cfg.prefetch)
     stream.embed()
     guards = _protection_observers(cfg, ck, stream)  # as the one-shot prune: super experts are never dropped
-    groups = _keep_groups(ck, space.keep)
+
+    def apply(idx: int, tensors: dict, lp) -> dict | None:
+        return None if lp is None else apply_layer(ck.adapter, idx, tensors, lp, ck.num_experts)
+
     keep: dict[int, list[int]] = {}
-    moe = set(ck.moe_layers())
-    for L, data in stream.layers(0, moe):
-        tensors = data.tensors
-        module = stream.materialize(L, data.runtime)
-        del data
-        if L in moe:
-            m = methods.make_layer_method(method, ck.num_experts, ck.top_k, seed=cfg.seed)
-            observers = [m] + guards
-
-            def probe(call, observers=observers):
-                for o in observers:
-                    o.observe(call)
-
-            probe.needs_expert_outputs = any(o.needs_expert_outputs for o in observers)
-            stream.forward(L, module, write=not cfg.sequential, probe=probe, adapter=adapter)
-            protected = set().union(*(g.protected(L) for g in guards))
-            lp = m.decide(L, space.keep, protected=protected, groups=groups, tensors=tensors, adapter=adapter)
-            keep[L] = list(lp.keep)
-            if cfg.sequential:  # the next layer sees this layer pruned, as in the one-shot prune
-                del module
-                out = apply_layer(adapter, L, tensors, lp, ck.num_experts)
-                module = stream.materialize(L, adapter.to_runtime(L, out, True), num_experts=space.keep,
-                                            top_k=top_k or ck.top_k)
-                del out
-                stream.forward(L, module, write=True)
-        else:
-            stream.forward(L, module, write=True)
-        cache.drop(L)
-        del module, tensors
+    for d in decide_layers(stream, stream.layers(0, set(ck.moe_layers())), cfg, method, {}, space.keep,
+                           top_k or ck.top_k, guards, apply):
+        if d.plan is not None:
+            keep[d.idx] = list(d.plan.keep)
     cache.clear()
     path.write_text(json.dumps(keep))
     log.info("EEP seed from %s: %s", method, keep)
