@@ -167,6 +167,22 @@ def evaluate_in_memory(model, tok, domains: list[str], n: int, seed: int, batch_
     return metrics, routing
 
 
+def balance_loss(router_logits, dom: torch.Tensor, mask: torch.Tensor, top_k: int, scope: str) -> torch.Tensor:
+    """Switch/Mixtral load-balancing loss: top_k when the load is uniform, E when every token goes to
+    the same top_k experts.
+    ``router_logits``: one (batch * seq, experts) tensor per layer, batch-major; ``mask``: (batch, seq)
+    real tokens. ``scope`` "batch": the load over the whole batch; "domain": each domain's examples
+    balanced on their own, averaged, so no domain may keep to a few experts."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    E = router_logits[0].shape[-1]
+    if scope == "batch":
+        return load_balancing_loss_func(router_logits, E, top_k, mask)
+    B, S = mask.shape
+    return torch.stack([load_balancing_loss_func(tuple(r.view(B, S, E)[dom == d].reshape(-1, E) for r in router_logits),
+                                                 E, top_k, mask[dom == d]) for d in dom.unique()]).mean()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="lowmoe/assets/toy-moe")
@@ -182,6 +198,9 @@ def main(argv=None):
     p.add_argument("--balance-weight", type=float, default=0.0,
                    help="weight of the Switch/Mixtral load-balancing loss (0 = off); with --route-weight 0 it gives a toy "
                         "whose experts are not specialised by domain")
+    p.add_argument("--balance-scope", choices=["batch", "domain"], default="batch",
+                   help="balance expert load over the whole batch, or within each domain's examples (averaged over "
+                        "domains): 'domain' spreads every domain over all the experts, so even 50%% pruning costs accuracy")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=96)
     p.add_argument("--heads", type=int, default=4)
@@ -243,9 +262,7 @@ def main(argv=None):
             rl = route_loss(out.router_logits, dom, x != PAD_ID, domains, args.experts)
             loss = loss + args.route_weight * rl
         if args.balance_weight > 0:
-            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-            loss = loss + args.balance_weight * load_balancing_loss_func(out.router_logits, args.experts, args.top_k, x != PAD_ID)
+            loss = loss + args.balance_weight * balance_loss(out.router_logits, dom, x != PAD_ID, args.top_k, args.balance_scope)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

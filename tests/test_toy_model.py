@@ -87,10 +87,35 @@ def test_learned_toy_is_not_specialised_by_domain():
             assert sum(sorted(row)[-2:]) < 0.99, (d, row)  # the top pair does not take every slot
 
 
-def test_training_is_reproducible(tmp_path):
+def test_per_domain_balance_loss_sees_what_the_batch_loss_misses():
+    """Two domains, each routed to its own half of the experts: the batch as a whole is balanced
+    (the loss at its minimum, top-k = 2), each domain alone is collapsed (E = 4). Sending every domain's tokens to both
+    halves in turn is balanced both ways."""
+    balance_loss = _train_script().balance_loss
+    B, S, E = 4, 4, 4
+    dom = torch.tensor([0, 0, 1, 1])
+    mask = torch.ones(B, S, dtype=torch.bool)
+
+    def router(first_half: torch.Tensor) -> tuple[torch.Tensor]:  # (B, S) bool: to experts 0, 1 (else 2, 3)
+        logits = torch.full((B, S, E), -20.0)
+        logits[..., :2] = torch.where(first_half[..., None], 0.0, -20.0)
+        logits[..., 2:] = torch.where(first_half[..., None], -20.0, 0.0)
+        return (logits.reshape(B * S, E),)
+
+    by_domain = router((dom == 0)[:, None].expand(B, S))
+    assert balance_loss(by_domain, dom, mask, 2, "batch").item() == pytest.approx(2.0, abs=1e-4)
+    assert balance_loss(by_domain, dom, mask, 2, "domain").item() == pytest.approx(4.0, abs=1e-4)
+    in_turn = router((torch.arange(S) % 2 == 0)[None].expand(B, S))
+    assert balance_loss(in_turn, dom, mask, 2, "batch").item() == pytest.approx(2.0, abs=1e-4)
+    assert balance_loss(in_turn, dom, mask, 2, "domain").item() == pytest.approx(2.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("routing", [[], ["--route-weight", "0", "--balance-weight", "0.1", "--balance-scope", "domain"]],
+                         ids=["prior", "balanced-per-domain"])
+def test_training_is_reproducible(tmp_path, routing):
     train = _train_script()
     args = ["--steps", "4", "--batch-size", "8", "--layers", "2", "--hidden", "32", "--expert-ffn", "32",
-            "--eval-n", "6", "--eval-every", "2", "--domains", "sort,text", "--shard-size", "40KB"]
+            "--eval-n", "6", "--eval-every", "2", "--domains", "sort,text", "--shard-size", "40KB"] + routing
     train.main(args + ["--out", str(tmp_path / "a")])
     train.main(args + ["--out", str(tmp_path / "b")])
     ra, rb = (json.loads((tmp_path / x / "training_report.json").read_text()) for x in "ab")
@@ -112,7 +137,7 @@ def test_script_reproduces_the_shipped_model(tmp_path, toy):
     a = rep["args"]
     argv = ["--out", str(tmp_path / "toy"), "--seed", str(rep["seed"]), "--steps", str(a["steps"]),
             "--batch-size", str(a["batch_size"]), "--lr", str(a["lr"]), "--route-weight", str(a["route_weight"]),
-            "--balance-weight", str(a.get("balance_weight", 0)),
+            "--balance-weight", str(a.get("balance_weight", 0)), "--balance-scope", a.get("balance_scope", "batch"),
             "--threads", str(a["threads"]), "--loss-balance", a.get("loss_balance", "token")]
     train.main(argv)
     new = json.loads((tmp_path / "toy" / "training_report.json").read_text())
