@@ -38,8 +38,8 @@ TEXT_BYTES = 96  # text prompts are shorter: they dominate padding, hence traini
 ASSETS = Path(__file__).parent / "assets"
 TEXT_CORPUS = ASSETS / "stdlib_docstrings.txt.gz"
 TOY_MODEL = ASSETS / "toy-moe"  # the trained toy MoE shipped with lowmoe (scripts/train_toy_moe.py)
-# the same toy trained without the per-domain routing prior (Mixtral load-balancing loss instead): its
-# experts are not assigned to domains, so pruning costs accuracy and a search has room (docs/eep.md)
+# the same toy trained without the per-domain routing prior, with a Mixtral load-balancing loss within each
+# domain instead: no domain has experts of its own, so pruning costs accuracy and a search has room (docs/eep.md)
 TOY_MODEL_LEARNED = ASSETS / "toy-moe-learned"
 
 # Hash buckets (of 100) of each split: train 0-79, calib 80-89, test 90-99.
