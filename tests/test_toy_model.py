@@ -87,6 +87,21 @@ def test_learned_toy_is_not_specialised_by_domain():
             assert sum(sorted(row)[-2:]) < 0.99, (d, row)  # the top pair does not take every slot
 
 
+@pytest.mark.parametrize("toy, costs", [(TOY, False), (tasks.TOY_MODEL_LEARNED, True)], ids=["toy-moe", "toy-moe-learned"])
+def test_half_the_experts_cost_sort_accuracy_on_the_learned_toy_only(tmp_path, toy, costs):
+    """What each toy is for: keeping the 4 experts EASY-EP picks for sort loses nothing on the
+    specialised toy (its sort experts are a pair), and more than 10 points on the learned toy, whose
+    domains are balanced over all 8 experts (the room EEP's search has, docs/eep.md)."""
+    import lowmoe
+
+    calib = tasks.calib_file("sort", 64, tmp_path)
+    lowmoe.prune(toy, tmp_path / "half", keep=4, method="easy-ep", calib=[calib], layout="per-sample", progress=False)
+    acc = {m: evaluate(m, tasks=["sort"], n=200, split="test", mode="streaming")["tasks"]["sort"]["exact_match"]
+           for m in (toy, tmp_path / "half")}
+    drop = acc[toy] - acc[tmp_path / "half"]
+    assert (drop > 0.10) if costs else (drop < 0.03), acc
+
+
 def test_per_domain_balance_loss_sees_what_the_batch_loss_misses():
     """Two domains, each routed to its own half of the experts: the batch as a whole is balanced
     (the loss at its minimum, top-k = 2), each domain alone is collapsed (E = 4). Sending every domain's tokens to both
