@@ -1,9 +1,9 @@
 """EEP on a shipped toy MoE: search vs the best one-shot scoring method, and top-2 -> top-1.
 
-    python scripts/eep_acceptance.py [--model lowmoe/assets/toy-moe-learned] [--domains sort,brackets,reverse,lookup]
+    python scripts/eep_acceptance.py [--model lowmoe/assets/toy-moe-learned] [--domains sort,arithmetic,brackets,reverse]
                                      [--generations 40] [--population 16] [--n-search 256] [--n-test 1000]
 
-The defaults reproduce docs/eep.md's table (about 25 min per domain on one core).
+The defaults reproduce docs/eep.md's table (about 20 min per domain on one core).
 
 For every domain and every sparsity (8 -> 4 experts = 50%, 8 -> 2 = 75%):
 
@@ -51,7 +51,7 @@ def paired_se(a: list[bool], b: list[bool]) -> float:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=tasks.TOY_MODEL_LEARNED)
-    p.add_argument("--domains", default="sort,brackets,reverse,lookup")
+    p.add_argument("--domains", default="sort,arithmetic,brackets,reverse")
     p.add_argument("--keeps", default="4,2", help="experts kept per layer, comma-separated ('' : top-k 2 -> 1 only)")
     p.add_argument("--generations", type=int, default=40)
     p.add_argument("--population", type=int, default=16)
