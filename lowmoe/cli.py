@@ -186,17 +186,23 @@ def _add_method_options(kwargs: dict, pairs: tuple[str, ...]) -> dict:
 @click.option("--keep", default="half", show_default=True, help="Experts kept per layer.")
 @click.option("--n", default=100, show_default=True, type=int, help="Held-out test examples per domain.")
 @click.option("--out", default="toy-pruned", show_default=True, type=click.Path(path_type=Path), help="Output directory (replaced).")
+@click.option("--toy", type=click.Choice(["specialised", "learned"]), default="specialised", show_default=True,
+              help="Which shipped toy: 'specialised' (each domain has its own pair of experts: one-shot pruning keeps it "
+                   "whole) or 'learned' (every domain spread over all experts: pruning costs accuracy; where "
+                   "--method eep wins, docs/eep.md).")
 @click.pass_context
-def demo(ctx, domain, method, keep, n, out):
+def demo(ctx, domain, method, keep, n, out, toy):
     """The main job on the shipped toy MoE: prune it for one domain, evaluate before and after."""
     import time
 
+    from . import tasks
     from .evaluate import format_table, prune_and_compare
 
     t0 = time.time()
-    res = prune_and_compare(domain=domain, out=out, method=method, keep=keep, n=n, progress=not ctx.obj["quiet"])
+    model = tasks.TOY_MODEL if toy == "specialised" else tasks.TOY_MODEL_LEARNED
+    res = prune_and_compare(domain=domain, out=out, model=model, method=method, keep=keep, n=n, progress=not ctx.obj["quiet"])
     r = res["report"]
-    click.echo(f"\npruned the toy MoE for '{domain}' with {method}: {r['num_experts']['before']} -> "
+    click.echo(f"\npruned the {toy} toy MoE for '{domain}' with {method}: {r['num_experts']['before']} -> "
                f"{r['num_experts']['after']} experts per layer, written to {out}")
     click.echo(f"held-out exact match and perplexity after pruning (delta vs the full model), {n} examples per domain:\n")
     click.echo(format_table(res["after"], res["before"]))

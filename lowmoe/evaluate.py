@@ -342,22 +342,29 @@ def format_table(result: dict, baseline: dict | None = None) -> str:
 
 def prune_and_compare(domain: str = "sort", out: str | Path = "toy-pruned", model: str | Path | None = None, keep: int | str = "half",
                       method: str = "frequency", n: int = 100, calib_n: int = 64, seed: int = 0, overwrite: bool = True,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, method_options: dict | None = None) -> dict:
     """The main job on the shipped toy MoE: prune it for ``domain``, evaluate before and after, return both.
 
     Calibration is ``calib_n`` examples of the domain's calibration split (written next to ``out``);
-    evaluation is every domain's held-out test split (streaming, teacher-forced). Print the result with
+    evaluation is every domain's held-out test split (streaming, teacher-forced). ``method="eep"``
+    searches on those examples and picks its plan on ``calib_n`` other calibration-split examples
+    (``--dev``), unless ``method_options`` names a dev file. Print the result with
     ``format_table(result["after"], result["before"])``. ``progress=False`` (``lowmoe -q demo``): no bars.
     """
     from .pipeline import prune
-    from .tasks import DOMAINS, TOY_MODEL, calib_file, check_domains
+    from .tasks import DOMAINS, TOY_MODEL, check_domains, make_split, write_jsonl
 
     check_domains([domain])
     model = Path(model) if model is not None else TOY_MODEL
     out = Path(out)
-    calib = calib_file(domain, n=calib_n, out_dir=out.parent / f"{out.name}-calib", seed=seed)
+    opts = dict(method_options or {})
+    recs = make_split(domain, "calib", 2 * calib_n if method == "eep" else calib_n, seed=seed)
+    data_dir = out.parent / f"{out.name}-calib"
+    calib = write_jsonl(recs[:calib_n], data_dir / f"{domain}-calib.jsonl")
+    if method == "eep" and "dev" not in opts:  # the search's final pick: examples it did not search on
+        opts["dev"] = str(write_jsonl(recs[calib_n:], data_dir / f"{domain}-dev.jsonl"))
     report = prune(model, out, keep=keep, method=method, calib=[str(calib)], seed=seed, overwrite=overwrite, seq_len=128,
-                   n_samples=calib_n, progress=progress)
+                   n_samples=calib_n, progress=progress, method_options=opts)
     kw = {"tasks": DOMAINS, "n": n, "seed": seed, "mode": "streaming", "batch_size": 100, "progress": progress}
     return {"domain": domain, "method": method, "keep": keep, "calib": str(calib), "report": report,
             "before": evaluate(model, **kw), "after": evaluate(out, **kw)}

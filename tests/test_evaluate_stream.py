@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -110,3 +111,29 @@ def test_quiet_demo_prints_no_progress_bars(tmp_path, monkeypatch):
     assert not any(c in quiet.stderr for c in BAR_CHARS), quiet.stderr[:500]
     loud = CliRunner().invoke(main, args)  # the same run shows bars without -q: the check above can fail
     assert loud.exit_code == 0 and any(c in loud.stderr for c in BAR_CHARS)
+
+
+def test_demo_on_the_learned_toy_with_eep_picks_on_held_out_calibration_examples(tmp_path, monkeypatch):
+    """``lowmoe demo --toy learned --method eep``: the learned toy is pruned, the search gets a dev file
+    of calibration-split examples it did not search on, and the table compares with the full model."""
+    import lowmoe.evaluate as ev
+    from lowmoe import tasks
+
+    real = ev.prune_and_compare
+    seen = {}
+
+    def small(**kw):  # the real demo, a small search
+        seen.update(kw)
+        return real(**kw, calib_n=8, method_options={"generations": 2, "population": 4})
+
+    monkeypatch.setattr(ev, "prune_and_compare", small)
+    out = tmp_path / "d"
+    res = CliRunner().invoke(main, ["-q", "demo", "--toy", "learned", "--method", "eep", "--n", "4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert seen["model"] == tasks.TOY_MODEL_LEARNED and "pruned the learned toy MoE for 'sort' with eep" in res.stdout
+    report = json.loads((out / "lowmoe_report.json").read_text())
+    assert Path(report["input"]) == tasks.TOY_MODEL_LEARNED
+    data = report["eep"]["fitness_data"]
+    assert data["train"]["examples"] == 8 and data["dev"]["examples"] == 8
+    calib, dev = (tasks.read_jsonl(tmp_path / "d-calib" / f"sort-{s}.jsonl") for s in ("calib", "dev"))
+    assert len(dev) == 8 and not {r["prompt"] for r in calib} & {r["prompt"] for r in dev}
