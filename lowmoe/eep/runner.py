@@ -22,7 +22,6 @@ import logging
 import time
 from pathlib import Path
 
-
 from ..apply import apply_layer
 from ..budget import plan_population
 from ..errors import ConfigError
