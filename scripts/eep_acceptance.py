@@ -61,6 +61,8 @@ def main():
     p.add_argument("--n-oneshot", type=int, default=128, help="calibration prompts for the one-shot scorers")
     p.add_argument("--layer-groups", default="layer")
     p.add_argument("--init", default="easy-ep")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "nf4"],
+                   help="the search's layer cache (the written model always comes from the original weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(sorted(SCORERS)), help="one-shot scoring methods to compare with")
     p.add_argument("--no-topk", action="store_true", help="skip the top-2 -> top-1 experiment")
@@ -94,7 +96,8 @@ def main():
                                    batch_size=16, layout="per-sample",
                                    seed=args.seed, progress=False, overwrite=True,
                                    method_options={"dev": str(dev), "generations": args.generations, "population": args.population,
-                                                   "layer_groups": args.layer_groups, "init": args.init})
+                                                   "layer_groups": args.layer_groups, "init": args.init,
+                                                   "quant": args.quant})
                 eep_acc, eep_correct = test_acc(out, domain, args.n_test)
                 row = {"domain": domain, "keep": keep, "sparsity": 1 - keep / 8, "one_shot": one_shot, "best_one_shot": best_m,
                        "eep": eep_acc, "margin": eep_acc - one_shot[best_m],
@@ -126,7 +129,7 @@ def main():
                 lowmoe.prune(args.model, out, keep=8, top_k=1, method="eep", calib=[search], seq_len=160, n_samples=args.n_search, batch_size=16,
                              seed=args.seed, progress=False, overwrite=True,
                              method_options={"dev": str(dev), "generations": args.generations, "population": args.population,
-                                             "layer_groups": args.layer_groups})
+                                             "layer_groups": args.layer_groups, "quant": args.quant})
                 merged, merged_correct = test_acc(out, domain, args.n_test)
                 se = paired_se(plain_correct, merged_correct)
                 results["runs"].append({"domain": domain, "keep": 8, "top_k": 1, "plain_top1": plain, "eep_top1": merged,
