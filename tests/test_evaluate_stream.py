@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,6 +131,7 @@ def test_demo_on_the_learned_toy_with_eep_picks_on_held_out_calibration_examples
     res = CliRunner().invoke(main, ["-q", "demo", "--toy", "learned", "--method", "eep", "--n", "4", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert seen["model"] == tasks.TOY_MODEL_LEARNED and "pruned the learned toy MoE for 'sort' with eep" in res.stdout
+    assert "held-out exact match" in res.stdout and "Δexact" in res.stdout
     report = json.loads((out / "lowmoe_report.json").read_text())
     assert Path(report["input"]) == tasks.TOY_MODEL_LEARNED
     data = report["eep"]["fitness_data"]

@@ -104,8 +104,8 @@ def test_half_the_experts_cost_sort_accuracy_on_the_learned_toy_only(tmp_path, t
 
 def test_per_domain_balance_loss_sees_what_the_batch_loss_misses():
     """Two domains, each routed to its own half of the experts: the batch as a whole is balanced
-    (the loss at its minimum, top-k = 2), each domain alone is collapsed (E = 4). Sending every domain's tokens to both
-    halves in turn is balanced both ways."""
+    (the loss at its minimum, top-k = 2), each domain alone is collapsed (E = 4). Sending every
+    domain's tokens to both halves in turn is balanced both ways."""
     balance_loss = _train_script().balance_loss
     B, S, E = 4, 4, 4
     dom = torch.tensor([0, 0, 1, 1])
