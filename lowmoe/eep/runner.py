@@ -131,9 +131,9 @@ def run_eep(run, cfg, top_k: int) -> dict:
             "seed": None if seed_entry is None else {
                 "method": opts["init"], "fitness": seed_entry.fitness.to_json(),
                 "dev": None if seed_entry.dev is None else seed_entry.dev.to_json(),
-                "keep": [seed_entry.cand.em[g].argmax(1).tolist() for g in range(space.num_groups)]},
+                "keep": seed_entry.cand.keep_sets()},
             "best_prune_phase": None if prune_best is None else {"fitness": prune_best.fitness.to_json(),
-                                                                 "keep": [prune_best.cand.em[g].argmax(1).tolist() for g in range(space.num_groups)]},
+                                                                 "keep": prune_best.cand.keep_sets()},
         }
         final_path.write_text(json.dumps({"best": best.to_json(), "report": report}))
     # write every layer from the original weights (the checkpoint, never the quantized cache)

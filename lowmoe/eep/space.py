@@ -69,6 +69,11 @@ class Candidate:
         return bool(np.array_equal(self.em, self.rm) and np.all((self.em == 0) | (self.em == 1))
                     and np.all(self.em.sum(-1) == 1))
 
+    def keep_sets(self) -> list[list[int]]:
+        """Per group, the expert each W_EM row takes most of (a pruning-phase candidate's keep-set;
+        the inverse of ``SearchSpace.onehot``)."""
+        return [self.em[g].argmax(1).tolist() for g in range(self.em.shape[0])]
+
     def to_json(self) -> dict:
         return {"em": self.em.tolist(), "rm": self.rm.tolist()}
 
