@@ -137,22 +137,22 @@ class FitnessData:
     def positions(self, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequence in chunk, position) of every logit fitness reads for the chunk ``input_ids[sl]``:
         per sequence, the position before each answer token (position t predicts t+1), in row order."""
-        b_idx, t_idx = [], []
-        for b, row in enumerate(self.rows[sl]):
-            b_idx += [b] * row.length
-            t_idx += range(row.start - 1, row.start - 1 + row.length)
-        return torch.tensor(b_idx, dtype=torch.long), torch.tensor(t_idx, dtype=torch.long)
+        return self._index(sl, from_start=False)
 
     def live_positions(self, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequence in chunk, position) of every position whose hidden state fitness depends on, for
         the chunk ``input_ids[sl]``: per sequence, 0 .. the last position ``positions`` reads.
         Sequences are right-padded and attention is causal, so the padding and each sequence's final
         token are never read by a scored position."""
+        return self._index(sl, from_start=True)
+
+    def _index(self, sl: slice, from_start: bool) -> tuple[torch.Tensor, torch.Tensor]:
         b_idx, t_idx = [], []
         for b, row in enumerate(self.rows[sl]):
             end = row.start - 1 + row.length  # one past the last scored position
-            b_idx += [b] * end
-            t_idx += range(end)
+            span = range(0 if from_start else row.start - 1, end)
+            b_idx += [b] * len(span)
+            t_idx += span
         return torch.tensor(b_idx, dtype=torch.long), torch.tensor(t_idx, dtype=torch.long)
 
     def score_logits(self, logits: torch.Tensor, sl: slice) -> list[tuple[bool, float]]:
