@@ -1,6 +1,6 @@
 """Exact-match accuracy and answer perplexity of a checkpoint on prompt/answer tasks.
 
-This is how lowmoe measures whether pruning worked: the same held-out prompts (``lowmoe.tasks``
+This is how lowmoe measures whether pruning worked: the same held-out prompts (``lowmoe.toy.tasks``
 domains or a user's JSONL of ``{"prompt", "answer"}`` lines) are scored before and after.
 
 Two modes, same metrics:
@@ -25,14 +25,26 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import tasks as task_data
+from .engine.cache import ActivationCache
+from .engine.calibration import load_tokenizer
+from .engine.checkpoint import Checkpoint
+from .engine.device import dtype_name, resolve_device, resolve_dtype
+from .engine.hf import materialize
+from .engine.progress import progress as progress_bar
+from .engine.quant import check_quant_budget, check_quant_mode
+from .engine.stream import Stream, plan_stream_budget
 from .errors import CheckpointError, ConfigError
+from .pipeline import prune
+from .toy import tasks as task_data
+from .toy.tasks import DOMAINS, TOY_MODEL, check_domains, make_split, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +60,7 @@ class Item:
 
 def load_items(tokenizer, tasks=None, jsonl=None, n: int = 200, split: str = "test", seed: int = 0,
                shots: int = task_data.DEFAULT_SHOTS) -> dict[str, list[Item]]:
-    """Tokenised eval items per task name (a domain of ``lowmoe.tasks`` or a JSONL file's stem)."""
+    """Tokenised eval items per task name (a domain of ``lowmoe.toy.tasks`` or a JSONL file's stem)."""
     if not tasks and not jsonl:
         raise ConfigError("nothing to evaluate: give tasks (e.g. arithmetic,reverse) or a JSONL file of prompt/answer lines")
     records: dict[str, list[dict]] = {}
@@ -172,21 +184,16 @@ class _EvalTokens:
             yield c, slice(c, c + 1)
 
 
-def _eval_stream_class():
-    from .pipeline import Stream
+class EvalStream(Stream):
+    """``engine.stream.Stream`` over eval batches of different widths (``_EvalTokens``)."""
 
-    class EvalStream(Stream):
-        """``pipeline.Stream`` over eval batches of different widths (``_EvalTokens``)."""
-
-        def embed(self) -> None:
-            key = "model.embed_tokens.weight"
-            w = self.ck.read([key])[key].to(self.device, self.dtype)
-            self.placer.accountant.track(w, w.numel() * w.element_size())
-            for c, sl in self.chunks():
-                self.cache.write(0, c, torch.nn.functional.embedding(self.tokens.ids[sl.start].to(self.device), w))
-            del w
-
-    return EvalStream
+    def embed(self) -> None:
+        key = "model.embed_tokens.weight"
+        w = self.ck.read([key])[key].to(self.device, self.dtype)
+        self.placer.accountant.track(w, w.numel() * w.element_size())
+        for c, sl in self.chunks():
+            self.cache.write(0, c, torch.nn.functional.embedding(self.tokens.ids[sl.start].to(self.device), w))
+        del w
 
 
 def _logits_fp32(h: torch.Tensor, head: torch.Tensor, block: int = 16384) -> torch.Tensor:
@@ -200,17 +207,9 @@ def _logits_fp32(h: torch.Tensor, head: torch.Tensor, block: int = 16384) -> tor
 def _streaming(model_dir: Path, tok, by_task: dict[str, list[Item]], batch_size: int, device, dtype, *,
                max_vram=None, max_ram=None, prefetch: bool = True, quant: str = "none", progress: bool = False,
                work_dir: str | Path | None = None) -> dict:
-    """Teacher-forced scores through ``pipeline.Stream``: hidden states in the disk activation cache,
+    """Teacher-forced scores through ``engine.stream.Stream``: hidden states in the disk activation cache,
     one decoder layer built at a time under the ``--max-vram``/``--max-ram`` plan, the next layer and
     cache chunk read while this one computes; then final norm and lm_head per batch."""
-    import shutil
-    import tempfile
-
-    from .cache import ActivationCache
-    from .checkpoint import Checkpoint
-    from .layer import materialize
-    from .pipeline import _progress, plan_stream_budget
-
     ckpt = Checkpoint(model_dir)
     ckpt.validate()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -224,19 +223,17 @@ def _streaming(model_dir: Path, tok, by_task: dict[str, list[Item]], batch_size:
     budget = plan_stream_budget(ckpt, device=device, dtype=dtype, batch_size=batch_size, seq_len=width,
                                 max_vram=max_vram, max_ram=max_ram, prefetch=prefetch)  # before any work
     if quant != "none":
-        from .quant import check_quant_budget
-
         check_quant_budget(budget, ckpt, quant, dtype)
     tmp = Path(tempfile.mkdtemp(prefix="lowmoe-eval-", dir=str(work_dir) if work_dir else None))
     per_item: dict[int, tuple[bool, float, int]] = {}
     try:
-        stream = _eval_stream_class()(ckpt, _EvalTokens([ids for ids, _ in tensors]), ActivationCache(tmp / "cache"),
+        stream = EvalStream(ckpt, _EvalTokens([ids for ids, _ in tensors]), ActivationCache(tmp / "cache"),
                                       device, dtype, 1, budget=budget, prefetch=prefetch, quant=quant)
         t0 = time.perf_counter()
         stream.embed()
         moe = set(ckpt.moe_layers())
         reader = stream.layers(0, moe)  # layer L+1 is read while L computes
-        for layer_idx, data in _progress(reader, len(reader), "eval (streaming)", progress):
+        for layer_idx, data in progress_bar(reader, len(reader), "eval (streaming)", progress):
             module = stream.materialize(layer_idx, data.runtime)
             del data
             stream.forward(layer_idx, module, write=True)
@@ -280,15 +277,12 @@ def evaluate(model_dir: str | Path, tasks=None, jsonl=None, n: int = 200, split:
     dtype (bf16/fp16/fp32; log-probabilities and NLL sums are fp32 whatever it is). Streaming mode
     only: ``max_vram``/``max_ram`` budgets (planned before any work, as for ``prune``), ``prefetch``
     (read the next layer while this one computes), ``quant`` (``nf4``/``int8``: the layers' linear
-    weights held quantized by bitsandbytes, ``lowmoe.quant``), ``work_dir`` (activation cache).
+    weights held quantized by bitsandbytes, ``lowmoe.engine.quant``), ``work_dir`` (activation cache).
 
     Returns ``{"model", "mode", "split", "n", "seed", "device", "dtype", "wall_s", "tasks": {name:
     {"exact_match", "perplexity", "n", "answer_tokens", "correct": [bool per example], ...}},
     "mean_exact_match"}`` (streaming adds ``io`` and ``budget``, as in the prune report).
     """
-    from .calibration import load_tokenizer
-    from .device import dtype_name, resolve_device, resolve_dtype
-
     model_dir = Path(model_dir)
     if mode not in MODES:
         raise ConfigError(f"mode {mode!r} is unknown; choose one of: {', '.join(MODES)}")
@@ -300,8 +294,6 @@ def evaluate(model_dir: str | Path, tasks=None, jsonl=None, n: int = 200, split:
     dev = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, dev)
     if quant != "none":
-        from .quant import check_quant_mode
-
         check_quant_mode(quant)
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir}: no config.json (expected a Hugging Face checkpoint folder)")
@@ -351,9 +343,6 @@ def prune_and_compare(domain: str = "sort", out: str | Path = "toy-pruned", mode
     (``--dev``), unless ``method_options`` names a dev file. Print the result with
     ``format_table(result["after"], result["before"])``. ``progress=False`` (``lowmoe -q demo``): no bars.
     """
-    from .pipeline import prune
-    from .tasks import DOMAINS, TOY_MODEL, check_domains, make_split, write_jsonl
-
     check_domains([domain])
     model = Path(model) if model is not None else TOY_MODEL
     out = Path(out)

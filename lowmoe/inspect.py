@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import Checkpoint
-from .memory import fmt_bytes
+from .engine.checkpoint import Checkpoint
+from .engine.memory import fmt_bytes
 
 # Bytes of Python, torch and transformers before any tensor is loaded, measured on CPU.
 BASE_OVERHEAD = 600 * 10**6

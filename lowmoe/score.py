@@ -3,7 +3,7 @@
 The same streamed pass as pruning -- calibration tokens embedded into the disk activation cache,
 then one decoder layer at a time read (the next one prefetched while this one computes), built
 under the ``--max-vram``/``--max-ram`` budget (experts streamed in groups when a layer does not
-fit; see ``lowmoe.budget``), run on the cached hidden states with hooks on its router and experts,
+fit; see ``lowmoe.engine.budget``), run on the cached hidden states with hooks on its router and experts,
 and dropped -- but nothing is written except ``scores.json``. Every layer is scored
 on the *original* model's activations (one-shot: there is no keep count to prune with). Several
 methods can share one pass (``method=["reap", "easy-ep"]``): the hooks feed every method's
@@ -30,27 +30,23 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .cache import ActivationCache
-from .calibration import check_sources, load_tokenizer, tokenize
-from .checkpoint import Checkpoint
-from .device import dtype_name, resolve_device, resolve_dtype
+from .engine.apply import keep_groups
+from .engine.cache import ActivationCache
+from .engine.calibration import check_sources
+from .engine.checkpoint import Checkpoint
+from .engine.device import dtype_name, resolve_device, resolve_dtype
+from .engine.memory import cuda_peak_bytes, fmt_bytes, peak_rss_bytes
+from .engine.progress import progress as progress_bar
+from .engine.quant import check_quant_budget, check_quant_mode
+from .engine.stream import Stream, calibration_tokens, plan_stream_budget, walk
 from .errors import ConfigError
-from .memory import cuda_peak_bytes, fmt_bytes, peak_rss_bytes
-from .methods import ScoreThenKeep, make_layer_method, method_names
-from .pipeline import PruneConfig, Stream, _keep_groups, _progress, plan_stream_budget
-from .quant import check_quant_budget, check_quant_mode
-from .scoring import choose_keep
-from .scoring.super_experts import MaximaObserver
+from .methods import ScoreThenKeep, make_layer_method, scoring_methods
+from .methods.scoring import choose_keep
+from .methods.scoring.super_experts import MaximaObserver
+from .pipeline import PruneConfig
+from .version import __version__
 
 log = logging.getLogger(__name__)
-
-
-def scoring_methods() -> list[str]:
-    """Methods ``score`` accepts: every per-layer method (runners such as EEP search have no scores)."""
-    from .methods import EXTRA_METHODS
-
-    return [m for m in method_names() if m not in EXTRA_METHODS]
 
 
 def score(model: str | Path, calib, method: str | list[str] = "frequency", out: str | Path | None = None, *,
@@ -66,7 +62,7 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
     (``docs/gpu.md``); the budget is planned from the index before any work, and expert chunking and
     prefetching change no score. ``quant`` (``nf4``/``int8``) builds each layer with its linear
     weights (experts, attention, shared experts) held as bitsandbytes codes and dequantized per use,
-    router and norms exact (``lowmoe.quant``): less device memory, scores moved by the rounding.
+    router and norms exact (``lowmoe.engine.quant``): less device memory, scores moved by the rounding.
 
     ``method_options``: options for the methods, either flat (``{"renormalize": False}``, given to
     every method, as ``prune(method_options=...)``) or per method (``{"reap": {...}}``).
@@ -106,9 +102,7 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
     if out is not None and Path(out).is_dir():
         raise ConfigError(f"--out {out}: is a directory; give a file name such as scores.json")
 
-    tok = load_tokenizer(ck.path)
-    tokens = tokenize([str(c) for c in calib], tok, seq_len=seq_len, n_samples=n_samples, layout=layout,
-                      answer_only=answer_only, max_positions=ck.config.get("max_position_embeddings"))
+    tokens = calibration_tokens(ck, calib, seq_len=seq_len, n_samples=n_samples, layout=layout, answer_only=answer_only)
     tmp = Path(tempfile.mkdtemp(prefix="lowmoe-score-", dir=str(work_dir) if work_dir else None))
     try:
         stream = Stream(ck, tokens, ActivationCache(tmp / "cache"), dev, compute_dtype, batch_size, budget=budget,
@@ -136,56 +130,44 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
 def _score_layers(stream: Stream, ck: Checkpoint, methods: list[str], keep_n: int | None, seed: int,
                   method_options: dict, protect: bool, progress: bool) -> dict:
     adapter = ck.adapter
-    moe = set(ck.moe_layers())
-    groups = _keep_groups(ck, keep_n) if keep_n else 1
+    groups = keep_groups(ck, keep_n) if keep_n else 1
     maxima = MaximaObserver(ck.num_experts) if protect else None
     if not (method_options and set(method_options) <= set(methods)):
         method_options = {m: dict(method_options) for m in methods}  # flat options: the same for every method
     layers: dict[int, dict] = {}
-    reader = stream.layers(0, moe)  # layer L+1 is read while L computes, as in prune
-    for layer_idx, data in _progress(reader, len(reader), f"score ({', '.join(methods)})", progress):
+
+    def observers_for(layer_idx: int) -> list:
+        observers = [make_layer_method(m, ck.num_experts, ck.top_k, seed=seed, **method_options.get(m, {})) for m in methods]
+        return observers + ([maxima] if maxima is not None else [])
+
+    def record(layer_idx: int, tensors: dict, observers: list) -> None:
+        """The layer's scores; a search (reconstruction) with ``keep`` decides here, while the layer is loaded,
+        with super experts protected by the running thresholds (the layers seen so far)."""
+        if maxima is not None:
+            maxima.commit(layer_idx)
+        entry: dict = {"scores": {}, "stats": {}, "keep": {}}
+        for name, meth in zip(methods, observers):
+            if keep_n is not None and not isinstance(meth, ScoreThenKeep):
+                prot = maxima.protected(layer_idx) if maxima is not None else set()
+                plan = meth.decide(layer_idx, keep_n, protected=prot, groups=groups, tensors=tensors, adapter=adapter)
+                entry["keep"][name] = list(plan.keep)
+            s = meth.scores()
+            entry["scores"][name] = None if s is None else [float(v) for v in s]
+            entry["stats"][name] = meth.state()
+        # Which methods take the top-`keep` by score (decided once super experts are known).
+        entry["_by_score"] = [isinstance(m, ScoreThenKeep) for m in observers[:len(methods)]]
+        for meth in observers[:len(methods)]:
+            getattr(meth, "release", lambda: None)()  # e.g. reconstruction's hold on the layer's experts
+        layers[layer_idx] = entry
+        return None
+
+    reader = stream.layers(0, set(ck.moe_layers()))  # layer L+1 is read while L computes, as in prune
+    steps = walk(stream, reader, observers_for=observers_for, decide=record, apply=lambda idx, tensors, lp: None)
+    t0 = time.perf_counter()
+    for step in progress_bar(steps, len(reader), f"score ({', '.join(methods)})", progress):
+        if step.idx in layers:
+            layers[step.idx]["time_s"] = round(time.perf_counter() - t0, 4)
         t0 = time.perf_counter()
-        is_moe = layer_idx in moe
-        tensors = data.tensors
-        module = stream.materialize(layer_idx, data.runtime)  # under the stream's device budget
-        del data
-        if not is_moe:
-            stream.forward(layer_idx, module, write=True)
-        else:
-            observers = [make_layer_method(m, ck.num_experts, ck.top_k, seed=seed, **method_options.get(m, {}))
-                         for m in methods]
-            if maxima is not None:
-                observers.append(maxima)
-
-            def probe(call, observers=observers):
-                for o in observers:
-                    o.observe(call)
-
-            probe.needs_expert_outputs = any(o.needs_expert_outputs for o in observers)
-            stream.forward(layer_idx, module, write=True, probe=probe, adapter=adapter)
-            if maxima is not None:
-                maxima.commit(layer_idx)
-            entry: dict = {"scores": {}, "stats": {}, "keep": {}}
-            for name, meth in zip(methods, observers):
-                if keep_n is not None and not isinstance(meth, ScoreThenKeep):
-                    # A search (reconstruction) decides while the layer is loaded; super experts are
-                    # protected with the running thresholds (the layers seen so far).
-                    prot = maxima.protected(layer_idx) if maxima is not None else set()
-                    plan = meth.decide(layer_idx, keep_n, protected=prot, groups=groups, tensors=tensors, adapter=adapter)
-                    entry["keep"][name] = list(plan.keep)
-                s = meth.scores()
-                entry["scores"][name] = None if s is None else [float(v) for v in s]
-                entry["stats"][name] = meth.state()
-            # Which methods take the top-`keep` by score (decided once super experts are known).
-            entry["_by_score"] = [isinstance(m, ScoreThenKeep) for m in observers[:len(methods)]]
-            for meth in observers[:len(methods)]:
-                getattr(meth, "release", lambda: None)()  # e.g. reconstruction's hold on the layer's experts
-            del observers, probe
-            layers[layer_idx] = entry
-        del module, tensors
-        stream.cache.drop(layer_idx)
-        if layer_idx in layers:
-            layers[layer_idx]["time_s"] = round(time.perf_counter() - t0, 4)
 
     found, summary = maxima.result() if maxima is not None else ({}, {})
     for layer_idx, entry in layers.items():

@@ -20,7 +20,7 @@ def ensure_model(path: Path = BENCH_MODEL, layers: int = 16, hidden: int = 1024,
     with open(path.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (path / "model.safetensors.index.json").is_file():
-            from lowmoe.synth import synth_model
+            from lowmoe.toy.synth import synth_model
 
             synth_model(path, "mixtral", layers=layers, hidden_size=hidden, intermediate_size=inter, experts=8, top_k=2,
                         dtype="bfloat16", shard_size="1GB")

@@ -4,7 +4,7 @@
                                 [--examples 8] [--quant none] [--threads 1] [--baseline-evals 6]
                                 [--no-trim]
 
-1. **streamed** (a subprocess): the real EEP search (``lowmoe.eep.evolve``) for ``--generations``
+1. **streamed** (a subprocess): the real EEP search (``lowmoe.methods.eep.evolve``) for ``--generations``
    generations of ``--population``, every generation one population-parallel streamed pass
    (``PopulationEvaluator``: one layer in memory, prefix sharing, retained parent streams).
    The candidates it evaluated are saved.
@@ -41,11 +41,11 @@ def setup(args):
     import torch
 
     torch.set_num_threads(args.threads)
-    from lowmoe import tasks
-    from lowmoe.calibration import load_tokenizer
-    from lowmoe.checkpoint import Checkpoint
-    from lowmoe.eep.fitness import FitnessData
-    from lowmoe.eep.space import SearchSpace
+    from lowmoe.toy import tasks
+    from lowmoe.engine.calibration import load_tokenizer
+    from lowmoe.engine.checkpoint import Checkpoint
+    from lowmoe.methods.eep.fitness import FitnessData
+    from lowmoe.methods.eep.space import SearchSpace
 
     ck = Checkpoint(args.model)
     data = FitnessData.from_records(tasks.make_split(args.domain, "calib", args.examples, seed=0), load_tokenizer(ck.path))
@@ -56,10 +56,10 @@ def setup(args):
 def run_streamed(args) -> dict:
     import torch
 
-    from lowmoe.eep.evolve import Evolution, EvolveOptions
-    from lowmoe.eep.population import PopulationEvaluator
-    from lowmoe.memory import peak_rss_bytes
-    from lowmoe.quant import layer_weights
+    from lowmoe.methods.eep.evolve import Evolution, EvolveOptions
+    from lowmoe.methods.eep.population import PopulationEvaluator
+    from lowmoe.engine.memory import peak_rss_bytes
+    from lowmoe.engine.quant import layer_weights
 
     ck, data, space = setup(args)
     work = Path(args.work)
@@ -120,9 +120,9 @@ def greedy_fitness(model, data, batch_size: int) -> tuple[dict, list[int]]:
 def run_whole(args) -> dict:
     import torch
 
-    from lowmoe.eep.population import WholeModelEvaluator
-    from lowmoe.eep.space import Candidate
-    from lowmoe.memory import peak_rss_bytes
+    from lowmoe.methods.eep.population import WholeModelEvaluator
+    from lowmoe.methods.eep.space import Candidate
+    from lowmoe.engine.memory import peak_rss_bytes
 
     ck, data, space = setup(args)
     cands = json.loads(Path(args.candidates).read_text())
@@ -186,7 +186,7 @@ def main():
         Path(args.result).write_text(json.dumps(res))
         return
     ensure_model(args.model)
-    from lowmoe.memory import fmt_bytes
+    from lowmoe.engine.memory import fmt_bytes
 
     with tempfile.TemporaryDirectory(prefix="bench-eep-") as tmp:
         tmp = Path(tmp)

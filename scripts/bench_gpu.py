@@ -58,8 +58,8 @@ def one(spec: dict) -> dict:
     import torch
 
     import lowmoe
-    from lowmoe.checkpoint import Checkpoint
-    from lowmoe.memory import peak_rss_bytes
+    from lowmoe.engine.checkpoint import Checkpoint
+    from lowmoe.engine.memory import peak_rss_bytes
 
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     model = Path(spec["model"])
@@ -140,8 +140,8 @@ def main() -> None:
         print("RESULT " + json.dumps(one(json.loads(args.one)), default=str))
         return
 
-    from lowmoe.checkpoint import Checkpoint
-    from lowmoe.device import describe_device, resolve_device
+    from lowmoe.engine.checkpoint import Checkpoint
+    from lowmoe.engine.device import describe_device, resolve_device
 
     model = args.model or ensure_model(BENCH_DIR / "mix2g", args.synth_layers, args.synth_hidden, args.synth_intermediate)
     ck = Checkpoint(model)
@@ -191,7 +191,7 @@ def main() -> None:
               f"({results['serial']['wall_s'] / results['overlap']['wall_s']:.2f}x)")
     if "budget" in results:
         r = results["budget"]
-        from lowmoe.budget import parse_budget
+        from lowmoe.engine.budget import parse_budget
 
         b = parse_budget(max_vram, "--max-vram")
         peak = r.get("cuda_peak") if device.type == "cuda" else r["budget"].get("accounted_peak_bytes")
@@ -200,7 +200,7 @@ def main() -> None:
               f"same plan as unbudgeted: {r['plan'] == results.get('overlap', r)['plan']}")
     if "ram" in results:
         r = results["ram"]
-        from lowmoe.budget import parse_budget
+        from lowmoe.engine.budget import parse_budget
 
         b = parse_budget(args.max_ram, "--max-ram")
         print(f"--max-ram {gb(b)}: peak RSS {gb(r['peak_rss'])} ({'under' if r['peak_rss'] <= b else 'OVER'}); planned host peak "
@@ -212,7 +212,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from lowmoe.checkpoint import Checkpoint as _CK
+    from lowmoe.engine.checkpoint import Checkpoint as _CK
 
     _orig_read = _CK.read_layer  # noqa: F811 -- the real reader, for the resident run's fallback
     main()

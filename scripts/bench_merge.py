@@ -115,7 +115,7 @@ def quality(args) -> None:
     import torch
 
     import lowmoe
-    from lowmoe import tasks
+    from lowmoe.toy import tasks
     from lowmoe.evaluate import evaluate
 
     torch.set_num_threads(2)

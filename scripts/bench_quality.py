@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lowmoe
-from lowmoe import tasks
-from lowmoe.checkpoint import Checkpoint
+from lowmoe.toy import tasks
+from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.errors import LowmoeError
 from lowmoe.evaluate import evaluate
 

@@ -61,7 +61,7 @@ def main() -> None:
 
     from lowmoe.evaluate import evaluate
     from lowmoe.score import score
-    from lowmoe.tasks import TOY_MODEL, calib_file, check_domains
+    from lowmoe.toy.tasks import TOY_MODEL, calib_file, check_domains
 
     torch.set_num_threads(args.threads)
     model = Path(args.model) if args.model else TOY_MODEL

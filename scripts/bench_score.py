@@ -40,10 +40,11 @@ def child_plain(args) -> dict:
     prefetched, as in prune and score), built and run."""
     import torch
 
-    from lowmoe.cache import ActivationCache
-    from lowmoe.calibration import load_tokenizer, tokenize
-    from lowmoe.checkpoint import Checkpoint
-    from lowmoe.pipeline import DTYPES, Stream
+    from lowmoe.engine.cache import ActivationCache
+    from lowmoe.engine.calibration import load_tokenizer, tokenize
+    from lowmoe.engine.checkpoint import Checkpoint
+    from lowmoe.engine.device import DTYPES
+    from lowmoe.engine.stream import Stream
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

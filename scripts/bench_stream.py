@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--skip-full-load", action="store_true", help="skip (a), loading the whole model")
     args = ap.parse_args()
     model = ensure_model(args.model)
-    from lowmoe.checkpoint import Checkpoint
+    from lowmoe.engine.checkpoint import Checkpoint
 
     ck = Checkpoint(model)
     largest = max(ck.layer_bytes(i) for i in range(ck.num_layers))
@@ -79,7 +79,7 @@ def main() -> None:
     io_time = t_cat + t_cp
 
     drop_caches()
-    t_prune, rss_prune = child_peak([sys.executable, "-m", "lowmoe.cli", "-q", "prune", str(model), str(work / "out"),
+    t_prune, rss_prune = child_peak([sys.executable, "-m", "lowmoe", "-q", "prune", str(model), str(work / "out"),
                                      "--keep", "half", "--method", "frequency", "--calib", str(calib),
                                      "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len)])
     report = json.loads((work / "out" / "lowmoe_report.json").read_text())

@@ -7,7 +7,7 @@ The defaults reproduce docs/eep.md's table (about 20 min per domain on one core)
 
 For every domain and every sparsity (8 -> 4 experts = 50%, 8 -> 2 = 75%):
 
-* **one-shot baselines**: every scoring method (``lowmoe.scoring.SCORERS``) prunes with the domain's
+* **one-shot baselines**: every scoring method (``lowmoe.methods.scoring.SCORERS``) prunes with the domain's
   ``calib`` split as calibration; the best of them *on the test split* is the bar (generous to them).
 * **EEP**: ``--method eep`` with fitness on ``--n-search`` calib-split examples and the final pick on
   ``--n-search`` other calib-split examples (``--dev``). The search never sees the test split.
@@ -30,10 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lowmoe  # noqa: E402
-from lowmoe import tasks  # noqa: E402
-from lowmoe.checkpoint import Checkpoint  # noqa: E402
+from lowmoe.toy import tasks  # noqa: E402
+from lowmoe.engine.checkpoint import Checkpoint  # noqa: E402
 from lowmoe.evaluate import evaluate  # noqa: E402
-from lowmoe.scoring import SCORERS  # noqa: E402
+from lowmoe.methods.scoring import SCORERS  # noqa: E402
 
 
 def test_acc(model_dir: Path, domain: str, n: int) -> tuple[float, list[bool]]:

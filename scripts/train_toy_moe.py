@@ -1,7 +1,7 @@
 """Train the toy multi-domain MoE that ships in lowmoe/assets/toy-moe (CPU only, ~15 min on 2 cores).
 
 A Mixtral-layout model (transformers' own ``MixtralForCausalLM``) with the byte tokenizer of
-``lowmoe.tokenizer`` learns the few-shot domains of ``lowmoe.tasks`` (arithmetic, reverse, sort,
+``lowmoe.toy.tokenizer`` learns the few-shot domains of ``lowmoe.toy.tasks`` (arithmetic, reverse, sort,
 look-up, brackets) and language modelling on standard-library docstrings. The loss is
 cross-entropy on every answer of a prompt (the demos' answers and the query's; every byte for the
 text domain), plus a routing prior: each domain has a preferred pair of experts, and
@@ -46,8 +46,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowmoe import tasks
-from lowmoe.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_byte_tokenizer, save_byte_tokenizer
+from lowmoe.toy import tasks
+from lowmoe.toy.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_byte_tokenizer, save_byte_tokenizer
 
 log = logging.getLogger("train_toy_moe")
 

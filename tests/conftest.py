@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowmoe.synth import synth_model
+from lowmoe.toy.synth import synth_model
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe", "gpt_oss"]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lowmoe import tasks
-from lowmoe.checkpoint import Checkpoint
+from lowmoe.toy import tasks
+from lowmoe.engine.checkpoint import Checkpoint
 
 
 def _bench():

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import lowmoe
-from lowmoe.budget import (Accountant, ChunkedExperts, build_layer, choose_placement, layer_sizes, parse_budget,
+from lowmoe.engine.budget import (Accountant, ChunkedExperts, build_layer, choose_placement, layer_sizes, parse_budget,
                            plan_budget)
-from lowmoe.checkpoint import Checkpoint
+from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.errors import ConfigError
-from lowmoe.layer import LayerInputs, ModelSkeleton, MoeProbe, expert_output, moe_modules, run_layer
+from lowmoe.engine.hf import LayerInputs, ModelSkeleton, MoeProbe, expert_output, moe_modules, run_layer
 from lowmoe.pipeline import REPORT
 
 from .conftest import FAMILIES, dir_digest
@@ -221,7 +221,7 @@ def test_prune_under_a_third_of_the_model(synth_dir, calib_txt, tmp_path, method
 
 
 def test_toy_model_same_plan_under_budget_and_without_prefetch(calib_txt, tmp_path):
-    from lowmoe.tasks import TOY_MODEL
+    from lowmoe.toy.tasks import TOY_MODEL
 
     if not (TOY_MODEL / "model.safetensors.index.json").is_file():
         pytest.skip("toy model not shipped in this checkout")

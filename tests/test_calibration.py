@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from lowmoe.calibration import check_sources, load_tokenizer, parse_source, split_samples, tokenize
+from lowmoe.engine.calibration import check_sources, load_tokenizer, parse_source, split_samples, tokenize
 from lowmoe.errors import CalibrationError, ConfigError
 
 

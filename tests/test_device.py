@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from lowmoe.cli import main
-from lowmoe.device import describe_device, dtype_bytes, dtype_name, resolve_device, resolve_dtype
+from lowmoe.engine.device import describe_device, dtype_bytes, dtype_name, resolve_device, resolve_dtype
 from lowmoe.errors import ConfigError
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")

@@ -11,14 +11,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lowmoe
-from lowmoe.calibration import load_tokenizer
-from lowmoe.checkpoint import Checkpoint
-from lowmoe.eep.evolve import Evolution, EvolveOptions
-from lowmoe.eep.fitness import Fitness, FitnessData
-from lowmoe.eep.population import PopulationEvaluator, WholeModelEvaluator
-from lowmoe.eep.space import Candidate, SearchSpace
+from lowmoe.engine.calibration import load_tokenizer
+from lowmoe.engine.checkpoint import Checkpoint
+from lowmoe.methods.eep.evolve import Evolution, EvolveOptions
+from lowmoe.methods.eep.fitness import Fitness, FitnessData
+from lowmoe.methods.eep.population import PopulationEvaluator, WholeModelEvaluator
+from lowmoe.methods.eep.space import Candidate, SearchSpace
 from lowmoe.errors import ConfigError
-from lowmoe.quant import layer_weights
+from lowmoe.engine.quant import layer_weights
 
 
 def records(n=12):
@@ -124,7 +124,7 @@ def test_fitness_exact_match_and_multiple_choice():
 
 
 def load_tokenizer_stub():
-    from lowmoe.tokenizer import build_byte_tokenizer
+    from lowmoe.toy.tokenizer import build_byte_tokenizer
 
     return build_byte_tokenizer()
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import lowmoe
-from lowmoe.budget import SAFETY, layer_sizes, plan_budget, plan_population
-from lowmoe.checkpoint import Checkpoint
+from lowmoe.engine.budget import SAFETY, layer_sizes, plan_budget, plan_population
+from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.errors import ConfigError
 
 from .conftest import dir_digest

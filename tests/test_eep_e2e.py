@@ -78,7 +78,7 @@ def test_cli_eep_fewer_active_experts_and_flag_errors(synth_dir, tmp_path):
 
 
 def test_killed_eep_search_resumes_to_the_same_plan(synth_dir, tmp_path, monkeypatch):
-    from lowmoe.eep import population
+    from lowmoe.methods.eep import population
 
     src = synth_dir("mixtral")
     train = write_jsonl(tmp_path / "train.jsonl", records(4))

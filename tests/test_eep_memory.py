@@ -12,13 +12,13 @@ import pytest
 SCRIPT = r"""
 import json, sys, numpy as np, torch
 torch.set_num_threads(1)
-from lowmoe.checkpoint import Checkpoint
-from lowmoe.calibration import load_tokenizer
-from lowmoe.eep.fitness import FitnessData
-from lowmoe.eep.population import PopulationEvaluator
-from lowmoe.eep.space import SearchSpace
-from lowmoe.memory import peak_rss_bytes
-from lowmoe.quant import layer_weights
+from lowmoe.engine.checkpoint import Checkpoint
+from lowmoe.engine.calibration import load_tokenizer
+from lowmoe.methods.eep.fitness import FitnessData
+from lowmoe.methods.eep.population import PopulationEvaluator
+from lowmoe.methods.eep.space import SearchSpace
+from lowmoe.engine.memory import peak_rss_bytes
+from lowmoe.engine.quant import layer_weights
 src, acts, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 ck = Checkpoint(src)
 recs = [{"prompt": f"{a}+{b}=" * 4, "answer": f"{a + b}\n"} for a in range(4) for b in range(4)]

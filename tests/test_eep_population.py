@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from lowmoe.checkpoint import Checkpoint
-from lowmoe.eep.population import KeptExperts, LoadedLayer, PopulationEvaluator
-from lowmoe.eep.space import SearchSpace
-from lowmoe.layer import LayerInputs, materialize_layer, run_layer
-from lowmoe.quant import layer_weights
+from lowmoe.engine.checkpoint import Checkpoint
+from lowmoe.methods.eep.population import KeptExperts, LoadedLayer, PopulationEvaluator
+from lowmoe.methods.eep.space import SearchSpace
+from lowmoe.engine.hf import LayerInputs, materialize_layer, run_layer
+from lowmoe.engine.quant import layer_weights
 
 from .test_eep import merged, records
 
 
 def evaluator(src, tmp_path, dtype=torch.float32, top_k=2, **kw):
-    from lowmoe.calibration import load_tokenizer
-    from lowmoe.eep.fitness import FitnessData
+    from lowmoe.engine.calibration import load_tokenizer
+    from lowmoe.methods.eep.fitness import FitnessData
 
     ck = Checkpoint(src)
     data = FitnessData.from_records(records(8), load_tokenizer(src))
@@ -62,8 +62,8 @@ def test_shared_plans_and_trimmed_last_layer_keep_fitness(synth_dir, tmp_path, a
     """Streams that differ only in an earlier layer share each later layer's built block; the last MoE
     block and the head run on the scored positions only. Fitness equals the whole model's (and the
     untrimmed pass's) up to float rounding."""
-    from lowmoe.eep.population import WholeModelEvaluator
-    from lowmoe.eep.space import Candidate
+    from lowmoe.methods.eep.population import WholeModelEvaluator
+    from lowmoe.methods.eep.space import Candidate
 
     src = synth_dir(arch)
     pe = evaluator(src, tmp_path / "a")
@@ -89,8 +89,8 @@ def test_live_positions_are_all_that_scored_logits_depend_on(synth_dir):
     the logits ``positions`` reads unchanged: trimming the MoE blocks to the live positions is exact."""
     from transformers import AutoModelForCausalLM
 
-    from lowmoe.calibration import load_tokenizer
-    from lowmoe.eep.fitness import FitnessData
+    from lowmoe.engine.calibration import load_tokenizer
+    from lowmoe.methods.eep.fitness import FitnessData
 
     src = synth_dir("mixtral")
     data = FitnessData.from_records(records(8), load_tokenizer(src))

@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import replace
 from types import SimpleNamespace
 
-from lowmoe.checkpoint import Checkpoint
-from lowmoe.eep.runner import _seed_candidate
-from lowmoe.eep.space import SearchSpace
+from lowmoe.engine.checkpoint import Checkpoint
+from lowmoe.methods.eep.runner import _seed_candidate
+from lowmoe.methods.eep.space import SearchSpace
 from lowmoe.pipeline import PruneConfig, plan_run_budget
 from lowmoe.score import score
 from tests.test_score_budget import chunking_ram
@@ -52,7 +52,7 @@ def test_seed_keeps_super_experts_as_the_one_shot_prune_does(tmp_path, calib_txt
     projection scaled 1000x) stays in it; without protection it is dropped, in both."""
     import lowmoe
     from lowmoe.score import score
-    from lowmoe.synth import synth_model
+    from lowmoe.toy.synth import synth_model
     from tests.test_scoring_protect import CAL as PCAL, edit_checkpoint
 
     path = synth_model(tmp_path / "m", "mixtral", layers=3, hidden_size=32, intermediate_size=32, experts=8, top_k=2,

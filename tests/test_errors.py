@@ -114,7 +114,7 @@ def test_plan_errors(synth_dir, tmp_path):
 
 
 def test_disk_full_is_one_line_and_resumable(synth_dir, calib_txt, tmp_path, monkeypatch):
-    import lowmoe.writer as writer
+    import lowmoe.engine.writer as writer
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

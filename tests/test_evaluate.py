@@ -7,8 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from lowmoe import tasks
-from lowmoe.cli_eval import eval_command
+from lowmoe.toy import tasks
+from lowmoe.cli.eval import eval_command
 from lowmoe.evaluate import evaluate, format_table
 
 TOY = tasks.TOY_MODEL

@@ -11,12 +11,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lowmoe import tasks
-from lowmoe.budget import SAFETY, layer_sizes, plan_budget
-from lowmoe.calibration import load_tokenizer
-from lowmoe.checkpoint import Checkpoint
+from lowmoe.toy import tasks
+from lowmoe.engine.budget import SAFETY, layer_sizes, plan_budget
+from lowmoe.engine.calibration import load_tokenizer
+from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.cli import main
-from lowmoe.cli_eval import eval_command
+from lowmoe.cli.eval import eval_command
 from lowmoe.evaluate import evaluate, load_items
 
 
@@ -103,7 +103,7 @@ def test_quiet_demo_prints_no_progress_bars(tmp_path, monkeypatch):
     import lowmoe.evaluate as ev
 
     real = ev.prune_and_compare
-    monkeypatch.setattr(ev, "prune_and_compare", lambda **kw: real(**kw, calib_n=8))  # the real demo, less calibration
+    monkeypatch.setattr("lowmoe.cli.commands.prune_and_compare", lambda **kw: real(**kw, calib_n=8))  # the real demo, less calibration
     args = ["demo", "--domain", "reverse", "--method", "frequency", "--n", "4", "--out", str(tmp_path / "d")]
     quiet = CliRunner().invoke(main, ["-q", *args])
     assert quiet.exit_code == 0, quiet.output
@@ -117,7 +117,7 @@ def test_demo_on_the_learned_toy_with_eep_picks_on_held_out_calibration_examples
     """``lowmoe demo --toy learned --method eep``: the learned toy is pruned, the search gets a dev file
     of calibration-split examples it did not search on, and the table compares with the full model."""
     import lowmoe.evaluate as ev
-    from lowmoe import tasks
+    from lowmoe.toy import tasks
 
     real = ev.prune_and_compare
     seen = {}
@@ -126,7 +126,7 @@ def test_demo_on_the_learned_toy_with_eep_picks_on_held_out_calibration_examples
         seen.update(kw)
         return real(**kw, calib_n=8, method_options={"generations": 2, "population": 4})
 
-    monkeypatch.setattr(ev, "prune_and_compare", small)
+    monkeypatch.setattr("lowmoe.cli.commands.prune_and_compare", small)
     out = tmp_path / "d"
     res = CliRunner().invoke(main, ["-q", "demo", "--toy", "learned", "--method", "eep", "--n", "4", "--out", str(out)])
     assert res.exit_code == 0, res.output

@@ -10,8 +10,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import lowmoe
-from lowmoe.checkpoint import Checkpoint
-from lowmoe.layer import LayerInputs, ModelSkeleton, materialize_layer, run_layer
+from lowmoe.engine.checkpoint import Checkpoint
+from lowmoe.engine.hf import LayerInputs, ModelSkeleton, materialize_layer, run_layer
 
 from .conftest import FAMILIES
 

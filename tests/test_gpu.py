@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import lowmoe
-from lowmoe.budget import ChunkedExperts, build_layer
-from lowmoe.checkpoint import Checkpoint
-from lowmoe.layer import LayerInputs, ModelSkeleton, MoeProbe, moe_modules, run_layer
-from lowmoe.prefetch import DeviceStager
+from lowmoe.engine.budget import ChunkedExperts, build_layer
+from lowmoe.engine.checkpoint import Checkpoint
+from lowmoe.engine.hf import LayerInputs, ModelSkeleton, MoeProbe, moe_modules, run_layer
+from lowmoe.engine.prefetch import DeviceStager
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -24,7 +24,7 @@ BIG = dict(layers=4, hidden_size=256, intermediate_size=2048, experts=8, top_k=2
 @pytest.mark.parametrize("method", ["frequency", "reap"])
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "toy"])
 def test_same_plan_on_cpu_and_gpu(synth_dir, calib_txt, tmp_path, arch, method):
-    from lowmoe.tasks import TOY_MODEL
+    from lowmoe.toy.tasks import TOY_MODEL
 
     src = TOY_MODEL if arch == "toy" else synth_dir(arch)
     cpu = lowmoe.prune(src, tmp_path / "cpu", calib=[calib_txt], method=method, device="cpu", **OPTS)
@@ -82,7 +82,7 @@ def test_prune_holds_a_third_of_the_model(synth_dir, calib_txt, tmp_path):
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_quantized_layer_on_cuda_matches_cpu(synth_dir, mode):
     pytest.importorskip("bitsandbytes")
-    from lowmoe.quant import build_quantized_layer
+    from lowmoe.engine.quant import build_quantized_layer
 
     ck = Checkpoint(synth_dir("mixtral", hidden_size=64, intermediate_size=64))
     skel = ModelSkeleton(ck.config, ck.adapter)
@@ -101,7 +101,7 @@ def test_quantized_scores_and_streaming_eval_on_cuda(calib_txt):
     pytest.importorskip("bitsandbytes")
     from lowmoe.evaluate import evaluate
     from lowmoe.score import score
-    from lowmoe.tasks import TOY_MODEL
+    from lowmoe.toy.tasks import TOY_MODEL
 
     kw = {"calib": [calib_txt], "method": ["frequency", "reap"], "keep": 4, "seq_len": 64, "n_samples": 8, "quant": "nf4",
           "progress": False}

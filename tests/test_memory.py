@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from lowmoe.synth import synth_model
+from lowmoe.toy.synth import synth_model
 
 from .conftest import write_calib
 
@@ -16,7 +16,7 @@ def _peak(model, out, calib) -> int:
     # two malloc arenas: with one per thread (the prefetch thread allocates what the main thread
     # frees), peak RSS of the same run varied by 25-50 MB from run to run
     env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
-    subprocess.run([sys.executable, "-m", "lowmoe.cli", "-q", "prune", str(model), str(out), "--keep", "4",
+    subprocess.run([sys.executable, "-m", "lowmoe", "-q", "prune", str(model), str(out), "--keep", "4",
                     "--calib", str(calib), "--n-samples", "4", "--seq-len", "32", "--max-shard-size", "20MB"],
                    check=True, capture_output=True, env=env)
     return json.loads((out / "lowmoe_report.json").read_text())["memory"]["peak_rss_bytes"]
@@ -35,10 +35,13 @@ def test_peak_rss_flat_in_layers(tmp_path):
     assert p_big - p_small < 4 * layer_bytes, (p_small, p_big)
 
 
-def test_onednn_primitive_cache_is_off_unless_the_user_set_it():
+def test_onednn_primitive_cache_is_off_unless_the_user_set_it(tmp_path):
     """lowmoe turns oneDNN's primitive cache off (it grows with every new expert row count under bf16)
-    before torch first uses it, and keeps a value the user chose."""
-    code = "import os, lowmoe; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    before torch first computes a layer (``ModelSkeleton``), and keeps a value the user chose;
+    importing lowmoe alone changes nothing."""
+    code = ("import os, lowmoe; assert os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY') in (None, '64'); "
+            f"lowmoe.synth_model({str(tmp_path / 'm')!r}, 'mixtral', layers=1, overwrite=True); "
+            "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])")
     env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "0"
     env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "64"

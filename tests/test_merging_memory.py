@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from lowmoe.synth import synth_model
+from lowmoe.toy.synth import synth_model
 
 from .conftest import write_calib
 
@@ -19,7 +19,7 @@ LAYER_BYTES = 8 * 3 * 256 * 512 * 4  # ~12.6 MB of experts per layer in fp32
 
 def _peak(model, out, calib, method, *opts) -> int:
     extra = [a for o in opts for a in ("-O", o)]
-    subprocess.run([sys.executable, "-m", "lowmoe.cli", "-q", "prune", str(model), str(out), "--keep", "4", "--method", method,
+    subprocess.run([sys.executable, "-m", "lowmoe", "-q", "prune", str(model), str(out), "--keep", "4", "--method", method,
                     "--calib", str(calib), "--n-samples", "4", "--seq-len", "32", "--max-shard-size", "20MB", *extra],
                    check=True, capture_output=True)
     return json.loads((out / "lowmoe_report.json").read_text())["memory"]["peak_rss_bytes"]

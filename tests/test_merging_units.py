@@ -6,18 +6,19 @@ import pytest
 import torch
 from torch import nn
 
-from lowmoe.adapters.families import GPT_OSS, MIXTRAL
-from lowmoe.apply import apply_layer
+from lowmoe.engine.adapters.families import GPT_OSS, MIXTRAL
+from lowmoe.engine.apply import apply_layer
+from lowmoe.methods import PLAN_FIELDS
 from lowmoe.errors import ConfigError, PlanError
-from lowmoe.layer import MoeCall
-from lowmoe.merging import DiverseGroup, HcMerge, MergeFreq
-from lowmoe.merging.align import alignment, apply_alignment
-from lowmoe.merging.c_prune import clusters_at, decide_layer, global_merges
-from lowmoe.merging.common import agglomerate, assign_to_leaders, groups_to_plan
-from lowmoe.merging.dern import Dern, apply_neurons
-from lowmoe.merging.stats import expert_weights, permute_neurons, set_expert_weights
+from lowmoe.engine.hf import MoeCall
+from lowmoe.methods.merging import DiverseGroup, HcMerge, MergeFreq
+from lowmoe.methods.merging.align import alignment, apply_alignment
+from lowmoe.methods.merging.c_prune import clusters_at, decide_layer, global_merges
+from lowmoe.methods.merging.common import agglomerate, assign_to_leaders, groups_to_plan
+from lowmoe.methods.merging.dern import Dern, apply_neurons
+from lowmoe.methods.merging.stats import expert_weights, permute_neurons, set_expert_weights
 from lowmoe.methods import make_layer_method
-from lowmoe.plan import LayerPlan
+from lowmoe.engine.plan import LayerPlan
 
 H, I = 8, 6
 
@@ -118,7 +119,7 @@ def test_merge_freq_groups_by_router_logits_and_merges_frequency_weighted():
     assert m.groups == [[0, 1], [2, 3]]
     f = torch.tensor([30, 10, 20, 4.0]) / 64
     assert lp.keep == [0, 2] and lp.merge[0] == pytest.approx([30 / 40, 10 / 40, 0, 0])
-    out = apply_layer(MIXTRAL, 0, tensors, lp, 4)
+    out = apply_layer(MIXTRAL, 0, tensors, lp, 4, fields=PLAN_FIELDS)
     want = (f[2] * experts[2]["up"] + f[3] * experts[3]["up"]) / (f[2] + f[3])
     assert torch.allclose(out[MIXTRAL.expert_keys(0, 1)[1]], want, atol=1e-6)
     # leader's router row by default
@@ -143,7 +144,7 @@ def test_alignment_merges_permuted_twins_back_to_the_original():
         m.observe(call(logits, routing([20, 2, 12, 6])))
         lp = m.decide(0, 3, protected=set(), groups=1, tensors=tensors, adapter=MIXTRAL)
         assert m.groups[0] == [0, 1] and ("align" in lp.extra) == align
-        out = apply_layer(MIXTRAL, 0, tensors, lp, 4)
+        out = apply_layer(MIXTRAL, 0, tensors, lp, 4, fields=PLAN_FIELDS)
         results[align] = [out[k] for k in MIXTRAL.expert_keys(0, 0)]
     for got, name in zip(results[True], ("gate", "up", "down")):
         assert torch.allclose(got, e0[name], atol=1e-5)
@@ -191,7 +192,7 @@ def test_diverse_group_keeps_far_apart_experts_and_merges_router_rows():
     # start: most used (1); farthest from it: 3 (opposite of its twin 0); then 2; 0 joins its twin 1
     assert m.info["kept_order"] == [1, 3, 2]
     assert sorted(map(sorted, m.groups)) == [[0, 1], [2], [3]]
-    out = apply_layer(MIXTRAL, 0, tensors, lp, 4)
+    out = apply_layer(MIXTRAL, 0, tensors, lp, 4, fields=PLAN_FIELDS)
     row = out["model.layers.0.block_sparse_moe.gate.weight"][0]  # slot 0 = group led by expert 1
     assert torch.allclose(row, (10 * router[0] + 20 * router[1]) / 30, atol=1e-6)
 
@@ -214,7 +215,7 @@ def test_dern_segments_go_to_their_matching_neurons():
     src = lp.extra["neurons"]["sources"]
     assert lp.keep == [0, 1] and set(src) == {"2"}  # expert 3 was never routed: contributes nothing
     assert src["2"]["slot"] == [0, 0, 0, 1, 1, 1] and src["2"]["neuron"] == [3, 1, 4, 0, 5, 2]
-    out = apply_layer(MIXTRAL, 0, tensors, lp, 4)
+    out = apply_layer(MIXTRAL, 0, tensors, lp, 4, fields=PLAN_FIELDS)
     g0 = out[MIXTRAL.expert_keys(0, 0)[0]]
     # neuron 3 of expert 0: (u0·g + u2·3g) / (u0 + u2), u = frequency
     assert torch.allclose(g0[3], (20 * keep0["gate"][3] + 8 * 3 * keep0["gate"][3]) / 28, atol=1e-5)
@@ -232,7 +233,7 @@ def test_dern_plan_field_validates():
     tensors = mixtral_layer([rand_expert(gen(7)) for _ in range(3)], torch.randn(3, H))
     bad = {"slot_weights": [1.0], "sources": {"2": {"weight": 1.0, "slot": [0] * I, "neuron": [9] * I}}}
     with pytest.raises(PlanError, match="valid indices"):
-        apply_layer(MIXTRAL, 0, tensors, LayerPlan([0], extra={"neurons": bad}), 3)
+        apply_layer(MIXTRAL, 0, tensors, LayerPlan([0], extra={"neurons": bad}), 3, fields=PLAN_FIELDS)
     with pytest.raises(PlanError, match="expected"):
         apply_neurons(MIXTRAL, 0, {}, tensors, [1, 2])
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lowmoe
-from lowmoe.checkpoint import Checkpoint
+from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.errors import OutputError
 from lowmoe.pipeline import MANIFEST, REPORT, PruneRun
 
@@ -148,7 +148,7 @@ def test_sequential_scores_equal_pruned_model_in_transformers(synth_dir, calib_t
     """Layer L+1 is scored on the outputs of the already-pruned layer L: feeding the pruned
     checkpoint (run whole in transformers) through the ORIGINAL layer-(L+1) router gives the same
     routing frequencies as the streamed run."""
-    from lowmoe.calibration import load_tokenizer, tokenize
+    from lowmoe.engine.calibration import load_tokenizer, tokenize
 
     src = synth_dir("mixtral")
     report = lowmoe.prune(src, tmp_path / "out", calib=[calib_txt], protect_super_experts=False, **OPTS)

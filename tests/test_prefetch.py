@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import lowmoe
-from lowmoe.checkpoint import Checkpoint
+from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.pipeline import REPORT
-from lowmoe.prefetch import DeviceStager, IOStats, LayerReader, Prefetcher, WriteBehind
+from lowmoe.engine.prefetch import DeviceStager, IOStats, LayerReader, Prefetcher, WriteBehind
 
 from .conftest import dir_digest
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from lowmoe.calibration import load_tokenizer
-from lowmoe.checkpoint import Checkpoint
-from lowmoe.eep.fitness import FitnessData
-from lowmoe.eep.population import PopulationEvaluator
-from lowmoe.eep.space import SearchSpace
+from lowmoe.engine.calibration import load_tokenizer
+from lowmoe.engine.checkpoint import Checkpoint
+from lowmoe.methods.eep.fitness import FitnessData
+from lowmoe.methods.eep.population import PopulationEvaluator
+from lowmoe.methods.eep.space import SearchSpace
 from lowmoe.errors import ConfigError
-from lowmoe.quant import QuantizedWeights, layer_weights
+from lowmoe.engine.quant import QuantizedWeights, layer_weights
 
 pytest.importorskip("bitsandbytes")
 
@@ -79,7 +79,7 @@ def test_nf4_round_trip_is_checked_once_per_device_and_shape(monkeypatch):
     --quant nf4, the shape and the version."""
     import bitsandbytes.functional as F
 
-    from lowmoe import quant
+    from lowmoe.engine import quant
 
     monkeypatch.setattr(quant, "_nf4_checked", set())
     for shape in [(128, 96), (96, 128), (256, 96)]:
@@ -97,7 +97,7 @@ def test_eep_nf4_cache_is_refused_where_the_round_trip_is_off(synth_dir, tmp_pat
     """The EEP search's NF4 layer cache quantizes through the same checked path."""
     import bitsandbytes.functional as F
 
-    from lowmoe import quant
+    from lowmoe.engine import quant
 
     real = F.dequantize_4bit
     monkeypatch.setattr(quant, "_nf4_checked", set())

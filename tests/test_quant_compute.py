@@ -10,15 +10,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lowmoe.checkpoint import Checkpoint
+from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.cli import main
 from lowmoe.errors import ConfigError
-from lowmoe.layer import LayerInputs, ModelSkeleton, materialize_layer, moe_modules, run_layer
+from lowmoe.engine.hf import LayerInputs, ModelSkeleton, materialize_layer, moe_modules, run_layer
 from lowmoe.score import score
 
 pytest.importorskip("bitsandbytes")
 
-from lowmoe.quant import QuantExperts, QuantLinear, build_quantized_layer
+from lowmoe.engine.quant import QuantExperts, QuantLinear, build_quantized_layer
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe", "gpt_oss"]
 CAL = {"seq_len": 16, "n_samples": 4, "batch_size": 2, "progress": False, "device": "cpu"}
@@ -84,7 +84,7 @@ def test_scores_move_by_a_bounded_amount(synth_dir, calib_txt):
 def test_toy_keep_sets_mostly_agree(tmp_path):
     """Measured by scripts/bench_quant.py (docs/gpu.md): with int8 no keep-set changes; with NF4 a
     changed keep-set differs by one expert, in at most one of the four layers on sort."""
-    from lowmoe.tasks import TOY_MODEL, calib_file
+    from lowmoe.toy.tasks import TOY_MODEL, calib_file
 
     cal = calib_file("sort", n=16, out_dir=tmp_path)
     kw = {"seq_len": 128, "n_samples": 16, "progress": False, "device": "cpu", "keep": "half"}
@@ -127,7 +127,7 @@ def test_quant_errors(synth_dir, calib_txt, monkeypatch):
 
 def test_streaming_eval_with_quant():
     from lowmoe.evaluate import evaluate
-    from lowmoe.tasks import TOY_MODEL
+    from lowmoe.toy.tasks import TOY_MODEL
 
     kw = {"tasks": "reverse", "n": 30, "mode": "streaming", "batch_size": 30, "device": "cpu"}
     ref, q = evaluate(TOY_MODEL, **kw), evaluate(TOY_MODEL, quant="nf4", **kw)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lowmoe.budget import SAFETY, layer_sizes, plan_budget
-from lowmoe.checkpoint import Checkpoint
+from lowmoe.engine.budget import SAFETY, layer_sizes, plan_budget
+from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.cli import main
 from lowmoe.score import score
 

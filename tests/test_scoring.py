@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import lowmoe
-from lowmoe.calibration import load_tokenizer, tokenize
-from lowmoe.checkpoint import Checkpoint
-from lowmoe.layer import MoeCall
+from lowmoe.engine.calibration import load_tokenizer, tokenize
+from lowmoe.engine.checkpoint import Checkpoint
+from lowmoe.engine.hf import MoeCall
 from lowmoe.score import score
-from lowmoe.scoring import FrequencyScorer, choose_keep, make_scorer
+from lowmoe.methods.scoring import FrequencyScorer, choose_keep, make_scorer
 
 METHODS = ["frequency", "gate-mass", "reap", "easy-ep", "tcess"]
 CAL = {"seq_len": 24, "n_samples": 6, "batch_size": 4}
@@ -139,7 +139,7 @@ def test_choose_keep_protected_and_groups():
 def test_expert_outputs_probe_keeps_the_model_output(arch, synth_dir):
     """With slot outputs requested, the probe's own weighted sum replaces the experts module's: the
     model's logits are unchanged, and routed_output = Σ_k weight · slot output."""
-    from lowmoe.layer import MoeProbe
+    from lowmoe.engine.hf import MoeProbe
 
     path = synth_dir(arch)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lowmoe
-from lowmoe.calibration import load_tokenizer
+from lowmoe.engine.calibration import load_tokenizer
 from lowmoe.score import score
-from lowmoe.scoring.super_experts import find_super_experts
-from lowmoe.synth import synth_model
+from lowmoe.methods.scoring.super_experts import find_super_experts
+from lowmoe.toy.synth import synth_model
 
 CAL = {"seq_len": 32, "n_samples": 6, "batch_size": 3}
 

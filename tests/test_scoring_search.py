@@ -8,10 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lowmoe
-from lowmoe.calibration import load_tokenizer, tokenize
-from lowmoe.checkpoint import Checkpoint
-from lowmoe.layer import MoeProbe
-from lowmoe.reconstruction import ReconstructionMethod
+from lowmoe.engine.calibration import load_tokenizer, tokenize
+from lowmoe.engine.checkpoint import Checkpoint
+from lowmoe.engine.hf import MoeProbe
+from lowmoe.methods.reconstruction import ReconstructionMethod
 
 KEEP = [0, 2, 5, 7]  # two per DeepSeek group of four
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lowmoe import tasks
-from lowmoe.calibration import read_documents
+from lowmoe.toy import tasks
+from lowmoe.engine.calibration import read_documents
 from lowmoe.errors import CalibrationError, ConfigError
 
 FEW_SHOT = ["arithmetic", "reverse", "sort", "brackets"]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowmoe import tasks
-from lowmoe.checkpoint import Checkpoint
+from lowmoe.toy import tasks
+from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.evaluate import evaluate
 
 TOY = tasks.TOY_MODEL

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lowmoe.writer import ShardWriter, parse_size
+from lowmoe.engine.writer import ShardWriter, parse_size
 
 
 def test_streamed_shards_round_trip(tmp_path):

@@ -1,0 +1,208 @@
+"""The ``lowmoe`` command line: a thin shell over the Python API.
+
+It parses flags, calls the library and maps ``LowmoeError`` to a one-line message and a non-zero
+exit (a traceback only with ``-v``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from ..engine.adapters import ALL
+from ..errors import ConfigError, LowmoeError
+from ..evaluate import format_table, prune_and_compare
+from ..inspect import format_inspection, inspect_model
+from ..pipeline import prune as run_prune
+from ..toy import tasks
+from ..toy.synth import synth_model
+from ..toy.tokenizer import VOCAB_SIZE
+from .report import print_prune_summary
+
+log = logging.getLogger("lowmoe")
+
+
+class LowmoeGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LowmoeError as e:
+            if ctx.obj and ctx.obj.get("verbose", 0) >= 2:
+                raise
+            click.echo(f"lowmoe: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("lowmoe: interrupted; rerun the same command with --resume to continue", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=LowmoeGroup)
+@click.option("-v", "--verbose", count=True, help="-v: debug logs; -vv: also tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
+@click.version_option(package_name="lowmoe")
+@click.pass_context
+def main(ctx, verbose, quiet):
+    """Prune and merge the experts of Mixture-of-Experts LLMs, one decoder layer at a time."""
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+    ctx.obj["quiet"] = quiet
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--arch", default="mixtral", show_default=True, help="Model family (see `lowmoe families`).")
+@click.option("--layers", default=4, show_default=True, type=int)
+@click.option("--hidden-size", default=64, show_default=True, type=int)
+@click.option("--intermediate-size", default=128, show_default=True, type=int, help="Per-expert intermediate size.")
+@click.option("--experts", default=8, show_default=True, type=int)
+@click.option("--top-k", default=2, show_default=True, type=int)
+@click.option("--heads", default=None, type=int, help="Attention heads (default hidden/16).")
+@click.option("--vocab-size", default=None, type=int, help="Default: the byte tokenizer's 259.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--shard-size", default="2GB", show_default=True, help="Max bytes per shard, e.g. 500MB.")
+@click.option("--mtp-layers", default=0, show_default=True, type=int, help="DeepSeek-V3 MTP layers past num_hidden_layers.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--overwrite", is_flag=True)
+def synth(out, arch, layers, hidden_size, intermediate_size, experts, top_k, heads, vocab_size, dtype, shard_size, mtp_layers, seed, overwrite):
+    """Write a random-init MoE checkpoint in a family's real on-disk layout."""
+    synth_model(out, arch, layers=layers, hidden_size=hidden_size, intermediate_size=intermediate_size, experts=experts,
+                top_k=top_k, heads=heads, vocab_size=vocab_size or VOCAB_SIZE, dtype=dtype, shard_size=shard_size,
+                mtp_layers=mtp_layers, seed=seed, overwrite=overwrite)
+    click.echo(f"wrote {arch} model to {out}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect(model, as_json):
+    """Family, layers, experts, top-k, bytes per layer and the memory a prune will need."""
+    info = inspect_model(model)
+    click.echo(json.dumps(info, indent=1) if as_json else format_inspection(info))
+
+
+@main.command()
+def families():
+    """List the supported model families."""
+    for a in ALL:
+        click.echo(f"{a.family:12s} model_type={','.join(a.model_types):12s} experts key={a.expert_count_keys[0]:18s} layout={a.expert_layout}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--keep", default=None, help="Experts kept per layer: a count, 'half', '25%' or 0.5.")
+@click.option("--method", default="frequency", show_default=True, help="Scoring / merging / search method.")
+@click.option("--calib", multiple=True, type=click.Path(path_type=Path), help="Calibration file (text or JSONL); repeatable.")
+@click.option("--plan", "plan", default=None, type=click.Path(path_type=Path), help="Apply a saved plan (no calibration).")
+@click.option("--top-k", default=None, type=int, help="Experts per token in the output (default: unchanged).")
+@click.option("--seq-len", default=256, show_default=True, type=int)
+@click.option("--n-samples", default=64, show_default=True, type=int, help="Calibration sequences.")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="Sequences per activation chunk.")
+@click.option("--layout", default="pack", show_default=True, type=click.Choice(["pack", "per-sample"]))
+@click.option("--answer-only", is_flag=True, help="Count only answer/assistant tokens in the statistics.")
+@click.option("--one-shot", is_flag=True, help="Score every layer on the original model's activations.")
+@click.option("--no-protect-super-experts", is_flag=True, help="Allow dropping super experts.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--dtype", default="fp32", show_default=True,
+              type=click.Choice(["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]),
+              help="Compute dtype (scores are accumulated in fp32 whatever it is).")
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--max-vram", default=None, help="Device memory budget, e.g. 20GiB; experts are streamed in groups when a layer does not fit.")
+@click.option("--max-ram", default=None, help="Host RAM budget, e.g. 32GiB (checked before the run starts).")
+@click.option("--no-prefetch", is_flag=True, help="Do not read the next layer / activation chunk while computing.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue a killed run in OUT.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
+@click.option("--save-plan", default=None, type=click.Path(path_type=Path), help="Also write the plan to this file.")
+@click.option("--dev", default=None, type=click.Path(path_type=Path), help="EEP: dev-split JSONL for the final pick.")
+@click.option("--generations", default=None, type=int, help="EEP: generations (default 40).")
+@click.option("--population", default=None, type=int, help="EEP: candidates per generation (default 16).")
+@click.option("--init", "init", default=None, help="EEP: 'random' or a scoring method whose plan seeds the search.")
+@click.option("--quant", default=None, type=click.Choice(["none", "int8", "nf4"]), help="EEP: quantized layer cache for the search.")
+@click.option("--layer-groups", default=None, help="EEP: layer groups sharing W_EM/W_RM: a count (default 4) or 'layer'.")
+@click.option("--method-option", "-O", "method_option", multiple=True, metavar="KEY=VALUE",
+              help="A method's own option, e.g. -O align=true -O similarity=weight (see docs/merging.md); repeatable.")
+@click.pass_context
+def prune(ctx, model, out, keep, method, calib, plan, top_k, seq_len, n_samples, batch_size, layout, answer_only, one_shot,
+          no_protect_super_experts, device, dtype, max_shard_size, max_vram, max_ram, no_prefetch, seed, resume, overwrite, save_plan,
+          dev, generations, population, init, quant, layer_groups, method_option):
+    """Prune MODEL's experts into a new checkpoint OUT."""
+    report = run_prune(model, out, keep=keep, method=method, calib=[str(c) for c in calib], plan=plan, top_k=top_k,
+                       seq_len=seq_len, n_samples=n_samples, batch_size=batch_size, layout=layout, answer_only=answer_only,
+                       sequential=not one_shot, protect_super_experts=not no_protect_super_experts, device=device,
+                       dtype=dtype, max_shard_size=max_shard_size, max_vram=max_vram, max_ram=max_ram,
+                       prefetch=not no_prefetch, seed=seed, resume=resume, overwrite=overwrite,
+                       progress=not ctx.obj["quiet"], **_add_method_options(
+                           _eep_options(method, dev=dev, generations=generations, population=population, init=init,
+                                        quant=quant, layer_groups=layer_groups), method_option))
+    if save_plan:
+        Path(save_plan).write_text(json.dumps(report["plan"], indent=1) + "\n")
+    print_prune_summary(report)
+
+
+def _eep_options(method: str, **given) -> dict:
+    """The EEP-only flags, as ``method_options`` (an error if they are given to another method)."""
+    given = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None}
+    if not given:
+        return {}
+    if method != "eep":
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ConfigError(f"{flags}: only used by --method eep (got --method {method})")
+    return {"method_options": given}
+
+
+def _add_method_options(kwargs: dict, pairs: tuple[str, ...]) -> dict:
+    """Fold ``--method-option KEY=VALUE`` pairs into ``method_options`` (values stay strings; each
+    method validates and converts its own options)."""
+    opts = dict(kwargs.get("method_options", {}))
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--method-option {pair!r}: expected KEY=VALUE, e.g. align=true")
+        opts[key.strip().replace("-", "_")] = value.strip()
+    return {**kwargs, "method_options": opts} if opts else kwargs
+
+
+@main.command()
+@click.option("--domain", default="sort", show_default=True, help="Task domain to prune for (see lowmoe.toy.tasks.DOMAINS).")
+@click.option("--method", default="easy-ep", show_default=True, help="Scoring / merging method.")
+@click.option("--keep", default="half", show_default=True, help="Experts kept per layer.")
+@click.option("--n", default=100, show_default=True, type=int, help="Held-out test examples per domain.")
+@click.option("--out", default="toy-pruned", show_default=True, type=click.Path(path_type=Path), help="Output directory (replaced).")
+@click.option("--toy", type=click.Choice(["specialised", "learned"]), default="specialised", show_default=True,
+              help="Which shipped toy: 'specialised' (each domain has its own pair of experts: one-shot pruning keeps it "
+                   "whole) or 'learned' (every domain spread over all experts: pruning costs accuracy; where "
+                   "--method eep wins, docs/eep.md).")
+@click.pass_context
+def demo(ctx, domain, method, keep, n, out, toy):
+    """The main job on the shipped toy MoE: prune it for one domain, evaluate before and after."""
+    import time
+
+    t0 = time.time()
+    model = tasks.TOY_MODEL if toy == "specialised" else tasks.TOY_MODEL_LEARNED
+    res = prune_and_compare(domain=domain, out=out, model=model, method=method, keep=keep, n=n, progress=not ctx.obj["quiet"])
+    r = res["report"]
+    click.echo(f"\npruned the {toy} toy MoE for '{domain}' with {method}: {r['num_experts']['before']} -> "
+               f"{r['num_experts']['after']} experts per layer, written to {out}")
+    click.echo(f"held-out exact match and perplexity after pruning (delta vs the full model), {n} examples per domain:\n")
+    click.echo(format_table(res["after"], res["before"]))
+    click.echo(f"\ndone in {time.time() - t0:.0f}s; the plan is in {Path(out) / 'lowmoe_report.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Apply a plan to one layer's on-disk tensors, and patch config.json to match.
+
+``apply_layer`` works on the checkpoint's own key names and layout, so its output is written to
+the new shards as is. Experts are renumbered 0..E'-1; router rows and every per-expert router
+tensor (router bias, ``e_score_correction_bias``) are sliced or mapped in step; every other tensor
+of the layer is passed through untouched (same storage, so a keep-everything plan is bit-exact).
+
+Merges (``LayerPlan.merge``) are computed in float32 and cast back to the stored dtype. For the
+router mapping of a real-valued W_RM, router weight rows (and a router bias) are mapped linearly
+(row_j = Σ_i W_RM[j,i]·W_G[i]); ``e_score_correction_bias`` is a routing offset, not a linear
+quantity, so output slot j takes the bias of its dominant source expert (largest |W_RM[j, i]|).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .adapters import ALL_EXPERT_COUNT_KEYS, Adapter
+from .plan import LayerPlan, Plan
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class PlanFields:
+    """How to apply per-layer plan fields beyond keep/merge/router (e.g. DERN's ``neurons``).
+
+    ``pre``: fields applied to the layer's *input* tensors before keep/merge (e.g. ``align``: neuron
+    permutations that leave each expert's function unchanged): name -> fn(adapter, layer_idx,
+    tensors, value) -> tensors. ``post``: fields applied to the kept/merged experts: name ->
+    fn(adapter, layer_idx, experts_out, originals, value) -> experts_out. The methods that make such
+    plans supply them (``lowmoe.methods.PLAN_FIELDS``); a field nobody knows is left alone."""
+
+    pre: dict[str, Callable] = field(default_factory=dict)
+    post: dict[str, Callable] = field(default_factory=dict)
+
+
+NO_FIELDS = PlanFields()
+
+
+def _matrix(m, n_out: int, n_in: int) -> torch.Tensor:
+    t = torch.tensor(m, dtype=torch.float32)
+    assert t.shape == (n_out, n_in)
+    return t
+
+
+def merge_experts(experts, merge: torch.Tensor, out=None, acc: torch.Tensor | None = None):
+    """The one merge kernel of a per-expert layout: ``out[j] = Σ_i merge[j, i] · experts[i]``,
+    accumulated in float32 in expert order (zero terms skipped), then rounded to ``out[j]``'s dtype.
+
+    ``experts``: the E source tensors (a list, or a stacked (E, ...) tensor); ``merge``: (E', E);
+    ``out``: E' destinations (a list, or rows of an (E', ...) buffer; default: new tensors in the
+    experts' dtype); ``acc``: a float32 scratch tensor of one expert's shape. The writer and the EEP
+    evaluator both call this, so their merged experts are bit-identical."""
+    first = experts[0]
+    acc = torch.empty(first.shape, dtype=torch.float32, device=first.device) if acc is None else acc
+    rows = merge.tolist()
+    if out is None:
+        out = [torch.empty(first.shape, dtype=first.dtype, device=first.device) for _ in rows]
+    for j, coeffs in enumerate(rows):
+        acc.zero_()
+        for c, t in zip(coeffs, experts):
+            if c != 0.0:
+                acc.add_(t.float(), alpha=c)
+        out[j].copy_(acc)
+    return out
+
+
+def map_rows(t: torch.Tensor, keep: list[int], mat: torch.Tensor | None) -> torch.Tensor:
+    """Rows (dim 0) of a per-expert tensor: select ``keep`` or map with ``mat`` (E' x E) as one
+    float32 matrix product (a fused expert layout, router rows), in ``t``'s dtype."""
+    if mat is None:
+        return t[keep].clone()
+    flat = t.float().reshape(t.shape[0], -1)
+    return (mat @ flat).reshape((mat.shape[0],) + tuple(t.shape[1:])).to(t.dtype)
+
+
+def experts_for_plan(x: torch.Tensor, lp: LayerPlan, fused: bool, out: torch.Tensor | None = None,
+                     acc: torch.Tensor | None = None) -> torch.Tensor:
+    """One stacked expert tensor (experts on dim 0) with ``lp`` applied: the kept rows, or merged as
+    ``apply_layer`` merges them (``merge_experts`` for a per-expert layout, ``map_rows`` for a fused
+    one), in ``x``'s dtype (or into ``out``, whose dtype rounds the result)."""
+    if lp.merge is None:
+        keep = torch.tensor(lp.keep, dtype=torch.long, device=x.device)
+        return torch.index_select(x, 0, keep) if out is None else torch.index_select(x, 0, keep, out=out)
+    merge = torch.tensor(lp.merge, dtype=torch.float32, device=x.device if fused else "cpu")
+    if fused:
+        y = map_rows(x, lp.keep, merge)
+        return y if out is None else out.copy_(y)
+    if out is None:
+        out = torch.empty((merge.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    merge_experts(x, merge, out, acc)
+    return out
+
+
+def apply_layer(adapter: Adapter, layer_idx: int, tensors: dict[str, torch.Tensor], lp: LayerPlan,
+                num_experts: int, fields: PlanFields | None = None) -> dict[str, torch.Tensor]:
+    """Return the layer's output tensors (on-disk keys) with ``lp`` applied (its extra fields
+    through ``fields``)."""
+    fields = fields or NO_FIELDS
+    for name, value in lp.extra.items():
+        pre = fields.pre.get(name)
+        if pre is not None:
+            tensors = pre(adapter, layer_idx, tensors, value)
+    prefix = adapter.layer_prefix(layer_idx)
+    n_out = len(lp.keep)
+    merge = _matrix(lp.merge, n_out, num_experts) if lp.merge is not None else None
+    router = _matrix(lp.router, n_out, num_experts) if lp.router is not None else merge
+    router_keys = set(adapter.router_keys(layer_idx))
+    out: dict[str, torch.Tensor] = {}
+    experts_out: dict[str, torch.Tensor] = {}
+    originals: dict[str, torch.Tensor] = {}
+    per_expert: dict[str, list[torch.Tensor | None]] = {}  # projection suffix -> per-expert tensors
+    for key, t in tensors.items():
+        rel = key[len(prefix):]
+        if key in router_keys:
+            if key.endswith("e_score_correction_bias") and router is not None:
+                dom = router.abs().argmax(dim=1).tolist()
+                out[key] = t[dom].clone()
+            else:
+                out[key] = map_rows(t, lp.keep, router)
+        elif adapter.is_expert_key(rel):
+            originals[key] = t
+            if adapter.expert_layout == "fused":
+                experts_out[key] = map_rows(t, lp.keep, merge)
+            else:
+                _, e, suffix = rel[len(adapter.moe_prefix):].split(".", 2)
+                per_expert.setdefault(suffix, [None] * num_experts)[int(e)] = t
+        else:
+            out[key] = t
+    base = prefix + adapter.moe_prefix + "experts."
+    for suffix, ts in per_expert.items():
+        merged = None if merge is None else merge_experts(ts, merge)
+        for j in range(n_out):
+            experts_out[f"{base}{j}.{suffix}"] = ts[lp.keep[j]] if merged is None else merged[j]
+    for name, value in lp.extra.items():
+        fn = fields.post.get(name)
+        if fn is not None:
+            experts_out = fn(adapter, layer_idx, experts_out, originals, value)
+    out.update(experts_out)
+    return out
+
+
+# ---- config.json -----------------------------------------------------------------------------
+
+
+def keep_groups(ck, keep_n: int) -> int:
+    """DeepSeek group-limited routing: keep an equal number per group when that yields a valid
+    grouped model; otherwise 1 (grouping is disabled in config.json, with a note)."""
+    if not ck.adapter.grouped_routing:
+        return 1
+    n_group = int(ck.config.get("n_group") or 1)
+    if n_group > 1 and keep_n % n_group == 0 and keep_n // n_group >= 2:
+        return n_group
+    return 1
+
+
+def group_sizes_ok(keep: list[int], num_experts: int, n_group: int) -> bool:
+    per = num_experts // n_group
+    counts = [0] * n_group
+    for e in keep:
+        counts[e // per] += 1
+    return len(set(counts)) == 1
+
+
+def patch_config(raw: dict, adapter: Adapter, plan: Plan, num_experts: int) -> tuple[dict, list[str]]:
+    """config.json for the output model, and notes for the report (e.g. grouping disabled)."""
+    cfg = dict(raw)
+    notes: list[str] = []
+    k = plan.num_kept
+    for key in set(ALL_EXPERT_COUNT_KEYS) | set(adapter.expert_count_keys):
+        if key in cfg or key == adapter.expert_count_keys[0]:
+            cfg[key] = k
+    cfg[adapter.top_k_key] = plan.num_experts_per_tok
+    if adapter.grouped_routing and int(cfg.get("n_group") or 1) > 1:
+        n_group, topk_group = int(cfg["n_group"]), int(cfg.get("topk_group") or 1)
+        selection = all(lp.merge is None for lp in plan.layers.values())
+        valid = (k % n_group == 0 and k // n_group >= 2 and topk_group <= n_group
+                 and plan.num_experts_per_tok <= topk_group * (k // n_group)
+                 and selection and all(group_sizes_ok(lp.keep, num_experts, n_group) for lp in plan.layers.values()))
+        if not valid:
+            cfg["n_group"], cfg["topk_group"] = 1, 1
+            if cfg.get("topk_method") == "group_limited_greedy":
+                cfg["topk_method"] = "greedy"
+            notes.append(f"group-limited routing disabled (n_group {n_group} -> 1): {k} kept experts cannot form "
+                         f"{n_group} equal groups of >= 2 that still hold every token's top-{plan.num_experts_per_tok}")
+            log.warning(notes[-1])
+    return cfg, notes

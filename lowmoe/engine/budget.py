@@ -1,0 +1,495 @@
+"""Memory budgets: ``--max-vram`` and ``--max-ram``, planned before the run and held during it.
+
+Where it sits: ``pipeline.prune`` calls ``plan_budget`` right after the option checks, from the
+checkpoint index alone (the per-layer sizes ``lowmoe inspect`` prints) and the calibration shape
+(batch size x sequence length). A budget that cannot work fails there, in the first second, with
+the number it would need. During the run every layer is built through ``Placer.materialize``:
+
+* a layer that fits is built whole on the compute device, as before;
+* a layer whose experts do not fit is built with its attention, norms, router and shared experts
+  resident and its routed experts replaced by ``ChunkedExperts``: a module that keeps the expert
+  weights in (pinned) host memory and, on every forward, moves them to the device in groups of
+  ``group_size`` experts -- the next group is copied on a side CUDA stream while the current one
+  computes -- and runs transformers' own experts math on each group. This is what a DeepSeek-V3
+  layer (256 experts, ~22 GB in bf16) needs on a 24 GB card.
+
+What counts against the device budget (bytes in the compute dtype):
+
+    resident weights  (every tensor of the layer but the routed experts)
+  + expert weights    (all of them, or 2 groups when chunked: the one computing + the one arriving)
+  + activations       (``activation_bytes``: one chunk of B x S tokens through attention and the
+                       experts, with the per-slot expert outputs the scorers use)
+
+``Accountant`` keeps that bookkeeping while the run goes (weights are added when built and removed
+when freed), so the report can show the planned and the held peak next to CUDA's own
+``max_memory_allocated``. On CPU the compute copy lives in RAM; ``--max-vram`` on a CPU run limits
+that copy as if it were a device (a rehearsal of the GPU run's plan: the same layers get chunked).
+
+Host RAM (``--max-ram``) holds the layer as read (stored dtype), its runtime copy (per-expert
+checkpoints are stacked into transformers' fused layout), the prefetched next layer, the output
+copy of the layer being written, activation chunks in flight and the interpreter. When two layers do not fit, layer
+prefetching is turned off; when one does not, the run is refused.
+
+The EEP search's population evaluation plans its own pass with ``plan_population`` (no prefetch, a
+candidate's E' experts counted in host RAM) and streams a candidate's experts the same way.
+
+Expert chunking does not change a number: each expert sees the same token rows in the same order
+as in transformers' loop, and the outputs are summed over experts in ascending order, exactly as
+``index_add_`` in the original module does, so the results are bit-identical (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .checkpoint import DTYPE_BYTES
+from .device import dtype_bytes
+from .experts import ChunkedExperts
+from .hf import layer_config, materialize, moe_modules, split_experts
+from .memory import Accountant, fmt_bytes
+from .prefetch import IOStats
+from .writer import parse_size
+
+log = logging.getLogger(__name__)
+
+# Python, torch and transformers before any tensor is loaded (as lowmoe.inspect assumes).
+HOST_BASE_BYTES = 600 * 10**6
+# Head-room for the caching allocator's rounding and small temporaries, as a fraction of the budget.
+SAFETY = 0.05
+
+
+def parse_budget(value, flag: str) -> int | None:
+    """``'20GiB'``, ``'500MB'``, a byte count or None -> bytes (ConfigError naming ``flag``)."""
+    if value is None or value == "":
+        return None
+    try:
+        n = parse_size(value)
+    except ValueError:
+        raise ConfigError(f"{flag} {value!r}: expected a size such as 20GiB, 500MB or a byte count") from None
+    if n <= 0:
+        raise ConfigError(f"{flag} {value!r}: must be a positive size")
+    return n
+
+
+# ---- sizes from the index ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerSize:
+    """One decoder layer's weights, from the index (no tensor is read)."""
+
+    layer_idx: int
+    stored_bytes: int  # as on disk
+    resident_numel: int  # everything but the routed experts
+    expert_numel: int  # one routed expert (0 for a dense layer)
+    num_experts: int  # routed experts (0 for a dense layer)
+
+    def resident_bytes(self, b: int) -> int:
+        return self.resident_numel * b
+
+    def expert_bytes(self, b: int) -> int:
+        return self.expert_numel * b
+
+
+def _numel(shape) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def layer_sizes(ck) -> list[LayerSize]:
+    """Per-layer weight counts: resident part and one routed expert (experts are equal in size)."""
+    ad = ck.adapter
+    moe = set(ck.moe_layers())
+    out = []
+    for L in range(ck.num_layers):
+        keys = ck.layer_keys(L)
+        numel = {k: _numel(ck.tensor_info(k)[0]) for k in keys}
+        expert_keys: list[str] = []
+        n_exp = 0
+        if L in moe:
+            n_exp = ck.num_experts
+            if ad.expert_layout == "per_expert":
+                for e in range(n_exp):
+                    expert_keys += ad.expert_keys(L, e)
+            else:
+                expert_keys = ad.fused_keys(L)
+        ex = set(expert_keys)
+        ex_numel = sum(numel[k] for k in ex if k in numel)
+        out.append(LayerSize(L, ck.layer_bytes(L), sum(v for k, v in numel.items() if k not in ex),
+                             ex_numel // n_exp if n_exp else 0, n_exp))
+    return out
+
+
+def activation_bytes(config: dict, *, batch_size: int, seq_len: int, dtype_bytes: int, top_k: int, num_experts: int) -> int:
+    """Device bytes of one calibration chunk (B x S tokens) going through one decoder layer.
+
+    Counted generously: hidden states in/out/residual/norm (~8 T x H), q/k/v/o, attention scores
+    and their softmax (B x heads x S x S, twice, as eager/math attention materializes them), the
+    float mask, router logits in fp32, one expert's gate/up/act intermediates for all T tokens,
+    the per-slot expert outputs (T x k x H, in the compute dtype and fp32) that the scorers read,
+    and the per-expert outputs ``ChunkedExperts`` collects before summing.
+    """
+    b, T = dtype_bytes, batch_size * seq_len
+    H = int(config.get("hidden_size", 0))
+    heads = int(config.get("num_attention_heads") or max(1, H // 64))
+    head_dim = int(config.get("head_dim") or max(1, H // heads))
+    inter = int(config.get("moe_intermediate_size") or config.get("intermediate_size") or 4 * H)
+    dense_inter = int(config.get("intermediate_size") or inter)
+    hidden = 8 * T * H * b
+    attn = 4 * T * heads * head_dim * b + 2 * batch_size * heads * seq_len * seq_len * b + batch_size * seq_len * seq_len * b
+    router = 2 * T * max(num_experts, 1) * 4
+    mlp = 3 * T * max(inter, dense_inter) * b
+    slots = T * max(top_k, 1) * H * (2 * b + 4)
+    return int(hidden + attn + router + mlp + slots)
+
+
+# ---- the plan ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How one layer is built: whole, or experts in groups of ``group_size``."""
+
+    group_size: int | None  # None = all experts resident
+    double_buffer: bool = True  # chunked: the next group arrives while this one computes
+    device_bytes: int = 0  # planned peak: weights held + activations
+
+    @property
+    def chunked(self) -> bool:
+        return self.group_size is not None
+
+
+def choose_placement(*, resident: int, per_expert: int, num_experts: int, weights_budget: int | None,
+                     act: int = 0) -> Placement | None:
+    """The largest expert group that fits ``weights_budget`` (bytes for weights), or None if not even
+    resident + one expert does. ``act`` only goes into the reported planned peak."""
+    total = resident + per_expert * num_experts
+    if weights_budget is None or total <= weights_budget or num_experts == 0:
+        if weights_budget is not None and total > weights_budget:  # dense layer over budget
+            return None
+        return Placement(None, device_bytes=total + act)
+    room = weights_budget - resident
+    g = room // (2 * per_expert) if per_expert else num_experts
+    if g >= 1:
+        g = min(int(g), num_experts)
+        return Placement(g, True, resident + 2 * g * per_expert + act)
+    if room >= per_expert:
+        return Placement(1, False, resident + per_expert + act)
+    return None
+
+
+@dataclass
+class BudgetPlan:
+    """The budget decisions of a run, made before it starts (``plan_budget``)."""
+
+    device: str
+    compute_dtype: str
+    max_vram: int | None
+    max_ram: int | None
+    device_budget: int | None  # bytes the compute copy may use (VRAM, or RAM on a CPU run)
+    activation_bytes: int
+    weights_budget: int | None  # device_budget - activations - safety margin
+    prefetch_layers: bool
+    layers: dict[int, Placement] = field(default_factory=dict)
+    host_peak_bytes: int = 0
+    device_peak_bytes: int = 0
+    host_layer_bytes: int = 0  # largest layer in host memory (as read + runtime layout)
+    host_fixed_bytes: int = 0  # interpreter + activation chunks + the written copy of a layer
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def chunked_layers(self) -> list[int]:
+        return sorted(L for L, p in self.layers.items() if p.chunked)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["layers"] = {str(L): asdict(p) for L, p in sorted(self.layers.items()) if p.chunked}
+        d["chunked_layers"] = self.chunked_layers
+        return d
+
+
+def plan_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int,
+                max_vram: int | None = None, max_ram: int | None = None, prefetch: bool = True,
+                extra_host: dict[str, int] | None = None) -> BudgetPlan:
+    """Decide, from the index alone, how every layer will be built under the budgets; raise
+    ``ConfigError`` (naming the flag and the size needed) if a budget cannot be held.
+
+    ``extra_host``: what else the pass holds in host memory beside one layer (name -> bytes; the EEP
+    evaluator's candidate experts, ``plan_population``), counted like the interpreter's share."""
+    b = dtype_bytes(dtype)
+    sizes = layer_sizes(ck)
+    cfg = ck.config
+    act = activation_bytes(cfg, batch_size=batch_size, seq_len=seq_len, dtype_bytes=b, top_k=ck.top_k,
+                           num_experts=ck.num_experts)
+    on_cpu = device.type != "cuda"
+    per_expert_layout = ck.adapter.expert_layout == "per_expert"
+    stored_b = {L.layer_idx: L.stored_bytes for L in sizes}
+    largest_stored = max(stored_b.values())
+
+    def host_layer(L: LayerSize) -> int:
+        # as read + the stacked runtime copy of the experts (per-expert checkpoints only)
+        ratio = L.stored_bytes / max(1, L.resident_numel + L.expert_numel * L.num_experts)
+        return L.stored_bytes + (int(L.expert_numel * L.num_experts * ratio) if per_expert_layout else 0)
+
+    largest_host = max(host_layer(L) for L in sizes)
+    chunk_host = 4 * batch_size * seq_len * int(cfg.get("hidden_size", 0)) * 4  # chunks in flight, fp32
+    host_fixed = HOST_BASE_BYTES + chunk_host + largest_stored  # + the written (plan-applied) copy of a layer
+    host_fixed += sum((extra_host or {}).values())
+    extra_what = "".join(f" + {what}" for what in (extra_host or {}))
+
+    notes: list[str] = []
+    if max_ram is not None:
+        need_one = host_fixed + largest_host
+        if need_one > max_ram:
+            raise ConfigError(
+                f"--max-ram {fmt_bytes(max_ram)} is too small: one layer as read and in runtime layout "
+                f"({fmt_bytes(largest_host)}) + its plan-applied copy{extra_what} + activation chunks + the interpreter need about "
+                f"{fmt_bytes(need_one)}; raise --max-ram")
+    embed_key = "model.embed_tokens.weight"
+    embed = (ck.tensor_bytes(embed_key) // _stored_elem(ck, embed_key) * b) if embed_key in ck.weight_map else 0
+
+    def place(do_prefetch: bool) -> BudgetPlan:
+        host_layers = (2 if do_prefetch else 1) * largest_host
+        device_budget, what = max_vram, f"--max-vram {fmt_bytes(max_vram)}" if max_vram is not None else ""
+        flag = "--max-vram"
+        if on_cpu and max_ram is not None:
+            # The compute copy lives in RAM too: it gets what is left after the host's own needs.
+            left = max_ram - host_fixed - host_layers
+            if device_budget is None or left < device_budget:
+                device_budget, flag = left, "--max-ram"
+                what = (f"--max-ram {fmt_bytes(max_ram)} (leaves {fmt_bytes(left)} for the compute copy after "
+                        f"{fmt_bytes(host_fixed + host_layers)} of host needs)")
+        weights_budget = None
+        if device_budget is not None:
+            weights_budget = int(device_budget * (1 - SAFETY)) - act
+            if weights_budget <= 0:
+                raise ConfigError(f"{what}: one activation chunk alone needs ~{fmt_bytes(act)} "
+                                  f"(--batch-size {batch_size} x --seq-len {seq_len}); lower them or raise {flag}")
+            if embed > weights_budget:
+                raise ConfigError(f"{what}: the embedding matrix needs {fmt_bytes(embed)} on the device; raise {flag}")
+        layers: dict[int, Placement] = {}
+        for L in sizes:
+            p = choose_placement(resident=L.resident_bytes(b), per_expert=L.expert_bytes(b), num_experts=L.num_experts,
+                                 weights_budget=weights_budget, act=act)
+            if p is None:
+                need = int((L.resident_bytes(b) + L.expert_bytes(b) + act) / (1 - SAFETY)) + 1
+                raise ConfigError(
+                    f"{what}: layer {L.layer_idx} cannot run even one expert at a time: attention + router + shared "
+                    f"weights {fmt_bytes(L.resident_bytes(b))} + one expert {fmt_bytes(L.expert_bytes(b))} + activations "
+                    f"{fmt_bytes(act)} need at least {fmt_bytes(need)}; raise {flag} or lower --batch-size/--seq-len")
+            layers[L.layer_idx] = p
+        chunked = sorted(L for L, p in layers.items() if p.chunked)
+        plan_notes = []
+        if chunked:
+            plan_notes.append(f"{len(chunked)} layer(s) run with experts streamed in groups of "
+                              f"{min(layers[L].group_size for L in chunked)}-{max(layers[L].group_size for L in chunked)} "
+                              f"to stay under {fmt_bytes(device_budget)}")
+        device_peak = max(p.device_bytes for p in layers.values()) if layers else act
+        host_peak = host_fixed + host_layers + (device_peak if on_cpu else 0)
+        return BudgetPlan(device=str(device), compute_dtype=str(dtype).replace("torch.", ""), max_vram=max_vram,
+                          max_ram=max_ram, device_budget=device_budget, activation_bytes=act, weights_budget=weights_budget,
+                          prefetch_layers=do_prefetch, layers=layers, host_peak_bytes=int(host_peak),
+                          device_peak_bytes=int(device_peak), host_layer_bytes=int(largest_host),
+                          host_fixed_bytes=int(host_fixed), notes=plan_notes)
+
+    if prefetch and max_ram is not None:
+        need_two = host_fixed + 2 * largest_host
+        why = None
+        if need_two > max_ram:
+            why = f"cannot hold two layers ({fmt_bytes(need_two)} needed)"
+        else:
+            try:
+                return _with_notes(place(True), notes)
+            except ConfigError:  # on a CPU run a second layer in RAM can starve the compute copy
+                why = "leaves too little for the compute copy with two layers in RAM"
+        notes.append(f"--max-ram {fmt_bytes(max_ram)} {why}; layer prefetching is off")
+        return _with_notes(place(False), notes)
+    return _with_notes(place(prefetch), notes)
+
+
+def _with_notes(plan: BudgetPlan, notes: list[str]) -> BudgetPlan:
+    plan.notes = notes + plan.notes
+    return plan
+
+
+def _stored_elem(ck, key: str) -> int:
+    return DTYPE_BYTES.get(ck.tensor_info(key)[1], 4)
+
+
+# ---- the EEP population evaluator --------------------------------------------------------------
+
+
+@dataclass
+class PopulationBudget:
+    """How ``eep.population.PopulationEvaluator`` builds each MoE layer under the budgets.
+
+    ``layers[L].group_size`` None: the loaded layer fits whole on the device with a merged candidate
+    block beside it (the unbudgeted fast path). Otherwise the layer's routed experts stay in host
+    memory in their stored dtype, its resident part and the candidate's router are on the device, and
+    the candidate's ``num_experts`` (E') selected or merged experts visit it ``group_size`` at a time
+    through ``ChunkedExperts`` (one group of E' when they fit)."""
+
+    plan: BudgetPlan  # planned for this pass: no layer prefetch, the candidate's host experts counted
+    num_experts: int
+    layers: dict[int, Placement] = field(default_factory=dict)
+    candidate_host_bytes: int = 0
+
+    @property
+    def chunked_layers(self) -> list[int]:
+        return sorted(L for L, p in self.layers.items() if p.chunked)
+
+
+def _budget_flag(plan: BudgetPlan) -> str:
+    """The flag whose size became the device budget."""
+    return "--max-vram" if plan.max_vram is not None and plan.device_budget == plan.max_vram else "--max-ram"
+
+
+def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size: int, seq_len: int) -> PopulationBudget | None:
+    """The budget of the EEP search's streamed population evaluation, from the run's plan (``plan_budget``
+    with the run's flags; None or no flag given: None, no budget). From the index alone, before the search.
+
+    Host: one layer as read + its runtime copy (no prefetch: the evaluator reads layer by layer) + a
+    candidate's E' experts in the stored dtype + the float32 merge temporaries (one expert, or the
+    whole fused tensors: ``apply.map_rows`` multiplies them at once). Device, per MoE layer with E
+    experts of P params, in the compute dtype (b bytes): whole when
+
+        resident + E*P*b + E' router rows + E'*P*(4 + b) (+ E*P*4 fused)  <=  weights budget
+
+    (the loaded layer plus a merged block and its float32 buffer), else resident + E' router rows + 1
+    or 2 groups of the candidate's experts (``choose_placement`` over E'). ConfigError naming the
+    flag when not even one expert fits."""
+    if plan is None or (plan.max_vram is None and plan.max_ram is None):
+        return None
+    device, dtype = torch.device(plan.device), getattr(torch, plan.compute_dtype)
+    b = dtype_bytes(dtype)
+    fused = ck.adapter.expert_layout == "fused"
+    E, n = ck.num_experts, int(num_experts)
+    sizes = [s for s in layer_sizes(ck) if s.num_experts]
+
+    def stored_elem(s: LayerSize) -> float:
+        return s.stored_bytes / max(1, s.resident_numel + s.expert_numel * s.num_experts)
+
+    cand_host = max((int(n * s.expert_numel * stored_elem(s)) + 4 * s.expert_numel * ((E + n) if fused else 1)
+                     for s in sizes), default=0)
+    pop = plan_budget(ck, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, max_vram=plan.max_vram,
+                      max_ram=plan.max_ram, prefetch=False,
+                      extra_host={f"a candidate's {n} experts and their merge buffers": cand_host})
+    wb, act = pop.weights_budget, pop.activation_bytes
+    flag = _budget_flag(pop)
+    layers: dict[int, Placement] = {}
+    for s in sizes:
+        router = sum(_numel(ck.tensor_info(k)[0]) for k in ck.adapter.router_keys(s.layer_idx)) * n // E * 4
+        res, pe = s.resident_bytes(b), s.expert_bytes(b)
+        whole = res + E * pe + router + n * s.expert_numel * (4 + b) + (4 * E * s.expert_numel if fused else 0)
+        if wb is None or whole <= wb:
+            layers[s.layer_idx] = Placement(None, device_bytes=whole + act)
+            continue
+        p = choose_placement(resident=res + router, per_expert=pe, num_experts=n, weights_budget=wb, act=act)
+        if p is None:
+            need = int((res + router + pe + act) / (1 - SAFETY)) + 1
+            raise ConfigError(
+                f"{flag} {fmt_bytes(pop.device_budget)}: EEP search, layer {s.layer_idx}: attention + router + shared "
+                f"weights {fmt_bytes(res)} + a candidate's router {fmt_bytes(router)} + one expert {fmt_bytes(pe)} + "
+                f"activations {fmt_bytes(act)} need at least {fmt_bytes(need)}; raise {flag} or lower --batch-size/--seq-len")
+        if not p.chunked:  # the E' experts fit: one group, loaded once per candidate block
+            p = Placement(n, False, p.device_bytes)
+        layers[s.layer_idx] = p
+    pop.device_peak_bytes = max([pop.device_peak_bytes] + [p.device_bytes for p in layers.values()])
+    pop.host_peak_bytes = (pop.host_fixed_bytes + pop.host_layer_bytes
+                           + (pop.device_peak_bytes if device.type != "cuda" else 0))
+    out = PopulationBudget(pop, n, layers, cand_host)
+    if out.chunked_layers:
+        pop.notes.append(f"EEP search: {len(out.chunked_layers)} layer(s) keep their experts in host memory and run a "
+                         f"candidate's {n} experts in groups of "
+                         f"{min(layers[L].group_size for L in out.chunked_layers)}-"
+                         f"{max(layers[L].group_size for L in out.chunked_layers)}")
+    for note in pop.notes:
+        log.info(note)
+    return out
+
+
+# ---- bookkeeping -------------------------------------------------------------------------------
+
+
+def _state_bytes(state: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
+    b = dtype_bytes(dtype)
+    return sum(v.numel() * (v.element_size() if not v.is_floating_point() or k.endswith("e_score_correction_bias") else b)
+               for k, v in state.items())
+
+
+# ---- building layers under the budget ---------------------------------------------------------
+
+
+class Placer:
+    """Builds each decoder layer on the compute device, whole or with chunked experts."""
+
+    def __init__(self, device, dtype, plan: BudgetPlan | None = None, stats: IOStats | None = None):
+        self.device, self.dtype = torch.device(device), dtype
+        self.plan = plan
+        self.stats = stats or IOStats()
+        self.accountant = Accountant(plan.activation_bytes if plan is not None and plan.device_budget is not None else 0)
+        self.chunked_builds: dict[int, int] = {}  # layer -> group size used
+
+    @property
+    def weights_budget(self) -> int | None:
+        return None if self.plan is None else self.plan.weights_budget
+
+    def materialize(self, skel, layer_idx: int, runtime_state: dict[str, torch.Tensor], *,
+                    num_experts: int | None = None, top_k: int | None = None) -> nn.Module:
+        """``layer.materialize_layer`` under the budget (same arguments, same module and numbers)."""
+        placement = None
+        if self.weights_budget is not None and layer_idx in skel.moe_layers:
+            experts, rest = split_experts(skel.adapter, runtime_state)
+            if experts:
+                n_exp = next(iter(experts.values())).shape[0]
+                per_expert = sum(v[0].numel() for v in experts.values()) * dtype_bytes(self.dtype)
+                placement = choose_placement(resident=_state_bytes(rest, self.dtype), per_expert=per_expert,
+                                             num_experts=n_exp, weights_budget=self.weights_budget)
+                if placement is None:
+                    raise ConfigError(f"layer {layer_idx} does not fit the device budget even one expert at a time "
+                                      f"({fmt_bytes(self.plan.device_budget)}); raise --max-vram")
+        group = placement.group_size if placement is not None else None
+        built = build_layer(skel, layer_idx, runtime_state, self.device, self.dtype, group_size=group,
+                            double_buffer=placement.double_buffer if placement is not None else True,
+                            accountant=self.accountant, stats=self.stats, num_experts=num_experts, top_k=top_k)
+        if group is not None:
+            self.chunked_builds[layer_idx] = group
+            log.debug("layer %d: experts streamed in groups of %d", layer_idx, group)
+        return built
+
+    def report(self) -> dict:
+        d = {"accounted_peak_bytes": self.accountant.peak, "chunked_layers": sorted(self.chunked_builds),
+             "group_sizes": {str(k): v for k, v in sorted(self.chunked_builds.items())}}
+        if self.plan is not None:
+            d["plan"] = self.plan.to_json()
+        if self.device.type == "cuda":
+            d["cuda_max_memory_allocated"] = int(torch.cuda.max_memory_allocated(self.device))
+        return d
+
+
+def build_layer(skel, layer_idx: int, runtime_state: dict[str, torch.Tensor], device, dtype, *,
+                group_size: int | None = None, double_buffer: bool = True, accountant: Accountant | None = None,
+                stats: IOStats | None = None, num_experts: int | None = None, top_k: int | None = None) -> nn.Module:
+    """One decoder layer on ``device``: whole (``group_size=None``, exactly ``materialize_layer``) or
+    with its routed experts wrapped in ``ChunkedExperts`` streaming ``group_size`` at a time."""
+    device = torch.device(device)
+    accountant = accountant if accountant is not None else Accountant()
+    module = skel.new_layer(layer_idx, layer_config(skel, num_experts, top_k))
+    if group_size is None:
+        built = materialize(module, runtime_state, device, dtype)
+        accountant.track(built, _state_bytes(runtime_state, dtype))
+        return built
+    experts, rest = split_experts(skel.adapter, runtime_state)
+    if device.type == "cuda":  # async host->device copies need page-locked sources
+        experts = {k: (v if v.is_pinned() else v.pin_memory()) for k, v in experts.items()}
+    block = moe_modules(skel.adapter, module)[0]
+    block.experts = ChunkedExperts(block.experts, experts, group_size=group_size, device=device, dtype=dtype,
+                                   double_buffer=double_buffer, accountant=accountant, stats=stats)
+    built = materialize(module, rest, device, dtype)
+    accountant.track(built, _state_bytes(rest, dtype))
+    return built

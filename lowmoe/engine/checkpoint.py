@@ -1,0 +1,236 @@
+"""Lazy, layer-at-a-time reading of a sharded safetensors checkpoint.
+
+``Checkpoint`` parses ``config.json`` and ``model.safetensors.index.json`` (or a single
+``model.safetensors``) and reads exactly the tensors asked for. Shard files are opened once with
+``safe_open`` and kept open (re-opening re-parses the header); reads are grouped by shard and
+ordered by file offset. The ``pread`` backend is used where safetensors has it, so tensors that
+were read do not stay mapped into this process's memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .adapters import Adapter, get_adapter
+from ..errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", backend="pread")
+    except TypeError:  # safetensors without the pread backend
+        return safe_open(str(path), framework="pt")
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: {what} is not valid JSON ({e})") from None
+
+
+class Checkpoint:
+    """A read-only view of a Hugging Face safetensors checkpoint directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a directory (expected a Hugging Face checkpoint folder)")
+        self.config = read_json(self.path / "config.json", "config.json")
+        self.adapter: Adapter = get_adapter(self.config, str(self.path / "config.json"))
+        self.weight_map = self._load_weight_map()
+        self._handles: dict[str, object] = {}
+        self._layer_keys: dict[int, list[str]] = defaultdict(list)
+        self._other_keys: list[str] = []
+        for key in self.weight_map:
+            m = _LAYER_RE.match(key)
+            if m:
+                self._layer_keys[int(m.group(1))].append(key)
+            else:
+                self._other_keys.append(key)
+        self._shapes: dict[str, tuple[tuple[int, ...], str]] | None = None
+
+    # ---- index ---------------------------------------------------------------------------
+    def _load_weight_map(self) -> dict[str, str]:
+        idx = self.path / INDEX_NAME
+        if idx.exists():
+            data = read_json(idx, INDEX_NAME)
+            wm = data.get("weight_map")
+            if not isinstance(wm, dict) or not wm:
+                raise CheckpointError(f"{idx}: has no 'weight_map' (expected a safetensors index)")
+            for shard in sorted(set(wm.values())):
+                if not (self.path / shard).is_file():
+                    raise CheckpointError(f"{self.path / shard}: shard named in {INDEX_NAME} is missing")
+            return dict(wm)
+        single = self.path / SINGLE_NAME
+        if single.is_file():
+            with self._open_checked(SINGLE_NAME) as f:
+                return {k: SINGLE_NAME for k in f.keys()}
+        raise CheckpointError(f"{self.path}: no {INDEX_NAME} or {SINGLE_NAME} (only safetensors checkpoints are supported)")
+
+    def _open_checked(self, shard: str):
+        try:
+            return _open(self.path / shard)
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise CheckpointError(f"{self.path / shard}: cannot read safetensors shard ({e}); re-download or re-copy it") from None
+
+    def _handle(self, shard: str):
+        h = self._handles.get(shard)
+        if h is None:
+            h = self._handles[shard] = self._open_checked(shard)
+        return h
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    # ---- structure -----------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    @property
+    def num_experts(self) -> int:
+        return self.adapter.num_experts(self.config)
+
+    @property
+    def top_k(self) -> int:
+        return self.adapter.top_k(self.config)
+
+    def moe_layers(self) -> list[int]:
+        return self.adapter.moe_layers(self.config)
+
+    def extra_layers(self) -> list[int]:
+        """Layers stored past ``num_hidden_layers`` (e.g. DeepSeek-V3's MTP layer): copied unchanged."""
+        extra = set(self.adapter.extra_layers(self.config))
+        extra |= {i for i in self._layer_keys if i >= self.num_layers}
+        return sorted(extra)
+
+    def layer_keys(self, layer_idx: int) -> list[str]:
+        return list(self._layer_keys.get(layer_idx, []))
+
+    def other_keys(self) -> list[str]:
+        """Keys outside any decoder layer: embeddings, final norm, lm_head."""
+        return list(self._other_keys)
+
+    def tensor_info(self, key: str) -> tuple[tuple[int, ...], str]:
+        """(shape, safetensors dtype string) without reading data."""
+        if self._shapes is None:
+            self._shapes = {}
+        if key not in self._shapes:
+            shard = self.weight_map[key]
+            try:
+                sl = self._handle(shard).get_slice(key)
+            except CheckpointError:
+                raise
+            except Exception:
+                raise CheckpointError(f"{self.path / shard}: index names tensor {key!r} but the shard does not contain it") from None
+            self._shapes[key] = (tuple(sl.get_shape()), sl.get_dtype())
+        return self._shapes[key]
+
+    def tensor_bytes(self, key: str) -> int:
+        shape, dtype = self.tensor_info(key)
+        n = 1
+        for s in shape:
+            n *= s
+        return n * DTYPE_BYTES.get(dtype, 4)
+
+    def layer_bytes(self, layer_idx: int) -> int:
+        return sum(self.tensor_bytes(k) for k in self.layer_keys(layer_idx))
+
+    def total_bytes(self) -> int:
+        return sum(self.tensor_bytes(k) for k in self.weight_map)
+
+    def validate(self) -> None:
+        """Fail fast, from config.json and the index alone, if an expected tensor is missing."""
+        ad, cfg = self.adapter, self.config
+        for k in ad.expert_count_keys[:1]:
+            if cfg.get(k) is None and not any(cfg.get(x) is not None for x in ad.expert_count_keys):
+                raise CheckpointError(f"{self.path / 'config.json'}: missing {k!r} (the routed-expert count)")
+        if cfg.get(ad.top_k_key) is None:
+            raise CheckpointError(f"{self.path / 'config.json'}: missing {ad.top_k_key!r} (experts per token)")
+        missing = []
+        for layer in range(self.num_layers):
+            if not self._layer_keys.get(layer):
+                missing.append(f"model.layers.{layer}.*")
+                continue
+        for layer in self.moe_layers():
+            want = ad.router_keys(layer)
+            if ad.expert_layout == "per_expert":
+                for e in range(self.num_experts):
+                    want += ad.expert_keys(layer, e)
+            else:
+                want += ad.fused_keys(layer)
+            missing += [k for k in want if k not in self.weight_map]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise CheckpointError(
+                f"{self.path}: the index has no tensor {', '.join(missing[:3])}{more} "
+                f"(expected by the {ad.family} layout); the checkpoint is incomplete or not a {ad.family} model"
+            )
+
+    # ---- reading -------------------------------------------------------------------------
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Read ``keys`` (grouped by shard, in file order), dtype preserved."""
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for k in keys:
+            if k not in self.weight_map:
+                raise CheckpointError(f"{self.path}: tensor {k!r} is not in the checkpoint index")
+            by_shard[self.weight_map[k]].append(k)
+        out: dict[str, torch.Tensor] = {}
+        for shard in sorted(by_shard):
+            h = self._handle(shard)
+            wanted = set(by_shard[shard])
+            try:
+                order = [k for k in h.offset_keys() if k in wanted]
+            except AttributeError:
+                order = sorted(wanted)
+            missing = wanted - set(order)
+            if missing:
+                raise CheckpointError(
+                    f"{self.path / shard}: index names tensor {sorted(missing)[0]!r} but the shard does not contain it"
+                )
+            for k in order:
+                try:
+                    out[k] = h.get_tensor(k)
+                except Exception as e:
+                    raise CheckpointError(f"{self.path / shard}: cannot read tensor {k!r} ({e}); the shard may be truncated") from None
+        return {k: out[k] for k in keys}
+
+    def read_layer(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        keys = self.layer_keys(layer_idx)
+        if not keys:
+            raise CheckpointError(f"{self.path}: no tensors for layer {layer_idx} in the index")
+        return self.read(keys)
+
+    def extra_files(self) -> list[Path]:
+        """Non-weight files to copy to the output (tokenizer, generation config, ...)."""
+        skip = {"config.json", INDEX_NAME}
+        out = []
+        for p in sorted(self.path.iterdir()):
+            if p.is_file() and p.name not in skip and not p.name.endswith(".safetensors") and not p.name.startswith("lowmoe_"):
+                out.append(p)
+        return out
+
+
+def dir_size(path: Path) -> int:
+    return sum(os.path.getsize(p) for p in Path(path).rglob("*") if p.is_file())

@@ -1,0 +1,112 @@
+"""Where compute happens and in which dtype: ``--device`` and ``--dtype``.
+
+Every command that computes (prune/score, eval, search) resolves its flags here once, before any
+heavy work, so a bad value fails in the first second with a message naming the flag:
+
+    --device auto | cpu | cuda | cuda:N   (auto = the current CUDA device when there is one, else cpu)
+    --dtype  bf16 | fp16 | fp32           (long names bfloat16 / float16 / float32 are accepted too)
+
+The compute dtype is what the decoder layer runs in (weights are cast per layer as they are
+loaded). Statistics are accumulated in fp32 whatever it is: the scorers upcast router logits,
+weights and expert-output norms before summing (see ``lowmoe.methods.scoring``), so bf16 compute changes
+scores by rounding only, not by accumulated error.
+
+``describe_device`` gives the line the report and the benchmark print (name, memory, capability).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+DTYPE_CHOICES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
+
+
+def cpu_runtime_defaults() -> None:
+    """Process settings lowmoe's CPU compute needs, set before the first layer runs (``ModelSkeleton``).
+
+    oneDNN (bf16 matmuls on CPU) caches a primitive, with its reordered weights, per distinct shape; a
+    MoE layer's experts see a new row count on nearly every call, so the cache only grows: in the bf16
+    EEP benchmark it took peak RSS from 1.37 to 1.65-1.79 GB, and turning it off cost no time
+    (docs/eep.md). Read when oneDNN first runs; a value the user set is kept."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """``--device`` value -> a ``torch.device`` that exists on this machine (ConfigError otherwise)."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    s = (name or "auto").strip().lower()
+    if s == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if s == "cpu":
+        return torch.device("cpu")
+    if s == "cuda" or s.startswith("cuda:"):
+        idx_text = s[5:] if s.startswith("cuda:") else None
+        if idx_text is not None and not idx_text.isdigit():
+            raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N with N a GPU index")
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
+                              "use --device cpu or auto")
+        n = torch.cuda.device_count()
+        idx = int(idx_text) if idx_text is not None else torch.cuda.current_device()
+        if idx >= n:
+            raise ConfigError(f"--device {name}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+        return torch.device("cuda", idx)
+    raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def resolve_dtype(name: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
+    """``--dtype`` value -> a torch dtype; fp16/bf16 on a device that cannot run them is an error."""
+    if isinstance(name, torch.dtype):
+        dtype = name
+    else:
+        key = str(name).strip().lower()
+        if key not in DTYPES:
+            raise ConfigError(f"--dtype {name!r}: choose one of bf16, fp16, fp32")
+        dtype = DTYPES[key]
+    if device is not None and device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no bf16 support; use --dtype fp16 or fp32")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def describe_device(device: torch.device) -> dict:
+    """What the report records about the compute device."""
+    if device.type != "cuda":
+        return {"device": "cpu", "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    p = torch.cuda.get_device_properties(device)
+    return {"device": str(device), "name": p.name, "total_memory_bytes": int(p.total_memory),
+            "capability": f"{p.major}.{p.minor}", "torch_cuda": torch.version.cuda}
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """Free memory on a CUDA device now (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels (timings on CUDA are meaningless without it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,225 @@
+"""Stand-ins for transformers' routed-experts module: one class, one routed-rows loop.
+
+A MoE block calls ``experts(hidden (T, H), top_k_index (T, k), top_k_weights (T, k))``; transformers'
+eager module loops over the experts hit, runs each one's rows (slot-major, then token) and
+``index_add_``s the weighted outputs in ascending expert order. ``RoutedExperts`` is that loop, with
+the expert weights coming from elsewhere; the variants differ only in where (``sources``):
+
+* ``ChunkedExperts`` -- the weights stay in (pinned) host memory and visit the device ``group_size``
+  experts at a time, the next group copied on a side CUDA stream while this one computes (a layer
+  larger than ``--max-vram``, ``budget``);
+* ``QuantExperts``   -- each expert's matrices held quantized (NF4/int8) and dequantized one expert
+  at a time (``--quant``, ``quant``);
+* ``KeptExperts``    -- a selection of another experts module's experts, nothing copied (the EEP
+  evaluator's pruning-phase candidates).
+
+Each expert's rows go through the *original* class's forward (``hf.experts_forward``) on a module
+holding that expert, and the outputs are summed in ascending expert order, exactly as the original
+loop accumulates them: every variant's output is bit-identical to transformers' own module holding
+the same weights (tested). ``MoeProbe`` hooks and patches these modules like the original one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .device import dtype_bytes
+from .hf import experts_forward, experts_subset
+from .memory import Accountant
+from .prefetch import DeviceStager, IOStats
+
+log = logging.getLogger(__name__)
+
+
+def hit_experts(top_k_index: torch.Tensor, num_experts: int) -> list[int]:
+    """The experts at least one row is routed to, ascending (``num_experts`` is transformers' "no expert" sentinel)."""
+    with torch.no_grad():
+        return [e for e in torch.unique(top_k_index).tolist() if 0 <= e < num_experts]
+
+
+def run_routed_rows(forward, module: nn.Module, hidden_states: torch.Tensor, slot_major: torch.Tensor,
+                    top_k_weights: torch.Tensor, expert: int, local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows routed to ``expert``, in transformers' loop order (``slot_major`` is ``top_k_index`` (k, T):
+    slot-major, then token), through the experts class's own ``forward`` on ``module``, which holds that
+    expert at index ``local``. Returns (token rows, weighted f_e of those rows) for ``index_add_``."""
+    pos, tok = torch.where(slot_major == expert)
+    idx = torch.full((tok.shape[0], 1), local, dtype=slot_major.dtype, device=slot_major.device)
+    w = top_k_weights[tok, pos].unsqueeze(-1)  # (n, 1)
+    return tok, forward(module, hidden_states[tok], idx, w)  # (n, H)
+
+
+class RoutedExperts(nn.Module):
+    """Transformers' experts loop over weights held elsewhere (see the module docstring).
+
+    ``template`` is the original experts module (usually on the meta device): its class gives the
+    math, its config and activation come along in every per-expert module. Subclasses implement
+    ``sources(hit)``: for the hit experts (ascending), the modules to run and which of them holds
+    which expert, ``(module, [(expert, local index), ...])``, in the order to compute them."""
+
+    def __init__(self, template: nn.Module, num_experts: int):
+        super().__init__()
+        # Not registered as a submodule: its (meta) parameters must not be seen by to_empty/state_dict.
+        object.__setattr__(self, "_template", template)
+        object.__setattr__(self, "_original_forward", experts_forward(template))
+        self.num_experts = num_experts
+
+    def sources(self, hit: list[int]) -> Iterator[tuple[nn.Module, list[tuple[int, int]]]]:
+        raise NotImplementedError
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        hit = hit_experts(top_k_index, self.num_experts)
+        slot_major = top_k_index.transpose(0, 1)  # (k, T): transformers' expert_mask[e] layout
+        outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for module, experts in self.sources(hit):
+            for e, local in experts:
+                outputs[e] = run_routed_rows(self._original_forward, module, hidden_states, slot_major, top_k_weights, e, local)
+        final = torch.zeros_like(hidden_states)
+        for e in sorted(outputs):  # ascending, as the original loop sums
+            tok, y = outputs[e]
+            final.index_add_(0, tok, y.to(final.dtype))
+        return final
+
+
+class ChunkedExperts(RoutedExperts):
+    """The routed experts' weights in host memory (``host``: experts-module parameter name -> (E, ...)
+    tensor, pinned on CUDA), moved to the device ``group_size`` experts at a time.
+
+    The last group stays resident, and the group order "snakes" (starts from the resident one) so
+    consecutive calls reuse it. With ``double_buffer`` the next group is staged while the current
+    one computes (two groups on the device); without, one group at a time."""
+
+    def __init__(self, template: nn.Module, host: dict[str, torch.Tensor], *, group_size: int, device, dtype,
+                 double_buffer: bool = True, accountant: Accountant | None = None, stats: IOStats | None = None):
+        names = list(template._parameters)
+        missing = [n for n in names if n not in host]
+        if missing or set(host) - set(names):
+            raise RuntimeError(f"expert tensors do not fit {type(template).__name__}: missing {missing}, "
+                               f"unexpected {sorted(set(host) - set(names))}")
+        E = {v.shape[0] for v in host.values()}
+        if len(E) != 1:
+            raise RuntimeError(f"expert tensors disagree on the expert count: {sorted(E)}")
+        super().__init__(template, E.pop())
+        self.group_size = max(1, min(int(group_size), self.num_experts))
+        self.double_buffer = double_buffer
+        self.device, self.dtype = torch.device(device), dtype
+        self._host = host
+        self._acct = accountant or Accountant()
+        self._stager = DeviceStager(self.device, stats, kind="experts")
+        self._resident: tuple[int, nn.Module, int] | None = None  # (group id, module, accountant token)
+        self._staged: dict[int, tuple[object, int]] = {}
+        self.group_loads = 0  # how many groups were moved to the device (for tests and the report)
+        self._per_expert_bytes = sum(v[0].numel() for v in host.values()) * dtype_bytes(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{type(self._template).__name__}, num_experts={self.num_experts}, group_size={self.group_size}"
+
+    @property
+    def num_groups(self) -> int:
+        return -(-self.num_experts // self.group_size)
+
+    def _range(self, g: int) -> tuple[int, int]:
+        return g * self.group_size, min((g + 1) * self.group_size, self.num_experts)
+
+    def _stage(self, g: int) -> None:
+        if g in self._staged or (self._resident is not None and self._resident[0] == g):
+            return
+        a, z = self._range(g)
+        token = self._acct.add((z - a) * self._per_expert_bytes)
+        staged = self._stager.stage({n: v[a:z] for n, v in self._host.items()}, self.dtype)
+        self._staged[g] = (staged, token)
+        self.group_loads += 1
+
+    def _take(self, g: int) -> nn.Module:
+        if self._resident is not None and self._resident[0] == g:
+            return self._resident[1]
+        self._stage(g)
+        staged, token = self._staged.pop(g)
+        a, z = self._range(g)
+        sub = experts_subset(self._template, staged.wait(), z - a)
+        self._evict()
+        self._resident = (g, sub, token)
+        return sub
+
+    def _evict(self) -> None:
+        if self._resident is not None:
+            self._acct.release(self._resident[2])
+            self._resident = None
+
+    def release(self) -> None:
+        """Free the device copies (also done when the module is garbage-collected)."""
+        self._evict()
+        for _, token in self._staged.values():
+            self._acct.release(token)
+        self._staged.clear()
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:
+            pass
+
+    def sources(self, hit):
+        G = self.group_size
+        groups = sorted({e // G for e in hit})
+        if self._resident is not None and self._resident[0] in groups:
+            i = groups.index(self._resident[0])
+            groups = groups[i:] + groups[:i]
+        for j, g in enumerate(groups):
+            if not self.double_buffer and self._resident is not None and self._resident[0] != g:
+                self._evict()  # room for one group only: free it before the next one arrives
+            sub = self._take(g)
+            if self.double_buffer and j + 1 < len(groups):
+                self._stage(groups[j + 1])  # copies while this group computes
+            a, z = self._range(g)
+            yield sub, [(e, e - a) for e in hit if a <= e < z]
+
+
+class QuantExperts(RoutedExperts):
+    """The routed experts with their 3-D matrices held quantized (``quantized``: parameter name -> one
+    ``quant.QTensor`` per expert), each hit expert dequantized on its own into a one-expert module
+    right before its rows run, so only one expert is ever held in full precision. Parameters that are
+    not 3-D (GPT-OSS's expert biases) stay exact, as parameters of this module."""
+
+    def __init__(self, template: nn.Module, quantized: dict, dtype: torch.dtype):
+        super().__init__(template, len(next(iter(quantized.values()))))
+        self._q = quantized
+        self.dtype = dtype
+        for name, p in template._parameters.items():
+            if name not in quantized:
+                self.register_parameter(name, p)  # filled by hf.materialize
+
+    def extra_repr(self) -> str:
+        mode = next(iter(self._q.values()))[0].mode
+        return f"{type(self._template).__name__}, num_experts={self.num_experts}, quant={mode}"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(q.nbytes for qs in self._q.values() for q in qs)
+
+    def expert_module(self, e: int) -> nn.Module:
+        """Expert ``e`` alone, dequantized, as a one-expert module of the original class."""
+        params = {n: qs[e].dequantize(self.dtype).unsqueeze(0) for n, qs in self._q.items()}
+        params.update({n: p[e:e + 1] for n, p in self._parameters.items()})
+        return experts_subset(self._template, params, 1)
+
+    def sources(self, hit):
+        for e in hit:
+            yield self.expert_module(e), [(e, 0)]
+
+
+class KeptExperts(RoutedExperts):
+    """A pruning-phase candidate's experts: slot j is expert ``keep[j]`` of ``inner`` (another experts
+    module: the loaded layer's own, shared, nothing copied). With ``keep`` ascending the experts are
+    visited and summed in the same order as a module holding only the kept experts: bit-identical."""
+
+    def __init__(self, inner: nn.Module, keep: list[int]):
+        super().__init__(inner, len(keep))
+        self.inner = inner
+        self.keep = list(keep)
+
+    def sources(self, hit):
+        yield self.inner, [(e, self.keep[e]) for e in hit]

@@ -1,0 +1,362 @@
+"""Per-layer quantized weight cache (NF4 / int8 via bitsandbytes) for repeated streamed passes.
+
+The EEP search (``lowmoe.methods.eep``) streams the whole model once per generation. Reading a layer's
+bf16/fp32 tensors every generation is the dominant I/O cost, so before the search the layers are
+quantized once into ``<root>/layer{L:04d}.safetensors`` and each generation reads those instead:
+
+* ``nf4``: ``bitsandbytes.functional.quantize_4bit(quant_type="nf4", blocksize=64)`` -- 4-bit
+  NormalFloat codes, two per byte, plus one fp32 absmax per 64 values (~0.56 byte/param, ~3.6x
+  fewer bytes than bf16, ~7x fewer than fp32).
+* ``int8``: ``quantize_blockwise`` with the dynamic 8-bit map, blocksize 256 (~1.02 byte/param).
+* ``none``: no cache; layers are read from the checkpoint's shards.
+
+Only the large matrices are quantized (attention and expert projections: 2-D/3-D tensors with at
+least ``MIN_NUMEL`` values). Router weights, router biases and norms stay exact: the routing
+decision is what the search changes, and it must see the model's real router.
+
+``layer(L)`` returns the layer's tensors under their on-disk keys, dequantized to their stored
+dtype (bitsandbytes' CPU path on CPU; its CUDA kernels when ``device`` is a GPU -- untested here,
+no GPU was available), on the CPU where ``apply_layer`` works, so the rest of lowmoe
+(``apply_layer``, ``to_runtime``) is unchanged. The final model is never written from this
+cache -- the EEP runner writes from the original checkpoint.
+
+**Quantized compute** (``lowmoe score --quant``, ``lowmoe eval --streaming --quant``):
+``build_quantized_layer`` builds one decoder layer whose linear weights are held on the compute
+device in the same two formats (``QTensor``: bitsandbytes codes + per-block absmax), the rest
+(router, norms, biases, gates) exact in the compute dtype:
+
+* attention projections, shared experts and dense MLPs: ``QuantLinear`` (an ``nn.Linear`` whose
+  weight is dequantized by bitsandbytes -- its CUDA kernels on a GPU, its CPU path otherwise -- in
+  the compute dtype right before the matmul). For NF4 this is what ``bnb.nn.Linear4bit`` computes
+  for inputs of more than one token (``bnb.matmul_4bit`` dequantizes, then multiplies);
+* routed experts: ``QuantExperts``, each expert's matrices quantized on their own and dequantized
+  one expert at a time, run through transformers' own experts code (as ``budget.ChunkedExperts``
+  runs a group), so only one expert is ever held in full precision.
+
+The numbers are those of the same layer with every quantized weight replaced by its dequantized
+value (tested); the accuracy cost against fp32/bf16 is measured by ``scripts/bench_quant.py``
+(``docs/gpu.md``, "Quantized compute").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import ConfigError
+from .checkpoint import Checkpoint
+from .device import dtype_bytes
+from .experts import QuantExperts
+from .hf import materialize, moe_modules, split_experts
+from .memory import fmt_bytes
+from .progress import progress as progress_bar
+
+log = logging.getLogger(__name__)
+
+QUANT_MODES = ("none", "int8", "nf4")
+MIN_NUMEL = 4096
+BLOCKSIZE = {"nf4": 64, "int8": 256}
+_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}
+
+
+def _bnb():
+    try:
+        import bitsandbytes.functional as F
+    except Exception as e:  # ImportError, or a broken native library
+        raise ConfigError(f"--quant needs bitsandbytes ({type(e).__name__}: {str(e)[:100]}); "
+                          "pip install bitsandbytes, or use --quant none") from None
+    return F
+
+
+class OriginalWeights:
+    """Layer tensors straight from the checkpoint (``--quant none``)."""
+
+    mode = "none"
+
+    def __init__(self, ck: Checkpoint):
+        self.ck = ck
+        self.bytes_read = 0
+
+    def layer(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        self.bytes_read += self.ck.layer_bytes(layer_idx)
+        return self.ck.read_layer(layer_idx)
+
+
+class QuantizedWeights:
+    """A per-layer NF4/int8 copy of the checkpoint's layers on disk, built once."""
+
+    def __init__(self, ck: Checkpoint, root: str | Path, mode: str, device: str | torch.device = "cpu",
+                 progress: bool = False):
+        if mode not in ("nf4", "int8"):
+            raise ConfigError(f"--quant {mode!r}: choose one of {', '.join(QUANT_MODES)}")
+        self.ck, self.mode = ck, mode
+        self.root = Path(root)
+        self.device = torch.device(device)
+        self.blocksize = BLOCKSIZE[mode]
+        self.bytes_read = 0
+        _bnb()  # bitsandbytes importable (ConfigError otherwise) before any work
+        self._build(progress)
+
+    # ---- building ------------------------------------------------------------------------
+    def _quantizable(self, layer_idx: int, key: str, t: torch.Tensor) -> bool:
+        rel = key[len(self.ck.adapter.layer_prefix(layer_idx)):]
+        return (t.ndim >= 2 and t.numel() >= MIN_NUMEL and t.is_floating_point()
+                and not self.ck.adapter.is_router_key(rel))
+
+    def _path(self, layer_idx: int) -> Path:
+        return self.root / f"layer{layer_idx:04d}.safetensors"
+
+    def _build(self, progress: bool) -> None:
+        marker = self.root / "quant.json"
+        want = {"mode": self.mode, "blocksize": self.blocksize, "layers": self.ck.num_layers,
+                "index": hash_weight_map(self.ck)}
+        if marker.is_file() and json.loads(marker.read_text()) == want:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        layers = progress_bar(range(self.ck.num_layers), self.ck.num_layers, f"quantize ({self.mode})", progress)
+        for layer_idx in layers:
+            out, meta = {}, {}
+            for key, t in self.ck.read_layer(layer_idx).items():
+                if not self._quantizable(layer_idx, key, t):
+                    out[key] = t.contiguous()
+                    continue
+                qt = quantize_tensor(t, self.mode)  # on the CPU, as read
+                if qt.code is not None:
+                    out["__code__"] = qt.code.float().contiguous()  # the same dynamic map for every tensor
+                out[key + "::q"] = qt.codes.contiguous()
+                out[key + "::absmax"] = qt.absmax.contiguous()
+                meta[key] = {"shape": list(t.shape), "dtype": str(t.dtype)}
+            tmp = self._path(layer_idx).with_suffix(".tmp")
+            save_file(out, str(tmp), metadata={"lowmoe_quant": json.dumps(meta)})
+            os.replace(tmp, self._path(layer_idx))
+        marker.write_text(json.dumps(want))
+        log.info("quantized %d layers (%s) into %s: %.1f MB (checkpoint layers: %.1f MB)", self.ck.num_layers, self.mode,
+                 self.root, self.cache_bytes() / 1e6, sum(self.ck.layer_bytes(i) for i in range(self.ck.num_layers)) / 1e6)
+
+    def cache_bytes(self) -> int:
+        return sum(self._path(i).stat().st_size for i in range(self.ck.num_layers) if self._path(i).is_file())
+
+    # ---- reading -------------------------------------------------------------------------
+    def layer(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        """The layer's tensors (on-disk keys, stored dtypes), quantized ones dequantized."""
+        path = self._path(layer_idx)
+        self.bytes_read += path.stat().st_size
+        dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        with safe_open(str(path), framework="pt", device=str(dev)) as f:
+            meta = json.loads(f.metadata()["lowmoe_quant"])
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+        code = raw.pop("__code__", None)
+        out = {}
+        for key, t in raw.items():
+            if "::" in key:
+                continue
+            out[key] = t
+        for key, m in meta.items():
+            qt = QTensor(self.mode, raw[key + "::q"], raw[key + "::absmax"], torch.Size(m["shape"]), code)
+            out[key] = qt.dequantize(_DTYPES[m["dtype"]])
+        # the checkpoint's key order; on CPU, where apply_layer works (dequantized on the GPU by
+        # bitsandbytes' CUDA kernels when the device is one)
+        return {k: out[k].cpu() for k in self.ck.layer_keys(layer_idx)}
+
+
+def hash_weight_map(ck: Checkpoint) -> str:
+    items = sorted((k, ck.tensor_info(k)[0], ck.tensor_info(k)[1]) for k in ck.weight_map)
+    return hashlib.sha256(repr(items).encode()).hexdigest()[:16]
+
+
+def layer_weights(ck: Checkpoint, mode: str, root: str | Path, device="cpu", progress: bool = False):
+    """The weight source for ``--quant MODE``: the checkpoint itself, or a quantized cache under ``root``."""
+    if mode not in QUANT_MODES:
+        raise ConfigError(f"--quant {mode!r}: choose one of {', '.join(QUANT_MODES)}")
+    if mode == "none":
+        return OriginalWeights(ck)
+    return QuantizedWeights(ck, root, mode, device=device, progress=progress)
+
+
+# ---- quantized compute ---------------------------------------------------------------------------
+
+BYTES_PER_PARAM = {"nf4": 0.5 + 4 / BLOCKSIZE["nf4"], "int8": 1 + 4 / BLOCKSIZE["int8"]}  # codes + fp32 absmax
+
+
+def check_quant_mode(mode: str) -> None:
+    """``--quant`` is valid and, when it is not ``none``, bitsandbytes can be imported (ConfigError)."""
+    if mode not in QUANT_MODES:
+        raise ConfigError(f"--quant {mode!r}: choose one of {', '.join(QUANT_MODES)}")
+    if mode != "none":
+        _bnb()
+
+
+@dataclass
+class QTensor:
+    """One weight matrix as bitsandbytes codes (NF4: two per byte; int8: the dynamic 8-bit map)
+    plus one fp32 absmax per block, on the device it is computed on."""
+
+    mode: str
+    codes: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    code: torch.Tensor | None = None  # int8: the 256-value map
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.absmax, self.code) if t is not None)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The matrix in ``dtype``, on the codes' device (bitsandbytes' CUDA kernels on a GPU)."""
+        F = _bnb()
+        if self.mode == "nf4":
+            st = F.QuantState(absmax=self.absmax, shape=self.shape, blocksize=BLOCKSIZE["nf4"], quant_type="nf4", dtype=dtype)
+            w = F.dequantize_4bit(self.codes, st)
+        else:
+            st = F.QuantState(absmax=self.absmax, shape=self.shape, code=self.code, blocksize=BLOCKSIZE["int8"], dtype=dtype)
+            w = F.dequantize_blockwise(self.codes, st)
+        return w.reshape(self.shape).to(dtype)
+
+
+NF4_ROUND_TRIP_MAX = 0.1  # mean |error| of NF4 (blocks of 64) on N(0, 1) data is about 0.073
+_nf4_checked: set[tuple] = set()
+
+
+def check_nf4(device: str | torch.device, shape: tuple[int, ...]) -> None:
+    """ConfigError unless bitsandbytes' NF4 round trip on ``device`` is as accurate as NF4 is for
+    matrices of ``shape`` (checked once per device type and shape, on N(0, 1) data).
+
+    bitsandbytes 0.49-0.50's CPU path gets some shapes wrong: a 128x96 matrix (row length not a
+    multiple of the block) comes back with a mean error of 0.17 instead of 0.073 (0.48 and 96x128 give
+    0.073); on the 96-wide toy, streaming-eval perplexity on reverse was 7.4 under NF4, 1.004 in fp32."""
+    kind, shape = torch.device(device).type, tuple(int(d) for d in shape)
+    if (kind, shape) in _nf4_checked:
+        return
+    F = _bnb()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    q, st = F.quantize_4bit(x, quant_type="nf4", blocksize=BLOCKSIZE["nf4"])
+    err = float((F.dequantize_4bit(q, st).reshape(x.shape).float() - x).abs().mean())
+    if not err <= NF4_ROUND_TRIP_MAX:
+        import bitsandbytes
+
+        raise ConfigError(f"--quant nf4: bitsandbytes {bitsandbytes.__version__} round-trips a {'x'.join(map(str, shape))} "
+                          f"matrix on {kind} with a mean error of {err:.3f} (NF4 gives about 0.073); "
+                          "install bitsandbytes<0.49 or use --quant int8")
+    _nf4_checked.add((kind, shape))
+
+
+def quantize_tensor(t: torch.Tensor, mode: str, device: str | torch.device = "cpu") -> QTensor:
+    """Quantize ``t`` on ``device`` (moved there first, so a GPU does the work) as the EEP cache does:
+    NF4 with blocks of 64, or blockwise dynamic int8 with blocks of 256."""
+    F = _bnb()
+    x = t.to(device).contiguous()
+    if mode == "nf4":
+        check_nf4(x.device, x.shape)
+        q, st = F.quantize_4bit(x, quant_type="nf4", blocksize=BLOCKSIZE["nf4"])
+        return QTensor(mode, q, st.absmax.float(), x.shape)
+    if mode == "int8":
+        q, st = F.quantize_blockwise(x, blocksize=BLOCKSIZE["int8"])
+        return QTensor(mode, q, st.absmax.float(), x.shape, st.code)
+    raise ConfigError(f"--quant {mode!r}: choose one of {', '.join(QUANT_MODES)}")
+
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` with its weight held as a ``QTensor``: y = x W^T + b, W dequantized per call.
+
+    The codes are a plain attribute, not a buffer, so ``layer.materialize`` (``to_empty``) leaves
+    them alone; the bias (if any) is an ordinary parameter filled from the layer's state."""
+
+    def __init__(self, weight: QTensor, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.qweight = weight
+        self.bias = linear.bias  # meta until materialized, or None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, quant={self.qweight.mode}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.qweight.dequantize(x.dtype), self.bias)
+
+
+def _quantized_linear(name: str, lin: nn.Linear, router: str) -> bool:
+    """Attention / MLP / shared-expert projections are quantized; gates stay exact: the router and
+    scalar gates such as Qwen2-MoE's ``shared_expert_gate`` (one output)."""
+    return name != router and lin.out_features > 1
+
+
+def build_quantized_layer(skel, layer_idx: int, runtime_state: dict[str, torch.Tensor], device, dtype: torch.dtype,
+                          mode: str, *, accountant=None) -> nn.Module:
+    """Decoder layer ``layer_idx`` on ``device`` with its linear weights quantized (``mode`` nf4/int8)
+    and everything else exact in ``dtype`` (same arguments as ``layer.materialize_layer``).
+
+    Weights are quantized where they will be used (on a GPU, by bitsandbytes' CUDA kernels), one
+    expert matrix at a time, so the full-precision copy on the device never exceeds one matrix."""
+    device = torch.device(device)
+    ad = skel.adapter
+    module = skel.new_layer(layer_idx)  # meta
+    exact = dict(runtime_state)
+    qbytes = 0
+    router = ad.runtime_moe_prefix + ad.runtime_router
+    for name, lin in list(module.named_modules()):
+        if isinstance(lin, nn.Linear) and _quantized_linear(name, lin, router):
+            q = quantize_tensor(exact.pop(name + ".weight"), mode, device)
+            module.set_submodule(name, QuantLinear(q, lin))
+            qbytes += q.nbytes
+    if layer_idx in skel.moe_layers:
+        block = moe_modules(ad, module)[0]
+        experts, exact = split_experts(ad, exact)
+        quantized = {}
+        for pname, p in block.experts.named_parameters(recurse=False):
+            if p.ndim == 3:
+                t = experts.pop(pname)  # (E, ...)
+                quantized[pname] = [quantize_tensor(t[e], mode, device) for e in range(t.shape[0])]
+        exact.update({ad.runtime_moe_prefix + "experts." + k: v for k, v in experts.items()})  # kept exact (biases)
+        block.experts = QuantExperts(block.experts, quantized, dtype)
+        qbytes += block.experts.nbytes
+    built = materialize(module, exact, device, dtype)
+    if accountant is not None:
+        accountant.track(built, qbytes + sum(v.numel() for v in exact.values()) * dtype_bytes(dtype))
+    return built
+
+
+def check_quant_budget(plan, ck: Checkpoint, mode: str, dtype: torch.dtype) -> None:
+    """With ``--quant``, every layer is built whole and quantized (no expert chunking): its codes, its
+    exact tensors (router, norms, biases, gates) and the most it dequantizes at once (one expert's
+    matrices, or the largest other matrix) must fit the planned weights budget
+    (``budget.BudgetPlan.weights_budget``); ConfigError naming the flag otherwise. From the index."""
+    if mode == "none" or plan is None or plan.weights_budget is None:
+        return
+    b = dtype_bytes(dtype)
+    ad = ck.adapter
+    moe = set(ck.moe_layers())
+    flag = "--max-vram" if plan.max_vram is not None and plan.device_budget == plan.max_vram else "--max-ram"
+    for L in range(ck.num_layers):
+        prefix = ad.layer_prefix(L)
+        expert_keys: set[str] = set()
+        if L in moe:
+            expert_keys = set(ad.fused_keys(L)) if ad.expert_layout != "per_expert" else {
+                k for e in range(ck.num_experts) for k in ad.expert_keys(L, e)}
+        quantized = exact = largest = experts_q = 0
+        for key in ck.layer_keys(L):
+            shape = ck.tensor_info(key)[0]
+            n, rel = math.prod(shape), key[len(prefix):]
+            if len(shape) >= 2 and shape[0] > 1 and not rel.endswith("bias") and not ad.is_router_key(rel):
+                quantized += n
+                if key in expert_keys:
+                    experts_q += n
+                else:
+                    largest = max(largest, n)
+            else:
+                exact += n
+        one_expert = experts_q // ck.num_experts if L in moe else 0  # dequantized together (QuantExperts)
+        need = int(quantized * BYTES_PER_PARAM[mode]) + (exact + max(largest, one_expert)) * b
+        if need > plan.weights_budget:
+            raise ConfigError(f"{flag} {fmt_bytes(plan.device_budget)}: layer {L} quantized ({mode}) needs "
+                              f"{fmt_bytes(need)} for its weights next to {fmt_bytes(plan.activation_bytes)} of activations "
+                              f"(--quant layers are not expert-chunked); raise {flag} or use --quant none")

@@ -1,0 +1,191 @@
+"""Hidden states of the calibration tokens, streamed through the model one decoder layer at a time.
+
+Where it sits: every pass over the layers (``lowmoe prune``, ``lowmoe score``, streaming eval, the
+EEP seed, C-Prune's scoring pass) goes through a ``Stream``:
+
+    embed      -> token embeddings of every calibration chunk -> activation cache, boundary 0
+    layers     -> (layer_idx, LayerData) from the checkpoint; layer L+1 is read while L computes
+    materialize-> layer L built on the compute device, under --max-vram/--max-ram (experts chunked
+                  when it does not fit) or with quantized weights (--quant)
+    forward    -> every cached chunk of boundary L through layer L (its MoE block optionally hooked
+                  by a probe) -> boundary L+1
+
+``walk`` is the one layer loop of the one-shot passes: build each layer, run the cached chunks
+through it with observers on its MoE block, let the caller decide the layer's plan, and propagate
+either the original or the plan-applied layer's outputs to the next boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .budget import Placer, parse_budget, plan_budget
+from .cache import ActivationCache
+from .calibration import CalibTokens, load_tokenizer, tokenize
+from .checkpoint import Checkpoint
+from ..errors import ConfigError
+from .hf import LayerInputs, ModelSkeleton, MoeProbe, run_layer
+from .plan import LayerPlan
+from .prefetch import IOStats, LayerReader, Prefetcher, WriteBehind
+from .quant import build_quantized_layer
+
+
+def plan_stream_budget(ck: Checkpoint, *, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int,
+                       max_vram=None, max_ram=None, prefetch: bool = True):
+    """The ``Stream`` budget of any streamed pass (prune, score, streaming eval): sizes as given on the
+    command line (``"20GiB"``, bytes or None), planned from the index; ConfigError naming the flag."""
+    return plan_budget(ck, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
+                       max_vram=parse_budget(max_vram, "--max-vram"), max_ram=parse_budget(max_ram, "--max-ram"),
+                       prefetch=prefetch)
+
+
+def calibration_tokens(ck: Checkpoint, calib, *, seq_len: int, n_samples: int, layout: str = "pack",
+                       answer_only: bool = False) -> CalibTokens:
+    """The calibration files tokenized with the model's own tokenizer (``calibration.tokenize``)."""
+    return tokenize([str(c) for c in calib], load_tokenizer(ck.path), seq_len=seq_len, n_samples=n_samples,
+                    layout=layout, answer_only=answer_only, max_positions=ck.config.get("max_position_embeddings"))
+
+
+class Stream:
+    """Streams hidden states of the calibration tokens through the model, layer by layer."""
+
+    def __init__(self, ck: Checkpoint, tokens: CalibTokens, cache: ActivationCache, device, dtype, batch_size: int,
+                 budget=None, prefetch: bool = True, quant: str = "none"):
+        self.ck, self.tokens, self.cache = ck, tokens, cache
+        self.device, self.dtype = device, dtype
+        self.batch_size = batch_size
+        self.io = IOStats()  # time waited for reads vs time the reads took (report "io")
+        self.prefetch = prefetch
+        self.prefetch_layers = prefetch if budget is None else budget.prefetch_layers
+        self.placer = Placer(device, dtype, budget, self.io)  # builds layers under --max-vram/--max-ram
+        self.quant = quant  # "nf4"/"int8": layers built with bitsandbytes-quantized weights (lowmoe.engine.quant)
+        self.skel = ModelSkeleton(ck.config, ck.adapter)
+        self.rotary = self.skel.rotary(device)
+        self.num_chunks = (tokens.input_ids.shape[0] + batch_size - 1) // batch_size
+        self._inputs: dict[tuple, LayerInputs] = {}
+
+    def chunks(self):
+        for c, sl in self.tokens.batches(self.batch_size):
+            yield c, sl
+
+    def embed(self) -> None:
+        key = "model.embed_tokens.weight"
+        w = self.ck.read([key])[key].to(self.device, self.dtype)
+        self.placer.accountant.track(w, w.numel() * w.element_size())  # counts against --max-vram while it lives
+        for c, sl in self.chunks():
+            self.cache.write(0, c, torch.nn.functional.embedding(self.tokens.input_ids[sl].to(self.device), w))
+        del w
+
+    def materialize(self, layer_idx: int, runtime_state: dict, *, num_experts: int | None = None, top_k: int | None = None):
+        """``layer.materialize_layer`` on this stream's device, under its budget (experts chunked if needed),
+        or with quantized linear weights (``quant``; never chunked, see ``quant.check_quant_budget``)."""
+        if self.quant != "none":
+            if num_experts is not None or top_k is not None:
+                raise ConfigError("--quant: quantized layers are built with the model's own expert count and top-k")
+            return build_quantized_layer(self.skel, layer_idx, runtime_state, self.device, self.dtype, self.quant,
+                                         accountant=self.placer.accountant)
+        return self.placer.materialize(self.skel, layer_idx, runtime_state, num_experts=num_experts, top_k=top_k)
+
+    def layers(self, start: int, moe: set[int]) -> LayerReader:
+        """``(layer_idx, LayerData)`` from ``start`` on; layer L+1 is read while L computes."""
+        ad = self.ck.adapter
+        return LayerReader(self.ck, range(start, self.ck.num_layers), prefetch=self.prefetch_layers,
+                           pin_memory=self.device.type == "cuda", stats=self.io,
+                           to_runtime=lambda L, t: ad.to_runtime(L, t, L in moe))
+
+    def _read_chunk(self, boundary: int, chunk: int) -> torch.Tensor:
+        h = self.cache.read(boundary, chunk)
+        return h.pin_memory() if self.device.type == "cuda" else h
+
+    def inputs_for(self, hidden: torch.Tensor) -> LayerInputs:
+        key = tuple(hidden.shape[:2])
+        if key not in self._inputs:
+            self._inputs[key] = LayerInputs.build(self.skel, hidden, self.rotary)
+        return self._inputs[key]
+
+    @torch.no_grad()
+    def forward(self, layer_idx: int, module, *, write: bool, probe=None, adapter=None, read_boundary: int | None = None):
+        """Run every cached chunk of boundary ``layer_idx`` through ``module``; optionally hook its
+        MoE block with ``probe(call)`` and write the outputs to boundary ``layer_idx + 1``."""
+        b = layer_idx if read_boundary is None else read_boundary
+        slices = dict(self.chunks())
+        # chunk c+1 is read (and written back, for c-1) on background threads while c computes
+        reader = Prefetcher(lambda c: self._read_chunk(b, c), list(slices), depth=1 if self.prefetch else 0,
+                            stats=self.io, kind="cache", name="lowmoe-cache-reader")
+        writer = WriteBehind(enabled=self.prefetch and write, stats=self.io)
+        try:
+            for c, h in reader:
+                sl = slices[c]
+                h = h.to(self.device, non_blocking=True).to(self.dtype)
+                if probe is not None:
+                    dom = self.tokens.domain[sl].to(self.device)[:, None].expand(-1, h.shape[1])  # (B, S)
+                    with MoeProbe(adapter, module, probe, token_mask=self.tokens.count_mask[sl].to(self.device), token_domain=dom):
+                        out = run_layer(self.skel, module, layer_idx, h, self.inputs_for(h))
+                else:
+                    out = run_layer(self.skel, module, layer_idx, h, self.inputs_for(h))
+                if write:
+                    out = out.detach().to("cpu")
+                    writer.submit(self.cache.write, layer_idx + 1, c, out, nbytes=out.numel() * out.element_size())
+        finally:
+            writer.close()
+
+
+@dataclass
+class LayerStep:
+    """One layer of ``Stream.walk``, after its outputs were cached and its inputs dropped."""
+
+    idx: int
+    plan: LayerPlan | None  # None: a dense layer, or a MoE layer the caller decided later
+    observers: list = field(default_factory=list)  # what watched the layer's MoE block (MoE layers)
+
+
+def walk(stream: Stream, layers, *, observers_for: Callable[[int], list], decide: Callable[[int, dict, list], LayerPlan | None],
+         apply: Callable[[int, dict, LayerPlan | None], dict | None], sequential: bool = False,
+         num_experts: int | None = None, top_k: int | None = None) -> Iterator[LayerStep]:
+    """The one-shot passes' layer loop, over ``(idx, LayerData)`` from ``layers`` (``Stream.layers``).
+
+    Each layer is built on the stream's device and every cached chunk is run through it; on a MoE
+    layer ``observers_for(idx)`` (objects with ``observe(MoeCall)`` and ``needs_expert_outputs``)
+    watch its MoE block. Then ``decide(idx, tensors, observers)`` returns the layer's plan (None: no
+    plan at this point) and ``apply(idx, tensors, plan)`` returns the layer's output tensors (on-disk
+    keys; ``plan`` is None for a dense layer; it may write them). With ``sequential`` and a plan, the
+    next layer reads the outputs of the layer *with the plan applied* (built with ``num_experts``
+    experts and ``top_k``); otherwise the original layer's. Yields a ``LayerStep`` per layer once its
+    outputs are cached and its inputs dropped."""
+    ck, adapter = stream.ck, stream.ck.adapter
+    moe = set(ck.moe_layers())
+    for idx, data in layers:
+        tensors = data.tensors
+        module = stream.materialize(idx, data.runtime)
+        del data
+        if idx not in moe:
+            stream.forward(idx, module, write=True)
+            del module
+            apply(idx, tensors, None)
+            step = LayerStep(idx, None)
+        else:
+            observers = observers_for(idx)
+
+            def probe(call, observers=observers):
+                for o in observers:
+                    o.observe(call)
+
+            probe.needs_expert_outputs = any(getattr(o, "needs_expert_outputs", False) for o in observers)
+            stream.forward(idx, module, write=not sequential, probe=probe, adapter=adapter)
+            del module
+            lp = decide(idx, tensors, observers)
+            out = apply(idx, tensors, lp)
+            if sequential:  # the next layer sees this one with its plan applied
+                if lp is None:
+                    raise ValueError(f"layer {idx}: a sequential pass needs a plan for every MoE layer")
+                pruned = stream.materialize(idx, adapter.to_runtime(idx, out, True), num_experts=num_experts, top_k=top_k)
+                stream.forward(idx, pruned, write=True)
+                del pruned
+            del out
+            step = LayerStep(idx, lp, observers)
+        del tensors
+        stream.cache.drop(idx)
+        yield step

@@ -1,0 +1,63 @@
+"""What a per-layer method is: observe one MoE layer's forward calls, then decide its plan.
+
+**Layer methods** decide each MoE layer on its own, inside the single streamed pass
+(``methods.oneshot.decide_layers``): they ``observe`` every MoE forward call of the layer on the
+calibration tokens, then ``decide`` that layer's ``LayerPlan`` (keep-set, and for merging methods
+the merge / router matrices). Every scorer in ``lowmoe.methods.scoring`` is a layer method through
+``ScoreThenKeep``. The registry (``lowmoe.methods``) maps ``--method`` names to them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..engine.hf import MoeCall
+from ..engine.plan import LayerPlan
+from .scoring import choose_keep
+
+
+class LayerMethod:
+    """Per-layer decision: observe the layer's MoE calls, then decide its LayerPlan."""
+
+    name = "base"
+    needs_expert_outputs = False
+
+    def __init__(self, num_experts: int, top_k: int, **options):
+        self.num_experts, self.top_k, self.options = num_experts, top_k, options
+
+    def observe(self, call: MoeCall) -> None:
+        raise NotImplementedError
+
+    def decide(self, layer_idx: int, keep_n: int, *, protected: set[int], groups: int,
+               tensors: dict[str, torch.Tensor], adapter) -> LayerPlan:
+        """``tensors``: the layer's on-disk tensors (for weight-space methods)."""
+        raise NotImplementedError
+
+    def scores(self) -> torch.Tensor | None:
+        """Per-expert scores for the report (None if the method has none)."""
+        return None
+
+    def state(self) -> dict:
+        return {}
+
+
+class ScoreThenKeep(LayerMethod):
+    """Keep the ``keep_n`` highest-scoring experts of a ``Scorer`` (protected experts first)."""
+
+    def __init__(self, scorer):
+        super().__init__(scorer.num_experts, scorer.top_k)
+        self.scorer = scorer
+        self.name = scorer.name
+        self.needs_expert_outputs = scorer.needs_expert_outputs
+
+    def observe(self, call: MoeCall) -> None:
+        self.scorer.observe(call)
+
+    def decide(self, layer_idx, keep_n, *, protected, groups, tensors, adapter) -> LayerPlan:
+        return LayerPlan(choose_keep(self.scorer.scores(), keep_n, protected, groups))
+
+    def scores(self):
+        return self.scorer.scores()
+
+    def state(self) -> dict:
+        return self.scorer.state()

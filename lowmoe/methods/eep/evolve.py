@@ -1,0 +1,362 @@
+"""EEP's evolutionary search over (W_EM, W_RM), one population-parallel generation at a time.
+
+Algorithm (Liu et al., arXiv 2407.00945, §4.3 / Alg. 1; defaults from the authors' code,
+``configs/search/search.yml`` + ``opencompass/tasks/search.py``):
+
+* **Archive.** Every evaluated candidate is kept with its fitness (training accuracy, ll
+  tie-break). Parents are drawn uniformly from the archive top: the first ``i`` ranks whose
+  accuracy is within ``parents_threshold`` points of the best, and at least ``parents_rank``.
+* **Init.** Random one-hot candidates (per group a random E'-subset, W_RM = W_EM), optionally
+  plus a seed from a one-shot scoring method's plan (``--init frequency`` / ``easy-ep`` / ...)
+  and mutations of it. With E' = E the start is the identity (only fewer active experts).
+* **Pruning phase** (the first ``prune_generations``): child = one parent (top within 3.0
+  points), then *discrete mutation*: each layer group is selected w.p. ``group_prob`` (0.25,
+  redrawn until one is), and each row of a selected group is resampled w.p. ``row_prob``
+  (0.15) to an expert no other row uses; W_RM follows W_EM.
+* **Merging phase**: w.p. ``crossover_prob`` (0.3) a row-wise crossover of two parents (top within
+  1.0 point, at least 6): selected groups take each row from parent 1 w.p. 0.6, else parent 2;
+  other groups take parent 1's matrix w.p. 0.6. Otherwise one parent. Then *Gaussian mutation*:
+  W_EM and W_RM groups are selected independently w.p. 0.25, and each entry of a selected matrix
+  gets + N(0, 1)·``sigma`` (0.065) w.p. ``entry_prob`` (0.25). W.p. ``norm_prob`` (0.1) every
+  W_EM row is divided by its sum (W_RM is never normalised).
+* Children already in the archive are redrawn (up to ``max_redraw`` times).
+* **Final pick**: the top ``dev_num`` (20) by training fitness are re-scored on the dev split and
+  the best on dev is returned (without dev data: the best on training fitness). A seeded search
+  also re-scores its seed, so the pick is never worse on dev than the one-shot plan.
+
+lowmoe evaluates ``population`` children per generation in one streamed pass
+(``population.PopulationEvaluator``) instead of EEP's one candidate per full-model run. EEP's
+code runs 100 pruning-phase evaluations out of 400, so the default pruning phase is the first
+25% of the generations.
+
+Randomness: generation g draws from ``numpy.random.default_rng([seed, g])``, so a search
+resumed from its checkpoint (``state.json``, rewritten after every generation) continues exactly
+as a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ...errors import ConfigError
+from .fitness import Fitness
+from .space import Candidate, SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvolveOptions:
+    generations: int = 40
+    population: int = 16
+    prune_generations: int | None = None  # default: 25% of the generations (EEP code: 100 of 400 evaluations)
+    group_prob: float = 0.25  # weight_change_prob = transfer_change_prob
+    row_prob: float = 0.15  # discrete_mutate: per-row resample probability
+    crossover_prob: float = 0.3
+    from_front_prob: float = 0.6
+    sigma: float = 0.065
+    entry_prob: float = 0.25
+    norm_prob: float = 0.1
+    parents_threshold: float = 1.0  # crossover pool: accuracy points below the best
+    parents_rank: int = 6
+    single_threshold: float = 3.0  # single-parent pool
+    single_rank: int = 0
+    dev_num: int = 20
+    max_redraw: int = 50
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.generations < 1:
+            raise ConfigError(f"--generations must be >= 1, got {self.generations}")
+        if self.population < 2:
+            raise ConfigError(f"--population must be >= 2, got {self.population}")
+        if self.prune_generations is not None and not 0 <= self.prune_generations <= self.generations:
+            raise ConfigError(f"prune_generations {self.prune_generations}: must be between 0 and --generations {self.generations}")
+        for name in ("group_prob", "row_prob", "crossover_prob", "from_front_prob", "entry_prob", "norm_prob"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"EEP option {name}={v}: must be a probability in [0, 1]")
+
+    @property
+    def n_prune(self) -> int:
+        return self.prune_generations if self.prune_generations is not None else max(1, round(0.25 * self.generations))
+
+
+@dataclass
+class Entry:
+    cand: Candidate
+    fitness: Fitness
+    generation: int
+    phase: str
+    dev: Fitness | None = None
+
+    def to_json(self) -> dict:
+        return {**self.cand.to_json(), "fitness": self.fitness.to_json(), "generation": self.generation,
+                "phase": self.phase, "dev": None if self.dev is None else self.dev.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Entry":
+        return cls(Candidate.from_json(d), Fitness.from_json(d["fitness"]), int(d["generation"]), d["phase"],
+                   None if d.get("dev") is None else Fitness.from_json(d["dev"]))
+
+
+@dataclass
+class SearchState:
+    generation: int = 0  # next generation to run
+    archive: list[Entry] = field(default_factory=list)
+    curve: list[dict] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    evaluations: int = 0
+
+    def ranked(self) -> list[Entry]:
+        # best first; ties on (acc, ll) fall back to the earliest evaluated (deterministic)
+        return sorted(self.archive, key=lambda e: (-e.fitness.acc, -e.fitness.ll, e.generation))
+
+    def keys(self) -> set[str]:
+        return {e.cand.key() for e in self.archive}
+
+
+class Evolution:
+    """Runs the search; ``evaluate(list[Candidate]) -> list[Fitness]`` is one streamed pass."""
+
+    def __init__(self, space: SearchSpace, opts: EvolveOptions, evaluate: Callable[[list[Candidate]], list[Fitness]],
+                 state_path: str | Path | None = None, seed_cand: Candidate | None = None, fingerprint: dict | None = None,
+                 on_generation: Callable[[int], None] | None = None, progress: bool = False):
+        opts.check()
+        self.space, self.opts, self.evaluate = space, opts, evaluate
+        self.state_path = Path(state_path) if state_path else None
+        self.seed_cand = seed_cand
+        self.fingerprint = {"options": asdict(opts), "space": space.describe(), **(fingerprint or {})}
+        self.on_generation = on_generation
+        self.progress = progress
+        self.state = self._load() or SearchState()
+
+    # ---- checkpoint ------------------------------------------------------------------------
+    def _load(self) -> SearchState | None:
+        if self.state_path is None or not self.state_path.is_file():
+            return None
+        d = json.loads(self.state_path.read_text())
+        if d.get("fingerprint") != json.loads(json.dumps(self.fingerprint)):
+            log.warning("%s: search state from other options; starting the search over", self.state_path)
+            return None
+        st = SearchState(int(d["generation"]), [Entry.from_json(e) for e in d["archive"]], d["curve"],
+                         float(d["elapsed_s"]), int(d["evaluations"]))
+        log.info("resuming the EEP search at generation %d (%d candidates in the archive)", st.generation, len(st.archive))
+        return st
+
+    def save(self) -> None:
+        if self.state_path is None:
+            return
+        st = self.state
+        d = {"fingerprint": self.fingerprint, "generation": st.generation, "archive": [e.to_json() for e in st.archive],
+             "curve": st.curve, "elapsed_s": st.elapsed_s, "evaluations": st.evaluations}
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        tmp.write_text(json.dumps(d))
+        os.replace(tmp, self.state_path)
+
+    # ---- operators ------------------------------------------------------------------------
+    def _pool(self, ranked: list[Entry], threshold: float, min_rank: int) -> list[Entry]:
+        """EEP's parent pool: the top i, i = number within ``threshold`` accuracy points of the best, >= min_rank."""
+        best = ranked[0].fitness.acc * 100
+        i = sum(1 for e in ranked if e.fitness.acc * 100 >= best - threshold)
+        return ranked[:max(i, min_rank, 1)]
+
+    def parents(self) -> list[Entry]:
+        """Every archive entry the next generation may draw a parent from, best first."""
+        ranked = self.state.ranked()
+        if not ranked:
+            return []
+        a = self._pool(ranked, self.opts.single_threshold, self.opts.single_rank)
+        b = self._pool(ranked, self.opts.parents_threshold, self.opts.parents_rank)
+        return ranked[:max(len(a), len(b))]
+
+    def _select_groups(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        while True:
+            sel = rng.random(n) < self.opts.group_prob
+            if sel.any():
+                return sel
+
+    def discrete_mutate(self, cand: Candidate, rng: np.random.Generator) -> Candidate:
+        E, sp = self.space.num_experts, self.space
+        em = cand.em.copy()
+        for g in np.flatnonzero(self._select_groups(rng, sp.num_groups)):
+            used = set(em[g].argmax(1).tolist())
+            for j in range(sp.keep):
+                if rng.random() < self.opts.row_prob:
+                    free = [e for e in range(E) if e not in used]
+                    if not free:
+                        break
+                    new = int(rng.choice(free))
+                    used.discard(int(em[g, j].argmax()))
+                    used.add(new)
+                    em[g, j] = 0.0
+                    em[g, j, new] = 1.0
+        return Candidate(em, em.copy()).canonical()
+
+    def crossover(self, p1: Candidate, p2: Candidate, rng: np.random.Generator) -> Candidate:
+        G = self.space.num_groups
+        out = []
+        for a, b in ((p1.em, p2.em), (p1.rm, p2.rm)):
+            sel = self._select_groups(rng, G)
+            m = a.copy()
+            for g in range(G):
+                if sel[g]:
+                    rows = rng.random(a.shape[1]) < self.opts.from_front_prob
+                    m[g] = np.where(rows[:, None], a[g], b[g])
+                else:
+                    m[g] = a[g] if rng.random() < self.opts.from_front_prob else b[g]
+            out.append(m)
+        return Candidate(out[0], out[1])
+
+    def gaussian_mutate(self, cand: Candidate, rng: np.random.Generator) -> Candidate:
+        G = self.space.num_groups
+        em, rm = cand.em.copy(), cand.rm.copy()
+        # each W_EM group and each W_RM group is selected independently; redraw until one is
+        while True:
+            sel = rng.random(2 * G) < self.opts.group_prob
+            if sel.any():
+                break
+        for i in np.flatnonzero(sel):
+            m = em if i < G else rm
+            g = i % G
+            hit = rng.random(m[g].shape) < self.opts.entry_prob
+            m[g] = m[g] + hit * rng.standard_normal(m[g].shape) * self.opts.sigma
+        if rng.random() < self.opts.norm_prob:
+            s = em.sum(-1, keepdims=True)
+            em = np.where(np.abs(s) > 1e-6, em / np.where(np.abs(s) > 1e-6, s, 1.0), em)
+        return Candidate(em, rm).canonical()
+
+    # ---- generations -----------------------------------------------------------------------
+    def phase(self, generation: int) -> str:
+        return "prune" if self.space.prunes and generation < self.opts.n_prune else "merge"
+
+    def initial(self, rng: np.random.Generator) -> list[Candidate]:
+        sp, P = self.space, self.opts.population
+        cands: list[Candidate] = []
+        seen: set[str] = set()
+
+        def add(c: Candidate) -> None:
+            if c.key() not in seen:
+                seen.add(c.key())
+                cands.append(c)
+
+        if not sp.prunes:
+            add(sp.identity())  # E' = E: the unpruned model with fewer active experts
+            base = sp.identity()
+            for _ in range(self.opts.max_redraw * P):
+                if len(cands) >= P:
+                    break
+                add(self.gaussian_mutate(base, rng))
+            return cands
+        if self.seed_cand is not None:
+            add(self.seed_cand.canonical())
+            for _ in range(self.opts.max_redraw * P):
+                if len(cands) >= (P + 1) // 2:
+                    break
+                add(self.discrete_mutate(self.seed_cand, rng))
+        for _ in range(self.opts.max_redraw * P):
+            if len(cands) >= P:
+                break
+            add(sp.random_onehot(rng))
+        return cands
+
+    def children(self, generation: int, rng: np.random.Generator) -> list[Candidate]:
+        ranked = self.state.ranked()
+        seen = self.state.keys()
+        phase = self.phase(generation)
+        single = self._pool(ranked, self.opts.single_threshold, self.opts.single_rank)
+        cross = self._pool(ranked, self.opts.parents_threshold, self.opts.parents_rank)
+        out: list[Candidate] = []
+        for _ in range(self.opts.population):
+            child = None
+            for _ in range(self.opts.max_redraw):
+                if phase == "prune":
+                    c = self.discrete_mutate(single[rng.integers(len(single))].cand, rng)
+                else:
+                    if len(cross) >= 2 and rng.random() < self.opts.crossover_prob:
+                        i, j = rng.choice(len(cross), 2, replace=False)
+                        c = self.crossover(cross[i].cand, cross[j].cand, rng)
+                    else:
+                        c = single[rng.integers(len(single))].cand
+                    c = self.gaussian_mutate(c, rng)
+                if c.key() not in seen:
+                    child = c
+                    break
+            if child is not None:
+                seen.add(child.key())
+                out.append(child)
+        return out
+
+    def run(self) -> SearchState:
+        st, opts = self.state, self.opts
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=opts.generations, initial=st.generation, desc="eep", unit="gen", dynamic_ncols=True)
+        while st.generation < opts.generations:
+            g = st.generation
+            t0 = time.perf_counter()
+            rng = np.random.default_rng([opts.seed, g])
+            cands = self.initial(rng) if g == 0 else self.children(g, rng)
+            if not cands:
+                log.info("generation %d: no new candidate left to try; stopping early", g)
+                break
+            fits = self.evaluate(cands)
+            phase = self.phase(g)
+            st.archive += [Entry(c, f, g, phase) for c, f in zip(cands, fits)]
+            st.evaluations += len(cands)
+            st.elapsed_s += time.perf_counter() - t0
+            st.generation = g + 1
+            accs = sorted(f.acc for f in fits)
+            best = st.ranked()[0].fitness
+            evals_h = st.evaluations / max(st.elapsed_s, 1e-9) * 3600
+            eta = (opts.generations - st.generation) * st.elapsed_s / max(st.generation, 1)
+            st.curve.append({"generation": g, "phase": phase, "evaluations": st.evaluations, "best_acc": best.acc,
+                             "best_ll": best.ll, "gen_best_acc": accs[-1], "gen_median_acc": float(np.median(accs)),
+                             "elapsed_s": round(st.elapsed_s, 3)})
+            if self.on_generation is not None:
+                self.on_generation(g)
+            self.save()
+            line = (f"gen {st.generation}/{opts.generations} [{phase}] best {best.acc:.3f} (ll {best.ll:.3f}) "
+                    f"median {np.median(accs):.3f} | {evals_h:.0f} evals/h | ETA {eta / 60:.1f} min")
+            if bar is not None:
+                bar.set_postfix_str(line.split(" ", 2)[2])
+                bar.update(1)
+            log.info(line)
+        if bar is not None:
+            bar.close()
+        return st
+
+    def seed_entry(self) -> Entry | None:
+        """The archive entry of the seed (``--init METHOD``), once evaluated."""
+        if self.seed_cand is None:
+            return None
+        key = self.seed_cand.canonical().key()
+        return next((e for e in self.state.ranked() if e.cand.key() == key), None)
+
+    def pick(self, evaluate_dev: Callable[[list[Candidate]], list[Fitness]] | None) -> Entry:
+        """EEP's final pick: the top ``dev_num`` by training fitness, re-scored on dev."""
+        ranked = self.state.ranked()
+        if evaluate_dev is None:
+            return ranked[0]
+        top = ranked[:self.opts.dev_num]
+        # a seeded search (--init METHOD) also re-scores its seed on dev, so the pick is never
+        # worse on dev than the one-shot plan it started from
+        seed = self.seed_entry()
+        if seed is not None and all(e is not seed for e in top):
+            top.append(seed)
+        todo = [e for e in top if e.dev is None]
+        if todo:
+            for e, f in zip(todo, evaluate_dev([e.cand for e in todo])):
+                e.dev = f
+            self.save()
+        return max(top, key=lambda e: (e.dev.acc, e.dev.ll, e.fitness.acc, e.fitness.ll, -e.generation))

@@ -1,0 +1,231 @@
+"""Teacher-forced task fitness: what the EEP search maximises, from one forward pass.
+
+EEP scores a candidate by the accuracy of greedy generation on a training subset (arXiv
+2407.00945 §4.3; OpenCompass ``GenInferencer`` + template matching in its code). lowmoe replaces
+the autoregressive loop with **one teacher-forced pass** over prompt+answer:
+
+    exact(example) = all_t [ argmax_v p(v | prompt, answer_<t) == answer_t ]
+
+which is exactly "greedy decoding reproduces the answer" (each greedy step sees the gold prefix
+as long as every earlier step was right). Ties between candidates of equal accuracy are broken by
+the mean per-token answer log-likelihood. Records with ``options`` are **multiple-choice**: every
+option is one sequence, the prediction is the option with the largest summed log-likelihood, and
+the tie-break is log p(gold option | options) = ll_gold − logsumexp over options.
+
+Data: JSON Lines ``{"prompt": ..., "answer": ...}`` or ``{"prompt": ..., "options": [...],
+"answer": <index or option text>}``. Prompts are tokenised as ``lowmoe.evaluate`` does (special tokens
+included, no trailing EOS), answers apart. Sequences are right-padded; with causal attention real
+tokens never see the padding, so no attention mask is needed (as in ``calibration``).
+
+``FitnessData`` holds the token batches; ``score_logits`` turns one chunk's logits into per-row
+statistics; ``aggregate`` turns rows into a ``Fitness``. ``Head`` is the final norm + lm_head.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...errors import CalibrationError
+from ...engine.hf import materialize
+from ...engine.jsonl import json_lines
+
+
+@dataclass(frozen=True, order=True)
+class Fitness:
+    """Larger is better; compared as (accuracy, tie-break log-likelihood)."""
+
+    acc: float  # fraction of examples exactly right (or multiple-choice correct)
+    ll: float  # mean answer log-likelihood per token (MC: mean log p(gold | options))
+
+    def to_json(self) -> dict:
+        return {"acc": self.acc, "ll": self.ll}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Fitness:
+        return cls(float(d["acc"]), float(d["ll"]))
+
+
+@dataclass
+class Row:
+    example: int  # index of the example this sequence belongs to
+    option: int  # option index (0 for generative examples)
+    start: int  # position of the first answer token
+    length: int  # answer (or option) tokens
+
+
+class FitnessData:
+    """Tokenized fitness examples: ``input_ids`` (N, S) right-padded, one ``Row`` per sequence."""
+
+    def __init__(self, input_ids: torch.Tensor, rows: list[Row], labels: list[int | None], source: str):
+        self.input_ids, self.rows, self.labels, self.source = input_ids, rows, labels, source
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(r.start + r.length for r in self.rows))
+
+    def batches(self, batch_size: int):
+        for i in range(0, self.input_ids.shape[0], batch_size):
+            yield i // batch_size, slice(i, i + batch_size)
+
+    @classmethod
+    def load(cls, paths, tokenizer, *, max_examples: int | None = None, max_len: int | None = None) -> FitnessData:
+        """Examples from one or more JSONL files (``max_examples``: the first N over all files)."""
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        records = []
+        for path in paths:
+            records += read_records(path)
+        if max_examples:
+            records = records[:max_examples]
+        return cls.from_records(records, tokenizer, source=", ".join(str(p) for p in paths), max_len=max_len,
+                                where=", ".join(str(p) for p in paths))
+
+    @classmethod
+    def from_records(cls, records: list[dict], tokenizer, *, source: str = "records", max_len: int | None = None,
+                     where: str = "records") -> FitnessData:
+        seqs: list[list[int]] = []
+        rows: list[Row] = []
+        labels: list[int | None] = []
+
+        def enc(s):
+            return tokenizer(s, add_special_tokens=False)["input_ids"]
+
+        eos = tokenizer.eos_token_id
+        for n, rec in enumerate(records):
+            # as lowmoe.evaluate: the prompt with the tokenizer's special tokens (a BOS where it adds
+            # one, never a trailing EOS), the answer without, tokenised apart so the boundary is exact
+            prompt = tokenizer(str(rec["prompt"]), add_special_tokens=True)["input_ids"]
+            if eos is not None and prompt and prompt[-1] == eos:
+                prompt = prompt[:-1]
+            options = rec.get("options")
+            if options is None:
+                answers, label = [str(rec["answer"])], None
+            else:
+                if not isinstance(options, list) or len(options) < 2:
+                    raise CalibrationError(f"{where}: record {n + 1}: 'options' must be a list of at least 2 strings")
+                answers = [str(o) for o in options]
+                a = rec["answer"]
+                label = int(a) if isinstance(a, int) else answers.index(str(a)) if str(a) in answers else None
+                if label is None or not 0 <= label < len(answers):
+                    raise CalibrationError(f"{where}: record {n + 1}: 'answer' must be an option index or one of the options")
+            if not prompt:
+                raise CalibrationError(f"{where}: record {n + 1}: empty prompt (the first answer token needs a prefix)")
+            for o, ans in enumerate(answers):
+                a_ids = enc(ans)
+                if not a_ids:
+                    raise CalibrationError(f"{where}: record {n + 1}: empty answer")
+                ids = prompt + a_ids
+                if max_len and len(ids) > max_len:
+                    raise CalibrationError(f"{where}: record {n + 1} is {len(ids)} tokens, longer than --seq-len {max_len}")
+                seqs.append(ids)
+                rows.append(Row(n, o, len(prompt), len(a_ids)))
+            labels.append(label)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        width = max(len(s) for s in seqs)
+        ids_t = torch.full((len(seqs), width), pad, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids_t[i, :len(s)] = torch.tensor(s)
+        return cls(ids_t, rows, labels, source)
+
+    # ---- scoring -----------------------------------------------------------------------------
+    def positions(self, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence in chunk, position) of every logit fitness reads for the chunk ``input_ids[sl]``:
+        per sequence, the position before each answer token (position t predicts t+1), in row order."""
+        return self._index(sl, from_start=False)
+
+    def live_positions(self, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence in chunk, position) of every position whose hidden state fitness depends on, for
+        the chunk ``input_ids[sl]``: per sequence, 0 .. the last position ``positions`` reads.
+        Sequences are right-padded and attention is causal, so the padding and each sequence's final
+        token are never read by a scored position."""
+        return self._index(sl, from_start=True)
+
+    def _index(self, sl: slice, from_start: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        b_idx, t_idx = [], []
+        for b, row in enumerate(self.rows[sl]):
+            end = row.start - 1 + row.length  # one past the last scored position
+            span = range(0 if from_start else row.start - 1, end)
+            b_idx += [b] * len(span)
+            t_idx += span
+        return torch.tensor(b_idx, dtype=torch.long), torch.tensor(t_idx, dtype=torch.long)
+
+    def score_logits(self, logits: torch.Tensor, sl: slice) -> list[tuple[bool, float]]:
+        """Per sequence of the chunk: (every answer token is the argmax, summed answer log-prob).
+
+        logits: (B, S, V) for the chunk's sequences ``input_ids[sl]``; position t predicts t+1."""
+        b, t = self.positions(sl)
+        return self.score_positions(logits[b.to(logits.device), t.to(logits.device)], sl)
+
+    def score_positions(self, logits: torch.Tensor, sl: slice) -> list[tuple[bool, float]]:
+        """``score_logits`` from only the logits it reads: (P, V) at ``positions(sl)``, in that order."""
+        ids = self.input_ids[sl]
+        out, p = [], 0
+        for b, row in enumerate(self.rows[sl]):
+            pred = logits[p:p + row.length].float()  # (A, V)
+            p += row.length
+            gold = ids[b, row.start:row.start + row.length].to(pred.device)  # (A,)
+            logp = torch.log_softmax(pred, dim=-1).gather(1, gold[:, None]).squeeze(1)
+            exact = bool((pred.argmax(dim=-1) == gold).all())  # what greedy decoding picks
+            out.append((exact, float(logp.sum())))
+        return out
+
+    def aggregate(self, per_row: list[tuple[bool, float]]) -> Fitness:
+        """Per-example correctness and tie-break, averaged over examples."""
+        n = self.num_examples
+        correct = [False] * n
+        ll = [0.0] * n
+        options: dict[int, list[tuple[int, float]]] = {}
+        for row, (exact, lp) in zip(self.rows, per_row):
+            if self.labels[row.example] is None:
+                correct[row.example] = exact
+                ll[row.example] = lp / row.length
+            else:
+                options.setdefault(row.example, []).append((row.option, lp))
+        for ex, opts in options.items():
+            opts.sort()
+            lps = [lp for _, lp in opts]
+            gold = self.labels[ex]
+            best = max(range(len(lps)), key=lambda o: (lps[o], -o))
+            correct[ex] = best == gold
+            m = max(lps)
+            ll[ex] = lps[gold] - (m + math.log(sum(math.exp(x - m) for x in lps)))
+        return Fitness(sum(correct) / n, sum(ll) / n)
+
+
+def read_records(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise CalibrationError(f"{p}: fitness data file not found (expected JSONL with prompt/answer records)")
+    records = []
+    for where, rec in json_lines(p):
+        if not isinstance(rec, dict) or "prompt" not in rec or "answer" not in rec:
+            raise CalibrationError(f"{where}: EEP fitness needs JSONL records with 'prompt' and 'answer' "
+                                   "(and optionally 'options' for multiple choice)")
+        records.append(rec)
+    if not records:
+        raise CalibrationError(f"{p}: no records")
+    return records
+
+
+class Head:
+    """The final norm and lm_head (or the tied embedding), as transformers' own modules."""
+
+    def __init__(self, ck, skel, device, dtype):
+        keys = ck.other_keys()
+        norm_keys = [k for k in keys if k.startswith("model.norm.")]
+        head_key = "lm_head.weight" if "lm_head.weight" in keys else "model.embed_tokens.weight"
+        t = ck.read(norm_keys + [head_key])
+        self.norm = materialize(copy.deepcopy(skel.base.norm), {k[len("model.norm."):]: t[k] for k in norm_keys}, device, dtype)
+        self.weight = t[head_key].to(device=device, dtype=dtype)  # (V, H)
+
+    @torch.no_grad()
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden) @ self.weight.T  # (B, S, V)

@@ -1,0 +1,543 @@
+"""Population-parallel streamed evaluation: a whole generation in one pass over the layers.
+
+EEP's reference code loads the whole model and, per candidate, merges weights and regenerates
+on the training subset. Here one generation is evaluated in **one pass over the decoder layers**:
+
+    for layer L = 0 .. n-1:
+        load layer L once (checkpoint shards, or the NF4/int8 cache of ``lowmoe.engine.quant``) into the
+            layer's own module, all E experts, compute dtype (``LoadedLayer``)
+        for every distinct plan of layer L among the streams that need it:
+            build the candidate's MoE block from the loaded layer (kept experts by index, or
+            W_EM merges; router rows W_RM through apply_layer) and swap it into the module
+            for every stream with that plan: run its boundary-L chunks -> boundary L+1
+    final norm + lm_head on the scored positions of each final stream -> teacher-forced fitness
+
+MoE blocks are token-wise, so they run only on the positions fitness depends on (``TokenSubset``):
+on the last layer the positions it scores (nothing after that layer reads the others), before it
+every position up to each sequence's last scored one (right padding and each sequence's final
+token are never attended to by a scored position). Everything else is bit-identical to building
+each candidate's layer with ``apply_layer`` (tests); the trimmed blocks equal it up to float
+rounding (``trim=False`` turns trimming off).
+
+**Streams and prefix sharing.** Hidden states live on disk (``ActivationCache``), one *stream*
+per distinct model prefix. A stream's name at boundary b is a hash of the candidate's plan on
+layers 0..b-1, so candidates identical on layers 0..L share one hidden-state stream up to L+1
+and the layer is computed once for all of them. Streams of the best candidates of the archive
+(``retain``) are kept between generations: a child that differs from its parent only from layer
+group g onward starts from its parent's cached boundary and skips every layer before g.
+
+Memory: one layer in the compute dtype (kept in buffers reused from layer to layer) + one
+candidate's MoE block + one activation chunk, whatever the population size; the streams are on disk.
+
+**Budgets** (``--max-vram``/``--max-ram``, ``budget.plan_population``, planned before the search): a
+MoE layer that does not fit whole beside a merged block keeps its experts in host memory in their
+stored dtype; its resident part (attention, norms, router, shared experts) and each candidate's
+router are on the device, and the candidate's E' experts -- selected or merged on the host exactly
+as ``apply_layer`` does -- visit the device in groups through ``budget.ChunkedExperts``. Same
+fitness, bit for bit (tests). Between generations nothing is left on the device.
+
+``WholeModelEvaluator`` is the reference and the benchmark baseline: the whole model in memory,
+one candidate at a time, built with transformers from the same applied tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+
+import torch
+
+from ...engine.apply import apply_layer, experts_for_plan
+from ...engine.budget import BudgetPlan, Placement, build_layer, plan_population
+from ...engine.cache import ActivationCache
+from ...engine.checkpoint import Checkpoint
+from ...engine.device import dtype_bytes
+from ...engine.experts import ChunkedExperts, KeptExperts
+from ...engine.hf import LayerInputs, ModelSkeleton, hf_config, layer_config, materialize, materialize_layer, run_layer, split_experts
+from ...engine.memory import Accountant
+from ...engine.progress import progress as progress_bar
+from ...engine.prefetch import IOStats
+from .fitness import Fitness, FitnessData, Head
+from .space import Candidate, SearchSpace
+
+log = logging.getLogger(__name__)
+
+ROOT = "root"  # stream name of the (shared) token embeddings at boundary 0
+_WHOLE = Placement(None)  # a layer the budget leaves whole (dense layers, no budget)
+
+
+class TokenSubset(torch.nn.Module):
+    """A MoE block run on chosen tokens only (``index`` into the flattened batch); the others get 0.
+
+    MoE blocks are token-wise, so the chosen tokens' outputs are those of the whole batch up to float
+    rounding (the experts' matrix products see fewer rows). Used where fitness never reads the
+    other positions: padding and final tokens, and on the last layer everything but the scored
+    positions."""
+
+    def __init__(self, block: torch.nn.Module, index: torch.Tensor):
+        super().__init__()
+        self.block, self.index = block, index
+
+    def forward(self, hidden_states, *args, **kwargs):
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        out = self.block(flat[self.index].unsqueeze(0), *args, **kwargs)
+        rest = None
+        if isinstance(out, tuple):  # e.g. (hidden, router scores): the decoder layer keeps only the first
+            out, rest = out[0], out[1:]
+        full = torch.zeros_like(flat)
+        full[self.index] = out.reshape(-1, flat.shape[-1]).to(full.dtype)
+        full = full.view_as(hidden_states)
+        return (full, *rest) if rest is not None else full
+
+
+class LoadedLayer:
+    """One decoder layer, loaded once per generation and shared by every candidate that runs it.
+
+    ``module`` is the original layer (attention, norms, all E experts) in the compute dtype. A
+    candidate's layer is that module with the candidate's MoE block swapped in (``use``); the block
+    is built from the loaded weights instead of re-reading, re-stacking and re-casting the layer:
+
+    * keep-list (pruning phase): the kept experts are the loaded ones behind an index map (``KeptExperts``);
+    * merged experts: θ'_j = Σ_i W_EM[j, i] θ_i by ``apply.experts_for_plan``, the kernel ``apply_layer``
+      uses (float32 accumulation in expert order, or its matrix product for a fused layout, cast to the
+      stored dtype);
+    * router rows (W_RM) through ``apply_layer`` itself; the block's other tensors (shared experts) are shared.
+
+    Bit-identical to ``apply_layer`` + ``materialize_layer`` (tests). Where merging from the loaded copy
+    could not be (a compute dtype narrower than the stored one), a merged block comes from
+    ``apply_layer`` over the stored tensors, which are then kept for the layer's candidates."""
+
+    def __init__(self, ev: PopulationEvaluator, layer_idx: int, tensors: dict[str, torch.Tensor]):
+        """``tensors``: the layer's stored tensors (on-disk keys); this takes the dict over."""
+        ad = ev.adapter
+        self.ev, self.idx, self.is_moe = ev, layer_idx, layer_idx in ev.moe
+        self.placement = ev.placement(layer_idx)  # under a budget: chunked = experts stay in host memory
+        if not self.is_moe:
+            state = ad.to_runtime(layer_idx, tensors, False)
+            self.module = materialize_layer(ev.skel, layer_idx, state, ev.device, ev.dtype)
+            ev.track(self.module, sum(v.numel() for v in state.values()) * ev.elem_bytes)
+            return
+        prefix = ad.layer_prefix(layer_idx)
+        experts = {k: t for k, t in tensors.items() if ad.is_expert_key(k[len(prefix):])}
+        if self.placement is not None and self.placement.chunked:
+            self._load_host(tensors, experts)
+            return
+        # merging from the loaded copy equals merging the stored tensors iff the cast to the compute dtype was exact
+        stored = {t.dtype for t in experts.values()}
+        self.exact = len(stored) == 1 and (ev.dtype == torch.float32 or stored == {ev.dtype})
+        self.stored_dtype = next(iter(stored)) if len(stored) == 1 else None
+        # the stored expert tensors are only needed for the apply_layer fallback; otherwise they are
+        # dropped from ``tensors`` (which this takes over) and freed one expert at a time as they are loaded
+        self.tensors = tensors if not self.exact else None
+        if self.exact:
+            for k in experts:
+                del tensors[k]
+        self.router_tensors = {k: tensors[k] for k in ad.router_keys(layer_idx) if k in tensors}
+        state = ad.to_runtime(layer_idx, {k: t for k, t in tensors.items() if k not in experts}, True)
+        state.update(self._load_experts(experts))
+        self.module = materialize_layer(ev.skel, layer_idx, state, ev.device, ev.dtype)
+        ev.track(self.module, sum(v.numel() for v in state.values()) * ev.elem_bytes)
+        self._set_base()
+
+    def _set_base(self) -> None:
+        ad = self.ev.adapter
+        self.path = ad.runtime_moe_prefix.rstrip(".")
+        self.base = self.module.get_submodule(self.path)
+        self.shared = {k: v for k, v in self.base.state_dict().items()
+                       if not k.startswith("experts.") and not k.startswith(ad.runtime_router + ".")}
+
+    def _load_host(self, tensors: dict[str, torch.Tensor], experts: dict[str, torch.Tensor]) -> None:
+        """Under a budget the layer's experts do not fit beside a candidate's: they stay in host memory
+        in their stored dtype (runtime layout, pinned for a GPU), the rest is built on the device, and
+        each candidate block gets its E' experts as ``ChunkedExperts`` (``block``). Merging from the
+        stored tensors is what ``apply_layer`` does, so it is always exact."""
+        ev, ad, L = self.ev, self.ev.adapter, self.idx
+        self.exact, self.tensors, self.stored_dtype = True, None, None
+        for k in experts:
+            del tensors[k]
+        self.router_tensors = {k: tensors[k] for k in ad.router_keys(L) if k in tensors}
+        state = ad.to_runtime(L, tensors, True)
+        host = self._load_experts(experts, host=True)
+        self.host = split_experts(ad, host)[0]  # (E, ...) per runtime expert tensor
+        # the original block (``use(None)``) streams all E experts in the run plan's groups; candidates never run it
+        whole = ev.budget.plan.layers.get(L)
+        group = whole.group_size if whole is not None and whole.chunked else ev.ck.num_experts
+        self.module = build_layer(ev.skel, L, {**state, **host}, ev.device, ev.dtype, group_size=group,
+                                  double_buffer=whole is None or whole.double_buffer, accountant=ev.accountant,
+                                  stats=ev.io)
+        self._set_base()
+
+    def _load_experts(self, experts: dict[str, torch.Tensor], host: bool = False) -> dict[str, torch.Tensor]:
+        """The runtime expert tensors (experts on dim 0) in the compute dtype, written expert by expert
+        (``to_runtime`` of one expert at a time) into buffers the evaluator reuses from layer to layer:
+        a fresh allocation of twice the layer per layer costs more in page faults than the copy.
+        ``host``: in host memory and the stored dtype instead (a fused layout is used as read)."""
+        ev, ad, L = self.ev, self.ev.adapter, self.idx
+        E = ev.ck.num_experts
+        base = ad.layer_prefix(L) + ad.moe_prefix + "experts."
+        if host and ad.expert_layout == "fused":
+            out = ad.to_runtime(L, experts, True)
+            return {k: v.pin_memory() if ev.device.type == "cuda" else v for k, v in out.items()}
+
+        def parts():
+            if ad.expert_layout == "fused":
+                yield None, experts
+                return
+            for e in range(E):  # expert e's tensors renamed to expert 0, so to_runtime stacks just that one
+                own = f"{base}{e}."
+                yield e, {base + "0." + k[len(own):]: experts.pop(k) for k in [k for k in experts if k.startswith(own)]}
+
+        out: dict[str, torch.Tensor] = {}
+        for e, part in parts():
+            for k, v in ad.to_runtime(L, part, True).items():
+                shape = tuple(v.shape) if e is None else (E,) + tuple(v.shape[1:])
+                buf = ev.buffer("host:" + k, shape, v.dtype, host=True) if host else ev.buffer(k, shape, ev.dtype)
+                (buf if e is None else buf[e]).copy_(v if e is None else v[0])
+                out[k] = buf
+        return out
+
+    def block(self, lp) -> torch.nn.Module:
+        """The candidate's MoE block for ``lp`` (a ``LayerPlan``)."""
+        ev, ad, L = self.ev, self.ev.adapter, self.idx
+        n = len(lp.keep)
+        meta = ev.skel.new_layer(L, ev.candidate_config()).get_submodule(self.path)
+        if lp.extra:
+            raise ValueError(f"layer {L}: EEP candidates carry no plan extensions, got {sorted(lp.extra)}")
+        if self.placement is not None and self.placement.chunked:
+            return self._chunked_block(lp, meta)
+        kept = lp.merge is None and lp.keep == sorted(lp.keep)
+        if not kept and not self.exact:
+            out = apply_layer(ad, L, self.tensors, lp, ev.ck.num_experts)
+            state = self._block_state(ad.to_runtime(L, {k: v for k, v in out.items()
+                                                        if k[len(ad.layer_prefix(L)):].startswith(ad.moe_prefix)}, True))
+            return ev.track(materialize(meta, state, ev.device, ev.dtype), sum(v.numel() for v in state.values()) * ev.elem_bytes)
+        state = self._block_state(ad.to_runtime(L, apply_layer(ad, L, self.router_tensors, lp, ev.ck.num_experts), True))
+        state.update(self.shared)
+        if kept:
+            meta.experts = torch.nn.Identity()
+            block = materialize(meta, state, ev.device, ev.dtype)
+            block.experts = KeptExperts(self.base.experts, lp.keep).to(ev.device)
+            return ev.track(block, self._state_bytes(state))
+        fused = ad.expert_layout == "fused"
+        for name, x in self.base.experts.named_parameters():  # runtime tensors, experts on dim 0
+            out = acc = None
+            if lp.merge is not None and not fused:  # merged into reused buffers: the stored dtype, a float32 accumulator
+                out = ev.buffer("merged:" + name, (n,) + tuple(x.shape[1:]), self.stored_dtype)
+                acc = ev.buffer("merged:acc", tuple(x.shape[1:]), torch.float32)
+            # as apply_layer merges the stored tensors, rounded to the stored dtype
+            state["experts." + name] = experts_for_plan(x, lp, fused, out, acc).to(self.stored_dtype)
+        merge_buffers = sum(b.numel() * b.element_size() for k, b in ev._buffers.items() if k.startswith("merged:"))
+        return ev.track(materialize(meta, state, ev.device, ev.dtype), self._state_bytes(state) + merge_buffers)
+
+    def _chunked_block(self, lp, meta: torch.nn.Module) -> torch.nn.Module:
+        """The candidate's block with its router (and the shared experts) on the device and its E'
+        experts in host memory, visiting the device in the planned groups (``budget.ChunkedExperts``).
+        The experts are selected or merged from the stored-dtype host copy exactly as ``apply_layer``
+        does (``apply.experts_for_plan``), rounded to the stored dtype."""
+        ev, ad, L = self.ev, self.ev.adapter, self.idx
+        E, n = ev.ck.num_experts, len(lp.keep)
+        state = self._block_state(ad.to_runtime(L, apply_layer(ad, L, self.router_tensors, lp, E), True))
+        experts: dict[str, torch.Tensor] = {}
+        fused = ad.expert_layout == "fused"
+        for name, x in self.host.items():  # (E, ...) stored dtype
+            y = ev.buffer("host:candidate:" + name, (n,) + tuple(x.shape[1:]), x.dtype, host=True)
+            acc = None if lp.merge is None or fused else ev.buffer("host:acc", tuple(x.shape[1:]), torch.float32, host=True)
+            experts[name] = experts_for_plan(x, lp, fused, y, acc)
+        meta.experts = ChunkedExperts(meta.experts, experts, group_size=self.placement.group_size, device=ev.device,
+                                      dtype=ev.dtype, double_buffer=self.placement.double_buffer,
+                                      accountant=ev.accountant, stats=ev.io)
+        state.update(self.shared)
+        ev.stats["chunked_blocks"] += 1
+        return ev.track(materialize(meta, state, ev.device, ev.dtype), self._state_bytes(state))
+
+    def _state_bytes(self, state: dict[str, torch.Tensor]) -> int:
+        """Device bytes a block adds to the loaded layer (its shared tensors are the layer's own)."""
+        return sum(v.numel() for k, v in state.items() if k not in self.shared) * self.ev.elem_bytes
+
+    def _block_state(self, runtime: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        p = self.ev.adapter.runtime_moe_prefix
+        return {k[len(p):]: v for k, v in runtime.items() if k.startswith(p)}
+
+    def use(self, block: torch.nn.Module | None) -> torch.nn.Module:
+        """The layer module with ``block`` as its MoE block (None: the original block)."""
+        if self.is_moe:
+            parent, _, attr = self.path.rpartition(".")
+            setattr(self.module.get_submodule(parent) if parent else self.module, attr, block if block is not None else self.base)
+        return self.module
+
+
+class PopulationEvaluator:
+    def __init__(self, ck: Checkpoint, weights, space: SearchSpace, data: FitnessData, root, *, device, dtype,
+                 top_k: int, batch_size: int = 8, progress: bool = False, trim: bool = True, budget=None):
+        """``budget``: the run's ``budget.BudgetPlan`` (``--max-vram``/``--max-ram``) or its
+        ``budget.plan_population``; None: no budget (every layer whole on the device)."""
+        if isinstance(budget, BudgetPlan):
+            budget = plan_population(ck, budget, num_experts=space.keep, batch_size=batch_size,
+                                     seq_len=int(data.input_ids.shape[1]))
+        self.budget = budget
+        self.elem_bytes = dtype_bytes(dtype)
+        self.accountant = Accountant(budget.plan.activation_bytes if budget is not None and budget.plan.weights_budget
+                                     is not None else 0)
+        self.io = IOStats()  # expert-group transfers of chunked layers
+        self.ck, self.weights, self.space, self.data = ck, weights, space, data
+        self.adapter = ck.adapter
+        self.device, self.dtype, self.top_k, self.batch_size = torch.device(device), dtype, top_k, batch_size
+        self.progress = progress
+        self.skel = ModelSkeleton(ck.config, ck.adapter)
+        self.rotary = self.skel.rotary(self.device)
+        self.cache = ActivationCache(root)
+        self.num_chunks = (data.input_ids.shape[0] + batch_size - 1) // batch_size
+        self.moe = set(ck.moe_layers())
+        self._inputs: dict[tuple, LayerInputs] = {}
+        self._head: Head | None = None
+        self._cand_cfg = None
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._positions: dict[int, torch.Tensor] = {}  # chunk -> flat indices of the positions fitness scores
+        self._live: dict[int, torch.Tensor | None] = {}  # chunk -> flat indices of the positions it depends on
+        self.trim = trim  # MoE blocks only on those positions (False: every position, bit-exact to the whole model)
+        self._final: dict[str, Fitness] = {}  # final-stream key -> fitness (same function, same value)
+        self.stats = {"layer_loads": 0, "layer_builds": 0, "layer_runs": 0, "layer_runs_saved": 0, "evaluations": 0}
+        if budget is not None:
+            self.stats.update(chunked_blocks=0, chunked_layers=budget.chunked_layers, accounted_peak_bytes=0,
+                              device_budget_bytes=budget.plan.device_budget)
+        if not self.cache.has(0, self.num_chunks, ROOT):
+            self._embed()
+
+    def buffer(self, name: str, shape: tuple, dtype, host: bool = False) -> torch.Tensor:
+        """A tensor kept for reuse under ``name`` (its contents are the caller's; one user at a time);
+        ``host``: in host memory (pinned when the compute device is a GPU, for async copies)."""
+        b = self._buffers.get(name)
+        if b is None or tuple(b.shape) != tuple(shape) or b.dtype != dtype:
+            if host:
+                b = torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
+            else:
+                b = torch.empty(shape, dtype=dtype, device=self.device)
+            self._buffers[name] = b
+        return b
+
+    def placement(self, layer_idx: int):
+        """Under a budget, how layer ``layer_idx`` is built (``budget.PopulationBudget``); else None."""
+        return None if self.budget is None else self.budget.layers.get(layer_idx)
+
+    def track(self, obj, nbytes: int):
+        """Count ``nbytes`` of device memory against the budget while ``obj`` lives; returns ``obj``."""
+        if self.budget is not None:
+            self.accountant.track(obj, nbytes)
+        return obj
+
+    def candidate_config(self):
+        """The transformers config of a candidate's layer: E' experts, top-k (made once)."""
+        if self._cand_cfg is None:
+            self._cand_cfg = layer_config(self.skel, self.space.keep, self.top_k)
+        return self._cand_cfg
+
+    # ---- keys ----------------------------------------------------------------------------
+    def prefix_keys(self, cand: Candidate) -> list[str]:
+        """Stream name at every boundary 0..n: a hash of the candidate's plan on the layers before it."""
+        keys, key = [ROOT], ROOT
+        for L in range(self.ck.num_layers):
+            if L in self.moe:
+                g = self.space.group_of(L)
+                key = hashlib.sha1(key.encode() + f"|{L}|".encode() + cand.group_bytes(g)).hexdigest()[:20]
+            keys.append(key)
+        return keys
+
+    # ---- compute -------------------------------------------------------------------------
+    def _embed(self) -> None:
+        key = "model.embed_tokens.weight"
+        w = self.ck.read([key])[key].to(self.device, self.dtype)
+        self.track(w, w.numel() * w.element_size())
+        for c, sl in self.data.batches(self.batch_size):
+            self.cache.write(0, c, torch.nn.functional.embedding(self.data.input_ids[sl].to(self.device), w), ROOT)
+
+    def _inputs_for(self, h: torch.Tensor) -> LayerInputs:
+        k = tuple(h.shape[:2])
+        if k not in self._inputs:
+            self._inputs[k] = LayerInputs.build(self.skel, h, self.rotary)
+        return self._inputs[k]
+
+    @torch.no_grad()
+    def _run(self, loaded: LoadedLayer, block, src: str, dst: str) -> None:
+        L = loaded.idx
+        last = L == self.ck.num_layers - 1
+        module = loaded.use(block)
+        for c, sl in self.data.batches(self.batch_size):
+            h = self.cache.read(L, c, src, device=self.device).to(self.dtype)
+            if self.trim and loaded.is_moe:
+                # after the last layer only the scored positions are read; before it, every position up to them
+                index = self._flat_positions(c, sl, h) if last else self._live_positions(c, sl, h)
+                module = loaded.use(block if index is None else
+                                    TokenSubset(block if block is not None else loaded.base, index))
+            self.cache.write(L + 1, c, run_layer(self.skel, module, L, h, self._inputs_for(h)), dst)
+        self.stats["layer_runs"] += 1
+
+    def _flat_positions(self, c: int, sl: slice, h: torch.Tensor) -> torch.Tensor:
+        if c not in self._positions:
+            b, t = self.data.positions(sl)
+            self._positions[c] = (b * h.shape[1] + t).to(self.device)
+        return self._positions[c]
+
+    def _live_positions(self, c: int, sl: slice, h: torch.Tensor) -> torch.Tensor | None:
+        """Flat indices of the chunk's positions fitness depends on; None when that is all of them."""
+        if c not in self._live:
+            b, t = self.data.live_positions(sl)
+            self._live[c] = None if len(t) == h.shape[0] * h.shape[1] else (b * h.shape[1] + t).to(self.device)
+        return self._live[c]
+
+    def build_layer(self, layer_idx: int, tensors: dict[str, torch.Tensor], cand: Candidate | None):
+        """Layer ``layer_idx`` as the written model will have it (``cand`` None: a dense layer), built
+        from scratch with ``apply_layer``: the reference path (``evaluate`` uses ``LoadedLayer``)."""
+        if cand is None or layer_idx not in self.moe:
+            rt = self.adapter.to_runtime(layer_idx, tensors, layer_idx in self.moe)
+            return materialize_layer(self.skel, layer_idx, rt, self.device, self.dtype)
+        out = apply_layer(self.adapter, layer_idx, tensors, self.space.layer_plan(cand, layer_idx), self.ck.num_experts)
+        self.stats["layer_builds"] += 1
+        return materialize_layer(self.skel, layer_idx, self.adapter.to_runtime(layer_idx, out, True), self.device,
+                                 self.dtype, num_experts=self.space.keep, top_k=self.top_k)
+
+    @torch.no_grad()
+    def _fitness(self, stream: str) -> Fitness:
+        if self._head is None:
+            self._head = Head(self.ck, self.skel, self.device, self.dtype)
+            self.track(self._head, self._head.weight.numel() * self.elem_bytes)
+        rows = []
+        n = self.ck.num_layers
+        for c, sl in self.data.batches(self.batch_size):
+            h = self.cache.read(n, c, stream, device=self.device).to(self.dtype)
+            # the head on the scored positions only
+            rows += self.data.score_positions(self._head(h.reshape(-1, h.shape[-1])[self._flat_positions(c, sl, h)]), sl)
+        return self.data.aggregate(rows)
+
+    def evaluate(self, cands: list[Candidate]) -> list[Fitness]:
+        """Fitness of every candidate, in one pass over the layers."""
+        n = self.ck.num_layers
+        keys = [self.prefix_keys(c) for c in cands]
+        todo = [i for i, k in enumerate(keys) if k[n] not in self._final]
+        # where each candidate starts: the deepest boundary already on disk (its own prefix)
+        start = {}
+        for i in todo:
+            b = n
+            while b > 0 and not self.cache.has(b, self.num_chunks, keys[i][b]):
+                b -= 1
+            start[i] = b
+            self.stats["layer_runs_saved"] += b
+        first = min(start.values(), default=n)
+        layers = progress_bar(range(first, n), n - first, f"evaluate {len(todo)}", self.progress and bool(todo))
+        for L in layers:
+            # distinct output streams needed at boundary L+1, with the input stream they read
+            jobs: dict[str, tuple[str, int]] = {}
+            for i in todo:
+                if start[i] <= L and keys[i][L + 1] not in jobs and not self.cache.has(L + 1, self.num_chunks, keys[i][L + 1]):
+                    jobs[keys[i][L + 1]] = (keys[i][L], i)
+            if not jobs:
+                continue
+            # the previous layer's merge buffer is not needed while this one is read and loaded
+            for name in [b for b in self._buffers if b.startswith("merged:")]:
+                del self._buffers[name]
+            if self.budget is not None:  # nor, under a budget, the buffers of the other kind of layer
+                chunked = (self.placement(L) or _WHOLE).chunked
+                for name in [b for b in self._buffers if b.startswith("host:") != chunked]:
+                    del self._buffers[name]
+            loaded = LoadedLayer(self, L, self.weights.layer(L))
+            self.stats["layer_loads"] += 1
+            # jobs with the same plan for this layer (streams that differ only before it) share one built block
+            by_plan: dict[bytes, list[tuple[str, str, int]]] = {}
+            for dst, (src, i) in jobs.items():
+                plan = cands[i].group_bytes(self.space.group_of(L)) if loaded.is_moe else b""
+                by_plan.setdefault(plan, []).append((dst, src, i))
+            for group in by_plan.values():
+                block = None
+                if loaded.is_moe:
+                    block = loaded.block(self.space.layer_plan(cands[group[0][2]], L))
+                    self.stats["layer_builds"] += 1
+                for dst, src, _ in group:
+                    self._run(loaded, block, src, dst)
+                loaded.use(None)  # the module lets go of the block before the next one is built
+                del block
+            del loaded
+        for i in todo:
+            k = keys[i][n]
+            if k not in self._final:
+                self._final[k] = self._fitness(k)
+                self.stats["evaluations"] += 1
+        if self.budget is not None:  # nothing stays on the device (or pinned) between generations
+            self._head = None
+            self._buffers.clear()
+            self.stats["accounted_peak_bytes"] = self.accountant.peak
+        return [self._final[k[n]] for k in keys]
+
+    def boundary_bytes(self) -> int:
+        """Disk bytes of one stream at one boundary: every fitness token's hidden state."""
+        n, s = self.data.input_ids.shape
+        return n * s * int(self.ck.config["hidden_size"]) * torch.tensor([], dtype=self.dtype).element_size()
+
+    def retain(self, cands: list[Candidate], max_bytes: int | None = None) -> int:
+        """Keep only the streams of ``cands`` (best first) on disk, plus the embeddings, adding
+        candidates while their streams fit in ``max_bytes``; returns the bytes kept."""
+        keep = {(ROOT, 0)}
+        per = self.boundary_bytes()
+        for c in cands:
+            more = {(k, b) for b, k in enumerate(self.prefix_keys(c))} - keep
+            if max_bytes is not None and (len(keep) + len(more)) * per > max_bytes:
+                break
+            keep |= more
+        total = 0
+        for sdir in list(self.cache.root.iterdir()) if self.cache.root.exists() else []:
+            for bdir in list(sdir.iterdir()):
+                b = int(bdir.name[1:])
+                if (sdir.name, b) in keep:
+                    total += sum(f.stat().st_size for f in bdir.iterdir())
+                else:
+                    shutil.rmtree(bdir, ignore_errors=True)
+            if not any(sdir.iterdir()):
+                sdir.rmdir()
+        return total
+
+
+class WholeModelEvaluator:
+    """Reference / baseline: every tensor of the model in memory, candidates one at a time.
+
+    Per candidate: apply its plan to every MoE layer (the same ``apply_layer`` as the writer),
+    build the ``*ForCausalLM`` with E' experts and top-k with transformers, run every fitness
+    sequence through it, score the logits."""
+
+    def __init__(self, ck: Checkpoint, space: SearchSpace, data: FitnessData, *, device="cpu", dtype=torch.float32,
+                 top_k: int, batch_size: int = 8):
+        self.ck, self.space, self.data = ck, space, data
+        self.device, self.dtype, self.top_k, self.batch_size = torch.device(device), dtype, top_k, batch_size
+        self.layers = {L: ck.read_layer(L) for L in range(ck.num_layers)}  # the whole model
+        self.other = ck.read(ck.other_keys())
+        self.moe = set(ck.moe_layers())
+        self.skel = ModelSkeleton(ck.config, ck.adapter)
+
+    def model(self, cand: Candidate):
+        from transformers import AutoModelForCausalLM
+
+        ad = self.ck.adapter
+        state = dict(self.other)
+        for L, tensors in self.layers.items():
+            moe = L in self.moe
+            t = apply_layer(ad, L, tensors, self.space.layer_plan(cand, L), self.ck.num_experts) if moe else tensors
+            state.update({ad.layer_prefix(L) + k: v for k, v in ad.to_runtime(L, t, moe).items()})
+        cfg = hf_config(self.ck.config, num_experts=self.space.keep, top_k=self.top_k, adapter=ad)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        if "lm_head.weight" not in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        state = {k: v.to(self.device, self.dtype) if not k.endswith("e_score_correction_bias") else v.to(self.device)
+                 for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        model.model.rotary_emb = self.skel.rotary(self.device)  # non-persistent buffers were on meta
+        return model.eval()
+
+    @torch.no_grad()
+    def evaluate_one(self, cand: Candidate) -> Fitness:
+        model = self.model(cand)
+        rows = []
+        for _, sl in self.data.batches(self.batch_size):
+            rows += self.data.score_logits(model(self.data.input_ids[sl].to(self.device), use_cache=False).logits, sl)
+        return self.data.aggregate(rows)
+
+    def evaluate(self, cands: list[Candidate]) -> list[Fitness]:
+        return [self.evaluate_one(c) for c in cands]

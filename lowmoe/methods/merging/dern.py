@@ -1,0 +1,168 @@
+"""``dern``: drop experts, then recombine their neurons into the retained ones (DERN, EMNLP 2025,
+arXiv 2509.10377). The retained experts keep their shape; routing is the kept experts' as is.
+
+Per MoE layer:
+
+1. **drop by router statistics**: keep the k experts with the largest usage u_e (``statistic``
+   option: ``frequency`` = share of top-k assignments (default), or ``gate-mass`` = Σ routing
+   weights / tokens); protected experts first; DeepSeek groups keep an equal count per group;
+2. **segments**: neuron n of an expert is the segment φ(n) = [gate row n | up row n | down column n]
+   (3H; GPT-OSS adds the gate/up biases of neuron n when merging, not when matching);
+3. **assignment**: each segment of a dropped expert d goes to the retained expert r and neuron m
+   with the highest cosine cos(φ_d(n), φ_r(m)) over every retained expert's neurons. This costs
+   (E−k)·k·I²·3H multiply-adds per layer; ``match_dim=d`` (default 0: exact) compares seeded
+   Gaussian projections of the segments to d dims instead (cosines kept approximately);
+4. **merge, weighted by usage**: retained neuron m of r becomes
+       φ'_r(m) = (u_r φ_r(m) + Σ_{(d,n) → (r,m)} u_d φ_d(n)) / (u_r + Σ u_d)
+   (neurons that receive no segment are unchanged). Dropped experts that were never routed
+   (u_d = 0) contribute nothing and are left out of the plan.
+
+The plan stores, per layer, ``"neurons": {"slot_weights": [u_r per output slot], "sources":
+{"<d>": {"weight": u_d, "slot": [r per neuron n], "neuron": [m per neuron n]}}}`` and
+``PLAN_FIELDS.post["neurons"]`` (``lowmoe.methods``) performs step 4 on the on-disk tensors, so ``--plan``
+re-applies it. The paper's router statistic, compatibility metric and merge weights are not public
+(no code found): the choices above are lowmoe's. GPT-OSS's per-expert down-projection bias is not a
+neuron quantity and stays the retained expert's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...errors import PlanError
+from ..base import LayerMethod
+from ...engine.plan import LayerPlan
+from ..scoring import choose_keep
+from .common import parse_options
+from .stats import LayerStats, expert_dtype, expert_weights, neuron_features, set_expert_weights
+
+ROWS = 4096  # segments matched per block: bounds the (rows, I) similarity buffer
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def features(w: dict[str, torch.Tensor], proj: torch.Tensor | None) -> torch.Tensor:
+    """Unit-norm neuron features (I, 3H), or (I, d) after a random projection."""
+    f = neuron_features(w)
+    return _unit(f if proj is None else f @ proj)
+
+
+def assign_segments(dropped: dict[str, torch.Tensor], retained: list[torch.Tensor],
+                    proj: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
+    """For every neuron of ``dropped`` (canonical weights), the (slot, neuron) of the most similar
+    retained neuron; ``retained`` holds each slot's ``features`` (I_r, 3H or d)."""
+    seg = features(dropped, proj)  # (I, 3H) or (I, d)
+    best_sim = torch.full((seg.shape[0],), -2.0)
+    best_slot = torch.zeros(seg.shape[0], dtype=torch.long)
+    best_neuron = torch.zeros(seg.shape[0], dtype=torch.long)
+    for r0 in range(0, seg.shape[0], ROWS):
+        block = seg[r0:r0 + ROWS]
+        for slot, feats in enumerate(retained):
+            sim, neuron = (block @ feats.T).max(dim=1)  # (rows,): best neuron of this slot per segment
+            better = sim > best_sim[r0:r0 + ROWS]  # strict: ties stay with the earlier slot
+            best_sim[r0:r0 + ROWS] = torch.where(better, sim, best_sim[r0:r0 + ROWS])
+            best_slot[r0:r0 + ROWS] = torch.where(better, slot, best_slot[r0:r0 + ROWS])
+            best_neuron[r0:r0 + ROWS] = torch.where(better, neuron, best_neuron[r0:r0 + ROWS])
+    return best_slot.tolist(), best_neuron.tolist()
+
+
+class Dern(LayerMethod):
+    name = "dern"
+    OPTIONS = {"statistic": ("frequency", ("frequency", "gate-mass")), "match_dim": (0, int)}
+
+    def __init__(self, num_experts: int, top_k: int, **options):
+        super().__init__(num_experts, top_k, **options)
+        self.opts = parse_options(self.name, options, self.OPTIONS)
+        self.stats = LayerStats(num_experts, top_k)
+        self.info: dict = {}
+
+    def observe(self, call) -> None:
+        self.stats.observe(call)
+
+    def usage(self) -> torch.Tensor:
+        if self.opts["statistic"] == "gate-mass":
+            return self.stats.gate_mass / max(1, self.stats.tokens)
+        return self.stats.frequency()
+
+    def decide(self, layer_idx, keep_n, *, protected, groups, tensors, adapter) -> LayerPlan:
+        u = self.usage()
+        keep = choose_keep(u, keep_n, set(protected), groups)
+        proj = None
+        if self.opts["match_dim"]:
+            # Matching costs (E-k)·k·I²·3H multiply-adds per layer; a seeded Gaussian projection to
+            # match_dim dims keeps cosines approximately (Johnson-Lindenstrauss) at d/3H of the cost.
+            h3 = expert_weights(adapter, layer_idx, tensors, keep[0])["gate"].shape[1] * 3
+            g = torch.Generator().manual_seed(int(self.options.get("seed", 0)) * 1_000_003 + layer_idx)
+            proj = torch.randn(h3, self.opts["match_dim"], generator=g) / self.opts["match_dim"] ** 0.5
+        retained = [features(expert_weights(adapter, layer_idx, tensors, e), proj) for e in keep]
+        sources = {}
+        for d in range(self.num_experts):
+            if d in keep or float(u[d]) <= 0.0:
+                continue
+            slot, neuron = assign_segments(expert_weights(adapter, layer_idx, tensors, d), retained, proj)
+            sources[str(d)] = {"weight": float(u[d]), "slot": slot, "neuron": neuron}
+        self.info = {"kept": keep, "segments_per_slot": [sum(s["slot"].count(j) for s in sources.values())
+                                                         for j in range(len(keep))]}
+        return LayerPlan(keep, extra={"neurons": {"slot_weights": [float(u[e]) for e in keep], "sources": sources}})
+
+    def scores(self) -> torch.Tensor:
+        return self.usage()
+
+    def state(self) -> dict:
+        return {"tokens": self.stats.tokens, "routed_tokens": self.stats.counts.tolist(), **self.info}
+
+
+def apply_neurons(adapter, layer_idx: int, experts_out: dict[str, torch.Tensor], originals: dict[str, torch.Tensor],
+                  value) -> dict[str, torch.Tensor]:
+    """``PLAN_FIELDS.post["neurons"]`` (``lowmoe.methods``): step 4 of the module docstring on the output experts."""
+    where = f"layer {layer_idx} 'neurons'"
+    if not isinstance(value, dict) or not isinstance(value.get("slot_weights"), list) or not isinstance(value.get("sources"), dict):
+        raise PlanError(f"{where}: expected {{'slot_weights': [...], 'sources': {{expert: {{weight, slot, neuron}}}}}}")
+    slot_w = [float(x) for x in value["slot_weights"]]
+    out = dict(experts_out)
+    dtype = expert_dtype(adapter, layer_idx, originals)
+    sums = [{k: v * w for k, v in expert_weights(adapter, layer_idx, experts_out, j).items()} for j, w in enumerate(slot_w)]
+    dens = [torch.full((s["gate"].shape[0],), w) for s, w in zip(sums, slot_w)]
+    touched = set()
+    for key, src in sorted(value["sources"].items(), key=lambda kv: int(kv[0])):
+        try:
+            seg = expert_weights(adapter, layer_idx, originals, int(key))
+        except (ValueError, KeyError, IndexError):
+            raise PlanError(f"{where}: source {key!r} is not an expert of this layer") from None
+        n = seg["gate"].shape[0]
+        slot, neuron, w = src.get("slot"), src.get("neuron"), float(src.get("weight", 0.0))
+        if not (isinstance(slot, list) and isinstance(neuron, list) and len(slot) == n == len(neuron)
+                and all(0 <= s < len(slot_w) for s in slot) and all(0 <= m < n for m in neuron)):
+            raise PlanError(f"{where}: source {key!r} needs 'slot' and 'neuron' lists of {n} valid indices")
+        slot_t, neuron_t = torch.tensor(slot), torch.tensor(neuron)
+        for j in set(slot):
+            sel = (slot_t == j).nonzero(as_tuple=True)[0]  # this source's neurons going to slot j
+            dst = neuron_t[sel]
+            for name, t in seg.items():
+                if name == "down_bias":
+                    continue
+                if name == "down":  # (H, I): neurons are columns
+                    sums[j][name].index_add_(1, dst, t[:, sel] * w)
+                else:  # (I, H) or (I,): neurons are rows
+                    sums[j][name].index_add_(0, dst, t[sel] * w)
+            dens[j].index_add_(0, dst, torch.full((len(sel),), w))
+            touched.add(j)
+    cloned: set[str] = set()
+    for j in sorted(touched):
+        own = expert_weights(adapter, layer_idx, experts_out, j)
+        ok = dens[j] > 0  # (I,): neurons with some merge weight; the rest (u_r = 0, no segment) stay as they were
+        den = dens[j].clamp_min(1e-30)
+        merged = {}
+        for name, t in sums[j].items():
+            if name == "down_bias":  # per expert, not per neuron: the retained expert's own
+                merged[name] = own[name]
+            elif name == "down":  # (H, I)
+                merged[name] = torch.where(ok[None, :], t / den[None, :], own[name])
+            elif t.dim() == 2:  # (I, H)
+                merged[name] = torch.where(ok[:, None], t / den[:, None], own[name])
+            else:  # (I,)
+                merged[name] = torch.where(ok, t / den, own[name])
+        set_expert_weights(adapter, layer_idx, out, j, merged, dtype, cloned)
+    return out

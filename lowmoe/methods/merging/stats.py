@@ -1,0 +1,250 @@
+"""Per-layer statistics the merging methods need, and access to one layer's expert weights.
+
+Sits between the streamed pass and a merging method's ``decide``: ``LayerStats`` observes every
+MoE forward call of one layer on the calibration tokens (``MoeCall``) and keeps only small
+accumulators (float64, on the CPU), so memory does not grow with the calibration size:
+
+* routing counts and gate mass per expert -> usage frequency f_e = #assignments / (T·k);
+* the Gram matrix of router-logit columns G = Σ_t l_t l_tᵀ (E, E) -> the cosine of two experts'
+  logit columns over tokens (M-SMoE's default similarity, Li et al. 2024, arXiv 2310.01334);
+* every expert's output on **all** counted tokens, not only the ones routed to it (HC-SMoE, Chen
+  et al. 2025, arXiv 2410.08589): their sum (E, H) -> mean output per expert, and optionally their
+  token-wise Gram Σ_t <f_i(x_t), f_j(x_t)> (E, E) -> output cosine / distance between experts;
+* optionally the REAP-style saliency Σ_{t routed to e} g_e(t)·‖f_e(x_t)‖ / T.
+
+All-token expert outputs cost E/k times the layer's normal expert compute; ``max_tokens`` caps the
+tokens they use per layer. Domains are pooled (merging methods take no per-domain decisions).
+
+Weights are read in one canonical float32 form per expert, whatever the on-disk layout:
+gate (I, H), up (I, H), down (H, I), plus GPT-OSS's biases gate_bias (I), up_bias (I),
+down_bias (H). GPT-OSS stores experts fused: gate_up_proj (E, H, 2I) with gate and up interleaved
+on the last dim (gate = [..., ::2], up = [..., 1::2]), down_proj (E, I, H).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...engine.hf import MoeCall
+
+PROJS = ("gate", "up", "down")
+# Canonical name -> (which dim of the canonical tensor indexes intermediate neurons).
+NEURON_DIM = {"gate": 0, "up": 0, "down": 1, "gate_bias": 0, "up_bias": 0}
+# Bytes of float32 work buffers (token blocks of all-expert outputs, column chunks of weights).
+BLOCK_BYTES = 256 * 2**20
+
+
+# ---- weights -----------------------------------------------------------------------------------
+
+
+def _fused_base(adapter, layer_idx: int) -> str:
+    return adapter.layer_prefix(layer_idx) + adapter.moe_prefix + "experts."
+
+
+def expert_weights(adapter, layer_idx: int, tensors: dict[str, torch.Tensor], e: int) -> dict[str, torch.Tensor]:
+    """Expert ``e`` of layer ``layer_idx`` in canonical float32 form (see module docstring)."""
+    if adapter.expert_layout == "per_expert":
+        g, u, d = (tensors[k].float() for k in adapter.expert_keys(layer_idx, e))
+        return {"gate": g, "up": u, "down": d}
+    base = _fused_base(adapter, layer_idx)
+    gu = tensors[base + "gate_up_proj"][e].float()  # (H, 2I)
+    out = {"gate": gu[:, ::2].T, "up": gu[:, 1::2].T, "down": tensors[base + "down_proj"][e].float().T}
+    if base + "gate_up_proj_bias" in tensors:
+        b = tensors[base + "gate_up_proj_bias"][e].float()  # (2I,)
+        out["gate_bias"], out["up_bias"] = b[::2], b[1::2]
+    if base + "down_proj_bias" in tensors:
+        out["down_bias"] = tensors[base + "down_proj_bias"][e].float()
+    return out
+
+
+def set_expert_weights(adapter, layer_idx: int, tensors: dict[str, torch.Tensor], slot: int,
+                       w: dict[str, torch.Tensor], dtype: torch.dtype, cloned: set[str]) -> None:
+    """Store canonical weights ``w`` as expert ``slot`` of ``tensors`` (on-disk keys; the dict is
+    updated in place). Per-expert tensors are replaced by new ones. A fused tensor is cloned the
+    first time it is written (its key is then added to ``cloned``): ``tensors`` may share storage
+    with the input checkpoint's tensors, which must never change."""
+    if adapter.expert_layout == "per_expert":
+        for key, name in zip(adapter.expert_keys(layer_idx, slot), PROJS):
+            tensors[key] = w[name].to(dtype).contiguous()
+        return
+    base = _fused_base(adapter, layer_idx)
+
+    def own(key):
+        if key not in cloned:
+            tensors[key] = tensors[key].clone()
+            cloned.add(key)
+        return tensors[key]
+
+    gu = own(base + "gate_up_proj")
+    gu[slot, :, ::2] = w["gate"].T.to(gu.dtype)
+    gu[slot, :, 1::2] = w["up"].T.to(gu.dtype)
+    dn = own(base + "down_proj")
+    dn[slot] = w["down"].T.to(dn.dtype)
+    if "gate_bias" in w:
+        b = own(base + "gate_up_proj_bias")
+        b[slot, ::2] = w["gate_bias"].to(b.dtype)
+        b[slot, 1::2] = w["up_bias"].to(b.dtype)
+    if "down_bias" in w:
+        b = own(base + "down_proj_bias")
+        b[slot] = w["down_bias"].to(b.dtype)
+
+
+def expert_dtype(adapter, layer_idx: int, tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    key = adapter.expert_keys(layer_idx, 0)[0] if adapter.expert_layout == "per_expert" else _fused_base(adapter, layer_idx) + "gate_up_proj"
+    return tensors[key].dtype
+
+
+def permute_neurons(w: dict[str, torch.Tensor], perm: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The same expert with intermediate neuron ``perm[m]`` moved to position m (function unchanged)."""
+    return {k: (t.index_select(NEURON_DIM[k], perm) if k in NEURON_DIM else t) for k, t in w.items()}
+
+
+def neuron_features(w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One row per intermediate neuron: [gate row | up row | down column] (I, 3H) float32."""
+    return torch.cat([w["gate"], w["up"], w["down"].T], dim=1)
+
+
+def weight_gram(adapter, layer_idx: int, tensors: dict[str, torch.Tensor], num_experts: int) -> torch.Tensor:
+    """Gram matrix of the experts' flattened weights, every expert tensor of the layer (GPT-OSS
+    biases included) (E, E) float64. Works on the stored tensors in column chunks, so only a
+    bounded float32 buffer exists at once (a dot product does not depend on the element order, so
+    the on-disk layout serves as is)."""
+    gram = torch.zeros(num_experts, num_experts, dtype=torch.float64)
+    if adapter.expert_layout == "per_expert":
+        per_proj = [[tensors[adapter.expert_keys(layer_idx, e)[p]] for e in range(num_experts)] for p in range(3)]
+        flats_by_proj = [[t.reshape(-1) for t in ts] for ts in per_proj]
+    else:
+        flats_by_proj = [list(tensors[k].reshape(num_experts, -1)) for k in adapter.fused_keys(layer_idx) if k in tensors]
+    step = max(1, BLOCK_BYTES // (4 * num_experts))
+    for flats in flats_by_proj:
+        for c0 in range(0, flats[0].numel(), step):
+            block = torch.stack([f[c0:c0 + step] for f in flats]).float()  # (E, chunk)
+            gram += (block @ block.T).double()
+    return gram
+
+
+def gram_to_cosine(gram: torch.Tensor) -> torch.Tensor:
+    """cos_ij = G_ij / sqrt(G_ii G_jj) (E, E); an all-zero column gets similarity 0 to the others."""
+    d = gram.diagonal().clamp_min(1e-30).sqrt()
+    return gram / (d[:, None] * d[None, :])
+
+
+def gram_to_sq_distance(gram: torch.Tensor) -> torch.Tensor:
+    """‖a_i − a_j‖² = G_ii + G_jj − 2 G_ij (E, E), clamped at 0."""
+    d = gram.diagonal()
+    return (d[:, None] + d[None, :] - 2 * gram).clamp_min(0)
+
+
+# ---- calibration statistics ---------------------------------------------------------------------
+
+
+@torch.no_grad()
+def expert_output(experts: torch.nn.Module, x: torch.Tensor, e: int) -> torch.Tensor:
+    """Unweighted f_e(x) (T, H) through transformers' own experts module. Calls the class's forward
+    directly: this runs inside the probe's forward hook on the same module, and going through
+    ``__call__`` would fire that hook again (and any patched instance forward)."""
+    idx = torch.full((x.shape[0], 1), e, dtype=torch.long, device=x.device)
+    w = torch.ones((x.shape[0], 1), dtype=x.dtype, device=x.device)
+    return type(experts).forward(experts, x, idx, w)
+
+
+class LayerStats:
+    """Accumulates one layer's statistics over every MoE call (see module docstring).
+
+    router_gram:  keep Σ_t l_t l_tᵀ of router logits
+    outputs:      None, "mean" (Σ_t f_e(x_t)) or "gram" (also Σ_t <f_i(x_t), f_j(x_t)>), all tokens
+    saliency:     keep Σ_{t routed to e} g_e(t)·‖f_e(x_t)‖ (REAP-style importance)
+    max_tokens:   cap on tokens used for all-token outputs (None: every counted token)
+    """
+
+    def __init__(self, num_experts: int, top_k: int, *, router_gram: bool = False, outputs: str | None = None,
+                 saliency: bool = False, max_tokens: int | None = None):
+        self.num_experts, self.top_k = num_experts, top_k
+        self.want_router_gram, self.want_outputs, self.want_saliency = router_gram, outputs, saliency
+        self.max_tokens = max_tokens
+        self.counts = torch.zeros(num_experts, dtype=torch.float64)
+        self.gate_mass = torch.zeros(num_experts, dtype=torch.float64)
+        self.tokens = 0
+        self.router_gram = torch.zeros(num_experts, num_experts, dtype=torch.float64) if router_gram else None
+        self.output_sum: torch.Tensor | None = None  # (E, H)
+        self.output_gram = torch.zeros(num_experts, num_experts, dtype=torch.float64) if outputs == "gram" else None
+        self.output_tokens = 0
+        self.saliency_sum = torch.zeros(num_experts, dtype=torch.float64)
+
+    @torch.no_grad()
+    def observe(self, call: MoeCall) -> None:
+        mask = call.token_mask
+        sel = slice(None) if mask is None else mask.to(call.top_k_index.device)
+        idx, w = call.top_k_index[sel], call.top_k_weights[sel]  # (n, k)
+        n = idx.shape[0]
+        if n == 0:
+            return
+        self.tokens += n
+        flat = idx.reshape(-1).cpu()
+        self.counts.index_add_(0, flat, torch.ones(flat.numel(), dtype=torch.float64))
+        self.gate_mass.index_add_(0, flat, w.reshape(-1).cpu().double())
+        if self.router_gram is not None:
+            lg = call.router_logits[sel].double().cpu()  # (n, E)
+            self.router_gram += lg.T @ lg
+        if not (self.want_outputs or self.want_saliency):
+            return
+        x = call.moe_input.reshape(-1, call.moe_input.shape[-1])[sel]  # (n, H)
+        if self.want_outputs and (self.max_tokens is None or self.output_tokens < self.max_tokens):
+            take = n if self.max_tokens is None else min(n, self.max_tokens - self.output_tokens)
+            self._all_token_outputs(call.experts, x[:take], idx[:take], w[:take])
+            if self.want_saliency and take < n:
+                self._routed_saliency(call.experts, x[take:], idx[take:], w[take:])
+        elif self.want_saliency:
+            self._routed_saliency(call.experts, x, idx, w)
+
+    def _all_token_outputs(self, experts, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
+        E, H = self.num_experts, x.shape[1]
+        if self.output_sum is None:
+            self.output_sum = torch.zeros(E, H, dtype=torch.float64)
+        self.output_tokens += x.shape[0]
+        step = max(1, BLOCK_BYTES // (4 * E * H))
+        for t0 in range(0, x.shape[0], step):
+            xb = x[t0:t0 + step]
+            outs = torch.stack([expert_output(experts, xb, e).float() for e in range(E)])  # (E, b, H)
+            self.output_sum += outs.sum(1).double().cpu()
+            if self.output_gram is not None:
+                flat = outs.reshape(E, -1)
+                self.output_gram += (flat @ flat.T).double().cpu()
+            if self.want_saliency:
+                norms = outs.norm(dim=-1)  # (E, b)
+                ib, wb = idx[t0:t0 + step], w[t0:t0 + step]  # (b, k)
+                routed = norms.T.gather(1, ib)  # (b, k): ‖f_{idx[t,j]}(x_t)‖
+                self.saliency_sum.index_add_(0, ib.reshape(-1).cpu(), (routed * wb).reshape(-1).double().cpu())
+
+    def _routed_saliency(self, experts, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
+        for e in range(self.num_experts):
+            t, j = (idx == e).nonzero(as_tuple=True)
+            if t.numel():
+                norms = expert_output(experts, x[t], e).float().norm(dim=-1)  # (m,)
+                self.saliency_sum[e] += float((norms * w[t, j]).sum())
+
+    # ---- reading ------------------------------------------------------------------------------
+    def frequency(self) -> torch.Tensor:
+        """f_e: share of top-k assignments (E,), sums to 1 over experts."""
+        return self.counts / max(1.0, self.tokens * self.top_k)
+
+    def router_similarity(self) -> torch.Tensor:
+        """M-SMoE's router-logit similarity (cos + 1) / 2 of logit columns over tokens (E, E)."""
+        if self.router_gram is None:
+            raise RuntimeError("LayerStats was built without router_gram")
+        return (gram_to_cosine(self.router_gram) + 1) / 2
+
+    def mean_outputs(self) -> torch.Tensor:
+        """Mean of f_e(x) over every counted token (E, H) float64."""
+        if self.output_sum is None:
+            raise RuntimeError("no expert outputs were collected (no tokens, or outputs=None)")
+        return self.output_sum / max(1, self.output_tokens)
+
+    def output_similarity(self) -> torch.Tensor:
+        """Token-wise output cosine Σ_t<f_i,f_j> / sqrt(Σ‖f_i‖² Σ‖f_j‖²) (E, E)."""
+        if self.output_gram is None:
+            raise RuntimeError("LayerStats was built without outputs='gram'")
+        return gram_to_cosine(self.output_gram)
+
+    def saliency(self) -> torch.Tensor:
+        return self.saliency_sum / max(1, self.tokens)

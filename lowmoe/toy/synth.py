@@ -1,0 +1,159 @@
+"""Synthetic MoE checkpoints in each family's real on-disk layout.
+
+``synth_model`` writes config.json, a byte-level tokenizer, generation_config.json and random
+weights, **one decoder layer at a time** through the same incremental shard writer the pruner
+uses, so a multi-GB synthetic model never sits in memory whole. The tensors' names and shapes come
+from transformers' own decoder-layer class for that config (converted to the on-disk layout by the
+family adapter), so whatever transformers can build, lowmoe can synthesise; ``from_pretrained``
+loads the result with no missing or unexpected keys.
+
+Weights are N(0, 0.02) (``initializer_range``), norms are ones, biases zeros; router rows use a
+larger std (1/sqrt(hidden)) so routing is far from uniform, as in trained models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..engine.adapters import BY_FAMILY, supported_families
+from ..errors import ConfigError, OutputError
+from ..engine.hf import ModelSkeleton
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, save_byte_tokenizer
+from ..engine.device import DTYPES
+from ..engine.writer import ShardWriter, parse_size
+
+log = logging.getLogger(__name__)
+
+
+
+def family_config(arch: str, *, layers: int, hidden_size: int, intermediate_size: int, experts: int, top_k: int,
+                  vocab_size: int = VOCAB_SIZE, heads: int | None = None, dtype: str = "float32",
+                  max_position_embeddings: int = 4096, mtp_layers: int = 0) -> dict:
+    """config.json contents for a small model of family ``arch``."""
+    if arch not in BY_FAMILY:
+        raise ConfigError(f"--arch {arch!r} is not supported; choose one of: {', '.join(supported_families())}")
+    heads = heads or max(1, hidden_size // 16)
+    if hidden_size % heads:
+        raise ConfigError(f"--hidden-size {hidden_size} is not divisible by the number of heads {heads}")
+    kv = max(1, heads // 2)
+    head_dim = hidden_size // heads
+    torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)
+    cfg = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
+               num_key_value_heads=kv, max_position_embeddings=max_position_embeddings, num_experts_per_tok=top_k,
+               rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+               pad_token_id=PAD_ID, dtype=torch_dtype)
+    if arch == "mixtral":
+        cfg.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=experts,
+                   intermediate_size=intermediate_size, head_dim=head_dim)
+    elif arch == "phimoe":
+        if top_k != 2:
+            raise ConfigError("--top-k must be 2 for phimoe (transformers' sparsemixer router supports only top-2)")
+        cfg.update(model_type="phimoe", architectures=["PhimoeForCausalLM"], num_local_experts=experts,
+                   intermediate_size=intermediate_size, router_jitter_noise=0.0, input_jitter_noise=0.0)
+        cfg.pop("rms_norm_eps")
+    elif arch in ("qwen2_moe", "qwen3_moe"):
+        cfg.update(model_type=arch, architectures=["Qwen2MoeForCausalLM" if arch == "qwen2_moe" else "Qwen3MoeForCausalLM"],
+                   num_experts=experts, moe_intermediate_size=intermediate_size, intermediate_size=intermediate_size * 2,
+                   decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=arch == "qwen3_moe", head_dim=head_dim)
+        if arch == "qwen2_moe":
+            cfg["shared_expert_intermediate_size"] = intermediate_size * 2
+    elif arch == "olmoe":
+        cfg.update(model_type="olmoe", architectures=["OlmoeForCausalLM"], num_experts=experts,
+                   intermediate_size=intermediate_size, norm_topk_prob=False)
+    elif arch in ("deepseek_v2", "deepseek_v3"):
+        n_group = 2 if experts % 2 == 0 and experts >= 4 else 1
+        cfg.update(model_type=arch, architectures=["DeepseekV2ForCausalLM" if arch == "deepseek_v2" else "DeepseekV3ForCausalLM"],
+                   n_routed_experts=experts, moe_intermediate_size=intermediate_size, intermediate_size=intermediate_size * 2,
+                   first_k_dense_replace=1 if layers > 1 else 0, n_shared_experts=1, kv_lora_rank=max(8, hidden_size // 4),
+                   qk_rope_head_dim=max(4, head_dim // 2), qk_nope_head_dim=max(4, head_dim // 2), v_head_dim=head_dim,
+                   n_group=n_group, topk_group=1 if n_group > 1 else 1, routed_scaling_factor=1.0,
+                   num_key_value_heads=heads)
+        if arch == "deepseek_v2":
+            cfg.update(q_lora_rank=None, topk_method="group_limited_greedy" if n_group > 1 else "greedy", norm_topk_prob=False)
+        else:
+            cfg.update(q_lora_rank=max(8, hidden_size // 2), norm_topk_prob=True, num_nextn_predict_layers=mtp_layers,
+                       rope_interleave=True)
+        if top_k > (experts // n_group) * cfg["topk_group"]:
+            cfg["topk_group"] = n_group
+    elif arch == "gpt_oss":
+        cfg.update(model_type="gpt_oss", architectures=["GptOssForCausalLM"], num_local_experts=experts,
+                   intermediate_size=intermediate_size, head_dim=head_dim, sliding_window=128,
+                   layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)])
+    return cfg
+
+
+def _init_tensor(name: str, shape: torch.Size, gen: torch.Generator, hidden: int, std: float) -> torch.Tensor:
+    if len(shape) == 1:
+        if "norm" in name and name.endswith("weight"):
+            return torch.ones(shape)
+        if name.endswith("sinks"):
+            return torch.zeros(shape)
+        return torch.zeros(shape)  # biases, e_score_correction_bias
+    is_router = name.endswith(("gate.weight", "router.weight")) and "shared_expert_gate" not in name and shape[-1] == hidden
+    s = 1.0 / math.sqrt(hidden) if is_router else std
+    return torch.randn(shape, generator=gen) * s
+
+
+def synth_model(out_dir: str | Path, arch: str = "mixtral", *, layers: int = 4, hidden_size: int = 64,
+                intermediate_size: int = 128, experts: int = 8, top_k: int = 2, seed: int = 0,
+                shard_size: int | str = "2GB", dtype: str = "float32", vocab_size: int = VOCAB_SIZE,
+                heads: int | None = None, mtp_layers: int = 0, overwrite: bool = False) -> Path:
+    """Write a random-init checkpoint of family ``arch`` to ``out_dir`` and return its path."""
+    from transformers import GenerationConfig
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputError(f"{out}: directory exists and is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    if experts < 2 or top_k < 1 or top_k > experts:
+        raise ConfigError(f"--experts {experts} / --top-k {top_k}: need experts >= 2 and 1 <= top-k <= experts")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    tdtype = DTYPES[dtype]
+    out.mkdir(parents=True, exist_ok=True)
+    raw = family_config(arch, layers=layers, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                        experts=experts, top_k=top_k, vocab_size=vocab_size, heads=heads, dtype=dtype,
+                        mtp_layers=mtp_layers)
+    adapter = BY_FAMILY[arch]
+    skel = ModelSkeleton(raw, adapter)
+    writer = ShardWriter(out, parse_size(shard_size))
+    std = float(getattr(skel.config, "initializer_range", 0.02) or 0.02)
+    moe = set(adapter.moe_layers(raw))
+
+    def layer_tensors(layer_idx: int, module) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + layer_idx + 1)
+        state = {n: _init_tensor(n, p.shape, gen, hidden_size, std).to(tdtype)
+                 for n, p in list(module.named_parameters()) + list(module.named_buffers())}
+        return adapter.to_disk(layer_idx, state, layer_idx in moe)
+
+    for layer_idx in range(layers):
+        writer.add_all(layer_tensors(layer_idx, skel.base.layers[layer_idx]))
+    for j in range(mtp_layers):  # DeepSeek-V3 MTP: a decoder layer plus its projection and norms
+        layer_idx = layers + j
+        t = layer_tensors(layer_idx, skel.new_layer(layer_idx))
+        gen = torch.Generator().manual_seed(seed * 7 + layer_idx)
+        p = f"model.layers.{layer_idx}."
+        t[p + "eh_proj.weight"] = (torch.randn(hidden_size, 2 * hidden_size, generator=gen) * std).to(tdtype)
+        for n in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
+            t[p + n] = torch.ones(hidden_size, dtype=tdtype)
+        writer.add_all(t)
+    gen = torch.Generator().manual_seed(seed * 1_000_003)
+    rest = {}
+    for name, prm in skel.model.named_parameters():
+        if ".layers." in name:
+            continue
+        rest[name] = _init_tensor(name, prm.shape, gen, hidden_size, std).to(tdtype)
+    writer.add_all(rest)
+    writer.finalize()
+    (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    save_byte_tokenizer(out)
+    GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(str(out))
+    log.info("wrote synthetic %s model to %s (%.1f MB)", arch, out, writer.total_bytes / 1e6)
+    return out
