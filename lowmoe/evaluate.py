@@ -187,13 +187,8 @@ class _EvalTokens:
 class EvalStream(Stream):
     """``engine.stream.Stream`` over eval batches of different widths (``_EvalTokens``)."""
 
-    def embed(self) -> None:
-        key = "model.embed_tokens.weight"
-        w = self.ck.read([key])[key].to(self.device, self.dtype)
-        self.placer.accountant.track(w, w.numel() * w.element_size())
-        for c, sl in self.chunks():
-            self.cache.write(0, c, torch.nn.functional.embedding(self.tokens.ids[sl.start].to(self.device), w))
-        del w
+    def token_ids(self, chunk: int, sl: slice) -> torch.Tensor:
+        return self.tokens.ids[chunk]
 
 
 def _logits_fp32(h: torch.Tensor, head: torch.Tensor, block: int = 16384) -> torch.Tensor:

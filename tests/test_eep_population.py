@@ -39,7 +39,7 @@ def test_loaded_layer_block_is_bit_identical_to_a_fresh_build(synth_dir, tmp_pat
     onehot = pe.space.random_onehot(rng)
     cands = [onehot, merged(pe.space, onehot, rng)]
     h = torch.randn(2, 9, int(pe.ck.config["hidden_size"]), generator=torch.Generator().manual_seed(0)).to(dtype)
-    inputs = LayerInputs.build(pe.skel, h, pe.rotary)
+    inputs = pe.inputs_for(h)
     L = pe.ck.moe_layers()[-1]
     tensors = pe.weights.layer(L)
     loaded = LoadedLayer(pe, L, dict(tensors))

@@ -21,6 +21,7 @@ from ..pipeline import prune as run_prune
 from ..toy import tasks
 from ..toy.synth import synth_model
 from ..toy.tokenizer import VOCAB_SIZE
+from .options import calibration_options, compute_options
 from .report import print_prune_summary
 
 log = logging.getLogger("lowmoe")
@@ -110,21 +111,11 @@ def families():
 @click.option("--calib", multiple=True, type=click.Path(path_type=Path), help="Calibration file (text or JSONL); repeatable.")
 @click.option("--plan", "plan", default=None, type=click.Path(path_type=Path), help="Apply a saved plan (no calibration).")
 @click.option("--top-k", default=None, type=int, help="Experts per token in the output (default: unchanged).")
-@click.option("--seq-len", default=256, show_default=True, type=int)
-@click.option("--n-samples", default=64, show_default=True, type=int, help="Calibration sequences.")
-@click.option("--batch-size", default=8, show_default=True, type=int, help="Sequences per activation chunk.")
-@click.option("--layout", default="pack", show_default=True, type=click.Choice(["pack", "per-sample"]))
-@click.option("--answer-only", is_flag=True, help="Count only answer/assistant tokens in the statistics.")
+@calibration_options
 @click.option("--one-shot", is_flag=True, help="Score every layer on the original model's activations.")
 @click.option("--no-protect-super-experts", is_flag=True, help="Allow dropping super experts.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
-@click.option("--dtype", default="fp32", show_default=True,
-              type=click.Choice(["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]),
-              help="Compute dtype (scores are accumulated in fp32 whatever it is).")
+@compute_options
 @click.option("--max-shard-size", default="5GB", show_default=True)
-@click.option("--max-vram", default=None, help="Device memory budget, e.g. 20GiB; experts are streamed in groups when a layer does not fit.")
-@click.option("--max-ram", default=None, help="Host RAM budget, e.g. 32GiB (checked before the run starts).")
-@click.option("--no-prefetch", is_flag=True, help="Do not read the next layer / activation chunk while computing.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue a killed run in OUT.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from ..engine.device import DTYPE_CHOICES
 from ..score import format_scores, score
 from .heatmap import usage_heatmap
+from .options import calibration_options, compute_options
 
 
 @click.command("score")
@@ -21,20 +21,11 @@ from .heatmap import usage_heatmap
               help="Scoring method (frequency, gate-mass, reap, easy-ep, tcess, reconstruction); repeatable: one pass for all.")
 @click.option("--out", default="scores.json", show_default=True, type=click.Path(path_type=Path), help="Where to write the scores (JSON).")
 @click.option("--keep", default=None, help="Also list the experts each method would keep per layer (a count, 'half', '25%').")
-@click.option("--seq-len", default=256, show_default=True, type=int)
-@click.option("--n-samples", default=64, show_default=True, type=int, help="Calibration sequences (split between domains by weight).")
-@click.option("--batch-size", default=8, show_default=True, type=int, help="Sequences per activation chunk.")
-@click.option("--layout", default="pack", show_default=True, type=click.Choice(["pack", "per-sample"]))
-@click.option("--answer-only", is_flag=True, help="Count only answer/assistant tokens in the statistics.")
+@calibration_options
 @click.option("--no-protect-super-experts", is_flag=True, help="Do not detect super experts.")
 @click.option("--reap-no-renormalize", is_flag=True, help="REAP: use the full-softmax router probability, not renormalised over top-k.")
 @click.option("--heatmap", default=None, type=click.Path(path_type=Path), help="Also draw expert usage per layer and domain (PNG; needs matplotlib).")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
-@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(DTYPE_CHOICES),
-              help="Compute dtype (scores are accumulated in fp32 whatever it is).")
-@click.option("--max-vram", default=None, help="Device memory budget, e.g. 20GiB; experts are streamed in groups when a layer does not fit.")
-@click.option("--max-ram", default=None, help="Host RAM budget, e.g. 32GiB (checked before the run starts).")
-@click.option("--no-prefetch", is_flag=True, help="Do not read the next layer / activation chunk while computing.")
+@compute_options
 @click.option("--quant", default="none", show_default=True, type=click.Choice(["none", "int8", "nf4"]),
               help="Hold each layer's expert, attention and shared-expert weights as bitsandbytes NF4 (~0.56 byte/param) "
                    "or blockwise int8 (~1 byte/param), dequantized per use; router and norms stay exact. "

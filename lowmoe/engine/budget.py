@@ -109,15 +109,8 @@ def layer_sizes(ck) -> list[LayerSize]:
     for L in range(ck.num_layers):
         keys = ck.layer_keys(L)
         numel = {k: _numel(ck.tensor_info(k)[0]) for k in keys}
-        expert_keys: list[str] = []
-        n_exp = 0
-        if L in moe:
-            n_exp = ck.num_experts
-            if ad.expert_layout == "per_expert":
-                for e in range(n_exp):
-                    expert_keys += ad.expert_keys(L, e)
-            else:
-                expert_keys = ad.fused_keys(L)
+        n_exp = ck.num_experts if L in moe else 0
+        expert_keys = ad.routed_expert_keys(L, n_exp) if n_exp else []
         ex = set(expert_keys)
         ex_numel = sum(numel[k] for k in ex if k in numel)
         out.append(LayerSize(L, ck.layer_bytes(L), sum(v for k, v in numel.items() if k not in ex),

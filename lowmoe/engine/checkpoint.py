@@ -174,12 +174,7 @@ class Checkpoint:
                 missing.append(f"model.layers.{layer}.*")
                 continue
         for layer in self.moe_layers():
-            want = ad.router_keys(layer)
-            if ad.expert_layout == "per_expert":
-                for e in range(self.num_experts):
-                    want += ad.expert_keys(layer, e)
-            else:
-                want += ad.fused_keys(layer)
+            want = ad.router_keys(layer) + ad.routed_expert_keys(layer, self.num_experts)
             missing += [k for k in want if k not in self.weight_map]
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

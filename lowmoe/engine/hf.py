@@ -143,6 +143,21 @@ class LayerInputs:
         return self.masks[types[layer_idx] if types else "full_attention"]
 
 
+class LayerInputsCache:
+    """``LayerInputs`` per (batch, seq) shape of the hidden states, built once each, with one rotary
+    module on ``device``: ``inputs_for(hidden)``."""
+
+    def __init__(self, skel: ModelSkeleton, device):
+        self.skel, self.rotary = skel, skel.rotary(device)
+        self._by_shape: dict[tuple, LayerInputs] = {}
+
+    def __call__(self, hidden: torch.Tensor) -> LayerInputs:
+        key = tuple(hidden.shape[:2])
+        if key not in self._by_shape:
+            self._by_shape[key] = LayerInputs.build(self.skel, hidden, self.rotary)
+        return self._by_shape[key]
+
+
 def run_layer(skel: ModelSkeleton, layer: nn.Module, layer_idx: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
     out = layer(hidden, attention_mask=inputs.mask_for(skel, layer_idx), position_ids=inputs.position_ids,
                 position_embeddings=inputs.position_embeddings, past_key_values=None, use_cache=False)

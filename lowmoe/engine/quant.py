@@ -340,8 +340,7 @@ def check_quant_budget(plan, ck: Checkpoint, mode: str, dtype: torch.dtype) -> N
         prefix = ad.layer_prefix(L)
         expert_keys: set[str] = set()
         if L in moe:
-            expert_keys = set(ad.fused_keys(L)) if ad.expert_layout != "per_expert" else {
-                k for e in range(ck.num_experts) for k in ad.expert_keys(L, e)}
+            expert_keys = set(ad.routed_expert_keys(L, ck.num_experts))
         quantized = exact = largest = experts_q = 0
         for key in ck.layer_keys(L):
             shape = ck.tensor_info(key)[0]

@@ -27,7 +27,7 @@ from .cache import ActivationCache
 from .calibration import CalibTokens, load_tokenizer, tokenize
 from .checkpoint import Checkpoint
 from ..errors import ConfigError
-from .hf import LayerInputs, ModelSkeleton, MoeProbe, run_layer
+from .hf import LayerInputsCache, ModelSkeleton, MoeProbe, run_layer
 from .plan import LayerPlan
 from .prefetch import IOStats, LayerReader, Prefetcher, WriteBehind
 from .quant import build_quantized_layer
@@ -63,9 +63,8 @@ class Stream:
         self.placer = Placer(device, dtype, budget, self.io)  # builds layers under --max-vram/--max-ram
         self.quant = quant  # "nf4"/"int8": layers built with bitsandbytes-quantized weights (lowmoe.engine.quant)
         self.skel = ModelSkeleton(ck.config, ck.adapter)
-        self.rotary = self.skel.rotary(device)
+        self.inputs_for = LayerInputsCache(self.skel, device)  # rotary embeddings and masks per token-block shape
         self.num_chunks = (tokens.input_ids.shape[0] + batch_size - 1) // batch_size
-        self._inputs: dict[tuple, LayerInputs] = {}
 
     def chunks(self):
         for c, sl in self.tokens.batches(self.batch_size):
@@ -76,8 +75,12 @@ class Stream:
         w = self.ck.read([key])[key].to(self.device, self.dtype)
         self.placer.accountant.track(w, w.numel() * w.element_size())  # counts against --max-vram while it lives
         for c, sl in self.chunks():
-            self.cache.write(0, c, torch.nn.functional.embedding(self.tokens.input_ids[sl].to(self.device), w))
+            self.cache.write(0, c, torch.nn.functional.embedding(self.token_ids(c, sl).to(self.device), w))
         del w
+
+    def token_ids(self, chunk: int, sl: slice) -> torch.Tensor:
+        """The token ids of cache chunk ``chunk`` (rows ``sl`` of the calibration tokens)."""
+        return self.tokens.input_ids[sl]
 
     def materialize(self, layer_idx: int, runtime_state: dict, *, num_experts: int | None = None, top_k: int | None = None):
         """``layer.materialize_layer`` on this stream's device, under its budget (experts chunked if needed),
@@ -99,12 +102,6 @@ class Stream:
     def _read_chunk(self, boundary: int, chunk: int) -> torch.Tensor:
         h = self.cache.read(boundary, chunk)
         return h.pin_memory() if self.device.type == "cuda" else h
-
-    def inputs_for(self, hidden: torch.Tensor) -> LayerInputs:
-        key = tuple(hidden.shape[:2])
-        if key not in self._inputs:
-            self._inputs[key] = LayerInputs.build(self.skel, hidden, self.rotary)
-        return self._inputs[key]
 
     @torch.no_grad()
     def forward(self, layer_idx: int, module, *, write: bool, probe=None, adapter=None, read_boundary: int | None = None):

@@ -70,6 +70,13 @@ class Adapter:
         base = self.layer_prefix(layer_idx) + self.moe_prefix + "experts."
         return [base + t for t in self.fused_tensors]
 
+    def routed_expert_keys(self, layer_idx: int, num_experts: int) -> list[str]:
+        """Every on-disk key of the layer's routed experts (per expert in order, or the fused tensors):
+        what sizes, budgets and the index check count as "experts"; everything else is resident."""
+        if self.expert_layout == "per_expert":
+            return [k for e in range(num_experts) for k in self.expert_keys(layer_idx, e)]
+        return self.fused_keys(layer_idx)
+
     def is_expert_key(self, key_in_layer: str) -> bool:
         return key_in_layer.startswith(self.moe_prefix + "experts.")
 

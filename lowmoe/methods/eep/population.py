@@ -54,7 +54,7 @@ from ...engine.cache import ActivationCache
 from ...engine.checkpoint import Checkpoint
 from ...engine.device import dtype_bytes
 from ...engine.experts import ChunkedExperts, KeptExperts
-from ...engine.hf import LayerInputs, ModelSkeleton, hf_config, layer_config, materialize, materialize_layer, run_layer, split_experts
+from ...engine.hf import LayerInputsCache, ModelSkeleton, hf_config, layer_config, materialize, materialize_layer, run_layer, split_experts
 from ...engine.memory import Accountant
 from ...engine.progress import progress as progress_bar
 from ...engine.prefetch import IOStats
@@ -285,11 +285,10 @@ class PopulationEvaluator:
         self.device, self.dtype, self.top_k, self.batch_size = torch.device(device), dtype, top_k, batch_size
         self.progress = progress
         self.skel = ModelSkeleton(ck.config, ck.adapter)
-        self.rotary = self.skel.rotary(self.device)
+        self.inputs_for = LayerInputsCache(self.skel, self.device)
         self.cache = ActivationCache(root)
         self.num_chunks = (data.input_ids.shape[0] + batch_size - 1) // batch_size
         self.moe = set(ck.moe_layers())
-        self._inputs: dict[tuple, LayerInputs] = {}
         self._head: Head | None = None
         self._cand_cfg = None
         self._buffers: dict[str, torch.Tensor] = {}
@@ -351,12 +350,6 @@ class PopulationEvaluator:
         for c, sl in self.data.batches(self.batch_size):
             self.cache.write(0, c, torch.nn.functional.embedding(self.data.input_ids[sl].to(self.device), w), ROOT)
 
-    def _inputs_for(self, h: torch.Tensor) -> LayerInputs:
-        k = tuple(h.shape[:2])
-        if k not in self._inputs:
-            self._inputs[k] = LayerInputs.build(self.skel, h, self.rotary)
-        return self._inputs[k]
-
     @torch.no_grad()
     def _run(self, loaded: LoadedLayer, block, src: str, dst: str) -> None:
         L = loaded.idx
@@ -369,7 +362,7 @@ class PopulationEvaluator:
                 index = self._flat_positions(c, sl, h) if last else self._live_positions(c, sl, h)
                 module = loaded.use(block if index is None else
                                     TokenSubset(block if block is not None else loaded.base, index))
-            self.cache.write(L + 1, c, run_layer(self.skel, module, L, h, self._inputs_for(h)), dst)
+            self.cache.write(L + 1, c, run_layer(self.skel, module, L, h, self.inputs_for(h)), dst)
         self.stats["layer_runs"] += 1
 
     def _flat_positions(self, c: int, sl: slice, h: torch.Tensor) -> torch.Tensor:
