@@ -76,6 +76,24 @@ class ModelSkeleton:
         return rot_cls(self.config, device=device) if "device" in rot_cls.__init__.__code__.co_varnames else rot_cls(self.config).to(device)
 
 
+def whole_model(skel: ModelSkeleton, state: dict[str, torch.Tensor], device, dtype, *, num_experts: int | None = None,
+                top_k: int | None = None) -> nn.Module:
+    """The family's ``*ForCausalLM`` with ``num_experts`` experts and ``top_k``, filled with ``state``
+    (runtime names, every key), in ``dtype`` on ``device`` (``e_score_correction_bias`` stays fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_config(skel.raw, num_experts=num_experts, top_k=top_k, adapter=skel.adapter)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    state = dict(state)
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    state = {k: v.to(device, dtype) if not k.endswith("e_score_correction_bias") else v.to(device) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.model.rotary_emb = skel.rotary(device)  # its non-persistent buffers were on meta
+    return model.eval()
+
+
 def materialize(module: nn.Module, state: dict[str, torch.Tensor], device, dtype) -> nn.Module:
     """Fill a meta-device module with ``state`` (every key must match), cast to ``dtype``."""
     module = module.to_empty(device=device)

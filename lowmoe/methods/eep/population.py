@@ -54,7 +54,7 @@ from ...engine.cache import ActivationCache
 from ...engine.checkpoint import Checkpoint
 from ...engine.device import dtype_bytes
 from ...engine.experts import ChunkedExperts, KeptExperts
-from ...engine.hf import LayerInputsCache, ModelSkeleton, hf_config, layer_config, materialize, materialize_layer, run_layer, split_experts
+from ...engine.hf import LayerInputsCache, ModelSkeleton, layer_config, whole_model, materialize, materialize_layer, run_layer, split_experts
 from ...engine.memory import Accountant
 from ...engine.progress import progress as progress_bar
 from ...engine.prefetch import IOStats
@@ -505,24 +505,13 @@ class WholeModelEvaluator:
         self.skel = ModelSkeleton(ck.config, ck.adapter)
 
     def model(self, cand: Candidate):
-        from transformers import AutoModelForCausalLM
-
         ad = self.ck.adapter
         state = dict(self.other)
         for L, tensors in self.layers.items():
             moe = L in self.moe
             t = apply_layer(ad, L, tensors, self.space.layer_plan(cand, L), self.ck.num_experts) if moe else tensors
             state.update({ad.layer_prefix(L) + k: v for k, v in ad.to_runtime(L, t, moe).items()})
-        cfg = hf_config(self.ck.config, num_experts=self.space.keep, top_k=self.top_k, adapter=ad)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
-        if "lm_head.weight" not in state:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        state = {k: v.to(self.device, self.dtype) if not k.endswith("e_score_correction_bias") else v.to(self.device)
-                 for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
-        model.model.rotary_emb = self.skel.rotary(self.device)  # non-persistent buffers were on meta
-        return model.eval()
+        return whole_model(self.skel, state, self.device, self.dtype, num_experts=self.space.keep, top_k=self.top_k)
 
     @torch.no_grad()
     def evaluate_one(self, cand: Candidate) -> Fitness:
