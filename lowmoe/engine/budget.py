@@ -434,7 +434,7 @@ class Placer:
 
     def materialize(self, skel, layer_idx: int, runtime_state: dict[str, torch.Tensor], *,
                     num_experts: int | None = None, top_k: int | None = None) -> nn.Module:
-        """``layer.materialize_layer`` under the budget (same arguments, same module and numbers)."""
+        """``hf.materialize_layer`` under the budget (same arguments, same module and numbers)."""
         placement = None
         if self.weights_budget is not None and layer_idx in skel.moe_layers:
             experts, rest = split_experts(skel.adapter, runtime_state)

@@ -1,8 +1,8 @@
 """Overlap reading with compute: the next layer's tensors and the next activation chunk are read
 by a background thread while the current one computes.
 
-Where it sits: ``pipeline.score_and_write`` iterates ``LayerReader`` instead of calling
-``Checkpoint.read_layer`` itself, and ``pipeline.Stream.forward`` reads its activation-cache chunks
+Where it sits: ``stream.Stream.layers`` is a ``LayerReader``: layer loops iterate it instead of calling
+``Checkpoint.read_layer`` themselves, and ``stream.Stream.forward`` reads its activation-cache chunks
 through ``Prefetcher`` (and writes them behind, through ``WriteBehind``). Nothing here changes a
 number: the same bytes arrive in the same order, only earlier.
 
@@ -13,7 +13,7 @@ Reads release the GIL (safetensors' pread, torch copies), so one background thre
 hide the disk behind the compute. On CUDA the reader also copies each tensor into page-locked
 (pinned) host memory, so the host->device copy that ``materialize`` does later is a fast DMA, and
 ``DeviceStager`` issues such copies on a separate CUDA stream so they overlap with kernels on the
-default stream (used for expert groups in ``budget.ChunkedExperts``).
+default stream (used for expert groups in ``experts.ChunkedExperts``).
 
 ``IOStats`` records what the main thread spent *waiting* for data (the part of the I/O that was not
 hidden) next to the time the reads took; the prune report shows both ("io" section).

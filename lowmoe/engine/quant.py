@@ -30,7 +30,7 @@ device in the same two formats (``QTensor``: bitsandbytes codes + per-block absm
   the compute dtype right before the matmul). For NF4 this is what ``bnb.nn.Linear4bit`` computes
   for inputs of more than one token (``bnb.matmul_4bit`` dequantizes, then multiplies);
 * routed experts: ``QuantExperts``, each expert's matrices quantized on their own and dequantized
-  one expert at a time, run through transformers' own experts code (as ``budget.ChunkedExperts``
+  one expert at a time, run through transformers' own experts code (as ``experts.ChunkedExperts``
   runs a group), so only one expert is ever held in full precision.
 
 The numbers are those of the same layer with every quantized weight replaced by its dequantized
@@ -268,7 +268,7 @@ def quantize_tensor(t: torch.Tensor, mode: str, device: str | torch.device = "cp
 class QuantLinear(nn.Module):
     """``nn.Linear`` with its weight held as a ``QTensor``: y = x W^T + b, W dequantized per call.
 
-    The codes are a plain attribute, not a buffer, so ``layer.materialize`` (``to_empty``) leaves
+    The codes are a plain attribute, not a buffer, so ``hf.materialize`` (``to_empty``) leaves
     them alone; the bias (if any) is an ordinary parameter filled from the layer's state."""
 
     def __init__(self, weight: QTensor, linear: nn.Linear):
@@ -293,7 +293,7 @@ def _quantized_linear(name: str, lin: nn.Linear, router: str) -> bool:
 def build_quantized_layer(skel, layer_idx: int, runtime_state: dict[str, torch.Tensor], device, dtype: torch.dtype,
                           mode: str, *, accountant=None) -> nn.Module:
     """Decoder layer ``layer_idx`` on ``device`` with its linear weights quantized (``mode`` nf4/int8)
-    and everything else exact in ``dtype`` (same arguments as ``layer.materialize_layer``).
+    and everything else exact in ``dtype`` (same arguments as ``hf.materialize_layer``).
 
     Weights are quantized where they will be used (on a GPU, by bitsandbytes' CUDA kernels), one
     expert matrix at a time, so the full-precision copy on the device never exceeds one matrix."""

@@ -83,7 +83,7 @@ class Stream:
         return self.tokens.input_ids[sl]
 
     def materialize(self, layer_idx: int, runtime_state: dict, *, num_experts: int | None = None, top_k: int | None = None):
-        """``layer.materialize_layer`` on this stream's device, under its budget (experts chunked if needed),
+        """``hf.materialize_layer`` on this stream's device, under its budget (experts chunked if needed),
         or with quantized linear weights (``quant``; never chunked, see ``quant.check_quant_budget``)."""
         if self.quant != "none":
             if num_experts is not None or top_k is not None:

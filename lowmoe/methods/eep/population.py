@@ -33,7 +33,7 @@ candidate's MoE block + one activation chunk, whatever the population size; the 
 MoE layer that does not fit whole beside a merged block keeps its experts in host memory in their
 stored dtype; its resident part (attention, norms, router, shared experts) and each candidate's
 router are on the device, and the candidate's E' experts -- selected or merged on the host exactly
-as ``apply_layer`` does -- visit the device in groups through ``budget.ChunkedExperts``. Same
+as ``apply_layer`` does -- visit the device in groups through ``experts.ChunkedExperts``. Same
 fitness, bit for bit (tests). Between generations nothing is left on the device.
 
 ``WholeModelEvaluator`` is the reference and the benchmark baseline: the whole model in memory,
@@ -232,7 +232,7 @@ class LoadedLayer:
 
     def _chunked_block(self, lp, meta: torch.nn.Module) -> torch.nn.Module:
         """The candidate's block with its router (and the shared experts) on the device and its E'
-        experts in host memory, visiting the device in the planned groups (``budget.ChunkedExperts``).
+        experts in host memory, visiting the device in the planned groups (``experts.ChunkedExperts``).
         The experts are selected or merged from the stored-dtype host copy exactly as ``apply_layer``
         does (``apply.experts_for_plan``), rounded to the stored dtype."""
         ev, ad, L = self.ev, self.ev.adapter, self.idx

@@ -1,7 +1,7 @@
 """``c-prune``: layer-wise clustering by parameter similarity + a global, cross-layer cluster decision
 (C-Prune, arXiv 2504.07807), under the uniform expert count stock loaders need.
 
-A runner (``methods.EXTRA_METHODS["c-prune"]``) with two streamed passes, one layer in memory at a
+A runner (``methods.RUNNERS["c-prune"]``) with two streamed passes, one layer in memory at a
 time in each:
 
 **Scoring pass** (the original model, one-shot: every layer sees the unpruned model's activations,

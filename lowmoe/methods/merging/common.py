@@ -15,7 +15,7 @@ on-disk tensors. Router row of group j (``router`` option):
 
 If a group's experts were never routed (Σ f = 0) its members are averaged with equal weights.
 
-**Protected experts** (super experts, ``methods.protection_observers``) always lead a group, and
+**Protected experts** (super experts, ``methods.oneshot.guards``) always lead a group, and
 no other expert is merged into them while enough unprotected leaders exist, so their weights stay
 exactly as they were.
 
