@@ -4,6 +4,8 @@ in memory."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -11,10 +13,13 @@ from transformers import AutoModelForCausalLM
 
 import lowmoe
 from lowmoe.engine.checkpoint import Checkpoint
+from lowmoe.engine.adapters import supported_families
 from lowmoe.engine.hf import LayerInputs, ModelSkeleton, materialize_layer, run_layer
+from lowmoe.toy.synth import save_pretrained_model
 
 from .conftest import FAMILIES
 
+ALL_FAMILIES = supported_families()
 IDS = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
@@ -29,9 +34,29 @@ def assert_clean_load(info):
     assert not info.get("mismatched_keys"), info.get("mismatched_keys")
 
 
+@pytest.fixture(scope="session")
+def hf_saved(tmp_path_factory):
+    """hf_saved(family) -> a tiny random model written by transformers' own save_pretrained (cached)."""
+    root = tmp_path_factory.mktemp("hf_saved")
+    made: dict[str, object] = {}
+
+    def make(family: str):
+        if family not in made:
+            made[family] = save_pretrained_model(root / family, family)
+        return made[family]
+
+    return make
+
+
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_streamed_layers_equal_full_model(arch, synth_dir):
-    path = synth_dir(arch)
+def test_synth_checkpoint_loads_clean(arch, synth_dir):
+    _, info = load(synth_dir(arch))
+    assert_clean_load(info)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_streamed_layers_equal_full_model(family, hf_saved):
+    path = hf_saved(family)
     model, info = load(path)
     assert_clean_load(info)
     with torch.no_grad():
@@ -39,6 +64,7 @@ def test_streamed_layers_equal_full_model(arch, synth_dir):
     ck = Checkpoint(path)
     ck.validate()
     skel = ModelSkeleton(ck.config, ck.adapter)
+    assert set(ck.moe_layers()) == skel.moe_layers and ck.moe_layers()
     h = ck.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"][IDS]
     inputs = LayerInputs.build(skel, h, skel.rotary("cpu"))
     moe = set(ck.moe_layers())
@@ -57,32 +83,35 @@ def _plan_for(ck: Checkpoint) -> dict:
 
 
 def _reference_pruned(model, ck: Checkpoint, plan: dict):
-    """The original model with the plan's experts removed in memory: slice the runtime (fused)
-    expert tensors and router rows, then load them into a model built from the output config."""
-    sd = model.state_dict()
+    """The original model with the plan's experts removed in memory: inside each MoE block (shared
+    experts aside), every tensor with a dimension of size E (experts on dim 0, or on the last dim for
+    (1, E) / (E,) router biases) is sliced to the kept experts; loaded into a model built from a
+    config with E' experts."""
+    E = ck.num_experts
+    block = ck.adapter.runtime_moe_prefix
     new = {}
-    for k, v in sd.items():
+    for k, v in model.state_dict().items():
         parts = k.split(".")
         layer = int(parts[2]) if k.startswith("model.layers.") else None
         keep = plan["layers"].get(str(layer), {}).get("keep") if layer is not None else None
-        per_expert = keep is not None and (".experts." in k or k.endswith(("gate.weight", "router.weight", "router.bias",
-                                                                            "e_score_correction_bias")))
-        new[k] = v[keep].clone() if per_expert and v.shape[0] == ck.num_experts else v
-    cfg = model.config.__class__.from_dict({**model.config.to_dict()})
-    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
-        if hasattr(cfg, key):
-            try:
-                setattr(cfg, key, 4)
-            except Exception:
-                pass
+        inner = k[len(f"model.layers.{layer}."):] if layer is not None else ""
+        if keep is not None and inner.startswith(block) and "shared" not in inner and v.dim() >= 1:
+            if v.shape[0] == E:
+                v = v[keep].clone()
+            elif v.shape[-1] == E:
+                v = v[..., keep].clone()
+        new[k] = v
+    cfg = copy.deepcopy(model.config)
+    for key in ck.adapter.expert_count_keys:
+        setattr(cfg, key, 4)
     ref = AutoModelForCausalLM.from_config(cfg).eval()
     ref.load_state_dict(new, strict=True)
     return ref
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
-def test_prune_with_plan_matches_in_memory_removal(arch, synth_dir, tmp_path):
-    src = synth_dir(arch)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_prune_with_plan_matches_in_memory_removal(family, hf_saved, tmp_path):
+    src = hf_saved(family)
     ck = Checkpoint(src)
     plan = _plan_for(ck)
     report = lowmoe.prune(src, tmp_path / "out", plan=plan, progress=False)
@@ -93,8 +122,9 @@ def test_prune_with_plan_matches_in_memory_removal(arch, synth_dir, tmp_path):
     ref = _reference_pruned(model, ck, plan)
     with torch.no_grad():
         torch.testing.assert_close(pruned(IDS).logits, ref(IDS).logits, rtol=1e-5, atol=1e-5)
-    if arch in ("deepseek_v2", "deepseek_v3"):
-        assert pruned.config.n_group == 2 and report["notes"] == []
+    if ck.adapter.grouped_routing:
+        assert pruned.config.n_group == 2
+        assert not [n for n in report["notes"] if "group-limited" in n]
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v3"])

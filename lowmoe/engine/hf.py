@@ -62,7 +62,15 @@ class ModelSkeleton:
         self.config = self.model.config  # now carries the attention implementation chosen by transformers
         self.base = self.model.model
         self.layer_cls = type(self.base.layers[0])
-        self.moe_layers = set(adapter.moe_layers(raw_config))
+        # MoE layers as transformers builds them: those whose MoE block holds a router
+        self.moe_layers = set(adapter.moe_layers(raw_config, present=self._has_router))
+
+    def _has_router(self, layer_idx: int) -> bool:
+        try:
+            block = self.base.layers[layer_idx].get_submodule(self.adapter.runtime_moe_prefix.rstrip("."))
+        except AttributeError:
+            return False
+        return hasattr(block, self.adapter.runtime_router) and hasattr(block, "experts")
 
     def layer_types(self) -> list[str] | None:
         return getattr(self.config, "layer_types", None)
@@ -72,7 +80,9 @@ class ModelSkeleton:
             return self.layer_cls(config or self.config, layer_idx)
 
     def rotary(self, device) -> nn.Module:
-        rot_cls = type(self.base.rotary_emb)
+        # the model's rotary-embedding module: ``rotary_emb`` in most families, ``pos_emb`` in LFM2
+        rot = next(m for n, m in self.base.named_children() if type(m).__name__.endswith("RotaryEmbedding"))
+        rot_cls = type(rot)
         return rot_cls(self.config, device=device) if "device" in rot_cls.__init__.__code__.co_varnames else rot_cls(self.config).to(device)
 
 
@@ -127,15 +137,11 @@ class LayerInputs:
 
     @classmethod
     def build(cls, skel: ModelSkeleton, hidden: torch.Tensor, rotary: nn.Module) -> "LayerInputs":
-        from transformers import masking_utils
-
         b, s, _ = hidden.shape
         pos = torch.arange(s, device=hidden.device).unsqueeze(0).expand(b, -1)
         pe = rotary(hidden, pos)
-        kw = dict(config=skel.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=pos)
-        masks = {"full_attention": masking_utils.create_causal_mask(**kw)}
-        if skel.layer_types() and "sliding_attention" in skel.layer_types():
-            masks["sliding_attention"] = masking_utils.create_sliding_window_causal_mask(**kw)
+        types = set(skel.layer_types() or []) | {"full_attention"}
+        masks = {t: _mask(t, skel.config, hidden, pos) for t in sorted(types)}
         return cls(pos, pe, masks)
 
     def mask_for(self, skel: ModelSkeleton, layer_idx: int):
@@ -144,9 +150,40 @@ class LayerInputs:
 
 
 def run_layer(skel: ModelSkeleton, layer: nn.Module, layer_idx: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+    # No cache argument at all: its name changed (past_key_values -> cache, transformers 5.2x) and
+    # both default to None, which is what a full-sequence forward without a KV cache wants.
     out = layer(hidden, attention_mask=inputs.mask_for(skel, layer_idx), position_ids=inputs.position_ids,
-                position_embeddings=inputs.position_embeddings, past_key_values=None, use_cache=False)
+                position_embeddings=inputs.position_embeddings, use_cache=False)
     return out[0] if isinstance(out, tuple) else out
+
+
+# transformers' mask builder per layer type (masking_utils); recurrent layers (linear attention,
+# short convolutions, Mamba) take a padding-only mask, None without padding.
+_MASK_BUILDERS = {"full_attention": ("create_causal_mask", {}),
+                  "sliding_attention": ("create_sliding_window_causal_mask", {}),
+                  "chunked_attention": ("create_chunked_causal_mask", {}),
+                  # DeepSeek-V3.2: the sparse-attention indexer needs the explicit mask
+                  "indexed_attention": ("create_causal_mask", {"allow_is_causal_skip": False})}
+
+
+def _mask(layer_type: str, config, hidden: torch.Tensor, pos: torch.Tensor):
+    """The attention mask transformers' model forward builds for ``layer_type`` (no padding, no cache),
+    through masking_utils' current keyword names (``cache`` since 5.2x, ``past_key_values`` before)."""
+    import inspect
+
+    from transformers import masking_utils
+
+    name, extra = _MASK_BUILDERS.get(layer_type, (None, {}))
+    if name is None:
+        return None
+    fn = getattr(masking_utils, name)
+    params = inspect.signature(fn).parameters
+    kw = dict(config=config, attention_mask=None, position_ids=pos, **{k: v for k, v in extra.items() if k in params})
+    kw["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = hidden
+    kw["cache" if "cache" in params else "past_key_values"] = None
+    if "cache_position" in params:
+        kw["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
+    return fn(**kw)
 
 
 # ---- probing the MoE block ------------------------------------------------------------------

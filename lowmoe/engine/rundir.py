@@ -182,6 +182,10 @@ class PruneRun:
         for layer_idx in ck.extra_layers():
             self.writer.add_all(ck.read_layer(layer_idx))
             self.notes.append(f"layer {layer_idx} (beyond num_hidden_layers, e.g. an MTP layer) copied unchanged")
+        for layer_idx in ck.missing_extra_layers():
+            self.notes.append(f"layer {layer_idx}: config.json's {self.adapter.extra_layers_key} declares it but the "
+                              "input's index holds no tensors for it (transformers' save_pretrained writes no MTP "
+                              "layer); skipped")
         rest = ck.other_keys()
         self.writer.add_all(ck.read(rest))
         cfg_out, notes = patch_config(ck.config, self.adapter, plan, ck.num_experts)
