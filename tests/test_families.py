@@ -180,3 +180,49 @@ def test_layer_split_across_shards_is_read(synth_dir):
     assert len(shards) >= 2  # 40KB shards split every layer
     tensors = ck.read_layer(1)
     assert len(tensors) == len(ck.layer_keys(1))
+
+
+def test_deepseek_v3_saved_by_transformers_without_mtp_prunes_and_loads(hf_saved, tmp_path):
+    """DeepseekV3Config defaults to num_nextn_predict_layers=1, but save_pretrained writes no MTP layer:
+    the missing layer is skipped with a note, nothing is invented, and the output loads."""
+    src = hf_saved("deepseek_v3")
+    ck = Checkpoint(src)
+    assert ck.config["num_nextn_predict_layers"] == 1
+    assert ck.extra_layers() == [] and ck.missing_extra_layers() == [3]
+    report = lowmoe.prune(src, tmp_path / "out", plan=_plan_for(ck), progress=False)
+    assert any(n.startswith("layer 3: config.json's num_nextn_predict_layers declares it") for n in report["notes"])
+    out = Checkpoint(tmp_path / "out")
+    assert not out.layer_keys(3)
+    _, info = load(tmp_path / "out")
+    assert_clean_load(info)
+
+
+def test_output_is_a_complete_hugging_face_model(hf_saved, tmp_path):
+    """Tokenizer, chat template and generation config are copied byte for byte; README.md is a model
+    card naming the base model, method, kept experts, calibration data and the command."""
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    src = tmp_path / "base"
+    shutil.copytree(hf_saved("qwen3_moe"), src)
+    (src / "chat_template.jinja").write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    (src / "README.md").write_text("---\nlicense: apache-2.0\n---\n# the base model's card\n")
+    ck = Checkpoint(src)
+    plan = _plan_for(ck)
+    lowmoe.prune(src, tmp_path / "out", plan=plan, progress=False)
+    out = tmp_path / "out"
+    for name in ("generation_config.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"):
+        assert (src / name).is_file(), name
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    assert GenerationConfig.from_pretrained(out).to_dict() == GenerationConfig.from_pretrained(src).to_dict()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<user>hi"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: base\n") and "license: apache-2.0" in card
+    assert "the base model's card" not in card
+    assert "**Method**: `frequency`" not in card and "**Method**: `plan`" in card
+    assert "8 -> 4" in card and "applied from `dict`" in card
+    for layer, lp in plan["layers"].items():
+        assert f"| {layer} | {', '.join(map(str, lp['keep']))} |" in card
+    assert "**Command**: `" in card
