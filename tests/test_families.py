@@ -226,3 +226,30 @@ def test_output_is_a_complete_hugging_face_model(hf_saved, tmp_path):
     for layer, lp in plan["layers"].items():
         assert f"| {layer} | {', '.join(map(str, lp['keep']))} |" in card
     assert "**Command**: `" in card
+
+
+def test_family_without_probes_refuses_scoring_before_writing(hf_saved, calib_txt, tmp_path):
+    from lowmoe.errors import UnsupportedModelError
+
+    src = hf_saved("llama4_text")
+    with pytest.raises(UnsupportedModelError, match="llama4_text experts cannot be scored.*--plan"):
+        lowmoe.prune(src, tmp_path / "out", keep=4, method="frequency", calib=[str(calib_txt)], progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_layer_with_experts_but_no_router_is_refused(hf_saved, tmp_path):
+    """MoE layers are found from the index (a router present); a layer whose router is missing but
+    whose experts are there is an incomplete checkpoint, not a dense layer."""
+    import json
+    import shutil
+
+    from lowmoe.errors import CheckpointError
+
+    src = tmp_path / "m"
+    shutil.copytree(hf_saved("glm4_moe"), src)
+    ck = Checkpoint(src)
+    wm = dict(ck.weight_map)
+    del wm["model.layers.2.mlp.gate.weight"]
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.mlp\.gate\.weight"):
+        Checkpoint(src).validate()

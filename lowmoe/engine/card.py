@@ -43,8 +43,8 @@ def model_card(report: dict, cfg: dict, src: Path, command: str) -> str:
     plan = report["plan"]
     meta = plan.get("meta") or {}
     base = base_model_name(cfg, src)
-    lic = _base_card_license(src)
     ne, nk = report["num_experts"], report["num_experts_per_tok"]
+    lic = _base_card_license(src)
     calib = meta.get("calib") or []
     if meta.get("applied_from"):
         calib_line = f"none in this run: the plan was applied from `{meta['applied_from']}`"
@@ -56,7 +56,7 @@ def model_card(report: dict, cfg: dict, src: Path, command: str) -> str:
     front = ["---", f"base_model: {base}", "library_name: transformers", "tags:", "- lowmoe", "- mixture-of-experts",
              "- expert-pruning"] + ([f"license: {lic}"] if lic else []) + ["---", ""]
     body = [
-        f"# {Path(report['output']).name}",
+        f"# {base}: {ne['after']} of {ne['before']} experts per MoE layer",
         "",
         f"`{base}` ({report['family']}) with routed experts {'merged' if merged else 'pruned'} by "
         f"[lowmoe](https://github.com/) {report['lowmoe_version']}.",

@@ -180,6 +180,10 @@ class Checkpoint:
             if not self._layer_keys.get(layer):
                 missing.append(f"model.layers.{layer}.*")
                 continue
+        moe = set(self.moe_layers())
+        for layer in range(self.num_layers):  # experts without a router: the router is what is missing
+            if layer not in moe and any(ad.is_expert_key(k[len(ad.layer_prefix(layer)):]) for k in self._layer_keys.get(layer, [])):
+                missing += ad.router_keys(layer)[:1]
         for layer in self.moe_layers():
             want = ad.router_keys(layer)
             if ad.expert_layout == "per_expert":

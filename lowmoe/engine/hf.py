@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from .adapters import Adapter
 from .device import cpu_runtime_defaults
 
@@ -236,6 +237,11 @@ class MoeProbe:
         self._patched = None
 
     def __enter__(self):
+        if not self.adapter.probes:
+            raise UnsupportedModelError(
+                f"{self.adapter.family}: transformers' MoE block of this family does not route tokens through "
+                "experts(hidden, top_k_index, top_k_weights), so calibration scoring cannot observe it; "
+                "prune it with --plan FILE (explicit keep lists) instead")
         _, router, experts = moe_modules(self.adapter, self.layer)
 
         def on_router(mod, args, out):

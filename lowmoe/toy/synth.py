@@ -30,6 +30,8 @@ from ..engine.writer import ShardWriter, parse_size
 
 log = logging.getLogger(__name__)
 
+# Families whose config.json family_config writes by hand (any size); every family has save_pretrained_model.
+SYNTH_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe", "gpt_oss")
 
 
 def family_config(arch: str, *, layers: int, hidden_size: int, intermediate_size: int, experts: int, top_k: int,
@@ -38,6 +40,9 @@ def family_config(arch: str, *, layers: int, hidden_size: int, intermediate_size
     """config.json contents for a small model of family ``arch``."""
     if arch not in BY_FAMILY:
         raise ConfigError(f"--arch {arch!r} is not supported; choose one of: {', '.join(supported_families())}")
+    if arch not in SYNTH_FAMILIES:
+        raise ConfigError(f"--arch {arch!r}: lowmoe synth writes {', '.join(SYNTH_FAMILIES)}; for other families "
+                          "lowmoe.toy.synth.save_pretrained_model writes a tiny model through transformers' save_pretrained")
     heads = heads or max(1, hidden_size // 16)
     if hidden_size % heads:
         raise ConfigError(f"--hidden-size {hidden_size} is not divisible by the number of heads {heads}")

@@ -61,6 +61,9 @@ class Adapter:
     grouped_routing: bool = False
     # How the router turns logits into per-expert scores: "softmax" or "sigmoid" (DeepSeek-V3).
     router_scoring: str = "softmax"
+    # Whether transformers' MoE block exposes the router -> experts(hidden, top_k_index, top_k_weights)
+    # calls that hf.MoeProbe hooks (calibration scoring); False: only --plan runs are possible.
+    probes: bool = True
     notes: str = ""
 
     # ---- key templates -------------------------------------------------------------------

@@ -184,7 +184,9 @@ LLAMA4_TEXT = Adapter(
     family="llama4_text", model_types=("llama4_text",), architectures=("Llama4ForCausalLM",),
     expert_count_keys=("num_local_experts",), moe_prefix="feed_forward.", runtime_moe_prefix="feed_forward.",
     router="router", runtime_router="router", expert_layout="fused", fused_tensors=("gate_up_proj", "down_proj"),
-    notes="Llama 4 text model; experts fused on disk (E, H, 2I); shared_expert copied unchanged",
+    probes=False,
+    notes="Llama 4 text model; experts fused on disk (E, H, 2I); shared_expert copied unchanged; its experts run "
+          "densely on router-scaled inputs, so calibration scoring is not available: apply a --plan",
 )
 
 GRANITEMOE = Adapter(
