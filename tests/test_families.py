@@ -1,18 +1,22 @@
-"""Per family: synthetic checkpoints load in transformers, one streamed layer equals the same layer
-inside the full model, and a pruned checkpoint equals the original with the same experts removed
-in memory."""
+"""Per family, on a tiny checkpoint written by transformers' own save_pretrained: one streamed layer
+equals the same layer inside the full model, and a pruned checkpoint equals the original with the
+same experts removed in memory. Also: lowmoe's synthetic checkpoints load cleanly, MTP layers, the
+complete Hugging Face output."""
 
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import lowmoe
 from lowmoe.engine.checkpoint import Checkpoint
+from lowmoe.errors import CheckpointError, UnsupportedModelError
 from lowmoe.engine.adapters import supported_families
 from lowmoe.engine.hf import LayerInputs, ModelSkeleton, materialize_layer, run_layer
 from lowmoe.toy.synth import save_pretrained_model
@@ -200,10 +204,6 @@ def test_deepseek_v3_saved_by_transformers_without_mtp_prunes_and_loads(hf_saved
 def test_output_is_a_complete_hugging_face_model(hf_saved, tmp_path):
     """Tokenizer, chat template and generation config are copied byte for byte; README.md is a model
     card naming the base model, method, kept experts, calibration data and the command."""
-    import shutil
-
-    from transformers import AutoTokenizer, GenerationConfig
-
     src = tmp_path / "base"
     shutil.copytree(hf_saved("qwen3_moe"), src)
     (src / "chat_template.jinja").write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
@@ -229,8 +229,6 @@ def test_output_is_a_complete_hugging_face_model(hf_saved, tmp_path):
 
 
 def test_family_without_probes_refuses_scoring_before_writing(hf_saved, calib_txt, tmp_path):
-    from lowmoe.errors import UnsupportedModelError
-
     src = hf_saved("llama4_text")
     with pytest.raises(UnsupportedModelError, match="llama4_text experts cannot be scored.*--plan"):
         lowmoe.prune(src, tmp_path / "out", keep=4, method="frequency", calib=[str(calib_txt)], progress=False)
@@ -240,11 +238,6 @@ def test_family_without_probes_refuses_scoring_before_writing(hf_saved, calib_tx
 def test_layer_with_experts_but_no_router_is_refused(hf_saved, tmp_path):
     """MoE layers are found from the index (a router present); a layer whose router is missing but
     whose experts are there is an incomplete checkpoint, not a dense layer."""
-    import json
-    import shutil
-
-    from lowmoe.errors import CheckpointError
-
     src = tmp_path / "m"
     shutil.copytree(hf_saved("glm4_moe"), src)
     ck = Checkpoint(src)

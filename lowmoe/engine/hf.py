@@ -14,6 +14,7 @@ single expert through transformers' experts module on chosen tokens (unweighted 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -77,12 +78,17 @@ class ModelSkeleton:
         return getattr(self.config, "layer_types", None)
 
     def new_layer(self, layer_idx: int, config=None) -> nn.Module:
+        # a layer's own class: hybrid models (Jamba) mix attention and Mamba decoder-layer classes
+        cls = type(self.base.layers[layer_idx]) if layer_idx < len(self.base.layers) else self.layer_cls
         with torch.device("meta"):
-            return self.layer_cls(config or self.config, layer_idx)
+            return cls(config or self.config, layer_idx)
 
-    def rotary(self, device) -> nn.Module:
-        # the model's rotary-embedding module: ``rotary_emb`` in most families, ``pos_emb`` in LFM2
-        rot = next(m for n, m in self.base.named_children() if type(m).__name__.endswith("RotaryEmbedding"))
+    def rotary(self, device) -> nn.Module | None:
+        """The model's rotary-embedding module (``rotary_emb`` in most families, ``pos_emb`` in LFM2);
+        None for models without one (Jamba)."""
+        rot = next((m for n, m in self.base.named_children() if type(m).__name__.endswith("RotaryEmbedding")), None)
+        if rot is None:
+            return None
         rot_cls = type(rot)
         return rot_cls(self.config, device=device) if "device" in rot_cls.__init__.__code__.co_varnames else rot_cls(self.config).to(device)
 
@@ -133,14 +139,14 @@ class LayerInputs:
     """What every decoder layer needs besides hidden states, for one (batch, seq) token block."""
 
     position_ids: torch.Tensor
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
     masks: dict[str, object] = field(default_factory=dict)
 
     @classmethod
     def build(cls, skel: ModelSkeleton, hidden: torch.Tensor, rotary: nn.Module) -> "LayerInputs":
         b, s, _ = hidden.shape
         pos = torch.arange(s, device=hidden.device).unsqueeze(0).expand(b, -1)
-        pe = rotary(hidden, pos)
+        pe = rotary(hidden, pos) if rotary is not None else None
         types = set(skel.layer_types() or []) | {"full_attention"}
         masks = {t: _mask(t, skel.config, hidden, pos) for t in sorted(types)}
         return cls(pos, pe, masks)
@@ -170,8 +176,6 @@ _MASK_BUILDERS = {"full_attention": ("create_causal_mask", {}),
 def _mask(layer_type: str, config, hidden: torch.Tensor, pos: torch.Tensor):
     """The attention mask transformers' model forward builds for ``layer_type`` (no padding, no cache),
     through masking_utils' current keyword names (``cache`` since 5.2x, ``past_key_values`` before)."""
-    import inspect
-
     from transformers import masking_utils
 
     name, extra = _MASK_BUILDERS.get(layer_type, (None, {}))

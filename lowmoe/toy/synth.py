@@ -194,6 +194,8 @@ TINY_OVERRIDES: dict[str, dict] = {
                         no_rope_layers=[1, 1, 0], attention_chunk_size=4, intermediate_size_mlp=64),
     "afmoe": dict(num_dense_layers=1, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                   sliding_window=8, num_shared_experts=1),
+    "jamba": dict(attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=0, expert_layer_period=1,
+                  mamba_d_state=4, mamba_dt_rank=4),
     "gpt_oss": dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=8),
 }
 

@@ -201,6 +201,12 @@ GRANITEMOESHARED = Adapter(**{**GRANITEMOE.__dict__, "family": "granitemoeshared
                               "architectures": ("GraniteMoeSharedForCausalLM",),
                               "notes": "GraniteMoE with a shared MLP (copied unchanged)"})
 
+JAMBA = Adapter(
+    family="jamba", model_types=("jamba",), architectures=("JambaForCausalLM",), expert_count_keys=("num_experts",),
+    moe_prefix="feed_forward.", runtime_moe_prefix="feed_forward.", router="router", runtime_router="router",
+    notes="hybrid attention/Mamba; Mamba layers computed without a cache (PyTorch reference scan on CPU)",
+)
+
 ALL = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, PHIMOE, GPT_OSS,
        GLM4_MOE, GLM4_MOE_LITE, DEEPSEEK_V32, DOTS1, EXAONE_MOE, MINIMAX_M2, MINIMAX, ERNIE4_5_MOE, HUNYUAN_V1_MOE,
-       FLEX_OLMO, AFMOE, LFM2_MOE, QWEN3_NEXT, LLAMA4_TEXT, GRANITEMOE, GRANITEMOESHARED)
+       FLEX_OLMO, AFMOE, LFM2_MOE, QWEN3_NEXT, LLAMA4_TEXT, GRANITEMOE, GRANITEMOESHARED, JAMBA)
