@@ -139,14 +139,19 @@ class LayerInputs:
     """What every decoder layer needs besides hidden states, for one (batch, seq) token block."""
 
     position_ids: torch.Tensor
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | dict | None  # dict: per layer type
     masks: dict[str, object] = field(default_factory=dict)
 
     @classmethod
     def build(cls, skel: ModelSkeleton, hidden: torch.Tensor, rotary: nn.Module) -> "LayerInputs":
         b, s, _ = hidden.shape
         pos = torch.arange(s, device=hidden.device).unsqueeze(0).expand(b, -1)
-        pe = rotary(hidden, pos) if rotary is not None else None
+        if rotary is None:
+            pe = None
+        elif "layer_type" in inspect.signature(rotary.forward).parameters:  # one rotary table per layer type (MiMo-V2)
+            pe = {t: rotary(hidden, pos, t) for t in sorted(set(skel.layer_types() or []))}
+        else:
+            pe = rotary(hidden, pos)
         types = set(skel.layer_types() or []) | {"full_attention"}
         masks = {t: _mask(t, skel.config, hidden, pos) for t in sorted(types)}
         return cls(pos, pe, masks)
@@ -155,12 +160,17 @@ class LayerInputs:
         types = skel.layer_types()
         return self.masks[types[layer_idx] if types else "full_attention"]
 
+    def rotary_for(self, skel: ModelSkeleton, layer_idx: int):
+        if isinstance(self.position_embeddings, dict):
+            return self.position_embeddings[skel.layer_types()[layer_idx]]
+        return self.position_embeddings
+
 
 def run_layer(skel: ModelSkeleton, layer: nn.Module, layer_idx: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
     # No cache argument at all: its name changed (past_key_values -> cache, transformers 5.2x) and
     # both default to None, which is what a full-sequence forward without a KV cache wants.
     out = layer(hidden, attention_mask=inputs.mask_for(skel, layer_idx), position_ids=inputs.position_ids,
-                position_embeddings=inputs.position_embeddings, use_cache=False)
+                position_embeddings=inputs.rotary_for(skel, layer_idx), use_cache=False)
     return out[0] if isinstance(out, tuple) else out
 
 

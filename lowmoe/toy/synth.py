@@ -196,6 +196,15 @@ TINY_OVERRIDES: dict[str, dict] = {
                   sliding_window=8, num_shared_experts=1),
     "jamba": dict(attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=0, expert_layer_period=1,
                   mamba_d_state=4, mamba_dt_rank=4),
+    "solar_open": dict(_GROUPED),
+    "mimo_v2_flash": {**_GROUPED, "v_head_dim": 8, "mlp_layer_types": ["dense", "sparse", "sparse"],
+                      "layer_types": ["full_attention", "sliding_attention", "full_attention"], "sliding_window": 8},
+    "glm_moe_dsa": {**_MLA, **_GROUPED, "index_n_heads": 2, "index_head_dim": 8, "index_topk": 4, "qk_head_dim": 8,
+                    "mlp_layer_types": ["dense", "sparse", "sparse"], "layer_types": ["indexed_attention"] * 3},
+    "cohere2_moe": dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=8,
+                        mlp_layer_types=["sparse"] * 3),
+    "qwen3_5_moe_text": dict(layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_key_heads=2,
+                             linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8),
     "gpt_oss": dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=8),
 }
 

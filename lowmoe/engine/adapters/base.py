@@ -50,7 +50,9 @@ class Adapter:
     runtime_gate_up: str = "gate_up_proj"
     runtime_down: str = "down_proj"
     top_k_key: str = "num_experts_per_tok"
-    # Other layer-level tensors renamed between disk and runtime (disk suffix -> runtime suffix).
+    # Layer tensors outside the MoE block renamed between disk and runtime: (disk name, runtime name),
+    # relative to the layer, e.g. MiMo-V2's self_attn.attention_sink_bias -> self_attn.sinks.
+    layer_renames: tuple[tuple[str, str], ...] = ()
     # Callable(config) -> set of layer indices whose MLP is dense (no routed experts); None: the
     # layers without a router, as the checkpoint's index (or transformers' module tree) shows them.
     dense_layers: Callable[[dict], set[int]] | None = None
@@ -142,6 +144,8 @@ class Adapter:
                 k = self.runtime_moe_prefix + rest
             elif k.startswith(self.moe_prefix) and self.moe_prefix != self.runtime_moe_prefix:
                 k = self.runtime_moe_prefix + k[len(self.moe_prefix):]
+            else:
+                k = dict(self.layer_renames).get(k, k)
             out[k] = t
         if gates:
             n = len(gates)
@@ -179,5 +183,5 @@ class Adapter:
             elif k.startswith(self.runtime_moe_prefix) and self.moe_prefix != self.runtime_moe_prefix:
                 out[prefix + self.moe_prefix + k[len(self.runtime_moe_prefix):]] = t
             else:
-                out[prefix + k] = t
+                out[prefix + {r: d for d, r in self.layer_renames}.get(k, k)] = t
         return out

@@ -207,6 +207,24 @@ JAMBA = Adapter(
     notes="hybrid attention/Mamba; Mamba layers computed without a cache (PyTorch reference scan on CPU)",
 )
 
+SOLAR_OPEN = _deepseek_like("solar_open", "SolarOpenForCausalLM", "Upstage Solar Open")
+MIMO_V2_FLASH = _deepseek_like("mimo_v2_flash", "MiMoV2FlashForCausalLM", "Xiaomi MiMo-V2-Flash (hybrid sliding attention)",
+                               layer_renames=(("self_attn.attention_sink_bias", "self_attn.sinks"),))
+GLM_MOE_DSA = _deepseek_like("glm_moe_dsa", "GlmMoeDsaForCausalLM", "GLM-5 (MLA + sparse-attention indexer copied unchanged)")
+
+COHERE2_MOE = Adapter(
+    family="cohere2_moe", model_types=("cohere2_moe",), architectures=("Cohere2MoeForCausalLM",),
+    expert_count_keys=("num_experts",),
+    notes="expert_selection_fn 'sigmoid' configs are scored as softmax by the calibration statistics",
+)
+
+QWEN3_5_MOE = Adapter(
+    family="qwen3_5_moe_text", model_types=("qwen3_5_moe_text",), architectures=("Qwen3_5MoeForCausalLM",),
+    expert_count_keys=("num_experts",),
+    notes="Qwen3.5 MoE text model; gated-DeltaNet layers computed without a cache; shared_expert copied unchanged",
+)
+
 ALL = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, PHIMOE, GPT_OSS,
        GLM4_MOE, GLM4_MOE_LITE, DEEPSEEK_V32, DOTS1, EXAONE_MOE, MINIMAX_M2, MINIMAX, ERNIE4_5_MOE, HUNYUAN_V1_MOE,
-       FLEX_OLMO, AFMOE, LFM2_MOE, QWEN3_NEXT, LLAMA4_TEXT, GRANITEMOE, GRANITEMOESHARED, JAMBA)
+       FLEX_OLMO, AFMOE, LFM2_MOE, QWEN3_NEXT, LLAMA4_TEXT, GRANITEMOE, GRANITEMOESHARED, JAMBA,
+       SOLAR_OPEN, MIMO_V2_FLASH, GLM_MOE_DSA, COHERE2_MOE, QWEN3_5_MOE)
