@@ -251,3 +251,20 @@ def test_layer_with_experts_but_no_router_is_refused(hf_saved, tmp_path):
     (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
     with pytest.raises(CheckpointError, match=r"model\.layers\.2\.mlp\.gate\.weight"):
         Checkpoint(src).validate()
+
+
+# Default run: one family per new code path (index-found MoE layers, renamed/fused router, hybrid
+# linear-attention / Mamba layers, per-layer-type rotary); every family with -m slow.
+SCORING_QUICK = ("glm4_moe", "granitemoe", "qwen3_next", "jamba", "mimo_v2_flash")
+
+
+@pytest.mark.parametrize("family", [f if f in SCORING_QUICK else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in ALL_FAMILIES if BY_FAMILY[f].probes])
+def test_calibration_scoring_prunes_every_family(family, hf_saved, calib_txt, tmp_path):
+    """Scoring on calibration data (router probes on transformers' own MoE block) works per family."""
+    report = lowmoe.prune(hf_saved(family), tmp_path / "out", keep=4, method="frequency", calib=[str(calib_txt)],
+                          n_samples=4, seq_len=32, progress=False)
+    assert report["num_experts"] == {"before": 8, "after": 4}
+    assert all(len(v) == 8 for v in report["scores"].values()) and report["scores"]
+    _, info = load(tmp_path / "out")
+    assert_clean_load(info)
