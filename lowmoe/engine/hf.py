@@ -167,7 +167,7 @@ class LayerInputs:
 
 
 def run_layer(skel: ModelSkeleton, layer: nn.Module, layer_idx: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
-    # No cache argument at all: its name changed (past_key_values -> cache, transformers 5.2x) and
+    # No cache argument at all: its name changed (past_key_values in 5.20 -> cache in 5.24) and
     # both default to None, which is what a full-sequence forward without a KV cache wants.
     out = layer(hidden, attention_mask=inputs.mask_for(skel, layer_idx), position_ids=inputs.position_ids,
                 position_embeddings=inputs.rotary_for(skel, layer_idx), use_cache=False)
@@ -185,7 +185,7 @@ _MASK_BUILDERS = {"full_attention": ("create_causal_mask", {}),
 
 def _mask(layer_type: str, config, hidden: torch.Tensor, pos: torch.Tensor):
     """The attention mask transformers' model forward builds for ``layer_type`` (no padding, no cache),
-    through masking_utils' current keyword names (``cache`` since 5.2x, ``past_key_values`` before)."""
+    through masking_utils' keyword names as installed (``cache`` in 5.24, ``past_key_values`` in 5.20)."""
     from transformers import masking_utils
 
     name, extra = _MASK_BUILDERS.get(layer_type, (None, {}))
