@@ -59,7 +59,7 @@ def model_card(report: dict, cfg: dict, src: Path, command: str) -> str:
         f"# {base}: {ne['after']} of {ne['before']} experts per MoE layer",
         "",
         f"`{base}` ({report['family']}) with routed experts {'merged' if merged else 'pruned'} by "
-        f"[lowmoe](https://github.com/) {report['lowmoe_version']}.",
+        f"lowmoe {report['lowmoe_version']}.",
         "",
         f"- **Base model**: `{base}` (from `{report['input']}`)",
         f"- **Method**: `{report.get('method', meta.get('method', 'plan'))}`",
