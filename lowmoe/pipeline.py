@@ -38,7 +38,7 @@ from .engine.progress import progress
 from .engine.rundir import MANIFEST, REPORT, WORK_DIR, PruneRun, fingerprint, prepare_output
 from .engine.stream import Stream, calibration_tokens, plan_stream_budget
 from .engine.writer import parse_size
-from .errors import ConfigError, OutputError, PlanError
+from .errors import ConfigError, OutputError, PlanError, UnsupportedModelError
 from .methods.oneshot import decide_layers, guards, protected_experts
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,9 @@ class PruneConfig:
             raise ConfigError("--calib is required to score experts (or pass --plan FILE to apply a saved plan)")
         if self.plan is None and self.keep is None:
             raise ConfigError("--keep is required (experts to keep per layer, e.g. --keep 4 or --keep half)")
+        if self.plan is None and not ck.adapter.probes:
+            raise UnsupportedModelError(f"{ck.path / 'config.json'}: {ck.adapter.family} experts cannot be scored on "
+                                        "calibration data (transformers runs them densely); pass --plan FILE with keep lists")
         if self.plan is None and self.method not in available_methods():
             raise ConfigError(f"--method {self.method!r} is not available; choose one of: {', '.join(available_methods())}")
         for name in ("seq_len", "n_samples", "batch_size"):

@@ -1,20 +1,31 @@
-"""Per family: synthetic checkpoints load in transformers, one streamed layer equals the same layer
-inside the full model, and a pruned checkpoint equals the original with the same experts removed
-in memory."""
+"""Per family, on a tiny checkpoint written by transformers' own save_pretrained: one streamed layer
+equals the same layer inside the full model, and a pruned checkpoint equals the original with the
+same experts removed in memory. Also: lowmoe's synthetic checkpoints load cleanly, MTP layers, the
+complete Hugging Face output."""
 
 from __future__ import annotations
 
+import copy
+import json
+import shutil
+
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 import lowmoe
 from lowmoe.engine.checkpoint import Checkpoint
+from lowmoe.errors import CheckpointError, UnsupportedModelError
+from lowmoe.engine.adapters import BY_FAMILY, supported_families
 from lowmoe.engine.hf import LayerInputs, ModelSkeleton, materialize_layer, run_layer
+from lowmoe.toy.synth import save_pretrained_model
 
 from .conftest import FAMILIES
 
+ALL_FAMILIES = supported_families()
 IDS = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
@@ -29,9 +40,32 @@ def assert_clean_load(info):
     assert not info.get("mismatched_keys"), info.get("mismatched_keys")
 
 
+@pytest.fixture(scope="session")
+def hf_saved(tmp_path_factory):
+    """hf_saved(family) -> a tiny random model written by transformers' own save_pretrained (cached)."""
+    root = tmp_path_factory.mktemp("hf_saved")
+    made: dict[str, object] = {}
+
+    def make(family: str):
+        model_type = BY_FAMILY[family].model_types[0]
+        if model_type not in CONFIG_MAPPING:
+            pytest.skip(f"transformers {transformers.__version__} does not know model_type {model_type!r}")
+        if family not in made:
+            made[family] = save_pretrained_model(root / family, family)
+        return made[family]
+
+    return make
+
+
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_streamed_layers_equal_full_model(arch, synth_dir):
-    path = synth_dir(arch)
+def test_synth_checkpoint_loads_clean(arch, synth_dir):
+    _, info = load(synth_dir(arch))
+    assert_clean_load(info)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_streamed_layers_equal_full_model(family, hf_saved):
+    path = hf_saved(family)
     model, info = load(path)
     assert_clean_load(info)
     with torch.no_grad():
@@ -39,6 +73,7 @@ def test_streamed_layers_equal_full_model(arch, synth_dir):
     ck = Checkpoint(path)
     ck.validate()
     skel = ModelSkeleton(ck.config, ck.adapter)
+    assert set(ck.moe_layers()) == skel.moe_layers and ck.moe_layers()
     h = ck.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"][IDS]
     inputs = LayerInputs.build(skel, h, skel.rotary("cpu"))
     moe = set(ck.moe_layers())
@@ -57,32 +92,35 @@ def _plan_for(ck: Checkpoint) -> dict:
 
 
 def _reference_pruned(model, ck: Checkpoint, plan: dict):
-    """The original model with the plan's experts removed in memory: slice the runtime (fused)
-    expert tensors and router rows, then load them into a model built from the output config."""
-    sd = model.state_dict()
+    """The original model with the plan's experts removed in memory: inside each MoE block (shared
+    experts aside), every tensor with a dimension of size E (experts on dim 0, or on the last dim for
+    (1, E) / (E,) router biases) is sliced to the kept experts; loaded into a model built from a
+    config with E' experts."""
+    E = ck.num_experts
+    block = ck.adapter.runtime_moe_prefix
     new = {}
-    for k, v in sd.items():
+    for k, v in model.state_dict().items():
         parts = k.split(".")
         layer = int(parts[2]) if k.startswith("model.layers.") else None
         keep = plan["layers"].get(str(layer), {}).get("keep") if layer is not None else None
-        per_expert = keep is not None and (".experts." in k or k.endswith(("gate.weight", "router.weight", "router.bias",
-                                                                            "e_score_correction_bias")))
-        new[k] = v[keep].clone() if per_expert and v.shape[0] == ck.num_experts else v
-    cfg = model.config.__class__.from_dict({**model.config.to_dict()})
-    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
-        if hasattr(cfg, key):
-            try:
-                setattr(cfg, key, 4)
-            except Exception:
-                pass
+        inner = k[len(f"model.layers.{layer}."):] if layer is not None else ""
+        if keep is not None and inner.startswith(block) and "shared" not in inner and v.dim() >= 1:
+            if v.shape[0] == E:
+                v = v[keep].clone()
+            elif v.shape[-1] == E:
+                v = v[..., keep].clone()
+        new[k] = v
+    cfg = copy.deepcopy(model.config)
+    for key in ck.adapter.expert_count_keys:
+        setattr(cfg, key, 4)
     ref = AutoModelForCausalLM.from_config(cfg).eval()
     ref.load_state_dict(new, strict=True)
     return ref
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
-def test_prune_with_plan_matches_in_memory_removal(arch, synth_dir, tmp_path):
-    src = synth_dir(arch)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_prune_with_plan_matches_in_memory_removal(family, hf_saved, tmp_path):
+    src = hf_saved(family)
     ck = Checkpoint(src)
     plan = _plan_for(ck)
     report = lowmoe.prune(src, tmp_path / "out", plan=plan, progress=False)
@@ -93,8 +131,9 @@ def test_prune_with_plan_matches_in_memory_removal(arch, synth_dir, tmp_path):
     ref = _reference_pruned(model, ck, plan)
     with torch.no_grad():
         torch.testing.assert_close(pruned(IDS).logits, ref(IDS).logits, rtol=1e-5, atol=1e-5)
-    if arch in ("deepseek_v2", "deepseek_v3"):
-        assert pruned.config.n_group == 2 and report["notes"] == []
+    if ck.adapter.grouped_routing:
+        assert pruned.config.n_group == 2
+        assert not [n for n in report["notes"] if "group-limited" in n]
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v3"])
@@ -150,3 +189,82 @@ def test_layer_split_across_shards_is_read(synth_dir):
     assert len(shards) >= 2  # 40KB shards split every layer
     tensors = ck.read_layer(1)
     assert len(tensors) == len(ck.layer_keys(1))
+
+
+def test_deepseek_v3_saved_by_transformers_without_mtp_prunes_and_loads(hf_saved, tmp_path):
+    """DeepseekV3Config defaults to num_nextn_predict_layers=1, but save_pretrained writes no MTP layer:
+    the missing layer is skipped with a note, nothing is invented, and the output loads."""
+    src = hf_saved("deepseek_v3")
+    ck = Checkpoint(src)
+    assert ck.config["num_nextn_predict_layers"] == 1
+    assert ck.extra_layers() == [] and ck.missing_extra_layers() == [3]
+    report = lowmoe.prune(src, tmp_path / "out", plan=_plan_for(ck), progress=False)
+    assert any(n.startswith("layer 3: config.json's num_nextn_predict_layers declares it") for n in report["notes"])
+    out = Checkpoint(tmp_path / "out")
+    assert not out.layer_keys(3)
+    _, info = load(tmp_path / "out")
+    assert_clean_load(info)
+
+
+def test_output_is_a_complete_hugging_face_model(hf_saved, tmp_path):
+    """Tokenizer, chat template and generation config are copied byte for byte; README.md is a model
+    card naming the base model, method, kept experts, calibration data and the command."""
+    src = tmp_path / "base"
+    shutil.copytree(hf_saved("qwen3_moe"), src)
+    (src / "chat_template.jinja").write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    (src / "README.md").write_text("---\nlicense: apache-2.0\n---\n# the base model's card\n")
+    ck = Checkpoint(src)
+    plan = _plan_for(ck)
+    lowmoe.prune(src, tmp_path / "out", plan=plan, progress=False)
+    out = tmp_path / "out"
+    for name in ("generation_config.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"):
+        assert (src / name).is_file(), name
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    assert GenerationConfig.from_pretrained(out).to_dict() == GenerationConfig.from_pretrained(src).to_dict()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<user>hi"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: base\n") and "license: apache-2.0" in card
+    assert "the base model's card" not in card
+    assert "**Method**: `frequency`" not in card and "**Method**: `plan`" in card
+    assert "8 -> 4" in card and "applied from `dict`" in card
+    for layer, lp in plan["layers"].items():
+        assert f"| {layer} | {', '.join(map(str, lp['keep']))} |" in card
+    assert "**Command**: `" in card
+
+
+def test_family_without_probes_refuses_scoring_before_writing(hf_saved, calib_txt, tmp_path):
+    src = hf_saved("llama4_text")
+    with pytest.raises(UnsupportedModelError, match="llama4_text experts cannot be scored.*--plan"):
+        lowmoe.prune(src, tmp_path / "out", keep=4, method="frequency", calib=[str(calib_txt)], progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_layer_with_experts_but_no_router_is_refused(hf_saved, tmp_path):
+    """MoE layers are found from the index (a router present); a layer whose router is missing but
+    whose experts are there is an incomplete checkpoint, not a dense layer."""
+    src = tmp_path / "m"
+    shutil.copytree(hf_saved("glm4_moe"), src)
+    ck = Checkpoint(src)
+    wm = dict(ck.weight_map)
+    del wm["model.layers.2.mlp.gate.weight"]
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.mlp\.gate\.weight"):
+        Checkpoint(src).validate()
+
+
+# Default run: one family per new code path (index-found MoE layers, renamed/fused router, hybrid
+# linear-attention / Mamba layers, per-layer-type rotary); every family with -m slow.
+SCORING_QUICK = ("glm4_moe", "granitemoe", "qwen3_next", "jamba", "mimo_v2_flash")
+
+
+@pytest.mark.parametrize("family", [f if f in SCORING_QUICK else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in ALL_FAMILIES if BY_FAMILY[f].probes])
+def test_calibration_scoring_prunes_every_family(family, hf_saved, calib_txt, tmp_path):
+    """Scoring on calibration data (router probes on transformers' own MoE block) works per family."""
+    report = lowmoe.prune(hf_saved(family), tmp_path / "out", keep=4, method="frequency", calib=[str(calib_txt)],
+                          n_samples=4, seq_len=32, progress=False)
+    assert report["num_experts"] == {"before": 8, "after": 4}
+    assert all(len(v) == 8 for v in report["scores"].values()) and report["scores"]
+    _, info = load(tmp_path / "out")
+    assert_clean_load(info)

@@ -52,7 +52,11 @@ def test_same_inputs_same_bytes_and_plan_reapply(synth_dir, calib_txt, tmp_path)
     (tmp_path / "plan.json").write_text(json.dumps(r1["plan"]))
     r3 = lowmoe.prune(src, tmp_path / "c", plan=tmp_path / "plan.json", progress=False)
     assert r3["plan"]["layers"] == r1["plan"]["layers"]
-    assert model_files(tmp_path / "a") == model_files(tmp_path / "c")
+    # the weights and every copied file are the same; the model card says how each was made
+    card = "README.md"
+    assert {k: v for k, v in model_files(tmp_path / "a").items() if k != card} == \
+        {k: v for k, v in model_files(tmp_path / "c").items() if k != card}
+    assert "applied from" in (tmp_path / "c" / card).read_text() and "applied from" not in (tmp_path / "a" / card).read_text()
 
 
 def test_sequential_and_one_shot_differ_only_in_later_layers(synth_dir, calib_txt, tmp_path):

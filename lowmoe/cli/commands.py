@@ -100,7 +100,8 @@ def inspect(model, as_json):
 def families():
     """List the supported model families."""
     for a in ALL:
-        click.echo(f"{a.family:12s} model_type={','.join(a.model_types):12s} experts key={a.expert_count_keys[0]:18s} layout={a.expert_layout}")
+        click.echo(f"{a.family:16s} model_type={','.join(a.model_types):16s} experts key={a.expert_count_keys[0]:18s} "
+                   f"layout={a.expert_layout:10s} {a.notes}".rstrip())
 
 
 @main.command()

@@ -117,9 +117,10 @@ def apply_layer(adapter: Adapter, layer_idx: int, tensors: dict[str, torch.Tenso
     for key, t in tensors.items():
         rel = key[len(prefix):]
         if key in router_keys:
-            if key.endswith("e_score_correction_bias") and router is not None:
-                dom = router.abs().argmax(dim=1).tolist()
-                out[key] = t[dom].clone()
+            if key.endswith("e_score_correction_bias") or adapter.is_router_extra(rel):
+                # per-expert bias (experts on the last dim): a merged expert takes its dominant member's
+                dom = lp.keep if router is None else router.abs().argmax(dim=1).tolist()
+                out[key] = t[..., dom].clone()
             else:
                 out[key] = map_rows(t, lp.keep, router)
         elif adapter.is_expert_key(rel):

@@ -117,13 +117,20 @@ class Checkpoint:
         return self.adapter.top_k(self.config)
 
     def moe_layers(self) -> list[int]:
-        return self.adapter.moe_layers(self.config)
+        return self.adapter.moe_layers(self.config, present=lambda i: self.adapter.router_keys(i)[0] in self.weight_map)
 
     def extra_layers(self) -> list[int]:
-        """Layers stored past ``num_hidden_layers`` (e.g. DeepSeek-V3's MTP layer): copied unchanged."""
-        extra = set(self.adapter.extra_layers(self.config))
-        extra |= {i for i in self._layer_keys if i >= self.num_layers}
-        return sorted(extra)
+        """Layers the index holds past ``num_hidden_layers`` (e.g. DeepSeek-V3's MTP layer): copied
+        unchanged. Taken from the index alone: transformers' ``save_pretrained`` writes no MTP layer
+        even where config.json declares one (``num_nextn_predict_layers``)."""
+        return sorted(i for i in self._layer_keys if i >= self.num_layers)
+
+    def missing_extra_layers(self) -> list[int]:
+        """Layers config.json declares past ``num_hidden_layers`` (the adapter's ``extra_layers_key``)
+        that the index does not hold: skipped, with a note in the report."""
+        key = self.adapter.extra_layers_key
+        declared = int(self.config.get(key) or 0) if key else 0
+        return [i for i in range(self.num_layers, self.num_layers + declared) if i not in self._layer_keys]
 
     def layer_keys(self, layer_idx: int) -> list[str]:
         return list(self._layer_keys.get(layer_idx, []))
@@ -173,6 +180,10 @@ class Checkpoint:
             if not self._layer_keys.get(layer):
                 missing.append(f"model.layers.{layer}.*")
                 continue
+        moe = set(self.moe_layers())
+        for layer in range(self.num_layers):  # experts without a router: the router is what is missing
+            if layer not in moe and any(ad.is_expert_key(k[len(ad.layer_prefix(layer)):]) for k in self._layer_keys.get(layer, [])):
+                missing += ad.router_keys(layer)[:1]
         for layer in self.moe_layers():
             want = ad.router_keys(layer) + ad.routed_expert_keys(layer, self.num_experts)
             missing += [k for k in want if k not in self.weight_map]

@@ -14,6 +14,7 @@ single expert through transformers' experts module on chosen tokens (unweighted 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,6 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from .adapters import Adapter
 from .device import cpu_runtime_defaults
 
@@ -62,17 +64,32 @@ class ModelSkeleton:
         self.config = self.model.config  # now carries the attention implementation chosen by transformers
         self.base = self.model.model
         self.layer_cls = type(self.base.layers[0])
-        self.moe_layers = set(adapter.moe_layers(raw_config))
+        # MoE layers as transformers builds them: those whose MoE block holds a router
+        self.moe_layers = set(adapter.moe_layers(raw_config, present=self._has_router))
+
+    def _has_router(self, layer_idx: int) -> bool:
+        try:
+            block = self.base.layers[layer_idx].get_submodule(self.adapter.runtime_moe_prefix.rstrip("."))
+        except AttributeError:
+            return False
+        return hasattr(block, self.adapter.runtime_router) and hasattr(block, "experts")
 
     def layer_types(self) -> list[str] | None:
         return getattr(self.config, "layer_types", None)
 
     def new_layer(self, layer_idx: int, config=None) -> nn.Module:
+        # a layer's own class: hybrid models (Jamba) mix attention and Mamba decoder-layer classes
+        cls = type(self.base.layers[layer_idx]) if layer_idx < len(self.base.layers) else self.layer_cls
         with torch.device("meta"):
-            return self.layer_cls(config or self.config, layer_idx)
+            return cls(config or self.config, layer_idx)
 
-    def rotary(self, device) -> nn.Module:
-        rot_cls = type(self.base.rotary_emb)
+    def rotary(self, device) -> nn.Module | None:
+        """The model's rotary-embedding module (``rotary_emb`` in most families, ``pos_emb`` in LFM2);
+        None for models without one (Jamba)."""
+        rot = next((m for n, m in self.base.named_children() if type(m).__name__.endswith("RotaryEmbedding")), None)
+        if rot is None:
+            return None
+        rot_cls = type(rot)
         return rot_cls(self.config, device=device) if "device" in rot_cls.__init__.__code__.co_varnames else rot_cls(self.config).to(device)
 
 
@@ -140,25 +157,31 @@ class LayerInputs:
     """What every decoder layer needs besides hidden states, for one (batch, seq) token block."""
 
     position_ids: torch.Tensor
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | dict | None  # dict: per layer type
     masks: dict[str, object] = field(default_factory=dict)
 
     @classmethod
     def build(cls, skel: ModelSkeleton, hidden: torch.Tensor, rotary: nn.Module) -> "LayerInputs":
-        from transformers import masking_utils
-
         b, s, _ = hidden.shape
         pos = torch.arange(s, device=hidden.device).unsqueeze(0).expand(b, -1)
-        pe = rotary(hidden, pos)
-        kw = dict(config=skel.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=pos)
-        masks = {"full_attention": masking_utils.create_causal_mask(**kw)}
-        if skel.layer_types() and "sliding_attention" in skel.layer_types():
-            masks["sliding_attention"] = masking_utils.create_sliding_window_causal_mask(**kw)
+        if rotary is None:
+            pe = None
+        elif "layer_type" in inspect.signature(rotary.forward).parameters:  # one rotary table per layer type (MiMo-V2)
+            pe = {t: rotary(hidden, pos, t) for t in sorted(set(skel.layer_types() or []))}
+        else:
+            pe = rotary(hidden, pos)
+        types = set(skel.layer_types() or []) | {"full_attention"}
+        masks = {t: _mask(t, skel.config, hidden, pos) for t in sorted(types)}
         return cls(pos, pe, masks)
 
     def mask_for(self, skel: ModelSkeleton, layer_idx: int):
         types = skel.layer_types()
         return self.masks[types[layer_idx] if types else "full_attention"]
+
+    def rotary_for(self, skel: ModelSkeleton, layer_idx: int):
+        if isinstance(self.position_embeddings, dict):
+            return self.position_embeddings[skel.layer_types()[layer_idx]]
+        return self.position_embeddings
 
 
 class LayerInputsCache:
@@ -177,9 +200,38 @@ class LayerInputsCache:
 
 
 def run_layer(skel: ModelSkeleton, layer: nn.Module, layer_idx: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+    # No cache argument at all: its name changed (past_key_values in 5.20 -> cache in 5.24) and
+    # both default to None, which is what a full-sequence forward without a KV cache wants.
     out = layer(hidden, attention_mask=inputs.mask_for(skel, layer_idx), position_ids=inputs.position_ids,
-                position_embeddings=inputs.position_embeddings, past_key_values=None, use_cache=False)
+                position_embeddings=inputs.rotary_for(skel, layer_idx), use_cache=False)
     return out[0] if isinstance(out, tuple) else out
+
+
+# transformers' mask builder per layer type (masking_utils); recurrent layers (linear attention,
+# short convolutions, Mamba) take a padding-only mask, None without padding.
+_MASK_BUILDERS = {"full_attention": ("create_causal_mask", {}),
+                  "sliding_attention": ("create_sliding_window_causal_mask", {}),
+                  "chunked_attention": ("create_chunked_causal_mask", {}),
+                  # DeepSeek-V3.2: the sparse-attention indexer needs the explicit mask
+                  "indexed_attention": ("create_causal_mask", {"allow_is_causal_skip": False})}
+
+
+def _mask(layer_type: str, config, hidden: torch.Tensor, pos: torch.Tensor):
+    """The attention mask transformers' model forward builds for ``layer_type`` (no padding, no cache),
+    through masking_utils' keyword names as installed (``cache`` in 5.24, ``past_key_values`` in 5.20)."""
+    from transformers import masking_utils
+
+    name, extra = _MASK_BUILDERS.get(layer_type, (None, {}))
+    if name is None:
+        return None
+    fn = getattr(masking_utils, name)
+    params = inspect.signature(fn).parameters
+    kw = dict(config=config, attention_mask=None, position_ids=pos, **{k: v for k, v in extra.items() if k in params})
+    kw["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = hidden
+    kw["cache" if "cache" in params else "past_key_values"] = None
+    if "cache_position" in params:
+        kw["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
+    return fn(**kw)
 
 
 # ---- probing the MoE block ------------------------------------------------------------------
@@ -232,6 +284,11 @@ class MoeProbe:
         self._patched = None
 
     def __enter__(self):
+        if not self.adapter.probes:
+            raise UnsupportedModelError(
+                f"{self.adapter.family}: transformers' MoE block of this family does not route tokens through "
+                "experts(hidden, top_k_index, top_k_weights), so calibration scoring cannot observe it; "
+                "prune it with --plan FILE (explicit keep lists) instead")
         _, router, experts = moe_modules(self.adapter, self.layer)
 
         def on_router(mod, args, out):

@@ -27,6 +27,7 @@ import torch
 from ..errors import OutputError
 from ..version import __version__
 from .apply import PlanFields, apply_layer, patch_config
+from .card import invocation, write_model_card
 from .checkpoint import Checkpoint
 from .memory import cuda_peak_bytes, peak_rss_bytes
 from .plan import LayerPlan, Plan
@@ -182,11 +183,15 @@ class PruneRun:
         for layer_idx in ck.extra_layers():
             self.writer.add_all(ck.read_layer(layer_idx))
             self.notes.append(f"layer {layer_idx} (beyond num_hidden_layers, e.g. an MTP layer) copied unchanged")
+        for layer_idx in ck.missing_extra_layers():
+            self.notes.append(f"layer {layer_idx}: config.json's {self.adapter.extra_layers_key} declares it but the "
+                              "input's index holds no tensors for it (transformers' save_pretrained writes no MTP "
+                              "layer); skipped")
         rest = ck.other_keys()
         self.writer.add_all(ck.read(rest))
         cfg_out, notes = patch_config(ck.config, self.adapter, plan, ck.num_experts)
         self.notes += notes
-        for p in ck.extra_files():
+        for p in ck.extra_files():  # tokenizer, chat template, generation_config.json, ...
             shutil.copy2(p, self.out / p.name)
         write_json_atomic(self.out / "config.json", cfg_out)
         self.writer.finalize()  # index written last: from here on the checkpoint is complete
@@ -205,8 +210,9 @@ class PruneRun:
                        "largest_layer_bytes": max(ck.layer_bytes(i) for i in range(ck.num_layers)),
                        "model_bytes": ck.total_bytes()},
             "bytes": {"input": ck.total_bytes(), "output": self.writer.total_bytes},
-            "notes": self.notes, "resumed_from_layer": self.resumed_from, **report_extra,
+            "notes": self.notes, "resumed_from_layer": self.resumed_from, "command": invocation(), **report_extra,
         }
+        write_model_card(self.out, report, ck.config, ck.path)  # README.md: replaces the base model's card
         write_json_atomic(self.out / REPORT, report)
         (self.out / MANIFEST).unlink(missing_ok=True)
         shutil.rmtree(self.out / WORK_DIR, ignore_errors=True)

@@ -30,6 +30,8 @@ from ..engine.writer import ShardWriter, parse_size
 
 log = logging.getLogger(__name__)
 
+# Families whose config.json family_config writes by hand (any size); every family has save_pretrained_model.
+SYNTH_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe", "gpt_oss")
 
 
 def family_config(arch: str, *, layers: int, hidden_size: int, intermediate_size: int, experts: int, top_k: int,
@@ -38,6 +40,9 @@ def family_config(arch: str, *, layers: int, hidden_size: int, intermediate_size
     """config.json contents for a small model of family ``arch``."""
     if arch not in BY_FAMILY:
         raise ConfigError(f"--arch {arch!r} is not supported; choose one of: {', '.join(supported_families())}")
+    if arch not in SYNTH_FAMILIES:
+        raise ConfigError(f"--arch {arch!r}: lowmoe synth writes {', '.join(SYNTH_FAMILIES)}; for other families "
+                          "lowmoe.toy.synth.save_pretrained_model writes a tiny model through transformers' save_pretrained")
     heads = heads or max(1, hidden_size // 16)
     if hidden_size % heads:
         raise ConfigError(f"--hidden-size {hidden_size} is not divisible by the number of heads {heads}")
@@ -125,7 +130,7 @@ def synth_model(out_dir: str | Path, arch: str = "mixtral", *, layers: int = 4, 
     skel = ModelSkeleton(raw, adapter)
     writer = ShardWriter(out, parse_size(shard_size))
     std = float(getattr(skel.config, "initializer_range", 0.02) or 0.02)
-    moe = set(adapter.moe_layers(raw))
+    moe = skel.moe_layers
 
     def layer_tensors(layer_idx: int, module) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + layer_idx + 1)
@@ -156,4 +161,99 @@ def synth_model(out_dir: str | Path, arch: str = "mixtral", *, layers: int = 4, 
     save_byte_tokenizer(out)
     GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(str(out))
     log.info("wrote synthetic %s model to %s (%.1f MB)", arch, out, writer.total_bytes / 1e6)
+    return out
+
+
+# ---- checkpoints written by transformers' own save_pretrained ----------------------------------
+
+# Small sizes applied to whichever of these keys a family's transformers config class has.
+_TINY_COMMON = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                    shared_expert_intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=False,
+                    bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
+_GROUPED = dict(n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=1.0)
+# Per family: what a tiny, valid config needs beyond _TINY_COMMON (data, not code). Expert count and
+# top-k are set through the adapter's own keys.
+TINY_OVERRIDES: dict[str, dict] = {
+    "phimoe": dict(router_jitter_noise=0.0, input_jitter_noise=0.0),
+    "deepseek_v2": {**_MLA, **_GROUPED, "q_lora_rank": None, "topk_method": "group_limited_greedy"},
+    "deepseek_v3": {**_MLA, **_GROUPED},  # num_nextn_predict_layers keeps its default (1): no MTP tensors written
+    "deepseek_v32": {**_MLA, **_GROUPED, "index_n_heads": 2, "index_head_dim": 8, "index_topk": 4},
+    "glm4_moe": dict(_GROUPED),
+    "glm4_moe_lite": {**_MLA, **_GROUPED},
+    "dots1": dict(_GROUPED),
+    "exaone_moe": dict(n_group=2, topk_group=1, mlp_layer_types=["dense", "sparse", "sparse"],
+                       layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=8),
+    "ernie4_5_moe": dict(moe_layer_start_index=1, moe_num_shared_experts=1),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv"], num_dense_layers=1),
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_key_heads=2,
+                       linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8),
+    "minimax": dict(layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    "llama4_text": dict(moe_layers=[0, 1, 2], layer_types=["chunked_attention", "chunked_attention", "full_attention"],
+                        no_rope_layers=[1, 1, 0], attention_chunk_size=4, intermediate_size_mlp=64),
+    "afmoe": dict(num_dense_layers=1, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                  sliding_window=8, num_shared_experts=1),
+    "jamba": dict(attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=0, expert_layer_period=1,
+                  mamba_d_state=4, mamba_dt_rank=4),
+    "solar_open": dict(_GROUPED),
+    "mimo_v2_flash": {**_GROUPED, "v_head_dim": 8, "mlp_layer_types": ["dense", "sparse", "sparse"],
+                      "layer_types": ["full_attention", "sliding_attention", "full_attention"], "sliding_window": 8},
+    "glm_moe_dsa": {**_MLA, **_GROUPED, "index_n_heads": 2, "index_head_dim": 8, "index_topk": 4, "qk_head_dim": 8,
+                    "mlp_layer_types": ["dense", "sparse", "sparse"], "layer_types": ["indexed_attention"] * 3},
+    "cohere2_moe": dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=8,
+                        mlp_layer_types=["sparse"] * 3),
+    "qwen3_5_moe_text": dict(layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_key_heads=2,
+                             linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8),
+    "gpt_oss": dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=8),
+}
+
+
+def tiny_hf_config(family: str, *, experts: int = 8, top_k: int = 2, **overrides):
+    """A tiny transformers config object for ``family``: _TINY_COMMON on the keys its config class
+    has, TINY_OVERRIDES, the expert count on every expert-count key, top-k on the adapter's key."""
+    from transformers import AutoConfig
+
+    if family not in BY_FAMILY:
+        raise ConfigError(f"family {family!r} is not supported; choose one of: {', '.join(supported_families())}")
+    adapter = BY_FAMILY[family]
+    model_type = adapter.model_types[0]
+    defaults = AutoConfig.for_model(model_type).to_dict()
+    kw = {k: v for k, v in _TINY_COMMON.items() if k in defaults}
+    kw.update(TINY_OVERRIDES.get(family, {}))
+    for key in adapter.expert_count_keys:
+        kw[key] = experts
+    kw[adapter.top_k_key] = top_k
+    kw.update(overrides)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+@torch.no_grad()
+def save_pretrained_model(out_dir: str | Path, family: str, *, seed: int = 0, experts: int = 8, top_k: int = 2,
+                          **overrides) -> Path:
+    """A tiny random ``family`` model built by transformers (``from_config``) and written by its own
+    ``save_pretrained`` (plus lowmoe's byte tokenizer): the on-disk layout exactly as transformers
+    writes it. Router rows get std 1/sqrt(hidden) so routing is far from uniform; per-expert router
+    biases are randomised so that dropping experts is visible in them."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    cfg = tiny_hf_config(family, experts=experts, top_k=top_k, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    adapter = BY_FAMILY[family]
+    hidden = int(cfg.hidden_size)
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 1 and p.shape[0] == experts and (".experts." in name or "router" in name or ".gate." in name):
+            if p.dim() == 2 and p.shape[-1] == hidden and "experts." not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(hidden))
+            elif p.dim() >= 2 and p.abs().sum() == 0:  # experts left at zero by some inits
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    for name, b in list(model.named_buffers()) + list(model.named_parameters()):
+        if name.endswith(("e_score_correction_bias", "expert_bias")) and b.shape[-1] == experts:
+            b.copy_(torch.rand(b.shape, generator=gen) * 0.1)
+    model.save_pretrained(str(out))
+    save_byte_tokenizer(out)
+    log.info("wrote %s model (transformers save_pretrained, %s layout) to %s", family, adapter.expert_layout, out)
     return out

@@ -14,7 +14,7 @@ Two expert layouts exist on disk:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -34,23 +34,38 @@ class Adapter:
     router: str = "gate"
     runtime_router: str = "gate"
     router_tensors: tuple[str, ...] = ("weight",)
+    # Other per-expert routing tensors, relative to the MoE block on disk (e.g. MiniMax-M2's
+    # ``e_score_correction_bias`` beside the gate): sliced with the router, experts on the LAST dim.
+    router_extra: tuple[str, ...] = ()
     expert_layout: str = "per_expert"  # or "fused"
     # per_expert: the (gate, up, down) projection names; fused: tensor names under experts.
     expert_projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     fused_tensors: tuple[str, ...] = ()
+    # fused: the folder of fused_tensors inside the MoE block on disk ("" for GraniteMoE's input_linear).
+    fused_dir: str = "experts."
+    # Tensors renamed inside the MoE block between disk and runtime (disk name, runtime name), e.g.
+    # ERNIE-4.5's moe_statics.e_score_correction_bias -> gate.moe_statics.e_score_correction_bias.
+    moe_renames: tuple[tuple[str, str], ...] = ()
     # Runtime fused tensor names transformers builds from the per-expert tensors.
     runtime_gate_up: str = "gate_up_proj"
     runtime_down: str = "down_proj"
     top_k_key: str = "num_experts_per_tok"
-    # Other layer-level tensors renamed between disk and runtime (disk suffix -> runtime suffix).
-    # Callable(config) -> set of layer indices whose MLP is dense (no routed experts).
-    dense_layers: Callable[[dict], set[int]] = field(default=lambda cfg: set())
-    # Callable(config) -> list of extra layer indices (>= num_hidden_layers) copied unchanged.
-    extra_layers: Callable[[dict], list[int]] = field(default=lambda cfg: [])
+    # Layer tensors outside the MoE block renamed between disk and runtime: (disk name, runtime name),
+    # relative to the layer, e.g. MiMo-V2's self_attn.attention_sink_bias -> self_attn.sinks.
+    layer_renames: tuple[tuple[str, str], ...] = ()
+    # Callable(config) -> set of layer indices whose MLP is dense (no routed experts); None: the
+    # layers without a router, as the checkpoint's index (or transformers' module tree) shows them.
+    dense_layers: Callable[[dict], set[int]] | None = None
+    # Config key naming how many layers past num_hidden_layers the published checkpoints carry (MTP).
+    # Only for the report: the layers copied are those the index holds, whatever the config says.
+    extra_layers_key: str = ""
     # Whether the router uses DeepSeek-style group-limited routing (n_group / topk_group).
     grouped_routing: bool = False
     # How the router turns logits into per-expert scores: "softmax" or "sigmoid" (DeepSeek-V3).
     router_scoring: str = "softmax"
+    # Whether transformers' MoE block exposes the router -> experts(hidden, top_k_index, top_k_weights)
+    # calls that hf.MoeProbe hooks (calibration scoring); False: only --plan runs are possible.
+    probes: bool = True
     notes: str = ""
 
     # ---- key templates -------------------------------------------------------------------
@@ -58,8 +73,9 @@ class Adapter:
         return f"model.layers.{layer_idx}."
 
     def router_keys(self, layer_idx: int) -> list[str]:
-        base = self.layer_prefix(layer_idx) + self.moe_prefix + self.router + "."
-        return [base + t for t in self.router_tensors]
+        """Every per-expert routing tensor of a layer (router rows first, then ``router_extra``)."""
+        block = self.layer_prefix(layer_idx) + self.moe_prefix
+        return [block + self.router + "." + t for t in self.router_tensors] + [block + t for t in self.router_extra]
 
     def expert_keys(self, layer_idx: int, expert_idx: int) -> list[str]:
         """On-disk keys of one expert (per_expert layout only), in (gate, up, down) order."""
@@ -67,7 +83,7 @@ class Adapter:
         return [base + p + ".weight" for p in self.expert_projs]
 
     def fused_keys(self, layer_idx: int) -> list[str]:
-        base = self.layer_prefix(layer_idx) + self.moe_prefix + "experts."
+        base = self.layer_prefix(layer_idx) + self.moe_prefix + self.fused_dir
         return [base + t for t in self.fused_tensors]
 
     def routed_expert_keys(self, layer_idx: int, num_experts: int) -> list[str]:
@@ -78,10 +94,16 @@ class Adapter:
         return self.fused_keys(layer_idx)
 
     def is_expert_key(self, key_in_layer: str) -> bool:
-        return key_in_layer.startswith(self.moe_prefix + "experts.")
+        if self.expert_layout == "fused" and not self.fused_dir:
+            return key_in_layer in {self.moe_prefix + t for t in self.fused_tensors}
+        return key_in_layer.startswith(self.moe_prefix + (self.fused_dir if self.expert_layout == "fused" else "experts."))
+
+    def is_router_extra(self, key_in_layer: str) -> bool:
+        return key_in_layer in {self.moe_prefix + t for t in self.router_extra}
 
     def is_router_key(self, key_in_layer: str) -> bool:
-        return key_in_layer.startswith(self.moe_prefix + self.router + ".")
+        return (key_in_layer.startswith(self.moe_prefix + self.router + ".")
+                or key_in_layer in {self.moe_prefix + t for t in self.router_extra})
 
     # ---- config --------------------------------------------------------------------------
     def num_experts(self, cfg: dict) -> int:
@@ -93,9 +115,14 @@ class Adapter:
     def top_k(self, cfg: dict) -> int:
         return int(cfg[self.top_k_key])
 
-    def moe_layers(self, cfg: dict) -> list[int]:
-        dense = self.dense_layers(cfg)
-        return [i for i in range(int(cfg["num_hidden_layers"])) if i not in dense]
+    def moe_layers(self, cfg: dict, present: Callable[[int], bool] | None = None) -> list[int]:
+        """Decoder layers with routed experts: by the adapter's config rule, else those for which
+        ``present(layer)`` (a router found in the index or module tree), else all."""
+        n = int(cfg["num_hidden_layers"])
+        if self.dense_layers is not None:
+            dense = self.dense_layers(cfg)
+            return [i for i in range(n) if i not in dense]
+        return [i for i in range(n) if present is None or present(i)]
 
     # ---- disk <-> runtime ----------------------------------------------------------------
     def to_runtime(self, layer_idx: int, tensors: dict[str, torch.Tensor], is_moe: bool) -> dict[str, torch.Tensor]:
@@ -116,11 +143,16 @@ class Adapter:
                     _, e, proj, _w = rest.split(".")
                     {g: gates, u: ups, d: downs}[proj][int(e)] = t
                     continue
-                if rest.startswith(self.router + "."):
+                renamed = dict(self.moe_renames).get(rest)
+                if renamed is not None:
+                    rest = renamed
+                elif rest.startswith(self.router + "."):
                     rest = self.runtime_router + rest[len(self.router):]
                 k = self.runtime_moe_prefix + rest
             elif k.startswith(self.moe_prefix) and self.moe_prefix != self.runtime_moe_prefix:
                 k = self.runtime_moe_prefix + k[len(self.moe_prefix):]
+            else:
+                k = dict(self.layer_renames).get(k, k)
             out[k] = t
         if gates:
             n = len(gates)
@@ -149,11 +181,14 @@ class Adapter:
                     for e in range(t.shape[0]):
                         out[prefix + self.moe_prefix + f"experts.{e}.{d}.weight"] = t[e].clone()
                     continue
-                if rest.startswith(self.runtime_router + "."):
+                back = {r: d for d, r in self.moe_renames}.get(rest)
+                if back is not None:
+                    rest = back
+                elif rest.startswith(self.runtime_router + "."):
                     rest = self.router + rest[len(self.runtime_router):]
                 out[prefix + self.moe_prefix + rest] = t
             elif k.startswith(self.runtime_moe_prefix) and self.moe_prefix != self.runtime_moe_prefix:
                 out[prefix + self.moe_prefix + k[len(self.runtime_moe_prefix):]] = t
             else:
-                out[prefix + k] = t
+                out[prefix + {r: d for d, r in self.layer_renames}.get(k, k)] = t
         return out
