@@ -13,7 +13,7 @@ from lowmoe.errors import ConfigError
 from lowmoe.engine.hf import LayerInputs, ModelSkeleton, MoeProbe, expert_output, moe_modules, run_layer
 from lowmoe.pipeline import REPORT
 
-from .conftest import FAMILIES, dir_digest
+from .helpers import FAMILIES, dir_digest
 
 CPU = torch.device("cpu")
 OPTS = dict(keep=4, n_samples=8, seq_len=16, batch_size=2, progress=False, device="cpu")

@@ -3,7 +3,6 @@ model that was scored, evolution operators, determinism and resume, the prune CL
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -20,29 +19,7 @@ from lowmoe.methods.eep.space import Candidate, SearchSpace
 from lowmoe.errors import ConfigError
 from lowmoe.engine.quant import layer_weights
 
-
-def records(n=12):
-    recs = [{"prompt": f"add:\n{a}+{b}=", "answer": f"{a + b}\n"} for a in range(4) for b in range(n // 4)]
-    recs.append({"prompt": "pick one:", "options": ["ab", "c", "dd"], "answer": 1})
-    return recs
-
-
-def write_jsonl(path, recs):
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return path
-
-
-def merged(space: SearchSpace, base: Candidate, rng, scale=0.2) -> Candidate:
-    """A merging-phase candidate: real rows, W_RM != W_EM."""
-    return Candidate(base.em + rng.normal(0, scale, base.em.shape), base.rm + rng.normal(0, scale, base.rm.shape)).canonical()
-
-
-def population(space, rng):
-    a, b = space.random_onehot(rng), space.random_onehot(rng)
-    # c shares a's first group (prefix sharing within the generation), d is a merged a
-    c = Candidate(a.em.copy(), a.rm.copy())
-    c.em[-1], c.rm[-1] = b.em[-1], b.rm[-1]
-    return [a, b, c.canonical(), merged(space, a, rng), merged(space, b, rng)]
+from .helpers import merged, population, records
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])

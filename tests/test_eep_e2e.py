@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import lowmoe
 
-from .test_eep import records, write_jsonl
+from .helpers import records, write_jsonl
 
 
 

@@ -14,7 +14,7 @@ from lowmoe.cli import main
 from lowmoe.errors import (CalibrationError, CheckpointError, ConfigError, OutputError, PlanError,
                            UnsupportedModelError)
 
-from .conftest import dir_digest
+from .helpers import dir_digest
 
 OPTS = dict(n_samples=4, seq_len=32, batch_size=4, progress=False)
 

@@ -13,7 +13,7 @@ import lowmoe
 from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.engine.hf import LayerInputs, ModelSkeleton, materialize_layer, run_layer
 
-from .conftest import FAMILIES
+from .helpers import FAMILIES
 
 IDS = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(0))
 

@@ -9,7 +9,7 @@ import sys
 
 from lowmoe.toy.synth import synth_model
 
-from .conftest import write_calib
+from .helpers import write_calib
 
 
 def _peak(model, out, calib) -> int:

@@ -13,7 +13,7 @@ from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.pipeline import REPORT
 from lowmoe.engine.prefetch import DeviceStager, IOStats, LayerReader, Prefetcher, WriteBehind
 
-from .conftest import dir_digest
+from .helpers import dir_digest
 
 OPTS = dict(keep=4, method="frequency", n_samples=8, seq_len=32, batch_size=2, progress=False)
 

@@ -20,7 +20,8 @@ pytest.importorskip("bitsandbytes")
 
 from lowmoe.engine.quant import QuantExperts, QuantLinear, build_quantized_layer
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe", "gpt_oss"]
+from .helpers import FAMILIES
+
 CAL = {"seq_len": 16, "n_samples": 4, "batch_size": 2, "progress": False, "device": "cpu"}
 
 
