@@ -223,8 +223,6 @@ def test_prune_under_a_third_of_the_model(synth_dir, calib_txt, tmp_path, method
 def test_toy_model_same_plan_under_budget_and_without_prefetch(calib_txt, tmp_path):
     from lowmoe.toy.tasks import TOY_MODEL
 
-    if not (TOY_MODEL / "model.safetensors.index.json").is_file():
-        pytest.skip("toy model not shipped in this checkout")
     budget = Checkpoint(TOY_MODEL).total_bytes() // 4
     opts = dict(OPTS, method="reap", seq_len=32)
     ref = lowmoe.prune(TOY_MODEL, tmp_path / "ref", calib=[calib_txt], prefetch=False, **opts)

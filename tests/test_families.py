@@ -4,6 +4,8 @@ in memory."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -49,6 +51,12 @@ def test_streamed_layers_equal_full_model(arch, synth_dir):
             torch.testing.assert_close(h, ref[layer_idx + 1], rtol=1e-5, atol=1e-5)
 
 
+# The expert-count key of each family's config.json (README's table).
+EXPERT_COUNT_KEY = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_experts",
+                    "olmoe": "num_experts", "deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts",
+                    "phimoe": "num_local_experts", "gpt_oss": "num_local_experts"}
+
+
 def _plan_for(ck: Checkpoint) -> dict:
     # Keep 4 of 8, two per DeepSeek group (groups of 4): a valid grouped model.
     keeps = [[0, 2, 5, 7], [1, 3, 4, 6], [0, 1, 4, 5]]
@@ -69,12 +77,9 @@ def _reference_pruned(model, ck: Checkpoint, plan: dict):
                                                                             "e_score_correction_bias")))
         new[k] = v[keep].clone() if per_expert and v.shape[0] == ck.num_experts else v
     cfg = model.config.__class__.from_dict({**model.config.to_dict()})
-    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
-        if hasattr(cfg, key):
-            try:
-                setattr(cfg, key, 4)
-            except Exception:
-                pass
+    setattr(cfg, EXPERT_COUNT_KEY[model.config.model_type], 4)
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):  # aliases follow the family's own key
+        assert getattr(cfg, key, 4) == 4, key
     ref = AutoModelForCausalLM.from_config(cfg).eval()
     ref.load_state_dict(new, strict=True)
     return ref
@@ -87,6 +92,8 @@ def test_prune_with_plan_matches_in_memory_removal(arch, synth_dir, tmp_path):
     plan = _plan_for(ck)
     report = lowmoe.prune(src, tmp_path / "out", plan=plan, progress=False)
     assert report["num_experts"] == {"before": 8, "after": 4}
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written[EXPERT_COUNT_KEY[arch]] == 4 and written["num_experts_per_tok"] == 2
     pruned, info = load(tmp_path / "out")
     assert_clean_load(info)
     model, _ = load(src)
@@ -149,4 +156,7 @@ def test_layer_split_across_shards_is_read(synth_dir):
     shards = {ck.weight_map[k] for k in ck.layer_keys(1)}
     assert len(shards) >= 2  # 40KB shards split every layer
     tensors = ck.read_layer(1)
-    assert len(tensors) == len(ck.layer_keys(1))
+    assert sorted(tensors) == sorted(ck.layer_keys(1))
+    for k, t in tensors.items():  # each value is the tensor stored under that key in its own shard
+        with safe_open(str(ck.path / ck.weight_map[k]), "pt") as f:
+            assert torch.equal(t, f.get_tensor(k)), k
