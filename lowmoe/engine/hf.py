@@ -132,10 +132,11 @@ class LayerInputs:
         b, s, _ = hidden.shape
         pos = torch.arange(s, device=hidden.device).unsqueeze(0).expand(b, -1)
         pe = rotary(hidden, pos)
-        kw = dict(config=skel.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=pos)
-        masks = {"full_attention": masking_utils.create_causal_mask(**kw)}
+        # the cache argument by position: transformers 5.x renamed it (past_key_values -> cache)
+        args = (skel.config, hidden, None, None)
+        masks = {"full_attention": masking_utils.create_causal_mask(*args, position_ids=pos)}
         if skel.layer_types() and "sliding_attention" in skel.layer_types():
-            masks["sliding_attention"] = masking_utils.create_sliding_window_causal_mask(**kw)
+            masks["sliding_attention"] = masking_utils.create_sliding_window_causal_mask(*args, position_ids=pos)
         return cls(pos, pe, masks)
 
     def mask_for(self, skel: ModelSkeleton, layer_idx: int):
@@ -145,7 +146,7 @@ class LayerInputs:
 
 def run_layer(skel: ModelSkeleton, layer: nn.Module, layer_idx: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
     out = layer(hidden, attention_mask=inputs.mask_for(skel, layer_idx), position_ids=inputs.position_ids,
-                position_embeddings=inputs.position_embeddings, past_key_values=None, use_cache=False)
+                position_embeddings=inputs.position_embeddings, use_cache=False)
     return out[0] if isinstance(out, tuple) else out
 
 
