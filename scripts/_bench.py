@@ -55,4 +55,5 @@ def machine() -> dict:
     return {"cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "ram_gib": mem, "gpu": gpu, "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_avg_1m": round(os.getloadavg()[0], 1),  # other jobs on a shared machine move wall times
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")}

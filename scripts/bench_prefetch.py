@@ -44,7 +44,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     rows = [run(d, a.items, a.read_s, a.compute_s) for d in (0, 1)]
-    res = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}, "machine": machine(), "runs": rows,
+    res = {"command": "python scripts/bench_prefetch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}, "machine": machine(), "runs": rows,
            "hidden_fraction": round(1 - rows[1]["wait_s"] / rows[1]["read_s"], 3),
            "wall_ratio": round(rows[1]["wall_s"] / rows[0]["wall_s"], 3)}
     for r in rows:
