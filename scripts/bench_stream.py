@@ -122,7 +122,9 @@ def main() -> None:
                          "read_s": round(sum(v.get("read_s", 0) for v in lt.values()), 1),
                          "compute_s": round(sum(v.get("compute_s", 0) for v in lt.values()), 1),
                          "write_s": round(sum(v.get("write_s", 0) for v in lt.values()), 1),
-                         "io": report.get("io")},
+                         "io": report.get("io"),
+                         "layer_read_hidden_fraction": round(1 - report["io"]["wait_s"]["layer"] / report["io"]["read_s"]["layer"], 3)
+                         if report.get("io", {}).get("read_s", {}).get("layer") else None},
                "full_load": None if t_full is None else {"wall_s": round(t_full, 1), "peak_rss_gb": round(rss_full / 1e9, 2)},
                "read_and_copy": {"cat_s": round(t_cat, 1), "cp_s": round(t_cp, 1), "total_s": round(io_time, 1)},
                "targets": {"peak_rss_gb": round(rss_target / 1e9, 2), "peak_rss_met": rss_prune <= rss_target,
