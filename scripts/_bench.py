@@ -35,3 +35,25 @@ def drop_caches() -> bool:
         return True
     except OSError:
         return False
+
+
+def machine() -> dict:
+    """The machine a figure was measured on (stored with every result under docs/results/)."""
+    import datetime
+    import platform
+
+    import torch
+
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = round(int(line.split()[1]) * 1024 / 2**30, 1)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "ram_gib": mem, "gpu": gpu, "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_avg_1m": round(os.getloadavg()[0], 1),  # other jobs on a shared machine move wall times
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")}

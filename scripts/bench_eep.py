@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _bench import BENCH_MODEL, ensure_model
+from _bench import BENCH_MODEL, ensure_model, machine
 
 
 def setup(args):
@@ -213,6 +213,7 @@ def main():
     tail = gens[len(gens) // 2:]  # the second half: cross-generation stream reuse at its steady state
     bound = 2 * s["largest_layer"] + s["chunk_bytes"] + 2**30
     fig = {
+        "command": "python scripts/bench_eep.py " + " ".join(sys.argv[1:]), "machine": machine(),
         "model": str(args.model), "model_bytes": s["model_bytes"], "largest_layer_bytes": s["largest_layer"],
         "fitness_tokens": s["tokens"], "population": args.population, "generations": args.generations, "quant": args.quant,
         "threads": args.threads, "dtype": args.dtype, "layer_groups": args.layer_groups, "trim": not args.no_trim,
@@ -239,7 +240,8 @@ def main():
         d = {"evals_timed": len(b["evals"]), "evals_per_hour_wall": 3600 / w, "evals_per_cpu_hour": 3600 / c,
              "load_s": b["load_s"], "peak_rss": b["peak_rss"], "accuracy_equal": same_acc, "evals": b["evals"],
              "speedup_cpu": fig["streamed"]["evals_per_cpu_hour"] * c / 3600,
-             "speedup_wall": fig["streamed"]["evals_per_hour_wall"] * w / 3600}
+             "speedup_wall": fig["streamed"]["evals_per_hour_wall"] * w / 3600,
+             "rss_ratio": b["peak_rss"] / s["peak_rss"]}  # the baseline's peak RSS over the streamed search's
         if mode == "whole":
             d["max_abs_ll_diff"] = max(abs(e["fitness"]["ll"] - e["streamed"]["ll"]) for e in b["evals"])
         else:
@@ -250,7 +252,8 @@ def main():
               f"{d['speedup_wall']:.2f}x per wall-hour; accuracy equal {same_acc}"
               + (f", max |dll| {d['max_abs_ll_diff']:.2e}" if mode == "whole" else f", first-token agreement {d['first_token_agree']:.2f}"))
     if args.json:
-        args.json.write_text(json.dumps(fig, indent=1))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(fig, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ Targets: peak RSS <= 2x the largest layer + 1 GB; wall time <= 2x (b).
 
 Each measurement runs in its own process; peak RSS is that process's ru_maxrss.
 
-    python scripts/bench_stream.py [--model DIR] [--n-samples 16] [--seq-len 256]
+    python scripts/bench_stream.py [--model DIR] [--n-samples 16] [--seq-len 256] [--json OUT]
+
+``--json OUT`` stores the figures with the command line and the machine (docs/results/).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _bench import BENCH_DIR, drop_caches, ensure_model  # noqa: E402
+from _bench import BENCH_DIR, drop_caches, ensure_model, machine  # noqa: E402
 
 
 def timed(cmd: list[str], **kw) -> tuple[float, int]:
@@ -57,6 +59,7 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--skip-full-load", action="store_true", help="skip (a), loading the whole model")
+    ap.add_argument("--json", type=Path, help="store the figures, the command and the machine here")
     args = ap.parse_args()
     model = ensure_model(args.model)
     from lowmoe.engine.checkpoint import Checkpoint
@@ -73,6 +76,7 @@ def main() -> None:
 
     # (b) read every shard once + write the output once
     t_cat, _ = child_peak(["sh", "-c", "cat " + " ".join(shards) + " > /dev/null"])
+    t_full = rss_full = None
     drop_caches()
     t_cp, _ = child_peak(["cp", "-r", str(model), str(work / "copy")])
     shutil.rmtree(work / "copy")
@@ -108,6 +112,25 @@ def main() -> None:
     lt = report["timings"]["layers"]
     print(f"prune breakdown: read {sum(v.get('read_s', 0) for v in lt.values()):.1f}s, "
           f"compute {sum(v.get('compute_s', 0) for v in lt.values()):.1f}s, write {sum(v.get('write_s', 0) for v in lt.values()):.1f}s")
+    if args.json:
+        res = {"command": "python scripts/bench_stream.py " + " ".join(sys.argv[1:]), "machine": machine(),
+               "page_cache_dropped": cold,
+               "model": {"bytes": total, "gb": round(total / 1e9, 2), "layers": ck.num_layers, "largest_layer_bytes": largest,
+                         "largest_layer_gb": round(largest / 1e9, 2), "dtype": str(ck.config.get("torch_dtype", ck.config.get("dtype")))},
+               "calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len},
+               "prune": {"wall_s": round(t_prune, 1), "peak_rss_gb": round(rss_prune / 1e9, 2),
+                         "read_s": round(sum(v.get("read_s", 0) for v in lt.values()), 1),
+                         "compute_s": round(sum(v.get("compute_s", 0) for v in lt.values()), 1),
+                         "write_s": round(sum(v.get("write_s", 0) for v in lt.values()), 1),
+                         "io": report.get("io"),
+                         "layer_read_hidden_fraction": round(1 - report["io"]["wait_s"]["layer"] / report["io"]["read_s"]["layer"], 3)
+                         if report.get("io", {}).get("read_s", {}).get("layer") else None},
+               "full_load": None if t_full is None else {"wall_s": round(t_full, 1), "peak_rss_gb": round(rss_full / 1e9, 2)},
+               "read_and_copy": {"cat_s": round(t_cat, 1), "cp_s": round(t_cp, 1), "total_s": round(io_time, 1)},
+               "targets": {"peak_rss_gb": round(rss_target / 1e9, 2), "peak_rss_met": rss_prune <= rss_target,
+                           "wall_s": round(2 * io_time, 1), "wall_met": t_prune <= 2 * io_time}}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import random
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 
 from lowmoe.toy.synth import synth_model
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe", "gpt_oss"]
+from .helpers import write_calib
 
 torch.set_num_threads(2)
 
@@ -33,19 +32,6 @@ def synth_dir(tmp_path_factory):
     return make
 
 
-def write_calib(path: Path, n_lines: int = 200, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    words = ["alpha", "beta", "gamma", "delta", "12+3=15", "def f(x):", "return x", "(())", "sort 3 1 2"]
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(n_lines)) + "\n")
-    return path
-
-
 @pytest.fixture(scope="session")
 def calib_txt(tmp_path_factory) -> Path:
     return write_calib(tmp_path_factory.mktemp("calib") / "calib.txt")
-
-
-def dir_digest(path: Path) -> dict[str, str]:
-    """sha256 of every file under ``path`` (relative name -> digest)."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(path).rglob("*")) if p.is_file()}

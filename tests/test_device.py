@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 from click.testing import CliRunner
 
 from lowmoe.cli import main
 from lowmoe.engine.device import describe_device, dtype_bytes, dtype_name, resolve_device, resolve_dtype
+from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.errors import ConfigError
+from lowmoe.score import score
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")
 
@@ -40,7 +45,7 @@ def test_cuda_without_cuda_is_a_clear_error(name):
 def test_dtypes(name, want):
     assert resolve_dtype(name, torch.device("cpu")) is want
     assert dtype_bytes(want) == {torch.float32: 4}.get(want, 2)
-    assert dtype_name(want) in ("bf16", "fp16", "fp32")
+    assert dtype_name(want) == {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[want]
 
 
 def test_bad_dtype():
@@ -50,7 +55,7 @@ def test_bad_dtype():
 
 def test_describe_cpu():
     d = describe_device(torch.device("cpu"))
-    assert d["device"] == "cpu" and d["threads"] >= 1
+    assert d == {"device": "cpu", "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
 
 
 @no_cuda
@@ -63,8 +68,22 @@ def test_cli_prune_cuda_on_cpu_machine_fails_fast(synth_dir, calib_txt, tmp_path
 
 
 def test_cli_prune_bf16_alias_runs(synth_dir, calib_txt, tmp_path):
-    r = CliRunner().invoke(main, ["-q", "prune", str(synth_dir("mixtral")), str(tmp_path / "o"), "--keep", "4",
-                                  "--calib", str(calib_txt), "--device", "cpu", "--dtype", "bf16", "--n-samples", "4",
-                                  "--seq-len", "16", "--batch-size", "2"])
-    assert r.exit_code == 0, r.output
-    assert (tmp_path / "o" / "model.safetensors.index.json").is_file()
+    """``--dtype bf16`` computes in bfloat16: its scores are lowmoe.score's bf16 scores, not the fp32 ones;
+    the written weights keep the checkpoint's stored dtype."""
+    src = synth_dir("mixtral")
+    cal = ["--n-samples", "4", "--seq-len", "16", "--batch-size", "2"]
+    reports = {}
+    for name in ("bf16", "fp32"):
+        r = CliRunner().invoke(main, ["-q", "prune", str(src), str(tmp_path / name), "--keep", "4", "--method", "reap",
+                                      "--calib", str(calib_txt), "--device", "cpu", "--dtype", name, "--one-shot", *cal])
+        assert r.exit_code == 0, r.output
+        reports[name] = json.loads((tmp_path / name / "lowmoe_report.json").read_text())
+    bf16 = score(src, calib=[calib_txt], method="reap", dtype="bf16", progress=False, n_samples=4, seq_len=16, batch_size=2)
+    assert bf16["options"]["dtype"] == "bf16"
+    for L, s in reports["bf16"]["scores"].items():
+        assert s == pytest.approx(bf16["layers"][L]["scores"]["reap"], rel=1e-5), L
+        assert s != pytest.approx(reports["fp32"]["scores"][L], rel=1e-6), L  # bf16 rounding shows
+        assert s == pytest.approx(reports["fp32"]["scores"][L], rel=0.05), L
+    stored = Checkpoint(src).read(["model.embed_tokens.weight"])["model.embed_tokens.weight"].dtype
+    out = Checkpoint(tmp_path / "bf16").read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+    assert out.dtype == stored

@@ -3,7 +3,6 @@ model that was scored, evolution operators, determinism and resume, the prune CL
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -20,29 +19,7 @@ from lowmoe.methods.eep.space import Candidate, SearchSpace
 from lowmoe.errors import ConfigError
 from lowmoe.engine.quant import layer_weights
 
-
-def records(n=12):
-    recs = [{"prompt": f"add:\n{a}+{b}=", "answer": f"{a + b}\n"} for a in range(4) for b in range(n // 4)]
-    recs.append({"prompt": "pick one:", "options": ["ab", "c", "dd"], "answer": 1})
-    return recs
-
-
-def write_jsonl(path, recs):
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return path
-
-
-def merged(space: SearchSpace, base: Candidate, rng, scale=0.2) -> Candidate:
-    """A merging-phase candidate: real rows, W_RM != W_EM."""
-    return Candidate(base.em + rng.normal(0, scale, base.em.shape), base.rm + rng.normal(0, scale, base.rm.shape)).canonical()
-
-
-def population(space, rng):
-    a, b = space.random_onehot(rng), space.random_onehot(rng)
-    # c shares a's first group (prefix sharing within the generation), d is a merged a
-    c = Candidate(a.em.copy(), a.rm.copy())
-    c.em[-1], c.rm[-1] = b.em[-1], b.rm[-1]
-    return [a, b, c.canonical(), merged(space, a, rng), merged(space, b, rng)]
+from .helpers import merged, population, records
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
@@ -166,10 +143,25 @@ def test_evolution_operators_keep_their_invariants():
         assert m.is_onehot()
         for g in range(sp.num_groups):
             assert len(set(m.em[g].argmax(1).tolist())) == sp.keep  # distinct experts per group
+    changed = [sum(set(m.em[g].argmax(1).tolist()) != set(c.em[g].argmax(1).tolist()) for g in range(sp.num_groups))
+               for m in (ev.discrete_mutate(c, rng) for _ in range(20))]
+    assert sum(n > 0 for n in changed) >= 10 and max(changed) < sp.num_groups, changed  # mutates some groups, not all
     g = ev.gaussian_mutate(c, rng)
     assert g.em.shape == c.em.shape and not g.is_onehot()
-    x = ev.crossover(c, sp.random_onehot(rng), rng)
-    assert x.em.shape == c.em.shape
+    # crossover: each row of each group of the child (W_EM and W_RM) is that row of one parent's same group
+    a, b = sp.random_onehot(rng), sp.random_onehot(rng)
+    from_a = from_b = 0
+    for _ in range(20):
+        x = ev.crossover(a, b, rng)
+        assert x.em.shape == a.em.shape and x.rm.shape == a.rm.shape
+        for child, pa, pb in ((x.em, a.em, b.em), (x.rm, a.rm, b.rm)):
+            for grp in range(sp.num_groups):
+                for j in range(sp.keep):
+                    ok_a, ok_b = np.array_equal(child[grp, j], pa[grp, j]), np.array_equal(child[grp, j], pb[grp, j])
+                    assert ok_a or ok_b, (grp, j)
+                    from_a += ok_a and not ok_b
+                    from_b += ok_b and not ok_a
+    assert from_a > 0 and from_b > 0  # both parents contribute
 
 
 def test_evolution_improves_and_is_deterministic_and_resumable(tmp_path):
@@ -177,7 +169,12 @@ def test_evolution_improves_and_is_deterministic_and_resumable(tmp_path):
     opts = EvolveOptions(generations=6, population=6, seed=3)
     full = Evolution(sp, opts, fake_fitness, state_path=tmp_path / "a.json")
     st = full.run()
-    assert st.curve[-1]["best_acc"] > st.curve[0]["gen_median_acc"]
+    # the search beats its own starting point: generation 0's BEST (not its median), in the prune phase
+    # (discrete mutation of the best) and again in the merge phase (crossover + gaussian mutation)
+    start = st.curve[0]["gen_best_acc"]
+    assert st.curve[0]["best_acc"] == start
+    last_prune = max(c["best_acc"] for c in st.curve if c["phase"] == "prune")
+    assert last_prune >= start + 0.05 and st.curve[-1]["best_acc"] > last_prune, st.curve
     assert [c["phase"] for c in st.curve] == ["prune", "prune", "merge", "merge", "merge", "merge"]
     # same seed -> same archive; a search killed after 3 generations resumes to the same result
     calls = {"n": 0}
@@ -195,6 +192,24 @@ def test_evolution_improves_and_is_deterministic_and_resumable(tmp_path):
     st2 = resumed.run()
     assert [e.cand.key() for e in st2.archive] == [e.cand.key() for e in st.archive]
     assert [e.fitness for e in st2.archive] == [e.fitness for e in st.archive]
+
+
+def test_pruning_search_beats_random_search_at_equal_evaluations():
+    """Discrete mutation of the best (the pruning phase) against drawing the same number of random
+    keep-sets, 20 times: on 32 experts in 2 groups of 4 kept, the landscape rewards slots on experts
+    0..3; random search at 128 evaluations fills at most 4 of the 8 slots with them (in 40 of 40
+    draws), the search at least 6. Children drawn at random instead of mutated reach 5 at best."""
+    sp = SearchSpace.build(list(range(2)), 32, 4, "layer")
+    st = Evolution(sp, EvolveOptions(generations=16, population=8, prune_generations=16), fake_fitness).run()
+
+    def good_slots(c: Candidate) -> int:
+        return int((c.em.argmax(-1) < 4).sum())
+
+    random_best = []
+    for seed in range(20):
+        rng = np.random.default_rng(100 + seed)
+        random_best.append(max(good_slots(sp.random_onehot(rng)) for _ in range(st.evaluations)))
+    assert good_slots(st.ranked()[0].cand) >= max(random_best) + 2, (good_slots(st.ranked()[0].cand), random_best)
 
 
 def test_top_k_only_starts_from_the_identity():

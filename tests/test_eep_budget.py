@@ -16,9 +16,8 @@ from lowmoe.engine.budget import SAFETY, layer_sizes, plan_budget, plan_populati
 from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.errors import ConfigError
 
-from .conftest import dir_digest
-from .test_eep import merged, population, records, write_jsonl
-from .test_eep_population import evaluator
+from .helpers import dir_digest
+from .helpers import evaluator, merged, population, records, write_jsonl
 
 KEEP = 4
 

@@ -6,12 +6,15 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 import lowmoe
+from lowmoe.engine.calibration import load_tokenizer
+from lowmoe.methods.eep.fitness import FitnessData
 
-from .test_eep import records, write_jsonl
+from .helpers import records, write_jsonl
 
 
 
@@ -23,10 +26,19 @@ def test_prune_method_eep_end_to_end(synth_dir, tmp_path):
                 method_options={"dev": str(dev), "generations": 2, "population": 3, "layer_groups": "layer"})
     r1 = lowmoe.prune(src, tmp_path / "a", **opts)
     eep = r1["eep"]
-    assert len(eep["curve"]) == 2 and eep["evaluations"] >= 3 and eep["best"]["dev"] is not None
+    # 2 generations of 3 distinct candidates each (duplicates are redrawn)
+    assert [c["evaluations"] for c in eep["curve"]] == [3, 6] and eep["evaluations"] == 6
     assert len(eep["best"]["groups"]) == 3 and len(eep["best"]["groups"][0]["W_EM"]) == 4
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a").eval()
     assert model.config.num_local_experts == 4
+    # the reported dev fitness of the pick is the written model's, measured here on the dev records
+    data = FitnessData.from_records(records(4), load_tokenizer(src))
+    rows = []
+    with torch.no_grad():
+        for _, sl in data.batches(4):
+            rows += data.score_logits(model(data.input_ids[sl], use_cache=False).logits, sl)
+    ref = data.aggregate(rows)
+    assert eep["best"]["dev"]["acc"] == ref.acc and eep["best"]["dev"]["ll"] == pytest.approx(ref.ll, abs=1e-4)
     r2 = lowmoe.prune(src, tmp_path / "b", **opts)
     assert r2["plan"]["layers"] == r1["plan"]["layers"], "same seed and data -> same plan"
     # the best plan's matrices are the ones written in the plan
@@ -52,7 +64,9 @@ def test_seeded_search_reports_its_seed_and_never_picks_worse_on_dev(synth_dir, 
     seed = rep["eep"]["seed"]
     assert seed["method"] == "frequency"
     assert seed["keep"] == [one_shot["plan"]["layers"][str(L)]["keep"] for L in range(len(seed["keep"]))]
-    assert seed["dev"] is not None and 0 <= seed["fitness"]["acc"] <= 1
+    # the seed's fitness is a fraction of the 9 training records (8 generated + 1 multiple choice) and of the 5 dev records
+    assert seed["fitness"]["acc"] * 9 == pytest.approx(round(seed["fitness"]["acc"] * 9))
+    assert seed["dev"]["acc"] * 5 == pytest.approx(round(seed["dev"]["acc"] * 5)) and seed["dev"]["ll"] < 0
     best = rep["eep"]["best"]
     assert (best["dev"]["acc"], best["dev"]["ll"]) >= (seed["dev"]["acc"], seed["dev"]["ll"])
 

@@ -8,24 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from lowmoe.engine.checkpoint import Checkpoint
-from lowmoe.methods.eep.population import KeptExperts, LoadedLayer, PopulationEvaluator
-from lowmoe.methods.eep.space import SearchSpace
-from lowmoe.engine.hf import LayerInputs, materialize_layer, run_layer
-from lowmoe.engine.quant import layer_weights
+from lowmoe.engine.experts import KeptExperts
+from lowmoe.methods.eep.population import LoadedLayer
+from lowmoe.engine.hf import materialize_layer, run_layer
 
-from .test_eep import merged, records
-
-
-def evaluator(src, tmp_path, dtype=torch.float32, top_k=2, **kw):
-    from lowmoe.engine.calibration import load_tokenizer
-    from lowmoe.methods.eep.fitness import FitnessData
-
-    ck = Checkpoint(src)
-    data = FitnessData.from_records(records(8), load_tokenizer(src))
-    space = SearchSpace.build(ck.moe_layers(), ck.num_experts, 4, "layer")
-    return PopulationEvaluator(ck, layer_weights(ck, "none", None), space, data, tmp_path / "acts", device="cpu",
-                               dtype=dtype, top_k=top_k, batch_size=4, **kw)
+from .helpers import evaluator, merged, records
 
 
 @pytest.mark.parametrize("arch,stored,dtype", [("mixtral", "bfloat16", torch.float32), ("deepseek_v3", "bfloat16", torch.float32),

@@ -12,9 +12,11 @@ from lowmoe.methods.eep.runner import _seed_candidate
 from lowmoe.methods.eep.space import SearchSpace
 from lowmoe.pipeline import PruneConfig, plan_run_budget
 from lowmoe.score import score
-from tests.test_score_budget import chunking_ram
+
+from .helpers import chunking_ram, edit_checkpoint
 
 CAL = {"seq_len": 16, "n_samples": 4, "batch_size": 2}
+PCAL = {"seq_len": 32, "n_samples": 6, "batch_size": 3}  # test_scoring_protect's calibration
 
 
 def test_seed_is_the_one_shot_plan_with_and_without_budget(synth_dir, calib_txt, tmp_path):
@@ -53,7 +55,6 @@ def test_seed_keeps_super_experts_as_the_one_shot_prune_does(tmp_path, calib_txt
     import lowmoe
     from lowmoe.score import score
     from lowmoe.toy.synth import synth_model
-    from tests.test_scoring_protect import CAL as PCAL, edit_checkpoint
 
     path = synth_model(tmp_path / "m", "mixtral", layers=3, hidden_size=32, intermediate_size=32, experts=8, top_k=2,
                        shard_size="40KB")

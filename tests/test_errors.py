@@ -14,7 +14,7 @@ from lowmoe.cli import main
 from lowmoe.errors import (CalibrationError, CheckpointError, ConfigError, OutputError, PlanError,
                            UnsupportedModelError)
 
-from .conftest import dir_digest
+from .helpers import dir_digest
 
 OPTS = dict(n_samples=4, seq_len=32, batch_size=4, progress=False)
 
@@ -149,3 +149,18 @@ def test_cli_synth_inspect_prune_plan(calib_txt, tmp_path):
     assert json.loads((tmp_path / "plan.json").read_text())["format"] == "lowmoe-plan/1"
     code, out = run_cli("prune", tmp_path / "m", tmp_path / "p2", "--plan", tmp_path / "plan.json")
     assert code == 0, out
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_flags_before_or_after_the_subcommand(synth_dir, calib_txt, tmp_path, where):
+    """README lists -v / -vv with prune's options: they work after the subcommand as well as before it."""
+    src = synth_dir("mixtral")
+    args = ["prune", str(src), str(tmp_path / "o"), "--keep", "9", "--calib", str(calib_txt)]
+    flag = lambda f: [f, *args] if where == "before" else [*args, f]  # noqa: E731
+    r = CliRunner().invoke(main, flag("-vv"))  # -vv: the error propagates with its traceback
+    assert isinstance(r.exception, ConfigError) and "--keep" in str(r.exception), r.output
+    r = CliRunner().invoke(main, flag("-v"))  # -v: still the one-line error, exit 2
+    assert r.exit_code == 2 and "No such option" not in r.output and "lowmoe: error: --keep" in r.output, r.output
+    ok = ["prune", str(src), str(tmp_path / "ok"), "--keep", "4", "--calib", str(calib_txt), "--n-samples", "2", "--seq-len", "16"]
+    r = CliRunner().invoke(main, ok + ["-q"] if where == "after" else ["-q", *ok])
+    assert r.exit_code == 0 and "it/s" not in r.output and "layer   0: keep" in r.output, r.output  # -q: no progress bars

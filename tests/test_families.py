@@ -23,7 +23,7 @@ from lowmoe.engine.adapters import BY_FAMILY, supported_families
 from lowmoe.engine.hf import LayerInputs, ModelSkeleton, materialize_layer, run_layer
 from lowmoe.toy.synth import save_pretrained_model
 
-from .conftest import FAMILIES
+from .helpers import FAMILIES
 
 ALL_FAMILIES = supported_families()
 IDS = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -125,6 +125,8 @@ def test_prune_with_plan_matches_in_memory_removal(family, hf_saved, tmp_path):
     plan = _plan_for(ck)
     report = lowmoe.prune(src, tmp_path / "out", plan=plan, progress=False)
     assert report["num_experts"] == {"before": 8, "after": 4}
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written[ck.adapter.expert_count_keys[0]] == 4 and written[ck.adapter.top_k_key] == ck.top_k
     pruned, info = load(tmp_path / "out")
     assert_clean_load(info)
     model, _ = load(src)
@@ -188,7 +190,10 @@ def test_layer_split_across_shards_is_read(synth_dir):
     shards = {ck.weight_map[k] for k in ck.layer_keys(1)}
     assert len(shards) >= 2  # 40KB shards split every layer
     tensors = ck.read_layer(1)
-    assert len(tensors) == len(ck.layer_keys(1))
+    assert sorted(tensors) == sorted(ck.layer_keys(1))
+    for k, t in tensors.items():  # each value is the tensor stored under that key in its own shard
+        with safe_open(str(ck.path / ck.weight_map[k]), "pt") as f:
+            assert torch.equal(t, f.get_tensor(k)), k
 
 
 def test_deepseek_v3_saved_by_transformers_without_mtp_prunes_and_loads(hf_saved, tmp_path):

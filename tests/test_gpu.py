@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import lowmoe
-from lowmoe.engine.budget import ChunkedExperts, build_layer
+from lowmoe.engine.budget import build_layer
+from lowmoe.engine.experts import ChunkedExperts
 from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.engine.hf import LayerInputs, ModelSkeleton, MoeProbe, moe_modules, run_layer
 from lowmoe.engine.prefetch import DeviceStager

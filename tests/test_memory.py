@@ -9,7 +9,7 @@ import sys
 
 from lowmoe.toy.synth import synth_model
 
-from .conftest import write_calib
+from .helpers import write_calib
 
 
 def _peak(model, out, calib) -> int:
@@ -32,7 +32,7 @@ def test_peak_rss_flat_in_layers(tmp_path):
     p_small, p_big = _peak(small, tmp_path / "o4", calib), _peak(big, tmp_path / "o12", calib)
     # 8 more layers are 100 MB more model; a streamed run may grow by a fraction of that (measured:
     # 22-30 MB with two arenas), not in proportion to the layers.
-    assert p_big - p_small < 4 * layer_bytes, (p_small, p_big)
+    assert p_big - p_small < 2.5 * layer_bytes, (p_small, p_big)
 
 
 def test_onednn_primitive_cache_is_off_unless_the_user_set_it(tmp_path):

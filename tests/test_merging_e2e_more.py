@@ -9,7 +9,7 @@ import pytest
 
 import lowmoe
 
-from .test_merging_e2e import OPTS, check_against_reference
+from .helpers import OPTS, check_against_reference
 
 CASES = [
     ("qwen3_moe", "merge-freq", {"similarity": "output"}),
@@ -39,7 +39,7 @@ def test_merge_freq_coefficients_are_usage_frequencies(synth_dir, calib_txt, tmp
 
 
 def test_saved_merge_plan_reapplies_to_the_same_bytes(synth_dir, calib_txt, tmp_path):
-    from .conftest import dir_digest
+    from .helpers import dir_digest
 
     src = synth_dir("mixtral")
     rep = lowmoe.prune(src, tmp_path / "a", method="merge-freq", calib=[calib_txt], method_options={"align": "true"}, **OPTS)
@@ -56,7 +56,7 @@ def test_saved_merge_plan_reapplies_to_the_same_bytes(synth_dir, calib_txt, tmp_
 def test_c_prune_report_and_resume(synth_dir, calib_txt, tmp_path, monkeypatch):
     from lowmoe.pipeline import PruneRun
 
-    from .conftest import dir_digest
+    from .helpers import dir_digest
 
     src = synth_dir("mixtral", layers=4)
     ref = lowmoe.prune(src, tmp_path / "ref", method="c-prune", calib=[calib_txt], **OPTS)

@@ -12,7 +12,7 @@ import pytest
 
 from lowmoe.toy.synth import synth_model
 
-from .conftest import write_calib
+from .helpers import write_calib
 
 LAYER_BYTES = 8 * 3 * 256 * 512 * 4  # ~12.6 MB of experts per layer in fp32
 

@@ -13,7 +13,7 @@ from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.errors import OutputError
 from lowmoe.pipeline import MANIFEST, REPORT, PruneRun
 
-from .conftest import dir_digest
+from .helpers import dir_digest
 
 OPTS = dict(keep=4, method="frequency", n_samples=8, seq_len=32, batch_size=4, progress=False)
 

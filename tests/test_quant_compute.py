@@ -18,9 +18,11 @@ from lowmoe.score import score
 
 pytest.importorskip("bitsandbytes")
 
-from lowmoe.engine.quant import QuantExperts, QuantLinear, build_quantized_layer
+from lowmoe.engine.experts import QuantExperts
+from lowmoe.engine.quant import QuantLinear, build_quantized_layer
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe", "gpt_oss"]
+from .helpers import FAMILIES
+
 CAL = {"seq_len": 16, "n_samples": 4, "batch_size": 2, "progress": False, "device": "cpu"}
 
 
@@ -132,6 +134,8 @@ def test_streaming_eval_with_quant():
     kw = {"tasks": "reverse", "n": 30, "mode": "streaming", "batch_size": 30, "device": "cpu"}
     ref, q = evaluate(TOY_MODEL, **kw), evaluate(TOY_MODEL, quant="nf4", **kw)
     assert q["quant"] == "nf4" and q["tasks"]["reverse"]["perplexity"] != ref["tasks"]["reverse"]["perplexity"]
-    # docs/gpu.md: NF4 keeps reverse at 0.995 exact (n=200), perplexity +0.3%
-    assert q["tasks"]["reverse"]["perplexity"] == pytest.approx(ref["tasks"]["reverse"]["perplexity"], rel=0.02)
-    assert abs(q["tasks"]["reverse"]["exact_match"] - ref["tasks"]["reverse"]["exact_match"]) <= 0.1
+    # docs/gpu.md: NF4 costs reverse +0.3-0.4% perplexity and keeps its exact match (measured here on these 30
+    # examples: +0.37%, 30 of 30 both ways); allow +0.5% and one example, not the 2% / 3 examples a broken NF4 path fits in
+    ratio = q["tasks"]["reverse"]["perplexity"] / ref["tasks"]["reverse"]["perplexity"]
+    assert 1.0 < ratio <= 1.005, ratio
+    assert abs(q["tasks"]["reverse"]["exact_match"] - ref["tasks"]["reverse"]["exact_match"]) <= 1 / 30 + 1e-9

@@ -14,18 +14,10 @@ from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.cli import main
 from lowmoe.score import score
 
+from .helpers import chunking_ram
+
 CAL = {"seq_len": 16, "n_samples": 4, "batch_size": 2, "progress": False, "device": "cpu"}
 METHODS = ["frequency", "reap", "easy-ep"]
-
-
-def chunking_ram(model, batch_size: int, seq_len: int) -> int:
-    """A --max-ram that leaves the CPU compute copy room for the resident weights + 2 groups of 2
-    experts (so every MoE layer is expert-chunked, with layer prefetching still on)."""
-    ck = Checkpoint(model)
-    base = plan_budget(ck, device=torch.device("cpu"), dtype=torch.float32, batch_size=batch_size, seq_len=seq_len)
-    L = max(layer_sizes(ck), key=lambda s: s.resident_numel + s.expert_numel * s.num_experts)
-    need = base.activation_bytes + L.resident_bytes(4) + 4 * L.expert_bytes(4)
-    return base.host_fixed_bytes + 2 * base.host_layer_bytes + math.ceil(need / (1 - SAFETY)) + 1
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])

@@ -9,6 +9,10 @@ agreement also shows that streamed scoring equals whole-model scoring.
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +24,8 @@ from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.engine.hf import MoeCall
 from lowmoe.score import score
 from lowmoe.methods.scoring import FrequencyScorer, choose_keep, make_scorer
+
+from .helpers import FAMILIES, edit_checkpoint
 
 METHODS = ["frequency", "gate-mass", "reap", "easy-ep", "tcess"]
 CAL = {"seq_len": 24, "n_samples": 6, "batch_size": 4}
@@ -46,15 +52,35 @@ def reference_calls(path, calib, **cal):
     for L, rec in out.items():
         experts = model.model.layers[L].get_submodule(ck.adapter.runtime_moe_prefix.rstrip(".")).experts
         x = rec["x"]
-        gu, dn = experts.gate_up_proj.detach(), experts.down_proj.detach()  # (E, 2I, H), (E, H, I)
-        inter = gu.shape[1] // 2
-        g = torch.einsum("th,eih->tei", x, gu[:, :inter])
-        u = torch.einsum("th,eih->tei", x, gu[:, inter:])
-        f = torch.einsum("tei,ehi->teh", F.silu(g) * u, dn)  # (T, E, H) every expert's own output
+        f = expert_outputs(model.config, experts, x)
         logits, w, idx = rec["router"]
+        if ck.adapter.family == "gpt_oss":  # the router's bias is part of the logits scoring sees
+            router = getattr(model.model.layers[L].get_submodule(ck.adapter.runtime_moe_prefix.rstrip(".")), ck.adapter.runtime_router)
+            assert router.bias.abs().sum() > 0
+            torch.testing.assert_close(logits, x @ router.weight.T + router.bias)
         res[L] = {"x": x, "logits": logits.float(), "idx": idx, "w": w.float(), "f": f,
                   "scoring": ck.adapter.router_scoring}
     return res
+
+
+def expert_outputs(config, experts, x: torch.Tensor) -> torch.Tensor:
+    """(T, E, H): every expert's own output on every token, written here from the weights with the
+    family's formula (not transformers' or lowmoe's expert code): SwiGLU ``down(silu(gate x) * up x)``
+    over [gate; up] rows, or GPT-OSS's interleaved gate/up columns with biases, gate clamped above at
+    ``swiglu_limit``, up clamped to ±limit, ``(up + 1) * gate * sigmoid(alpha * gate)``."""
+    gu, dn = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    if config.model_type == "gpt_oss":  # (E, H, 2I) interleaved, (E, I, H), biases
+        gub, dnb = experts.gate_up_proj_bias.detach(), experts.down_proj_bias.detach()
+        gu_x = torch.einsum("th,ehi->tei", x, gu) + gub
+        gate, up = gu_x[..., 0::2].clamp(max=config.swiglu_limit), gu_x[..., 1::2].clamp(-config.swiglu_limit, config.swiglu_limit)
+        assert bool((gu_x[..., 0::2] > config.swiglu_limit).any() and (gu_x[..., 1::2].abs() > config.swiglu_limit).any())
+        act = (up + 1) * gate * torch.sigmoid(config.swiglu_alpha * gate)
+        return torch.einsum("tei,eih->teh", act, dn) + dnb
+    assert config.hidden_act == "silu"
+    inter = gu.shape[1] // 2  # (E, 2I, H), (E, H, I)
+    g = torch.einsum("th,eih->tei", x, gu[:, :inter])
+    u = torch.einsum("th,eih->tei", x, gu[:, inter:])
+    return torch.einsum("tei,ehi->teh", F.silu(g) * u, dn)
 
 
 def reference_scores(r, method, top_k, num_experts):
@@ -82,9 +108,22 @@ def reference_scores(r, method, top_k, num_experts):
     raise AssertionError(method)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3"])
-def test_scores_match_full_model(arch, synth_dir, calib_txt):
-    path = synth_dir(arch)
+def biased_gpt_oss(src: Path, dst: Path) -> Path:
+    """A copy of a synthetic GPT-OSS checkpoint whose router and expert biases are not zero and whose
+    SwiGLU clamp (``swiglu_limit``) engages on the calibration tokens (synth writes zero biases and
+    N(0, 0.02) weights, which would leave both untested)."""
+    shutil.copytree(src, dst)
+    g = torch.Generator().manual_seed(3)
+    edit_checkpoint(dst, lambda k, v: v + torch.randn(v.shape, generator=g).to(v.dtype) if k.endswith("bias") else v)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["swiglu_limit"] = 0.4
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_scores_match_full_model(arch, synth_dir, calib_txt, tmp_path):
+    path = synth_dir(arch) if arch != "gpt_oss" else biased_gpt_oss(synth_dir(arch), tmp_path / "gpt_oss")
     ck = Checkpoint(path)
     rep = score(path, calib=[calib_txt], method=METHODS, progress=False, **CAL)
     ref = reference_calls(path, calib_txt, **CAL)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 import lowmoe
 from lowmoe.engine.calibration import load_tokenizer
@@ -15,15 +13,9 @@ from lowmoe.score import score
 from lowmoe.methods.scoring.super_experts import find_super_experts
 from lowmoe.toy.synth import synth_model
 
+from .helpers import edit_checkpoint
+
 CAL = {"seq_len": 32, "n_samples": 6, "batch_size": 3}
-
-
-def edit_checkpoint(path: Path, fn) -> None:
-    """Rewrite every tensor of a synthetic checkpoint through ``fn(name, tensor) -> tensor``."""
-    index = json.loads((path / "model.safetensors.index.json").read_text())
-    for shard in sorted(set(index["weight_map"].values())):
-        tensors = load_file(str(path / shard))
-        save_file({k: fn(k, v) for k, v in tensors.items()}, str(path / shard), metadata={"format": "pt"})
 
 
 def test_thresholds():

@@ -12,7 +12,7 @@ import lowmoe
 from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.engine.hf import LayerInputs, ModelSkeleton, materialize_layer, run_layer
 
-from .conftest import FAMILIES
+from .helpers import FAMILIES
 
 
 def test_layers_masks_and_prune_raise_no_future_warning(synth_dir, calib_txt, tmp_path):

@@ -27,7 +27,19 @@ from .report import print_prune_summary
 log = logging.getLogger("lowmoe")
 
 
+# The group's own flags, also accepted after the subcommand (``lowmoe prune A B -v``): no subcommand
+# defines an option with these names, so moving them in front of the subcommand changes nothing else.
+_GROUP_FLAGS = {"-v", "-vv", "-vvv", "--verbose", "-q", "--quiet", "-qv", "-vq"}
+
+
 class LowmoeGroup(click.Group):
+    def parse_args(self, ctx, args):
+        if ctx.parent is None and args:
+            cut = args.index("--") if "--" in args else len(args)
+            moved = [a for a in args[:cut] if a in _GROUP_FLAGS]
+            args = moved + [a for a in args[:cut] if a not in _GROUP_FLAGS] + args[cut:]
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)

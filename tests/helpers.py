@@ -1,0 +1,196 @@
+"""Helpers shared by several test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import lowmoe
+from lowmoe.engine.budget import SAFETY, layer_sizes, plan_budget
+from lowmoe.engine.checkpoint import Checkpoint
+from lowmoe.engine.quant import layer_weights
+from lowmoe.methods.eep.population import PopulationEvaluator
+from lowmoe.methods.eep.space import Candidate, SearchSpace
+from lowmoe.toy import tasks
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe", "gpt_oss"]
+
+
+def write_jsonl(path: Path, recs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+@torch.no_grad()
+def toy_routing_frequency(toy: Path, domains: list[str], n: int = 100, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Recomputed from the weights (not read from training_report.json): per domain, a (layers, experts)
+    tensor of the fraction of top-k slots each expert takes over every prompt+answer token of ``n``
+    test records, using transformers' own model and router logits."""
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(toy)).eval()
+    tok = AutoTokenizer.from_pretrained(str(toy))
+    k, E = model.config.num_experts_per_tok, model.config.num_local_experts
+    out: dict[str, torch.Tensor] = {}
+    for d in domains:
+        counts = torch.zeros(model.config.num_hidden_layers, E)
+        for rec in tasks.make_split(d, "test", n, seed=seed):
+            ids = tok(rec["prompt"] + rec["answer"], add_special_tokens=False)["input_ids"]
+            res = model(input_ids=torch.tensor([ids]), output_router_logits=True)
+            for layer, logits in enumerate(res.router_logits):
+                counts[layer] += torch.bincount(logits.topk(k, -1).indices.reshape(-1), minlength=E).float()
+        out[d] = counts / counts.sum(-1, keepdim=True)
+    return out
+
+
+def records(n=12):
+    recs = [{"prompt": f"add:\n{a}+{b}=", "answer": f"{a + b}\n"} for a in range(4) for b in range(n // 4)]
+    recs.append({"prompt": "pick one:", "options": ["ab", "c", "dd"], "answer": 1})
+    return recs
+
+
+def merged(space: SearchSpace, base: Candidate, rng, scale=0.2) -> Candidate:
+    """A merging-phase candidate: real rows, W_RM != W_EM."""
+    return Candidate(base.em + rng.normal(0, scale, base.em.shape), base.rm + rng.normal(0, scale, base.rm.shape)).canonical()
+
+
+def population(space, rng):
+    a, b = space.random_onehot(rng), space.random_onehot(rng)
+    # c shares a's first group (prefix sharing within the generation), d is a merged a
+    c = Candidate(a.em.copy(), a.rm.copy())
+    c.em[-1], c.rm[-1] = b.em[-1], b.rm[-1]
+    return [a, b, c.canonical(), merged(space, a, rng), merged(space, b, rng)]
+
+
+def evaluator(src, tmp_path, dtype=torch.float32, top_k=2, **kw):
+    from lowmoe.engine.calibration import load_tokenizer
+    from lowmoe.methods.eep.fitness import FitnessData
+
+    ck = Checkpoint(src)
+    data = FitnessData.from_records(records(8), load_tokenizer(src))
+    space = SearchSpace.build(ck.moe_layers(), ck.num_experts, 4, "layer")
+    return PopulationEvaluator(ck, layer_weights(ck, "none", None), space, data, tmp_path / "acts", device="cpu",
+                               dtype=dtype, top_k=top_k, batch_size=4, **kw)
+
+
+def chunking_ram(model, batch_size: int, seq_len: int) -> int:
+    """A --max-ram that leaves the CPU compute copy room for the resident weights + 2 groups of 2
+    experts (so every MoE layer is expert-chunked, with layer prefetching still on)."""
+    ck = Checkpoint(model)
+    base = plan_budget(ck, device=torch.device("cpu"), dtype=torch.float32, batch_size=batch_size, seq_len=seq_len)
+    L = max(layer_sizes(ck), key=lambda s: s.resident_numel + s.expert_numel * s.num_experts)
+    need = base.activation_bytes + L.resident_bytes(4) + 4 * L.expert_bytes(4)
+    return base.host_fixed_bytes + 2 * base.host_layer_bytes + math.ceil(need / (1 - SAFETY)) + 1
+
+
+def edit_checkpoint(path: Path, fn) -> None:
+    """Rewrite every tensor of a synthetic checkpoint through ``fn(name, tensor) -> tensor``."""
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(str(path / shard))
+        save_file({k: fn(k, v) for k, v in tensors.items()}, str(path / shard), metadata={"format": "pt"})
+
+
+OPTS = dict(keep=4, n_samples=8, seq_len=32, batch_size=4, progress=False, protect_super_experts=False)
+
+
+def _perm_cols(p: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    return torch.stack([2 * p, 2 * p + 1], 1).reshape(-1) if interleaved else p
+
+
+def reference_layer(sd: dict, pre: str, lp: dict, E: int, fused_gpt_oss: bool) -> dict[str, torch.Tensor]:
+    """The plan's merge done directly on runtime tensors: gate_up_proj (E, 2I, H) [gate; up] and
+    down_proj (E, H, I), or GPT-OSS's (E, H, 2I) interleaved / (E, I, H) with biases."""
+    ex, router = pre + "mlp.experts.", pre + ("mlp.router." if fused_gpt_oss else "mlp.gate.")
+    gu, dn = sd[ex + "gate_up_proj"].clone(), sd[ex + "down_proj"].clone()
+    gub = sd[ex + "gate_up_proj_bias"].clone() if fused_gpt_oss else None
+    dnb = sd[ex + "down_proj_bias"].clone() if fused_gpt_oss else None
+    I = dn.shape[1] if fused_gpt_oss else dn.shape[2]
+    for e, perm in lp.get("align", {}).items():  # neuron permutation of expert e
+        p, e = torch.tensor(perm), int(e)
+        if fused_gpt_oss:
+            gu[e], gub[e], dn[e] = gu[e][:, _perm_cols(p, True)], gub[e][_perm_cols(p, True)], dn[e][p]
+        else:
+            gu[e], dn[e] = torch.cat([gu[e][:I][p], gu[e][I:][p]]), dn[e][:, p]
+    keep = lp["keep"]
+    onehot = torch.zeros(len(keep), E)
+    onehot[torch.arange(len(keep)), torch.tensor(keep)] = 1
+    W = torch.tensor(lp["merge"]) if "merge" in lp else onehot
+    R = torch.tensor(lp["router"]) if "router" in lp else W
+    mix = lambda t: torch.einsum("je,e...->j...", W, t)  # noqa: E731
+    out = {ex + "gate_up_proj": mix(gu), ex + "down_proj": mix(dn), router + "weight": R @ sd[router + "weight"]}
+    if fused_gpt_oss:
+        out[ex + "gate_up_proj_bias"], out[ex + "down_proj_bias"] = mix(gub), mix(dnb)
+        out[router + "bias"] = R @ sd[router + "bias"]
+    if "neurons" in lp:  # DERN: usage-weighted average of each retained neuron and the segments sent to it
+        nv = lp["neurons"]
+        gu2, dn2 = out[ex + "gate_up_proj"].clone(), out[ex + "down_proj"].clone()
+        gub2 = out[ex + "gate_up_proj_bias"].clone() if fused_gpt_oss else None
+        for j, wr in enumerate(nv["slot_weights"]):
+            for m in range(I):
+                srcs = [(int(d), n, s["weight"]) for d, s in nv["sources"].items() for n in range(I)
+                        if s["slot"][n] == j and s["neuron"][n] == m]
+                if not srcs:
+                    continue
+                tot = wr + sum(w for _, _, w in srcs)
+                if fused_gpt_oss:
+                    cols = [2 * m, 2 * m + 1]
+                    gu2[j][:, cols] = (wr * gu2[j][:, cols] + sum(w * gu[d][:, [2 * n, 2 * n + 1]] for d, n, w in srcs)) / tot
+                    gub2[j][cols] = (wr * gub2[j][cols] + sum(w * gub[d][[2 * n, 2 * n + 1]] for d, n, w in srcs)) / tot
+                    dn2[j][m] = (wr * dn2[j][m] + sum(w * dn[d][n] for d, n, w in srcs)) / tot
+                else:
+                    rows = [m, I + m]
+                    gu2[j][rows] = (wr * gu2[j][rows] + sum(w * gu[d][[n, I + n]] for d, n, w in srcs)) / tot
+                    dn2[j][:, m] = (wr * dn2[j][:, m] + sum(w * dn[d][:, n] for d, n, w in srcs)) / tot
+        out[ex + "gate_up_proj"], out[ex + "down_proj"] = gu2, dn2
+        if fused_gpt_oss:
+            out[ex + "gate_up_proj_bias"] = gub2
+    return out
+
+
+def check_against_reference(synth_dir, calib_txt, tmp_path, arch, method, options):
+    """Prune with ``method``; the loaded output's tensors and logits equal ``reference_layer``'s."""
+    src = synth_dir(arch)
+    report = lowmoe.prune(src, tmp_path / "out", method=method, calib=[calib_txt], method_options=options, **OPTS)
+    plan = report["plan"]
+    assert report["num_experts"]["after"] == 4
+    orig = AutoModelForCausalLM.from_pretrained(src)
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    sd, got = orig.state_dict(), out.state_dict()
+    E = orig.config.num_local_experts if hasattr(orig.config, "num_local_experts") else orig.config.num_experts
+    expected = dict(sd)
+    for L, lp in plan["layers"].items():
+        assert len(lp["keep"]) == 4
+        if method != "dern":
+            assert "merge" in lp and any(sum(x > 0 for x in row) > 1 for row in lp["merge"]), "nothing was merged"
+        expected.update(reference_layer(sd, f"model.layers.{L}.", lp, E, arch == "gpt_oss"))
+    assert set(got) == set(expected)
+    for k in got:
+        assert torch.allclose(got[k], expected[k], atol=1e-5), k
+    # logits of the loaded output equal those of a model built from the reference tensors
+    cfg = AutoConfig.from_pretrained(tmp_path / "out")
+    ref = AutoModelForCausalLM.from_config(cfg)
+    ref.load_state_dict(expected)
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(out(ids).logits, ref.eval()(ids).logits, atol=1e-4)
+
+
+def write_calib(path: Path, n_lines: int = 200, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "12+3=15", "def f(x):", "return x", "(())", "sort 3 1 2"]
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(n_lines)) + "\n")
+    return path
+
+
+def dir_digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under ``path`` (relative name -> digest)."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(path).rglob("*")) if p.is_file()}
