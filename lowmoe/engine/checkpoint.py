@@ -71,8 +71,11 @@ class Checkpoint:
         self._handles: dict[str, object] = {}
         # quantized formats: logical key -> its stored parts (one part: stored as is)
         self.quant_format: QuantFormat | None = detect_format(self.config, str(self.path / "config.json"))
-        self.parts = (self.quant_format.group_keys(self.weight_map) if self.quant_format is not None
-                      else {k: (k,) for k in self.weight_map})
+        try:
+            self.parts = (self.quant_format.group_keys(self.weight_map) if self.quant_format is not None
+                          else {k: (k,) for k in self.weight_map})
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
         self.compute_dtype = _config_dtype(self.config) if self.quant_format is not None else None
         self._layer_keys: dict[int, list[str]] = defaultdict(list)
         self._other_keys: list[str] = []
@@ -233,7 +236,10 @@ class Checkpoint:
             if len(ps) == 1:
                 out[k] = raw.pop(ps[0])
             else:
-                out[k] = self.quant_format.dequantize(raw, k, self.compute_dtype)
+                try:
+                    out[k] = self.quant_format.dequantize(raw, k, self.compute_dtype)
+                except CheckpointError as e:
+                    raise CheckpointError(f"{self.path}: {e}") from None
                 for p in ps:  # the stored parts are not kept once dequantized
                     del raw[p]
         return out

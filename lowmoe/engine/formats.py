@@ -186,6 +186,14 @@ class QuantFormat:
         return out
 
     def dequantize(self, parts: dict[str, torch.Tensor], logical: str, dtype: torch.dtype) -> torch.Tensor:
+        """Stored ``parts`` of ``logical`` -> its float tensor in ``dtype`` (CheckpointError naming
+        the key when the parts do not fit together)."""
+        try:
+            return self._dequantize(parts, logical, dtype)
+        except ValueError as e:
+            raise CheckpointError(f"tensor {logical!r}: {e}") from None
+
+    def _dequantize(self, parts: dict[str, torch.Tensor], logical: str, dtype: torch.dtype) -> torch.Tensor:
         main, scale = (parts[p] for p in self.parts(logical))
         if self.method == "fp8":
             if main.dtype != FP8_DTYPE:
