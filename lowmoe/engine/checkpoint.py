@@ -190,7 +190,25 @@ class Checkpoint:
         return n * DTYPE_BYTES.get(dtype, 4)
 
     def layer_bytes(self, layer_idx: int) -> int:
+        """Bytes of the layer on disk."""
         return sum(self.tensor_bytes(k) for k in self.layer_keys(layer_idx))
+
+    def layer_read_bytes(self, layer_idx: int) -> int:
+        """Bytes of the layer in memory as ``read_layer`` returns it: quantized weights dequantized
+        to the compute dtype (2x an FP8 layer's bytes in bf16, ~4x an MXFP4 one's)."""
+        if self.quant_format is None:
+            return self.layer_bytes(layer_idx)
+        elem = torch.tensor([], dtype=self.compute_dtype).element_size()
+        total = 0
+        for k in self.layer_keys(layer_idx):
+            if self.is_quantized(k):
+                n = 1
+                for s in self.tensor_info(k)[0]:
+                    n *= s
+                total += n * elem
+            else:
+                total += self.tensor_bytes(k)
+        return total
 
     def total_bytes(self) -> int:
         return sum(self._stored_bytes(k) for k in self.weight_map)
