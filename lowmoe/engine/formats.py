@@ -103,10 +103,10 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not match "
                          f"(expected blocks = scales shape + ({MX_GROUP // 2},))")
     lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=blocks.device)
-    lo = lut[(blocks & 0x0F).long()]
-    hi = lut[(blocks >> 4).long()]
-    vals = torch.stack([lo, hi], dim=-1).flatten(-2)  # (..., out, G, 32): even element from the low nibble
-    vals = torch.ldexp(vals, scales.to(torch.int32).unsqueeze(-1) - E8M0_BIAS)
+    vals = torch.empty((*blocks.shape[:-1], MX_GROUP), dtype=torch.float32, device=blocks.device)
+    vals[..., 0::2] = lut[(blocks & 0x0F).int()]  # even element from the low nibble
+    vals[..., 1::2] = lut[(blocks >> 4).int()]
+    vals.mul_(torch.ldexp(torch.ones((), device=blocks.device), scales.to(torch.int32) - E8M0_BIAS).unsqueeze(-1))
     return vals.flatten(-2).to(dtype)
 
 
@@ -200,12 +200,12 @@ class QuantFormat:
                 raise CheckpointError(f"{logical}: has a weight_scale_inv but is {main.dtype}, not float8_e4m3fn")
             return fp8_block_dequantize(main, scale, self.block, dtype)
         # (E, out, in) -> runtime (E, in, out), a few experts at a time: the float32 temporaries of
-        # one step stay near 64 MiB whatever the layer's size
+        # one step stay near 32 MiB whatever the layer's size
         if main.dim() < 3:
             return mxfp4_dequantize(main, scale, dtype).transpose(-1, -2).contiguous()
         *_, out_dim, groups, _ = main.shape
         out = torch.empty((main.shape[0], groups * MX_GROUP, out_dim), dtype=dtype, device=main.device)
-        step = max(1, (64 << 20) // (out_dim * groups * MX_GROUP * 16))
+        step = max(1, (32 << 20) // (out_dim * groups * MX_GROUP * 12))  # ~12 temporary bytes per value
         for e in range(0, main.shape[0], step):
             out[e:e + step] = mxfp4_dequantize(main[e:e + step], scale[e:e + step], dtype).transpose(-1, -2)
         return out
