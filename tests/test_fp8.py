@@ -276,3 +276,31 @@ def test_killed_merge_run_resumes_to_the_same_bytes(synth_dir, tmp_path, calib_t
     assert report["quantization"]["requantized_experts"] == ref["quantization"]["requantized_experts"] > 0
     files = [{k: v for k, v in dir_digest(d).items() if k != "lowmoe_report.json"} for d in (tmp_path / "ref", tmp_path / "out")]
     assert files[0] == files[1] and len([k for k in files[0] if k.endswith(".safetensors")]) > 2
+
+
+def test_fp8_mtp_layer_is_copied_as_stored(synth_dir, tmp_path):
+    src = synth_dir("deepseek_v3", mtp_layers=1, **SYNTH)
+    ck = Checkpoint(src)
+    assert ck.extra_layers() == [3]
+    lowmoe.prune(src, tmp_path / "out", plan=PLAN_KEEP, progress=False)
+    a, b = stored(src), stored(tmp_path / "out")
+    mtp = [k for k in a if k.startswith("model.layers.3.")]
+    assert any(a[k].dtype == FP8 for k in mtp) and a["model.layers.3.eh_proj.weight"].dtype == torch.bfloat16
+    assert all(same_bytes(a[k], b[k]) for k in mtp)
+
+
+def test_bad_quantized_checkpoints_fail_fast_with_one_line(synth_dir, tmp_path):
+    import shutil
+
+    src = synth_dir("qwen3_moe", **SYNTH)
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "float-quantized"}
+    (bad / "config.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(main, ["inspect", str(bad)])
+    assert r.exit_code == 2 and "quant_method 'compressed-tensors'" in r.output and len(r.output.strip().splitlines()) == 1
+    del cfg["quantization_config"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="weight_scale_inv.*no quantization_config"):
+        Checkpoint(bad)

@@ -76,6 +76,11 @@ class Checkpoint:
                           else {k: (k,) for k in self.weight_map})
         except CheckpointError as e:
             raise CheckpointError(f"{self.path}: {e}") from None
+        if self.quant_format is None:
+            scaled = next((k for k in self.weight_map if k.endswith(("weight_scale_inv", "_blocks", "_scales"))), None)
+            if scaled is not None:
+                raise CheckpointError(f"{self.path}: the index has {scaled!r} (a quantized weight's part) but config.json "
+                                      "has no quantization_config; restore the config.json the checkpoint was published with")
         self.compute_dtype = _config_dtype(self.config) if self.quant_format is not None else None
         self._layer_keys: dict[int, list[str]] = defaultdict(list)
         self._other_keys: list[str] = []
@@ -253,6 +258,9 @@ class Checkpoint:
             ps = self.parts[k]
             if len(ps) == 1:
                 out[k] = raw.pop(ps[0])
+                if out[k].dtype in _FP8_DTYPES:
+                    raise CheckpointError(f"{self.path}: tensor {k!r} is {out[k].dtype} but has no {k}_scale_inv "
+                                          "to dequantize it with")
             else:
                 try:
                     out[k] = self.quant_format.dequantize(raw, k, self.compute_dtype)
@@ -327,6 +335,7 @@ class Checkpoint:
         return out
 
 
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 

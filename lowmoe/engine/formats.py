@@ -106,7 +106,8 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     vals = torch.empty((*blocks.shape[:-1], MX_GROUP), dtype=torch.float32, device=blocks.device)
     vals[..., 0::2] = lut[(blocks & 0x0F).int()]  # even element from the low nibble
     vals[..., 1::2] = lut[(blocks >> 4).int()]
-    vals.mul_(torch.ldexp(torch.ones((), device=blocks.device), scales.to(torch.int32) - E8M0_BIAS).unsqueeze(-1))
+    # 2**(s - 127) exactly (ldexp, not pow), one per group of 32
+    vals.mul_(torch.ldexp(torch.ones(scales.shape, device=blocks.device), scales.to(torch.int32) - E8M0_BIAS).unsqueeze(-1))
     return vals.flatten(-2).to(dtype)
 
 
