@@ -158,10 +158,6 @@ class Checkpoint:
         """Whether logical ``key`` is stored quantized (values + scales)."""
         return len(self.parts.get(key, ())) > 1
 
-    def has(self, key: str) -> bool:
-        """Whether the checkpoint holds logical ``key`` (a stored key or a quantized weight)."""
-        return key in self.parts
-
     def tensor_info(self, key: str) -> tuple[tuple[int, ...], str]:
         """(shape, safetensors dtype string) without reading data; a logical MXFP4 weight gives its
         dequantized shape and the compute dtype."""
