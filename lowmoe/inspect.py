@@ -42,6 +42,9 @@ def inspect_model(path: str | Path, **kw) -> dict:
         "hidden_size": ck.config.get("hidden_size"), "shards": len(set(ck.weight_map.values())),
         "tensors": len(ck.weight_map), "total_bytes": total, "layers": layers,
         "expert_layout": ck.adapter.expert_layout, "notes": ck.adapter.notes,
+        "quantization": None if ck.quant_format is None else {
+            "method": ck.quant_format.method, "compute_dtype": str(ck.compute_dtype).replace("torch.", ""),
+            "weight_block_size": list(ck.quant_format.block) if ck.quant_format.method == "fp8" else None},
         "group_routing": {"n_group": ck.config.get("n_group"), "topk_group": ck.config.get("topk_group")} if ck.adapter.grouped_routing else None,
     }
     info.update(estimate_peak_bytes(ck, **kw))
@@ -59,6 +62,11 @@ def format_inspection(info: dict) -> str:
         f"size         {fmt_bytes(info['total_bytes'])} in {info['shards']} shard(s), {info['tensors']} tensors",
         f"layer bytes  largest {fmt_bytes(info['largest_layer_bytes'])}",
     ]
+    q = info.get("quantization")
+    if q:
+        block = f" {q['weight_block_size'][0]}x{q['weight_block_size'][1]} blocks" if q["weight_block_size"] else ""
+        lines.append(f"weights      {q['method']}{block}: dequantized to {q['compute_dtype']} for compute, "
+                     "kept experts copied as stored, merged ones re-quantized")
     if info.get("group_routing"):
         lines.append(f"routing      group-limited: n_group={info['group_routing']['n_group']} topk_group={info['group_routing']['topk_group']}")
     lines.append(f"prune peak   ~{fmt_bytes(info['estimated_peak_bytes'])} RAM (vs {fmt_bytes(info['whole_model_load_bytes'])} to load the whole model)")

@@ -90,13 +90,18 @@ def main(ctx, verbose, quiet):
 @click.option("--shard-size", default="2GB", show_default=True, help="Max bytes per shard, e.g. 500MB.")
 @click.option("--mtp-layers", default=0, show_default=True, type=int, help="DeepSeek-V3 MTP layers past num_hidden_layers.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--quant", default="none", show_default=True, type=click.Choice(["none", "fp8", "mxfp4"]),
+              help="Write weights as published quantized checkpoints: fp8 (128x128 block, DeepSeek-V3/Qwen3-FP8 "
+                   "layout) or mxfp4 (GPT-OSS experts).")
+@click.option("--fp8-block", default=128, show_default=True, type=int, help="FP8 block size (weight_block_size).")
 @click.option("--overwrite", is_flag=True)
-def synth(out, arch, layers, hidden_size, intermediate_size, experts, top_k, heads, vocab_size, dtype, shard_size, mtp_layers, seed, overwrite):
+def synth(out, arch, layers, hidden_size, intermediate_size, experts, top_k, heads, vocab_size, dtype, shard_size, mtp_layers, seed,
+          quant, fp8_block, overwrite):
     """Write a random-init MoE checkpoint in a family's real on-disk layout."""
     synth_model(out, arch, layers=layers, hidden_size=hidden_size, intermediate_size=intermediate_size, experts=experts,
                 top_k=top_k, heads=heads, vocab_size=vocab_size or VOCAB_SIZE, dtype=dtype, shard_size=shard_size,
-                mtp_layers=mtp_layers, seed=seed, overwrite=overwrite)
-    click.echo(f"wrote {arch} model to {out}")
+                mtp_layers=mtp_layers, seed=seed, overwrite=overwrite, quant=quant, fp8_block=fp8_block)
+    click.echo(f"wrote {arch} model to {out}" + ("" if quant == "none" else f" ({quant} weights)"))
 
 
 @main.command()

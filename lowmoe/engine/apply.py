@@ -145,6 +145,94 @@ def apply_layer(adapter: Adapter, layer_idx: int, tensors: dict[str, torch.Tenso
     return out
 
 
+# ---- quantized checkpoints (FP8 block, MXFP4) ------------------------------------------------
+
+
+def _expert_template(adapter: Adapter, layer_idx: int, key: str) -> str:
+    """``key`` with a per-expert index replaced by ``*`` (``...experts.3.w1.weight`` -> ``...experts.*.w1.weight``)."""
+    head = adapter.layer_prefix(layer_idx) + adapter.moe_prefix + "experts."
+    if adapter.expert_layout != "per_expert" or not key.startswith(head):
+        return key
+    _, rest = key[len(head):].split(".", 1)
+    return f"{head}*.{rest}"
+
+
+def _copy_source(lp: LayerPlan, j: int, fields: PlanFields) -> int | None:
+    """The source expert whose stored bytes output expert ``j`` can copy: plain selection, or a
+    merge row that is exactly one source with coefficient 1 (merged from itself alone); None when
+    ``j`` must be re-quantized (a real merge, or a plan field that rewrites experts)."""
+    if any(n in fields.pre or n in fields.post for n in lp.extra):
+        return None
+    if lp.merge is None:
+        return lp.keep[j]
+    nz = [(i, c) for i, c in enumerate(lp.merge[j]) if c != 0.0]
+    return nz[0][0] if len(nz) == 1 and nz[0][1] == 1.0 else None
+
+
+def apply_layer_quantized(adapter: Adapter, layer_idx: int, fmt, stored: dict[str, torch.Tensor],
+                          tensors: dict[str, torch.Tensor], lp: LayerPlan, num_experts: int,
+                          fields: PlanFields | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """``apply_layer`` for a quantized checkpoint (``formats.QuantFormat`` ``fmt``): the output in the
+    stored format, and stats for the report.
+
+    ``stored``: the layer's stored tensors (stored keys); ``tensors``: the same layer dequantized
+    (logical keys). Kept experts and every tensor the plan leaves alone are the input's stored
+    bytes (values and scales, renumbered); merged experts (and experts rewritten by a plan field)
+    are computed on the dequantized weights as ``apply_layer`` does, then re-quantized to the same
+    format. Stats: ``requantized`` (how many output experts were re-quantized) and the worst relative
+    round-trip error of those re-quantizations, per tensor (``requant_fro_rel``: ||err|| / ||w||;
+    ``requant_max_abs_rel``: max |err| / max |w|)."""
+    fields = fields or NO_FIELDS
+    stats = {"requantized": 0, "requant_fro_rel": 0.0, "requant_max_abs_rel": 0.0}
+    sources = [_copy_source(lp, j, fields) for j in range(len(lp.keep))]
+    if all(s is not None for s in sources) and lp.merge is None:
+        # selection only: the stored tensors themselves, rows picked and renumbered (bytes unchanged)
+        return apply_layer(adapter, layer_idx, stored, lp, num_experts), stats
+    groups = fmt.group_keys(stored)
+    quantized = {_expert_template(adapter, layer_idx, k) for k, ps in groups.items() if len(ps) > 1}
+    router_keys = set(adapter.router_keys(layer_idx))
+    prefix = adapter.layer_prefix(layer_idx)
+    out: dict[str, torch.Tensor] = {}
+    requantized: set[int] = set()  # output experts
+    for key, t in apply_layer(adapter, layer_idx, tensors, lp, num_experts, fields=fields).items():
+        template = _expert_template(adapter, layer_idx, key)
+        if template not in quantized:
+            out[key] = t
+            continue
+        rel = key[len(prefix):]
+        if not adapter.is_expert_key(rel) and key not in router_keys:
+            out.update({p: stored[p] for p in groups[key]})  # passed through: the stored bytes
+            continue
+        sample = fmt.parts(template.replace(".*.", ".0.", 1))  # a stored weight of the same kind
+        scale_dtype = stored[sample[1]].dtype
+        if adapter.expert_layout == "per_expert" and key not in router_keys:
+            j = int(rel[len(adapter.moe_prefix + "experts."):].split(".", 1)[0])
+            src = sources[j]
+            if src is not None:  # one source, coefficient 1: its stored bytes
+                for p_out, p_in in zip(fmt.parts(key), fmt.parts(template.replace(".*.", f".{src}.", 1))):
+                    out[p_out] = stored[p_in]
+                continue
+        parts = fmt.quantize(key, t, scale_dtype=scale_dtype)
+        if adapter.expert_layout == "fused" and key not in router_keys:
+            # rows (experts) that are one source with coefficient 1 take that source's stored rows
+            for j, src in enumerate(sources):
+                if src is not None:
+                    for p in parts:
+                        parts[p][j] = stored[p][src]
+            rows = [j for j, src in enumerate(sources) if src is None]
+            err = fmt.roundtrip_of({p: v[rows] for p, v in parts.items()}, key, t[rows]) if rows else {}
+            requantized.update(rows)
+        else:
+            err = fmt.roundtrip_of(parts, key, t)
+            if key not in router_keys:
+                requantized.add(int(rel[len(adapter.moe_prefix + "experts."):].split(".", 1)[0]))
+        stats["requant_fro_rel"] = max(stats["requant_fro_rel"], err.get("fro_rel", 0.0))
+        stats["requant_max_abs_rel"] = max(stats["requant_max_abs_rel"], err.get("max_abs_rel", 0.0))
+        out.update(parts)
+    stats["requantized"] = len(requantized)
+    return out, stats
+
+
 # ---- config.json -----------------------------------------------------------------------------
 
 

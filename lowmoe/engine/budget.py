@@ -85,7 +85,7 @@ class LayerSize:
     """One decoder layer's weights, from the index (no tensor is read)."""
 
     layer_idx: int
-    stored_bytes: int  # as on disk
+    stored_bytes: int  # as read (on disk; a quantized checkpoint's layer: dequantized)
     resident_numel: int  # everything but the routed experts
     expert_numel: int  # one routed expert (0 for a dense layer)
     num_experts: int  # routed experts (0 for a dense layer)
@@ -113,7 +113,7 @@ def layer_sizes(ck) -> list[LayerSize]:
         expert_keys = ad.routed_expert_keys(L, n_exp) if n_exp else []
         ex = set(expert_keys)
         ex_numel = sum(numel[k] for k in ex if k in numel)
-        out.append(LayerSize(L, ck.layer_bytes(L), sum(v for k, v in numel.items() if k not in ex),
+        out.append(LayerSize(L, ck.layer_read_bytes(L), sum(v for k, v in numel.items() if k not in ex),
                              ex_numel // n_exp if n_exp else 0, n_exp))
     return out
 

@@ -5,6 +5,13 @@
 ``safe_open`` and kept open (re-opening re-parses the header); reads are grouped by shard and
 ordered by file offset. The ``pread`` backend is used where safetensors has it, so tensors that
 were read do not stay mapped into this process's memory.
+
+Quantized checkpoints (FP8 block, MXFP4; ``formats.detect_format``) are seen through *logical*
+keys: ``read``/``read_layer``/``layer_keys`` give each quantized weight dequantized to the compute
+dtype (FP8 ``X.weight``; MXFP4 ``...experts.gate_up_proj`` in transformers' runtime layout), so the
+rest of the engine computes on ordinary float tensors. ``read_stored`` gives the stored tensors of
+logical keys unchanged (FP8 values + ``weight_scale_inv``; MXFP4 ``_blocks`` + ``_scales``), for
+copying kept experts byte for byte.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import torch
 from safetensors import safe_open
 
 from .adapters import Adapter, get_adapter
+from .device import DTYPES
+from .formats import QuantFormat, detect_format
 from ..errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -60,9 +69,22 @@ class Checkpoint:
         self.adapter: Adapter = get_adapter(self.config, str(self.path / "config.json"))
         self.weight_map = self._load_weight_map()
         self._handles: dict[str, object] = {}
+        # quantized formats: logical key -> its stored parts (one part: stored as is)
+        self.quant_format: QuantFormat | None = detect_format(self.config, str(self.path / "config.json"))
+        try:
+            self.parts = (self.quant_format.group_keys(self.weight_map) if self.quant_format is not None
+                          else {k: (k,) for k in self.weight_map})
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
+        if self.quant_format is None:
+            scaled = next((k for k in self.weight_map if k.endswith(("weight_scale_inv", "_blocks", "_scales"))), None)
+            if scaled is not None:
+                raise CheckpointError(f"{self.path}: the index has {scaled!r} (a quantized weight's part) but config.json "
+                                      "has no quantization_config; restore the config.json the checkpoint was published with")
+        self.compute_dtype = _config_dtype(self.config) if self.quant_format is not None else None
         self._layer_keys: dict[int, list[str]] = defaultdict(list)
         self._other_keys: list[str] = []
-        for key in self.weight_map:
+        for key in self.parts:
             m = _LAYER_RE.match(key)
             if m:
                 self._layer_keys[int(m.group(1))].append(key)
@@ -117,7 +139,7 @@ class Checkpoint:
         return self.adapter.top_k(self.config)
 
     def moe_layers(self) -> list[int]:
-        return self.adapter.moe_layers(self.config, present=lambda i: self.adapter.router_keys(i)[0] in self.weight_map)
+        return self.adapter.moe_layers(self.config, present=lambda i: self.adapter.router_keys(i)[0] in self.parts)
 
     def extra_layers(self) -> list[int]:
         """Layers the index holds past ``num_hidden_layers`` (e.g. DeepSeek-V3's MTP layer): copied
@@ -139,10 +161,18 @@ class Checkpoint:
         """Keys outside any decoder layer: embeddings, final norm, lm_head."""
         return list(self._other_keys)
 
+    def is_quantized(self, key: str) -> bool:
+        """Whether logical ``key`` is stored quantized (values + scales)."""
+        return len(self.parts.get(key, ())) > 1
+
     def tensor_info(self, key: str) -> tuple[tuple[int, ...], str]:
-        """(shape, safetensors dtype string) without reading data."""
+        """(shape, safetensors dtype string) without reading data; a logical MXFP4 weight gives its
+        dequantized shape and the compute dtype."""
         if self._shapes is None:
             self._shapes = {}
+        if key not in self.weight_map and self.is_quantized(key):
+            info = {p: self.tensor_info(p)[0] for p in self.parts[key]}
+            return self.quant_format.logical_shape(info, key), _ST_NAMES[self.compute_dtype]
         if key not in self._shapes:
             shard = self.weight_map[key]
             try:
@@ -155,6 +185,12 @@ class Checkpoint:
         return self._shapes[key]
 
     def tensor_bytes(self, key: str) -> int:
+        """Stored bytes of ``key`` (a logical quantized weight: of all its parts)."""
+        if key not in self.weight_map or self.is_quantized(key):
+            return sum(self._stored_bytes(p) for p in self.parts[key])
+        return self._stored_bytes(key)
+
+    def _stored_bytes(self, key: str) -> int:
         shape, dtype = self.tensor_info(key)
         n = 1
         for s in shape:
@@ -162,10 +198,28 @@ class Checkpoint:
         return n * DTYPE_BYTES.get(dtype, 4)
 
     def layer_bytes(self, layer_idx: int) -> int:
+        """Bytes of the layer on disk."""
         return sum(self.tensor_bytes(k) for k in self.layer_keys(layer_idx))
 
+    def layer_read_bytes(self, layer_idx: int) -> int:
+        """Bytes of the layer in memory as ``read_layer`` returns it: quantized weights dequantized
+        to the compute dtype (2x an FP8 layer's bytes in bf16, ~4x an MXFP4 one's)."""
+        if self.quant_format is None:
+            return self.layer_bytes(layer_idx)
+        elem = torch.tensor([], dtype=self.compute_dtype).element_size()
+        total = 0
+        for k in self.layer_keys(layer_idx):
+            if self.is_quantized(k):
+                n = 1
+                for s in self.tensor_info(k)[0]:
+                    n *= s
+                total += n * elem
+            else:
+                total += self.tensor_bytes(k)
+        return total
+
     def total_bytes(self) -> int:
-        return sum(self.tensor_bytes(k) for k in self.weight_map)
+        return sum(self._stored_bytes(k) for k in self.weight_map)
 
     def validate(self) -> None:
         """Fail fast, from config.json and the index alone, if an expected tensor is missing."""
@@ -186,7 +240,7 @@ class Checkpoint:
                 missing += ad.router_keys(layer)[:1]
         for layer in self.moe_layers():
             want = ad.router_keys(layer) + ad.routed_expert_keys(layer, self.num_experts)
-            missing += [k for k in want if k not in self.weight_map]
+            missing += [k for k in want if k not in self.parts]
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise CheckpointError(
@@ -196,7 +250,30 @@ class Checkpoint:
 
     # ---- reading -------------------------------------------------------------------------
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """Read ``keys`` (grouped by shard, in file order), dtype preserved."""
+        """Read logical ``keys`` (grouped by shard, in file order): stored dtype preserved, quantized
+        weights dequantized to the compute dtype (``config.json``'s dtype), one tensor at a time."""
+        if self.quant_format is None:
+            return self._read_raw(keys)
+        raw = self.read_stored(keys)
+        out = {}
+        for k in keys:
+            ps = self.parts[k]
+            if len(ps) == 1:
+                out[k] = raw.pop(ps[0])
+                if out[k].dtype in _FP8_DTYPES:
+                    raise CheckpointError(f"{self.path}: tensor {k!r} is {out[k].dtype} but has no {k}_scale_inv "
+                                          "to dequantize it with")
+            else:
+                try:
+                    out[k] = self.quant_format.dequantize(raw, k, self.compute_dtype)
+                except CheckpointError as e:
+                    raise CheckpointError(f"{self.path}: {e}") from None
+                for p in ps:  # the stored parts are not kept once dequantized
+                    del raw[p]
+        return out
+
+    def _read_raw(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Read stored ``keys`` (grouped by shard, in file order), dtype preserved."""
         by_shard: dict[str, list[str]] = defaultdict(list)
         for k in keys:
             if k not in self.weight_map:
@@ -228,6 +305,28 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no tensors for layer {layer_idx} in the index")
         return self.read(keys)
 
+    def read_stored(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The stored tensors of logical ``keys``, unchanged (quantized weights: values and scales)."""
+        for k in keys:
+            if k not in self.parts:
+                raise CheckpointError(f"{self.path}: tensor {k!r} is not in the checkpoint index")
+        return self._read_raw([p for k in keys for p in self.parts[k]])
+
+    def read_layer_stored(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        keys = self.layer_keys(layer_idx)
+        if not keys:
+            raise CheckpointError(f"{self.path}: no tensors for layer {layer_idx} in the index")
+        return self.read_stored(keys)
+
+    def dequantize(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Stored tensors (stored keys, e.g. an output layer about to be written) -> logical keys,
+        quantized weights dequantized to the compute dtype; unchanged for an unquantized checkpoint."""
+        fmt = self.quant_format
+        if fmt is None:
+            return stored
+        return {k: stored[ps[0]] if len(ps) == 1 else fmt.dequantize(stored, k, self.compute_dtype)
+                for k, ps in fmt.group_keys(stored).items()}
+
     def extra_files(self) -> list[Path]:
         """Non-weight files to copy to the output (tokenizer, generation config, ...)."""
         skip = {"config.json", INDEX_NAME}
@@ -236,6 +335,16 @@ class Checkpoint:
             if p.is_file() and p.name not in skip and not p.name.endswith(".safetensors") and not p.name.startswith("lowmoe_"):
                 out.append(p)
         return out
+
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _config_dtype(cfg: dict) -> torch.dtype:
+    """The dtype quantized weights are dequantized to: config.json's ``dtype``/``torch_dtype`` (as
+    transformers does when it dequantizes on load), bfloat16 when absent."""
+    return DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"), torch.bfloat16)
 
 
 def dir_size(path: Path) -> int:

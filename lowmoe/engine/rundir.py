@@ -26,7 +26,7 @@ import torch
 
 from ..errors import OutputError
 from ..version import __version__
-from .apply import PlanFields, apply_layer, patch_config
+from .apply import PlanFields, apply_layer, apply_layer_quantized, patch_config
 from .card import invocation, write_model_card
 from .checkpoint import Checkpoint
 from .memory import cuda_peak_bytes, peak_rss_bytes
@@ -114,6 +114,7 @@ class PruneRun:
         self.stats: dict[int, dict] = {}
         self.times: dict[int, dict] = {}
         self.notes: list[str] = []
+        self.requantized: dict[int, dict] = {}  # quantized checkpoints: merged experts re-quantized, per layer
         self.next_layer = 0
         self.started = time.time()
         self.resumed_from: int | None = None
@@ -127,7 +128,7 @@ class PruneRun:
             "fingerprint": self.fingerprint, "next_layer": self.next_layer,
             "layers": {str(k): v.to_json() for k, v in self.layers.items()},
             "scores": self.scores, "protected": self.protected, "stats": self.stats, "times": self.times,
-            "notes": self.notes, "writer": self.writer.state(), **(extra or {})})
+            "notes": self.notes, "requantized": self.requantized, "writer": self.writer.state(), **(extra or {})})
 
     def _restore(self, m: dict) -> None:
         self.next_layer = int(m["next_layer"])
@@ -138,6 +139,7 @@ class PruneRun:
         self.stats = {int(k): v for k, v in m.get("stats", {}).items()}
         self.times = {int(k): v for k, v in m.get("times", {}).items()}
         self.notes = list(m.get("notes", []))
+        self.requantized = {int(k): v for k, v in m.get("requantized", {}).items()}
         self.writer.restore(m["writer"])
         # Re-add the tensors that were buffered (not yet in a shard) when the manifest was saved:
         # they are a suffix of the add() sequence, so replaying the layers that produced them, in
@@ -155,7 +157,11 @@ class PruneRun:
 
     # ---- per layer -----------------------------------------------------------------------
     def layer_output(self, layer_idx: int, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The output tensors of decoder layer ``layer_idx`` (plan applied for MoE layers)."""
+        """The output tensors of decoder layer ``layer_idx`` (plan applied for MoE layers), in the
+        checkpoint's stored format. ``tensors``: the layer as read (``Checkpoint.read_layer``:
+        dequantized where the checkpoint is quantized)."""
+        if self.ck.quant_format is not None:
+            return self._quantized_layer_output(layer_idx, tensors)
         if tensors is None:
             tensors = self.ck.read_layer(layer_idx)
         if layer_idx in self.moe:
@@ -163,12 +169,30 @@ class PruneRun:
                                fields=self.plan_fields)
         return tensors
 
+    def _quantized_layer_output(self, layer_idx: int, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """A quantized checkpoint's layer: the stored bytes of everything kept (read again, as
+        stored), merged experts re-quantized (``apply.apply_layer_quantized``)."""
+        ck = self.ck
+        stored = ck.read_layer_stored(layer_idx)
+        if layer_idx not in self.moe:
+            return stored
+        lp = self.layers[layer_idx]
+        if tensors is None and (lp.merge is not None or lp.extra):
+            tensors = ck.dequantize(stored)
+        out, stats = apply_layer_quantized(self.adapter, layer_idx, ck.quant_format, stored, tensors, lp,
+                                           ck.num_experts, fields=self.plan_fields)
+        if stats["requantized"]:
+            self.requantized[layer_idx] = stats
+        return out
+
     def write_layer(self, layer_idx: int, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Write the layer's output; return it as the engine computes with it (logical keys,
+        dequantized: what the written layer holds, re-quantized merges included)."""
         t0 = time.perf_counter()
         out = self.layer_output(layer_idx, tensors)
         self.writer.add_all(out)
         self.times.setdefault(layer_idx, {})["write_s"] = round(time.perf_counter() - t0, 4)
-        return out
+        return self.ck.dequantize(out)
 
     def finish_layer(self, layer_idx: int) -> None:
         self.next_layer = layer_idx + 1
@@ -178,17 +202,29 @@ class PruneRun:
     def plan(self, top_k: int, meta: dict) -> Plan:
         return Plan(dict(sorted(self.layers.items())), top_k, meta)
 
+    def _quant_report(self) -> dict | None:
+        """A quantized input: its format, and the round-trip error of the experts re-quantized."""
+        fmt = self.ck.quant_format
+        if fmt is None:
+            return None
+        layers = {str(k): v for k, v in sorted(self.requantized.items())}
+        worst = max((v["requant_fro_rel"] for v in self.requantized.values()), default=0.0)
+        return {"method": fmt.method, "weight_block_size": list(fmt.block) if fmt.method == "fp8" else None,
+                "kept_experts": "stored bytes copied unchanged",
+                "requantized_experts": sum(v["requantized"] for v in self.requantized.values()),
+                "requant_fro_rel_max": worst, "layers": layers}
+
     def finalize(self, plan: Plan, report_extra: dict) -> dict:
         ck = self.ck
         for layer_idx in ck.extra_layers():
-            self.writer.add_all(ck.read_layer(layer_idx))
+            self.writer.add_all(ck.read_layer_stored(layer_idx))
             self.notes.append(f"layer {layer_idx} (beyond num_hidden_layers, e.g. an MTP layer) copied unchanged")
         for layer_idx in ck.missing_extra_layers():
             self.notes.append(f"layer {layer_idx}: config.json's {self.adapter.extra_layers_key} declares it but the "
                               "input's index holds no tensors for it (transformers' save_pretrained writes no MTP "
                               "layer); skipped")
         rest = ck.other_keys()
-        self.writer.add_all(ck.read(rest))
+        self.writer.add_all(ck.read_stored(rest))
         cfg_out, notes = patch_config(ck.config, self.adapter, plan, ck.num_experts)
         self.notes += notes
         for p in ck.extra_files():  # tokenizer, chat template, generation_config.json, ...
@@ -210,6 +246,7 @@ class PruneRun:
                        "largest_layer_bytes": max(ck.layer_bytes(i) for i in range(ck.num_layers)),
                        "model_bytes": ck.total_bytes()},
             "bytes": {"input": ck.total_bytes(), "output": self.writer.total_bytes},
+            "quantization": self._quant_report(),
             "notes": self.notes, "resumed_from_layer": self.resumed_from, "command": invocation(), **report_extra,
         }
         write_model_card(self.out, report, ck.config, ck.path)  # README.md: replaces the base model's card

@@ -9,6 +9,18 @@ loads the result with no missing or unexpected keys.
 
 Weights are N(0, 0.02) (``initializer_range``), norms are ones, biases zeros; router rows use a
 larger std (1/sqrt(hidden)) so routing is far from uniform, as in trained models.
+
+``quant`` writes the weights as quantized checkpoints are published (``lowmoe.engine.formats``):
+
+* ``"fp8"``: every Linear weight of the decoder layers (attention, dense and shared MLPs, routed
+  experts) as ``float8_e4m3fn`` + a float32 ``weight_scale_inv`` per ``fp8_block`` x ``fp8_block``
+  block; routers, norms, biases, embeddings and ``lm_head`` stay in ``dtype`` (DeepSeek-V3/R1 and
+  Qwen3-*-FP8 layout); ``quantization_config`` ``{"quant_method": "fp8", "fmt": "e4m3",
+  "activation_scheme": "dynamic", "weight_block_size": [b, b]}`` (+ Qwen3-MoE's
+  ``modules_to_not_convert``).
+* ``"mxfp4"`` (gpt_oss): the fused experts as ``gate_up_proj_blocks`` (E, 2I, H/32, 16) +
+  ``gate_up_proj_scales`` (E, 2I, H/32) and the same for ``down_proj``; biases, router and
+  attention stay in ``dtype``; ``quantization_config`` as gpt-oss-20b's.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from ..errors import ConfigError, OutputError
 from ..engine.hf import ModelSkeleton
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, save_byte_tokenizer
 from ..engine.device import DTYPES
+from ..engine.formats import QuantFormat
 from ..engine.writer import ShardWriter, parse_size
 
 log = logging.getLogger(__name__)
@@ -105,11 +118,56 @@ def _init_tensor(name: str, shape: torch.Size, gen: torch.Generator, hidden: int
     return torch.randn(shape, generator=gen) * s
 
 
+def _quant_setup(raw: dict, arch: str, quant: str, fp8_block: int, hidden: int, inter: int) -> QuantFormat | None:
+    """Add ``quantization_config`` to ``raw`` for ``quant``; the format the weights are written in."""
+    if quant == "none":
+        return None
+    if quant == "fp8":
+        if fp8_block < 1:
+            raise ConfigError(f"--fp8-block {fp8_block}: must be a positive block size such as 128")
+        raw["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                      "weight_block_size": [fp8_block, fp8_block]}
+        if arch == "qwen3_moe":  # as Qwen3-*-FP8 MoE configs list them
+            n = int(raw["num_hidden_layers"])
+            raw["quantization_config"]["modules_to_not_convert"] = ["lm_head"] + [
+                f"model.layers.{i}.{m}" for i in range(n) for m in ("input_layernorm", "mlp.gate", "post_attention_layernorm")]
+        return QuantFormat("fp8", (fp8_block, fp8_block))
+    if quant == "mxfp4":
+        if arch != "gpt_oss":
+            raise ConfigError(f"--quant mxfp4 is GPT-OSS's format; use it with --arch gpt_oss (got {arch!r})")
+        if hidden % 32 or inter % 32:
+            raise ConfigError(f"--quant mxfp4: --hidden-size ({hidden}) and --intermediate-size ({inter}) "
+                              "must be multiples of 32 (MXFP4 groups of 32 values)")
+        raw["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+        return QuantFormat("mxfp4")
+    raise ConfigError(f"--quant {quant!r}: choose none, fp8 or mxfp4")
+
+
+def _quantize_layer(fmt: QuantFormat, adapter, layer_idx: int, disk: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One layer's on-disk tensors with the weights ``fmt`` quantizes replaced by their stored parts."""
+    routers = set(adapter.router_keys(layer_idx))
+    out: dict[str, torch.Tensor] = {}
+    for key, t in disk.items():
+        if fmt.method == "fp8":
+            linear = (t.dim() == 2 and key.endswith(".weight") and key not in routers and "norm" not in key
+                      and not key.endswith("shared_expert_gate.weight"))
+        else:
+            linear = key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+        if linear:
+            out.update(fmt.quantize(key, t))
+        else:
+            out[key] = t
+    return out
+
+
 def synth_model(out_dir: str | Path, arch: str = "mixtral", *, layers: int = 4, hidden_size: int = 64,
                 intermediate_size: int = 128, experts: int = 8, top_k: int = 2, seed: int = 0,
                 shard_size: int | str = "2GB", dtype: str = "float32", vocab_size: int = VOCAB_SIZE,
-                heads: int | None = None, mtp_layers: int = 0, overwrite: bool = False) -> Path:
-    """Write a random-init checkpoint of family ``arch`` to ``out_dir`` and return its path."""
+                heads: int | None = None, mtp_layers: int = 0, overwrite: bool = False, quant: str = "none",
+                fp8_block: int = 128) -> Path:
+    """Write a random-init checkpoint of family ``arch`` to ``out_dir`` and return its path
+    (``quant``: "none", "fp8" or "mxfp4", see the module docstring)."""
     from transformers import GenerationConfig
 
     out = Path(out_dir)
@@ -122,11 +180,12 @@ def synth_model(out_dir: str | Path, arch: str = "mixtral", *, layers: int = 4, 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     tdtype = DTYPES[dtype]
-    out.mkdir(parents=True, exist_ok=True)
     raw = family_config(arch, layers=layers, hidden_size=hidden_size, intermediate_size=intermediate_size,
                         experts=experts, top_k=top_k, vocab_size=vocab_size, heads=heads, dtype=dtype,
                         mtp_layers=mtp_layers)
     adapter = BY_FAMILY[arch]
+    fmt = _quant_setup(raw, arch, quant, fp8_block, hidden_size, intermediate_size)
+    out.mkdir(parents=True, exist_ok=True)
     skel = ModelSkeleton(raw, adapter)
     writer = ShardWriter(out, parse_size(shard_size))
     std = float(getattr(skel.config, "initializer_range", 0.02) or 0.02)
@@ -136,7 +195,8 @@ def synth_model(out_dir: str | Path, arch: str = "mixtral", *, layers: int = 4, 
         gen = torch.Generator().manual_seed(seed * 1_000_003 + layer_idx + 1)
         state = {n: _init_tensor(n, p.shape, gen, hidden_size, std).to(tdtype)
                  for n, p in list(module.named_parameters()) + list(module.named_buffers())}
-        return adapter.to_disk(layer_idx, state, layer_idx in moe)
+        disk = adapter.to_disk(layer_idx, state, layer_idx in moe)
+        return disk if fmt is None else _quantize_layer(fmt, adapter, layer_idx, disk)
 
     for layer_idx in range(layers):
         writer.add_all(layer_tensors(layer_idx, skel.base.layers[layer_idx]))

@@ -1,0 +1,280 @@
+"""Quantized weight formats as published: FP8 block (DeepSeek-V3 style) and MXFP4 (GPT-OSS).
+
+Where it sits: ``Checkpoint`` asks ``detect_format(config)`` which format a checkpoint uses, and
+``group_keys`` which stored tensors make up each logical weight. Reading a logical weight
+dequantizes it (``QuantFormat.dequantize``) so that the rest of the engine (``apply_layer``, the
+adapters' ``to_runtime``, the layer stream) sees ordinary float tensors; writing copies the stored
+bytes of kept experts and re-quantizes merged ones (``QuantFormat.quantize``).
+
+FP8 block (``quant_method: "fp8"``), per quantized Linear ``X``::
+
+    X.weight            float8_e4m3fn (out, in)
+    X.weight_scale_inv  float (ceil(out/bo), ceil(in/bi))      # one multiplier per (bo, bi) block
+    W[i, j] = float32(q[i, j]) * s[i // bo, j // bi]            # then cast to the compute dtype
+
+Quantizing a block: s = amax / 448 (1 for an all-zero block), q = round_to_e4m3(W / s); edge blocks
+of a shape that is not a multiple of the block are zero-padded, so their amax is that of the
+values present (DeepSeek's ``README_WEIGHTS.md``).
+
+MXFP4 (``quant_method: "mxfp4"``), per fused expert projection ``P`` of (E, out, in) values::
+
+    P_blocks  uint8 (E, out, in/32, 16)   # 32 FP4 E2M1 codes per group, two per byte:
+                                          # low nibble = even element, high nibble = odd element
+    P_scales  uint8 (E, out, in/32)       # E8M0: byte s means 2**(s - 127)
+    W[e, o, 32g + 2k]     = E2M1[b & 0xF] * 2**(s - 127),  b = P_blocks[e, o, g, k]
+    W[e, o, 32g + 2k + 1] = E2M1[b >> 4]  * 2**(s - 127)
+
+and the logical (runtime) tensor is W transposed to (E, in, out), as transformers' GPT-OSS experts
+hold ``gate_up_proj`` (E, H, 2I) and ``down_proj`` (E, I, H). Quantizing a group picks the smallest
+power of two 2**x with amax / 2**x <= 6 (so nothing is clipped) and rounds each value to the
+nearest E2M1 code (ties to the even code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CheckpointError, UnsupportedModelError
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_DTYPE = torch.float8_e4m3fn
+
+# FP4 E2M1 values of codes 0..15 (bit 3 is the sign).
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MX_GROUP = 32  # values per E8M0 scale
+E8M0_BIAS = 127
+
+
+# ---- FP8 block ---------------------------------------------------------------------------------
+
+
+def fp8_scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    """Shape of ``weight_scale_inv`` for a weight of ``shape`` (ceiling division on the last two dims)."""
+    *lead, rows, cols = shape
+    return (*lead, -(-rows // block[0]), -(-cols // block[1]))
+
+
+def _expand_blocks(s: torch.Tensor, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
+    """(..., R, C) block values -> (..., rows, cols): each block value repeated over its block."""
+    return s.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)[..., :cols]
+
+
+def fp8_block_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                         dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``q`` (..., out, in) float8_e4m3fn times its per-block ``scale_inv`` -> ``dtype``."""
+    rows, cols = q.shape[-2:]
+    want = fp8_scale_shape(tuple(q.shape), block)
+    if tuple(scale_inv.shape) != want:
+        raise ValueError(f"scale shape {tuple(scale_inv.shape)} does not match weight {tuple(q.shape)} "
+                         f"with block {list(block)} (expected {want})")
+    s = _expand_blocks(scale_inv.float(), rows, cols, block)
+    return (q.float() * s).to(dtype)
+
+
+def fp8_block_quantize(w: torch.Tensor, block: tuple[int, int],
+                       scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (..., out, in) -> (float8_e4m3fn values, ``weight_scale_inv`` of ``scale_dtype``)."""
+    rows, cols = w.shape[-2:]
+    bo, bi = block
+    R, C = -(-rows // bo), -(-cols // bi)
+    x = w.float()
+    pad = torch.zeros((*x.shape[:-2], R * bo, C * bi), dtype=torch.float32, device=x.device)
+    pad[..., :rows, :cols] = x  # zero padding: an edge block's amax is that of its real values
+    amax = pad.unflatten(-1, (C, bi)).unflatten(-3, (R, bo)).abs().amax(dim=(-3, -1))  # (..., R, C)
+    s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).to(scale_dtype)
+    # divide by the scale as stored, so dequantizing multiplies back by exactly that value
+    y = x / _expand_blocks(s.float(), rows, cols, block)
+    q = y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, s
+
+
+# ---- MXFP4 -------------------------------------------------------------------------------------
+
+
+def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``blocks`` (..., out, G, 16) uint8 and ``scales`` (..., out, G) uint8 -> (..., out, 32G) values.
+
+    Not transposed: ``MXFP4.dequantize`` transposes to the runtime layout."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise ValueError(f"MXFP4 blocks/scales must be uint8 (got {blocks.dtype}/{scales.dtype})")
+    if tuple(blocks.shape[:-1]) != tuple(scales.shape) or blocks.shape[-1] != MX_GROUP // 2:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not match "
+                         f"(expected blocks = scales shape + ({MX_GROUP // 2},))")
+    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=blocks.device)
+    vals = torch.empty((*blocks.shape[:-1], MX_GROUP), dtype=torch.float32, device=blocks.device)
+    vals[..., 0::2] = lut[(blocks & 0x0F).int()]  # even element from the low nibble
+    vals[..., 1::2] = lut[(blocks >> 4).int()]
+    # 2**(s - 127) exactly (ldexp, not pow), one per group of 32
+    vals.mul_(torch.ldexp(torch.ones(scales.shape, device=blocks.device), scales.to(torch.int32) - E8M0_BIAS).unsqueeze(-1))
+    return vals.flatten(-2).to(dtype)
+
+
+def _e2m1_codes(y: torch.Tensor) -> torch.Tensor:
+    """Nearest E2M1 code of each value of ``y`` (|y| <= 6), ties to the code with an even mantissa bit."""
+    mags = torch.tensor(E2M1_VALUES[:8], dtype=torch.float32, device=y.device)  # 0 .. 6, codes 0..7
+    a = y.abs().contiguous()
+    # midpoints between neighbours; a tie goes to the even code (0, 1.0, 2.0, 4.0 -> codes 0, 2, 4, 6)
+    mids = (mags[1:] + mags[:-1]) / 2
+    code = torch.bucketize(a, mids, right=False)  # a <= mid -> lower code
+    tie = (a.unsqueeze(-1) == mids).any(-1)
+    upper = torch.bucketize(a, mids, right=True)
+    code = torch.where(tie & (upper % 2 == 0), upper, code)
+    code = code.clamp(max=7)
+    sign = (y < 0) | ((y == 0) & torch.signbit(y))
+    return (code + 8 * sign.long()).to(torch.uint8)
+
+
+def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (..., out, in) values (in a multiple of 32) -> (blocks (..., out, in/32, 16), scales (..., out, in/32))."""
+    cols = w.shape[-1]
+    if cols % MX_GROUP:
+        raise ValueError(f"MXFP4 needs the input dim to be a multiple of {MX_GROUP} (got {cols})")
+    g = w.float().unflatten(-1, (cols // MX_GROUP, MX_GROUP))  # (..., out, G, 32)
+    amax = g.abs().amax(-1)
+    # smallest 2**x with amax / 2**x <= 6; an all-zero group takes the smallest scale
+    x = torch.ceil(torch.log2(amax / 6.0))
+    x = torch.where(amax > 0, x, torch.full_like(x, -E8M0_BIAS)).clamp(-E8M0_BIAS, E8M0_BIAS)
+    codes = _e2m1_codes(torch.ldexp(g, -x.to(torch.int32).unsqueeze(-1)))
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return packed.contiguous(), (x.to(torch.int32) + E8M0_BIAS).to(torch.uint8)
+
+
+# ---- formats of a checkpoint --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """How one checkpoint stores its quantized weights: ``"fp8"`` (block) or ``"mxfp4"``.
+
+    A *logical* weight is what the engine computes with (float); its *parts* are the stored
+    tensors (FP8: ``X.weight`` + ``X.weight_scale_inv``; MXFP4: ``P_blocks`` + ``P_scales`` for
+    the logical ``P``)."""
+
+    method: str
+    block: tuple[int, int] = (128, 128)
+
+    @property
+    def suffixes(self) -> tuple[str, str]:
+        return (".weight", ".weight_scale_inv") if self.method == "fp8" else ("_blocks", "_scales")
+
+    def parts(self, logical: str) -> tuple[str, str]:
+        if self.method == "fp8":
+            return logical, logical + "_scale_inv"
+        return logical + "_blocks", logical + "_scales"
+
+    def group_keys(self, keys) -> dict[str, tuple[str, ...]]:
+        """Stored keys -> {logical key: its stored parts}; a key that is not part of a quantized
+        weight is its own logical key."""
+        keys = set(keys)
+        out: dict[str, tuple[str, ...]] = {}
+        used: set[str] = set()
+        main_suffix, scale_suffix = self.suffixes
+        for k in sorted(keys):
+            if not k.endswith(scale_suffix):
+                continue
+            logical = k[: -len(scale_suffix)] + (".weight" if self.method == "fp8" else "")
+            main = self.parts(logical)[0]
+            if main not in keys:
+                raise CheckpointError(f"index has {k!r} but not {main!r} (the {self.method} values it scales)")
+            out[logical] = (main, k)
+            used |= {main, k}
+        for k in sorted(keys - used):
+            if self.method == "mxfp4" and k.endswith("_blocks"):
+                raise CheckpointError(f"index has {k!r} but not its scales {k[:-len('_blocks')] + '_scales'!r}")
+            out[k] = (k,)
+        return out
+
+    def dequantize(self, parts: dict[str, torch.Tensor], logical: str, dtype: torch.dtype) -> torch.Tensor:
+        """Stored ``parts`` of ``logical`` -> its float tensor in ``dtype`` (CheckpointError naming
+        the key when the parts do not fit together)."""
+        try:
+            return self._dequantize(parts, logical, dtype)
+        except ValueError as e:
+            raise CheckpointError(f"tensor {logical!r}: {e}") from None
+
+    def _dequantize(self, parts: dict[str, torch.Tensor], logical: str, dtype: torch.dtype) -> torch.Tensor:
+        main, scale = (parts[p] for p in self.parts(logical))
+        if self.method == "fp8":
+            if main.dtype != FP8_DTYPE:
+                raise CheckpointError(f"{logical}: has a weight_scale_inv but is {main.dtype}, not float8_e4m3fn")
+            return fp8_block_dequantize(main, scale, self.block, dtype)
+        # (E, out, in) -> runtime (E, in, out), a few experts at a time: the float32 temporaries of
+        # one step stay near 32 MiB whatever the layer's size
+        if main.dim() < 3:
+            return mxfp4_dequantize(main, scale, dtype).transpose(-1, -2).contiguous()
+        *_, out_dim, groups, _ = main.shape
+        out = torch.empty((main.shape[0], groups * MX_GROUP, out_dim), dtype=dtype, device=main.device)
+        step = max(1, (32 << 20) // (out_dim * groups * MX_GROUP * 12))  # ~12 temporary bytes per value
+        for e in range(0, main.shape[0], step):
+            out[e:e + step] = mxfp4_dequantize(main[e:e + step], scale[e:e + step], dtype).transpose(-1, -2)
+        return out
+
+    def quantize(self, logical: str, w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Float ``w`` (the logical layout) -> its stored parts; ``scale_dtype``: of an FP8
+        ``weight_scale_inv`` (keep the input's: float32 for DeepSeek, bf16 in some Qwen3 checkpoints)."""
+        main_key, scale_key = self.parts(logical)
+        if self.method == "fp8":
+            q, s = fp8_block_quantize(w, self.block, scale_dtype)
+            return {main_key: q, scale_key: s}
+        blocks, scales = mxfp4_quantize(w.transpose(-1, -2))
+        return {main_key: blocks, scale_key: scales}
+
+    def roundtrip_of(self, parts: dict[str, torch.Tensor], logical: str, w: torch.Tensor) -> dict:
+        """Relative error of the quantized ``parts`` against the float ``w`` they were made from:
+        max |err| / max |w| and ||err|| / ||w|| (Frobenius)."""
+        err = self.dequantize(parts, logical, torch.float32) - w.float()
+        amax, norm = w.float().abs().max().item(), w.float().norm().item()
+        return {"max_abs_rel": err.abs().max().item() / amax if amax else 0.0,
+                "fro_rel": err.norm().item() / norm if norm else 0.0}
+
+    def logical_shape(self, parts_info: dict[str, tuple[int, ...]], logical: str) -> tuple[int, ...]:
+        main = parts_info[self.parts(logical)[0]]
+        if self.method == "fp8":
+            return tuple(main)
+        *lead, out, groups, _ = main
+        return (*lead, groups * MX_GROUP, out)
+
+
+def detect_format(cfg: dict, source: str = "config.json") -> QuantFormat | None:
+    """The checkpoint's quantized format from ``quantization_config`` (None: not quantized).
+
+    Refuses what lowmoe cannot read exactly, naming the key: other quant methods, static
+    activation scales, power-of-two (``ue8m0``) FP8 scales and FP4 experts in an FP8 config."""
+    qc = cfg.get("quantization_config")
+    if not qc:
+        return None
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{source}: quantization_config is not an object")
+    method = qc.get("quant_method")
+    if method == "fp8":
+        if qc.get("activation_scheme", "dynamic") != "dynamic":
+            raise UnsupportedModelError(f"{source}: quantization_config.activation_scheme {qc.get('activation_scheme')!r} "
+                                  "is not supported (only 'dynamic': static activation scales are not read)")
+        if qc.get("scale_fmt") not in (None, "float32", "fp32"):
+            raise UnsupportedModelError(f"{source}: quantization_config.scale_fmt {qc['scale_fmt']!r} is not supported "
+                                  "(only float weight_scale_inv)")
+        if qc.get("expert_dtype") not in (None, "fp8", "float8_e4m3fn"):
+            raise UnsupportedModelError(f"{source}: quantization_config.expert_dtype {qc['expert_dtype']!r} is not supported")
+        if qc.get("fmt") not in (None, "e4m3", "float8_e4m3fn"):
+            raise UnsupportedModelError(f"{source}: quantization_config.fmt {qc['fmt']!r} is not supported (only e4m3)")
+        block = qc.get("weight_block_size")
+        if (not isinstance(block, (list, tuple)) or len(block) != 2
+                or not all(isinstance(b, int) and b > 0 for b in block)):
+            raise CheckpointError(f"{source}: quantization_config.weight_block_size {block!r} is not supported "
+                                  "(expected two positive ints such as [128, 128]; per-tensor FP8 is not read)")
+        return QuantFormat("fp8", (int(block[0]), int(block[1])))
+    if method == "mxfp4":
+        return QuantFormat("mxfp4")
+    raise UnsupportedModelError(f"{source}: quantization_config.quant_method {method!r} is not supported "
+                          "(lowmoe reads 'fp8' block-quantized and 'mxfp4' checkpoints; dequantize others first)")
+
+
+def roundtrip_error(w: torch.Tensor, fmt: QuantFormat, logical: str = "w.weight") -> dict:
+    """Relative error of quantizing ``w`` to ``fmt`` and dequantizing it again (``roundtrip_of``)."""
+    return fmt.roundtrip_of(fmt.quantize(logical, w), logical, w)
+
+
+__all__ = ["E2M1_VALUES", "FP8_MAX", "QuantFormat", "detect_format", "fp8_block_dequantize", "fp8_block_quantize",
+           "fp8_scale_shape", "mxfp4_dequantize", "mxfp4_quantize", "roundtrip_error"]
