@@ -32,6 +32,7 @@ from .engine.cache import ActivationCache
 from .engine.calibration import CalibTokens, check_sources
 from .engine.checkpoint import Checkpoint
 from .engine.device import DTYPES, resolve_device, resolve_dtype
+from .engine.lazy import ShardFiles, read_lazy_layer
 from .engine.memory import fmt_bytes
 from .engine.plan import LayerPlan, Plan
 from .engine.progress import progress
@@ -162,10 +163,13 @@ def run_fingerprint(cfg: PruneConfig, ck: Checkpoint) -> str:
 
 
 def plan_run_budget(cfg: PruneConfig, ck: Checkpoint):
-    """``--max-vram``/``--max-ram`` checked against the checkpoint's layer sizes before any work."""
+    """``--max-vram``/``--max-ram`` checked against the checkpoint's layer sizes before any work. The
+    one-shot prune (``score_and_write``) reads experts lazily, in groups (``plan_lazy_budget``); methods
+    that drive the run themselves (``methods.RUNNERS``) read whole layers."""
     device = cfg.compute_device()
     return plan_stream_budget(ck, device=device, dtype=resolve_dtype(DTYPES[cfg.dtype], device), batch_size=cfg.batch_size,
-                              seq_len=cfg.seq_len, max_vram=cfg.max_vram, max_ram=cfg.max_ram, prefetch=cfg.prefetch)
+                              seq_len=cfg.seq_len, max_vram=cfg.max_vram, max_ram=cfg.max_ram, prefetch=cfg.prefetch,
+                              lazy=cfg.method not in methods.RUNNERS)
 
 
 def _plan_from_input(cfg: PruneConfig, ck: Checkpoint) -> Plan:
@@ -203,8 +207,9 @@ def prune(model: str | Path, out: str | Path, **options) -> dict:
     if plan_in is not None:
         run.layers = dict(plan_in.layers)
         plan_meta = dict(plan_in.meta, applied_from=str(cfg.plan) if not isinstance(cfg.plan, dict) else "dict")
+        files = ShardFiles(ck.path)  # kept experts of selection plans are copied as stored bytes
         for layer_idx in progress(range(run.next_layer, ck.num_layers), ck.num_layers - run.next_layer, "apply plan", cfg.progress):
-            run.write_layer(layer_idx)
+            run.write_layer(layer_idx, read_lazy_layer(ck, files, layer_idx))
             run.finish_layer(layer_idx)
         top_k = plan_in.num_experts_per_tok
         extra: dict = {"method": plan_in.meta.get("method", "plan")}
@@ -240,7 +245,8 @@ def score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int) -> dict:
     stream = open_stream(run, cfg, tokens)
     guarding = guards(stream, enabled=cfg.protect_super_experts, progress=cfg.progress)  # may profile the model
     t_start = time.perf_counter()
-    reader = stream.layers(run.next_layer, run.moe)  # layer L+1 is read while L computes
+    # layer L+1 is read while L computes; routed experts are read in groups as the layer computes
+    reader = stream.layers(run.next_layer, run.moe, lazy=True)
 
     def write(idx: int, tensors: dict, lp: LayerPlan | None) -> dict:
         if lp is not None:
@@ -272,7 +278,8 @@ def score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int) -> dict:
                             "tokens_counted": tokens.num_tokens, "files": [str(c) for c in cfg.calib]},
             "cache_bytes_written": stream.cache.bytes_written,
             "super_experts": next((g.summary for g in guarding if getattr(g, "summary", None)), {}),
-            "io": stream.io.to_json(time.perf_counter() - t_start), "budget": stream.placer.report()}
+            "io": {**stream.io.to_json(time.perf_counter() - t_start), **stream.files.to_json()},
+            "budget": stream.placer.report()}
 
 
 __all__ = ["MANIFEST", "REPORT", "PlanError", "PruneConfig", "PruneRun", "available_methods", "prune"]

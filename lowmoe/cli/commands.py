@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from ..engine.adapters import ALL
+from ..engine.device import DTYPES
 from ..errors import ConfigError, LowmoeError
 from ..evaluate import format_table, prune_and_compare
 from ..inspect import format_inspection, inspect_model
@@ -89,9 +90,21 @@ def synth(out, arch, layers, hidden_size, intermediate_size, experts, top_k, hea
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def inspect(model, as_json):
-    """Family, layers, experts, top-k, bytes per layer and the memory a prune will need."""
-    info = inspect_model(model)
+@click.option("--max-ram", default=None, help="Host RAM budget to plan for, e.g. 8GiB.")
+@click.option("--max-vram", default=None, help="Device memory budget to plan for, e.g. 20GiB (with --device cuda).")
+@click.option("--device", default="cpu", show_default=True, help="Compute device the prune would use (cpu or cuda).")
+@click.option("--dtype", default="float32", show_default=True, help="Compute dtype the prune would use.")
+@click.option("--seq-len", default=256, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+def inspect(model, as_json, max_ram, max_vram, device, dtype, seq_len, batch_size):
+    """Family, layers, experts, top-k, bytes per layer, the smallest --max-ram/--max-vram a prune can run
+    under, and what a prune under the given budgets will hold."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"--device {device!r}: expected cpu or cuda")
+    info = inspect_model(model, max_ram=max_ram, max_vram=max_vram, device=device, dtype=dtype, seq_len=seq_len,
+                         batch_size=batch_size)
     click.echo(json.dumps(info, indent=1) if as_json else format_inspection(info))
 
 

@@ -28,6 +28,7 @@ from ..errors import OutputError
 from ..version import __version__
 from .apply import PlanFields, apply_layer, patch_config
 from .checkpoint import Checkpoint
+from .lazy import LazyLayer, selection_only
 from .memory import cuda_peak_bytes, peak_rss_bytes
 from .plan import LayerPlan, Plan
 from .writer import ShardWriter, parse_size
@@ -157,6 +158,10 @@ class PruneRun:
         """The output tensors of decoder layer ``layer_idx`` (plan applied for MoE layers)."""
         if tensors is None:
             tensors = self.ck.read_layer(layer_idx)
+        if isinstance(tensors, LazyLayer):
+            # kept experts of a selection plan stay stored entries: the writer copies their bytes
+            lp = self.layers.get(layer_idx) if layer_idx in self.moe else None
+            tensors = tensors.for_plan(selection_only(lp) and self.adapter.expert_layout == "per_expert")
         if layer_idx in self.moe:
             return apply_layer(self.adapter, layer_idx, tensors, self.layers[layer_idx], self.ck.num_experts,
                                fields=self.plan_fields)

@@ -125,11 +125,11 @@ def profile(stream, n_seqs: int = 4, progress: bool = True) -> SuperExpertGuard:
     inputs = stream.inputs_for(h)
     moe = set(ck.moe_layers())
     obs = MaximaObserver(ck.num_experts)
-    reader = stream.layers(0, moe)  # layer L+1 is read while L computes (lowmoe.engine.prefetch)
+    reader = stream.layers(0, moe, lazy=True)  # layer L+1 is read while L computes; experts in groups
     layers = progress_bar(reader, len(reader), "super-expert profile", progress)
     for layer_idx, data in layers:
         is_moe = layer_idx in moe
-        module = stream.materialize(layer_idx, data.runtime)  # under --max-vram: experts chunked if needed
+        module = stream.materialize(layer_idx, data.runtime, experts=data.experts)  # experts read in groups
         del data
         if is_moe:
             with MoeProbe(adapter, module, obs):
