@@ -20,6 +20,7 @@ continues a killed run and produces the same bytes as a run that never stopped.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from .engine.stream import Stream, calibration_tokens, plan_stream_budget
 from .engine.writer import parse_size
 from .errors import ConfigError, OutputError, PlanError
 from .methods.oneshot import decide_layers, guards, protected_experts
+from .methods.scoring.super_experts import cached_profile
 
 log = logging.getLogger(__name__)
 
@@ -278,8 +280,33 @@ def score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int) -> dict:
                             "tokens_counted": tokens.num_tokens, "files": [str(c) for c in cfg.calib]},
             "cache_bytes_written": stream.cache.bytes_written,
             "super_experts": next((g.summary for g in guarding if getattr(g, "summary", None)), {}),
+            "super_expert_profile": next((g.cache for g in guarding if getattr(g, "cache", None)), {}),
             "io": {**stream.io.to_json(time.perf_counter() - t_start), **stream.files.to_json()},
             "budget": stream.placer.report()}
 
 
-__all__ = ["MANIFEST", "REPORT", "PlanError", "PruneConfig", "PruneRun", "available_methods", "prune"]
+def profile_model(model: str | Path, calib, *, seq_len: int = 256, n_samples: int = 64, layout: str = "pack",
+                  answer_only: bool = False, device: str = "cpu", dtype: str = "float32", n_seqs: int = 4,
+                  max_ram=None, max_vram=None, progress: bool = True) -> dict:
+    """``lowmoe profile``: the super-expert profile of ``model`` on the first ``n_seqs`` calibration
+    sequences, computed once and cached for every later prune with the same model, calibration options,
+    dtype and device (``scoring.super_experts.cached_profile``). Returns the cache entry's description."""
+    calib = tuple([calib] if isinstance(calib, (str, Path)) else [str(c) for c in calib])
+    cfg = PruneConfig(model=Path(model), out=Path("."), keep=None, calib=calib, seq_len=seq_len, n_samples=n_samples,
+                      layout=layout, answer_only=answer_only, device=device, dtype=dtype, max_ram=max_ram,
+                      max_vram=max_vram, progress=progress)
+    ck = Checkpoint(cfg.model)
+    ck.validate()
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
+    check_sources(cfg.calib)
+    budget = plan_run_budget(cfg, ck)
+    tokens = cfg.calibration(ck)
+    with tempfile.TemporaryDirectory(prefix="lowmoe-profile-") as tmp:
+        stream = cfg.stream(ck, tokens, Path(tmp), budget)
+        guard = cached_profile(stream, n_seqs=n_seqs, progress=progress)
+    return {"model": str(ck.path), **guard.cache, "super_experts": guard.summary.get("super_experts", []),
+            "threshold": guard.summary.get("threshold")}
+
+
+__all__ = ["MANIFEST", "REPORT", "PlanError", "PruneConfig", "PruneRun", "available_methods", "profile_model", "prune"]

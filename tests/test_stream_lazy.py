@@ -206,3 +206,32 @@ def test_inspect_prints_the_smallest_budgets(synth_dir):
     assert r.exit_code == 2 and "--max-ram" in r.output
     r = CliRunner().invoke(main, ["inspect", str(src), "--json", "--device", "cuda", "--max-vram", "1GiB"])
     assert r.exit_code == 0 and json.loads(r.output)["budget"]["min_max_vram_bytes"] > 0
+
+
+def test_super_expert_profile_is_cached(synth_dir, calib_txt, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from lowmoe.cli.commands import main
+
+    monkeypatch.setenv("LOWMOE_CACHE_DIR", str(tmp_path / "cache"))
+    src = synth_dir("qwen2_moe", **BIG)
+    first = lowmoe.prune(src, tmp_path / "a", calib=[calib_txt], **OPTS)
+    second = lowmoe.prune(src, tmp_path / "b", calib=[calib_txt], **OPTS)
+    p1, p2 = first["super_expert_profile"], second["super_expert_profile"]
+    assert not p1["hit"] and p1["expert_bytes_read"] > 0 and p1["path"]
+    assert p2["hit"] and p2["path"] == p1["path"]
+    assert second["io"]["expert_bytes_read"] == first["io"]["expert_bytes_read"] - p1["expert_bytes_read"]
+    assert second["super_experts"] == first["super_experts"] and second["plan"] == first["plan"]
+    assert model_files(tmp_path / "a") == model_files(tmp_path / "b")
+    # another calibration: another key, profiled again
+    other = tmp_path / "other.txt"
+    other.write_text("zeta eta theta\n" * 50)
+    assert not lowmoe.prune(src, tmp_path / "c", calib=[other], **OPTS)["super_expert_profile"]["hit"]
+    # `lowmoe profile` writes it ahead for the prunes that follow
+    args = ["--seq-len", "16", "--n-samples", "8", "--device", "cpu"]
+    m2 = synth_dir("mixtral", **BIG)
+    r = CliRunner().invoke(main, ["-q", "profile", str(m2), "--calib", str(calib_txt), "--json", *args])
+    assert r.exit_code == 0, r.output
+    assert not json.loads(r.output)["hit"]
+    rep = lowmoe.prune(m2, tmp_path / "d", calib=[calib_txt], **OPTS)
+    assert rep["super_expert_profile"]["hit"]
