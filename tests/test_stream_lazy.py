@@ -235,3 +235,14 @@ def test_super_expert_profile_is_cached(synth_dir, calib_txt, tmp_path, monkeypa
     assert not json.loads(r.output)["hit"]
     rep = lowmoe.prune(m2, tmp_path / "d", calib=[calib_txt], **OPTS)
     assert rep["super_expert_profile"]["hit"]
+
+
+def test_planned_memory_is_flat_in_the_number_of_layers(synth_dir):
+    kw = dict(hidden_size=64, intermediate_size=256, experts=8, top_k=2, shard_size="400KB")
+    cks = [Checkpoint(synth_dir("mixtral", layers=n, **kw)) for n in (2, 4)]
+    ram = plan_lazy_budget(cks[0], device=CPU, dtype=torch.float32, batch_size=2, seq_len=16).min_max_ram + 1_000_000
+    plans = [plan_lazy_budget(ck, device=CPU, dtype=torch.float32, batch_size=2, seq_len=16, max_ram=ram) for ck in cks]
+    assert 1 < plans[0].layers[0].group_size < 8
+    assert plans[0].host_peak_bytes == plans[1].host_peak_bytes
+    assert plans[0].device_peak_bytes == plans[1].device_peak_bytes
+    assert plans[0].min_max_ram == plans[1].min_max_ram

@@ -25,6 +25,7 @@ bytes of a key; copying it never needs to know how they decode.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import struct
@@ -352,6 +353,8 @@ class StagingPool:
         need = sum(_aligned(_prod(s) * dt.itemsize) for s, dt in shapes.values())
         if need > self.nbytes:
             self.ensure(need)
+        if not self._free:
+            gc.collect()  # a dropped layer whose experts module was not yet collected gives its buffer back
         if not self._free:
             raise RuntimeError(f"StagingPool: all {self.count} buffers are in use")
         i = self._free.pop(0)

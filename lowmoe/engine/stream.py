@@ -192,7 +192,7 @@ def walk(stream: Stream, layers, *, observers_for: Callable[[int], list], decide
 
             probe.needs_expert_outputs = any(getattr(o, "needs_expert_outputs", False) for o in observers)
             stream.forward(idx, module, write=not sequential, probe=probe, adapter=adapter)
-            _release(module)
+            release_layer(module)
             del module
             lp = decide(idx, tensors, observers)
             out = apply(idx, tensors, lp)
@@ -208,7 +208,7 @@ def walk(stream: Stream, layers, *, observers_for: Callable[[int], list], decide
                     pruned = stream.materialize(idx, adapter.to_runtime(idx, _decoded(out), True), num_experts=num_experts,
                                                 top_k=top_k)
                 stream.forward(idx, pruned, write=True)
-                _release(pruned)
+                release_layer(pruned)
                 del pruned
             del out
             step = LayerStep(idx, lp, observers)
@@ -227,8 +227,9 @@ def _decoded(out: dict) -> dict:
     return {k: (v if isinstance(v, torch.Tensor) else v.read()) for k, v in out.items()}
 
 
-def _release(module) -> None:
-    """Free the device copies and staging buffers of a layer's streamed experts now (not at garbage collection)."""
+def release_layer(module) -> None:
+    """Free the device copies and staging buffers of a layer's streamed experts now (not when the
+    module is garbage-collected): call it when a layer built by ``Stream.materialize`` is done."""
     for m in module.modules():
         rel = getattr(m, "release", None)
         if callable(rel) and hasattr(m, "group_size"):

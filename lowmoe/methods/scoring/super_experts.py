@@ -39,6 +39,7 @@ import torch
 
 from ...engine.hf import MoeCall, MoeProbe, run_layer
 from ...engine.progress import progress as progress_bar
+from ...engine.stream import release_layer
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +137,12 @@ def profile(stream, n_seqs: int = 4, progress: bool = True) -> SuperExpertGuard:
     inputs = stream.inputs_for(h)
     moe = set(ck.moe_layers())
     obs = MaximaObserver(ck.num_experts)
-    reader = stream.layers(0, moe, lazy=True)  # layer L+1 is read while L computes; experts in groups
+    # layer L+1 is read while L computes; routed experts read in groups (whole layers for --quant)
+    reader = stream.layers(0, moe, lazy=stream.quant == "none")
     layers = progress_bar(reader, len(reader), "super-expert profile", progress)
     for layer_idx, data in layers:
         is_moe = layer_idx in moe
-        module = stream.materialize(layer_idx, data.runtime, experts=data.experts)  # experts read in groups
+        module = stream.materialize(layer_idx, data.runtime, experts=data.experts)
         del data
         if is_moe:
             with MoeProbe(adapter, module, obs):
@@ -148,6 +150,7 @@ def profile(stream, n_seqs: int = 4, progress: bool = True) -> SuperExpertGuard:
             obs.commit(layer_idx)
         else:
             h = run_layer(skel, module, layer_idx, h, inputs)
+        release_layer(module)
         del module
     found, summary = obs.result()
     summary["profile_sequences"] = int(ids.shape[0])
