@@ -92,7 +92,8 @@ def format_inspection(info: dict) -> str:
                      + (f", --max-vram {fmt_bytes(b['min_max_vram_bytes'])}" if b.get("min_max_vram_bytes") else "")
                      + f" ({b['device']}, {b['compute_dtype']}, --batch-size {b['batch_size']} x --seq-len {b['seq_len']})")
         given = ", ".join(f"{flag} {fmt_bytes(b[k])}" for flag, k in (("--max-ram", "max_ram_bytes"), ("--max-vram", "max_vram_bytes")) if b.get(k))
-        lines.append(f"{'under' if given else 'no budget'}    {given + ': ' if given else ''}experts in groups of "
+        label = "under" if given else "no budget"
+        lines.append(f"{label:<13s}{given + ': ' if given else ''}experts in groups of "
                      f"{b['group_size']} (of {b['num_experts']}), layer prefetch {'on' if b['prefetch_layers'] else 'off'}")
         lines.append("  host       " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in b["host_terms"].items() if v)
                      + f" = {fmt_bytes(b['host_peak_bytes'])}")

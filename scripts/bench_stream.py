@@ -199,8 +199,8 @@ def check_loadable(out: Path, expect_experts: int) -> dict:
         logits = model(ids).logits
     exp = model.model.layers[1].mlp.experts
     return {"n_routed_experts": cfg.n_routed_experts, "n_group": cfg.n_group, "topk_group": cfg.topk_group,
-            "num_experts_per_tok": cfg.num_experts_per_tok, "missing_keys": info["missing_keys"],
-            "unexpected_keys": info["unexpected_keys"], "mismatched_keys": [str(k) for k in info.get("mismatched_keys", [])],
+            "num_experts_per_tok": cfg.num_experts_per_tok, "missing_keys": sorted(info["missing_keys"]),
+            "unexpected_keys": sorted(info["unexpected_keys"]), "mismatched_keys": [str(k) for k in info.get("mismatched_keys", [])],
             "gate_up_proj_shape": list(exp.gate_up_proj.shape), "router_shape": list(model.model.layers[1].mlp.gate.weight.shape),
             "logits_finite": bool(torch.isfinite(logits).all()),
             "ok": (cfg.n_routed_experts == expect_experts and not info["missing_keys"] and not info["unexpected_keys"]

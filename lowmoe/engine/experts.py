@@ -29,8 +29,8 @@ from torch import nn
 
 from .device import dtype_bytes
 from .hf import experts_forward, experts_subset
-from .memory import Accountant
 from .lazy import StagingPool
+from .memory import Accountant
 from .prefetch import DeviceStager, IOStats
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,8 @@ class ChunkedExperts(RoutedExperts):
         buf = self._buffers.pop(g, None)
         if buf is not None:
             if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()  # kernels reading the group are done
+                # the side-stream copy out of the buffer (and anything queued behind it) is done
+                torch.cuda.synchronize(self.device)
             self._pool.release(buf)
 
     def release(self) -> None:
