@@ -4,6 +4,7 @@ host memory planned from the non-expert weights + two groups (``lowmoe.engine.la
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -246,3 +247,25 @@ def test_planned_memory_is_flat_in_the_number_of_layers(synth_dir):
     assert plans[0].host_peak_bytes == plans[1].host_peak_bytes
     assert plans[0].device_peak_bytes == plans[1].device_peak_bytes
     assert plans[0].min_max_ram == plans[1].min_max_ram
+
+
+@pytest.mark.slow
+def test_real_peak_rss_under_max_ram(tmp_path, calib_txt):
+    """A prune in its own process, experts (25 MB each in fp32) larger than everything else: the peak RSS
+    stays under --max-ram set just above the floor, with groups smaller than the layer."""
+    import subprocess
+    import sys
+
+    from lowmoe.toy.synth import synth_model
+
+    src = synth_model(tmp_path / "m", "mixtral", layers=3, hidden_size=512, intermediate_size=4096, experts=8, top_k=2,
+                      dtype="bfloat16", shard_size="200MB")
+    floor = inspect_model(src, seq_len=16, batch_size=2)["budget"]["min_max_ram_bytes"]
+    budget = floor + 60 * 10**6
+    cmd = [sys.executable, "-m", "lowmoe", "-q", "prune", str(src), str(tmp_path / "o"), "--keep", "4", "--calib",
+           str(calib_txt), "--n-samples", "4", "--seq-len", "16", "--batch-size", "2", "--device", "cpu",
+           "--max-ram", str(budget)]
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rep = json.loads((tmp_path / "o" / "lowmoe_report.json").read_text())
+    assert max(rep["budget"]["group_sizes"].values()) < 8
+    assert rep["memory"]["peak_rss_bytes"] <= budget, (rep["memory"]["peak_rss_bytes"], budget)

@@ -165,7 +165,7 @@ def families():
               help="Compute dtype (scores are accumulated in fp32 whatever it is).")
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--max-vram", default=None, help="Device memory budget, e.g. 20GiB; experts are streamed in groups when a layer does not fit.")
-@click.option("--max-ram", default=None, help="Host RAM budget, e.g. 32GiB (checked before the run starts).")
+@click.option("--max-ram", default=None, help="Host RAM budget, e.g. 8GiB: experts are read in groups sized from it (checked before the run starts; `lowmoe inspect MODEL --max-ram X` prints the smallest that works).")
 @click.option("--no-prefetch", is_flag=True, help="Do not read the next layer / activation chunk while computing.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue a killed run in OUT.")
