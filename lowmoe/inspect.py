@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from .engine.budget import parse_budget, plan_lazy_budget
 from .engine.checkpoint import Checkpoint
+from .engine.device import DTYPES
 from .engine.memory import fmt_bytes
 
 # Bytes of Python, torch and transformers before any tensor is loaded, measured on CPU.
@@ -29,7 +33,25 @@ def estimate_peak_bytes(ck: Checkpoint, *, seq_len: int = 256, batch_size: int =
     return {"largest_layer_bytes": largest, "activation_chunk_bytes": chunk, "estimated_peak_bytes": peak}
 
 
-def inspect_model(path: str | Path, **kw) -> dict:
+def budget_info(ck: Checkpoint, *, max_ram=None, max_vram=None, device: str = "cpu", dtype: str = "float32",
+                seq_len: int = 256, batch_size: int = 8) -> dict:
+    """What a prune (experts read in groups, ``plan_lazy_budget``) needs and holds, from the index alone:
+    the smallest --max-ram (and --max-vram on CUDA) that work and, under the given budgets, the group
+    size and the planned host/device peaks term by term. ConfigError (naming the flag) if they cannot hold."""
+    dev, dt = torch.device(device), DTYPES[dtype]
+    kw = dict(device=dev, dtype=dt, batch_size=batch_size, seq_len=seq_len)
+    floor = plan_lazy_budget(ck, **kw)
+    p = plan_lazy_budget(ck, max_ram=parse_budget(max_ram, "--max-ram"), max_vram=parse_budget(max_vram, "--max-vram"), **kw)
+    groups = sorted({pl.group_size for pl in p.layers.values() if pl.group_size})
+    return {"device": device, "compute_dtype": dtype, "batch_size": batch_size, "seq_len": seq_len,
+            "min_max_ram_bytes": floor.min_max_ram, "min_max_vram_bytes": floor.min_max_vram if dev.type == "cuda" else None,
+            "max_ram_bytes": p.max_ram, "max_vram_bytes": p.max_vram, "group_size": groups[0] if groups else None,
+            "num_experts": ck.num_experts, "prefetch_layers": p.prefetch_layers,
+            "host_peak_bytes": p.host_peak_bytes, "host_terms": p.host_terms,
+            "device_peak_bytes": p.device_peak_bytes, "device_terms": p.device_terms, "notes": p.notes}
+
+
+def inspect_model(path: str | Path, *, max_ram=None, max_vram=None, device: str = "cpu", dtype: str = "float32", **kw) -> dict:
     ck = Checkpoint(path)
     ck.validate()
     moe = set(ck.moe_layers())
@@ -49,6 +71,8 @@ def inspect_model(path: str | Path, **kw) -> dict:
     }
     info.update(estimate_peak_bytes(ck, **kw))
     info["whole_model_load_bytes"] = total
+    info["budget"] = budget_info(ck, max_ram=max_ram, max_vram=max_vram, device=device, dtype=dtype, **kw)
+    info["estimated_peak_bytes"] = info["budget"]["host_peak_bytes"]  # experts are read in groups
     return info
 
 
@@ -69,7 +93,20 @@ def format_inspection(info: dict) -> str:
                      "kept experts copied as stored, merged ones re-quantized")
     if info.get("group_routing"):
         lines.append(f"routing      group-limited: n_group={info['group_routing']['n_group']} topk_group={info['group_routing']['topk_group']}")
+    b = info.get("budget")
     lines.append(f"prune peak   ~{fmt_bytes(info['estimated_peak_bytes'])} RAM (vs {fmt_bytes(info['whole_model_load_bytes'])} to load the whole model)")
+    if b:
+        lines.append(f"smallest     --max-ram {fmt_bytes(b['min_max_ram_bytes'])}"
+                     + (f", --max-vram {fmt_bytes(b['min_max_vram_bytes'])}" if b.get("min_max_vram_bytes") else "")
+                     + f" ({b['device']}, {b['compute_dtype']}, --batch-size {b['batch_size']} x --seq-len {b['seq_len']})")
+        given = ", ".join(f"{flag} {fmt_bytes(b[k])}" for flag, k in (("--max-ram", "max_ram_bytes"), ("--max-vram", "max_vram_bytes")) if b.get(k))
+        label = "under" if given else "no budget"
+        lines.append(f"{label:<13s}{given + ': ' if given else ''}experts in groups of "
+                     f"{b['group_size']} (of {b['num_experts']}), layer prefetch {'on' if b['prefetch_layers'] else 'off'}")
+        lines.append("  host       " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in b["host_terms"].items() if v)
+                     + f" = {fmt_bytes(b['host_peak_bytes'])}")
+        lines.append("  device     " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in b["device_terms"].items() if v)
+                     + f" = {fmt_bytes(b['device_peak_bytes'])}")
     sizes = ", ".join(f"{d['layer']}:{fmt_bytes(d['bytes'])}" for d in info["layers"][:8])
     more = " ..." if len(info["layers"]) > 8 else ""
     lines.append(f"per layer    {sizes}{more}")

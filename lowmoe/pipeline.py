@@ -20,6 +20,7 @@ continues a killed run and produces the same bytes as a run that never stopped.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from .engine.cache import ActivationCache
 from .engine.calibration import CalibTokens, check_sources
 from .engine.checkpoint import Checkpoint
 from .engine.device import DTYPES, resolve_device, resolve_dtype
+from .engine.lazy import ShardFiles, read_lazy_layer
 from .engine.memory import fmt_bytes
 from .engine.plan import LayerPlan, Plan
 from .engine.progress import progress
@@ -40,6 +42,7 @@ from .engine.stream import Stream, calibration_tokens, plan_stream_budget
 from .engine.writer import parse_size
 from .errors import ConfigError, OutputError, PlanError, UnsupportedModelError
 from .methods.oneshot import decide_layers, guards, protected_experts
+from .methods.scoring.super_experts import cached_profile
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +168,13 @@ def run_fingerprint(cfg: PruneConfig, ck: Checkpoint) -> str:
 
 
 def plan_run_budget(cfg: PruneConfig, ck: Checkpoint):
-    """``--max-vram``/``--max-ram`` checked against the checkpoint's layer sizes before any work."""
+    """``--max-vram``/``--max-ram`` checked against the checkpoint's layer sizes before any work. The
+    one-shot prune (``score_and_write``) reads experts lazily, in groups (``plan_lazy_budget``); methods
+    that drive the run themselves (``methods.RUNNERS``) read whole layers."""
     device = cfg.compute_device()
     return plan_stream_budget(ck, device=device, dtype=resolve_dtype(DTYPES[cfg.dtype], device), batch_size=cfg.batch_size,
-                              seq_len=cfg.seq_len, max_vram=cfg.max_vram, max_ram=cfg.max_ram, prefetch=cfg.prefetch)
+                              seq_len=cfg.seq_len, max_vram=cfg.max_vram, max_ram=cfg.max_ram, prefetch=cfg.prefetch,
+                              lazy=cfg.method not in methods.RUNNERS and ck.quant_format is None)
 
 
 def _plan_from_input(cfg: PruneConfig, ck: Checkpoint) -> Plan:
@@ -206,8 +212,9 @@ def prune(model: str | Path, out: str | Path, **options) -> dict:
     if plan_in is not None:
         run.layers = dict(plan_in.layers)
         plan_meta = dict(plan_in.meta, applied_from=str(cfg.plan) if not isinstance(cfg.plan, dict) else "dict")
+        files = ShardFiles(ck.path)  # kept experts of selection plans are copied as stored bytes
         for layer_idx in progress(range(run.next_layer, ck.num_layers), ck.num_layers - run.next_layer, "apply plan", cfg.progress):
-            run.write_layer(layer_idx)
+            run.write_layer(layer_idx, read_lazy_layer(ck, files, layer_idx))
             run.finish_layer(layer_idx)
         top_k = plan_in.num_experts_per_tok
         extra: dict = {"method": plan_in.meta.get("method", "plan")}
@@ -243,7 +250,8 @@ def score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int) -> dict:
     stream = open_stream(run, cfg, tokens)
     guarding = guards(stream, enabled=cfg.protect_super_experts, progress=cfg.progress)  # may profile the model
     t_start = time.perf_counter()
-    reader = stream.layers(run.next_layer, run.moe)  # layer L+1 is read while L computes
+    # layer L+1 is read while L computes; routed experts are read in groups as the layer computes
+    reader = stream.layers(run.next_layer, run.moe, lazy=True)
 
     def write(idx: int, tensors: dict, lp: LayerPlan | None) -> dict:
         if lp is not None:
@@ -275,7 +283,33 @@ def score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int) -> dict:
                             "tokens_counted": tokens.num_tokens, "files": [str(c) for c in cfg.calib]},
             "cache_bytes_written": stream.cache.bytes_written,
             "super_experts": next((g.summary for g in guarding if getattr(g, "summary", None)), {}),
-            "io": stream.io.to_json(time.perf_counter() - t_start), "budget": stream.placer.report()}
+            "super_expert_profile": next((g.cache for g in guarding if getattr(g, "cache", None)), {}),
+            "io": {**stream.io.to_json(time.perf_counter() - t_start), **stream.files.to_json()},
+            "budget": stream.placer.report()}
 
 
-__all__ = ["MANIFEST", "REPORT", "PlanError", "PruneConfig", "PruneRun", "available_methods", "prune"]
+def profile_model(model: str | Path, calib, *, seq_len: int = 256, n_samples: int = 64, layout: str = "pack",
+                  answer_only: bool = False, device: str = "cpu", dtype: str = "float32", n_seqs: int = 4,
+                  max_ram=None, max_vram=None, progress: bool = True) -> dict:
+    """``lowmoe profile``: the super-expert profile of ``model`` on the first ``n_seqs`` calibration
+    sequences, computed once and cached for every later prune with the same model, calibration options,
+    dtype and device (``scoring.super_experts.cached_profile``). Returns the cache entry's description."""
+    calib = tuple([calib] if isinstance(calib, (str, Path)) else [str(c) for c in calib])
+    cfg = PruneConfig(model=Path(model), out=Path("."), keep=None, calib=calib, seq_len=seq_len, n_samples=n_samples,
+                      layout=layout, answer_only=answer_only, device=device, dtype=dtype, max_ram=max_ram,
+                      max_vram=max_vram, progress=progress)
+    ck = Checkpoint(cfg.model)
+    ck.validate()
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
+    check_sources(cfg.calib)
+    budget = plan_run_budget(cfg, ck)
+    tokens = cfg.calibration(ck)
+    with tempfile.TemporaryDirectory(prefix="lowmoe-profile-") as tmp:
+        stream = cfg.stream(ck, tokens, Path(tmp), budget)
+        guard = cached_profile(stream, n_seqs=n_seqs, progress=progress)
+    return {"model": str(ck.path), **guard.cache, "super_experts": guard.summary.get("super_experts", []),
+            "threshold": guard.summary.get("threshold")}
+
+
+__all__ = ["MANIFEST", "REPORT", "PlanError", "PruneConfig", "PruneRun", "available_methods", "profile_model", "prune"]

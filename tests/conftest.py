@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,19 @@ from lowmoe.toy.synth import synth_model
 from .helpers import write_calib
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _profile_cache(tmp_path_factory):
+    """Cached super-expert profiles go to a directory of each test's own (not the user's cache): a
+    test's prunes profile as if no earlier test had run."""
+    old = os.environ.get("LOWMOE_CACHE_DIR")
+    os.environ["LOWMOE_CACHE_DIR"] = str(tmp_path_factory.mktemp("lowmoe-cache"))
+    yield
+    if old is None:
+        os.environ.pop("LOWMOE_CACHE_DIR", None)
+    else:
+        os.environ["LOWMOE_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,21 @@ from lowmoe.engine.budget import build_layer
 from lowmoe.engine.experts import ChunkedExperts
 from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.engine.hf import LayerInputs, ModelSkeleton, MoeProbe, moe_modules, run_layer
+from lowmoe.engine.lazy import ShardFiles, StagingPool, read_lazy_layer
 from lowmoe.engine.prefetch import DeviceStager
+from lowmoe.pipeline import REPORT
+
+from .helpers import dir_digest
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 OPTS = dict(keep=4, n_samples=16, seq_len=32, batch_size=4, progress=False)
 # ~200 MB of fp32 weights: large next to activations, so the budget is about weights
 BIG = dict(layers=4, hidden_size=256, intermediate_size=2048, experts=8, top_k=2, shard_size="50MB")
+
+
+def model_files(path):
+    return {k: v for k, v in dir_digest(path).items() if k != REPORT}
 
 
 @pytest.mark.parametrize("method", ["frequency", "reap"])
@@ -74,10 +82,37 @@ def test_prune_holds_a_third_of_the_model(synth_dir, calib_txt, tmp_path):
     rep = lowmoe.prune(src, tmp_path / "bud", calib=[calib_txt], device="cuda", max_vram=budget, **OPTS)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
-    assert rep["budget"]["chunked_layers"], "expert chunking must engage"
+    ck = Checkpoint(src)
+    groups = rep["budget"]["group_sizes"]
+    assert groups and max(groups.values()) < ck.num_experts, "expert chunking must engage"
     assert peak <= budget, f"CUDA peak {peak} over the budget {budget}"
     assert rep["budget"]["accounted_peak_bytes"] <= budget
+    planned = rep["budget"]["plan"]["device_peak_bytes"]
+    assert peak <= planned, f"CUDA peak {peak} over the planned peak {planned} (a term is missing)"
     assert rep["plan"] == ref["plan"]
+    assert model_files(tmp_path / "bud") == model_files(tmp_path / "ref")
+    # the pinned staging pool: two buffers of one group (stored dtype), reused by every layer and group
+    per_expert = max(ck.layer_bytes(L) for L in ck.moe_layers()) // ck.num_experts
+    assert 0 < rep["budget"]["staging_pool_bytes"] <= 2 * max(groups.values()) * per_expert + 4096
+
+
+def test_lazy_experts_on_cuda_bit_identical(synth_dir):
+    src = synth_dir("mixtral", top_k=2)
+    ck = Checkpoint(src)
+    skel = ModelSkeleton(ck.config, ck.adapter)
+    dev = torch.device("cuda")
+    lazy = read_lazy_layer(ck, ShardFiles(ck.path), 1)
+    whole = build_layer(skel, 1, ck.adapter.to_runtime(1, ck.read_layer(1), True), dev, torch.bfloat16)
+    pool = StagingPool(2, pin=True)
+    built = build_layer(skel, 1, ck.adapter.to_runtime(1, lazy.resident, True), dev, torch.bfloat16, group_size=3,
+                        source=lazy.experts, pool=pool)
+    h = torch.randn(2, 16, ck.config["hidden_size"], generator=torch.Generator().manual_seed(0)).to(dev, torch.bfloat16)
+    inputs = LayerInputs.build(skel, h, skel.rotary(dev))
+    with torch.no_grad():
+        ref = run_layer(skel, whole, 1, h, inputs)
+        for _ in range(3):
+            assert torch.equal(run_layer(skel, built, 1, h, inputs), ref)
+    assert pool.allocations == 1 and pool._bufs[0].is_pinned()
 
 
 @pytest.mark.parametrize("mode", ["nf4", "int8"])

@@ -14,9 +14,11 @@ from pathlib import Path
 import click
 
 from ..engine.adapters import ALL
+from ..engine.device import DTYPES
 from ..errors import ConfigError, LowmoeError
 from ..evaluate import format_table, prune_and_compare
 from ..inspect import format_inspection, inspect_model
+from ..pipeline import profile_model
 from ..pipeline import prune as run_prune
 from ..toy import tasks
 from ..toy.synth import synth_model
@@ -107,10 +109,50 @@ def synth(out, arch, layers, hidden_size, intermediate_size, experts, top_k, hea
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def inspect(model, as_json):
-    """Family, layers, experts, top-k, bytes per layer and the memory a prune will need."""
-    info = inspect_model(model)
+@click.option("--max-ram", default=None, help="Host RAM budget to plan for, e.g. 8GiB.")
+@click.option("--max-vram", default=None, help="Device memory budget to plan for, e.g. 20GiB (with --device cuda).")
+@click.option("--device", default="cpu", show_default=True, help="Compute device the prune would use (cpu or cuda).")
+@click.option("--dtype", default="float32", show_default=True, help="Compute dtype the prune would use.")
+@click.option("--seq-len", default=256, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+def inspect(model, as_json, max_ram, max_vram, device, dtype, seq_len, batch_size):
+    """Family, layers, experts, top-k, bytes per layer, the smallest --max-ram/--max-vram a prune can run
+    under, and what a prune under the given budgets will hold."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"--device {device!r}: expected cpu or cuda")
+    info = inspect_model(model, max_ram=max_ram, max_vram=max_vram, device=device, dtype=dtype, seq_len=seq_len,
+                         batch_size=batch_size)
     click.echo(json.dumps(info, indent=1) if as_json else format_inspection(info))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calib", multiple=True, required=True, type=click.Path(path_type=Path), help="Calibration file (text or JSONL); repeatable: the same as the prunes that will reuse the profile.")
+@click.option("--seq-len", default=256, show_default=True, type=int)
+@click.option("--n-samples", default=64, show_default=True, type=int, help="Calibration sequences (as the prunes use them).")
+@click.option("--layout", default="pack", show_default=True, type=click.Choice(["pack", "per-sample"]))
+@click.option("--answer-only", is_flag=True)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--dtype", default="fp32", show_default=True,
+              type=click.Choice(["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]))
+@click.option("--max-vram", default=None, help="Device memory budget, e.g. 20GiB.")
+@click.option("--max-ram", default=None, help="Host RAM budget, e.g. 8GiB.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def profile(ctx, model, calib, seq_len, n_samples, layout, answer_only, device, dtype, max_vram, max_ram, as_json):
+    """Profile MODEL's super experts once and cache the result (a small JSON in the user cache directory,
+    $LOWMOE_CACHE_DIR), so later prunes with the same calibration options skip that pass over the weights."""
+    info = profile_model(model, [str(c) for c in calib], seq_len=seq_len, n_samples=n_samples, layout=layout,
+                         answer_only=answer_only, device=device, dtype=dtype, max_vram=max_vram, max_ram=max_ram,
+                         progress=not ctx.obj.get("quiet", False) if ctx.obj else True)
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    how = "reused" if info["hit"] else f"computed ({info['expert_bytes_read'] / 1e9:.2f} GB of expert weights read)"
+    found = ", ".join(f"layer {d['layer']} expert {d['expert']}" for d in info["super_experts"]) or "none"
+    click.echo(f"super-expert profile {how}: {info['path'] or 'not cached'}\nsuper experts: {found}")
 
 
 @main.command()

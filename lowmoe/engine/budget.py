@@ -50,8 +50,9 @@ from torch import nn
 from ..errors import ConfigError
 from .checkpoint import DTYPE_BYTES
 from .device import dtype_bytes
-from .experts import ChunkedExperts
+from .experts import ChunkedExperts, LazyExperts
 from .hf import layer_config, materialize, moe_modules, split_experts
+from .lazy import StagingPool
 from .memory import Accountant, fmt_bytes
 from .prefetch import IOStats
 from .writer import parse_size
@@ -118,8 +119,9 @@ def layer_sizes(ck) -> list[LayerSize]:
     return out
 
 
-def activation_bytes(config: dict, *, batch_size: int, seq_len: int, dtype_bytes: int, top_k: int, num_experts: int) -> int:
-    """Device bytes of one calibration chunk (B x S tokens) going through one decoder layer.
+def activation_terms(config: dict, *, batch_size: int, seq_len: int, dtype_bytes: int, top_k: int,
+                     num_experts: int) -> dict[str, int]:
+    """Device bytes of one calibration chunk (B x S tokens) going through one decoder layer, term by term.
 
     Counted generously: hidden states in/out/residual/norm (~8 T x H), q/k/v/o, attention scores
     and their softmax (B x heads x S x S, twice, as eager/math attention materializes them), the
@@ -133,12 +135,30 @@ def activation_bytes(config: dict, *, batch_size: int, seq_len: int, dtype_bytes
     head_dim = int(config.get("head_dim") or max(1, H // heads))
     inter = int(config.get("moe_intermediate_size") or config.get("intermediate_size") or 4 * H)
     dense_inter = int(config.get("intermediate_size") or inter)
-    hidden = 8 * T * H * b
-    attn = 4 * T * heads * head_dim * b + 2 * batch_size * heads * seq_len * seq_len * b + batch_size * seq_len * seq_len * b
-    router = 2 * T * max(num_experts, 1) * 4
-    mlp = 3 * T * max(inter, dense_inter) * b
-    slots = T * max(top_k, 1) * H * (2 * b + 4)
-    return int(hidden + attn + router + mlp + slots)
+    return {"hidden_states": 8 * T * H * b,
+            "attention_qkvo": 4 * T * heads * head_dim * b,
+            "attention_scores": 2 * batch_size * heads * seq_len * seq_len * b,
+            "attention_mask": batch_size * seq_len * seq_len * b,
+            "routing": 2 * T * max(num_experts, 1) * 4,
+            "expert_intermediates": 3 * T * max(inter, dense_inter) * b,
+            "expert_slot_outputs": T * max(top_k, 1) * H * (2 * b + 4)}
+
+
+def activation_bytes(config: dict, *, batch_size: int, seq_len: int, dtype_bytes: int, top_k: int, num_experts: int) -> int:
+    """The sum of ``activation_terms``: one chunk's activations through one layer."""
+    return int(sum(activation_terms(config, batch_size=batch_size, seq_len=seq_len, dtype_bytes=dtype_bytes,
+                                    top_k=top_k, num_experts=num_experts).values()))
+
+
+# CUDA's caching allocator rounds every block it hands out up to a multiple of 512 bytes, and
+# ``torch.cuda.max_memory_allocated`` counts those rounded blocks (the segments it reserves around
+# them are ``max_memory_reserved``, not budgeted here): at most 512 B per live tensor.
+ALLOC_ROUND = 512
+
+
+def allocator_rounding(n_weight_tensors: int, n_activation_tensors: int = 64) -> int:
+    """Worst-case bytes lost to the caching allocator's rounding for a layer's live tensors."""
+    return (n_weight_tensors + n_activation_tensors) * ALLOC_ROUND
 
 
 # ---- the plan ----------------------------------------------------------------------------------
@@ -194,6 +214,12 @@ class BudgetPlan:
     host_layer_bytes: int = 0  # largest layer in host memory (as read + runtime layout)
     host_fixed_bytes: int = 0  # interpreter + activation chunks + the written copy of a layer
     notes: list[str] = field(default_factory=list)
+    lazy_experts: bool = False  # experts read from the shards in groups (``plan_lazy_budget``)
+    host_terms: dict[str, int] = field(default_factory=dict)  # the planned host peak, term by term
+    device_terms: dict[str, int] = field(default_factory=dict)  # the planned device peak, term by term
+    min_max_ram: int | None = None  # the smallest --max-ram that works (lazy plans)
+    min_max_vram: int | None = None  # the smallest --max-vram that works (CUDA, lazy plans)
+    staging_bytes: int = 0  # the host staging pool (two expert groups, stored dtype)
 
     @property
     def chunked_layers(self) -> list[int]:
@@ -314,6 +340,170 @@ def _stored_elem(ck, key: str) -> int:
     return DTYPE_BYTES.get(ck.tensor_info(key)[1], 4)
 
 
+# ---- expert-granular streaming (the prune) ------------------------------------------------------
+
+# Without --max-ram, an expert group holds at most this many bytes in the compute dtype (small models:
+# every expert in one group, loaded once per layer).
+DEFAULT_GROUP_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class _LazyLayerSize:
+    idx: int
+    res_stored: int  # non-expert bytes as stored
+    res_numel: int
+    exp_numel: int  # one routed expert
+    exp_stored: int  # one routed expert, as stored
+    num_experts: int
+
+
+def _lazy_sizes(ck) -> list[_LazyLayerSize]:
+    out = []
+    for L in layer_sizes(ck):
+        ratio = L.stored_bytes / max(1, L.resident_numel + L.expert_numel * L.num_experts)
+        exp_stored = int(round(L.expert_numel * ratio))
+        out.append(_LazyLayerSize(L.layer_idx, L.stored_bytes - exp_stored * L.num_experts, L.resident_numel,
+                                  L.expert_numel, exp_stored, L.num_experts))
+    return out
+
+
+def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int,
+                     max_vram: int | None = None, max_ram: int | None = None, prefetch: bool = True) -> BudgetPlan:
+    """The budget of a pass whose routed experts are read from the shards in groups (``lazy``,
+    ``Stream.layers(lazy=True)``), from the index alone. Per MoE layer with E experts, for a group of g
+    experts (P params each; stored s bytes, compute b bytes a param):
+
+        device = resident weights (b) + 2 groups (b: the one computing, the one arriving)
+                 + activations (``activation_terms``) + allocator rounding (CUDA)
+        host   = interpreter + activation chunks in flight + the layer's non-expert weights as read
+                 (x2 with layer prefetch: the next layer's) + the staging pool (2 groups, s)
+                 + on a CPU run, the device copy above (it lives in RAM)
+
+    The largest g <= E that fits both budgets is used (without budgets: groups of at most
+    ``DEFAULT_GROUP_BYTES``). The smallest budgets that work (g = 1, no prefetch) are ``min_max_ram``
+    and ``min_max_vram``; a budget below them is a ConfigError naming the flag and the floor.
+    Kept experts are copied to the output as bytes, so the written layer holds no expert copy."""
+    b = dtype_bytes(dtype)
+    cfg = ck.config
+    on_cpu = device.type != "cuda"
+    sizes = _lazy_sizes(ck)
+    terms_act = activation_terms(cfg, batch_size=batch_size, seq_len=seq_len, dtype_bytes=b, top_k=ck.top_k,
+                                 num_experts=ck.num_experts)
+    act = sum(terms_act.values())
+    chunk_host = 4 * batch_size * seq_len * int(cfg.get("hidden_size", 0)) * 4
+    embed_key = "model.embed_tokens.weight"
+    embed_s = ck.tensor_bytes(embed_key) if embed_key in ck.weight_map else 0
+    embed_c = embed_s // _stored_elem(ck, embed_key) * b if embed_s else 0
+    n_w = max(len(ck.layer_keys(L.idx)) for L in sizes)
+    rounding = allocator_rounding(n_w) if not on_cpu else 0
+
+    def dense_bytes(L: _LazyLayerSize) -> int:  # a dense layer is built whole
+        return L.res_numel * b
+
+    def device_need(L: _LazyLayerSize, g: int) -> int:
+        w = L.res_numel * b + (2 * min(g, L.num_experts) * L.exp_numel * b if L.num_experts else 0)
+        return w + act + rounding
+
+    def host_need(L: _LazyLayerSize, g: int, pre: bool) -> dict[str, int]:
+        g = min(g, L.num_experts) if L.num_experts else 0
+        t = {"interpreter": HOST_BASE_BYTES, "activation_chunks": chunk_host,
+             "layer_non_expert_weights": L.res_stored, "next_layer_prefetched": L.res_stored if pre else 0,
+             "staging_pool": 2 * g * L.exp_stored}
+        if on_cpu:
+            t["compute_copy"] = device_need(L, g)
+        return t
+
+    largest_res = max(sizes, key=lambda L: L.res_stored)
+
+    def host_total(g: int, pre: bool) -> int:
+        # the next layer prefetched is at most the largest non-expert part
+        worst = 0
+        for L in sizes:
+            t = host_need(L, g, False)
+            worst = max(worst, sum(t.values()) + (largest_res.res_stored if pre else 0))
+        embed_peak = HOST_BASE_BYTES + chunk_host + embed_s + (embed_c if on_cpu else 0)
+        return max(worst, embed_peak)
+
+    def device_total(g: int) -> int:
+        return max(device_need(L, g) for L in sizes)
+
+    E = max(L.num_experts for L in sizes)
+    per_c = max(L.exp_numel for L in sizes) * b
+    dev_budget = max_vram
+    if on_cpu and max_ram is not None:
+        dev_budget = None  # the compute copy is inside the host plan
+    floor_ram = int(host_total(1, False) / (1 - SAFETY)) + 1
+    floor_vram = int(max(device_total(1), embed_c + act) / (1 - SAFETY)) + 1
+
+    def fits(g: int, pre: bool) -> bool:
+        if max_ram is not None and host_total(g, pre) > max_ram * (1 - SAFETY):
+            return False
+        if dev_budget is not None and device_total(g) > dev_budget * (1 - SAFETY):
+            return False
+        return True
+
+    notes: list[str] = []
+    if max_ram is not None and not fits(1, False):
+        raise ConfigError(
+            f"--max-ram {fmt_bytes(max_ram)} is too small: the largest layer's non-expert weights "
+            f"({fmt_bytes(largest_res.res_stored)}) + two single-expert groups + activation chunks + the interpreter"
+            f"{' + the compute copy' if on_cpu else ''} need about {fmt_bytes(floor_ram)}; raise --max-ram")
+    if dev_budget is not None and int(dev_budget * (1 - SAFETY)) - act - rounding <= 0:
+        raise ConfigError(f"--max-vram {fmt_bytes(max_vram)}: one activation chunk alone needs ~{fmt_bytes(act + rounding)} "
+                          f"(--batch-size {batch_size} x --seq-len {seq_len}); lower them or raise --max-vram")
+    if dev_budget is not None and embed_c + act > dev_budget * (1 - SAFETY):
+        raise ConfigError(f"--max-vram {fmt_bytes(max_vram)}: the embedding matrix needs {fmt_bytes(embed_c)} on the "
+                          f"device; raise --max-vram")
+    if dev_budget is not None and not fits(1, False) and (max_ram is None or host_total(1, False) <= max_ram * (1 - SAFETY)):
+        worst = max(sizes, key=lambda L: device_need(L, 1))
+        raise ConfigError(
+            f"--max-vram {fmt_bytes(max_vram)}: layer {worst.idx} cannot run even one expert at a time: attention + "
+            f"router + shared weights {fmt_bytes(worst.res_numel * b)} + two single-expert groups "
+            f"{fmt_bytes(2 * worst.exp_numel * b)} + activations {fmt_bytes(act)} (--batch-size {batch_size} x --seq-len "
+            f"{seq_len}) need at least {fmt_bytes(floor_vram)}; raise --max-vram or lower --batch-size/--seq-len")
+    pre = bool(prefetch)
+    if pre and not fits(1, True):
+        pre = False
+        notes.append(f"--max-ram {fmt_bytes(max_ram)} cannot hold the next layer's non-expert weights too; "
+                     f"layer prefetching is off")
+    if max_ram is None and dev_budget is None:
+        g = max(1, min(E, DEFAULT_GROUP_BYTES // max(1, per_c))) if E else 1
+    else:
+        g = 1
+        lo, hi = 1, max(1, E)
+        while lo <= hi:  # the largest group that fits
+            mid = (lo + hi) // 2
+            if fits(mid, pre):
+                g, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+    layers: dict[int, Placement] = {}
+    for L in sizes:
+        if L.num_experts:
+            gl = min(g, L.num_experts)
+            layers[L.idx] = Placement(gl, True, device_need(L, gl))
+        else:
+            layers[L.idx] = Placement(None, device_bytes=dense_bytes(L) + act + rounding)
+    big = max(sizes, key=lambda L: device_need(L, g))
+    gb = min(g, big.num_experts) if big.num_experts else 0
+    device_terms = {"resident_weights": big.res_numel * b, "expert_groups": 2 * gb * big.exp_numel * b,
+                    **terms_act, "allocator_rounding": rounding}
+    host_terms = host_need(max(sizes, key=lambda L: sum(host_need(L, g, False).values())), g, False)
+    host_terms["next_layer_prefetched"] = largest_res.res_stored if pre else 0
+    host_peak = host_total(g, pre)
+    device_peak = device_total(g)
+    if E:
+        notes.append(f"routed experts read from the shards in groups of {g} (of {E}); kept experts copied as stored bytes")
+    return BudgetPlan(device=str(device), compute_dtype=str(dtype).replace("torch.", ""), max_vram=max_vram, max_ram=max_ram,
+                      device_budget=dev_budget, activation_bytes=act,
+                      weights_budget=None if dev_budget is None else int(dev_budget * (1 - SAFETY)) - act - rounding,
+                      prefetch_layers=pre, layers=layers, host_peak_bytes=int(host_peak), device_peak_bytes=int(device_peak),
+                      host_layer_bytes=int(largest_res.res_stored), host_fixed_bytes=HOST_BASE_BYTES + chunk_host,
+                      notes=notes, lazy_experts=True, host_terms=host_terms, device_terms=device_terms,
+                      min_max_ram=floor_ram, min_max_vram=floor_vram if not on_cpu else None,
+                      staging_bytes=2 * gb * max(L.exp_stored for L in sizes))
+
+
 # ---- the EEP population evaluator --------------------------------------------------------------
 
 
@@ -427,14 +617,32 @@ class Placer:
         self.stats = stats or IOStats()
         self.accountant = Accountant(plan.activation_bytes if plan is not None and plan.device_budget is not None else 0)
         self.chunked_builds: dict[int, int] = {}  # layer -> group size used
+        # expert groups read lazily from the shards land in these reused buffers (pinned on CUDA)
+        self.pool = StagingPool(2, pin=self.device.type == "cuda")
 
     @property
     def weights_budget(self) -> int | None:
         return None if self.plan is None else self.plan.weights_budget
 
+    def lazy_group_size(self, layer_idx: int, source) -> int:
+        """Experts per group for a layer whose experts are read from ``source`` (``lazy.ExpertSource``):
+        the plan's (``plan_lazy_budget``), else groups of at most ``DEFAULT_GROUP_BYTES``."""
+        p = self.plan.layers.get(layer_idx) if self.plan is not None else None
+        if p is not None and p.group_size is not None:
+            return max(1, min(p.group_size, source.num_experts))
+        per = source.expert_numel() * dtype_bytes(self.dtype)
+        return max(1, min(source.num_experts, DEFAULT_GROUP_BYTES // max(1, per)))
+
     def materialize(self, skel, layer_idx: int, runtime_state: dict[str, torch.Tensor], *,
-                    num_experts: int | None = None, top_k: int | None = None) -> nn.Module:
-        """``hf.materialize_layer`` under the budget (same arguments, same module and numbers)."""
+                    num_experts: int | None = None, top_k: int | None = None, experts=None) -> nn.Module:
+        """``hf.materialize_layer`` under the budget (same arguments, same module and numbers).
+        ``experts``: a ``lazy.ExpertSource`` the routed experts are read from in groups (``LazyExperts``)."""
+        if experts is not None:
+            group = self.lazy_group_size(layer_idx, experts)
+            self.chunked_builds[layer_idx] = group
+            return build_layer(skel, layer_idx, runtime_state, self.device, self.dtype, group_size=group,
+                               accountant=self.accountant, stats=self.stats, num_experts=num_experts, top_k=top_k,
+                               source=experts, pool=self.pool)
         placement = None
         if self.weights_budget is not None and layer_idx in skel.moe_layers:
             experts, rest = split_experts(skel.adapter, runtime_state)
@@ -457,6 +665,7 @@ class Placer:
 
     def report(self) -> dict:
         d = {"accounted_peak_bytes": self.accountant.peak, "chunked_layers": sorted(self.chunked_builds),
+             "staging_pool_bytes": self.pool.held_bytes,
              "group_sizes": {str(k): v for k, v in sorted(self.chunked_builds.items())}}
         if self.plan is not None:
             d["plan"] = self.plan.to_json()
@@ -467,12 +676,21 @@ class Placer:
 
 def build_layer(skel, layer_idx: int, runtime_state: dict[str, torch.Tensor], device, dtype, *,
                 group_size: int | None = None, double_buffer: bool = True, accountant: Accountant | None = None,
-                stats: IOStats | None = None, num_experts: int | None = None, top_k: int | None = None) -> nn.Module:
+                stats: IOStats | None = None, num_experts: int | None = None, top_k: int | None = None,
+                source=None, pool: StagingPool | None = None) -> nn.Module:
     """One decoder layer on ``device``: whole (``group_size=None``, exactly ``materialize_layer``) or
-    with its routed experts wrapped in ``ChunkedExperts`` streaming ``group_size`` at a time."""
+    with its routed experts wrapped in ``ChunkedExperts`` streaming ``group_size`` at a time
+    (``source``: read lazily from the checkpoint through ``pool``, ``LazyExperts``)."""
     device = torch.device(device)
     accountant = accountant if accountant is not None else Accountant()
     module = skel.new_layer(layer_idx, layer_config(skel, num_experts, top_k))
+    if source is not None:
+        block = moe_modules(skel.adapter, module)[0]
+        block.experts = LazyExperts(block.experts, source, group_size=group_size, device=device, dtype=dtype, pool=pool,
+                                    double_buffer=double_buffer, accountant=accountant, stats=stats)
+        built = materialize(module, runtime_state, device, dtype)
+        accountant.track(built, _state_bytes(runtime_state, dtype))
+        return built
     if group_size is None:
         built = materialize(module, runtime_state, device, dtype)
         accountant.track(built, _state_bytes(runtime_state, dtype))

@@ -29,6 +29,7 @@ from torch import nn
 
 from .device import dtype_bytes
 from .hf import experts_forward, experts_subset
+from .lazy import StagingPool
 from .memory import Accountant
 from .prefetch import DeviceStager, IOStats
 
@@ -84,6 +85,28 @@ class RoutedExperts(nn.Module):
         return final
 
 
+class HostExperts:
+    """An expert source over tensors already in host memory (experts-module parameter name -> (E, ...))."""
+
+    def __init__(self, host: dict[str, torch.Tensor]):
+        E = {v.shape[0] for v in host.values()}
+        if len(E) != 1:
+            raise RuntimeError(f"expert tensors disagree on the expert count: {sorted(E)}")
+        self.num_experts = E.pop()
+        self.names = list(host)
+        self._host = host
+
+    def expert_numel(self) -> int:
+        return sum(v[0].numel() for v in self._host.values())
+
+    def load(self, a: int, z: int, out=None) -> dict[str, torch.Tensor]:
+        return {n: v[a:z] for n, v in self._host.items()}
+
+
+def _aliases(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return any(a[k].data_ptr() == b[k].data_ptr() for k in a if k in b and a[k].numel())
+
+
 class ChunkedExperts(RoutedExperts):
     """The routed experts' weights in host memory (``host``: experts-module parameter name -> (E, ...)
     tensor, pinned on CUDA), moved to the device ``group_size`` experts at a time.
@@ -92,27 +115,30 @@ class ChunkedExperts(RoutedExperts):
     consecutive calls reuse it. With ``double_buffer`` the next group is staged while the current
     one computes (two groups on the device); without, one group at a time."""
 
-    def __init__(self, template: nn.Module, host: dict[str, torch.Tensor], *, group_size: int, device, dtype,
-                 double_buffer: bool = True, accountant: Accountant | None = None, stats: IOStats | None = None):
+    def __init__(self, template: nn.Module, host: dict[str, torch.Tensor] | None = None, *, group_size: int, device, dtype,
+                 double_buffer: bool = True, accountant: Accountant | None = None, stats: IOStats | None = None,
+                 source=None, pool: StagingPool | None = None):
         names = list(template._parameters)
-        missing = [n for n in names if n not in host]
-        if missing or set(host) - set(names):
+        if source is None:
+            source = HostExperts(host)
+        have = set(source.names)
+        missing = [n for n in names if n not in have]
+        if missing or have - set(names):
             raise RuntimeError(f"expert tensors do not fit {type(template).__name__}: missing {missing}, "
-                               f"unexpected {sorted(set(host) - set(names))}")
-        E = {v.shape[0] for v in host.values()}
-        if len(E) != 1:
-            raise RuntimeError(f"expert tensors disagree on the expert count: {sorted(E)}")
-        super().__init__(template, E.pop())
+                               f"unexpected {sorted(have - set(names))}")
+        super().__init__(template, source.num_experts)
         self.group_size = max(1, min(int(group_size), self.num_experts))
         self.double_buffer = double_buffer
         self.device, self.dtype = torch.device(device), dtype
-        self._host = host
+        self._source = source
+        self._pool = pool
         self._acct = accountant or Accountant()
         self._stager = DeviceStager(self.device, stats, kind="experts")
         self._resident: tuple[int, nn.Module, int] | None = None  # (group id, module, accountant token)
         self._staged: dict[int, tuple[object, int]] = {}
+        self._buffers: dict[int, int] = {}  # group -> staging-pool buffer it still uses
         self.group_loads = 0  # how many groups were moved to the device (for tests and the report)
-        self._per_expert_bytes = sum(v[0].numel() for v in host.values()) * dtype_bytes(dtype)
+        self._per_expert_bytes = source.expert_numel() * dtype_bytes(dtype)
 
     def extra_repr(self) -> str:
         return f"{type(self._template).__name__}, num_experts={self.num_experts}, group_size={self.group_size}"
@@ -129,7 +155,19 @@ class ChunkedExperts(RoutedExperts):
             return
         a, z = self._range(g)
         token = self._acct.add((z - a) * self._per_expert_bytes)
-        staged = self._stager.stage({n: v[a:z] for n, v in self._host.items()}, self.dtype)
+        buf = None
+        if self._pool is not None:  # read straight into a reused (pinned, on CUDA) staging buffer
+            buf, views = self._pool.acquire(self._source.buffer_shapes(z - a))
+            host = self._source.load(a, z, views)
+        else:
+            host = self._source.load(a, z)
+        staged = self._stager.stage(host, self.dtype)
+        if buf is not None:
+            if self.device.type != "cuda" and not _aliases(staged.tensors, host):
+                self._pool.release(buf)  # cast into new tensors: the buffer is free again
+            else:
+                self._buffers[g] = buf  # freed with the group (the device copy or the module reads it)
+        del host
         self._staged[g] = (staged, token)
         self.group_loads += 1
 
@@ -146,14 +184,25 @@ class ChunkedExperts(RoutedExperts):
 
     def _evict(self) -> None:
         if self._resident is not None:
+            g = self._resident[0]
             self._acct.release(self._resident[2])
             self._resident = None
+            self._free_buffer(g)
+
+    def _free_buffer(self, g: int) -> None:
+        buf = self._buffers.pop(g, None)
+        if buf is not None:
+            if self.device.type == "cuda":
+                # the side-stream copy out of the buffer (and anything queued behind it) is done
+                torch.cuda.synchronize(self.device)
+            self._pool.release(buf)
 
     def release(self) -> None:
         """Free the device copies (also done when the module is garbage-collected)."""
         self._evict()
-        for _, token in self._staged.values():
+        for g, (_, token) in self._staged.items():
             self._acct.release(token)
+            self._free_buffer(g)
         self._staged.clear()
 
     def __del__(self):
@@ -176,6 +225,18 @@ class ChunkedExperts(RoutedExperts):
                 self._stage(groups[j + 1])  # copies while this group computes
             a, z = self._range(g)
             yield sub, [(e, e - a) for e in hit if a <= e < z]
+
+
+class LazyExperts(ChunkedExperts):
+    """``ChunkedExperts`` whose groups are read from the checkpoint when needed (``lazy.ExpertSource``):
+    a group is read into a ``lazy.StagingPool`` buffer in runtime layout, cast/copied to the compute
+    device, and dropped when the next group replaces it -- the layer's experts are never all in host
+    memory. ``source.subset(keep)`` builds a pruned layer's experts from the same shards."""
+
+    def __init__(self, template: nn.Module, source, *, group_size: int, device, dtype, pool: StagingPool | None = None,
+                 double_buffer: bool = True, accountant: Accountant | None = None, stats: IOStats | None = None):
+        super().__init__(template, None, group_size=group_size, device=device, dtype=dtype, double_buffer=double_buffer,
+                         accountant=accountant, stats=stats, source=source, pool=pool)
 
 
 class QuantExperts(RoutedExperts):

@@ -30,6 +30,8 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
+from .lazy import ExpertSource, LazyLayer
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -79,6 +81,8 @@ def tensors_nbytes(obj) -> int:
     """Bytes of the tensors in ``obj`` (a tensor, a dict of them, or a LayerData: as read)."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
+    if isinstance(obj, LazyLayer):
+        return tensors_nbytes(obj.resident)  # the experts' bytes are counted where they are read
     if isinstance(obj, dict):
         return sum(tensors_nbytes(v) for v in obj.values())
     if hasattr(obj, "tensors"):
@@ -153,8 +157,9 @@ _END = object()
 
 @dataclass
 class LayerData:
-    tensors: dict[str, torch.Tensor]  # on-disk keys, stored dtype: what apply/write use
-    runtime: dict[str, torch.Tensor] | None  # transformers' state-dict layout (pinned on CUDA)
+    tensors: dict[str, torch.Tensor]  # on-disk keys, stored dtype: what apply/write use (a LazyLayer: experts not read)
+    runtime: dict[str, torch.Tensor] | None  # transformers' state-dict layout (pinned on CUDA); no routed experts when lazy
+    experts: ExpertSource | None = None  # lazy: the routed experts, read in groups while the layer computes
 
 
 class LayerReader(Prefetcher):
@@ -174,10 +179,15 @@ class LayerReader(Prefetcher):
 
         def load(layer_idx: int) -> LayerData:
             t = read(layer_idx)
-            rt = to_runtime(layer_idx, t) if to_runtime is not None else None
+            src = None
+            if isinstance(t, LazyLayer):  # the routed experts stay in the shards
+                src = t.experts
+                rt = to_runtime(layer_idx, t.resident) if to_runtime is not None else None
+            else:
+                rt = to_runtime(layer_idx, t) if to_runtime is not None else None
             if pin_memory and rt is not None:
                 rt = pin(rt)
-            return LayerData(t, rt)
+            return LayerData(t, rt, src)
 
         super().__init__(load, layers, depth=1 if prefetch else 0, stats=stats, kind="layer", name="lowmoe-layer-reader")
 

@@ -29,6 +29,7 @@ from ..version import __version__
 from .apply import PlanFields, apply_layer, apply_layer_quantized, patch_config
 from .card import invocation, write_model_card
 from .checkpoint import Checkpoint
+from .lazy import LazyLayer, selection_only
 from .memory import cuda_peak_bytes, peak_rss_bytes
 from .plan import LayerPlan, Plan
 from .writer import ShardWriter, parse_size
@@ -164,6 +165,10 @@ class PruneRun:
             return self._quantized_layer_output(layer_idx, tensors)
         if tensors is None:
             tensors = self.ck.read_layer(layer_idx)
+        if isinstance(tensors, LazyLayer):
+            # kept experts of a selection plan stay stored entries: the writer copies their bytes
+            lp = self.layers.get(layer_idx) if layer_idx in self.moe else None
+            tensors = tensors.for_plan(selection_only(lp) and self.adapter.expert_layout == "per_expert")
         if layer_idx in self.moe:
             return apply_layer(self.adapter, layer_idx, tensors, self.layers[layer_idx], self.ck.num_experts,
                                fields=self.plan_fields)
@@ -176,6 +181,8 @@ class PruneRun:
         stored = ck.read_layer_stored(layer_idx)
         if layer_idx not in self.moe:
             return stored
+        if isinstance(tensors, LazyLayer):  # read whole for a quantized checkpoint (lazy.read_lazy_layer)
+            tensors = dict(tensors)
         lp = self.layers[layer_idx]
         if tensors is None and (lp.merge is not None or lp.extra):
             tensors = ck.dequantize(stored)

@@ -22,21 +22,27 @@ from typing import Callable, Iterator
 
 import torch
 
-from .budget import Placer, parse_budget, plan_budget
+from .budget import Placer, parse_budget, plan_budget, plan_lazy_budget
 from .cache import ActivationCache
 from .calibration import CalibTokens, load_tokenizer, tokenize
 from .checkpoint import Checkpoint
 from ..errors import ConfigError
 from .hf import LayerInputsCache, ModelSkeleton, MoeProbe, run_layer
 from .plan import LayerPlan
+from .lazy import ExpertSource, ShardFiles, read_lazy_layer, selection_only
 from .prefetch import IOStats, LayerReader, Prefetcher, WriteBehind
 from .quant import build_quantized_layer
 
 
 def plan_stream_budget(ck: Checkpoint, *, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int,
-                       max_vram=None, max_ram=None, prefetch: bool = True):
+                       max_vram=None, max_ram=None, prefetch: bool = True, lazy: bool = False):
     """The ``Stream`` budget of any streamed pass (prune, score, streaming eval): sizes as given on the
-    command line (``"20GiB"``, bytes or None), planned from the index; ConfigError naming the flag."""
+    command line (``"20GiB"``, bytes or None), planned from the index; ConfigError naming the flag.
+    ``lazy``: a pass reading its layers with ``Stream.layers(lazy=True)`` (``plan_lazy_budget``)."""
+    if lazy:
+        return plan_lazy_budget(ck, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
+                                max_vram=parse_budget(max_vram, "--max-vram"), max_ram=parse_budget(max_ram, "--max-ram"),
+                                prefetch=prefetch)
     return plan_budget(ck, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
                        max_vram=parse_budget(max_vram, "--max-vram"), max_ram=parse_budget(max_ram, "--max-ram"),
                        prefetch=prefetch)
@@ -61,6 +67,7 @@ class Stream:
         self.prefetch = prefetch
         self.prefetch_layers = prefetch if budget is None else budget.prefetch_layers
         self.placer = Placer(device, dtype, budget, self.io)  # builds layers under --max-vram/--max-ram
+        self.files = ShardFiles(ck.path)  # lazily read experts (Stream.layers(lazy=True)), copied kept experts
         self.quant = quant  # "nf4"/"int8": layers built with bitsandbytes-quantized weights (lowmoe.engine.quant)
         self.skel = ModelSkeleton(ck.config, ck.adapter)
         self.inputs_for = LayerInputsCache(self.skel, device)  # rotary embeddings and masks per token-block shape
@@ -82,21 +89,31 @@ class Stream:
         """The token ids of cache chunk ``chunk`` (rows ``sl`` of the calibration tokens)."""
         return self.tokens.input_ids[sl]
 
-    def materialize(self, layer_idx: int, runtime_state: dict, *, num_experts: int | None = None, top_k: int | None = None):
+    def materialize(self, layer_idx: int, runtime_state: dict, *, num_experts: int | None = None, top_k: int | None = None,
+                    experts: ExpertSource | None = None):
         """``hf.materialize_layer`` on this stream's device, under its budget (experts chunked if needed),
-        or with quantized linear weights (``quant``; never chunked, see ``quant.check_quant_budget``)."""
+        or with quantized linear weights (``quant``; never chunked, see ``quant.check_quant_budget``).
+        ``experts``: the routed experts are not in ``runtime_state`` but read from this source in groups."""
         if self.quant != "none":
+            if experts is not None:
+                raise ConfigError("--quant: quantized layers are built from whole layers (not with lazily read experts)")
             if num_experts is not None or top_k is not None:
                 raise ConfigError("--quant: quantized layers are built with the model's own expert count and top-k")
             return build_quantized_layer(self.skel, layer_idx, runtime_state, self.device, self.dtype, self.quant,
                                          accountant=self.placer.accountant)
-        return self.placer.materialize(self.skel, layer_idx, runtime_state, num_experts=num_experts, top_k=top_k)
+        return self.placer.materialize(self.skel, layer_idx, runtime_state, num_experts=num_experts, top_k=top_k,
+                                       experts=experts)
 
-    def layers(self, start: int, moe: set[int]) -> LayerReader:
-        """``(layer_idx, LayerData)`` from ``start`` on; layer L+1 is read while L computes."""
+    def layers(self, start: int, moe: set[int], *, lazy: bool = False) -> LayerReader:
+        """``(layer_idx, LayerData)`` from ``start`` on; layer L+1 is read while L computes.
+
+        ``lazy``: a MoE layer's routed experts are not read with the layer: ``LayerData.tensors`` is a
+        ``lazy.LazyLayer`` and ``LayerData.experts`` the source ``materialize`` reads them from, a
+        group at a time (host memory: the layer's other weights + two groups)."""
         ad = self.ck.adapter
+        read = (lambda L: read_lazy_layer(self.ck, self.files, L)) if lazy else None
         return LayerReader(self.ck, range(start, self.ck.num_layers), prefetch=self.prefetch_layers,
-                           pin_memory=self.device.type == "cuda", stats=self.io,
+                           pin_memory=self.device.type == "cuda", stats=self.io, read=read,
                            to_runtime=lambda L, t: ad.to_runtime(L, t, L in moe))
 
     def _read_chunk(self, boundary: int, chunk: int) -> torch.Tensor:
@@ -155,8 +172,8 @@ def walk(stream: Stream, layers, *, observers_for: Callable[[int], list], decide
     ck, adapter = stream.ck, stream.ck.adapter
     moe = set(ck.moe_layers())
     for idx, data in layers:
-        tensors = data.tensors
-        module = stream.materialize(idx, data.runtime)
+        tensors, source = data.tensors, data.experts
+        module = stream.materialize(idx, data.runtime, experts=source)
         del data
         if idx not in moe:
             stream.forward(idx, module, write=True)
@@ -172,17 +189,45 @@ def walk(stream: Stream, layers, *, observers_for: Callable[[int], list], decide
 
             probe.needs_expert_outputs = any(getattr(o, "needs_expert_outputs", False) for o in observers)
             stream.forward(idx, module, write=not sequential, probe=probe, adapter=adapter)
+            release_layer(module)
             del module
             lp = decide(idx, tensors, observers)
             out = apply(idx, tensors, lp)
             if sequential:  # the next layer sees this one with its plan applied
                 if lp is None:
                     raise ValueError(f"layer {idx}: a sequential pass needs a plan for every MoE layer")
-                pruned = stream.materialize(idx, adapter.to_runtime(idx, out, True), num_experts=num_experts, top_k=top_k)
+                if source is not None and selection_only(lp):
+                    # the kept experts, read from the same shards in groups; the rest as written
+                    rest = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k not in _expert_keys(adapter, idx, out)}
+                    pruned = stream.materialize(idx, adapter.to_runtime(idx, rest, True), num_experts=num_experts,
+                                                top_k=top_k, experts=source.subset(lp.keep))
+                else:
+                    pruned = stream.materialize(idx, adapter.to_runtime(idx, _decoded(out), True), num_experts=num_experts,
+                                                top_k=top_k)
                 stream.forward(idx, pruned, write=True)
+                release_layer(pruned)
                 del pruned
             del out
             step = LayerStep(idx, lp, observers)
-        del tensors
+        del tensors, source
         stream.cache.drop(idx)
         yield step
+
+
+def _expert_keys(adapter, layer_idx: int, out: dict) -> set[str]:
+    prefix = adapter.layer_prefix(layer_idx)
+    return {k for k in out if adapter.is_expert_key(k[len(prefix):])}
+
+
+def _decoded(out: dict) -> dict:
+    """A layer's output tensors with any stored (byte-copied) entries read."""
+    return {k: (v if isinstance(v, torch.Tensor) else v.read()) for k, v in out.items()}
+
+
+def release_layer(module) -> None:
+    """Free the device copies and staging buffers of a layer's streamed experts now (not when the
+    module is garbage-collected): call it when a layer built by ``Stream.materialize`` is done."""
+    for m in module.modules():
+        rel = getattr(m, "release", None)
+        if callable(rel) and hasattr(m, "group_size"):
+            rel()

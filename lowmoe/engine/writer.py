@@ -7,6 +7,10 @@ written under temporary names (``.tmp-00001.safetensors``) and renamed to
 ``model-00001-of-0000N.safetensors`` by ``finalize``, which writes ``model.safetensors.index.json``
 LAST: a directory without an index is never a finished checkpoint.
 
+Besides tensors, ``add`` takes stored entries (anything with ``nbytes``, ``dtype`` -- the safetensors
+code --, ``shape`` and ``copy_to(file)``, e.g. ``lazy.StoredTensor``): their bytes are copied from the
+input shard into the output shard without being decoded (kept experts of a pruned layer).
+
 Resume: the writer's state after a unit is (temporary shards finished so far, keys of the shard
 still being written). The unfinished shard is started again on resume: the pipeline re-adds the
 units that produced its tensors (their plan is in the manifest and applying a plan is deterministic), which replays the same
@@ -50,8 +54,11 @@ def parse_size(text: str | int) -> int:
         raise ValueError(f"cannot parse size {text!r} (expected e.g. 5GB, 500MiB or a byte count)") from None
 
 
-def tensor_nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+def tensor_nbytes(t) -> int:
+    """Bytes of a tensor, or of a stored entry (``lazy.StoredTensor``: ``nbytes``)."""
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    return int(t.nbytes)
 
 
 # safetensors dtype names (the format's own spelling).
@@ -83,6 +90,13 @@ class _OpenShard:
         self.offset = 0
 
     def add(self, key: str, t: torch.Tensor) -> None:
+        if not isinstance(t, torch.Tensor):  # a stored entry: its bytes copied from the input shard as they are
+            self.f.flush()
+            t.copy_to(self.f)
+            n = int(t.nbytes)
+            self.entries[key] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [self.offset, self.offset + n]}
+            self.offset += n
+            return
         if t.dtype not in _ST_DTYPES:
             raise OutputError(f"tensor {key}: dtype {t.dtype} cannot be stored in safetensors")
         data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()

@@ -14,7 +14,7 @@ from ..engine.apply import keep_groups
 from ..engine.plan import LayerPlan
 from ..engine.stream import LayerStep, Stream, walk
 from .base import LayerMethod
-from .scoring.super_experts import profile
+from .scoring.super_experts import cached_profile
 
 
 def guards(stream: Stream, *, enabled: bool = True, progress: bool = True, n_seqs: int = 4) -> list:
@@ -22,8 +22,9 @@ def guards(stream: Stream, *, enabled: bool = True, progress: bool = True, n_seq
 
     Super-expert protection (``scoring.super_experts``): its thresholds are model-wide, so the first
     ``n_seqs`` calibration sequences are profiled through the original model before the first layer
-    is decided (one extra read of the checkpoint plus a forward of those sequences)."""
-    return [profile(stream, n_seqs=n_seqs, progress=progress)] if enabled else []
+    is decided (one extra read of the checkpoint plus a forward of those sequences), once per model and
+    calibration: the profile is cached (``scoring.super_experts.cached_profile``) and reused."""
+    return [cached_profile(stream, n_seqs=n_seqs, progress=progress)] if enabled else []
 
 
 def decide_layers(stream: Stream, layers, *, make_method: Callable[[], LayerMethod], keep_n: int, top_k: int,

@@ -16,19 +16,30 @@ The thresholds are model-wide but lowmoe decides layer by layer, so a prune run 
 by layer in memory, and records m for every expert. Its cost is one extra read of the checkpoint
 plus the forward pass of those few sequences (≈ n_seqs / n_calibration of the scoring compute);
 super experts are a property of the weights, independent of the data (the paper), so a few
-sequences suffice. ``lowmoe score`` needs no pre-pass: it takes m from the scoring pass itself
+sequences suffice. The profile is cached (``cached_profile``): a small JSON under the user cache
+directory (``$LOWMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowmoe`` or ``~/.cache/lowmoe``), keyed by the
+checkpoint (path, index, config, and each shard's size, mtime and first/last MiB), the profiled token ids, the compute dtype and device
+type; ``lowmoe profile MODEL --calib ...`` writes it ahead, and every later prune of the same model
+with the same calibration reuses it instead of reading the checkpoint a second time (the report's
+``super_expert_profile`` says which happened and how many expert bytes the profile read).
+``lowmoe score`` needs no pre-pass: it takes m from the scoring pass itself
 and applies the thresholds after the last layer (``MaximaObserver``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from ...engine.hf import MoeCall, MoeProbe, run_layer
 from ...engine.progress import progress as progress_bar
+from ...engine.stream import release_layer
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +83,7 @@ class SuperExpertGuard:
     found: dict[int, set[int]]
     summary: dict = field(default_factory=dict)
     needs_expert_outputs: bool = False
+    cache: dict = field(default_factory=dict)  # where the profile came from (``cached_profile``)
 
     def observe(self, call: MoeCall) -> None:
         pass
@@ -125,11 +137,12 @@ def profile(stream, n_seqs: int = 4, progress: bool = True) -> SuperExpertGuard:
     inputs = stream.inputs_for(h)
     moe = set(ck.moe_layers())
     obs = MaximaObserver(ck.num_experts)
-    reader = stream.layers(0, moe)  # layer L+1 is read while L computes (lowmoe.engine.prefetch)
+    # layer L+1 is read while L computes; routed experts read in groups (whole layers for --quant)
+    reader = stream.layers(0, moe, lazy=stream.quant == "none")
     layers = progress_bar(reader, len(reader), "super-expert profile", progress)
     for layer_idx, data in layers:
         is_moe = layer_idx in moe
-        module = stream.materialize(layer_idx, data.runtime)  # under --max-vram: experts chunked if needed
+        module = stream.materialize(layer_idx, data.runtime, experts=data.experts)
         del data
         if is_moe:
             with MoeProbe(adapter, module, obs):
@@ -137,6 +150,7 @@ def profile(stream, n_seqs: int = 4, progress: bool = True) -> SuperExpertGuard:
             obs.commit(layer_idx)
         else:
             h = run_layer(skel, module, layer_idx, h, inputs)
+        release_layer(module)
         del module
     found, summary = obs.result()
     summary["profile_sequences"] = int(ids.shape[0])
@@ -145,3 +159,88 @@ def profile(stream, n_seqs: int = 4, progress: bool = True) -> SuperExpertGuard:
     else:
         log.info("no super experts found (threshold %.4g)", summary.get("threshold", float("nan")))
     return SuperExpertGuard(found, summary)
+
+
+# ---- the profile, computed once per model and calibration -----------------------------------------
+
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Where cached profiles live: ``$LOWMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowmoe``, else ``~/.cache/lowmoe``."""
+    root = os.environ.get("LOWMOE_CACHE_DIR")
+    if root:
+        return Path(root) / "profiles"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "lowmoe" / "profiles"
+
+
+def profile_key(stream, n_seqs: int) -> str:
+    """What a profile depends on: the checkpoint (index, config, shard sizes), the profiled token ids,
+    the compute dtype and device type."""
+    ck = stream.ck
+    shards = sorted(set(ck.weight_map.values()))
+    d = {"v": CACHE_VERSION, "path": str(ck.path.resolve()), "index": sorted(ck.weight_map.items()), "config": ck.config,
+         "shards": [_shard_fingerprint(ck.path / s) for s in shards],
+         "ids": stream.tokens.input_ids[:n_seqs].tolist(), "dtype": str(stream.dtype), "device": stream.device.type}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _shard_fingerprint(path: Path, sample: int = 1 << 20) -> list:
+    """A shard's size, modification time and a hash of its first and last MiB (two models of the same
+    shapes but other weights never share a key; the whole file is not read)."""
+    st = os.stat(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(sample))
+        if st.st_size > sample:
+            f.seek(max(sample, st.st_size - sample))
+            h.update(f.read(sample))
+    return [path.name, st.st_size, st.st_mtime_ns, h.hexdigest()]
+
+
+def _load(path: Path, key: str) -> SuperExpertGuard | None:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if d.get("key") != key or d.get("version") != CACHE_VERSION:
+        return None
+    found = {int(L): {int(e) for e in es} for L, es in d["found"].items()}
+    return SuperExpertGuard(found, d["summary"])
+
+
+def _save(path: Path, key: str, guard: SuperExpertGuard, model: str) -> bool:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"version": CACHE_VERSION, "key": key, "model": model,
+                                   "found": {str(L): sorted(es) for L, es in sorted(guard.found.items())},
+                                   "summary": guard.summary}, indent=1) + "\n")
+        os.replace(tmp, path)
+        return True
+    except OSError as e:  # a read-only home is no reason to fail a prune
+        log.warning("cannot cache the super-expert profile in %s (%s)", path.parent, e)
+        return False
+
+
+def cached_profile(stream, n_seqs: int = 4, progress: bool = True, *, use_cache: bool = True) -> SuperExpertGuard:
+    """``profile``, computed once per model and calibration: read from the cache when a profile with the
+    same key is there, else computed (one extra pass over the layers: its cost is logged and put in
+    ``guard.cache``) and saved for the next run."""
+    key = profile_key(stream, n_seqs)
+    path = cache_dir() / f"{key}.json"
+    if use_cache:
+        hit = _load(path, key)
+        if hit is not None:
+            log.info("super-expert profile reused from %s (no extra pass over the checkpoint)", path)
+            hit.cache = {"hit": True, "path": str(path), "expert_bytes_read": 0}
+            return hit
+    before = stream.files.bytes_read
+    guard = profile(stream, n_seqs=n_seqs, progress=progress)
+    cost = stream.files.bytes_read - before
+    saved = _save(path, key, guard, str(stream.ck.path)) if use_cache else False
+    log.info("super-expert profile: an extra pass that read %.2f GB of expert weights%s", cost / 1e9,
+             f"; cached in {path} (`lowmoe profile` writes it ahead)" if saved else "")
+    guard.cache = {"hit": False, "path": str(path) if saved else None, "expert_bytes_read": int(cost)}
+    return guard

@@ -1,0 +1,402 @@
+"""Expert weights read lazily from the shards, in groups; kept experts copied to the output as bytes.
+
+Where it sits: ``Stream.layers(..., lazy=True)`` (the prune and its super-expert profile) yields for
+every decoder layer a ``LazyLayer`` instead of the layer's tensors: its non-expert tensors are read
+(attention, norms, router, shared experts: small), its routed experts are ``StoredTensor``s -- where
+the bytes are in which shard, nothing read. Then
+
+* ``ExpertSource.load(ids)`` reads the experts ``ids`` straight into a runtime-layout buffer
+  (transformers' fused ``gate_up_proj`` (g, 2I, H) / ``down_proj`` (g, H, I), or rows of a fused
+  on-disk tensor) with ``os.preadv`` into the buffer's memory: one copy, no mmap (mapped pages of a
+  read shard would stay in this process's RSS), no stacking of a whole layer.
+  ``experts.ChunkedExperts`` calls it per group of experts while the layer computes (``LazyExperts``).
+* ``LazyLayer.for_plan(lp)`` gives the layer's on-disk tensors for ``apply.apply_layer``: when the plan
+  only selects experts (no merge, no extra fields) the expert entries stay ``StoredTensor``s, which
+  ``apply_layer`` passes through unchanged (renamed) and ``writer.ShardWriter`` copies byte for byte
+  (``os.copy_file_range``) from the input shard into the output shard: never decoded, never in RAM.
+  Any other plan (merges, DERN neurons, alignment) gets the decoded tensors (the whole layer, once).
+
+Output bytes are the same as through ``Checkpoint.read_layer``: a tensor's stored bytes are what
+``safe_open`` would decode, and the writer writes them unchanged (tested).
+
+The next format (FP8 blocks, MXFP4: ``formats``) plugs in here: a ``StoredTensor`` is the stored
+bytes of a key; copying it never needs to know how they decode.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import struct
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+
+# safetensors dtype codes -> torch dtypes (the stored element type).
+ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+            "BOOL": torch.bool}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        ST_TORCH[_code] = getattr(torch, _name)
+
+
+class ShardFiles:
+    """Open file descriptors and parsed headers of a checkpoint's shards (opened once, kept open)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._fds: dict[str, int] = {}
+        self._headers: dict[str, tuple[dict, int]] = {}
+        self._lock = threading.Lock()
+        self.bytes_read = 0  # bytes read into memory (expert groups, decoded tensors)
+        self.bytes_copied = 0  # bytes copied shard to shard without being decoded (kept experts)
+
+    def fd(self, shard: str) -> int:
+        with self._lock:
+            fd = self._fds.get(shard)
+            if fd is None:
+                try:
+                    fd = self._fds[shard] = os.open(self.root / shard, os.O_RDONLY)
+                except OSError as e:
+                    raise CheckpointError(f"{self.root / shard}: cannot open shard ({e})") from None
+            return fd
+
+    def header(self, shard: str) -> tuple[dict, int]:
+        """(the shard's JSON header, file offset where its data starts)."""
+        h = self._headers.get(shard)
+        if h is None:
+            fd = self.fd(shard)
+            raw = os.pread(fd, 8, 0)
+            if len(raw) != 8:
+                raise CheckpointError(f"{self.root / shard}: not a safetensors file (shorter than its header length)")
+            n = struct.unpack("<Q", raw)[0]
+            body = os.pread(fd, n, 8)
+            try:
+                hd = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{self.root / shard}: safetensors header is not valid JSON ({e})") from None
+            h = self._headers[shard] = (hd, 8 + n)
+        return h
+
+    def stored(self, key: str, shard: str) -> "StoredTensor":
+        hd, start = self.header(shard)
+        e = hd.get(key)
+        if e is None:
+            raise CheckpointError(f"{self.root / shard}: index names tensor {key!r} but the shard does not contain it")
+        a, z = e["data_offsets"]
+        return StoredTensor(self, shard, start + int(a), int(z) - int(a), e["dtype"], tuple(e["shape"]))
+
+    def read_into(self, shard: str, offset: int, out: torch.Tensor) -> None:
+        """Fill ``out`` (contiguous, CPU) with the bytes at ``offset`` of ``shard``."""
+        view = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if out.numel() else memoryview(b"")
+        fd, done, n = self.fd(shard), 0, len(view)
+        while done < n:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.root / shard}: unexpected end of file at byte {offset + done}; the shard may be truncated")
+            done += got
+        with self._lock:
+            self.bytes_read += n
+
+    def to_json(self) -> dict:
+        return {"expert_bytes_read": self.bytes_read, "bytes_copied": self.bytes_copied}
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as stored in an input shard: where its bytes are, its dtype code and shape."""
+
+    files: ShardFiles
+    shard: str
+    offset: int  # absolute file offset of the data
+    nbytes: int
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        try:
+            return ST_TORCH[self.dtype]
+        except KeyError:
+            raise CheckpointError(f"{self.files.root / self.shard}: dtype {self.dtype} cannot be decoded") from None
+
+    def read(self) -> torch.Tensor:
+        """The tensor, decoded (one read of its bytes)."""
+        t = torch.empty(self.shape, dtype=self.torch_dtype)
+        self.files.read_into(self.shard, self.offset, t)
+        return t
+
+    def read_rows(self, row: int, out: torch.Tensor) -> None:
+        """Row ``row`` of dim 0 (``out`` is one row, in the stored dtype) -- a fused expert tensor's expert."""
+        rowbytes = self.nbytes // self.shape[0]
+        self.files.read_into(self.shard, self.offset + row * rowbytes, out)
+
+    def copy_to(self, f) -> None:
+        """Append the stored bytes to the open binary file ``f`` (kernel copy where the OS has one)."""
+        f.flush()
+        src, out = self.files.fd(self.shard), f.fileno()
+        pos, left = self.offset, self.nbytes
+        dst = os.lseek(out, 0, os.SEEK_CUR)
+        copy = getattr(os, "copy_file_range", None)
+        while left > 0 and copy is not None:
+            try:
+                n = copy(src, out, min(left, 1 << 30), pos, dst)
+            except OSError:
+                copy = None  # e.g. across file systems on old kernels: fall back to reads
+                break
+            if n <= 0:
+                copy = None
+                break
+            pos, dst, left = pos + n, dst + n, left - n
+        while left > 0:
+            chunk = os.pread(src, min(left, 1 << 24), pos)
+            if not chunk:
+                raise CheckpointError(f"{self.files.root / self.shard}: unexpected end of file while copying")
+            os.pwrite(out, chunk, dst)
+            pos, dst, left = pos + len(chunk), dst + len(chunk), left - len(chunk)
+        os.lseek(out, dst, os.SEEK_SET)
+        with self.files._lock:
+            self.files.bytes_copied += self.nbytes
+
+
+class LazyLayer(Mapping):
+    """One decoder layer's on-disk tensors: the non-expert ones read, the routed experts' as
+    ``StoredTensor``s (read on access, one at a time). Keys in the checkpoint's order."""
+
+    def __init__(self, layer_idx: int, keys: list[str], read: dict[str, torch.Tensor], stored: dict[str, StoredTensor],
+                 experts: "ExpertSource | None" = None):
+        self.layer_idx = layer_idx
+        self._keys = list(keys)
+        self._read = read
+        self._stored = stored
+        self.experts = experts  # the routed experts as a source of runtime-layout groups
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._read:
+            return self._read[key]
+        return self._stored[key].read()
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def resident(self) -> dict[str, torch.Tensor]:
+        """The tensors that were read (everything but the routed experts)."""
+        return self._read
+
+    def stored(self, key: str) -> StoredTensor | None:
+        return self._stored.get(key)
+
+    def for_plan(self, selection_only: bool) -> dict:
+        """The layer for ``apply.apply_layer``: expert entries as ``StoredTensor``s when the plan only
+        selects experts (passed through and copied as bytes), else every tensor decoded."""
+        if selection_only:
+            return {k: self._read[k] if k in self._read else self._stored[k] for k in self._keys}
+        return {k: self[k] for k in self._keys}
+
+
+def selection_only(lp) -> bool:
+    """Whether a layer plan only keeps experts (no merge matrix, no extra fields): its experts can be
+    copied as stored bytes."""
+    return lp is not None and lp.merge is None and not lp.extra
+
+
+class ExpertSource:
+    """A MoE layer's routed experts on disk, loaded in runtime layout a few at a time.
+
+    ``names``: experts-module parameter names (transformers' ``gate_up_proj``/``down_proj``, or a fused
+    layout's tensors); ``parts[name]``: per expert, the stored pieces concatenated on dim 0 of that
+    expert's runtime row (per-expert gate then up for ``gate_up_proj``); for a fused on-disk tensor a
+    piece is (StoredTensor, row). ``ids``: which on-disk experts this source exposes, in order (a
+    pruned layer's kept experts)."""
+
+    def __init__(self, layer_idx: int, names: list[str], pieces: dict[str, list[list[tuple[StoredTensor, int | None]]]],
+                 ids: list[int] | None = None):
+        self.layer_idx = layer_idx
+        self.names = list(names)
+        self._pieces = pieces
+        total = len(next(iter(pieces.values())))
+        self.ids = list(range(total)) if ids is None else list(ids)
+        p0 = {n: pieces[n][0] for n in names}
+        self._row_shape = {n: _row_shape(p) for n, p in p0.items()}
+        self._dtype = {n: p[0][0].torch_dtype for n, p in p0.items()}
+
+    @classmethod
+    def from_layer(cls, adapter, layer_idx: int, stored: dict[str, StoredTensor], num_experts: int) -> "ExpertSource | None":
+        """The source of the layer's ``stored`` expert tensors, or None where their stored layout is not
+        transformers' runtime layout row for row (fused tensors renamed or moved at load, e.g. GraniteMoE)."""
+        base = adapter.layer_prefix(layer_idx) + adapter.moe_prefix + "experts."
+        if adapter.expert_layout == "per_expert":
+            g, u, d = adapter.expert_projs
+            pieces = {adapter.runtime_gate_up: [], adapter.runtime_down: []}
+            for e in range(num_experts):
+                k = f"{base}{e}."
+                pieces[adapter.runtime_gate_up].append([(stored[k + g + ".weight"], None), (stored[k + u + ".weight"], None)])
+                pieces[adapter.runtime_down].append([(stored[k + d + ".weight"], None)])
+            return cls(layer_idx, list(pieces), pieces)
+        pieces = {}
+        for t in adapter.fused_tensors:
+            st = stored.get(base + t)
+            if st is not None:
+                pieces[t] = [[(st, e)] for e in range(st.shape[0])]
+        return cls(layer_idx, list(pieces), pieces) if pieces else None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.ids)
+
+    def subset(self, keep: list[int]) -> "ExpertSource":
+        """The experts ``keep`` (indices into this source), renumbered 0..len(keep)-1."""
+        return ExpertSource(self.layer_idx, self.names, self._pieces, [self.ids[j] for j in keep])
+
+    def expert_numel(self) -> int:
+        return sum(_prod(s) for s in self._row_shape.values())
+
+    def expert_stored_bytes(self) -> int:
+        return sum(_prod(self._row_shape[n]) * self._dtype[n].itemsize for n in self.names)
+
+    def buffer_shapes(self, count: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {n: ((count,) + self._row_shape[n], self._dtype[n]) for n in self.names}
+
+    def load(self, a: int, z: int, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Experts ``a..z-1`` of this source in runtime layout, stored dtype (into ``out``: buffers of
+        at least ``z - a`` rows, e.g. from a ``StagingPool``)."""
+        n = z - a
+        res = {}
+        for name in self.names:
+            shape, dt = (n,) + self._row_shape[name], self._dtype[name]
+            buf = torch.empty(shape, dtype=dt) if out is None else out[name][:n]
+            for j, e in enumerate(self.ids[a:z]):
+                row, at = buf[j], 0
+                for st, r in self._pieces[name][e]:
+                    if r is None:
+                        rows = st.shape[0] if st.shape else 1
+                        st.files.read_into(st.shard, st.offset, row[at:at + rows] if row.dim() else row)
+                        at += rows
+                    else:
+                        st.read_rows(r, row)
+            res[name] = buf
+        return res
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _row_shape(pieces: list[tuple[StoredTensor, int | None]]) -> tuple[int, ...]:
+    st, r = pieces[0]
+    if r is not None:
+        return tuple(st.shape[1:])
+    rows = sum(p.shape[0] for p, _ in pieces)
+    return (rows,) + tuple(st.shape[1:])
+
+
+class StagingPool:
+    """A fixed set of host buffers that expert groups are read into, reused across groups and layers.
+
+    ``count`` buffers (two: the group computing and the group arriving) of ``nbytes`` each, page-locked
+    with ``pin`` (CUDA: the host->device copy is a DMA); allocated once, grown only if a later layer's
+    group needs more (then the old buffers are freed first). ``acquire`` hands out a free buffer's
+    views for a source's group, ``release`` gives it back; more than ``count`` at a time is a bug
+    (RuntimeError), which is what keeps host memory at ``count * nbytes``."""
+
+    def __init__(self, count: int = 2, nbytes: int = 0, *, pin: bool = False):
+        self.count, self.pin = int(count), bool(pin)
+        self.nbytes = 0
+        self._bufs: list[torch.Tensor] = []
+        self._free: list[int] = []
+        self.allocations = 0  # how many times the buffers were (re)allocated
+        if nbytes:
+            self._allocate(int(nbytes))
+
+    def _allocate(self, nbytes: int) -> None:
+        if len(self._free) != len(self._bufs):
+            raise RuntimeError("StagingPool: cannot grow while buffers are in use")
+        self._bufs = []
+        self._bufs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin) for _ in range(self.count)]
+        self._free = list(range(self.count))
+        self.nbytes = nbytes
+        self.allocations += 1
+
+    @property
+    def held_bytes(self) -> int:
+        return self.nbytes * len(self._bufs)
+
+    def ensure(self, nbytes: int) -> None:
+        if nbytes > self.nbytes:
+            self._allocate(int(nbytes))
+
+    def acquire(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[int, dict[str, torch.Tensor]]:
+        need = sum(_aligned(_prod(s) * dt.itemsize) for s, dt in shapes.values())
+        if need > self.nbytes:
+            self.ensure(need)
+        if not self._free:
+            gc.collect()  # a dropped layer whose experts module was not yet collected gives its buffer back
+        if not self._free:
+            raise RuntimeError(f"StagingPool: all {self.count} buffers are in use")
+        i = self._free.pop(0)
+        buf, at, views = self._bufs[i], 0, {}
+        for name, (shape, dt) in shapes.items():
+            n = _prod(shape) * dt.itemsize
+            views[name] = buf[at:at + n].view(dt).view(shape)
+            at += _aligned(n)
+        return i, views
+
+    def release(self, i: int) -> None:
+        if i in self._free or not 0 <= i < len(self._bufs):
+            raise RuntimeError(f"StagingPool: buffer {i} released twice")
+        self._free.append(i)
+
+
+def _aligned(n: int, a: int = 64) -> int:
+    return (n + a - 1) // a * a
+
+
+def read_lazy_layer(ck, files: ShardFiles, layer_idx: int) -> LazyLayer:
+    """Layer ``layer_idx`` of the checkpoint ``ck``: non-expert tensors read (``ck.read``), routed
+    experts located in ``files`` (nothing read). A dense layer has no stored entries. A quantized
+    checkpoint (FP8/MXFP4) is read whole, dequantized (``Checkpoint.read``): its experts are not
+    located by row in the stored bytes."""
+    ad = ck.adapter
+    keys = ck.layer_keys(layer_idx)
+    if not keys:
+        raise CheckpointError(f"{ck.path}: no tensors for layer {layer_idx} in the index")
+    if ck.quant_format is not None:
+        return LazyLayer(layer_idx, keys, ck.read(keys), {}, None)
+    prefix = ad.layer_prefix(layer_idx)
+    moe = layer_idx in set(ck.moe_layers())
+    exp = [k for k in keys if moe and ad.is_expert_key(k[len(prefix):])] if moe else []
+    if ad.expert_layout == "fused":  # only the 3-D (E, ...) tensors are loaded by rows; biases too
+        exp = [k for k in exp if k in set(ad.fused_keys(layer_idx))]
+    stored = {k: files.stored(k, ck.weight_map[k]) for k in exp}
+    read = ck.read([k for k in keys if k not in stored])
+    src = ExpertSource.from_layer(ad, layer_idx, stored, ck.num_experts) if stored else None
+    if stored and (src is None or ad.expert_layout == "fused" and len(src.names) != len(ad.fused_tensors)):
+        # experts the source cannot read row by row (a fused layout renamed at load): read everything
+        return LazyLayer(layer_idx, keys, ck.read(keys), {}, None)
+    return LazyLayer(layer_idx, keys, read, stored, src)
