@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CalibrationError, ConfigError
+from . import faults
 from .jsonl import json_lines
 
 log = logging.getLogger(__name__)
@@ -255,7 +256,19 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def check_tokenizer(model_dir: str | Path) -> None:
+    """Fail fast when the checkpoint has no tokenizer files (calibration text needs its tokenizer)."""
+    d = Path(model_dir)
+    if d.is_dir() and not any((d / name).is_file() for name in TOKENIZER_FILES):
+        raise CalibrationError(f"{d}: no tokenizer (expected one of {', '.join(TOKENIZER_FILES[:2])}, ...); calibration "
+                               "text needs the model's tokenizer: copy its tokenizer files into the checkpoint folder")
+
+
 def load_tokenizer(model_dir: str | Path):
+    check_tokenizer(model_dir)
     from transformers import AutoTokenizer
 
     try:
@@ -338,4 +351,5 @@ def tokenize(sources: list[str | Path], tokenizer, *, seq_len: int = 256, n_samp
     if not mask_t.any():
         raise CalibrationError("calibration data has no token that counts (with answer-only, records need a non-empty 'answer')")
     log.info("calibration: %d sequences x %d tokens (%d counted) from %d file(s)", ids_t.shape[0], width, int(mask_t.sum()), len(sources))
+    faults.point("tokenize")
     return CalibTokens(ids_t, mask_t, torch.tensor(dom), domains)
