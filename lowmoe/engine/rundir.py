@@ -97,6 +97,8 @@ def prepare_output(out_dir: Path, ck: Checkpoint, fingerprint: str, *, resume: b
     out_dir = Path(out_dir)
     check_output(out_dir, ck)
     out = out_dir.resolve()
+    if resume and {p.name for p in _contents(out)} == {MANIFEST + ".tmp"}:
+        (out / (MANIFEST + ".tmp")).unlink()  # killed while saving the very first manifest: nothing to keep
     if _contents(out):
         manifest = out / MANIFEST
         if resume:
