@@ -123,11 +123,15 @@ class CalibTokens:
 
 
 def _render_messages(msgs, tokenizer, where: str) -> Document:
-    if not isinstance(msgs, list) or not all(isinstance(m, dict) and "content" in m for m in msgs):
-        raise CalibrationError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "content" in m for m in msgs):
+        raise CalibrationError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
     if getattr(tokenizer, "chat_template", None):
-        full = tokenizer.apply_chat_template(msgs, tokenize=False)
-        prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True) if msgs[-1].get("role") == "assistant" else full
+        try:
+            full = tokenizer.apply_chat_template(msgs, tokenize=False)
+            prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True) if msgs[-1].get("role") == "assistant" else full
+        except Exception as e:  # noqa: BLE001 -- a template rejecting a record is the record's fault
+            raise CalibrationError(f"{where}: the model's chat template cannot render these messages "
+                                   f"({type(e).__name__}: {str(e)[:100]})") from None
         return Document(prompt, full[len(prompt):]) if full.startswith(prompt) else Document(full)
     body = "".join(f"{m.get('role', 'user')}: {m['content']}\n" for m in msgs[:-1])
     last = msgs[-1]

@@ -132,6 +132,8 @@ class Checkpoint:
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a directory (expected a Hugging Face checkpoint folder)")
         self.config = read_json(self.path / "config.json", "config.json")
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{self.path / 'config.json'}: expected a JSON object, got {type(self.config).__name__}")
         self.adapter: Adapter = get_adapter(self.config, str(self.path / "config.json"))
         self._check_config()
         self.weight_map = self._load_weight_map()
@@ -151,9 +153,13 @@ class Checkpoint:
         idx = self.path / INDEX_NAME
         if idx.exists():
             data = read_json(idx, INDEX_NAME)
-            wm = data.get("weight_map")
+            wm = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(wm, dict) or not wm:
-                raise CheckpointError(f"{idx}: has no 'weight_map' (expected a safetensors index)")
+                raise CheckpointError(f"{idx}: has no 'weight_map' object (expected a safetensors index)")
+            for key, shard in wm.items():
+                if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
+                    raise CheckpointError(f"{idx}: weight_map[{key!r}] is {shard!r}; expected the file name of a "
+                                          ".safetensors shard in the same folder")
             for shard in sorted(set(wm.values())):
                 if not (self.path / shard).is_file():
                     raise CheckpointError(f"{self.path / shard}: shard named in {INDEX_NAME} is missing")
@@ -279,7 +285,7 @@ class Checkpoint:
                 raise CheckpointError(f"{where}: {key!r} is {v!r}; expected an integer from {minimum} to {maximum}")
 
         count("num_hidden_layers", maximum=4096)
-        count("hidden_size", required=False)
+        count("hidden_size")
         key = next((k for k in ad.expert_count_keys if cfg.get(k) is not None), None)
         if key is None:
             raise CheckpointError(f"{where}: missing {ad.expert_count_keys[0]!r} (the routed-expert count)")
@@ -288,8 +294,11 @@ class Checkpoint:
         if cfg[ad.top_k_key] > cfg[key]:
             raise CheckpointError(f"{where}: {ad.top_k_key!r} is {cfg[ad.top_k_key]} but the model has only {cfg[key]} experts "
                                   f"({key!r})")
-        for k in ("first_k_dense_replace", "decoder_sparse_step", "num_nextn_predict_layers"):
+        for k in ("first_k_dense_replace", "decoder_sparse_step", "num_nextn_predict_layers", "n_shared_experts"):
             count(k, required=False, minimum=0)
+        for k in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "n_group", "topk_group"):
+            count(k, required=False, maximum=1 << 31)
         only = cfg.get("mlp_only_layers")
         if only is not None and (not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only)):
             raise CheckpointError(f"{where}: 'mlp_only_layers' is {only!r}; expected a list of layer indices")

@@ -12,7 +12,9 @@ the N-th time (default 1) the process reaches STEP it
   Python's file buffers, no cleanup, from whichever thread reached the step; what a ``kill -9``
   or a power cut leaves behind;
 * ``enospc``: raises ``OSError(ENOSPC)`` as a write on a full disk does;
-* ``erofs``: raises ``OSError(EROFS)`` as a write to a read-only directory does.
+* ``erofs``: raises ``OSError(EROFS)`` as a write to a read-only directory does;
+* ``stop``: stops itself with SIGSTOP (resumed by SIGCONT): a run paused mid-way, holding its
+  output directory, so a test can start a second process against it.
 
 ``tests/test_faults_kill.py`` walks every step: a run killed there, then ``--resume``, must end with
 the same bytes as a run that never stopped. The hook is driven by the environment (not by sleeps or
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import threading
 
 from ..errors import ConfigError
@@ -52,7 +55,7 @@ STEPS = {
     "eep-generation": "an EEP generation evaluated, its search state not yet saved (methods.eep.evolve)",
     "eep-final": "the EEP search finished and picked, before the write (methods.eep.runner)",
 }
-ACTIONS = ("kill", "enospc", "erofs")
+ACTIONS = ("kill", "enospc", "erofs", "stop")
 
 _hits: dict[str, int] = {}
 _lock = threading.Lock()
@@ -99,5 +102,8 @@ def point(step: str, path=None) -> None:
         return
     if action == "kill":
         os._exit(FAULT_EXIT)
+    if action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
     code = errno.ENOSPC if action == "enospc" else errno.EROFS
     raise OSError(code, os.strerror(code), None if path is None else str(path))
