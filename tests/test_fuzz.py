@@ -151,8 +151,10 @@ def test_fuzz_index(base, slow):
 
 INT_IDS = st.integers(-2, 9)
 KEEP = st.one_of(st.lists(INT_IDS, min_size=0, max_size=9), JSON)
-MATRIX = st.one_of(st.lists(st.lists(st.floats(-2, 2, allow_nan=False) | st.sampled_from([float("nan"), float("inf")]) | JSON_SCALAR,
-                                     min_size=7, max_size=9), min_size=3, max_size=5), JSON)
+ENTRY = st.floats(-2, 2, allow_nan=False) | st.sampled_from([float("nan"), float("inf")]) | JSON_SCALAR
+MATRIX = st.one_of(st.lists(st.lists(st.floats(-2, 2, allow_nan=False), min_size=8, max_size=8), min_size=4, max_size=4),
+                   st.lists(st.lists(ENTRY, min_size=8, max_size=8), min_size=4, max_size=4),
+                   st.lists(st.lists(ENTRY, min_size=7, max_size=9), min_size=3, max_size=5), JSON)
 
 
 @pytest.mark.parametrize("slow", modes(False))

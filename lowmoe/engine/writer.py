@@ -168,8 +168,8 @@ class ShardWriter:
         name = self.current.path.name if self.current else "shard"
         if e.errno == errno.ENOSPC:
             raise OutputError(f"{self.out_dir}: disk full while writing {name}; free space (the output needs about "
-                              f"{self.total_bytes / 1e9:.1f} GB so far) and rerun with --resume") from None
-        raise OutputError(f"{self.out_dir / name}: cannot write shard ({e})") from None
+                              f"{self.total_bytes / 1e9:.1f} GB so far) and rerun the same command with --resume") from None
+        raise OSError(e.errno, e.strerror, str(e.filename or self.out_dir / name)) from None  # rundir.output_os_error words it
 
     def flush(self) -> None:
         if self.current is None:
