@@ -50,9 +50,23 @@ def test_every_write_step_fails_cleanly_and_resumes(synth_dir, calib_txt, tmp_pa
 
 def test_error_on_the_cache_writer_thread_is_one_line(synth_dir, calib_txt, tmp_path, monkeypatch):
     """The activation cache is written behind, on a thread: its error reaches the CLI as one line."""
+    import errno
+    import threading
+
+    from lowmoe.engine.cache import ActivationCache
+
     src = synth_dir("mixtral", layers=2, shard_size="20KB")
-    monkeypatch.setenv(faults.ENV, "cache-write:5:enospc")  # a layer-1 chunk, written by the writer thread
+    orig, threads = ActivationCache.write, []
+
+    def write(self, boundary, chunk, hidden, stream="main"):
+        if threading.current_thread() is not threading.main_thread():
+            threads.append(threading.current_thread().name)
+            raise OSError(errno.ENOSPC, "No space left on device", str(self._dir(boundary, stream) / f".c{chunk:05d}.tmp"))
+        return orig(self, boundary, chunk, hidden, stream)
+
+    monkeypatch.setattr(ActivationCache, "write", write)
     r = CliRunner().invoke(main, ["-q", "prune", str(src), str(tmp_path / "o"), "--calib", str(calib_txt), *ARGS])
+    assert threads and threads[0].startswith("lowmoe-write"), threads
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "disk full while writing" in r.output, r.output
     assert ".lowmoe-work/cache" in r.output
 

@@ -8,7 +8,8 @@ Speed: the killed run is forked from a ``forkserver`` that has imported lowmoe a
 computed (forking the test process itself would hang in OpenMP), so no Python/torch start-up per
 kill point; the exit status proves the step was reached. ``test_kill_in_a_real_process`` does the same through
 the ``lowmoe`` CLI in a fresh interpreter. By default every step is killed at its first, middle and
-last occurrence; ``-m slow`` kills at every occurrence of every step.
+last occurrence (for EEP: its own steps; the write steps after them are the prune's); ``-m slow``
+kills at every occurrence of every step, EEP's write steps included.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ EEP = dict(keep=4, method="eep", seq_len=48, batch_size=4, max_shard_size="20KB"
            method_options={"generations": 3, "population": 3, "layer_groups": "layer", "init": "frequency"})
 PRUNE_STEPS = ["tokenize", "super-experts", "embed", "cache-write", "score", "layer-written", "shard-write", "shard-close",
                "manifest", "files", "config", "shard-rename", "index", "report", "cleanup"]
-EEP_STEPS = ["eep-seed", "eep-evaluate", "eep-generation", "eep-final", "layer-written", "shard-close", "manifest",
-             "shard-rename", "index", "report"]
+EEP_STEPS = ["eep-seed", "eep-evaluate", "eep-generation", "eep-final"]  # the write steps after them: PRUNE_STEPS
+EEP_STEPS_SLOW = EEP_STEPS + ["layer-written", "shard-close", "manifest", "shard-rename", "index", "report"]
 
 
 def _child(spec: str, threads: int, args: tuple, kw: dict) -> None:
@@ -121,7 +122,7 @@ def test_plan_apply_killed_resumes_to_the_same_bytes(synth_dir, tmp_path, every)
 def test_eep_search_killed_at_every_step_resumes_to_the_same_plan_and_bytes(synth_dir, tmp_path, every):
     src = synth_dir("mixtral", layers=2, shard_size="20KB")
     train = write_jsonl(tmp_path / "train.jsonl", records(8))
-    walk(src, tmp_path, dict(EEP, calib=[train]), EEP_STEPS, every)
+    walk(src, tmp_path, dict(EEP, calib=[train]), EEP_STEPS_SLOW if every else EEP_STEPS, every)
 
 
 def test_kill_in_a_real_process(synth_dir, calib_txt, tmp_path):

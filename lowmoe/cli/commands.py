@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from ..engine import faults
 from ..engine.adapters import ALL
 from ..errors import ConfigError, LowmoeError
 from ..evaluate import format_table, prune_and_compare
@@ -70,6 +71,7 @@ class LowmoeGroup(click.Group):
 def main(ctx, verbose, quiet):
     """Prune and merge the experts of Mixture-of-Experts LLMs, one decoder layer at a time."""
     ctx.ensure_object(dict)
+    faults.reset()  # LOWMOE_FAULT counts the steps of this command (several may run in one process)
     ctx.obj["verbose"] = verbose
     ctx.obj["quiet"] = quiet
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
