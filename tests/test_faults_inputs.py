@@ -8,7 +8,6 @@ import os
 import shutil
 
 import pytest
-import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
@@ -174,7 +173,7 @@ def test_empty_calibration_file(model, tmp_path, name, text):
 def test_missing_tokenizer(model, calib_txt, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (model / name).unlink()
-    line = refused(tmp_path, model, "--calib", calib_txt, match=f"{model}: no tokenizer")
+    refused(tmp_path, model, "--calib", calib_txt, match=f"{model}: no tokenizer")
     assert not (tmp_path / "out").exists(), "refused before the output was created"
 
 
