@@ -30,14 +30,15 @@ import torch
 from . import methods
 from .engine.budget import parse_budget
 from .engine.cache import ActivationCache
-from .engine.calibration import CalibTokens, check_sources
+from .engine.calibration import CalibTokens, check_sources, check_tokenizer
 from .engine.checkpoint import Checkpoint
 from .engine.device import DTYPES, resolve_device, resolve_dtype
 from .engine.lazy import ShardFiles, read_lazy_layer
 from .engine.memory import fmt_bytes
 from .engine.plan import LayerPlan, Plan
 from .engine.progress import progress
-from .engine.rundir import MANIFEST, REPORT, WORK_DIR, PruneRun, fingerprint, prepare_output
+from .engine.rundir import (MANIFEST, REPORT, WORK_DIR, OutputLock, PruneRun, check_output, fingerprint, output_os_error,
+                            prepare_output)
 from .engine.stream import Stream, calibration_tokens, plan_stream_budget
 from .engine.writer import parse_size
 from .errors import ConfigError, OutputError, PlanError, UnsupportedModelError
@@ -102,6 +103,7 @@ class PruneConfig:
         parse_budget(self.max_vram, "--max-vram"), parse_budget(self.max_ram, "--max-ram")
         check_sources(self.calib)
         if self.plan is None:
+            check_tokenizer(ck.path)
             k = self.resolve_keep(ck.num_experts)
             top_k = self.top_k or ck.top_k
             if k > ck.num_experts:
@@ -203,13 +205,24 @@ def prune(model: str | Path, out: str | Path, **options) -> dict:
     plan_in = _plan_from_input(cfg, ck) if cfg.plan is not None else None
     budget = plan_run_budget(cfg, ck) if plan_in is None else None  # fails here if a budget cannot hold
     fp = run_fingerprint(cfg, ck)
+    check_output(cfg.out, ck)
+    with OutputLock(cfg.out):  # one lowmoe process per output directory
+        try:
+            return _write(cfg, ck, plan_in, budget, fp)
+        except OSError as e:  # disk full, read-only, ...: every step so far is resumable
+            raise output_os_error(cfg.out, e) from None
+
+
+def _write(cfg: PruneConfig, ck: Checkpoint, plan_in: Plan | None, budget, fp: str) -> dict:
     manifest = prepare_output(cfg.out, ck, fp, resume=cfg.resume, overwrite=cfg.overwrite)
     run = PruneRun(cfg.out, ck, fp, manifest, max_shard_size=cfg.max_shard_size, plan_fields=methods.PLAN_FIELDS,
                    budget=budget)
     if manifest is None:
         run.save_manifest()  # from now on the directory is a resumable, unfinished lowmoe output
     t0 = time.time()
-    if plan_in is not None:
+    if run.runner_extra is not None:  # killed while finishing: every layer is written
+        top_k, plan_meta, extra = run.runner_extra["top_k"], run.runner_extra["plan_meta"], run.runner_extra["extra"]
+    elif plan_in is not None:
         run.layers = dict(plan_in.layers)
         plan_meta = dict(plan_in.meta, applied_from=str(cfg.plan) if not isinstance(cfg.plan, dict) else "dict")
         files = ShardFiles(ck.path)  # kept experts of selection plans are copied as stored bytes
@@ -225,6 +238,8 @@ def prune(model: str | Path, out: str | Path, **options) -> dict:
         plan_meta = {"method": cfg.method, "keep": cfg.resolve_keep(ck.num_experts), "seed": cfg.seed,
                      "sequential": cfg.sequential, "calib": [str(c) for c in cfg.calib]}
         extra = {"method": cfg.method, **extra}
+    if run.runner_extra is None:
+        run.finish_layers({"top_k": top_k, "plan_meta": plan_meta, "extra": extra})
     plan = run.plan(top_k, plan_meta)
     report = run.finalize(plan, {**extra, "wall_s": round(time.time() - t0, 3)})
     log.info("wrote %s: %d -> %d experts per layer, top-%d; peak RSS %s", cfg.out, ck.num_experts, plan.num_kept,

@@ -13,9 +13,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import lowmoe
+from lowmoe.engine import faults
 from lowmoe.engine.budget import SAFETY, layer_sizes, plan_budget
 from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.engine.quant import layer_weights
+from lowmoe.engine.rundir import REPORT
 from lowmoe.methods.eep.population import PopulationEvaluator
 from lowmoe.methods.eep.space import Candidate, SearchSpace
 from lowmoe.toy import tasks
@@ -194,3 +196,23 @@ def dir_digest(path: Path) -> dict[str, str]:
     """sha256 of every file under ``path`` (relative name -> digest)."""
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(path).rglob("*")) if p.is_file()}
+
+
+# ---- faults (tests/test_faults_*.py) -------------------------------------------------------------
+
+# a prune small enough to kill at every step
+PRUNE = dict(keep=4, n_samples=6, seq_len=16, batch_size=2, max_shard_size="20KB", progress=False)
+
+
+def output_files(out) -> dict[str, str]:
+    """Digest of every output file but the report (it holds timings) and the model card; the report's plan separately."""
+    d = dir_digest(out)
+    plan = json.loads((out / REPORT).read_text())["plan"]
+    # the model card names the command that made the output (a CLI line or a Python call): compared apart
+    return {**{k: v for k, v in d.items() if k not in (REPORT, "README.md")}, "plan": json.dumps(plan, sort_keys=True)}
+
+
+def step_counts(fn, *args, **kw) -> dict[str, int]:
+    faults.reset()
+    fn(*args, **kw)
+    return {s: faults.hits(s) for s in faults.STEPS if faults.hits(s)}

@@ -1,7 +1,10 @@
 """The ``lowmoe`` command line: a thin shell over the Python API.
 
-It parses flags, calls the library and maps ``LowmoeError`` to a one-line message and a non-zero
-exit (a traceback only with ``-v``).
+It parses flags, calls the library and maps ``LowmoeError`` to a one-line message and exit 2. No
+error prints a traceback unless ``-vv`` is given: an ``OSError`` (a file that cannot be read or
+written) is one line and exit 2 as well, anything else (a bug in lowmoe) one line and exit 1.
+Errors raised on the prefetch and writer threads reach this handler unchanged
+(``engine.prefetch`` re-raises them on the main thread).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from ..engine import faults
 from ..engine.adapters import ALL
 from ..engine.device import DTYPES
 from ..errors import ConfigError, LowmoeError
@@ -53,6 +57,25 @@ class LowmoeGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("lowmoe: interrupted; rerun the same command with --resume to continue", err=True)
             sys.exit(130)
+        except click.exceptions.ClickException:
+            raise
+        except click.exceptions.Exit:
+            raise
+        except click.exceptions.Abort:
+            raise
+        except OSError as e:
+            if ctx.obj and ctx.obj.get("verbose", 0) >= 2:
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"lowmoe: error: {where}{e.strerror or e}", err=True)
+            sys.exit(2)
+        except Exception as e:  # noqa: BLE001 -- the last line of defence: one line, never a traceback
+            if ctx.obj and ctx.obj.get("verbose", 0) >= 2:
+                raise
+            msg = " ".join(str(e).split())[:300]
+            click.echo(f"lowmoe: internal error: {type(e).__name__}: {msg} (a bug in lowmoe: rerun with -vv for the "
+                       "traceback and report it)", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=LowmoeGroup)
@@ -63,6 +86,7 @@ class LowmoeGroup(click.Group):
 def main(ctx, verbose, quiet):
     """Prune and merge the experts of Mixture-of-Experts LLMs, one decoder layer at a time."""
     ctx.ensure_object(dict)
+    faults.reset()  # LOWMOE_FAULT counts the steps of this command (several may run in one process)
     ctx.obj["verbose"] = verbose
     ctx.obj["quiet"] = quiet
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO

@@ -5,6 +5,10 @@ safetensors file per chunk of sequences. Only the boundaries in use are kept on 
 pipeline drops boundary L once layer L's outputs (boundary L+1) are written. Peak RAM is one
 chunk, whatever the calibration size. Several streams (e.g. EEP candidates) use distinct
 ``stream`` names under the same root.
+
+Each chunk is written to a temporary name and renamed, so a chunk on disk is always whole (a run
+killed mid-write redoes it on ``--resume``). A chunk holding NaN/Inf is refused: the statistics
+of every later layer would be garbage.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..errors import CalibrationError
+from . import faults
 
 
 class ActivationCache:
@@ -26,10 +33,15 @@ class ActivationCache:
         return self.root / stream / f"b{boundary:04d}"
 
     def write(self, boundary: int, chunk: int, hidden: torch.Tensor, stream: str = "main") -> None:
+        if hidden.is_floating_point() and not bool(torch.isfinite(hidden).all()):
+            where = "the token embeddings" if boundary == 0 else f"the outputs of layer {boundary - 1}"
+            raise CalibrationError(f"{where} contain NaN/Inf on calibration chunk {chunk} (sequences from "
+                                   f"{chunk}x--batch-size); check that layer's weights, or use --dtype fp32 if it overflows")
         d = self._dir(boundary, stream)
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / f".c{chunk:05d}.tmp"
         save_file({"h": hidden.detach().to("cpu").contiguous()}, str(tmp))
+        faults.point("cache-write", tmp)
         tmp.replace(d / f"c{chunk:05d}.safetensors")
         self.bytes_written += hidden.numel() * hidden.element_size()
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CalibrationError, ConfigError
+from . import faults
 from .jsonl import json_lines
 
 log = logging.getLogger(__name__)
@@ -122,11 +123,15 @@ class CalibTokens:
 
 
 def _render_messages(msgs, tokenizer, where: str) -> Document:
-    if not isinstance(msgs, list) or not all(isinstance(m, dict) and "content" in m for m in msgs):
-        raise CalibrationError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "content" in m for m in msgs):
+        raise CalibrationError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
     if getattr(tokenizer, "chat_template", None):
-        full = tokenizer.apply_chat_template(msgs, tokenize=False)
-        prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True) if msgs[-1].get("role") == "assistant" else full
+        try:
+            full = tokenizer.apply_chat_template(msgs, tokenize=False)
+            prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True) if msgs[-1].get("role") == "assistant" else full
+        except Exception as e:  # noqa: BLE001 -- a template rejecting a record is the record's fault
+            raise CalibrationError(f"{where}: the model's chat template cannot render these messages "
+                                   f"({type(e).__name__}: {str(e)[:100]})") from None
         return Document(prompt, full[len(prompt):]) if full.startswith(prompt) else Document(full)
     body = "".join(f"{m.get('role', 'user')}: {m['content']}\n" for m in msgs[:-1])
     last = msgs[-1]
@@ -255,7 +260,19 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def check_tokenizer(model_dir: str | Path) -> None:
+    """Fail fast when the checkpoint has no tokenizer files (calibration text needs its tokenizer)."""
+    d = Path(model_dir)
+    if d.is_dir() and not any((d / name).is_file() for name in TOKENIZER_FILES):
+        raise CalibrationError(f"{d}: no tokenizer (expected one of {', '.join(TOKENIZER_FILES[:2])}, ...); calibration "
+                               "text needs the model's tokenizer: copy its tokenizer files into the checkpoint folder")
+
+
 def load_tokenizer(model_dir: str | Path):
+    check_tokenizer(model_dir)
     from transformers import AutoTokenizer
 
     try:
@@ -338,4 +355,5 @@ def tokenize(sources: list[str | Path], tokenizer, *, seq_len: int = 256, n_samp
     if not mask_t.any():
         raise CalibrationError("calibration data has no token that counts (with answer-only, records need a non-empty 'answer')")
     log.info("calibration: %d sequences x %d tokens (%d counted) from %d file(s)", ids_t.shape[0], width, int(mask_t.sum()), len(sources))
+    faults.point("tokenize")
     return CalibTokens(ids_t, mask_t, torch.tensor(dom), domains)

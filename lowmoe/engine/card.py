@@ -84,4 +84,6 @@ def model_card(report: dict, cfg: dict, src: Path, command: str) -> str:
 
 
 def write_model_card(out: Path, report: dict, cfg: dict, src: Path) -> None:
-    (Path(out) / "README.md").write_text(model_card(report, cfg, src, report.get("command") or invocation()))
+    tmp = Path(out) / "README.md.tmp"  # renamed into place: a kill never leaves half a card
+    tmp.write_text(model_card(report, cfg, src, report.get("command") or invocation()))
+    os.replace(tmp, Path(out) / "README.md")

@@ -12,6 +12,12 @@ dtype (FP8 ``X.weight``; MXFP4 ``...experts.gate_up_proj`` in transformers' runt
 rest of the engine computes on ordinary float tensors. ``read_stored`` gives the stored tensors of
 logical keys unchanged (FP8 values + ``weight_scale_inv``; MXFP4 ``_blocks`` + ``_scales``), for
 copying kept experts byte for byte.
+
+Inputs that lie are refused with a line naming the file and what was expected: each shard's header
+is checked before use (its length, its JSON, every tensor's ``data_offsets`` inside the file and
+matching its dtype and shape: a truncated or corrupt shard), every tensor read is checked for
+NaN/Inf (naming the layer and expert), and ``validate`` checks that config.json and the index agree
+on the expert count.
 """
 
 from __future__ import annotations
@@ -41,6 +47,79 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+def check_header(path: Path) -> None:
+    """A safetensors shard's header against its file: CheckpointError naming the shard and tensor."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors shard (8-byte header length "
+                                      "expected); the file is truncated: re-download or re-copy it")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes); "
+                                      "the shard is truncated or corrupt: re-download or re-copy it")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object ({str(e)[:80]}); the shard is corrupt") from None
+    data = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = [int(x) for x in info["shape"]]
+            dtype = info["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: header entry {key!r} lacks a valid dtype, shape or data_offsets; the shard is corrupt") from None
+        if not 0 <= begin <= end:
+            raise CheckpointError(f"{path}: tensor {key!r} has data_offsets [{begin}, {end}] (expected 0 <= begin <= end)")
+        if end > data:
+            raise CheckpointError(f"{path}: tensor {key!r} has data_offsets [{begin}, {end}] past the end of the shard's "
+                                  f"data ({data} bytes); the shard is truncated or corrupt: re-download or re-copy it")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if dtype in DTYPE_BYTES and end - begin != numel * DTYPE_BYTES[dtype]:
+            raise CheckpointError(f"{path}: tensor {key!r} spans {end - begin} bytes but its shape {shape} and dtype {dtype} "
+                                  f"need {numel * DTYPE_BYTES[dtype]}; the shard is corrupt")
+
+
+_FLOAT_CHECKED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_EXPERT_RE = re.compile(r"\.experts\.(\d+)\.")
+
+
+def check_finite(path: Path, key: str, t: torch.Tensor, num_experts: int | None = None) -> None:
+    """NaN/Inf in a weight: CheckpointError naming the shard, the tensor, its layer and expert."""
+    if t.dtype not in _FLOAT_CHECKED or bool(torch.isfinite(t).all()):
+        return
+    where = ""
+    m = _LAYER_RE.match(key)
+    if m:
+        where = f" (layer {m.group(1)}"
+        e = _EXPERT_RE.search(key)
+        if e:
+            where += f", expert {e.group(1)}"
+        elif "expert" in key and "shared" not in key and t.dim() >= 2 and t.shape[0] == num_experts:
+            bad = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero().flatten().tolist()  # fused (E, ...)
+            where += f", expert{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad[:8]))}"
+        where += ")"
+    raise nonfinite_error(path, key, where, int((~torch.isfinite(t)).sum()))
+
+
+def nonfinite_error(path: Path, key: str, where: str, n: int) -> CheckpointError:
+    """The one-line error for ``n`` NaN/Inf values in tensor ``key`` of shard ``path`` (``where``: " (layer L, expert E)")."""
+    return CheckpointError(f"{path}: tensor {key!r}{where} has {n} NaN/Inf value(s); expected finite weights "
+                           "(the checkpoint is corrupt or was saved after a diverged step)")
+
+
 def _open(path: Path):
     try:
         return safe_open(str(path), framework="pt", backend="pread")
@@ -66,7 +145,10 @@ class Checkpoint:
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a directory (expected a Hugging Face checkpoint folder)")
         self.config = read_json(self.path / "config.json", "config.json")
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{self.path / 'config.json'}: expected a JSON object, got {type(self.config).__name__}")
         self.adapter: Adapter = get_adapter(self.config, str(self.path / "config.json"))
+        self._check_config()
         self.weight_map = self._load_weight_map()
         self._handles: dict[str, object] = {}
         # quantized formats: logical key -> its stored parts (one part: stored as is)
@@ -97,9 +179,13 @@ class Checkpoint:
         idx = self.path / INDEX_NAME
         if idx.exists():
             data = read_json(idx, INDEX_NAME)
-            wm = data.get("weight_map")
+            wm = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(wm, dict) or not wm:
-                raise CheckpointError(f"{idx}: has no 'weight_map' (expected a safetensors index)")
+                raise CheckpointError(f"{idx}: has no 'weight_map' object (expected a safetensors index)")
+            for key, shard in wm.items():
+                if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
+                    raise CheckpointError(f"{idx}: weight_map[{key!r}] is {shard!r}; expected the file name of a "
+                                          ".safetensors shard in the same folder")
             for shard in sorted(set(wm.values())):
                 if not (self.path / shard).is_file():
                     raise CheckpointError(f"{self.path / shard}: shard named in {INDEX_NAME} is missing")
@@ -111,6 +197,7 @@ class Checkpoint:
         raise CheckpointError(f"{self.path}: no {INDEX_NAME} or {SINGLE_NAME} (only safetensors checkpoints are supported)")
 
     def _open_checked(self, shard: str):
+        check_header(self.path / shard)
         try:
             return _open(self.path / shard)
         except Exception as e:  # safetensors raises its own SafetensorError
@@ -222,8 +309,10 @@ class Checkpoint:
         return sum(self._stored_bytes(k) for k in self.weight_map)
 
     def validate(self) -> None:
-        """Fail fast, from config.json and the index alone, if an expected tensor is missing."""
+        """Fail fast, from config.json and the index alone, if an expected tensor is missing or the
+        index holds more experts than config.json says."""
         ad, cfg = self.adapter, self.config
+        self._check_expert_count()
         for k in ad.expert_count_keys[:1]:
             if cfg.get(k) is None and not any(cfg.get(x) is not None for x in ad.expert_count_keys):
                 raise CheckpointError(f"{self.path / 'config.json'}: missing {k!r} (the routed-expert count)")
@@ -247,6 +336,63 @@ class Checkpoint:
                 f"{self.path}: the index has no tensor {', '.join(missing[:3])}{more} "
                 f"(expected by the {ad.family} layout); the checkpoint is incomplete or not a {ad.family} model"
             )
+
+    def _check_config(self) -> None:
+        """The config.json values lowmoe reads: positive integers where counts are expected."""
+        cfg, ad, where = self.config, self.adapter, self.path / "config.json"
+
+        def count(key: str, required: bool = True, minimum: int = 1, maximum: int = 1 << 20) -> None:
+            v = cfg.get(key)
+            if v is None and not required:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or not minimum <= v <= maximum:
+                raise CheckpointError(f"{where}: {key!r} is {v!r}; expected an integer from {minimum} to {maximum}")
+
+        count("num_hidden_layers", maximum=4096)
+        count("hidden_size")
+        key = next((k for k in ad.expert_count_keys if cfg.get(k) is not None), None)
+        if key is None:
+            raise CheckpointError(f"{where}: missing {ad.expert_count_keys[0]!r} (the routed-expert count)")
+        count(key)
+        count(ad.top_k_key)
+        if cfg[ad.top_k_key] > cfg[key]:
+            raise CheckpointError(f"{where}: {ad.top_k_key!r} is {cfg[ad.top_k_key]} but the model has only {cfg[key]} experts "
+                                  f"({key!r})")
+        for k in ("first_k_dense_replace", "decoder_sparse_step", "num_nextn_predict_layers", "n_shared_experts"):
+            count(k, required=False, minimum=0)
+        for k in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "n_group", "topk_group"):
+            count(k, required=False, maximum=1 << 31)
+        only = cfg.get("mlp_only_layers")
+        if only is not None and (not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only)):
+            raise CheckpointError(f"{where}: 'mlp_only_layers' is {only!r}; expected a list of layer indices")
+        try:
+            layers = self.adapter.moe_layers(cfg)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            raise CheckpointError(f"{where}: cannot tell which layers are MoE layers ({type(e).__name__}: {e})") from None
+        if not layers:
+            raise CheckpointError(f"{where}: no layer has routed experts (num_hidden_layers {cfg['num_hidden_layers']}); "
+                                  "nothing to prune")
+
+    def _check_expert_count(self) -> None:
+        ad, E = self.adapter, self.num_experts
+        key = next((k for k in ad.expert_count_keys if self.config.get(k) is not None), ad.expert_count_keys[0])
+        cfg_path = self.path / "config.json"
+        if not isinstance(E, int) or isinstance(E, bool) or E < 1:
+            raise CheckpointError(f"{cfg_path}: {key!r} is {self.config.get(key)!r}; expected a positive expert count")
+        for layer in self.moe_layers():
+            if ad.expert_layout == "per_expert":
+                ids = {int(m.group(1)) for k in self._layer_keys.get(layer, []) for m in [_EXPERT_RE.search(k)] if m}
+                if ids and max(ids) >= E:
+                    raise CheckpointError(f"{cfg_path}: {key!r} is {E} but the index has expert {max(ids)} in layer {layer} "
+                                          f"({len(ids)} experts); config.json and {INDEX_NAME} must agree")
+            else:
+                for k in ad.fused_keys(layer):
+                    if k in self.weight_map and "expert" in k and "shared" not in k:
+                        shape, _ = self.tensor_info(k)
+                        if shape and shape[0] != E:
+                            raise CheckpointError(f"{cfg_path}: {key!r} is {E} but {k} in the index holds {shape[0]} experts "
+                                                  f"(shape {list(shape)}); config.json and the checkpoint must agree")
 
     # ---- reading -------------------------------------------------------------------------
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
@@ -297,6 +443,7 @@ class Checkpoint:
                     out[k] = h.get_tensor(k)
                 except Exception as e:
                     raise CheckpointError(f"{self.path / shard}: cannot read tensor {k!r} ({e}); the shard may be truncated") from None
+                check_finite(self.path / shard, k, out[k], self.num_experts)
         return {k: out[k] for k in keys}
 
     def read_layer(self, layer_idx: int) -> dict[str, torch.Tensor]:

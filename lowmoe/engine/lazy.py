@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .checkpoint import nonfinite_error
 
 # safetensors dtype codes -> torch dtypes (the stored element type).
 ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -91,7 +92,7 @@ class ShardFiles:
         if e is None:
             raise CheckpointError(f"{self.root / shard}: index names tensor {key!r} but the shard does not contain it")
         a, z = e["data_offsets"]
-        return StoredTensor(self, shard, start + int(a), int(z) - int(a), e["dtype"], tuple(e["shape"]))
+        return StoredTensor(self, shard, start + int(a), int(z) - int(a), e["dtype"], tuple(e["shape"]), key)
 
     def read_into(self, shard: str, offset: int, out: torch.Tensor) -> None:
         """Fill ``out`` (contiguous, CPU) with the bytes at ``offset`` of ``shard``."""
@@ -131,6 +132,7 @@ class StoredTensor:
     nbytes: int
     dtype: str  # safetensors code, e.g. "BF16"
     shape: tuple[int, ...]
+    key: str = ""  # its name in the checkpoint
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -293,10 +295,15 @@ class ExpertSource:
                 for st, r in self._pieces[name][e]:
                     if r is None:
                         rows = st.shape[0] if st.shape else 1
-                        st.files.read_into(st.shard, st.offset, row[at:at + rows] if row.dim() else row)
+                        seg = row[at:at + rows] if row.dim() else row
+                        st.files.read_into(st.shard, st.offset, seg)
                         at += rows
                     else:
+                        seg = row
                         st.read_rows(r, row)
+                    if seg.is_floating_point() and not bool(torch.isfinite(seg).all()):  # as Checkpoint.read checks
+                        raise nonfinite_error(st.files.root / st.shard, st.key, f" (layer {self.layer_idx}, expert {e})",
+                                              int((~torch.isfinite(seg)).sum()))
             res[name] = buf
         return res
 

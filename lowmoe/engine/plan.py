@@ -18,6 +18,7 @@ and handed to the apply step.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +135,8 @@ class Plan:
                 if (not isinstance(m, list) or len(m) != n
                         or any(not isinstance(r, list) or len(r) != num_experts for r in m)):
                     raise PlanError(f"{where}: layer {idx} '{name}' must be a {n}x{num_experts} matrix")
+                if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for r in m for x in r):
+                    raise PlanError(f"{where}: layer {idx} '{name}' must hold finite numbers only")
 
 
 def selection_plan(keep_by_layer: dict[int, list[int]], top_k: int, meta: dict | None = None) -> Plan:

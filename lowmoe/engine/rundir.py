@@ -9,10 +9,20 @@
                       other files, the index LAST (from then on the checkpoint is complete), the report
 
 Work files (activation cache, search state) live under ``OUT/.lowmoe-work`` and are removed at the end.
+
+One writer per output: ``OutputLock`` holds an exclusive ``flock`` on ``OUT/.lowmoe-lock`` (which
+records the holder's pid) for the whole run, so a second lowmoe process on the same OUT (and so on
+its ``.lowmoe-work``: activation cache, EEP search state) stops with a one-line error before it
+changes anything. The kernel drops the lock when its process dies, however it dies, so the lock
+file a killed run leaves behind is simply taken over.
+
+Every step that writes calls ``faults.point`` (``LOWMOE_FAULT``); ``finalize`` can be stopped at any
+of them and run again by ``--resume``: shards already renamed, files already copied are recognised.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -26,6 +36,7 @@ import torch
 
 from ..errors import OutputError
 from ..version import __version__
+from . import faults
 from .apply import PlanFields, apply_layer, apply_layer_quantized, patch_config
 from .card import invocation, write_model_card
 from .checkpoint import Checkpoint
@@ -39,48 +50,185 @@ log = logging.getLogger(__name__)
 MANIFEST = "lowmoe_progress.json"
 REPORT = "lowmoe_report.json"
 WORK_DIR = ".lowmoe-work"
+LOCK = ".lowmoe-lock"
+
+
+def input_stamps(ck: Checkpoint) -> dict[str, str]:
+    """Per input shard: size, modification time and a hash of its safetensors header. A shard that
+    is rewritten, truncated or replaced between a killed run and its resume changes its stamp."""
+    out = {}
+    for shard in sorted(set(ck.weight_map.values())):
+        p = ck.path / shard
+        st = p.stat()
+        with open(p, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            header = f.read(min(n, 100_000_000))
+        out[shard] = f"{st.st_size}:{st.st_mtime_ns}:{hashlib.sha256(head + header).hexdigest()[:16]}"
+    return out
 
 
 def fingerprint(options: dict, ck: Checkpoint) -> str:
-    """A short hash of a run's options and the input's index and config: a resume needs the same."""
+    """A short hash of a run's options, the input's index and config and its shards' stamps: a
+    resume needs the same."""
     d = dict(options)
     d["index"] = sorted(ck.weight_map.items())
     d["config"] = ck.config
+    d["shards"] = input_stamps(ck)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prepare_output(out_dir: Path, ck: Checkpoint, fingerprint: str, *, resume: bool = False,
-                   overwrite: bool = False) -> dict | None:
-    """Make ``out_dir`` safe to write; return the resume manifest if resuming."""
+def check_output(out_dir: Path, ck: Checkpoint) -> None:
+    """Refuse an output that overlaps the input or is a file (nothing is written)."""
     out_dir = Path(out_dir)
     out, src = out_dir.resolve(), ck.path.resolve()
     if out == src or src in out.parents or out in src.parents:
         raise OutputError(f"{out_dir}: output directory overlaps the input model {ck.path}; choose another directory")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
+
+
+def _contents(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
+
+
+def prepare_output(out_dir: Path, ck: Checkpoint, fingerprint: str, *, resume: bool = False,
+                   overwrite: bool = False) -> dict | None:
+    """Make ``out_dir`` safe to write; return the resume manifest if resuming. Call it holding
+    ``OutputLock(out_dir)`` (the lock file is the one entry that does not make OUT "not empty")."""
+    out_dir = Path(out_dir)
+    check_output(out_dir, ck)
+    out = out_dir.resolve()
+    if resume and {p.name for p in _contents(out)} == {MANIFEST + ".tmp"}:
+        (out / (MANIFEST + ".tmp")).unlink()  # killed while saving the very first manifest: nothing to keep
+    if _contents(out):
         manifest = out / MANIFEST
         if resume:
             if not manifest.is_file():
                 if (out / "model.safetensors.index.json").is_file() and (out / REPORT).is_file():
                     raise OutputError(f"{out_dir}: already holds a finished lowmoe output; nothing to resume (use --overwrite to redo)")
                 raise OutputError(f"{out_dir}: no {MANIFEST} to resume from; use --overwrite to start over")
-            state = json.loads(manifest.read_text())
+            try:
+                state = json.loads(manifest.read_text())
+                if not isinstance(state, dict):
+                    raise ValueError("not an object")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise OutputError(f"{manifest}: resume manifest is not valid JSON ({e}); use --overwrite to start over") from None
+            stamps = input_stamps(ck)
+            for shard, stamp in sorted((state.get("inputs") or {}).items()):
+                if stamps.get(shard) != stamp:
+                    raise OutputError(f"{ck.path / shard}: input shard changed since the run in {out_dir} was started "
+                                      f"(size, time or header differ); resume needs the same input (or use --overwrite)")
             if state.get("fingerprint") != fingerprint:
                 raise OutputError(f"{out_dir}: was started with other inputs or options; resume needs the same ones (or use --overwrite)")
             return state
         if not overwrite:
             raise OutputError(f"{out_dir}: directory exists and is not empty; pass --overwrite to replace it or --resume to continue")
-        shutil.rmtree(out)
+        for p in _contents(out):  # the lock file stays: this process holds it
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     elif resume:
         log.info("nothing to resume in %s; starting fresh", out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return None
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+class OutputLock:
+    """An exclusive lock on an output directory for the life of a run (``with OutputLock(out):``).
+
+    ``flock`` on ``OUT/.lowmoe-lock``, which holds the owner's pid. A second process gets
+    ``OutputError`` naming that pid and changes nothing (a directory this lock created is removed
+    again). The kernel releases a flock when its process dies, so a stale file is just reused; the
+    inode check after locking makes the unlink on release safe against a process that opened the
+    old file just before it was removed."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.path = self.out / LOCK
+        self.fd: int | None = None
+        self.created_dir = False
+
+    def __enter__(self) -> "OutputLock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock (documented)
+            log.warning("no flock on this platform: nothing stops two lowmoe processes writing %s at once", self.out)
+            return self
+        try:
+            if not self.out.exists():
+                self.out.mkdir(parents=True)
+                self.created_dir = True
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    pid = _read_pid(fd)
+                    os.close(fd)
+                    self._undo_dir()
+                    raise OutputError(f"{self.out} is being written by another lowmoe process (pid {pid}); "
+                                      "wait for it or choose another OUT") from None
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)  # the holder removed the file between our open and our lock: try again
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.fsync(fd)
+            self.fd = fd
+        except OSError as e:
+            self._undo_dir()
+            raise output_os_error(self.out, e) from None
+        return self
+
+    def _undo_dir(self) -> None:
+        if self.created_dir:
+            shutil.rmtree(self.out, ignore_errors=True)
+            self.created_dir = False
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still holding the lock (see the class docstring)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+        if self.created_dir and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()  # a run that failed before writing anything leaves no empty OUT behind
+
+
+def _read_pid(fd: int) -> str:
+    for _ in range(20):  # the holder writes its pid right after locking
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 64).decode(errors="replace").strip()
+        if text:
+            return text
+        time.sleep(0.05)
+    return "unknown"
+
+
+def output_os_error(out: Path, e: OSError) -> Exception:
+    """An OSError met while writing ``out`` -> an ``OutputError`` a person can act on (the run is
+    resumable: every write is either finished and recorded, or redone by ``--resume``)."""
+    where = e.filename or out
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"{out}: disk full while writing {where}; free space and rerun the same command with --resume")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return OutputError(f"{out}: cannot write {where} ({e.strerror}); make the directory writable and rerun "
+                           "the same command with --resume")
+    return OutputError(f"{out}: cannot write {where} ({e.strerror or e}); fix it and rerun the same command with --resume")
+
+
+def write_json_atomic(path: Path, data: Any, step: str | None = None) -> None:
+    """Write ``path`` through a temporary file and a rename; ``step``: the fault point in between."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
+    if step is not None:
+        faults.point(step, path)
     os.replace(tmp, path)
 
 
@@ -120,16 +268,22 @@ class PruneRun:
         self.started = time.time()
         self.resumed_from: int | None = None
         self.budget = budget  # lowmoe.engine.budget plan (--max-vram / --max-ram)
+        self.inputs = input_stamps(ck)
+        # what the method's pass returned for the report, saved once every layer is written: a run
+        # killed while finishing resumes straight into ``finalize``
+        self.runner_extra: dict | None = None
+        self.command = invocation()  # the command that started the run (a resume keeps the first one's)
         if manifest is not None:
             self._restore(manifest)
 
     # ---- manifest ------------------------------------------------------------------------
     def save_manifest(self, extra: dict | None = None) -> None:
         write_json_atomic(self.out / MANIFEST, {
-            "fingerprint": self.fingerprint, "next_layer": self.next_layer,
+            "fingerprint": self.fingerprint, "inputs": self.inputs, "next_layer": self.next_layer,
             "layers": {str(k): v.to_json() for k, v in self.layers.items()},
             "scores": self.scores, "protected": self.protected, "stats": self.stats, "times": self.times,
-            "notes": self.notes, "requantized": self.requantized, "writer": self.writer.state(), **(extra or {})})
+            "notes": self.notes, "requantized": self.requantized, "writer": self.writer.state(), "runner": self.runner_extra,
+            "command": self.command, **(extra or {})}, "manifest")
 
     def _restore(self, m: dict) -> None:
         self.next_layer = int(m["next_layer"])
@@ -141,6 +295,8 @@ class PruneRun:
         self.times = {int(k): v for k, v in m.get("times", {}).items()}
         self.notes = list(m.get("notes", []))
         self.requantized = {int(k): v for k, v in m.get("requantized", {}).items()}
+        self.runner_extra = m.get("runner")
+        self.command = m.get("command", self.command)
         self.writer.restore(m["writer"])
         # Re-add the tensors that were buffered (not yet in a shard) when the manifest was saved:
         # they are a suffix of the add() sequence, so replaying the layers that produced them, in
@@ -199,6 +355,7 @@ class PruneRun:
         out = self.layer_output(layer_idx, tensors)
         self.writer.add_all(out)
         self.times.setdefault(layer_idx, {})["write_s"] = round(time.perf_counter() - t0, 4)
+        faults.point("layer-written")
         return self.ck.dequantize(out)
 
     def finish_layer(self, layer_idx: int) -> None:
@@ -208,6 +365,12 @@ class PruneRun:
     # ---- the end ---------------------------------------------------------------------------
     def plan(self, top_k: int, meta: dict) -> Plan:
         return Plan(dict(sorted(self.layers.items())), top_k, meta)
+
+    def finish_layers(self, runner_extra: dict) -> None:
+        """Every decoder layer is written: record what the method returned, so that a run killed
+        from here on resumes in ``finalize`` without redoing (or needing the work files of) the pass."""
+        self.runner_extra = runner_extra
+        self.save_manifest()
 
     def _quant_report(self) -> dict | None:
         """A quantized input: its format, and the round-trip error of the experts re-quantized."""
@@ -222,21 +385,27 @@ class PruneRun:
                 "requant_fro_rel_max": worst, "layers": layers}
 
     def finalize(self, plan: Plan, report_extra: dict) -> dict:
+        """Write everything after the decoder layers; safe to run again after a kill anywhere in it
+        (the manifest is removed last, so ``--resume`` comes back here)."""
         ck = self.ck
+        notes = list(self.notes)  # not saved: a rerun of finalize must not add them twice
         for layer_idx in ck.extra_layers():
             self.writer.add_all(ck.read_layer_stored(layer_idx))
-            self.notes.append(f"layer {layer_idx} (beyond num_hidden_layers, e.g. an MTP layer) copied unchanged")
+            notes.append(f"layer {layer_idx} (beyond num_hidden_layers, e.g. an MTP layer) copied unchanged")
         for layer_idx in ck.missing_extra_layers():
-            self.notes.append(f"layer {layer_idx}: config.json's {self.adapter.extra_layers_key} declares it but the "
-                              "input's index holds no tensors for it (transformers' save_pretrained writes no MTP "
-                              "layer); skipped")
+            notes.append(f"layer {layer_idx}: config.json's {self.adapter.extra_layers_key} declares it but the "
+                         "input's index holds no tensors for it (transformers' save_pretrained writes no MTP "
+                         "layer); skipped")
         rest = ck.other_keys()
         self.writer.add_all(ck.read_stored(rest))
-        cfg_out, notes = patch_config(ck.config, self.adapter, plan, ck.num_experts)
-        self.notes += notes
+        cfg_out, cfg_notes = patch_config(ck.config, self.adapter, plan, ck.num_experts)
+        notes += cfg_notes
         for p in ck.extra_files():  # tokenizer, chat template, generation_config.json, ...
-            shutil.copy2(p, self.out / p.name)
-        write_json_atomic(self.out / "config.json", cfg_out)
+            tmp = self.out / (p.name + ".tmp")
+            shutil.copy2(p, tmp)
+            os.replace(tmp, self.out / p.name)
+        faults.point("files")
+        write_json_atomic(self.out / "config.json", cfg_out, "config")
         self.writer.finalize()  # index written last: from here on the checkpoint is complete
         report = {
             "lowmoe_version": __version__,
@@ -254,10 +423,11 @@ class PruneRun:
                        "model_bytes": ck.total_bytes()},
             "bytes": {"input": ck.total_bytes(), "output": self.writer.total_bytes},
             "quantization": self._quant_report(),
-            "notes": self.notes, "resumed_from_layer": self.resumed_from, "command": invocation(), **report_extra,
+            "notes": notes, "resumed_from_layer": self.resumed_from, "command": self.command, **report_extra,
         }
         write_model_card(self.out, report, ck.config, ck.path)  # README.md: replaces the base model's card
-        write_json_atomic(self.out / REPORT, report)
-        (self.out / MANIFEST).unlink(missing_ok=True)
+        write_json_atomic(self.out / REPORT, report, "report")
         shutil.rmtree(self.out / WORK_DIR, ignore_errors=True)
+        faults.point("cleanup")
+        (self.out / MANIFEST).unlink(missing_ok=True)  # last: until here, --resume finishes the run
         return report

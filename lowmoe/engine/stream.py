@@ -27,6 +27,7 @@ from .cache import ActivationCache
 from .calibration import CalibTokens, load_tokenizer, tokenize
 from .checkpoint import Checkpoint
 from ..errors import ConfigError
+from . import faults
 from .hf import LayerInputsCache, ModelSkeleton, MoeProbe, run_layer
 from .plan import LayerPlan
 from .lazy import ExpertSource, ShardFiles, read_lazy_layer, selection_only
@@ -82,7 +83,9 @@ class Stream:
         w = self.ck.read([key])[key].to(self.device, self.dtype)
         self.placer.accountant.track(w, w.numel() * w.element_size())  # counts against --max-vram while it lives
         for c, sl in self.chunks():
-            self.cache.write(0, c, torch.nn.functional.embedding(self.token_ids(c, sl).to(self.device), w))
+            h = torch.nn.functional.embedding(self.token_ids(c, sl).to(self.device), w)
+            faults.point("embed")
+            self.cache.write(0, c, h)
         del w
 
     def token_ids(self, chunk: int, sl: slice) -> torch.Tensor:
@@ -138,6 +141,7 @@ class Stream:
                     dom = self.tokens.domain[sl].to(self.device)[:, None].expand(-1, h.shape[1])  # (B, S)
                     with MoeProbe(adapter, module, probe, token_mask=self.tokens.count_mask[sl].to(self.device), token_domain=dom):
                         out = run_layer(self.skel, module, layer_idx, h, self.inputs_for(h))
+                    faults.point("score")
                 else:
                     out = run_layer(self.skel, module, layer_idx, h, self.inputs_for(h))
                 if write:
@@ -210,8 +214,10 @@ def walk(stream: Stream, layers, *, observers_for: Callable[[int], list], decide
             del out
             step = LayerStep(idx, lp, observers)
         del tensors, source
-        stream.cache.drop(idx)
         yield step
+        # dropped only once the caller has recorded the step: a run killed before that resumes at this
+        # layer and needs its inputs
+        stream.cache.drop(idx)
 
 
 def _expert_keys(adapter, layer_idx: int, out: dict) -> set[str]:

@@ -14,7 +14,8 @@ input shard into the output shard without being decoded (kept experts of a prune
 Resume: the writer's state after a unit is (temporary shards finished so far, keys of the shard
 still being written). The unfinished shard is started again on resume: the pipeline re-adds the
 units that produced its tensors (their plan is in the manifest and applying a plan is deterministic), which replays the same
-flush decisions and so produces the same bytes as a run that never stopped.
+flush decisions and so produces the same bytes as a run that never stopped. ``finalize`` may itself be
+stopped half-way: a finished shard is found under its temporary or its final name.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import shutil
 from pathlib import Path
 
 import torch
+
 from ..errors import OutputError
+from . import faults
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,7 @@ class _OpenShard:
         n = data.nbytes
         self.entries[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [self.offset, self.offset + n]}
         self.offset += n
+        faults.point("shard-write", self.path)
 
     def close(self) -> None:
         header = {"__metadata__": {"format": "pt"}, **{k: self.entries[k] for k in sorted(self.entries)}}
@@ -150,8 +154,8 @@ class ShardWriter:
         """Take back finished shards from a manifest; the keys of the shard that was being written
         must be re-added by the caller (the partial file is started again)."""
         self.shards = [dict(s) for s in state["shards"]]
-        for s in self.shards:
-            if not (self.out_dir / s["tmp"]).is_file():
+        for i, s in enumerate(self.shards, 1):
+            if not (self.out_dir / s["tmp"]).is_file() and not list(self.out_dir.glob(f"model-{i:05d}-of-*.safetensors")):
                 raise OutputError(f"{self.out_dir / s['tmp']}: shard recorded in the resume manifest is missing; rerun with --overwrite")
         self.total_bytes = sum(s["bytes"] for s in self.shards)
         self.current, self.buffer_bytes = None, 0
@@ -178,14 +182,15 @@ class ShardWriter:
         name = self.current.path.name if self.current else "shard"
         if e.errno == errno.ENOSPC:
             raise OutputError(f"{self.out_dir}: disk full while writing {name}; free space (the output needs about "
-                              f"{self.total_bytes / 1e9:.1f} GB so far) and rerun with --resume") from None
-        raise OutputError(f"{self.out_dir / name}: cannot write shard ({e})") from None
+                              f"{self.total_bytes / 1e9:.1f} GB so far) and rerun the same command with --resume") from None
+        raise OSError(e.errno, e.strerror, str(e.filename or self.out_dir / name)) from None  # rundir.output_os_error words it
 
     def flush(self) -> None:
         if self.current is None:
             return
         try:
             self.current.close()
+            faults.point("shard-close", self.current.path)
         except OSError as e:
             self._io_error(e)
         self.shards.append({"tmp": self.current.path.name, "keys": list(self.current.entries), "bytes": self.buffer_bytes})
@@ -202,13 +207,17 @@ class ShardWriter:
         os.umask(umask)
         for i, s in enumerate(self.shards, 1):
             final = f"model-{i:05d}-of-{n:05d}.safetensors"
-            os.chmod(self.out_dir / s["tmp"], 0o666 & ~umask)  # safetensors creates files 0600
-            os.replace(self.out_dir / s["tmp"], self.out_dir / final)
+            tmp = self.out_dir / s["tmp"]
+            if tmp.is_file() or not (self.out_dir / final).is_file():  # else: renamed before a kill
+                os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files 0600
+                os.replace(tmp, self.out_dir / final)
+                faults.point("shard-rename", self.out_dir / final)
             for k in s["keys"]:
                 weight_map[k] = final
         index = {"metadata": {"total_size": self.total_bytes},
                  "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
         tmp = self.out_dir / (INDEX_NAME + ".tmp")
         tmp.write_text(json.dumps(index, indent=2) + "\n")
+        faults.point("index", self.out_dir / INDEX_NAME)
         os.replace(tmp, self.out_dir / INDEX_NAME)
         return weight_map

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..engine import faults
 from ..engine.apply import keep_groups
 from ..engine.plan import LayerPlan
 from ..engine.stream import LayerStep, Stream, walk
@@ -24,7 +25,11 @@ def guards(stream: Stream, *, enabled: bool = True, progress: bool = True, n_seq
     ``n_seqs`` calibration sequences are profiled through the original model before the first layer
     is decided (one extra read of the checkpoint plus a forward of those sequences), once per model and
     calibration: the profile is cached (``scoring.super_experts.cached_profile``) and reused."""
-    return [cached_profile(stream, n_seqs=n_seqs, progress=progress)] if enabled else []
+    if not enabled:
+        return []
+    guard = cached_profile(stream, n_seqs=n_seqs, progress=progress)
+    faults.point("super-experts")
+    return [guard]
 
 
 def decide_layers(stream: Stream, layers, *, make_method: Callable[[], LayerMethod], keep_n: int, top_k: int,

@@ -19,7 +19,8 @@ def get_adapter(cfg: dict, source: str = "config.json") -> Adapter:
     for a in ALL:
         if mt in a.model_types:
             return a
-    for arch in cfg.get("architectures") or []:
+    archs = cfg.get("architectures")
+    for arch in archs if isinstance(archs, list) else []:
         for a in ALL:
             if arch in a.architectures:
                 return a

@@ -46,6 +46,7 @@ from typing import Callable
 
 import numpy as np
 
+from ...engine import faults
 from ...errors import ConfigError
 from .fitness import Fitness
 from .space import Candidate, SearchSpace
@@ -311,6 +312,7 @@ class Evolution:
                 log.info("generation %d: no new candidate left to try; stopping early", g)
                 break
             fits = self.evaluate(cands)
+            faults.point("eep-generation")
             phase = self.phase(g)
             st.archive += [Entry(c, f, g, phase) for c, f in zip(cands, fits)]
             st.evaluations += len(cands)

@@ -48,6 +48,7 @@ import shutil
 
 import torch
 
+from ...engine import faults
 from ...engine.apply import apply_layer, experts_for_plan
 from ...engine.budget import BudgetPlan, Placement, build_layer, plan_population
 from ...engine.cache import ActivationCache
@@ -449,6 +450,7 @@ class PopulationEvaluator:
                 loaded.use(None)  # the module lets go of the block before the next one is built
                 del block
             del loaded
+            faults.point("eep-evaluate")
         for i in todo:
             k = keys[i][n]
             if k not in self._final:

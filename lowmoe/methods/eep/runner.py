@@ -22,12 +22,13 @@ import logging
 import time
 from pathlib import Path
 
+from ...engine import faults
 from ...engine.apply import apply_layer
 from ...engine.budget import plan_population
 from ...engine.calibration import load_tokenizer
 from ...engine.progress import progress
 from ...engine.quant import QUANT_MODES, layer_weights
-from ...engine.rundir import WORK_DIR
+from ...engine.rundir import WORK_DIR, write_json_atomic
 from ...errors import ConfigError
 from ..base import ScoreThenKeep
 from ..oneshot import decide_layers, guards
@@ -136,7 +137,8 @@ def run_eep(run, cfg, top_k: int) -> dict:
             "best_prune_phase": None if prune_best is None else {"fitness": prune_best.fitness.to_json(),
                                                                  "keep": prune_best.cand.keep_sets()},
         }
-        final_path.write_text(json.dumps({"best": best.to_json(), "report": report}))
+        faults.point("eep-final")
+        write_json_atomic(final_path, {"best": best.to_json(), "report": report})
     # write every layer from the original weights (the checkpoint, never the quantized cache)
     run.layers = {L: space.layer_plan(best, L) for L in ck.moe_layers()}
     for layer_idx in progress(range(run.next_layer, ck.num_layers), ck.num_layers - run.next_layer, "write", cfg.progress):
@@ -173,7 +175,8 @@ def _seed_candidate(run, cfg, space: SearchSpace, method: str, work: Path, top_k
         if d.plan is not None:
             keep[d.idx] = list(d.plan.keep)
     stream.cache.clear()
-    path.write_text(json.dumps(keep))
+    faults.point("eep-seed")
+    write_json_atomic(path, keep)
     log.info("EEP seed from %s: %s", method, keep)
     return space.from_keep(keep)
 
