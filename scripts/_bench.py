@@ -4,6 +4,7 @@ a lock, so concurrent benchmarks do not build it twice) and dropping the page ca
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from pathlib import Path
 
@@ -57,3 +58,10 @@ def machine() -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "load_avg_1m": round(os.getloadavg()[0], 1),  # other jobs on a shared machine move wall times
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")}
+
+
+def save_result(path, data: dict) -> None:
+    """Store a benchmark's figures (with its command and machine) as indented JSON, folders made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")

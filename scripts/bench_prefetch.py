@@ -10,7 +10,6 @@ ahead on the reader thread). These are wall-clock figures: they belong here, not
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-from _bench import machine  # noqa: E402
+from _bench import machine, save_result  # noqa: E402
 
 from lowmoe.engine.prefetch import IOStats, Prefetcher  # noqa: E402
 
@@ -52,8 +51,7 @@ def main(argv=None) -> dict:
         print(f"depth {r['depth']}: wall {r['wall_s']:.3f} s  read {r['read_s']:.3f} s  waited {r['wait_s']:.3f} s")
     print(f"read time hidden: {res['hidden_fraction']:.0%}; wall depth1/depth0 {res['wall_ratio']:.2f}")
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(res, indent=1) + "\n")
+        save_result(a.json, res)
     return res
 
 

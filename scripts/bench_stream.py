@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _bench import BENCH_DIR, drop_caches, ensure_model, machine  # noqa: E402
+from _bench import BENCH_DIR, drop_caches, ensure_model, machine, save_result  # noqa: E402
 
 
 def timed(cmd: list[str], **kw) -> tuple[float, int]:
@@ -281,8 +281,7 @@ def geometry(args) -> None:
                              "output_loadable": result["reduced_copy"]["load"]["ok"] and result["reduced_copy"]["big_output_vs_reduced"]["ok"]}
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        save_result(args.json, result)
     if not args.keep_models:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -374,8 +373,7 @@ def main() -> None:
                "read_and_copy": {"cat_s": round(t_cat, 1), "cp_s": round(t_cp, 1), "total_s": round(io_time, 1)},
                "targets": {"peak_rss_gb": round(rss_target / 1e9, 2), "peak_rss_met": rss_prune <= rss_target,
                            "wall_s": round(2 * io_time, 1), "wall_met": t_prune <= 2 * io_time}}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1) + "\n")
+        save_result(args.json, res)
 
 
 if __name__ == "__main__":

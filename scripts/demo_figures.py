@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-from _bench import machine  # noqa: E402
+from _bench import machine, save_result  # noqa: E402
 
 from lowmoe.evaluate import prune_and_compare  # noqa: E402
 from lowmoe.toy import tasks  # noqa: E402
@@ -52,8 +52,7 @@ def main(argv=None) -> dict:
            "keep": res["report"]["num_experts"], "before": table(res["before"]), "after": table(res["after"])}
     print(json.dumps({k: out[k] for k in ("wall_s", "cpu_s", "before", "after")}, indent=1))
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(out, indent=1) + "\n")
+        save_result(a.json, out)
     return out
 
 

@@ -17,7 +17,7 @@ from lowmoe.engine import faults
 from lowmoe.engine.budget import SAFETY, layer_sizes, plan_budget
 from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.engine.quant import layer_weights
-from lowmoe.engine.rundir import REPORT
+from lowmoe.engine.rundir import REPORT, PruneRun
 from lowmoe.methods.eep.population import PopulationEvaluator
 from lowmoe.methods.eep.space import Candidate, SearchSpace
 from lowmoe.toy import tasks
@@ -216,3 +216,27 @@ def step_counts(fn, *args, **kw) -> dict[str, int]:
     faults.reset()
     fn(*args, **kw)
     return {s: faults.hits(s) for s in faults.STEPS if faults.hits(s)}
+
+
+class Killed(Exception):
+    """Stands for a kill: raised from inside a run, between two of its steps."""
+
+
+def prune_killed_after_layer(monkeypatch, layer_idx: int, *args, **kw) -> None:
+    """``lowmoe.prune(*args, **kw)``, killed right after layer ``layer_idx`` is recorded in the manifest."""
+    orig = PruneRun.finish_layer
+
+    def dying(self, idx):
+        orig(self, idx)
+        if idx == layer_idx:
+            raise Killed()
+
+    monkeypatch.setattr(PruneRun, "finish_layer", dying)
+    try:
+        try:
+            lowmoe.prune(*args, **kw)
+        except Killed:
+            return
+        raise AssertionError(f"the run was not killed after layer {layer_idx}")
+    finally:
+        monkeypatch.setattr(PruneRun, "finish_layer", orig)

@@ -19,7 +19,7 @@ from lowmoe.engine.formats import (FP8_MAX, QuantFormat, detect_format, fp8_bloc
                                    fp8_scale_shape, roundtrip_error)
 from lowmoe.errors import CheckpointError, LowmoeError
 
-from .helpers import dir_digest
+from .helpers import dir_digest, prune_killed_after_layer
 from .quantized import IDS, load, reference_pruned, same_bytes, stored
 
 FP8 = torch.float8_e4m3fn
@@ -254,23 +254,11 @@ def test_scores_on_dequantized_weights_like_the_bf16_model(synth_dir, tmp_path, 
 
 
 def test_killed_merge_run_resumes_to_the_same_bytes(synth_dir, tmp_path, calib_txt, monkeypatch):
-    from lowmoe.engine.rundir import PruneRun
-
     src = synth_dir("qwen3_moe", **SYNTH)
     opts = dict(keep=4, method="merge-freq", calib=[calib_txt], n_samples=8, seq_len=32, batch_size=4, progress=False,
                 max_shard_size="20KB")  # several shards, flushed mid-layer: the resume replays re-quantized experts
     ref = lowmoe.prune(src, tmp_path / "ref", **opts)
-    orig = PruneRun.finish_layer
-
-    def dying(self, layer_idx):
-        orig(self, layer_idx)
-        if layer_idx == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(PruneRun, "finish_layer", dying)
-    with pytest.raises(KeyboardInterrupt):
-        lowmoe.prune(src, tmp_path / "out", **opts)
-    monkeypatch.setattr(PruneRun, "finish_layer", orig)
+    prune_killed_after_layer(monkeypatch, 1, src, tmp_path / "out", **opts)
     report = lowmoe.prune(src, tmp_path / "out", resume=True, **opts)
     assert report["resumed_from_layer"] == 2
     assert report["quantization"]["requantized_experts"] == ref["quantization"]["requantized_experts"] > 0

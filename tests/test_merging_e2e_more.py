@@ -54,9 +54,8 @@ def test_saved_merge_plan_reapplies_to_the_same_bytes(synth_dir, calib_txt, tmp_
 
 
 def test_c_prune_report_and_resume(synth_dir, calib_txt, tmp_path, monkeypatch):
-    from lowmoe.pipeline import PruneRun
 
-    from .helpers import dir_digest
+    from .helpers import dir_digest, prune_killed_after_layer
 
     src = synth_dir("mixtral", layers=4)
     ref = lowmoe.prune(src, tmp_path / "ref", method="c-prune", calib=[calib_txt], **OPTS)
@@ -67,20 +66,7 @@ def test_c_prune_report_and_resume(synth_dir, calib_txt, tmp_path, monkeypatch):
         assert ref["layer_stats"][L]["global_merges"] == 8 - info["global_clusters"]
     assert sum(ref["layer_stats"][L]["global_merges"] for L in cp["layers"]) == cp["budget_merges"]
 
-    class Killed(Exception):
-        pass
-
-    orig = PruneRun.finish_layer
-
-    def dying(self, layer_idx):
-        orig(self, layer_idx)
-        if layer_idx == 1:
-            raise Killed
-
-    monkeypatch.setattr(PruneRun, "finish_layer", dying)
-    with pytest.raises(Killed):
-        lowmoe.prune(src, tmp_path / "k", method="c-prune", calib=[calib_txt], **OPTS)
-    monkeypatch.setattr(PruneRun, "finish_layer", orig)
+    prune_killed_after_layer(monkeypatch, 1, src, tmp_path / "k", method="c-prune", calib=[calib_txt], **OPTS)
     lowmoe.prune(src, tmp_path / "k", method="c-prune", calib=[calib_txt], resume=True, **OPTS)
     a = {k: v for k, v in dir_digest(tmp_path / "ref").items() if k != "lowmoe_report.json"}
     b = {k: v for k, v in dir_digest(tmp_path / "k").items() if k != "lowmoe_report.json"}

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM
 import lowmoe
 from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.errors import OutputError
-from lowmoe.pipeline import MANIFEST, REPORT, PruneRun
+from lowmoe.pipeline import MANIFEST, REPORT
 
-from .helpers import dir_digest
+from .helpers import dir_digest, prune_killed_after_layer
 
 OPTS = dict(keep=4, method="frequency", n_samples=8, seq_len=32, batch_size=4, progress=False)
 
@@ -67,27 +67,13 @@ def test_sequential_and_one_shot_differ_only_in_later_layers(synth_dir, calib_tx
     assert seq["scores"]["1"] != one["scores"]["1"]  # layer 1 sees pruned vs original layer-0 outputs
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("kill_after", [0, 1])
 def test_resume_gives_identical_bytes(synth_dir, calib_txt, tmp_path, monkeypatch, kill_after):
     src = synth_dir("mixtral", layers=4)
     opts = dict(OPTS, max_shard_size="60KB")  # several shards, flushed mid-layer
     lowmoe.prune(src, tmp_path / "ref", calib=[calib_txt], **opts)
 
-    orig = PruneRun.finish_layer
-
-    def dying(self, layer_idx):
-        orig(self, layer_idx)
-        if layer_idx == kill_after:
-            raise Killed()
-
-    monkeypatch.setattr(PruneRun, "finish_layer", dying)
-    with pytest.raises(Killed):
-        lowmoe.prune(src, tmp_path / "out", calib=[calib_txt], **opts)
-    monkeypatch.setattr(PruneRun, "finish_layer", orig)
+    prune_killed_after_layer(monkeypatch, kill_after, src, tmp_path / "out", calib=[calib_txt], **opts)
     out = tmp_path / "out"
     assert (out / MANIFEST).is_file()
     assert not (out / "model.safetensors.index.json").exists(), "a half-finished output must not look finished"
@@ -101,10 +87,7 @@ def test_resume_gives_identical_bytes(synth_dir, calib_txt, tmp_path, monkeypatc
 
 def test_resume_refuses_other_options(synth_dir, calib_txt, tmp_path, monkeypatch):
     src = synth_dir("mixtral")
-    monkeypatch.setattr(PruneRun, "finish_layer", lambda self, i: (_ for _ in ()).throw(Killed()))
-    with pytest.raises(Killed):
-        lowmoe.prune(src, tmp_path / "out", calib=[calib_txt], **OPTS)
-    monkeypatch.undo()
+    prune_killed_after_layer(monkeypatch, 0, src, tmp_path / "out", calib=[calib_txt], **OPTS)
     with pytest.raises(OutputError, match="other inputs or options"):
         lowmoe.prune(src, tmp_path / "out", calib=[calib_txt], resume=True, **dict(OPTS, keep=3))
 
