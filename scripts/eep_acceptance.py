@@ -83,8 +83,22 @@ def main():
     p.add_argument("--methods", default=",".join(sorted(SCORERS)), help="one-shot scoring methods to compare with")
     p.add_argument("--no-topk", action="store_true", help="skip the top-2 -> top-1 experiment")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="no runs: merge these result JSONs (rows run one at a time) into --json and print the table")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.merge:
+        merged = {"model": None, "args": [], "runs": [], "full_top2": {}}
+        for f in args.merge:
+            d = json.loads(f.read_text())
+            merged["model"] = d["model"]
+            merged["args"].append(d["args"])
+            merged["runs"] += d["runs"]
+            merged["full_top2"].update(d.get("full_top2", {}))
+        if args.json:
+            args.json.write_text(json.dumps(merged, indent=1))
+        print(table(merged["runs"]))
+        return
     results = {"model": str(args.model), "args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
     full_top2: dict[str, float] = {}
     extra = dict(kv.split("=", 1) for kv in args.eep_option)
@@ -172,6 +186,24 @@ def main():
     results["full_top2"] = full_top2
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    print(table(results["runs"]))
+
+
+def table(runs: list[dict]) -> str:
+    """The pruning rows as a markdown table (margin: EEP - best one-shot chosen on test, paired SE)."""
+    lines = ["| domains | sparsity | full | best one-shot (on test) | EEP | margin | EEP / full | EEP's seed (test) | "
+             "EEP per domain |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        if "top_k" in r or "full" not in r:
+            continue
+        bold = abs(r["margin"]) > 2 * r["margin_se"]
+        margin = f"{r['margin']:+.3f} ± {r['margin_se']:.3f}"
+        seed = f"{r['seed_test']:.3f} ({r['seed_method']})" if "seed_test" in r else "-"
+        per = ", ".join(f"{d} {a:.3f}" for d, a in r["eep_per_domain"].items()) if len(r["eep_per_domain"]) > 1 else ""
+        lines.append(f"| {r['domain']} | {r['sparsity']:.0%} (8→{r['keep']}) | {r['full']:.3f} | "
+                     f"{r['one_shot'][r['best_one_shot']]:.3f} ({r['best_one_shot']}) | {r['eep']:.3f} | "
+                     f"{'**' + margin + '**' if bold else margin} | {r['eep_vs_full']:.1%} | {seed} | {per} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
