@@ -14,10 +14,11 @@ Algorithm (Liu et al., arXiv 2407.00945, §4.3 / Alg. 1; defaults from the autho
   taken whole from one seed), random candidates. With E' = E the start is the identity (only
   fewer active experts).
 * **Pruning phase** (the first ``prune_generations``): child = one parent (top within 3.0
-  points) -- or, w.p. ``prune_crossover_prob``, a group-wise crossover of two parents of the
-  crossover pool, each group's keep-set whole from one of them --, then *discrete mutation*: each layer group is selected w.p. ``group_prob`` (0.25,
-  redrawn until one is), and each row of a selected group is resampled w.p. ``row_prob``
-  (0.15) to an expert no other row uses; W_RM follows W_EM.
+  points) -- or, w.p. ``prune_crossover_prob`` (default 0), a group-wise crossover of two parents
+  of the crossover pool, each group's keep-set whole from one of them --, then *discrete
+  mutation*: each layer group is selected w.p. ``group_prob`` (0.25, redrawn until one is), and
+  each row of a selected group is resampled w.p. ``row_prob`` (0.15) to an expert no other row
+  uses; W_RM follows W_EM.
 * **Merging phase**: w.p. ``crossover_prob`` (0.3) a row-wise crossover of two parents (top within
   1.0 point, at least 6): selected groups take each row from parent 1 w.p. 0.6, else parent 2;
   other groups take parent 1's matrix w.p. 0.6. Otherwise one parent. Then *Gaussian mutation*:
