@@ -187,3 +187,33 @@ def test_two_domains_min_rule_reports_per_domain_fitness(synth_dir, tmp_path):
     res = CliRunner().invoke(main, ["prune", str(src), str(tmp_path / "r"), "--method", "frequency", "--keep", "4",
                                     "--calib", str(ta), "--fitness-combine", "min"])
     assert res.exit_code == 2 and "--fitness-combine" in res.output and "--method eep" in res.output
+
+
+def test_pick_keeps_the_best_seed_unless_the_search_beats_it_on_dev_by_a_margin():
+    """``pick_margin``: a searched plan replaces the best seed only if its dev accuracy is higher by more
+    than pick_margin standard errors; with 0, any gain wins."""
+    sp = SearchSpace.build(list(range(3)), 8, 4, "layer")
+    seeds = [("a", sp.onehot([[0, 1, 2, 3]] * 3)), ("b", sp.onehot([[4, 5, 6, 7]] * 3))]
+    seed_keys = {c.canonical().key() for _, c in seeds}
+    a_key = seeds[0][1].canonical().key()
+
+    def train(cands):
+        return [Fitness(0.4 if c.key() in seed_keys else 0.6, -1.0) for c in cands]
+
+    def dev_with(gain):
+        def dev(cands):  # seed a: 0.70 on dev; searched plans: 0.70 + gain (one of them a bit more)
+            return [Fitness(0.70 if c.key() == a_key else 0.5 if c.key() in seed_keys
+                            else 0.70 + gain + 1e-3 * (hash(c.key()) % 3), -1.0) for c in cands]
+        return dev
+
+    n = 128  # se = sqrt(2 * 0.7 * 0.3 / 128) ~ 0.057
+    for gain, margin, want_seed in ((0.02, 1.0, True), (0.15, 1.0, False), (0.02, 0.0, False)):
+        opts = EvolveOptions(generations=2, population=6, dev_num=4, pick_margin=margin)
+        ev = Evolution(sp, opts, train, seeds=seeds, rank_seeds=dev_with(gain))
+        ev.run()
+        got = ev.pick(dev_with(gain), dev_examples=n)
+        assert (got.cand.key() == a_key) == want_seed, (gain, margin)
+        # without the dev size there is no margin: the best on dev
+        assert ev.pick(dev_with(gain)).cand.key() not in seed_keys
+    with pytest.raises(ConfigError, match="pick_margin"):
+        EvolveOptions(pick_margin=-1).check()

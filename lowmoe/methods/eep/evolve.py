@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -79,12 +80,15 @@ class EvolveOptions:
     single_threshold: float = 3.0  # single-parent pool
     single_rank: int = 0
     dev_num: int = 20
+    pick_margin: float = 1.0  # a searched plan must beat the best seed on dev by this many standard errors (0: any gain)
     max_redraw: int = 50
     seed: int = 0
 
     def check(self) -> None:
         if self.generations < 1:
             raise ConfigError(f"--generations must be >= 1, got {self.generations}")
+        if self.pick_margin < 0:
+            raise ConfigError(f"EEP option pick_margin={self.pick_margin}: must be >= 0 (standard errors)")
         if self.population < 2:
             raise ConfigError(f"--population must be >= 2, got {self.population}")
         if self.prune_generations is not None and not 0 <= self.prune_generations <= self.generations:
@@ -421,8 +425,13 @@ class Evolution:
         entries = self.seed_entries()
         return entries[0][1] if entries else None
 
-    def pick(self, evaluate_dev: Callable[[list[Candidate]], list[Fitness]] | None) -> Entry:
-        """EEP's final pick: the top ``dev_num`` by training fitness, re-scored on dev."""
+    def pick(self, evaluate_dev: Callable[[list[Candidate]], list[Fitness]] | None, dev_examples: int | None = None) -> Entry:
+        """EEP's final pick: the top ``dev_num`` by training fitness, re-scored on dev.
+
+        With seeds and ``dev_examples`` (the dev split's size), a searched plan replaces the best
+        seed on dev only if its dev accuracy is higher by more than ``pick_margin`` standard errors
+        (unpaired: sqrt(p1(1-p1)/n + p2(1-p2)/n)); a smaller gain is within what picking the best of
+        ~25 candidates on the same dev examples gains by chance, and the seed is kept."""
         ranked = self.state.ranked()
         if evaluate_dev is None:
             return ranked[0]
@@ -437,4 +446,15 @@ class Evolution:
             for e, f in zip(todo, evaluate_dev([e.cand for e in todo])):
                 e.dev = f
             self.save()
-        return max(top, key=lambda e: (e.dev.acc, e.dev.ll, e.fitness.acc, e.fitness.ll, -e.generation))
+        key = lambda e: (e.dev.acc, e.dev.ll, e.fitness.acc, e.fitness.ll, -e.generation)  # noqa: E731
+        best = max(top, key=key)
+        seeds = [e for _, e in self.seed_entries() if e.dev is not None]
+        if seeds and dev_examples and self.opts.pick_margin > 0 and all(best is not e for e in seeds):
+            seed = max(seeds, key=key)
+            p1, p2, n = best.dev.acc, seed.dev.acc, dev_examples
+            se = math.sqrt(max(p1 * (1 - p1), 0.0) / n + max(p2 * (1 - p2), 0.0) / n)
+            if p1 - p2 <= self.opts.pick_margin * se:
+                log.info("EEP pick: the best searched plan (dev %.4f) is within %.1f standard errors (%.4f) of the best "
+                         "seed (dev %.4f): keeping the seed", p1, self.opts.pick_margin, se, p2)
+                return seed
+        return best

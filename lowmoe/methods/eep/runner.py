@@ -43,7 +43,7 @@ from .space import Candidate, SearchSpace
 log = logging.getLogger(__name__)
 
 OPTION_NAMES = ("dev", "generations", "population", "init", "quant", "layer_groups", "prune_generations", "dev_num",
-                "retain", "retain_gb", "combine", "prune_crossover_prob", "seed_cross_share")
+                "retain", "retain_gb", "combine", "prune_crossover_prob", "seed_cross_share", "pick_margin")
 INIT_AUTO = "auto"  # every one-shot scorer's plan seeds the search
 
 
@@ -71,7 +71,7 @@ def parse_options(opts: dict, seed: int) -> tuple[dict, EvolveOptions]:
     combine = check_combine(opts.get("combine"))  # one of COMBINE_RULES, else a one-line error
     try:
         kw = {k: int(opts[k]) for k in ("generations", "population", "prune_generations", "dev_num") if opts.get(k) is not None}
-        kw.update({k: float(opts[k]) for k in ("prune_crossover_prob", "seed_cross_share") if opts.get(k) is not None})
+        kw.update({k: float(opts[k]) for k in ("prune_crossover_prob", "seed_cross_share", "pick_margin") if opts.get(k) is not None})
     except (TypeError, ValueError) as e:
         raise ConfigError(f"--method eep: an option expects a number ({e})") from None
     evo = EvolveOptions(seed=seed, **kw)
@@ -138,7 +138,7 @@ def run_eep(run, cfg, top_k: int) -> dict:
                  space.num_groups, evo.generations, evo.population, train.num_examples, train.num_tokens,
                  train.domain_counts(), opts["combine"], opts["quant"], opts["init"])
         state = evolution.run()
-        chosen = evolution.pick(dev_eval)
+        chosen = evolution.pick(dev_eval, dev_examples=None if dev is None else dev.num_examples)
         best = chosen.cand
         prune_best = next((e for e in state.ranked() if e.phase == "prune"), None)
         seed_entries = evolution.seed_entries()
