@@ -26,8 +26,12 @@ def test_prune_method_eep_end_to_end(synth_dir, tmp_path):
                 method_options={"dev": str(dev), "generations": 2, "population": 3, "layer_groups": "layer"})
     r1 = lowmoe.prune(src, tmp_path / "a", **opts)
     eep = r1["eep"]
-    # 2 generations of 3 distinct candidates each (duplicates are redrawn)
-    assert [c["evaluations"] for c in eep["curve"]] == [3, 6] and eep["evaluations"] == 6
+    # generation 0: every distinct one-shot seed (--init auto, the default; at least the population),
+    # generation 1: 3 distinct children (duplicates are redrawn)
+    n_seeds = len(eep["seeds"])
+    assert n_seeds >= 1 and eep["options"]["init"] == "auto"
+    g0 = max(3, n_seeds)
+    assert [c["evaluations"] for c in eep["curve"]] == [g0, g0 + 3] and eep["evaluations"] == g0 + 3
     assert len(eep["best"]["groups"]) == 3 and len(eep["best"]["groups"][0]["W_EM"]) == 4
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "a").eval()
     assert model.config.num_local_experts == 4

@@ -204,10 +204,14 @@ def families():
 @click.option("--resume", is_flag=True, help="Continue a killed run in OUT.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
 @click.option("--save-plan", default=None, type=click.Path(path_type=Path), help="Also write the plan to this file.")
-@click.option("--dev", default=None, type=click.Path(path_type=Path), help="EEP: dev-split JSONL for the final pick.")
+@click.option("--dev", multiple=True, type=click.Path(path_type=Path),
+              help="EEP: dev-split JSONL for the final pick; with several --calib domains, one per domain, same order.")
 @click.option("--generations", default=None, type=int, help="EEP: generations (default 40).")
 @click.option("--population", default=None, type=int, help="EEP: candidates per generation (default 16).")
-@click.option("--init", "init", default=None, help="EEP: 'random' or a scoring method whose plan seeds the search.")
+@click.option("--init", "init", default=None,
+              help="EEP: 'auto' (default: every scoring method's plan, the best seeds the search), 'random', or one scoring method.")
+@click.option("--fitness-combine", "combine", default=None,
+              help="EEP, several --calib domains: 'mean' (default) of per-domain accuracies, 'min', or 'weighted' (FILE@W).")
 @click.option("--quant", default=None, type=click.Choice(["none", "int8", "nf4"]), help="EEP: quantized layer cache for the search.")
 @click.option("--layer-groups", default=None, help="EEP: layer groups sharing W_EM/W_RM: a count (default 4) or 'layer'.")
 @click.option("--method-option", "-O", "method_option", multiple=True, metavar="KEY=VALUE",
@@ -215,7 +219,7 @@ def families():
 @click.pass_context
 def prune(ctx, model, out, keep, method, calib, plan, top_k, seq_len, n_samples, batch_size, layout, answer_only, one_shot,
           no_protect_super_experts, device, dtype, max_shard_size, max_vram, max_ram, no_prefetch, seed, resume, overwrite, save_plan,
-          dev, generations, population, init, quant, layer_groups, method_option):
+          dev, generations, population, init, combine, quant, layer_groups, method_option):
     """Prune MODEL's experts into a new checkpoint OUT."""
     report = run_prune(model, out, keep=keep, method=method, calib=[str(c) for c in calib], plan=plan, top_k=top_k,
                        seq_len=seq_len, n_samples=n_samples, batch_size=batch_size, layout=layout, answer_only=answer_only,
@@ -223,8 +227,9 @@ def prune(ctx, model, out, keep, method, calib, plan, top_k, seq_len, n_samples,
                        dtype=dtype, max_shard_size=max_shard_size, max_vram=max_vram, max_ram=max_ram,
                        prefetch=not no_prefetch, seed=seed, resume=resume, overwrite=overwrite,
                        progress=not ctx.obj["quiet"], **_add_method_options(
-                           _eep_options(method, dev=dev, generations=generations, population=population, init=init,
-                                        quant=quant, layer_groups=layer_groups), method_option))
+                           _eep_options(method, dev=[str(d) for d in dev] or None, generations=generations,
+                                        population=population, init=init, combine=combine, quant=quant,
+                                        layer_groups=layer_groups), method_option))
     if save_plan:
         Path(save_plan).write_text(json.dumps(report["plan"], indent=1) + "\n")
     print_prune_summary(report)
@@ -236,7 +241,7 @@ def _eep_options(method: str, **given) -> dict:
     if not given:
         return {}
     if method != "eep":
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        flags = ", ".join("--" + {"combine": "fitness-combine"}.get(k, k).replace("_", "-") for k in given)
         raise ConfigError(f"{flags}: only used by --method eep (got --method {method})")
     return {"method_options": given}
 

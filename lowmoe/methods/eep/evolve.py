@@ -6,13 +6,19 @@ Algorithm (Liu et al., arXiv 2407.00945, §4.3 / Alg. 1; defaults from the autho
 * **Archive.** Every evaluated candidate is kept with its fitness (training accuracy, ll
   tie-break). Parents are drawn uniformly from the archive top: the first ``i`` ranks whose
   accuracy is within ``parents_threshold`` points of the best, and at least ``parents_rank``.
-* **Init.** Random one-hot candidates (per group a random E'-subset, W_RM = W_EM), optionally
-  plus a seed from a one-shot scoring method's plan (``--init frequency`` / ``easy-ep`` / ...)
-  and mutations of it. With E' = E the start is the identity (only fewer active experts).
+* **Init.** Random one-hot candidates (per group a random E'-subset, W_RM = W_EM), plus seeds:
+  one-shot scoring methods' plans (``--init auto``: every scorer; ``--init easy-ep``: one). The
+  seeds are evaluated first (on training fitness, and on dev when the runner passes
+  ``rank_seeds``), ranked (dev first when there is one), and generation 0 is: every seed,
+  mutations of the best seed, group-wise crossovers of the seeds (each layer group's keep-set
+  taken whole from one seed), random candidates. With E' = E the start is the identity (only
+  fewer active experts).
 * **Pruning phase** (the first ``prune_generations``): child = one parent (top within 3.0
-  points), then *discrete mutation*: each layer group is selected w.p. ``group_prob`` (0.25,
-  redrawn until one is), and each row of a selected group is resampled w.p. ``row_prob``
-  (0.15) to an expert no other row uses; W_RM follows W_EM.
+  points) -- or, w.p. ``prune_crossover_prob`` (default 0), a group-wise crossover of two parents
+  of the crossover pool, each group's keep-set whole from one of them --, then *discrete
+  mutation*: each layer group is selected w.p. ``group_prob`` (0.25, redrawn until one is), and
+  each row of a selected group is resampled w.p. ``row_prob`` (0.15) to an expert no other row
+  uses; W_RM follows W_EM.
 * **Merging phase**: w.p. ``crossover_prob`` (0.3) a row-wise crossover of two parents (top within
   1.0 point, at least 6): selected groups take each row from parent 1 w.p. 0.6, else parent 2;
   other groups take parent 1's matrix w.p. 0.6. Otherwise one parent. Then *Gaussian mutation*:
@@ -21,8 +27,9 @@ Algorithm (Liu et al., arXiv 2407.00945, §4.3 / Alg. 1; defaults from the autho
   W_EM row is divided by its sum (W_RM is never normalised).
 * Children already in the archive are redrawn (up to ``max_redraw`` times).
 * **Final pick**: the top ``dev_num`` (20) by training fitness are re-scored on the dev split and
-  the best on dev is returned (without dev data: the best on training fitness). A seeded search
-  also re-scores its seed, so the pick is never worse on dev than the one-shot plan.
+  the best on dev is returned (without dev data: the best on training fitness). Every seed is
+  among the candidates compared on dev, so the pick is never worse on dev than any one-shot plan
+  that seeded the search.
 
 lowmoe evaluates ``population`` children per generation in one streamed pass
 (``population.PopulationEvaluator``) instead of EEP's one candidate per full-model run. EEP's
@@ -38,6 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -62,6 +70,8 @@ class EvolveOptions:
     group_prob: float = 0.25  # weight_change_prob = transfer_change_prob
     row_prob: float = 0.15  # discrete_mutate: per-row resample probability
     crossover_prob: float = 0.3
+    prune_crossover_prob: float = 0.0  # pruning phase: group-wise crossover of two parents (lowmoe; EEP: none)
+    seed_cross_share: float = 0.25  # generation 0: share of the non-seed candidates that cross seeds group-wise
     from_front_prob: float = 0.6
     sigma: float = 0.065
     entry_prob: float = 0.25
@@ -71,17 +81,21 @@ class EvolveOptions:
     single_threshold: float = 3.0  # single-parent pool
     single_rank: int = 0
     dev_num: int = 20
+    pick_margin: float = 1.0  # a searched plan must beat the best seed on dev by this many standard errors (0: any gain)
     max_redraw: int = 50
     seed: int = 0
 
     def check(self) -> None:
         if self.generations < 1:
             raise ConfigError(f"--generations must be >= 1, got {self.generations}")
+        if self.pick_margin < 0:
+            raise ConfigError(f"EEP option pick_margin={self.pick_margin}: must be >= 0 (standard errors)")
         if self.population < 2:
             raise ConfigError(f"--population must be >= 2, got {self.population}")
         if self.prune_generations is not None and not 0 <= self.prune_generations <= self.generations:
             raise ConfigError(f"prune_generations {self.prune_generations}: must be between 0 and --generations {self.generations}")
-        for name in ("group_prob", "row_prob", "crossover_prob", "from_front_prob", "entry_prob", "norm_prob"):
+        for name in ("group_prob", "row_prob", "crossover_prob", "prune_crossover_prob", "seed_cross_share",
+                     "from_front_prob", "entry_prob", "norm_prob"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"EEP option {name}={v}: must be a probability in [0, 1]")
@@ -130,11 +144,25 @@ class Evolution:
 
     def __init__(self, space: SearchSpace, opts: EvolveOptions, evaluate: Callable[[list[Candidate]], list[Fitness]],
                  state_path: str | Path | None = None, seed_cand: Candidate | None = None, fingerprint: dict | None = None,
-                 on_generation: Callable[[int], None] | None = None, progress: bool = False):
+                 on_generation: Callable[[int], None] | None = None, progress: bool = False,
+                 seeds: list[tuple[str, Candidate]] | None = None,
+                 rank_seeds: Callable[[list[Candidate]], list[Fitness]] | None = None):
+        """``seeds``: (method name, one-hot plan) of one-shot methods (``seed_cand``: one, named "seed");
+        ``rank_seeds``: the dev evaluator the seeds are ranked with (None: training fitness)."""
         opts.check()
         self.space, self.opts, self.evaluate = space, opts, evaluate
         self.state_path = Path(state_path) if state_path else None
-        self.seed_cand = seed_cand
+        seeds = list(seeds or []) + ([("seed", seed_cand)] if seed_cand is not None else [])
+        # distinct plans, each with every method that gave it (two scorers may agree)
+        self.seeds: list[tuple[list[str], Candidate]] = []
+        for name, c in seeds:
+            c = c.canonical()
+            same = next((s for s in self.seeds if s[1].key() == c.key()), None)
+            if same is None:
+                self.seeds.append(([name], c))
+            else:
+                same[0].append(name)
+        self.rank_seeds = rank_seeds
         self.fingerprint = {"options": asdict(opts), "space": space.describe(), **(fingerprint or {})}
         self.on_generation = on_generation
         self.progress = progress
@@ -202,6 +230,19 @@ class Evolution:
                     em[g, j, new] = 1.0
         return Candidate(em, em.copy()).canonical()
 
+    def group_crossover(self, parents: list[Candidate], rng: np.random.Generator) -> Candidate:
+        """A pruning-phase crossover: each layer group's keep-set whole from one of ``parents`` (one-hot
+        stays one-hot, W_RM = W_EM). Redrawn a few times if it equals a parent."""
+        G = self.space.num_groups
+        em = parents[0].em.copy()
+        for _ in range(8):
+            pick = rng.integers(len(parents), size=G)
+            if G > 1 and len(set(pick.tolist())) == 1:
+                continue
+            em = np.stack([parents[int(p)].em[g] for g, p in enumerate(pick)])
+            break
+        return Candidate(em, em.copy()).canonical()
+
     def crossover(self, p1: Candidate, p2: Candidate, rng: np.random.Generator) -> Candidate:
         G = self.space.num_groups
         out = []
@@ -239,7 +280,8 @@ class Evolution:
     def phase(self, generation: int) -> str:
         return "prune" if self.space.prunes and generation < self.opts.n_prune else "merge"
 
-    def initial(self, rng: np.random.Generator) -> list[Candidate]:
+    def initial(self, rng: np.random.Generator, seeds_ranked: list[Candidate] | None = None) -> list[Candidate]:
+        """Generation 0: the seeds (best first), mutations of the best, seed crossovers, random fill."""
         sp, P = self.space, self.opts.population
         cands: list[Candidate] = []
         seen: set[str] = set()
@@ -257,12 +299,22 @@ class Evolution:
                     break
                 add(self.gaussian_mutate(base, rng))
             return cands
-        if self.seed_cand is not None:
-            add(self.seed_cand.canonical())
+        for c in seeds_ranked or []:
+            add(c)
+        if seeds_ranked:
+            rest = max(P - len(cands), 0)
+            n_cross = int(rest * self.opts.seed_cross_share) if len(seeds_ranked) > 1 and sp.num_groups > 1 else 0
+            n_mut = (rest + 1) // 2
             for _ in range(self.opts.max_redraw * P):
-                if len(cands) >= (P + 1) // 2:
+                if len(cands) >= len(seeds_ranked) + n_mut:
                     break
-                add(self.discrete_mutate(self.seed_cand, rng))
+                add(self.discrete_mutate(seeds_ranked[0], rng))
+            target = len(cands) + n_cross
+            for _ in range(self.opts.max_redraw * P):
+                if len(cands) >= target:
+                    break
+                i, j = rng.choice(len(seeds_ranked), 2, replace=False)
+                add(self.group_crossover([seeds_ranked[i], seeds_ranked[j]], rng))
         for _ in range(self.opts.max_redraw * P):
             if len(cands) >= P:
                 break
@@ -280,7 +332,11 @@ class Evolution:
             child = None
             for _ in range(self.opts.max_redraw):
                 if phase == "prune":
-                    c = self.discrete_mutate(single[rng.integers(len(single))].cand, rng)
+                    if len(cross) >= 2 and rng.random() < self.opts.prune_crossover_prob:
+                        i, j = rng.choice(len(cross), 2, replace=False)
+                        c = self.discrete_mutate(self.group_crossover([cross[i].cand, cross[j].cand], rng), rng)
+                    else:
+                        c = self.discrete_mutate(single[rng.integers(len(single))].cand, rng)
                 else:
                     if len(cross) >= 2 and rng.random() < self.opts.crossover_prob:
                         i, j = rng.choice(len(cross), 2, replace=False)
@@ -307,14 +363,33 @@ class Evolution:
             g = st.generation
             t0 = time.perf_counter()
             rng = np.random.default_rng([opts.seed, g])
-            cands = self.initial(rng) if g == 0 else self.children(g, rng)
-            if not cands:
-                log.info("generation %d: no new candidate left to try; stopping early", g)
-                break
-            fits = self.evaluate(cands)
-            faults.point("eep-generation")
             phase = self.phase(g)
-            st.archive += [Entry(c, f, g, phase) for c, f in zip(cands, fits)]
+            devs: dict[str, Fitness] = {}
+            if g == 0 and self.seeds and self.space.prunes:
+                # the seeds first: ranked on dev (or training fitness), the best one is mutated
+                seed_cands = [c for _, c in self.seeds]
+                seed_fits = self.evaluate(seed_cands)
+                if self.rank_seeds is not None:
+                    devs = {c.key(): f for c, f in zip(seed_cands, self.rank_seeds(seed_cands))}
+                order = sorted(range(len(seed_cands)), key=lambda i: (
+                    -(devs[seed_cands[i].key()].acc if devs else seed_fits[i].acc),
+                    -(devs[seed_cands[i].key()].ll if devs else seed_fits[i].ll), -seed_fits[i].acc, i))
+                ranked_seeds = [seed_cands[i] for i in order]
+                for i in order:
+                    names = "+".join(self.seeds[i][0])
+                    log.info("EEP seed %s: train %s%s", names, seed_fits[i].describe(),
+                             f", dev {devs[seed_cands[i].key()].describe()}" if devs else "")
+                rest = self.initial(rng, ranked_seeds)[len(ranked_seeds):]
+                cands = [seed_cands[i] for i in order] + rest
+                fits = [seed_fits[i] for i in order] + (self.evaluate(rest) if rest else [])
+            else:
+                cands = self.initial(rng) if g == 0 else self.children(g, rng)
+                if not cands:
+                    log.info("generation %d: no new candidate left to try; stopping early", g)
+                    break
+                fits = self.evaluate(cands)
+            faults.point("eep-generation")  # evaluated, not yet in the archive
+            st.archive += [Entry(c, f, g, phase, devs.get(c.key())) for c, f in zip(cands, fits)]
             st.evaluations += len(cands)
             st.elapsed_s += time.perf_counter() - t0
             st.generation = g + 1
@@ -322,13 +397,17 @@ class Evolution:
             best = st.ranked()[0].fitness
             evals_h = st.evaluations / max(st.elapsed_s, 1e-9) * 3600
             eta = (opts.generations - st.generation) * st.elapsed_s / max(st.generation, 1)
-            st.curve.append({"generation": g, "phase": phase, "evaluations": st.evaluations, "best_acc": best.acc,
-                             "best_ll": best.ll, "gen_best_acc": accs[-1], "gen_median_acc": float(np.median(accs)),
-                             "elapsed_s": round(st.elapsed_s, 3)})
+            point = {"generation": g, "phase": phase, "evaluations": st.evaluations, "best_acc": best.acc,
+                     "best_ll": best.ll, "gen_best_acc": accs[-1], "gen_median_acc": float(np.median(accs)),
+                     "elapsed_s": round(st.elapsed_s, 3)}
+            if best.domains:  # several domains: the archive best's and the generation's best per domain
+                point["best_domains"] = best.domain_accs()
+                point["gen_best_domains"] = {name: max(f.domain_accs()[name] for f in fits) for name, _, _ in best.domains}
+            st.curve.append(point)
             if self.on_generation is not None:
                 self.on_generation(g)
             self.save()
-            line = (f"gen {st.generation}/{opts.generations} [{phase}] best {best.acc:.3f} (ll {best.ll:.3f}) "
+            line = (f"gen {st.generation}/{opts.generations} [{phase}] best {best.describe()} (ll {best.ll:.3f}) "
                     f"median {np.median(accs):.3f} | {evals_h:.0f} evals/h | ETA {eta / 60:.1f} min")
             if bar is not None:
                 bar.set_postfix_str(line.split(" ", 2)[2])
@@ -338,27 +417,46 @@ class Evolution:
             bar.close()
         return st
 
-    def seed_entry(self) -> Entry | None:
-        """The archive entry of the seed (``--init METHOD``), once evaluated."""
-        if self.seed_cand is None:
-            return None
-        key = self.seed_cand.canonical().key()
-        return next((e for e in self.state.ranked() if e.cand.key() == key), None)
+    def seed_entries(self) -> list[tuple[list[str], Entry]]:
+        """(method names, archive entry) of every seed, once evaluated, in seeding order."""
+        by_key = {e.cand.key(): e for e in self.state.archive if e.generation == 0}
+        return [(names, by_key[c.key()]) for names, c in self.seeds if c.key() in by_key]
 
-    def pick(self, evaluate_dev: Callable[[list[Candidate]], list[Fitness]] | None) -> Entry:
-        """EEP's final pick: the top ``dev_num`` by training fitness, re-scored on dev."""
+    def seed_entry(self) -> Entry | None:
+        """The archive entry of the first seed (``--init METHOD``), once evaluated."""
+        entries = self.seed_entries()
+        return entries[0][1] if entries else None
+
+    def pick(self, evaluate_dev: Callable[[list[Candidate]], list[Fitness]] | None, dev_examples: int | None = None) -> Entry:
+        """EEP's final pick: the top ``dev_num`` by training fitness, re-scored on dev.
+
+        With seeds and ``dev_examples`` (the dev split's size), a searched plan replaces the best
+        seed on dev only if its dev accuracy is higher by more than ``pick_margin`` standard errors
+        (unpaired: sqrt(p1(1-p1)/n + p2(1-p2)/n)); a smaller gain is within what picking the best of
+        ~25 candidates on the same dev examples gains by chance, and the seed is kept."""
         ranked = self.state.ranked()
         if evaluate_dev is None:
             return ranked[0]
         top = ranked[:self.opts.dev_num]
-        # a seeded search (--init METHOD) also re-scores its seed on dev, so the pick is never
-        # worse on dev than the one-shot plan it started from
-        seed = self.seed_entry()
-        if seed is not None and all(e is not seed for e in top):
-            top.append(seed)
+        # a seeded search (--init auto / METHOD) also compares every seed on dev, so the pick is never
+        # worse on dev than any one-shot plan it started from
+        for _, seed in self.seed_entries():
+            if all(e is not seed for e in top):
+                top.append(seed)
         todo = [e for e in top if e.dev is None]
         if todo:
             for e, f in zip(todo, evaluate_dev([e.cand for e in todo])):
                 e.dev = f
             self.save()
-        return max(top, key=lambda e: (e.dev.acc, e.dev.ll, e.fitness.acc, e.fitness.ll, -e.generation))
+        key = lambda e: (e.dev.acc, e.dev.ll, e.fitness.acc, e.fitness.ll, -e.generation)  # noqa: E731
+        best = max(top, key=key)
+        seeds = [e for _, e in self.seed_entries() if e.dev is not None]
+        if seeds and dev_examples and self.opts.pick_margin > 0 and all(best is not e for e in seeds):
+            seed = max(seeds, key=key)
+            p1, p2, n = best.dev.acc, seed.dev.acc, dev_examples
+            se = math.sqrt(max(p1 * (1 - p1), 0.0) / n + max(p2 * (1 - p2), 0.0) / n)
+            if p1 - p2 <= self.opts.pick_margin * se:
+                log.info("EEP pick: the best searched plan (dev %.4f) is within %.1f standard errors (%.4f) of the best "
+                         "seed (dev %.4f): keeping the seed", p1, self.opts.pick_margin, se, p2)
+                return seed
+        return best

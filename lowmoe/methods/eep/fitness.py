@@ -17,6 +17,14 @@ Data: JSON Lines ``{"prompt": ..., "answer": ...}`` or ``{"prompt": ..., "option
 included, no trailing EOS), answers apart. Sequences are right-padded; with causal attention real
 tokens never see the padding, so no attention mask is needed (as in ``calibration``).
 
+**Several domains** (one per ``--calib`` file, ``PATH@WEIGHT`` as in ``engine.calibration``):
+every example remembers its file, accuracy and tie-break are measured per domain and combined by
+``combine``: ``mean`` (default: the mean of the per-domain accuracies, every domain counts the same
+whatever its number of examples), ``min`` (the worst domain: "no domain left behind"; the
+tie-break is then the mean per-domain log-likelihood) or ``weighted`` (the ``@WEIGHT`` weights,
+normalised; ``--calib a.jsonl@3 --calib b.jsonl@1``). ``Fitness.domains`` keeps the per-domain
+values for the report.
+
 ``FitnessData`` holds the token batches; ``score_logits`` turns one chunk's logits into per-row
 statistics; ``aggregate`` turns rows into a ``Fitness``. ``Head`` is the final norm + lm_head.
 """
@@ -25,29 +33,64 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ...errors import CalibrationError
+from ...errors import CalibrationError, ConfigError
+from ...engine.calibration import parse_source
 from ...engine.hf import materialize
 from ...engine.jsonl import json_lines
+
+COMBINE_RULES = ("mean", "min", "weighted")
 
 
 @dataclass(frozen=True, order=True)
 class Fitness:
     """Larger is better; compared as (accuracy, tie-break log-likelihood)."""
 
-    acc: float  # fraction of examples exactly right (or multiple-choice correct)
-    ll: float  # mean answer log-likelihood per token (MC: mean log p(gold | options))
+    acc: float  # fraction of examples exactly right (or multiple-choice correct); several domains: combined
+    ll: float  # mean answer log-likelihood per token (MC: mean log p(gold | options)); several domains: combined
+    # several domains: per domain (name, acc, ll), in --calib order; not part of the comparison
+    domains: tuple[tuple[str, float, float], ...] = field(default=(), compare=False)
 
     def to_json(self) -> dict:
-        return {"acc": self.acc, "ll": self.ll}
+        d = {"acc": self.acc, "ll": self.ll}
+        if self.domains:
+            d["domains"] = {name: {"acc": acc, "ll": ll} for name, acc, ll in self.domains}
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> Fitness:
-        return cls(float(d["acc"]), float(d["ll"]))
+        doms = tuple((name, float(v["acc"]), float(v["ll"])) for name, v in (d.get("domains") or {}).items())
+        return cls(float(d["acc"]), float(d["ll"]), doms)
+
+    def domain_accs(self) -> dict[str, float]:
+        return {name: acc for name, acc, _ in self.domains}
+
+    def describe(self) -> str:
+        """``0.812`` or, with several domains, ``0.812 (sort 0.800, brackets 0.825)``."""
+        if not self.domains:
+            return f"{self.acc:.3f}"
+        return f"{self.acc:.3f} (" + ", ".join(f"{n} {a:.3f}" for n, a, _ in self.domains) + ")"
+
+
+def combine(values: list[tuple[float, float]], weights: list[float], rule: str) -> tuple[float, float]:
+    """Per-domain (acc, ll) -> one (acc, ll) by ``rule`` (``COMBINE_RULES``)."""
+    if rule == "min":
+        n = len(values)
+        return min(a for a, _ in values), sum(ll for _, ll in values) / n
+    w = [1.0] * len(values) if rule == "mean" else list(weights)
+    total = sum(w)
+    return (sum(wi * a for wi, (a, _) in zip(w, values)) / total, sum(wi * ll for wi, (_, ll) in zip(w, values)) / total)
+
+
+def check_combine(rule: str | None) -> str:
+    rule = (rule or "mean").strip().lower()
+    if rule not in COMBINE_RULES:
+        raise ConfigError(f"--fitness-combine {rule!r}: choose one of {', '.join(COMBINE_RULES)}")
+    return rule
 
 
 @dataclass
@@ -59,10 +102,25 @@ class Row:
 
 
 class FitnessData:
-    """Tokenized fitness examples: ``input_ids`` (N, S) right-padded, one ``Row`` per sequence."""
+    """Tokenized fitness examples: ``input_ids`` (N, S) right-padded, one ``Row`` per sequence.
 
-    def __init__(self, input_ids: torch.Tensor, rows: list[Row], labels: list[int | None], source: str):
+    ``domain[n]``: the domain (index into ``domains``/``weights``) example n came from;
+    ``combine``: how per-domain fitness is combined (``COMBINE_RULES``)."""
+
+    def __init__(self, input_ids: torch.Tensor, rows: list[Row], labels: list[int | None], source: str,
+                 domain: list[int] | None = None, domains: list[str] | None = None, weights: list[float] | None = None,
+                 combine: str = "mean"):
         self.input_ids, self.rows, self.labels, self.source = input_ids, rows, labels, source
+        self.domain = list(domain) if domain is not None else [0] * len(labels)
+        self.domains = list(domains) if domains else [source]
+        self.weights = list(weights) if weights else [1.0] * len(self.domains)
+        self.combine = check_combine(combine)
+
+    def domain_counts(self) -> dict[str, int]:
+        counts = [0] * len(self.domains)
+        for d in self.domain:
+            counts[d] += 1
+        return dict(zip(self.domains, counts))
 
     @property
     def num_examples(self) -> int:
@@ -77,16 +135,38 @@ class FitnessData:
             yield i // batch_size, slice(i, i + batch_size)
 
     @classmethod
-    def load(cls, paths, tokenizer, *, max_examples: int | None = None, max_len: int | None = None) -> FitnessData:
-        """Examples from one or more JSONL files (``max_examples``: the first N over all files)."""
+    def load(cls, paths, tokenizer, *, max_examples: int | None = None, max_len: int | None = None,
+             combine: str = "mean", weights: list[float] | None = None) -> FitnessData:
+        """Examples from one or more JSONL files, each file one domain (``PATH@WEIGHT`` sets its weight
+        for ``combine="weighted"``; ``weights`` overrides them). ``max_examples``: N in all, split evenly
+        between the domains (the first records of each file; a short file leaves its share unused)."""
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-        records = []
-        for path in paths:
-            records += read_records(path)
+        sources = [parse_source(p) for p in paths]
+        names = [s.name or str(s.path) for s in sources]
+        if len(set(names)) < len(names):  # same stem in two folders: fall back to the paths
+            names = [str(s.path) for s in sources]
+        per = [None] * len(sources)
         if max_examples:
-            records = records[:max_examples]
-        return cls.from_records(records, tokenizer, source=", ".join(str(p) for p in paths), max_len=max_len,
-                                where=", ".join(str(p) for p in paths))
+            base, extra = divmod(int(max_examples), len(sources))
+            per = [base + (1 if i < extra else 0) for i in range(len(sources))]
+        records, domain = [], []
+        for d, src in enumerate(sources):
+            recs = read_records(src.path)
+            if per[d] is not None:
+                recs = recs[:per[d]]
+            if not recs:
+                raise CalibrationError(f"{src.path}: no fitness examples left (--n-samples {max_examples} split between "
+                                       f"{len(sources)} domains)")
+            records += recs
+            domain += [d] * len(recs)
+        data = cls.from_records(records, tokenizer, source=", ".join(str(s.path) for s in sources), max_len=max_len,
+                                where=", ".join(str(s.path) for s in sources))
+        data.domain, data.domains = domain, names
+        data.weights = list(weights) if weights is not None else [s.weight for s in sources]
+        if len(data.weights) != len(names):
+            raise ConfigError(f"{len(data.weights)} fitness weights for {len(names)} domains")
+        data.combine = check_combine(combine)
+        return data
 
     @classmethod
     def from_records(cls, records: list[dict], tokenizer, *, source: str = "records", max_len: int | None = None,
@@ -178,7 +258,8 @@ class FitnessData:
         return out
 
     def aggregate(self, per_row: list[tuple[bool, float]]) -> Fitness:
-        """Per-example correctness and tie-break, averaged over examples."""
+        """Per-example correctness and tie-break, averaged over each domain's examples, the domains
+        combined by ``self.combine`` (one domain: the plain average)."""
         n = self.num_examples
         correct = [False] * n
         ll = [0.0] * n
@@ -197,7 +278,14 @@ class FitnessData:
             correct[ex] = best == gold
             m = max(lps)
             ll[ex] = lps[gold] - (m + math.log(sum(math.exp(x - m) for x in lps)))
-        return Fitness(sum(correct) / n, sum(ll) / n)
+        if len(self.domains) == 1:
+            return Fitness(sum(correct) / n, sum(ll) / n)
+        per = []
+        for d, name in enumerate(self.domains):
+            idx = [i for i in range(n) if self.domain[i] == d]
+            per.append((name, sum(correct[i] for i in idx) / len(idx), sum(ll[i] for i in idx) / len(idx)))
+        acc, mean_ll = combine([(a, b) for _, a, b in per], self.weights, self.combine)
+        return Fitness(acc, mean_ll, tuple(per))
 
 
 def read_records(path: str | Path) -> list[dict]:

@@ -4,10 +4,13 @@ A runner in ``methods.RUNNERS`` (it drives the whole run itself):
 
     options   <- cfg.method_options: dev, generations, population, init, quant, layer_groups
     weights   <- the checkpoint, or a per-layer NF4/int8 cache built once (``lowmoe.engine.quant``)
-    seed      <- optional one-shot scoring pass (``--init frequency|easy-ep|...``) -> a one-hot seed
+    seeds     <- one-shot scoring passes: ``--init auto`` (default) every scorer of ``methods.scoring``,
+                 ``--init easy-ep`` (etc.) one, ``--init random`` none -> one-hot seeds, ranked on
+                 ``--dev`` (else training fitness); all enter generation 0, the best is mutated
     search    <- ``evolve.Evolution``: one population-parallel streamed pass per generation on the
-                 ``--calib`` examples (``population.PopulationEvaluator``)
-    pick      <- the top 20 by training fitness re-scored on ``--dev``
+                 ``--calib`` examples (``population.PopulationEvaluator``); each ``--calib`` file is a
+                 domain, fitness per domain combined by ``combine`` (mean / min / weighted by @W)
+    pick      <- the top 20 by training fitness and every seed, re-scored on ``--dev``
     write     <- every layer from the ORIGINAL full-precision checkpoint via the plan (apply_layer):
                  LayerPlan(keep, merge=W_EM, router=W_RM); router rows W_RM·W_G (+ mapped biases)
 
@@ -34,14 +37,22 @@ from ..base import ScoreThenKeep
 from ..oneshot import decide_layers, guards
 from ..scoring import SCORERS, make_scorer
 from .evolve import EvolveOptions, Evolution
-from .fitness import FitnessData
+from .fitness import FitnessData, check_combine
 from .population import PopulationEvaluator
 from .space import Candidate, SearchSpace
 
 log = logging.getLogger(__name__)
 
 OPTION_NAMES = ("dev", "generations", "population", "init", "quant", "layer_groups", "prune_generations", "dev_num",
-                "retain", "retain_gb")
+                "retain", "retain_gb", "combine", "prune_crossover_prob", "seed_cross_share", "pick_margin")
+INIT_AUTO = "auto"  # every one-shot scorer's plan seeds the search
+
+
+def dev_paths(dev) -> list[str]:
+    """``--dev``: one path, or a list (one file per ``--calib`` domain, in the same order)."""
+    if dev is None or dev == "" or dev == [] or dev == ():
+        return []
+    return [str(d) for d in dev] if isinstance(dev, (list, tuple)) else [str(dev)]
 
 
 def parse_options(opts: dict, seed: int) -> tuple[dict, EvolveOptions]:
@@ -51,17 +62,22 @@ def parse_options(opts: dict, seed: int) -> tuple[dict, EvolveOptions]:
     quant = opts.get("quant") or "none"
     if quant not in QUANT_MODES:
         raise ConfigError(f"--quant {quant!r}: choose one of {', '.join(QUANT_MODES)}")
-    init = opts.get("init") or "random"
-    if init != "random":
-        if init not in SCORERS:
-            raise ConfigError(f"--init {init!r}: choose 'random' or a scoring method: {', '.join(sorted(SCORERS))}")
-    dev = opts.get("dev")
-    if dev is not None and not Path(dev).is_file():
-        raise ConfigError(f"--dev {dev}: file not found (expected JSONL with prompt/answer records)")
-    kw = {k: int(opts[k]) for k in ("generations", "population", "prune_generations", "dev_num") if opts.get(k) is not None}
+    init = opts.get("init") or INIT_AUTO
+    if init not in ("random", INIT_AUTO) and init not in SCORERS:
+        raise ConfigError(f"--init {init!r}: choose 'auto', 'random' or a scoring method: {', '.join(sorted(SCORERS))}")
+    dev = dev_paths(opts.get("dev"))
+    for d in dev:
+        if not Path(d).is_file():
+            raise ConfigError(f"--dev {d}: file not found (expected JSONL with prompt/answer records)")
+    combine = check_combine(opts.get("combine"))  # one of COMBINE_RULES, else a one-line error
+    try:
+        kw = {k: int(opts[k]) for k in ("generations", "population", "prune_generations", "dev_num") if opts.get(k) is not None}
+        kw.update({k: float(opts[k]) for k in ("prune_crossover_prob", "seed_cross_share", "pick_margin") if opts.get(k) is not None})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--method eep: an option expects a number ({e})") from None
     evo = EvolveOptions(seed=seed, **kw)
     evo.check()
-    return {"quant": quant, "init": init, "dev": dev, "layer_groups": opts.get("layer_groups"),
+    return {"quant": quant, "init": init, "dev": dev, "combine": combine, "layer_groups": opts.get("layer_groups"),
             "retain": None if opts.get("retain") is None else int(opts["retain"]),
             "retain_bytes": int(float(opts.get("retain_gb") or 10) * 1e9)}, evo
 
@@ -69,6 +85,9 @@ def parse_options(opts: dict, seed: int) -> tuple[dict, EvolveOptions]:
 def run_eep(run, cfg, top_k: int) -> dict:
     ck = run.ck
     opts, evo = parse_options(dict(cfg.method_options), cfg.seed)
+    if len(opts["dev"]) > 1 and len(opts["dev"]) != len(cfg.calib):
+        raise ConfigError(f"--dev: {len(opts['dev'])} files for {len(cfg.calib)} --calib domains; give one --dev per "
+                          "--calib file, in the same order (or a single --dev)")
     keep_n = cfg.resolve_keep(ck.num_experts)
     space = SearchSpace.build(ck.moe_layers(), ck.num_experts, keep_n, opts["layer_groups"])
     work = run.out / WORK_DIR / "eep"
@@ -84,44 +103,62 @@ def run_eep(run, cfg, top_k: int) -> dict:
         report = final["report"]
     else:
         tok = load_tokenizer(ck.path)
-        train = FitnessData.load(cfg.calib, tok, max_examples=cfg.n_samples, max_len=cfg.seq_len)
-        dev = FitnessData.load([opts["dev"]], tok, max_len=cfg.seq_len) if opts["dev"] else None
+        train = FitnessData.load(cfg.calib, tok, max_examples=cfg.n_samples, max_len=cfg.seq_len, combine=opts["combine"])
+        dev = None
+        if opts["dev"]:
+            if len(opts["dev"]) == len(train.domains):  # dev domain i is calib domain i: same names and weights
+                dev = FitnessData.load(opts["dev"], tok, max_len=cfg.seq_len, combine=opts["combine"], weights=train.weights)
+                dev.domains = list(train.domains)
+            else:  # one dev file for several training domains: one dev domain
+                dev = FitnessData.load(opts["dev"], tok, max_len=cfg.seq_len)
         t0 = time.perf_counter()
         weights = layer_weights(ck, opts["quant"], work / f"quant-{opts['quant']}", device=device, progress=cfg.progress)
         quant_s = time.perf_counter() - t0
-        seed_cand = _seed_candidate(run, cfg, space, opts["init"], work, top_k) if opts["init"] != "random" else None
+        methods = [] if opts["init"] == "random" or not space.prunes else \
+            sorted(SCORERS) if opts["init"] == INIT_AUTO else [opts["init"]]
+        seeds = [(m, _seed_candidate(run, cfg, space, m, work, top_k)) for m in methods]
         evaluator = PopulationEvaluator(ck, weights, space, train, work / "acts-train", device=device, dtype=dtype,
                                         top_k=top_k, batch_size=cfg.batch_size, progress=False, budget=budget)
-        evolution = Evolution(space, evo, evaluator.evaluate, state_path=work / "state.json", seed_cand=seed_cand,
+        dev_eval = None
+        if dev is not None:
+            dev_evaluator = PopulationEvaluator(ck, weights, space, dev, work / "acts-dev", device=device, dtype=dtype,
+                                                top_k=top_k, batch_size=cfg.batch_size, budget=budget)
+            dev_eval = dev_evaluator.evaluate
+        evolution = Evolution(space, evo, evaluator.evaluate, state_path=work / "state.json", seeds=seeds,
+                              rank_seeds=dev_eval,
                               fingerprint={"top_k": top_k, "quant": opts["quant"], "init": opts["init"],
-                                           "train": train.input_ids.shape[0]},
+                                           "train": train.input_ids.shape[0], "combine": opts["combine"],
+                                           "domains": train.domain_counts(), "weights": train.weights},
                               progress=cfg.progress)
         # keep the hidden-state streams of every possible parent of the next generation (best first,
         # within the disk cap): a child starts at the first layer where it differs from its parent
         evolution.on_generation = lambda g: evaluator.retain([e.cand for e in evolution.parents()[:opts["retain"]]],
                                                              max_bytes=opts["retain_bytes"])
         log.info("EEP search: %d -> %d experts, top-%d, %d layer group(s), %d generations x %d, fitness on %d examples "
-                 "(%d tokens), weights %s", ck.num_experts, keep_n, top_k, space.num_groups, evo.generations, evo.population,
-                 train.num_examples, train.num_tokens, opts["quant"])
+                 "(%d tokens; domains %s, combined by %s), weights %s, init %s", ck.num_experts, keep_n, top_k,
+                 space.num_groups, evo.generations, evo.population, train.num_examples, train.num_tokens,
+                 train.domain_counts(), opts["combine"], opts["quant"], opts["init"])
         state = evolution.run()
-        dev_eval = None
-        if dev is not None:
-            dev_evaluator = PopulationEvaluator(ck, weights, space, dev, work / "acts-dev", device=device, dtype=dtype,
-                                                top_k=top_k, batch_size=cfg.batch_size, budget=budget)
-            dev_eval = dev_evaluator.evaluate
-        chosen = evolution.pick(dev_eval)
+        chosen = evolution.pick(dev_eval, dev_examples=None if dev is None else dev.num_examples)
         best = chosen.cand
         prune_best = next((e for e in state.ranked() if e.phase == "prune"), None)
-        seed_entry = evolution.seed_entry()
+        seed_entries = evolution.seed_entries()
+        # the seed the search grew from: the best one on dev (else on training fitness)
+        seed_entry = max((e for _, e in seed_entries), default=None,
+                         key=lambda e: (e.dev.acc, e.dev.ll) if e.dev is not None else (e.fitness.acc, e.fitness.ll))
+        seed_name = next(("+".join(n) for n, e in seed_entries if e is seed_entry), None)
         if seed_entry is not None:
-            log.info("EEP seed (%s): train %.4f%s; pick: train %.4f%s", opts["init"], seed_entry.fitness.acc,
-                     "" if seed_entry.dev is None else f", dev {seed_entry.dev.acc:.4f}", chosen.fitness.acc,
-                     "" if chosen.dev is None else f", dev {chosen.dev.acc:.4f}")
+            log.info("EEP best seed (%s): train %s%s; pick: train %s%s", seed_name, seed_entry.fitness.describe(),
+                     "" if seed_entry.dev is None else f", dev {seed_entry.dev.describe()}", chosen.fitness.describe(),
+                     "" if chosen.dev is None else f", dev {chosen.dev.describe()}")
         report = {
             "options": {**{k: v for k, v in opts.items()}, **{k: v for k, v in vars(evo).items()}},
             "space": space.describe(), "top_k": top_k,
-            "fitness_data": {"train": {"source": train.source, "examples": train.num_examples, "tokens": train.num_tokens},
-                             "dev": None if dev is None else {"source": dev.source, "examples": dev.num_examples}},
+            "fitness_data": {"train": {"source": train.source, "examples": train.num_examples, "tokens": train.num_tokens,
+                                       "domains": train.domain_counts(), "weights": train.weights,
+                                       "combine": opts["combine"]},
+                             "dev": None if dev is None else {"source": dev.source, "examples": dev.num_examples,
+                                                              "domains": dev.domain_counts()}},
             "curve": state.curve, "evaluations": state.evaluations, "search_s": round(state.elapsed_s, 3),
             "evaluations_per_hour": round(state.evaluations / max(state.elapsed_s, 1e-9) * 3600, 1),
             "quant": {"mode": opts["quant"], "build_s": round(quant_s, 3), "bytes_read": weights.bytes_read},
@@ -131,9 +168,11 @@ def run_eep(run, cfg, top_k: int) -> dict:
                      "groups": [{"layers": list(layers), "W_EM": best.em[g].tolist(), "W_RM": best.rm[g].tolist()}
                                 for g, layers in enumerate(space.groups)]},
             "seed": None if seed_entry is None else {
-                "method": opts["init"], "fitness": seed_entry.fitness.to_json(),
+                "method": seed_name, "fitness": seed_entry.fitness.to_json(),
                 "dev": None if seed_entry.dev is None else seed_entry.dev.to_json(),
                 "keep": seed_entry.cand.keep_sets()},
+            "seeds": [{"methods": names, "fitness": e.fitness.to_json(), "dev": None if e.dev is None else e.dev.to_json(),
+                       "keep": e.cand.keep_sets()} for names, e in seed_entries],
             "best_prune_phase": None if prune_best is None else {"fitness": prune_best.fitness.to_json(),
                                                                  "keep": prune_best.cand.keep_sets()},
         }
