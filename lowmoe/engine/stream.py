@@ -172,7 +172,8 @@ def walk(stream: Stream, layers, *, observers_for: Callable[[int], list], decide
     keys; ``plan`` is None for a dense layer; it may write them). With ``sequential`` and a plan, the
     next layer reads the outputs of the layer *with the plan applied* (built with ``num_experts``
     experts and ``top_k``); otherwise the original layer's. Yields a ``LayerStep`` per layer once its
-    outputs are cached and its inputs dropped."""
+    outputs are cached; its inputs are dropped when the caller asks for the next one (after it has
+    recorded this one, so a run killed in between can resume at this layer)."""
     ck, adapter = stream.ck, stream.ck.adapter
     moe = set(ck.moe_layers())
     for idx, data in layers:
