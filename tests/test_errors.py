@@ -164,3 +164,14 @@ def test_verbose_flags_before_or_after_the_subcommand(synth_dir, calib_txt, tmp_
     ok = ["prune", str(src), str(tmp_path / "ok"), "--keep", "4", "--calib", str(calib_txt), "--n-samples", "2", "--seq-len", "16"]
     r = CliRunner().invoke(main, ok + ["-q"] if where == "after" else ["-q", *ok])
     assert r.exit_code == 0 and "it/s" not in r.output and "layer   0: keep" in r.output, r.output  # -q: no progress bars
+
+
+def test_output_piped_into_a_closed_reader_prints_no_error():
+    """``lowmoe families | head -1``: the reader closes the pipe early; lowmoe stops without a message."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(f"{sys.executable} -m lowmoe families | head -1", shell=True, capture_output=True, text=True,
+                       timeout=120)
+    assert r.stdout.startswith("mixtral") and len(r.stdout.splitlines()) == 1
+    assert r.stderr == "", r.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +64,9 @@ class LowmoeGroup(click.Group):
             raise
         except click.exceptions.Abort:
             raise
+        except BrokenPipeError:  # the reader of our output went away (``lowmoe families | head``): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+            sys.exit(1)
         except OSError as e:
             if ctx.obj and ctx.obj.get("verbose", 0) >= 2:
                 raise
