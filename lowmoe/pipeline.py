@@ -33,7 +33,7 @@ from .engine.cache import ActivationCache
 from .engine.calibration import CalibTokens, check_sources, check_tokenizer
 from .engine.checkpoint import Checkpoint
 from .engine.device import DTYPES, resolve_device, resolve_dtype
-from .engine.lazy import ShardFiles, read_lazy_layer
+from .engine.lazy import ShardFiles, read_lazy_layer, reads_lazily
 from .engine.memory import fmt_bytes
 from .engine.plan import LayerPlan, Plan
 from .engine.progress import progress
@@ -176,7 +176,7 @@ def plan_run_budget(cfg: PruneConfig, ck: Checkpoint):
     device = cfg.compute_device()
     return plan_stream_budget(ck, device=device, dtype=resolve_dtype(DTYPES[cfg.dtype], device), batch_size=cfg.batch_size,
                               seq_len=cfg.seq_len, max_vram=cfg.max_vram, max_ram=cfg.max_ram, prefetch=cfg.prefetch,
-                              lazy=cfg.method not in methods.RUNNERS and ck.quant_format is None)
+                              lazy=cfg.method not in methods.RUNNERS and reads_lazily(ck))
 
 
 def _plan_from_input(cfg: PruneConfig, ck: Checkpoint) -> Plan:

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 import lowmoe
 from lowmoe.cli import main
 from lowmoe.engine.apply import merge_experts
+from lowmoe.engine.budget import plan_lazy_budget
 from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.engine.formats import (FP8_MAX, QuantFormat, detect_format, fp8_block_dequantize, fp8_block_quantize,
                                    fp8_scale_shape, roundtrip_error)
@@ -292,3 +293,24 @@ def test_bad_quantized_checkpoints_fail_fast_with_one_line(synth_dir, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="weight_scale_inv.*no quantization_config"):
         Checkpoint(bad)
+
+
+def test_fp8_experts_read_in_groups_and_copied_as_stored_bytes(synth_dir, tmp_path, calib_txt):
+    """FP8 experts stream like bf16 ones (issue 13): located in the shards, dequantized a group at a
+    time as the layer computes, and a selection plan copies their values and scales unread; a tight
+    --max-ram gives smaller groups and the same bytes."""
+    src = synth_dir("deepseek_v3", **SYNTH)
+    ck = Checkpoint(src)
+    opts = dict(keep=4, calib=[calib_txt], n_samples=4, seq_len=16, batch_size=2, progress=False)
+    ref = lowmoe.prune(src, tmp_path / "ref", prefetch=False, **opts)
+    assert ref["io"]["bytes_copied"] > 0, "kept FP8 experts are copied as stored bytes"
+    assert ref["io"]["expert_bytes_read"] > 0, "FP8 experts are read by the group reader, not with the layer"
+    free = plan_lazy_budget(ck, device=torch.device("cpu"), dtype=torch.float32, batch_size=2, seq_len=16)
+    L = ck.moe_layers()[0]
+    tight = free.min_max_ram + 2 * ck.layer_read_bytes(L) // ck.num_experts
+    bud = lowmoe.prune(src, tmp_path / "bud", max_ram=tight, **opts)
+    groups = set(bud["budget"]["group_sizes"].values())
+    assert groups and max(groups) < ck.num_experts, "a tight --max-ram must read FP8 experts in smaller groups"
+    assert bud["plan"] == ref["plan"] and bud["scores"] == ref["scores"]
+    files = lambda d: {k: v for k, v in dir_digest(d).items() if k not in ("lowmoe_report.json", "README.md")}  # noqa: E731
+    assert files(tmp_path / "bud") == files(tmp_path / "ref")

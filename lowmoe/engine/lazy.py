@@ -147,6 +147,14 @@ class StoredTensor:
         self.files.read_into(self.shard, self.offset, t)
         return t
 
+    def read_into(self, out: torch.Tensor) -> None:
+        """The whole tensor into ``out`` (its shape, the stored dtype)."""
+        self.files.read_into(self.shard, self.offset, out)
+
+    def parts(self) -> dict[str, "StoredTensor"]:
+        """Its stored tensors by key, as the writer copies them: itself."""
+        return {self.key: self}
+
     def read_rows(self, row: int, out: torch.Tensor) -> None:
         """Row ``row`` of dim 0 (``out`` is one row, in the stored dtype) -- a fused expert tensor's expert."""
         rowbytes = self.nbytes // self.shape[0]
@@ -180,6 +188,52 @@ class StoredTensor:
             self.files.bytes_copied += self.nbytes
 
 
+@dataclass(frozen=True)
+class QuantizedStored:
+    """One FP8 block-quantized weight as stored (values + ``weight_scale_inv``), seen as its logical
+    float tensor: ``read``/``read_into`` dequantize it (``formats``) into the compute dtype; ``parts``
+    are the stored tensors the writer copies unchanged."""
+
+    main: StoredTensor
+    scale: StoredTensor
+    fmt: object  # formats.QuantFormat
+    torch_dtype: torch.dtype  # the dequantized (compute) dtype
+
+    @property
+    def files(self) -> ShardFiles:
+        return self.main.files
+
+    @property
+    def shard(self) -> str:
+        return self.main.shard
+
+    @property
+    def key(self) -> str:
+        return self.main.key
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.main.shape
+
+    def read(self) -> torch.Tensor:
+        return self.fmt.dequantize({self.main.key: self.main.read(), self.scale.key: self.scale.read()}, self.main.key,
+                                   self.torch_dtype)
+
+    def read_into(self, out: torch.Tensor) -> None:
+        out.copy_(self.read())
+
+    def parts(self) -> dict[str, StoredTensor]:
+        return {self.main.key: self.main, self.scale.key: self.scale}
+
+
+def reads_lazily(ck) -> bool:
+    """Whether ``read_lazy_layer`` can read ``ck``'s routed experts in groups: an unquantized checkpoint,
+    or FP8 block weights stored per expert (each expert's values and scales are their own tensors).
+    MXFP4's fused blocks are read whole, dequantized."""
+    fmt = ck.quant_format
+    return fmt is None or (fmt.method == "fp8" and ck.adapter.expert_layout == "per_expert")
+
+
 class LazyLayer(Mapping):
     """One decoder layer's on-disk tensors: the non-expert ones read, the routed experts' as
     ``StoredTensor``s (read on access, one at a time). Keys in the checkpoint's order."""
@@ -210,6 +264,10 @@ class LazyLayer(Mapping):
 
     def stored(self, key: str) -> StoredTensor | None:
         return self._stored.get(key)
+
+    def stored_parts(self, keys: list[str]) -> dict[str, StoredTensor]:
+        """The stored tensors (stored keys) of the routed-expert entries among ``keys``, in that order."""
+        return {k: v for key in keys if key in self._stored for k, v in self._stored[key].parts().items()}
 
     def for_plan(self, selection_only: bool) -> dict:
         """The layer for ``apply.apply_layer``: expert entries as ``StoredTensor``s when the plan only
@@ -296,7 +354,7 @@ class ExpertSource:
                     if r is None:
                         rows = st.shape[0] if st.shape else 1
                         seg = row[at:at + rows] if row.dim() else row
-                        st.files.read_into(st.shard, st.offset, seg)
+                        st.read_into(seg)
                         at += rows
                     else:
                         seg = row
@@ -386,24 +444,31 @@ def _aligned(n: int, a: int = 64) -> int:
 
 def read_lazy_layer(ck, files: ShardFiles, layer_idx: int) -> LazyLayer:
     """Layer ``layer_idx`` of the checkpoint ``ck``: non-expert tensors read (``ck.read``), routed
-    experts located in ``files`` (nothing read). A dense layer has no stored entries. A quantized
-    checkpoint (FP8/MXFP4) is read whole, dequantized (``Checkpoint.read``): its experts are not
-    located by row in the stored bytes."""
+    experts located in ``files`` (nothing read; FP8 experts as ``QuantizedStored``, dequantized when a
+    group is loaded). A dense layer has no stored entries. A checkpoint ``reads_lazily`` refuses
+    (MXFP4) is read whole, dequantized (``Checkpoint.read``)."""
     ad = ck.adapter
     keys = ck.layer_keys(layer_idx)
     if not keys:
         raise CheckpointError(f"{ck.path}: no tensors for layer {layer_idx} in the index")
-    if ck.quant_format is not None:
+    if not reads_lazily(ck):
         return LazyLayer(layer_idx, keys, ck.read(keys), {}, None)
     prefix = ad.layer_prefix(layer_idx)
     moe = layer_idx in set(ck.moe_layers())
     exp = [k for k in keys if moe and ad.is_expert_key(k[len(prefix):])] if moe else []
     if ad.expert_layout == "fused":  # only the 3-D (E, ...) tensors are loaded by rows; biases too
         exp = [k for k in exp if k in set(ad.fused_keys(layer_idx))]
-    stored = {k: files.stored(k, ck.weight_map[k]) for k in exp}
+    stored = {k: _locate(ck, files, k) for k in exp}
     read = ck.read([k for k in keys if k not in stored])
     src = ExpertSource.from_layer(ad, layer_idx, stored, ck.num_experts) if stored else None
     if stored and (src is None or ad.expert_layout == "fused" and len(src.names) != len(ad.fused_tensors)):
         # experts the source cannot read row by row (a fused layout renamed at load): read everything
         return LazyLayer(layer_idx, keys, ck.read(keys), {}, None)
     return LazyLayer(layer_idx, keys, read, stored, src)
+
+
+def _locate(ck, files: ShardFiles, key: str) -> "StoredTensor | QuantizedStored":
+    """Where logical tensor ``key`` is stored (an FP8 weight: its values and its scales)."""
+    parts = ck.parts[key] if ck.quant_format is not None else (key,)
+    located = [files.stored(p, ck.weight_map[p]) for p in parts]
+    return located[0] if len(located) == 1 else QuantizedStored(located[0], located[1], ck.quant_format, ck.compute_dtype)

@@ -332,14 +332,25 @@ class PruneRun:
 
     def _quantized_layer_output(self, layer_idx: int, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """A quantized checkpoint's layer: the stored bytes of everything kept (read again, as
-        stored), merged experts re-quantized (``apply.apply_layer_quantized``)."""
+        stored), merged experts re-quantized (``apply.apply_layer_quantized``). A selection plan over a
+        lazily read layer (FP8 experts located, not read) copies the kept experts' values and scales
+        from the input shards without reading them."""
         ck = self.ck
+        lp = self.layers.get(layer_idx) if layer_idx in self.moe else None
+        if isinstance(tensors, LazyLayer) and tensors.experts is not None and selection_only(lp):
+            keys = ck.layer_keys(layer_idx)
+            read = ck.read_stored([k for k in keys if k in tensors.resident])
+            stored = {}
+            for k in keys:  # the order read_layer_stored gives: the same output bytes
+                stored.update({p: read[p] for p in ck.parts[k]} if k in tensors.resident else tensors.stored_parts([k]))
+            out, _ = apply_layer_quantized(self.adapter, layer_idx, ck.quant_format, stored, None, lp, ck.num_experts,
+                                           fields=self.plan_fields)
+            return out
         stored = ck.read_layer_stored(layer_idx)
         if layer_idx not in self.moe:
             return stored
-        if isinstance(tensors, LazyLayer):  # read whole for a quantized checkpoint (lazy.read_lazy_layer)
+        if isinstance(tensors, LazyLayer):  # merged experts are computed on the dequantized layer
             tensors = dict(tensors)
-        lp = self.layers[layer_idx]
         if tensors is None and (lp.merge is not None or lp.extra):
             tensors = ck.dequantize(stored)
         out, stats = apply_layer_quantized(self.adapter, layer_idx, ck.quant_format, stored, tensors, lp,
@@ -356,7 +367,10 @@ class PruneRun:
         self.writer.add_all(out)
         self.times.setdefault(layer_idx, {})["write_s"] = round(time.perf_counter() - t0, 4)
         faults.point("layer-written")
-        return self.ck.dequantize(out)
+        if self.ck.quant_format is None:
+            return out
+        # copied experts (stored entries) are not decoded: a sequential pass reads them from the input
+        return self.ck.dequantize({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
 
     def finish_layer(self, layer_idx: int) -> None:
         self.next_layer = layer_idx + 1
