@@ -43,12 +43,22 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# safetensors dtype codes -> torch dtypes (the stored element type): the one table the reader, the
+# group reader (``lazy``) and the writer use.
+ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DTYPE_BYTES = {code: dtype.itemsize for code, dtype in ST_TORCH.items()}
 
 
 def check_header(path: Path) -> None:
     """A safetensors shard's header against its file: CheckpointError naming the shard and tensor."""
+    read_header(path)
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors shard's JSON header, checked against its file, and the file offset where its data
+    starts: CheckpointError naming the shard and tensor when they do not agree."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -90,6 +100,7 @@ def check_header(path: Path) -> None:
         if dtype in DTYPE_BYTES and end - begin != numel * DTYPE_BYTES[dtype]:
             raise CheckpointError(f"{path}: tensor {key!r} spans {end - begin} bytes but its shape {shape} and dtype {dtype} "
                                   f"need {numel * DTYPE_BYTES[dtype]}; the shard is corrupt")
+    return header, 8 + n
 
 
 _FLOAT_CHECKED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -26,9 +26,7 @@ bytes of a key; copying it never needs to know how they decode.
 from __future__ import annotations
 
 import gc
-import json
 import os
-import struct
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,15 +35,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .checkpoint import nonfinite_error
-
-# safetensors dtype codes -> torch dtypes (the stored element type).
-ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-            "BOOL": torch.bool}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-    if hasattr(torch, _name):
-        ST_TORCH[_code] = getattr(torch, _name)
+from .checkpoint import ST_TORCH, nonfinite_error, read_header
 
 
 class ShardFiles:
@@ -73,17 +63,7 @@ class ShardFiles:
         """(the shard's JSON header, file offset where its data starts)."""
         h = self._headers.get(shard)
         if h is None:
-            fd = self.fd(shard)
-            raw = os.pread(fd, 8, 0)
-            if len(raw) != 8:
-                raise CheckpointError(f"{self.root / shard}: not a safetensors file (shorter than its header length)")
-            n = struct.unpack("<Q", raw)[0]
-            body = os.pread(fd, n, 8)
-            try:
-                hd = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{self.root / shard}: safetensors header is not valid JSON ({e})") from None
-            h = self._headers[shard] = (hd, 8 + n)
+            h = self._headers[shard] = read_header(self.root / shard)
         return h
 
     def stored(self, key: str, shard: str) -> "StoredTensor":

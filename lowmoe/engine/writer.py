@@ -31,6 +31,7 @@ import torch
 
 from ..errors import OutputError
 from . import faults
+from .checkpoint import ST_TORCH
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,8 @@ def tensor_nbytes(t) -> int:
     return int(t.nbytes)
 
 
-# safetensors dtype names (the format's own spelling).
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-    if hasattr(torch, _name):
-        _ST_DTYPES[getattr(torch, _name)] = _code
+# safetensors dtype names (the format's own spelling), from the reader's table.
+_ST_DTYPES = {dtype: code for code, dtype in ST_TORCH.items()}
 
 
 class _OpenShard:
