@@ -264,7 +264,7 @@ def _search_worker(cfg: PruneConfig, ck: Checkpoint, budget, group: dist.Group) 
     """A rank other than 0: evaluate its share of the search, write nothing of the output."""
     msg = group.broadcast(None, "waiting for rank 0 to prepare the output")
     if msg["error"] is not None:
-        raise DistributedError(f"rank {group.rank}/{group.world}: rank 0 stopped before the search: {msg['error']}")
+        raise DistributedError(f"rank {group.rank} of {group.world}: rank 0 stopped before the search: {msg['error']}")
     if msg["search"]:
         top_k = cfg.top_k or min(ck.top_k, cfg.resolve_keep(ck.num_experts))
         lm = logging.getLogger("lowmoe")  # rank 0 logs the search; the others only warnings and errors

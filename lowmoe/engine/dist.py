@@ -92,7 +92,7 @@ class Group:
             raise
         except (RuntimeError, OSError, ValueError) as e:  # DistBackendError, DistNetworkError are RuntimeErrors
             first = " ".join(str(e).split())[:160]
-            raise DistributedError(f"rank {self.rank}/{self.world}: another process of the run stopped or stopped answering "
+            raise DistributedError(f"rank {self.rank} of {self.world}: another process of the run stopped or stopped answering "
                                    f"while {what} ({type(e).__name__}: {first}); {RESUME_HINT}") from None
 
     def split(self, fn: Callable[[list[T]], list[R]], what: str) -> Callable[[list[T]], list[R]]:
@@ -185,7 +185,7 @@ def init(device: torch.device) -> Group:
                                              timeout=datetime.timedelta(seconds=t))
     except (RuntimeError, OSError, ValueError) as e:
         first = " ".join(str(e).split())[:160]
-        raise DistributedError(f"rank {group.rank}/{group.world}: could not join the process group at "
+        raise DistributedError(f"rank {group.rank} of {group.world}: could not join the process group at "
                                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within {t:.0f}s "
                                f"({type(e).__name__}: {first})") from None
     _current, _owned = group, True
@@ -222,7 +222,7 @@ def _stop_on_sigterm(group: Group) -> None:
 
     def stop(signum, frame):  # noqa: ARG001
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-        raise DistributedError(f"rank {group.rank}/{group.world}: stopped by the launcher (SIGTERM), most likely "
+        raise DistributedError(f"rank {group.rank} of {group.world}: stopped by the launcher (SIGTERM), most likely "
                                f"because another rank failed (see its error above); {RESUME_HINT}")
 
     signal.signal(signal.SIGTERM, stop)
