@@ -173,3 +173,19 @@ def test_fault_on_one_rank_only(monkeypatch):
     with pytest.raises(OSError):
         faults.point("eep-evaluate")
     faults.reset()
+
+
+def test_assign_keeps_work_where_it_is_and_balances():
+    # 4 items from scratch, nothing shared: two per rank
+    fresh = [[f"{i}:{b}" for b in range(4)] for i in range(4)]
+    assert sorted(dist.assign([fresh, fresh])) == [0, 0, 1, 1]
+    # item 0's streams are cached on rank 1 (it needs nothing there): it goes there
+    needs0 = [["a", "b"], ["c", "d"]]
+    needs1 = [[], ["c", "d"]]
+    assert dist.assign([needs0, needs1]) == [1, 0]
+    # two children sharing a 3-stream prefix go to one rank, the third item to the other
+    shared = [["p1", "p2", "p3", "x"], ["p1", "p2", "p3", "y"], ["q1", "q2", "q3", "q4"]]
+    owner = dist.assign([shared, shared])
+    assert owner[0] == owner[1] != owner[2]
+    # every rank computes the same answer from the same needs; an empty population is fine
+    assert dist.assign([shared, shared]) == owner and dist.assign([[], []]) == []

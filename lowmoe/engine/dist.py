@@ -95,26 +95,62 @@ class Group:
             raise DistributedError(f"rank {self.rank} of {self.world}: another process of the run stopped or stopped answering "
                                    f"while {what} ({type(e).__name__}: {first}); {RESUME_HINT}") from None
 
-    def split(self, fn: Callable[[list[T]], list[R]], what: str) -> Callable[[list[T]], list[R]]:
-        """``fn`` over a list, run on this rank's ``share`` and gathered back into the list's order: every
-        rank gets every result. ``fn`` must give an item the same result on any rank (the EEP fitness
-        of a candidate depends only on the candidate)."""
+    def split(self, fn: Callable[[list[T]], list[R]], what: str,
+              needs: Callable[[list[T]], list[list[str]]] | None = None) -> Callable[[list[T]], list[R]]:
+        """``fn`` over a list, each item run on one rank and the results gathered back into the list's
+        order: every rank gets every result. ``fn`` must give an item the same result on any rank (the
+        EEP fitness of a candidate depends only on the candidate).
+
+        Which rank runs an item: without ``needs``, the strided ``share``. With it, ``needs(items)``
+        names, per item, the units of work this rank would have to do for it (EEP: the hidden-state
+        streams it has not cached); those are gathered and every rank computes the same ``assign``:
+        work a rank already holds (a parent's stream) is not redone elsewhere, units two items share
+        are done once, and the ranks' loads stay even."""
         if not self.distributed:
             return fn
 
         def run(items: list[T]) -> list[R]:
             items = list(items)
-            mine = self.share(items)
+            if needs is None:
+                owner = [i % self.world for i in range(len(items))]
+            else:
+                owner = assign(self.all_gather(needs(items), what))
+            mine = [it for it, r in zip(items, owner) if r == self.rank]
             got = list(fn(mine)) if mine else []
             if len(got) != len(mine):
                 raise RuntimeError(f"{what}: {len(got)} results for {len(mine)} items")
-            parts = self.all_gather(got, what)
-            out: list = [None] * len(items)
-            for r, part in enumerate(parts):
-                out[r::self.world] = part
-            return out
+            parts = [iter(p) for p in self.all_gather(got, what)]
+            return [next(parts[r]) for r in owner]
 
         return run
+
+
+def assign(needs: list[list[list[str]]]) -> list[int]:
+    """The rank of each item, from ``needs[rank][item]`` (the units of work that rank would do for it).
+
+    Items with the most work go first. Each goes to the rank where it adds the fewest units (those
+    not already planned there: a parent's cached streams, a prefix shared with an item placed
+    before), among the ranks it leaves within an even share of the work (the items' smallest needs
+    summed, over the ranks); when it fits under none, to the rank that finishes it first. Ties: the
+    lighter rank, then the lower one. A function of ``needs`` only: the same answer on every rank."""
+    world = len(needs)
+    n = len(needs[0]) if needs else 0
+    planned: list[set[str]] = [set() for _ in range(world)]
+    load = [0] * world
+    owner = [0] * n
+    least = [min(len(needs[r][i]) for r in range(world)) for i in range(n)]
+    cap = sum(least) / max(world, 1)
+    for i in sorted(range(n), key=lambda i: (-least[i], i)):
+        extra = [sum(1 for u in needs[r][i] if u not in planned[r]) for r in range(world)]
+        fits = [r for r in range(world) if load[r] + extra[r] <= cap]
+        if fits:
+            r = min(fits, key=lambda r: (extra[r], load[r], r))
+        else:
+            r = min(range(world), key=lambda r: (load[r] + extra[r], load[r], r))
+        planned[r].update(needs[r][i])
+        load[r] += extra[r]
+        owner[i] = r
+    return owner
 
 
 SINGLE = Group()

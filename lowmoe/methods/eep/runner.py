@@ -18,9 +18,11 @@ The search state lives in ``OUT/.lowmoe-work/eep/state.json``; ``--resume`` cont
 search at its last finished generation (or the write at its last finished layer).
 
 On several processes (``torchrun``, ``engine.dist``) every rank runs the same ``Evolution`` with the
-same seed, so every rank draws the same candidates: each evaluates its strided share of every
-population (and of the seeds' one-shot scoring passes, and of the dev re-scoring), the fitness is
-gathered back into the population's order, and selection goes on identically everywhere. Rank 0
+same seed, so every rank draws the same candidates: each evaluates its share of every population
+(and of the dev re-scoring) -- a child goes to the rank that holds its parent's hidden-state
+streams, children sharing a prefix go together, the loads kept even (``engine.dist.assign`` over
+``PopulationEvaluator.needs``) --, each computes a share of the seeds' one-shot scoring passes, the
+fitness is gathered back into the population's order, and selection goes on identically everywhere. Rank 0
 keeps the search state and writes the output; rank r > 0 works in ``OUT/.lowmoe-work/eep-rank{r}``
 (its own quantized cache and hidden-state streams), starts from rank 0's state and removes its
 directory when the search is done. The result is the one-process search's, bit for bit (tests).
@@ -144,8 +146,8 @@ def run_eep(run, cfg, top_k: int) -> dict:
         if dev is not None:
             dev_evaluator = PopulationEvaluator(ck, weights, space, dev, work / "acts-dev", device=device, dtype=dtype,
                                                 top_k=top_k, batch_size=cfg.batch_size, budget=budget)
-            dev_eval = group.split(dev_evaluator.evaluate, "evaluating candidates on --dev")
-        evolution = Evolution(space, evo, group.split(evaluator.evaluate, "evaluating a generation"),
+            dev_eval = group.split(dev_evaluator.evaluate, "evaluating candidates on --dev", needs=dev_evaluator.needs)
+        evolution = Evolution(space, evo, group.split(evaluator.evaluate, "evaluating a generation", needs=evaluator.needs),
                               state_path=state_path, seeds=seeds,
                               rank_seeds=dev_eval,
                               fingerprint={"top_k": top_k, "quant": opts["quant"], "init": opts["init"],
