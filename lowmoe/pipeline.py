@@ -210,10 +210,9 @@ def prune(model: str | Path, out: str | Path, **options) -> dict:
         raise ConfigError(f"{what} runs in one process, but this is rank {group.rank} of WORLD_SIZE={group.world} "
                           f"(torchrun): only --method {', '.join(methods.DISTRIBUTED)} shares its work among "
                           "processes; launch it without torchrun")
+    cfg = replace(cfg, device=dist.device_for(cfg.device, group))  # several processes: each on its own GPU
     group = dist.init(cfg.compute_device())
     try:
-        if group.distributed:  # each rank computes on its own GPU (cuda:LOCAL_RANK)
-            cfg = replace(cfg, device=str(dist.device_for(cfg.compute_device(), group)))
         budget = plan_run_budget(cfg, ck) if plan_in is None else None  # fails here if a budget cannot hold
         fp = run_fingerprint(cfg, ck)
         if not group.is_main:

@@ -73,7 +73,8 @@ def search(synth_dir, tmp_path_factory):
 def untimed(eep: dict) -> dict:
     """The EEP report without its timings (and the process count)."""
     keep = {k: v for k, v in eep.items() if k not in ("search_s", "evaluations_per_hour", "quant", "stream_stats",
-                                                      "fitness_png", "processes")}
+                                                      "fitness_png", "processes", "search_cpu_s",
+                                                      "rank_stream_stats")}
     keep["curve"] = [{k: v for k, v in c.items() if k != "elapsed_s"} for c in eep["curve"]]
     return keep
 
@@ -189,3 +190,11 @@ def test_assign_keeps_work_where_it_is_and_balances():
     assert owner[0] == owner[1] != owner[2]
     # every rank computes the same answer from the same needs; an empty population is fine
     assert dist.assign([shared, shared]) == owner and dist.assign([[], []]) == []
+
+
+def test_each_rank_on_its_own_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    g = dist.Group(rank=3, world=4, local_rank=1)
+    assert dist.device_for("cuda", g) == "cuda:1" and dist.device_for("auto", g) == "cuda:1"
+    assert dist.device_for("cuda:0", g) == "cuda:0" and dist.device_for("cpu", g) == "cpu"  # explicit: kept
+    assert dist.device_for("cuda", dist.SINGLE) == "cuda"

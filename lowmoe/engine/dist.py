@@ -192,8 +192,7 @@ def timeout_s() -> float:
 def init(device: torch.device) -> Group:
     """Join the process group torchrun set up (once per process); a group of one when not launched so.
 
-    ``device``: the run's compute device; on CUDA each rank computes on ``cuda:LOCAL_RANK``
-    (``device_for``)."""
+    ``device``: this rank's compute device (``device_for``); a CUDA one becomes the current device."""
     global _current, _owned
     group = from_env()
     if not group.distributed:
@@ -212,7 +211,7 @@ def init(device: torch.device) -> Group:
         raise ConfigError(f"WORLD_SIZE={group.world} but {', '.join(missing)} not set: launch with torchrun "
                           "(it sets the rendezvous variables), or set them yourself")
     if device.type == "cuda":
-        torch.cuda.set_device(device_for(device, group))
+        torch.cuda.set_device(device)
     elif backend == "nccl":
         raise ConfigError(f"{ENV_BACKEND}=nccl needs --device cuda (the run computes on {device})")
     t = timeout_s()
@@ -231,11 +230,13 @@ def init(device: torch.device) -> Group:
     return group
 
 
-def device_for(device: torch.device, group: Group) -> torch.device:
-    """The device this rank computes on: ``cuda`` (no index) becomes ``cuda:LOCAL_RANK``."""
-    if device.type == "cuda" and group.distributed and device.index is None:
-        return torch.device("cuda", group.local_rank)
-    return device
+def device_for(name: str | None, group: Group) -> str | None:
+    """The ``--device`` this rank computes on: ``cuda`` (or ``auto`` on a machine with CUDA) becomes
+    ``cuda:LOCAL_RANK`` when there are several processes; an explicit ``cuda:N`` or ``cpu`` is kept."""
+    s = (name or "auto").strip().lower()
+    if group.distributed and s in ("cuda", "auto") and torch.cuda.is_available():
+        return f"cuda:{group.local_rank}"
+    return name
 
 
 def close() -> None:

@@ -162,11 +162,15 @@ def run_eep(run, cfg, top_k: int) -> dict:
                  "(%d tokens; domains %s, combined by %s), weights %s, init %s", ck.num_experts, keep_n, top_k,
                  space.num_groups, evo.generations, evo.population, train.num_examples, train.num_tokens,
                  train.domain_counts(), opts["combine"], opts["quant"], opts["init"])
+        cpu0 = time.process_time()
         state = evolution.run()
+        search_cpu_s = time.process_time() - cpu0  # this process's CPU time in the generations (not the pick)
         chosen = evolution.pick(dev_eval, dev_examples=None if dev is None else dev.num_examples)
-        if not group.is_main:  # rank 0 reports and writes; this rank's work is done
-            group.barrier("finishing the search")
+        if not group.is_main:  # this rank's work is done (its directory is gone before rank 0 may remove OUT's work dir)
             shutil.rmtree(work, ignore_errors=True)
+        # every rank has finished; rank 0 learns each one's CPU time (the search's cost with a core per process)
+        ranks = group.all_gather({"search_cpu_s": round(search_cpu_s, 3), **evaluator.stats}, "finishing the search")
+        if not group.is_main:  # rank 0 reports and writes
             return {}
         best = chosen.cand
         prune_best = next((e for e in state.ranked() if e.phase == "prune"), None)
@@ -188,7 +192,8 @@ def run_eep(run, cfg, top_k: int) -> dict:
                              "dev": None if dev is None else {"source": dev.source, "examples": dev.num_examples,
                                                               "domains": dev.domain_counts()}},
             "curve": state.curve, "evaluations": state.evaluations, "search_s": round(state.elapsed_s, 3),
-            "processes": group.world,
+            "processes": group.world, "search_cpu_s": [r["search_cpu_s"] for r in ranks],
+            "rank_stream_stats": ranks,
             "evaluations_per_hour": round(state.evaluations / max(state.elapsed_s, 1e-9) * 3600, 1),
             "quant": {"mode": opts["quant"], "build_s": round(quant_s, 3), "bytes_read": weights.bytes_read},
             "stream_stats": evaluator.stats,
@@ -205,7 +210,6 @@ def run_eep(run, cfg, top_k: int) -> dict:
             "best_prune_phase": None if prune_best is None else {"fitness": prune_best.fitness.to_json(),
                                                                  "keep": prune_best.cand.keep_sets()},
         }
-        group.barrier("finishing the search")
         faults.point("eep-final")
         write_json_atomic(final_path, {"best": best.to_json(), "report": report})
     # write every layer from the original weights (the checkpoint, never the quantized cache)
