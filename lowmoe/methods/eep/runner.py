@@ -168,6 +168,11 @@ def run_eep(run, cfg, top_k: int) -> dict:
         chosen = evolution.pick(dev_eval, dev_examples=None if dev is None else dev.num_examples)
         if not group.is_main:  # this rank's work is done (its directory is gone before rank 0 may remove OUT's work dir)
             shutil.rmtree(work, ignore_errors=True)
+            for d in (work.parent, run.out):  # on a machine without rank 0's output: the folders made for it
+                try:
+                    d.rmdir()
+                except OSError:  # not empty (rank 0's output on a shared filesystem): left alone
+                    break
         # every rank has finished; rank 0 learns each one's CPU time (the search's cost with a core per process)
         ranks = group.all_gather({"search_cpu_s": round(search_cpu_s, 3), **evaluator.stats}, "finishing the search")
         if not group.is_main:  # rank 0 reports and writes
