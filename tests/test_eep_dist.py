@@ -34,10 +34,10 @@ def cli_args(src: Path, out: Path, train: Path, dev: Path) -> list[str]:
             "--layer-groups", "layer"]
 
 
-def launch(nproc: int, args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
+def launch(nproc: int, args: list[str], fault: str | None = None, timeout_s: int = 120) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node N -m lowmoe -q ARGS``, one thread per process."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", faults.ENV)}
-    env.update(OMP_NUM_THREADS="1", LOWMOE_DIST_TIMEOUT="120")
+    env.update(OMP_NUM_THREADS="1", LOWMOE_DIST_TIMEOUT=str(timeout_s))
     if fault:
         env[faults.ENV] = fault
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
@@ -112,6 +112,17 @@ def test_a_dying_rank_stops_the_run_and_a_resume_with_one_process_finishes_it(se
     assert report["plan"]["layers"] == search["report"]["plan"]["layers"]
     assert output_files(out) == output_files(search["ref"])
     assert untimed(report["eep"])["curve"] == untimed(search["report"]["eep"])["curve"]
+
+
+@pytest.mark.slow
+def test_a_hung_rank_is_caught_by_the_timeout(search, tmp_path):
+    """Rank 1 stops (SIGSTOP) in a population pass: rank 0's collective times out with the same one line."""
+    r = launch(2, cli_args(search["src"], tmp_path / "hung", search["train"], search["dev"]),
+               fault="eep-evaluate:12:stop@1", timeout_s=15)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("lowmoe: error:")]
+    assert len(lines) == 1 and lines[0].startswith("lowmoe: error: rank 0 of 2: another process of the run stopped")
+    assert "Timed out" in lines[0] and "--resume" in lines[0]
 
 
 @pytest.mark.slow
