@@ -60,8 +60,7 @@ class Group:
         return self.world > 1
 
     def share(self, items: Sequence[T]) -> list[T]:
-        """This rank's share of ``items``: every ``world``-th one, from index ``rank`` (strided, so a
-        population ranked best first spreads its cheap and costly candidates over every rank)."""
+        """This rank's share of ``items``: every ``world``-th one, from index ``rank`` (strided)."""
         return list(items[self.rank::self.world])
 
     # ---- collectives (each one a no-op on a group of one) -----------------------------------------
@@ -80,10 +79,6 @@ class Group:
         out: list = [None] * self.world
         self._call(what, torch.distributed.all_gather_object, out, obj)
         return out
-
-    def barrier(self, what: str) -> None:
-        if self.distributed:
-            self.all_gather(None, what)  # an object collective: the same transport (and errors) as the others
 
     def _call(self, what: str, fn: Callable, *args, **kwargs) -> None:
         try:
