@@ -95,14 +95,16 @@ def test_two_processes_search_like_one(search):
 
 def test_a_dying_rank_stops_the_run_and_a_resume_with_one_process_finishes_it(search):
     out = search["tmp"] / "killed"
-    # rank 1 dies in the middle of a population pass of generation 2 (seeds and generation 0 and 1 are done)
+    # rank 1 dies in the middle of a population pass of generation 2 (seeds and generation 0 and 1 are done).
+    # The count depends on the candidates the search draws: a change to the operators (evolve.py) may move
+    # it out of the search; then pick the count again (the two asserts below say which way it moved).
     r = launch(2, cli_args(search["src"], out, search["train"], search["dev"]), fault="eep-evaluate:12@1")
-    assert r.returncode != 0
+    assert r.returncode != 0, "rank 1 never reached eep-evaluate 12 times: lower the count"
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("lowmoe: error:")]
     assert len(lines) == 1 and lines[0].startswith("lowmoe: error: rank 0 of 2: another process of the run stopped")
     assert "--resume" in lines[0]
     state = json.loads((out / WORK_DIR / "eep" / "state.json").read_text())
-    assert 0 < state["generation"] < EEP["generations"], "killed mid-search, after a saved generation"
+    assert 0 < state["generation"] < EEP["generations"], "killed mid-search, after a saved generation (raise the count)"
     assert not (out / REPORT).exists()
     # resumed in one process: the same final plan and bytes as the run that never stopped
     with one_thread():  # the same command (same options), in one process
