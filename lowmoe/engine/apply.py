@@ -125,7 +125,9 @@ def apply_layer(adapter: Adapter, layer_idx: int, tensors: dict[str, torch.Tenso
                 out[key] = map_rows(t, lp.keep, router)
         elif adapter.is_expert_key(rel):
             originals[key] = t
-            if adapter.expert_layout == "fused":
+            if adapter.expert_layout == "fused" and merge is None and not isinstance(t, torch.Tensor):
+                experts_out[key] = t.rows(lp.keep)  # a stored entry (lazy.StoredTensor): kept rows copied as bytes
+            elif adapter.expert_layout == "fused":
                 experts_out[key] = map_rows(t, lp.keep, merge)
             else:
                 _, e, suffix = rel[len(adapter.moe_prefix):].split(".", 2)

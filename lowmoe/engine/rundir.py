@@ -324,7 +324,7 @@ class PruneRun:
         if isinstance(tensors, LazyLayer):
             # kept experts of a selection plan stay stored entries: the writer copies their bytes
             lp = self.layers.get(layer_idx) if layer_idx in self.moe else None
-            tensors = tensors.for_plan(selection_only(lp) and self.adapter.expert_layout == "per_expert")
+            tensors = tensors.for_plan(selection_only(lp))
         if layer_idx in self.moe:
             return apply_layer(self.adapter, layer_idx, tensors, self.layers[layer_idx], self.ck.num_experts,
                                fields=self.plan_fields)
