@@ -243,7 +243,18 @@ class QuantFormat:
         if self.method == "fp8":
             q, s = fp8_block_quantize(w, self.block, scale_dtype)
             return {main_key: q, scale_key: s}
-        blocks, scales = mxfp4_quantize(w.transpose(-1, -2))
+        if w.dim() < 3:
+            blocks, scales = mxfp4_quantize(w.transpose(-1, -2))
+            return {main_key: blocks, scale_key: scales}
+        # one expert at a time (each group of 32 is quantized on its own: the same codes as the
+        # whole tensor at once), so the temporaries are one expert's, not the layer's
+        blocks = scales = None
+        for e in range(w.shape[0]):
+            b, s = mxfp4_quantize(w[e].transpose(-1, -2))
+            if blocks is None:
+                blocks = b.new_empty((w.shape[0],) + tuple(b.shape))
+                scales = s.new_empty((w.shape[0],) + tuple(s.shape))
+            blocks[e], scales[e] = b, s
         return {main_key: blocks, scale_key: scales}
 
     def roundtrip_of(self, parts: dict[str, torch.Tensor], logical: str, w: torch.Tensor) -> dict:

@@ -346,6 +346,20 @@ class PruneRun:
             out, _ = apply_layer_quantized(self.adapter, layer_idx, ck.quant_format, stored, None, lp, ck.num_experts,
                                            fields=self.plan_fields)
             return out
+        if (isinstance(tensors, LazyLayer) and tensors.experts is not None and lp is not None and not lp.extra
+                and self.adapter.expert_layout == "per_expert"):
+            # a merge over experts read lazily: copied experts stay stored entries, and each merged
+            # one decodes only its sources (apply_layer_quantized), never the whole layer
+            keys = ck.layer_keys(layer_idx)
+            read = ck.read_stored([k for k in keys if k in tensors.resident])
+            stored = {}
+            for k in keys:
+                stored.update({p: read[p] for p in ck.parts[k]} if k in tensors.resident else tensors.stored_parts([k]))
+            out, stats = apply_layer_quantized(self.adapter, layer_idx, ck.quant_format, stored, tensors, lp,
+                                               ck.num_experts, fields=self.plan_fields)
+            if stats["requantized"]:
+                self.requantized[layer_idx] = stats
+            return out
         stored = ck.read_layer_stored(layer_idx)
         if layer_idx not in self.moe:
             return stored
@@ -369,6 +383,11 @@ class PruneRun:
         faults.point("layer-written")
         if self.ck.quant_format is None:
             return out
+        lp = self.layers.get(layer_idx) if layer_idx in self.moe else None
+        if lp is not None and not selection_only(lp):
+            # a merge: the next layer's sequential pass builds this one from what is returned, copied
+            # experts included (read back from the input)
+            return self.ck.dequantize({k: v if isinstance(v, torch.Tensor) else v.read() for k, v in out.items()})
         # copied experts (stored entries) are not decoded: a sequential pass reads them from the input
         return self.ck.dequantize({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
 
