@@ -33,7 +33,7 @@ from _bench import machine, save_result  # noqa: E402
 GEOMETRIES = {
     "qwen3-30b-a3b-fp8": dict(arch="qwen3_moe", hidden_size=2048, intermediate_size=768, experts=128, top_k=8, heads=32,
                               quant="fp8", fp8_block=128),
-    "gpt-oss-20b": dict(arch="gpt_oss", hidden_size=2880, intermediate_size=2880, experts=32, top_k=4, heads=64,
+    "gpt-oss-20b": dict(arch="gpt_oss", hidden_size=2880, intermediate_size=2880, experts=32, top_k=4, heads=40,
                         quant="mxfp4"),
 }
 GIB = 1 << 30

@@ -6,14 +6,17 @@ CUDA)."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
 import lowmoe
 from lowmoe.engine import formats
-from lowmoe.engine.checkpoint import Checkpoint
+from lowmoe.engine.checkpoint import Checkpoint, read_header
 from lowmoe.engine.formats import E2M1_VALUES, QuantFormat, fp8_block_dequantize, fp8_block_quantize, mxfp4_quantize
 from lowmoe.engine.lazy import ShardFiles, read_lazy_layer
+from lowmoe.errors import CheckpointError
 
 FP8 = dict(layers=3, hidden_size=64, intermediate_size=32, experts=8, top_k=2, shard_size="60KB", dtype="bfloat16",
            quant="fp8", fp8_block=32)
@@ -135,3 +138,27 @@ def test_quantized_prune_on_cuda_matches_cpu(synth_dir, calib_txt, tmp_path, arc
     gpu = lowmoe.prune(src, tmp_path / "gpu", device="cuda", **kw)
     assert gpu["plan"]["layers"] == cpu["plan"]["layers"]
     assert gpu["io"]["bytes_copied"] == cpu["io"]["bytes_copied"] > 0
+
+
+@pytest.mark.parametrize("arch,opts,key,byte", [
+    ("deepseek_v3", FP8, "model.layers.1.mlp.experts.3.up_proj.weight", 0x7F),  # an e4m3fn NaN code
+    ("gpt_oss", MXFP4, "model.layers.1.mlp.experts.down_proj_scales", 0xFF),  # an E8M0 NaN scale
+])
+def test_nan_in_packed_bytes_names_the_expert(synth_dir, tmp_path, arch, opts, key, byte):
+    """A NaN stored in a quantized expert is refused when its group is read, naming the tensor, the
+    layer and the expert (as ``Checkpoint.read`` does for float weights)."""
+    src = tmp_path / "m"
+    shutil.copytree(synth_dir(arch, **opts), src)
+    ck = Checkpoint(src)
+    shard = src / ck.weight_map[key]
+    header, start = read_header(shard)
+    a, z = header[key]["data_offsets"]
+    row = (z - a) // header[key]["shape"][0] if "experts.3." not in key else 0
+    at = start + a + 3 * row + 5  # expert 3 (fused: its row of the tensor)
+    with open(shard, "r+b") as f:
+        f.seek(at)
+        f.write(bytes([byte]))
+    L = 1
+    experts = read_lazy_layer(Checkpoint(src), ShardFiles(src), L).experts
+    with pytest.raises(CheckpointError, match=r"layer 1, expert 3\)"):
+        experts.load(0, experts.num_experts)

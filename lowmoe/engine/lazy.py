@@ -487,18 +487,21 @@ class ExpertSource:
         part = _stored_parts(st)[j]
         dt = part.torch_dtype
         if dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            bad = ~torch.isfinite(buf.view(dt))
+            def nonfinite(row):
+                return ~torch.isfinite(row.view(dt))
         elif dt == torch.float8_e4m3fn:
-            bad = (buf & 0x7F) == 0x7F  # e4m3fn has no inf; S.1111.111 is NaN
+            def nonfinite(row):
+                return (row & 0x7F) == 0x7F  # e4m3fn has no inf; S.1111.111 is NaN
         elif isinstance(st, QuantizedStored) and st.fmt.method == "mxfp4" and j == 1:
-            bad = buf == 0xFF  # E8M0 0xFF is NaN
+            def nonfinite(row):
+                return row == 0xFF  # E8M0 0xFF is NaN
         else:
             return
-        rows = bad.reshape(len(ids), -1).any(1)
-        if bool(rows.any()):
-            k = int(rows.nonzero()[0])
-            raise nonfinite_error(part.files.root / part.shard, part.key, f" (layer {self.layer_idx}, expert {ids[k]})",
-                                  int(bad[k].sum()))
+        for k in range(len(ids)):  # one expert at a time: temporaries of one expert's bytes
+            bad = nonfinite(buf[k])
+            if bool(bad.any()):
+                raise nonfinite_error(part.files.root / part.shard, part.key, f" (layer {self.layer_idx}, expert {ids[k]})",
+                                      int(bad.sum()))
 
     def decode(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """A loaded group (``load``'s buffers, moved to any device) -> runtime-layout tensors on that
