@@ -5,7 +5,7 @@ layer computes, and kept experts are copied as bytes; this measures what that co
 against the size of one layer, with and without --max-ram. The model (random weights, 2 decoder
 layers of the real geometry, the rest synth's) is built under --workdir and deleted afterwards.
 
-    OMP_NUM_THREADS=1 python scripts/bench_quant_stream.py --geometry qwen3-30b-a3b-fp8 --json docs/results/quant-stream-qwen3-30b-a3b-fp8.json
+    OMP_NUM_THREADS=1 python scripts/bench_quant_stream.py --geometry qwen3-30b-a3b-fp8 --json docs/results/quant-stream-qwen3-30b-a3b-fp8.json --max-ram 1GiB --max-ram 1.5GiB
     OMP_NUM_THREADS=1 python scripts/bench_quant_stream.py --geometry gpt-oss-20b --json docs/results/quant-stream-gpt-oss-20b.json
 
 Each run is `/usr/bin/time -v lowmoe prune MODEL OUT --keep HALF --method frequency ...`; its
@@ -103,7 +103,8 @@ def main() -> None:
         budgets = args.max_ram or [f"{-(-floor * 4 // GIB) / 4:g}GiB"]
         keep = ck.num_experts // 2
         result = {
-            "command": f"python scripts/bench_quant_stream.py --geometry {args.geometry} --json {args.json}",
+            "command": f"python scripts/bench_quant_stream.py --geometry {args.geometry} --json {args.json}"
+                       + "".join(f" --max-ram {b}" for b in args.max_ram or []),
             "geometry": args.geometry, "synth": {**GEOMETRIES[args.geometry], "layers": args.layers, "dtype": "bfloat16"},
             "machine": machine(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "build_s": round(build_s, 1),

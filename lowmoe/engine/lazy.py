@@ -12,15 +12,20 @@ the bytes are in which shard, nothing read. Then
   ``experts.ChunkedExperts`` calls it per group of experts while the layer computes (``LazyExperts``).
 * ``LazyLayer.for_plan(lp)`` gives the layer's on-disk tensors for ``apply.apply_layer``: when the plan
   only selects experts (no merge, no extra fields) the expert entries stay ``StoredTensor``s, which
-  ``apply_layer`` passes through unchanged (renamed) and ``writer.ShardWriter`` copies byte for byte
-  (``os.copy_file_range``) from the input shard into the output shard: never decoded, never in RAM.
-  Any other plan (merges, DERN neurons, alignment) gets the decoded tensors (the whole layer, once).
+  ``apply_layer`` passes through unchanged (renamed; a fused tensor's kept rows as ``StoredRows``) and
+  ``writer.ShardWriter`` copies byte for byte (``os.copy_file_range``) from the input shard into the
+  output shard: never decoded, never in RAM. Any other plan gets the decoded tensors (the whole
+  layer, once), except merges over quantized per-expert weights, which decode each merged expert's
+  sources only (``apply.apply_layer_quantized``).
 
 Output bytes are the same as through ``Checkpoint.read_layer``: a tensor's stored bytes are what
 ``safe_open`` would decode, and the writer writes them unchanged (tested).
 
-The next format (FP8 blocks, MXFP4: ``formats``) plugs in here: a ``StoredTensor`` is the stored
-bytes of a key; copying it never needs to know how they decode.
+Quantized experts (FP8 block, MXFP4: ``formats``) are ``QuantizedStored`` (values + scales). A group
+of them is loaded as its stored bytes (``ExpertSource.packed``: uint8 buffers, which no host->device
+copy casts) and dequantized by ``ExpertSource.decode`` on the device the bytes were moved to, so a CUDA
+run never holds a float copy of a group on the host. MXFP4's experts are fused on dim 0 of
+``_blocks``/``_scales``: a run of consecutive experts is one contiguous byte range, one read.
 """
 
 from __future__ import annotations
@@ -605,9 +610,9 @@ def _aligned(n: int, a: int = 64) -> int:
 
 def read_lazy_layer(ck, files: ShardFiles, layer_idx: int) -> LazyLayer:
     """Layer ``layer_idx`` of the checkpoint ``ck``: non-expert tensors read (``ck.read``), routed
-    experts located in ``files`` (nothing read; FP8 experts as ``QuantizedStored``, dequantized when a
-    group is loaded). A dense layer has no stored entries. A checkpoint ``reads_lazily`` refuses
-    (MXFP4) is read whole, dequantized (``Checkpoint.read``)."""
+    experts located in ``files`` (nothing read; FP8 and MXFP4 experts as ``QuantizedStored``, decoded
+    when a group is loaded). A dense layer has no stored entries. A checkpoint ``reads_lazily`` refuses
+    is read whole, dequantized (``Checkpoint.read``)."""
     ad = ck.adapter
     keys = ck.layer_keys(layer_idx)
     if not keys:
