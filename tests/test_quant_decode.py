@@ -13,6 +13,7 @@ import torch
 
 import lowmoe
 from lowmoe.engine import formats
+from lowmoe.engine.budget import plan_lazy_budget
 from lowmoe.engine.checkpoint import Checkpoint, read_header
 from lowmoe.engine.formats import E2M1_VALUES, QuantFormat, fp8_block_dequantize, fp8_block_quantize, mxfp4_quantize
 from lowmoe.engine.lazy import ShardFiles, read_lazy_layer
@@ -162,3 +163,19 @@ def test_nan_in_packed_bytes_names_the_expert(synth_dir, tmp_path, arch, opts, k
     experts = read_lazy_layer(Checkpoint(src), ShardFiles(src), L).experts
     with pytest.raises(CheckpointError, match=r"layer 1, expert 3\)"):
         experts.load(0, experts.num_experts)
+
+
+@pytest.mark.parametrize("arch,opts", [("deepseek_v3", FP8), ("gpt_oss", MXFP4)])
+def test_budget_counts_quantized_groups_at_their_stored_size(synth_dir, arch, opts):
+    """The planner's staging pool is two groups of stored bytes (what ``load`` fills), and a device
+    run adds the two packed groups in flight and the decode scratch to the device terms."""
+    ck = Checkpoint(synth_dir(arch, **opts))
+    L = ck.moe_layers()[0]
+    src = read_lazy_layer(ck, ShardFiles(ck.path), L).experts
+    cpu = plan_lazy_budget(ck, device=torch.device("cpu"), dtype=torch.float32, batch_size=2, seq_len=16)
+    g = cpu.layers[L].group_size
+    assert cpu.staging_bytes == 2 * g * src.expert_stored_bytes()
+    assert cpu.device_terms["packed_groups_and_decode"] == formats.SCRATCH_BYTES  # on CPU the packed group is the staging buffer
+    dev = plan_lazy_budget(ck, device=torch.device("cuda"), dtype=torch.bfloat16, batch_size=2, seq_len=16)
+    gd = dev.layers[L].group_size
+    assert dev.device_terms["packed_groups_and_decode"] == 2 * gd * src.expert_stored_bytes() + formats.SCRATCH_BYTES
