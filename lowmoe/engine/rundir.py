@@ -338,11 +338,7 @@ class PruneRun:
         ck = self.ck
         lp = self.layers.get(layer_idx) if layer_idx in self.moe else None
         if isinstance(tensors, LazyLayer) and tensors.experts is not None and selection_only(lp):
-            keys = ck.layer_keys(layer_idx)
-            read = ck.read_stored([k for k in keys if k in tensors.resident])
-            stored = {}
-            for k in keys:  # the order read_layer_stored gives: the same output bytes
-                stored.update({p: read[p] for p in ck.parts[k]} if k in tensors.resident else tensors.stored_parts([k]))
+            stored = self._lazy_stored(layer_idx, tensors)
             out, _ = apply_layer_quantized(self.adapter, layer_idx, ck.quant_format, stored, None, lp, ck.num_experts,
                                            fields=self.plan_fields)
             return out
@@ -350,12 +346,8 @@ class PruneRun:
                 and self.adapter.expert_layout == "per_expert"):
             # a merge over experts read lazily: copied experts stay stored entries, and each merged
             # one decodes only its sources (apply_layer_quantized), never the whole layer
-            keys = ck.layer_keys(layer_idx)
-            read = ck.read_stored([k for k in keys if k in tensors.resident])
-            stored = {}
-            for k in keys:
-                stored.update({p: read[p] for p in ck.parts[k]} if k in tensors.resident else tensors.stored_parts([k]))
-            out, stats = apply_layer_quantized(self.adapter, layer_idx, ck.quant_format, stored, tensors, lp,
+            out, stats = apply_layer_quantized(self.adapter, layer_idx, ck.quant_format,
+                                               self._lazy_stored(layer_idx, tensors), tensors, lp,
                                                ck.num_experts, fields=self.plan_fields)
             if stats["requantized"]:
                 self.requantized[layer_idx] = stats
@@ -372,6 +364,18 @@ class PruneRun:
         if stats["requantized"]:
             self.requantized[layer_idx] = stats
         return out
+
+    def _lazy_stored(self, layer_idx: int, tensors: LazyLayer) -> dict:
+        """A lazily read quantized layer as stored: its non-expert tensors read again as stored, its
+        routed experts' stored entries (located, not read), in the order ``read_layer_stored`` gives
+        (so the same output bytes)."""
+        ck = self.ck
+        keys = ck.layer_keys(layer_idx)
+        read = ck.read_stored([k for k in keys if k in tensors.resident])
+        stored = {}
+        for k in keys:
+            stored.update({p: read[p] for p in ck.parts[k]} if k in tensors.resident else tensors.stored_parts([k]))
+        return stored
 
     def write_layer(self, layer_idx: int, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Write the layer's output; return it as the engine computes with it (logical keys,
