@@ -12,6 +12,9 @@ import torch
 from click.testing import CliRunner
 
 import lowmoe
+from lowmoe import pipeline
+from lowmoe.engine import lazy
+from lowmoe.engine.lazy import QuantizedStored
 from lowmoe.cli import main
 from lowmoe.engine.apply import merge_experts
 from lowmoe.engine.budget import plan_lazy_budget
@@ -314,3 +317,35 @@ def test_fp8_experts_read_in_groups_and_copied_as_stored_bytes(synth_dir, tmp_pa
     assert bud["plan"] == ref["plan"] and bud["scores"] == ref["scores"]
     files = lambda d: {k: v for k, v in dir_digest(d).items() if k not in ("lowmoe_report.json", "README.md")}  # noqa: E731
     assert files(tmp_path / "bud") == files(tmp_path / "ref")
+
+
+def test_merge_decodes_only_the_merged_experts_sources(synth_dir, tmp_path, monkeypatch):
+    """A merge plan over FP8 experts read lazily: each re-quantized expert decodes only its sources
+    with a nonzero coefficient (never the whole layer), copied experts are not decoded at all, and
+    the output bytes equal those written from the layer read whole (copies there are written from
+    read tensors, here from stored entries; the merged rows' bytes are checked against the full
+    merge kernel in ``test_merged_experts_are_requantized``)."""
+    src = synth_dir("deepseek_v3", **SYNTH)
+    ck = Checkpoint(src)
+    E = ck.num_experts
+    merge = [[0.5, 0.5] + [0.0] * (E - 2), [0.0, 0.0, 1.0] + [0.0] * (E - 3),
+             [0.0] * 5 + [0.25, 0.0, 0.75], [0.0] * 4 + [1.0] + [0.0] * (E - 5)]
+    plan = {"format": "lowmoe-plan/1", "num_experts_per_tok": 2,
+            "layers": {str(L): {"keep": [0, 2, 7, 4], "merge": merge} for L in ck.moe_layers()}}
+    decoded: list[str] = []
+    read = QuantizedStored.read
+
+    def counted(self):
+        decoded.append(self.key)
+        return read(self)
+
+    monkeypatch.setattr(QuantizedStored, "read", counted)
+    lowmoe.prune(src, tmp_path / "lazy", plan=plan, progress=False)
+    experts = {int(k.split(".experts.")[1].split(".")[0]) for k in decoded}
+    assert experts == {0, 1, 5, 7}, "only the sources of the merged rows are decoded"
+    assert len(decoded) == len(ck.moe_layers()) * 4 * 3  # 4 source experts x 3 projections, once each
+    monkeypatch.setattr(lazy, "reads_lazily", lambda ck: False)  # the whole-layer path, for reference
+    monkeypatch.setattr(pipeline, "read_lazy_layer", lambda ck, files, L: ck.read_layer(L))
+    lowmoe.prune(src, tmp_path / "whole", plan=plan, progress=False)
+    files = lambda d: {k: v for k, v in dir_digest(d).items() if k not in ("lowmoe_report.json", "README.md")}  # noqa: E731
+    assert files(tmp_path / "lazy") == files(tmp_path / "whole")

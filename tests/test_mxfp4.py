@@ -14,10 +14,13 @@ from click.testing import CliRunner
 import lowmoe
 from lowmoe.cli import main
 from lowmoe.engine.apply import map_rows
+from lowmoe.engine.budget import plan_lazy_budget
 from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.engine.formats import E2M1_VALUES, QuantFormat, mxfp4_dequantize, mxfp4_quantize, roundtrip_error
+from lowmoe.engine.lazy import ExpertSource, QuantizedStored, ShardFiles, read_lazy_layer, reads_lazily
 from lowmoe.errors import CheckpointError, ConfigError
 
+from .helpers import dir_digest
 from .quantized import IDS, load, reference_pruned, same_bytes, stored
 
 SYNTH = dict(layers=2, hidden_size=64, intermediate_size=64, experts=8, top_k=2, shard_size="60KB", dtype="bfloat16",
@@ -195,3 +198,79 @@ def test_merged_experts_are_requantized(synth_dir, tmp_path):
     assert q["requantized_experts"] == 4 and 0 < q["requant_fro_rel_max"] < 0.2
     assert all(v["requantized"] == 2 for v in q["layers"].values())
     load(tmp_path / "out")  # loads in transformers
+
+
+# ---- streaming in expert groups ------------------------------------------------------------------
+
+
+def _recording_loads(monkeypatch) -> list[int]:
+    """Bytes of every expert group read from the shards (``ExpertSource.load``), in order."""
+    sizes: list[int] = []
+    load_group = ExpertSource.load
+
+    def load(self, a, z, out=None):
+        got = load_group(self, a, z, out)
+        sizes.append(sum(t.numel() * t.element_size() for t in got.values()))
+        return got
+
+    monkeypatch.setattr(ExpertSource, "load", load)
+    return sizes
+
+
+def test_mxfp4_experts_read_in_groups_and_copied_as_stored_bytes(synth_dir, tmp_path, calib_txt, monkeypatch):
+    """GPT-OSS's fused MXFP4 experts stream like per-expert ones: a group of experts is a contiguous
+    byte range of ``_blocks``/``_scales``, read as stored bytes and dequantized as the layer computes
+    (never the whole layer: ``QuantizedStored.read`` is not called); a tight --max-ram gives smaller
+    groups, fewer bytes per read and the same output; kept experts are the input's packed rows."""
+    src = synth_dir("gpt_oss", **SYNTH)
+    ck = Checkpoint(src)
+    assert reads_lazily(ck)
+    opts = dict(keep=4, calib=[calib_txt], n_samples=4, seq_len=16, batch_size=2, progress=False)
+
+    def whole_layer_dequantized(self):
+        raise AssertionError(f"{self.key}: a fused MXFP4 tensor was dequantized whole")
+
+    monkeypatch.setattr(QuantizedStored, "read", whole_layer_dequantized)
+    sizes = _recording_loads(monkeypatch)
+    ref = lowmoe.prune(src, tmp_path / "ref", prefetch=False, **opts)
+    ref_max = max(sizes)
+    assert ref["io"]["bytes_copied"] > 0 and ref["io"]["expert_bytes_read"] > 0
+    L = ck.moe_layers()[0]
+    layer_experts = sum(ck.tensor_bytes(k) for k in ck.adapter.fused_keys(L))
+    assert ref_max <= layer_experts
+    free = plan_lazy_budget(ck, device=torch.device("cpu"), dtype=torch.float32, batch_size=2, seq_len=16)
+    tight = free.min_max_ram + 2 * ck.layer_read_bytes(L) // ck.num_experts
+    sizes.clear()
+    bud = lowmoe.prune(src, tmp_path / "bud", max_ram=tight, **opts)
+    groups = set(bud["budget"]["group_sizes"].values())
+    assert groups and max(groups) < ck.num_experts, "a tight --max-ram must read MXFP4 experts in smaller groups"
+    assert max(sizes) < ref_max and max(sizes) <= layer_experts * max(groups) // ck.num_experts
+    assert bud["plan"] == ref["plan"] and bud["scores"] == ref["scores"]
+    files = lambda d: {k: v for k, v in dir_digest(d).items() if k not in ("lowmoe_report.json", "README.md")}  # noqa: E731
+    assert files(tmp_path / "bud") == files(tmp_path / "ref")
+    a, b = stored(src), stored(tmp_path / "bud")
+    for layer, lp in bud["plan"]["layers"].items():
+        for part in ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales",
+                     "gate_up_proj_bias", "down_proj_bias"):
+            k = f"model.layers.{layer}.mlp.experts.{part}"
+            assert same_bytes(a[k][lp["keep"]], b[k]), k
+
+
+def test_group_decode_equals_whole_layer_dequantization(synth_dir):
+    """A group read as packed bytes and decoded equals the same experts of the layer dequantized whole
+    (and a run of consecutive experts is read with one call per stored part)."""
+    src = synth_dir("gpt_oss", **SYNTH)
+    ck = Checkpoint(src)
+    files = ShardFiles(ck.path)
+    lazy = read_lazy_layer(ck, files, 0)
+    source = lazy.experts
+    assert source is not None and source.packed
+    whole = ck.adapter.to_runtime(0, ck.read_layer(0), True)
+    sub = source.subset([1, 2, 3, 6])
+    got = sub.decode(sub.load(0, 4), torch.bfloat16)
+    for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+        want = whole[f"mlp.experts.{name}"][[1, 2, 3, 6]]
+        assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
+    # buffers are the stored bytes, not dequantized values
+    assert sub.expert_stored_bytes() * 4 == sum(t.numel() for t in sub.load(0, 4).values())
+    assert sub.expert_stored_bytes() < sub.expert_numel() * 2

@@ -126,7 +126,7 @@ def test_writer_copies_stored_bytes_unchanged(synth_dir, tmp_path):
         assert torch.equal(f.get_tensor(keys[0]), ck.read([keys[0]])[keys[0]])
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "gpt_oss"])
 def test_prune_same_bytes_under_max_ram(synth_dir, calib_txt, tmp_path, arch):
     src = synth_dir(arch, **BIG)
     ck = Checkpoint(src)

@@ -125,7 +125,9 @@ def apply_layer(adapter: Adapter, layer_idx: int, tensors: dict[str, torch.Tenso
                 out[key] = map_rows(t, lp.keep, router)
         elif adapter.is_expert_key(rel):
             originals[key] = t
-            if adapter.expert_layout == "fused":
+            if adapter.expert_layout == "fused" and merge is None and not isinstance(t, torch.Tensor):
+                experts_out[key] = t.rows(lp.keep)  # a stored entry (lazy.StoredTensor): kept rows copied as bytes
+            elif adapter.expert_layout == "fused":
                 experts_out[key] = map_rows(t, lp.keep, merge)
             else:
                 _, e, suffix = rel[len(adapter.moe_prefix):].split(".", 2)
@@ -194,17 +196,21 @@ def apply_layer_quantized(adapter: Adapter, layer_idx: int, fmt, stored: dict[st
     prefix = adapter.layer_prefix(layer_idx)
     out: dict[str, torch.Tensor] = {}
     requantized: set[int] = set()  # output experts
-    for key, t in apply_layer(adapter, layer_idx, tensors, lp, num_experts, fields=fields).items():
+    if adapter.expert_layout == "per_expert" and not lp.extra:
+        items = _merged_per_expert(adapter, layer_idx, tensors, lp, num_experts, sources)
+    else:
+        items = apply_layer(adapter, layer_idx, tensors, lp, num_experts, fields=fields).items()
+    for key, t in items:
         template = _expert_template(adapter, layer_idx, key)
         if template not in quantized:
-            out[key] = t
+            out[key] = t() if callable(t) else t
             continue
         rel = key[len(prefix):]
         if not adapter.is_expert_key(rel) and key not in router_keys:
             out.update({p: stored[p] for p in groups[key]})  # passed through: the stored bytes
             continue
         sample = fmt.parts(template.replace(".*.", ".0.", 1))  # a stored weight of the same kind
-        scale_dtype = stored[sample[1]].dtype
+        scale_dtype = _torch_dtype(stored[sample[1]])
         if adapter.expert_layout == "per_expert" and key not in router_keys:
             j = int(rel[len(adapter.moe_prefix + "experts."):].split(".", 1)[0])
             src = sources[j]
@@ -212,6 +218,7 @@ def apply_layer_quantized(adapter: Adapter, layer_idx: int, fmt, stored: dict[st
                 for p_out, p_in in zip(fmt.parts(key), fmt.parts(template.replace(".*.", f".{src}.", 1))):
                     out[p_out] = stored[p_in]
                 continue
+        t = t() if callable(t) else t
         parts = fmt.quantize(key, t, scale_dtype=scale_dtype)
         if adapter.expert_layout == "fused" and key not in router_keys:
             # rows (experts) that are one source with coefficient 1 take that source's stored rows
@@ -231,6 +238,48 @@ def apply_layer_quantized(adapter: Adapter, layer_idx: int, fmt, stored: dict[st
         out.update(parts)
     stats["requantized"] = len(requantized)
     return out, stats
+
+
+def _torch_dtype(t) -> torch.dtype:
+    """A tensor's dtype, or a stored entry's (``lazy.StoredTensor.torch_dtype``)."""
+    return t.dtype if isinstance(t, torch.Tensor) else t.torch_dtype
+
+
+def _merged_per_expert(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_experts: int,
+                       sources: list[int | None]):
+    """``apply_layer(...).items()`` of a merge plan over a per-expert layout, in the same order, with
+    each output expert a thunk: only an expert that must be re-quantized is computed, and it reads
+    (``tensors[key]``: a ``lazy.LazyLayer`` decodes on access) only its sources with a nonzero
+    coefficient -- the same sums as ``merge_experts`` over all of them, which skips zero terms, so
+    the same bits. A layer read lazily is thus never dequantized whole: one output expert's sources
+    at a time, and copied experts not at all."""
+    prefix = adapter.layer_prefix(layer_idx)
+    head = adapter.moe_prefix + "experts."
+    resident, suffixes = {}, {}
+    for key in tensors:
+        rel = key[len(prefix):]
+        if adapter.is_expert_key(rel) and rel.startswith(head):
+            _, e, suffix = rel[len(adapter.moe_prefix):].split(".", 2)
+            suffixes.setdefault(suffix, {})[int(e)] = key
+        else:
+            resident[key] = tensors[key]
+    yield from apply_layer(adapter, layer_idx, resident, lp, num_experts).items()
+    base = prefix + head
+    merge = lp.merge if lp.merge is not None else [[1.0 if i == k else 0.0 for i in range(num_experts)] for k in lp.keep]
+
+    def merged(row: list[float], keys: dict[int, str]) -> torch.Tensor:
+        ids = [i for i, c in enumerate(row) if c != 0.0]
+        if not ids:  # no source: zeros, as the full merge gives
+            return torch.zeros_like(tensors[keys[0]])
+        return merge_experts([tensors[keys[i]] for i in ids], torch.tensor([[row[i] for i in ids]]))[0]
+
+    for suffix, keys in suffixes.items():
+        for j in range(len(lp.keep)):
+            src = sources[j]
+            if src is not None and lp.merge is None:
+                yield f"{base}{j}.{suffix}", (lambda k=keys[src]: tensors[k])
+            else:
+                yield f"{base}{j}.{suffix}", (lambda row=merge[j], keys=keys: merged(row, keys))
 
 
 # ---- config.json -----------------------------------------------------------------------------

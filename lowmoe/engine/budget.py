@@ -51,6 +51,7 @@ from ..errors import ConfigError
 from .checkpoint import DTYPE_BYTES
 from .device import dtype_bytes
 from .experts import ChunkedExperts, LazyExperts
+from .formats import SCRATCH_BYTES
 from .hf import layer_config, materialize, moe_modules, split_experts
 from .lazy import StagingPool
 from .memory import Accountant, fmt_bytes
@@ -360,6 +361,15 @@ class _LazyLayerSize:
 def _lazy_sizes(ck) -> list[_LazyLayerSize]:
     out = []
     for L in layer_sizes(ck):
+        if ck.quant_format is not None and L.num_experts:
+            # quantized experts are held as their stored bytes (``lazy.ExpertSource.packed``), the
+            # layer's other weights as read (dequantized)
+            keys = [k for k in ck.adapter.routed_expert_keys(L.layer_idx, L.num_experts) if k in ck.parts]
+            exp_stored = sum(ck.tensor_bytes(k) for k in keys) // L.num_experts
+            exp_read = L.expert_numel * L.num_experts * dtype_bytes(ck.compute_dtype)
+            out.append(_LazyLayerSize(L.layer_idx, max(0, L.stored_bytes - exp_read), L.resident_numel,
+                                      L.expert_numel, exp_stored, L.num_experts))
+            continue
         ratio = L.stored_bytes / max(1, L.resident_numel + L.expert_numel * L.num_experts)
         exp_stored = int(round(L.expert_numel * ratio))
         out.append(_LazyLayerSize(L.layer_idx, L.stored_bytes - exp_stored * L.num_experts, L.resident_numel,
@@ -387,6 +397,7 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
     cfg = ck.config
     on_cpu = device.type != "cuda"
     sizes = _lazy_sizes(ck)
+    quantized = ck.quant_format
     terms_act = activation_terms(cfg, batch_size=batch_size, seq_len=seq_len, dtype_bytes=b, top_k=ck.top_k,
                                  num_experts=ck.num_experts)
     act = sum(terms_act.values())
@@ -402,7 +413,14 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
 
     def device_need(L: _LazyLayerSize, g: int) -> int:
         w = L.res_numel * b + (2 * min(g, L.num_experts) * L.exp_numel * b if L.num_experts else 0)
-        return w + act + rounding
+        return w + act + rounding + decode_need(L, g)
+
+    def decode_need(L: _LazyLayerSize, g: int) -> int:
+        # a quantized group is decoded on the device: its stored bytes arrive there (two in flight;
+        # on a CPU run they are the staging buffers themselves) and decoding takes bounded scratch
+        if quantized is None or not L.num_experts:
+            return 0
+        return (0 if on_cpu else 2 * min(g, L.num_experts) * L.exp_stored) + SCRATCH_BYTES
 
     def host_need(L: _LazyLayerSize, g: int, pre: bool) -> dict[str, int]:
         g = min(g, L.num_experts) if L.num_experts else 0
@@ -488,6 +506,8 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
     gb = min(g, big.num_experts) if big.num_experts else 0
     device_terms = {"resident_weights": big.res_numel * b, "expert_groups": 2 * gb * big.exp_numel * b,
                     **terms_act, "allocator_rounding": rounding}
+    if quantized is not None:
+        device_terms["packed_groups_and_decode"] = decode_need(big, g)
     host_terms = host_need(max(sizes, key=lambda L: sum(host_need(L, g, False).values())), g, False)
     host_terms["next_layer_prefetched"] = largest_res.res_stored if pre else 0
     host_peak = host_total(g, pre)

@@ -102,6 +102,9 @@ class HostExperts:
     def load(self, a: int, z: int, out=None) -> dict[str, torch.Tensor]:
         return {n: v[a:z] for n, v in self._host.items()}
 
+    def decode(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return tensors
+
 
 def _aliases(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return any(a[k].data_ptr() == b[k].data_ptr() for k in a if k in b and a[k].numel())
@@ -177,7 +180,8 @@ class ChunkedExperts(RoutedExperts):
         self._stage(g)
         staged, token = self._staged.pop(g)
         a, z = self._range(g)
-        sub = experts_subset(self._template, staged.wait(), z - a)
+        # a quantized source's group arrives as stored bytes and is dequantized here, on the device
+        sub = experts_subset(self._template, self._source.decode(staged.wait(), self.dtype), z - a)
         self._evict()
         self._resident = (g, sub, token)
         return sub

@@ -45,6 +45,9 @@ FP8_DTYPE = torch.float8_e4m3fn
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 MX_GROUP = 32  # values per E8M0 scale
 E8M0_BIAS = 127
+# float32 temporaries of one dequantization step: large tensors (an expert group, a fused layer) are
+# decoded in slices of about this size, on whatever device they are
+SCRATCH_BYTES = 32 << 20
 
 
 # ---- FP8 block ---------------------------------------------------------------------------------
@@ -63,14 +66,27 @@ def _expand_blocks(s: torch.Tensor, rows: int, cols: int, block: tuple[int, int]
 
 def fp8_block_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                          dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """``q`` (..., out, in) float8_e4m3fn times its per-block ``scale_inv`` -> ``dtype``."""
+    """``q`` (..., out, in) float8_e4m3fn times its per-block ``scale_inv`` -> ``dtype``, on ``q``'s
+    device. Computed a band of block rows at a time (float32 temporaries of about ``SCRATCH_BYTES``
+    whatever the size of ``q``: a whole expert group decodes into little more than its output)."""
     rows, cols = q.shape[-2:]
     want = fp8_scale_shape(tuple(q.shape), block)
     if tuple(scale_inv.shape) != want:
         raise ValueError(f"scale shape {tuple(scale_inv.shape)} does not match weight {tuple(q.shape)} "
                          f"with block {list(block)} (expected {want})")
-    s = _expand_blocks(scale_inv.float(), rows, cols, block)
-    return (q.float() * s).to(dtype)
+    if scale_inv.device != q.device:
+        raise ValueError(f"scales on {scale_inv.device} but values on {q.device}")
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    if q.numel() == 0:
+        return out
+    q3, s3, o3 = q.reshape(-1, rows, cols), scale_inv.reshape(-1, *want[-2:]), out.view(-1, rows, cols)
+    band = max(1, SCRATCH_BYTES // (12 * cols * block[0])) * block[0]  # rows per step: ~12 bytes a value
+    for e in range(q3.shape[0]):
+        for r0 in range(0, rows, band):
+            r1 = min(rows, r0 + band)
+            s = _expand_blocks(s3[e, r0 // block[0]:-(-r1 // block[0])].float(), r1 - r0, cols, block)
+            o3[e, r0:r1] = q3[e, r0:r1].float().mul_(s)
+    return out
 
 
 def fp8_block_quantize(w: torch.Tensor, block: tuple[int, int],
@@ -200,15 +216,24 @@ class QuantFormat:
             if main.dtype != FP8_DTYPE:
                 raise CheckpointError(f"{logical}: has a weight_scale_inv but is {main.dtype}, not float8_e4m3fn")
             return fp8_block_dequantize(main, scale, self.block, dtype)
-        # (E, out, in) -> runtime (E, in, out), a few experts at a time: the float32 temporaries of
-        # one step stay near 32 MiB whatever the layer's size
+        # (E, out, in) -> runtime (E, in, out) on main's device, a few experts (or, for a large
+        # expert, a band of its rows) at a time: the temporaries of one step stay near SCRATCH_BYTES
+        if main.device != scale.device:
+            raise ValueError(f"scales on {scale.device} but blocks on {main.device}")
         if main.dim() < 3:
             return mxfp4_dequantize(main, scale, dtype).transpose(-1, -2).contiguous()
         *_, out_dim, groups, _ = main.shape
         out = torch.empty((main.shape[0], groups * MX_GROUP, out_dim), dtype=dtype, device=main.device)
-        step = max(1, (32 << 20) // (out_dim * groups * MX_GROUP * 12))  # ~12 temporary bytes per value
-        for e in range(0, main.shape[0], step):
-            out[e:e + step] = mxfp4_dequantize(main[e:e + step], scale[e:e + step], dtype).transpose(-1, -2)
+        per_row = groups * MX_GROUP * 12  # ~12 temporary bytes per value
+        step = SCRATCH_BYTES // (out_dim * per_row)
+        if step >= 1:
+            for e in range(0, main.shape[0], step):
+                out[e:e + step] = mxfp4_dequantize(main[e:e + step], scale[e:e + step], dtype).transpose(-1, -2)
+            return out
+        band = max(1, SCRATCH_BYTES // per_row)
+        for e in range(main.shape[0]):
+            for o in range(0, out_dim, band):
+                out[e, :, o:o + band] = mxfp4_dequantize(main[e, o:o + band], scale[e, o:o + band], dtype).transpose(-1, -2)
         return out
 
     def quantize(self, logical: str, w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -218,7 +243,18 @@ class QuantFormat:
         if self.method == "fp8":
             q, s = fp8_block_quantize(w, self.block, scale_dtype)
             return {main_key: q, scale_key: s}
-        blocks, scales = mxfp4_quantize(w.transpose(-1, -2))
+        if w.dim() < 3:
+            blocks, scales = mxfp4_quantize(w.transpose(-1, -2))
+            return {main_key: blocks, scale_key: scales}
+        # one expert at a time (each group of 32 is quantized on its own: the same codes as the
+        # whole tensor at once), so the temporaries are one expert's, not the layer's
+        blocks = scales = None
+        for e in range(w.shape[0]):
+            b, s = mxfp4_quantize(w[e].transpose(-1, -2))
+            if blocks is None:
+                blocks = b.new_empty((w.shape[0],) + tuple(b.shape))
+                scales = s.new_empty((w.shape[0],) + tuple(s.shape))
+            blocks[e], scales[e] = b, s
         return {main_key: blocks, scale_key: scales}
 
     def roundtrip_of(self, parts: dict[str, torch.Tensor], logical: str, w: torch.Tensor) -> dict:

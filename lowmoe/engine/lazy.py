@@ -12,15 +12,20 @@ the bytes are in which shard, nothing read. Then
   ``experts.ChunkedExperts`` calls it per group of experts while the layer computes (``LazyExperts``).
 * ``LazyLayer.for_plan(lp)`` gives the layer's on-disk tensors for ``apply.apply_layer``: when the plan
   only selects experts (no merge, no extra fields) the expert entries stay ``StoredTensor``s, which
-  ``apply_layer`` passes through unchanged (renamed) and ``writer.ShardWriter`` copies byte for byte
-  (``os.copy_file_range``) from the input shard into the output shard: never decoded, never in RAM.
-  Any other plan (merges, DERN neurons, alignment) gets the decoded tensors (the whole layer, once).
+  ``apply_layer`` passes through unchanged (renamed; a fused tensor's kept rows as ``StoredRows``) and
+  ``writer.ShardWriter`` copies byte for byte (``os.copy_file_range``) from the input shard into the
+  output shard: never decoded, never in RAM. Any other plan gets the decoded tensors (the whole
+  layer, once), except merges over quantized per-expert weights, which decode each merged expert's
+  sources only (``apply.apply_layer_quantized``).
 
 Output bytes are the same as through ``Checkpoint.read_layer``: a tensor's stored bytes are what
 ``safe_open`` would decode, and the writer writes them unchanged (tested).
 
-The next format (FP8 blocks, MXFP4: ``formats``) plugs in here: a ``StoredTensor`` is the stored
-bytes of a key; copying it never needs to know how they decode.
+Quantized experts (FP8 block, MXFP4: ``formats``) are ``QuantizedStored`` (values + scales). A group
+of them is loaded as its stored bytes (``ExpertSource.packed``: uint8 buffers, which no host->device
+copy casts) and dequantized by ``ExpertSource.decode`` on the device the bytes were moved to, so a CUDA
+run never holds a float copy of a group on the host. MXFP4's experts are fused on dim 0 of
+``_blocks``/``_scales``: a run of consecutive experts is one contiguous byte range, one read.
 """
 
 from __future__ import annotations
@@ -136,48 +141,134 @@ class StoredTensor:
         return {self.key: self}
 
     def read_rows(self, row: int, out: torch.Tensor) -> None:
-        """Row ``row`` of dim 0 (``out`` is one row, in the stored dtype) -- a fused expert tensor's expert."""
-        rowbytes = self.nbytes // self.shape[0]
-        self.files.read_into(self.shard, self.offset + row * rowbytes, out)
+        """Rows ``row``, ``row + 1``, ... of dim 0, as many as ``out`` holds (stored dtype, or its bytes
+        as uint8): one contiguous byte range -- a fused expert tensor's experts ``row..``."""
+        self.files.read_into(self.shard, self.offset + row * self.row_bytes, out)
 
     def copy_to(self, f) -> None:
         """Append the stored bytes to the open binary file ``f`` (kernel copy where the OS has one)."""
-        f.flush()
-        src, out = self.files.fd(self.shard), f.fileno()
-        pos, left = self.offset, self.nbytes
-        dst = os.lseek(out, 0, os.SEEK_CUR)
-        copy = getattr(os, "copy_file_range", None)
-        while left > 0 and copy is not None:
-            try:
-                n = copy(src, out, min(left, 1 << 30), pos, dst)
-            except OSError:
-                copy = None  # e.g. across file systems on old kernels: fall back to reads
-                break
-            if n <= 0:
-                copy = None
-                break
-            pos, dst, left = pos + n, dst + n, left - n
-        while left > 0:
-            chunk = os.pread(src, min(left, 1 << 24), pos)
-            if not chunk:
-                raise CheckpointError(f"{self.files.root / self.shard}: unexpected end of file while copying")
-            os.pwrite(out, chunk, dst)
-            pos, dst, left = pos + len(chunk), dst + len(chunk), left - len(chunk)
-        os.lseek(out, dst, os.SEEK_SET)
-        with self.files._lock:
-            self.files.bytes_copied += self.nbytes
+        copy_range(self.files, self.shard, self.offset, self.nbytes, f)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row of dim 0 (one expert of a fused expert tensor)."""
+        return self.nbytes // self.shape[0]
+
+    def rows(self, keep) -> "StoredRows":
+        """Rows ``keep`` of dim 0, as a stored entry (copied to the output without being decoded)."""
+        return StoredRows(self, tuple(int(r) for r in keep))
+
+
+def row_runs(rows) -> list[tuple[int, int, int]]:
+    """``rows`` (indices, in output order) as runs of consecutive indices: (first output slot, first
+    row, length). A run is one contiguous byte range of a row-major tensor."""
+    runs: list[tuple[int, int, int]] = []
+    for j, r in enumerate(rows):
+        if runs and runs[-1][1] + runs[-1][2] == r:
+            a, r0, n = runs[-1]
+            runs[-1] = (a, r0, n + 1)
+        else:
+            runs.append((j, int(r), 1))
+    return runs
+
+
+def copy_range(files: ShardFiles, shard: str, pos: int, left: int, f) -> None:
+    """Append ``left`` bytes at ``pos`` of ``shard`` to the open binary file ``f`` (``os.copy_file_range``
+    where the OS has it, else reads and writes): shard to shard, never decoded."""
+    f.flush()
+    src, out, total = files.fd(shard), f.fileno(), left
+    dst = os.lseek(out, 0, os.SEEK_CUR)
+    copy = getattr(os, "copy_file_range", None)
+    while left > 0 and copy is not None:
+        try:
+            n = copy(src, out, min(left, 1 << 30), pos, dst)
+        except OSError:
+            copy = None  # e.g. across file systems on old kernels: fall back to reads
+            break
+        if n <= 0:
+            copy = None
+            break
+        pos, dst, left = pos + n, dst + n, left - n
+    while left > 0:
+        chunk = os.pread(src, min(left, 1 << 24), pos)
+        if not chunk:
+            raise CheckpointError(f"{files.root / shard}: unexpected end of file while copying")
+        os.pwrite(out, chunk, dst)
+        pos, dst, left = pos + len(chunk), dst + len(chunk), left - len(chunk)
+    os.lseek(out, dst, os.SEEK_SET)
+    with files._lock:
+        files.bytes_copied += total
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    """Rows ``keep`` (dim 0) of a stored tensor -- the kept experts of a fused expert tensor -- as a
+    stored entry: the writer copies each run of consecutive rows as one byte range, never decoded."""
+
+    base: StoredTensor
+    keep: tuple[int, ...]
+
+    @property
+    def files(self) -> ShardFiles:
+        return self.base.files
+
+    @property
+    def shard(self) -> str:
+        return self.base.shard
+
+    @property
+    def key(self) -> str:
+        return self.base.key
+
+    @property
+    def dtype(self) -> str:
+        return self.base.dtype
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return self.base.torch_dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.keep),) + tuple(self.base.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.keep) * self.base.row_bytes
+
+    def read(self) -> torch.Tensor:
+        t = torch.empty(self.shape, dtype=self.torch_dtype)
+        for a, r, n in row_runs(self.keep):
+            self.base.read_rows(r, t[a:a + n])
+        return t
+
+    def read_into(self, out: torch.Tensor) -> None:
+        out.copy_(self.read())
+
+    def parts(self) -> dict[str, "StoredRows"]:
+        return {self.key: self}
+
+    def rows(self, keep) -> "StoredRows":
+        return StoredRows(self.base, tuple(self.keep[int(j)] for j in keep))
+
+    def copy_to(self, f) -> None:
+        rb = self.base.row_bytes
+        for _, r, n in row_runs(self.keep):
+            copy_range(self.files, self.shard, self.base.offset + r * rb, n * rb, f)
 
 
 @dataclass(frozen=True)
 class QuantizedStored:
-    """One FP8 block-quantized weight as stored (values + ``weight_scale_inv``), seen as its logical
-    float tensor: ``read``/``read_into`` dequantize it (``formats``) into the compute dtype; ``parts``
-    are the stored tensors the writer copies unchanged."""
+    """One quantized weight as stored, seen as its logical float tensor: FP8 block (``X.weight``
+    values + ``X.weight_scale_inv``) or MXFP4 (``P_blocks`` + ``P_scales``, experts fused on dim 0).
+    ``read``/``read_into`` dequantize it (``formats``) into the compute dtype; ``parts`` are the
+    stored tensors the writer copies unchanged; ``rows(keep)`` the kept experts of a fused one."""
 
-    main: StoredTensor
-    scale: StoredTensor
+    main: StoredTensor | StoredRows
+    scale: StoredTensor | StoredRows
     fmt: object  # formats.QuantFormat
     torch_dtype: torch.dtype  # the dequantized (compute) dtype
+    logical: str = ""  # its logical key (default: the values' key, as for FP8)
 
     @property
     def files(self) -> ShardFiles:
@@ -189,29 +280,36 @@ class QuantizedStored:
 
     @property
     def key(self) -> str:
-        return self.main.key
+        return self.logical or self.main.key
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.main.shape
+        """The logical (dequantized, runtime-layout) shape."""
+        return tuple(self.fmt.logical_shape({self.main.key: self.main.shape, self.scale.key: self.scale.shape}, self.key))
+
+    def decode(self, main: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Stored values and scales (any leading rows, on any device) -> the logical tensor there."""
+        return self.fmt.dequantize({self.main.key: main, self.scale.key: scale}, self.key, dtype)
 
     def read(self) -> torch.Tensor:
-        return self.fmt.dequantize({self.main.key: self.main.read(), self.scale.key: self.scale.read()}, self.main.key,
-                                   self.torch_dtype)
+        return self.decode(self.main.read(), self.scale.read(), self.torch_dtype)
 
     def read_into(self, out: torch.Tensor) -> None:
         out.copy_(self.read())
 
-    def parts(self) -> dict[str, StoredTensor]:
+    def parts(self) -> dict[str, StoredTensor | StoredRows]:
         return {self.main.key: self.main, self.scale.key: self.scale}
+
+    def rows(self, keep) -> "QuantizedStored":
+        return QuantizedStored(self.main.rows(keep), self.scale.rows(keep), self.fmt, self.torch_dtype, self.logical)
 
 
 def reads_lazily(ck) -> bool:
-    """Whether ``read_lazy_layer`` can read ``ck``'s routed experts in groups: an unquantized checkpoint,
-    or FP8 block weights stored per expert (each expert's values and scales are their own tensors).
-    MXFP4's fused blocks are read whole, dequantized."""
+    """Whether ``read_lazy_layer`` can read ``ck``'s routed experts in groups: an unquantized
+    checkpoint, FP8 block weights (each expert's values and scales are their own tensors) and MXFP4
+    (the experts fused on dim 0 of ``_blocks``/``_scales``: a group is a contiguous byte range)."""
     fmt = ck.quant_format
-    return fmt is None or (fmt.method == "fp8" and ck.adapter.expert_layout == "per_expert")
+    return fmt is None or fmt.method in ("fp8", "mxfp4")
 
 
 class LazyLayer(Mapping):
@@ -264,13 +362,21 @@ def selection_only(lp) -> bool:
 
 
 class ExpertSource:
-    """A MoE layer's routed experts on disk, loaded in runtime layout a few at a time.
+    """A MoE layer's routed experts on disk, loaded a few at a time.
 
     ``names``: experts-module parameter names (transformers' ``gate_up_proj``/``down_proj``, or a fused
     layout's tensors); ``parts[name]``: per expert, the stored pieces concatenated on dim 0 of that
     expert's runtime row (per-expert gate then up for ``gate_up_proj``); for a fused on-disk tensor a
     piece is (StoredTensor, row). ``ids``: which on-disk experts this source exposes, in order (a
-    pruned layer's kept experts)."""
+    pruned layer's kept experts).
+
+    ``load(a, z)`` reads experts ``a..z-1`` into host buffers and ``decode(buffers, dtype)`` turns them
+    into runtime-layout tensors on whatever device the buffers were moved to. Unquantized experts are
+    read in runtime layout, stored dtype, and ``decode`` returns them as they are. Quantized ones
+    (``packed``: FP8 block, MXFP4) are read as their stored bytes -- one uint8 buffer per stored part of
+    each piece (values, scales), which no host->device copy casts -- and ``decode`` dequantizes them
+    where they are: on the compute device, so the host never holds a float copy of the group. A fused
+    tensor's consecutive experts are one byte range, read with one call."""
 
     def __init__(self, layer_idx: int, names: list[str], pieces: dict[str, list[list[tuple[StoredTensor, int | None]]]],
                  ids: list[int] | None = None):
@@ -280,8 +386,16 @@ class ExpertSource:
         total = len(next(iter(pieces.values())))
         self.ids = list(range(total)) if ids is None else list(ids)
         p0 = {n: pieces[n][0] for n in names}
-        self._row_shape = {n: _row_shape(p) for n, p in p0.items()}
+        self._row_shape = {n: _row_shape(p) for n, p in p0.items()}  # runtime layout, one expert
         self._dtype = {n: p[0][0].torch_dtype for n, p in p0.items()}
+        self.packed = any(isinstance(st, QuantizedStored) for p in p0.values() for st, _ in p)
+        # packed: slot "name/piece/part" -> (name, piece index, part index, bytes per expert)
+        self._slots: dict[str, tuple[str, int, int, int]] = {}
+        if self.packed:
+            for n in self.names:
+                for i, (st, r) in enumerate(p0[n]):
+                    for j, part in enumerate(_stored_parts(st)):
+                        self._slots[f"{n}/{i}/{j}"] = (n, i, j, part.nbytes if r is None else part.row_bytes)
 
     @classmethod
     def from_layer(cls, adapter, layer_idx: int, stored: dict[str, StoredTensor], num_experts: int) -> "ExpertSource | None":
@@ -315,14 +429,22 @@ class ExpertSource:
         return sum(_prod(s) for s in self._row_shape.values())
 
     def expert_stored_bytes(self) -> int:
+        """Bytes of one expert as loaded into host memory (``buffer_shapes``)."""
+        if self.packed:
+            return sum(rb for *_, rb in self._slots.values())
         return sum(_prod(self._row_shape[n]) * self._dtype[n].itemsize for n in self.names)
 
     def buffer_shapes(self, count: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        if self.packed:
+            return {s: ((count, rb), torch.uint8) for s, (*_, rb) in self._slots.items()}
         return {n: ((count,) + self._row_shape[n], self._dtype[n]) for n in self.names}
 
     def load(self, a: int, z: int, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Experts ``a..z-1`` of this source in runtime layout, stored dtype (into ``out``: buffers of
-        at least ``z - a`` rows, e.g. from a ``StagingPool``)."""
+        """Experts ``a..z-1`` of this source into host memory (into ``out``: buffers of at least
+        ``z - a`` rows, e.g. from a ``StagingPool``): runtime layout and stored dtype, or, ``packed``,
+        the stored bytes of each part (``decode`` makes them runtime tensors)."""
+        if self.packed:
+            return self._load_packed(a, z, out)
         n = z - a
         res = {}
         for name in self.names:
@@ -344,6 +466,70 @@ class ExpertSource:
                                               int((~torch.isfinite(seg)).sum()))
             res[name] = buf
         return res
+
+    def _load_packed(self, a: int, z: int, out: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        ids = self.ids[a:z]
+        res = {}
+        for slot, (name, i, j, rb) in self._slots.items():
+            buf = torch.empty((len(ids), rb), dtype=torch.uint8) if out is None else out[slot][:len(ids)]
+            pieces = self._pieces[name]
+            if pieces[ids[0]][i][1] is not None:  # rows of one fused tensor: a run of experts is one read
+                part = _stored_parts(pieces[ids[0]][i][0])[j]
+                for at, r, cnt in row_runs([pieces[e][i][1] for e in ids]):
+                    part.read_rows(r, buf[at:at + cnt])
+            else:
+                for k, e in enumerate(ids):
+                    _stored_parts(pieces[e][i][0])[j].read_into(buf[k])
+            self._check_stored(slot, buf, ids)
+            res[slot] = buf
+        return res
+
+    def _check_stored(self, slot: str, buf: torch.Tensor, ids: list[int]) -> None:
+        """NaN/Inf among stored bytes (float parts; FP8 NaN codes; MXFP4's NaN scale 0xFF): the
+        error ``Checkpoint.read`` gives, naming the tensor, layer and expert."""
+        name, i, j, _ = self._slots[slot]
+        st = self._pieces[name][ids[0]][i][0]
+        part = _stored_parts(st)[j]
+        dt = part.torch_dtype
+        if dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            def nonfinite(row):
+                return ~torch.isfinite(row.view(dt))
+        elif dt == torch.float8_e4m3fn:
+            def nonfinite(row):
+                return (row & 0x7F) == 0x7F  # e4m3fn has no inf; S.1111.111 is NaN
+        elif isinstance(st, QuantizedStored) and st.fmt.method == "mxfp4" and j == 1:
+            def nonfinite(row):
+                return row == 0xFF  # E8M0 0xFF is NaN
+        else:
+            return
+        for k in range(len(ids)):  # one expert at a time: temporaries of one expert's bytes
+            bad = nonfinite(buf[k])
+            if bool(bad.any()):
+                raise nonfinite_error(part.files.root / part.shard, part.key, f" (layer {self.layer_idx}, expert {ids[k]})",
+                                      int(bad.sum()))
+
+    def decode(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """A loaded group (``load``'s buffers, moved to any device) -> runtime-layout tensors on that
+        device: quantized parts dequantized there, in ``dtype``; unquantized ones unchanged."""
+        if not self.packed:
+            return tensors
+        n = next(iter(tensors.values())).shape[0]
+        out = {}
+        for name in self.names:
+            segs = []
+            for i, (st, r) in enumerate(self._pieces[name][self.ids[0]]):
+                parts = _stored_parts(st)
+                raw = [tensors[f"{name}/{i}/{j}"].view(p.torch_dtype).view((n,) + (tuple(p.shape[1:]) if r is not None
+                                                                                   else tuple(p.shape)))
+                       for j, p in enumerate(parts)]
+                segs.append(st.decode(raw[0], raw[1], dtype) if isinstance(st, QuantizedStored) else raw[0].to(dtype))
+            out[name] = segs[0] if len(segs) == 1 else torch.cat(segs, 1)
+        return out
+
+
+def _stored_parts(st) -> list:
+    """The stored tensors of a located weight: values and scales of a quantized one, else itself."""
+    return [st.main, st.scale] if isinstance(st, QuantizedStored) else [st]
 
 
 def _prod(shape) -> int:
@@ -424,9 +610,9 @@ def _aligned(n: int, a: int = 64) -> int:
 
 def read_lazy_layer(ck, files: ShardFiles, layer_idx: int) -> LazyLayer:
     """Layer ``layer_idx`` of the checkpoint ``ck``: non-expert tensors read (``ck.read``), routed
-    experts located in ``files`` (nothing read; FP8 experts as ``QuantizedStored``, dequantized when a
-    group is loaded). A dense layer has no stored entries. A checkpoint ``reads_lazily`` refuses
-    (MXFP4) is read whole, dequantized (``Checkpoint.read``)."""
+    experts located in ``files`` (nothing read; FP8 and MXFP4 experts as ``QuantizedStored``, decoded
+    when a group is loaded). A dense layer has no stored entries. A checkpoint ``reads_lazily`` refuses
+    is read whole, dequantized (``Checkpoint.read``)."""
     ad = ck.adapter
     keys = ck.layer_keys(layer_idx)
     if not keys:
@@ -448,7 +634,9 @@ def read_lazy_layer(ck, files: ShardFiles, layer_idx: int) -> LazyLayer:
 
 
 def _locate(ck, files: ShardFiles, key: str) -> "StoredTensor | QuantizedStored":
-    """Where logical tensor ``key`` is stored (an FP8 weight: its values and its scales)."""
+    """Where logical tensor ``key`` is stored (a quantized weight: its values and its scales)."""
     parts = ck.parts[key] if ck.quant_format is not None else (key,)
     located = [files.stored(p, ck.weight_map[p]) for p in parts]
-    return located[0] if len(located) == 1 else QuantizedStored(located[0], located[1], ck.quant_format, ck.compute_dtype)
+    if len(located) == 1:
+        return located[0]
+    return QuantizedStored(located[0], located[1], ck.quant_format, ck.compute_dtype, key)

@@ -324,7 +324,7 @@ class PruneRun:
         if isinstance(tensors, LazyLayer):
             # kept experts of a selection plan stay stored entries: the writer copies their bytes
             lp = self.layers.get(layer_idx) if layer_idx in self.moe else None
-            tensors = tensors.for_plan(selection_only(lp) and self.adapter.expert_layout == "per_expert")
+            tensors = tensors.for_plan(selection_only(lp))
         if layer_idx in self.moe:
             return apply_layer(self.adapter, layer_idx, tensors, self.layers[layer_idx], self.ck.num_experts,
                                fields=self.plan_fields)
@@ -338,13 +338,19 @@ class PruneRun:
         ck = self.ck
         lp = self.layers.get(layer_idx) if layer_idx in self.moe else None
         if isinstance(tensors, LazyLayer) and tensors.experts is not None and selection_only(lp):
-            keys = ck.layer_keys(layer_idx)
-            read = ck.read_stored([k for k in keys if k in tensors.resident])
-            stored = {}
-            for k in keys:  # the order read_layer_stored gives: the same output bytes
-                stored.update({p: read[p] for p in ck.parts[k]} if k in tensors.resident else tensors.stored_parts([k]))
+            stored = self._lazy_stored(layer_idx, tensors)
             out, _ = apply_layer_quantized(self.adapter, layer_idx, ck.quant_format, stored, None, lp, ck.num_experts,
                                            fields=self.plan_fields)
+            return out
+        if (isinstance(tensors, LazyLayer) and tensors.experts is not None and lp is not None and not lp.extra
+                and self.adapter.expert_layout == "per_expert"):
+            # a merge over experts read lazily: copied experts stay stored entries, and each merged
+            # one decodes only its sources (apply_layer_quantized), never the whole layer
+            out, stats = apply_layer_quantized(self.adapter, layer_idx, ck.quant_format,
+                                               self._lazy_stored(layer_idx, tensors), tensors, lp,
+                                               ck.num_experts, fields=self.plan_fields)
+            if stats["requantized"]:
+                self.requantized[layer_idx] = stats
             return out
         stored = ck.read_layer_stored(layer_idx)
         if layer_idx not in self.moe:
@@ -359,6 +365,18 @@ class PruneRun:
             self.requantized[layer_idx] = stats
         return out
 
+    def _lazy_stored(self, layer_idx: int, tensors: LazyLayer) -> dict:
+        """A lazily read quantized layer as stored: its non-expert tensors read again as stored, its
+        routed experts' stored entries (located, not read), in the order ``read_layer_stored`` gives
+        (so the same output bytes)."""
+        ck = self.ck
+        keys = ck.layer_keys(layer_idx)
+        read = ck.read_stored([k for k in keys if k in tensors.resident])
+        stored = {}
+        for k in keys:
+            stored.update({p: read[p] for p in ck.parts[k]} if k in tensors.resident else tensors.stored_parts([k]))
+        return stored
+
     def write_layer(self, layer_idx: int, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Write the layer's output; return it as the engine computes with it (logical keys,
         dequantized: what the written layer holds, re-quantized merges included)."""
@@ -369,6 +387,11 @@ class PruneRun:
         faults.point("layer-written")
         if self.ck.quant_format is None:
             return out
+        lp = self.layers.get(layer_idx) if layer_idx in self.moe else None
+        if lp is not None and not selection_only(lp):
+            # a merge: the next layer's sequential pass builds this one from what is returned, copied
+            # experts included (read back from the input)
+            return self.ck.dequantize({k: v if isinstance(v, torch.Tensor) else v.read() for k, v in out.items()})
         # copied experts (stored entries) are not decoded: a sequential pass reads them from the input
         return self.ck.dequantize({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
 
