@@ -263,8 +263,18 @@ def score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int) -> dict:
     keep_n = cfg.resolve_keep(ck.num_experts)
     tokens = cfg.calibration(ck)
     stream = open_stream(run, cfg, tokens)
+    try:
+        return _score_and_write(run, cfg, top_k, keep_n, tokens, stream)
+    finally:
+        stream.close()
+
+
+def _score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int, keep_n: int, tokens: CalibTokens, stream: Stream) -> dict:
+    ck = run.ck
+    t_profile = time.perf_counter()
     guarding = guards(stream, enabled=cfg.protect_super_experts, progress=cfg.progress)  # may profile the model
     t_start = time.perf_counter()
+    before = stream.io.stage_snapshot()  # the stages of the pass itself, not of the profile
     # layer L+1 is read while L computes; routed experts are read in groups as the layer computes
     reader = stream.layers(run.next_layer, run.moe, lazy=True)
 
@@ -300,6 +310,9 @@ def score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int) -> dict:
             "super_experts": next((g.summary for g in guarding if getattr(g, "summary", None)), {}),
             "super_expert_profile": next((g.cache for g in guarding if getattr(g, "cache", None)), {}),
             "io": {**stream.io.to_json(time.perf_counter() - t_start), **stream.files.to_json()},
+            "stages": stream.stages(time.perf_counter() - t_start, since=before),
+            "profile_s": round(t_start - t_profile, 4),
+            "activations": stream.activation_report(),
             "budget": stream.placer.report()}
 
 

@@ -117,6 +117,11 @@ class CalibTokens:
     def num_tokens(self) -> int:
         return int(self.count_mask.sum())
 
+    @property
+    def positions(self) -> int:
+        """Token positions a pass holds hidden states for (padding included)."""
+        return int(self.input_ids.numel())
+
     def batches(self, batch_size: int):
         for i in range(0, self.input_ids.shape[0], batch_size):
             yield i // batch_size, slice(i, i + batch_size)
