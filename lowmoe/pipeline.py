@@ -261,20 +261,25 @@ def score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int) -> dict:
     """One streamed pass: score each MoE layer, decide its keep-set, write it, propagate."""
     ck = run.ck
     keep_n = cfg.resolve_keep(ck.num_experts)
+    t_begin = time.perf_counter()
     tokens = cfg.calibration(ck)
-    stream = open_stream(run, cfg, tokens)
+    t_tokens = time.perf_counter()
+    stream = open_stream(run, cfg, tokens)  # builds transformers' model skeleton (imports its modeling code)
+    setup = {"tokenize": t_tokens - t_begin, "setup": time.perf_counter() - t_tokens}
     try:
-        return _score_and_write(run, cfg, top_k, keep_n, tokens, stream)
+        return _score_and_write(run, cfg, top_k, keep_n, tokens, stream, t_begin, setup)
     finally:
         stream.close()
 
 
-def _score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int, keep_n: int, tokens: CalibTokens, stream: Stream) -> dict:
+def _score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int, keep_n: int, tokens: CalibTokens, stream: Stream,
+                     t_begin: float, setup: dict[str, float]) -> dict:
     ck = run.ck
     t_profile = time.perf_counter()
     guarding = guards(stream, enabled=cfg.protect_super_experts, progress=cfg.progress)  # may profile the model
     t_start = time.perf_counter()
-    before = stream.io.stage_snapshot()  # the stages of the pass itself, not of the profile
+    setup["profile"] = t_start - t_profile
+    before = stream.io.stage_snapshot()  # the stages of the pass itself, not of the profile's
     # layer L+1 is read while L computes; routed experts are read in groups as the layer computes
     reader = stream.layers(run.next_layer, run.moe, lazy=True)
 
@@ -310,10 +315,20 @@ def _score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int, keep_n: int, t
             "super_experts": next((g.summary for g in guarding if getattr(g, "summary", None)), {}),
             "super_expert_profile": next((g.cache for g in guarding if getattr(g, "cache", None)), {}),
             "io": {**stream.io.to_json(time.perf_counter() - t_start), **stream.files.to_json()},
-            "stages": stream.stages(time.perf_counter() - t_start, since=before),
+            "stages": _with_setup(stream.stages(time.perf_counter() - t_begin, since=before), setup,
+                                  time.perf_counter() - t_begin),
             "profile_s": round(t_start - t_profile, 4),
             "activations": stream.activation_report(),
             "budget": stream.placer.report()}
+
+
+def _with_setup(stages: dict, setup: dict[str, float], wall_s: float) -> dict:
+    """The pass's stages preceded by what came before it: tokenizing the calibration data, building the
+    stream (transformers' model skeleton, the token embeddings) and the super-expert profile (cached or
+    computed; its own reads are not in the other stages)."""
+    head = {k: {"s": round(v, 4), "count": 1, "thread": "main", "share": round(v / wall_s, 4) if wall_s else None}
+            for k, v in setup.items()}
+    return {**head, **{k: v for k, v in stages.items() if k != "embed"}}
 
 
 def profile_model(model: str | Path, calib, *, seq_len: int = 256, n_samples: int = 64, layout: str = "pack",

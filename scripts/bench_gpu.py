@@ -432,6 +432,32 @@ def ratios(results: dict, write_bytes: int | None) -> tuple[dict, list[str]]:
     return out, lines
 
 
+def summarize(path: Path, baseline: Path | None) -> None:
+    """The summary of a stored run (``--from-json``): stage table, ratios and, with ``baseline``, each
+    run's wall time against the same run on older code; the ratios are stored back in ``path``."""
+    doc = json.loads(path.read_text())
+    results = doc["results"]
+    for line in stages_table(results):
+        print(line)
+    doc["ratios"], lines = ratios(results, None)
+    doc["ratios_note"] = "computed from the stored runs by scripts/bench_gpu.py --from-json"
+    for line in lines:
+        print(line)
+    if baseline is not None:
+        base = json.loads(baseline.read_text())
+        if (base.get("machine") or {}).get("gpu") != (doc.get("machine") or {}).get("gpu"):
+            raise SystemExit(f"--baseline {baseline}: measured on another machine ({base.get('machine')})")
+        vs = {}
+        for run, r in results.items():
+            b = base["results"].get(run)
+            if b and b.get("wall_s") and r.get("wall_s"):
+                vs[run] = {"before_s": round(b["wall_s"], 2), "now_s": round(r["wall_s"], 2),
+                           "speedup": round(b["wall_s"] / r["wall_s"], 2)}
+                print(f"{run:10s} before {b['wall_s']:7.2f} s  now {r['wall_s']:7.2f} s  ({vs[run]['speedup']:.2f}x)")
+        doc["vs_baseline"] = {"file": baseline.name, "runs": vs}
+    save_result(path, doc)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -454,9 +480,17 @@ def main() -> None:
     ap.add_argument("--run-timeout", type=float, default=None, help="seconds one run may take before it counts as failed")
     ap.add_argument("--repeat", type=int, default=1, help="run the list this many times (interleaved); report medians")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here (rewritten after every run)")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="print the stage table and ratios of runs stored in this file (e.g. a run cut short before "
+                         "its summary) and store the ratios in it; nothing is run")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="with --from-json: a stored run of the same benchmark on older code, on the same machine")
     args = ap.parse_args()
     if args.one:
         print("RESULT " + json.dumps(one(json.loads(args.one)), default=str))
+        return
+    if args.from_json:
+        summarize(args.from_json, args.baseline)
         return
 
     from lowmoe.engine.checkpoint import Checkpoint

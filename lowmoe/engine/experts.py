@@ -73,7 +73,15 @@ class RoutedExperts(nn.Module):
     def sources(self, hit: list[int]) -> Iterator[tuple[nn.Module, list[tuple[int, int]]]]:
         raise NotImplementedError
 
+    def whole(self) -> nn.Module | None:
+        """A module of the original class holding every expert (on the device) now, if there is one:
+        the call is then transformers' own loop on it, with no per-expert dispatch of ours."""
+        return None
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        whole = self.whole()
+        if whole is not None:
+            return self._original_forward(whole, hidden_states, top_k_index, top_k_weights)
         hit = hit_experts(top_k_index, self.num_experts)
         slot_major = top_k_index.transpose(0, 1)  # (k, T): transformers' expert_mask[e] layout
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -288,6 +296,9 @@ class ChunkedExperts(RoutedExperts):
             self.release(wait=False)  # never block a garbage collection (it may run on the loader thread)
         except Exception:
             pass
+
+    def whole(self) -> nn.Module | None:
+        return self._take(0) if self.num_groups == 1 else None
 
     def sources(self, hit):
         G = self.group_size

@@ -491,11 +491,14 @@ class StagingPool:
     def try_acquire(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]):
         """A buffer for a preload (the next layer's first group, read ahead), or None. Preloads hold
         at most ``count - 2`` buffers, so the computing layer always has its two; a preload never
-        grows the pool or waits. ``adopt`` hands the buffer over to the group that uses it."""
+        waits (it may grow the pool: the free buffers now, the busy ones when next taken). ``adopt``
+        hands the buffer over to the group that uses it."""
         need = sum(_aligned(_prod(s) * dt.itemsize) for s, dt in shapes.values())
         with self._lock:
-            if need > self.nbytes or not self._free or len(self._preloads) >= self.count - 2:
+            if not self._free or len(self._preloads) >= self.count - 2:
                 return None
+            if need > self.nbytes:
+                self.ensure(need)
             i, views = self._take(need, shapes)
             self._preloads.add(i)
             return i, views

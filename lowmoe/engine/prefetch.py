@@ -123,6 +123,9 @@ class IOStats:
 
 # The stages of a streamed pass, in the order a layer goes through them (``IOStats.stage``):
 STAGES = {
+    "tokenize": "the calibration data tokenized (prune: before the stream starts)",
+    "setup": "the stream built: transformers' model skeleton (its modeling code imported), token embeddings",
+    "profile": "the super-expert profile: read from its cache, or computed by its own pass over the model",
     "embed": "token embeddings of every chunk, written to the activation cache",
     "read": "a layer's tensors read from the shards (routed experts only located when read lazily)",
     "to_runtime": "stacked/renamed into transformers' runtime layout",
