@@ -49,6 +49,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -517,7 +518,7 @@ def main() -> None:
     walls: dict[str, list[float]] = {}
     failed: dict[str, str] = {}
     write_bytes: int | None = None
-    doc = {"command": [sys.executable] + sys.argv, "machine": machine(), "model": str(model), "model_bytes": size,
+    doc = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": machine(), "model": str(model), "model_bytes": size,
            "device": describe_device(device), "dtype": args.dtype, "n_samples": args.n_samples, "seq_len": args.seq_len,
            "batch_size": args.batch_size, "max_vram": max_vram, "accelerate_max_memory": args.accelerate_max_memory,
            "results": results, "failed": failed}

@@ -187,6 +187,8 @@ class ChunkedExperts(RoutedExperts):
                 buf, host = pre
             elif self._pool is not None and hasattr(self._source, "buffer_shapes"):
                 # read straight into a reused (pinned, on CUDA) staging buffer
+                if not self._pool.has_free() and hasattr(self._source, "drop_preloaded"):
+                    self._source.drop_preloaded()  # this layer's read-ahead group, not hit yet: read it later
                 buf, views = self._pool.acquire(self._source.buffer_shapes(z - a))
                 try:
                     host = self._load_host(a, z, views)

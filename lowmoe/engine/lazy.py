@@ -348,6 +348,12 @@ class ExpertSource:
         self._preloaded = (a, z, i, host, pool)
         return True
 
+    def adopt_preloaded(self) -> None:
+        """The layer is now computing: its preloaded group's buffer is the layer's, not a preload's (so
+        the next layer may preload into another)."""
+        if self._preloaded is not None:
+            self._preloaded[4].adopt(self._preloaded[2])
+
     def take_preloaded(self, a: int, z: int):
         """``(pool buffer, tensors)`` of experts ``a..z-1`` if they were preloaded, else None."""
         p = self._preloaded
@@ -448,6 +454,10 @@ class StagingPool:
     def held_bytes(self) -> int:
         return sum(b.numel() for b in self._bufs if b is not None)
 
+    def has_free(self) -> bool:
+        with self._lock:
+            return bool(self._free) or not self._bufs
+
     @property
     def in_use(self) -> int:
         return len(self._bufs) - len(self._free)
@@ -495,6 +505,8 @@ class StagingPool:
         hands the buffer over to the group that uses it."""
         need = sum(_aligned(_prod(s) * dt.itemsize) for s, dt in shapes.values())
         with self._lock:
+            if not self._bufs:  # nothing allocated yet (the first layer's preload comes first)
+                self._allocate(need)
             if not self._free or len(self._preloads) >= self.count - 2:
                 return None
             if need > self.nbytes:

@@ -191,6 +191,9 @@ class Prefetcher(Iterable[tuple[T, R]]):
     def __len__(self) -> int:
         return len(self.items)
 
+    def taken(self, out: R) -> None:
+        """Called with each loaded item as the consumer takes it, before the next load is started."""
+
     def __iter__(self) -> Iterator[tuple[T, R]]:
         if self.depth == 0:
             for item in self.items:
@@ -214,6 +217,7 @@ class Prefetcher(Iterable[tuple[T, R]]):
                 out = fut.result()  # re-raises the reader's exception here, in order
                 self.last_wait_s = time.perf_counter() - t0
                 self.stats.add_wait(self.kind, self.last_wait_s)
+                self.taken(out)  # before the next load starts
                 nxt = next(it, _END)
                 if nxt is not _END:
                     pending.append((nxt, pool.submit(self._timed, nxt)))
@@ -273,6 +277,10 @@ class LayerReader(Prefetcher):
             return LayerData(t, rt, src)
 
         super().__init__(load, layers, depth=1 if prefetch else 0, stats=st, kind="layer", name="lowmoe-layer-reader")
+
+    def taken(self, out: LayerData) -> None:
+        if out.experts is not None and hasattr(out.experts, "adopt_preloaded"):
+            out.experts.adopt_preloaded()  # the layer's group is the computing layer's now
 
 
 class WriteBehind:
