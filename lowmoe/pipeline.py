@@ -39,7 +39,7 @@ from .engine.plan import LayerPlan, Plan
 from .engine.progress import progress
 from .engine.rundir import (MANIFEST, REPORT, WORK_DIR, OutputLock, PruneRun, check_output, fingerprint, output_os_error,
                             prepare_output)
-from .engine.stream import Stream, calibration_tokens, plan_stream_budget
+from .engine.stream import Stream, calibration_tokens, plan_stream_budget, with_setup
 from .engine.writer import parse_size
 from .errors import ConfigError, OutputError, PlanError, UnsupportedModelError
 from .methods.oneshot import decide_layers, guards, protected_experts
@@ -315,20 +315,11 @@ def _score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int, keep_n: int, t
             "super_experts": next((g.summary for g in guarding if getattr(g, "summary", None)), {}),
             "super_expert_profile": next((g.cache for g in guarding if getattr(g, "cache", None)), {}),
             "io": {**stream.io.to_json(time.perf_counter() - t_start), **stream.files.to_json()},
-            "stages": _with_setup(stream.stages(time.perf_counter() - t_begin, since=before), setup,
+            "stages": with_setup(stream.stages(time.perf_counter() - t_begin, since=before), setup,
                                   time.perf_counter() - t_begin),
             "profile_s": round(t_start - t_profile, 4),
             "activations": stream.activation_report(),
             "budget": stream.placer.report()}
-
-
-def _with_setup(stages: dict, setup: dict[str, float], wall_s: float) -> dict:
-    """The pass's stages preceded by what came before it: tokenizing the calibration data, building the
-    stream (transformers' model skeleton, the token embeddings) and the super-expert profile (cached or
-    computed; its own reads are not in the other stages)."""
-    head = {k: {"s": round(v, 4), "count": 1, "thread": "main", "share": round(v / wall_s, 4) if wall_s else None}
-            for k, v in setup.items()}
-    return {**head, **{k: v for k, v in stages.items() if k != "embed"}}
 
 
 def profile_model(model: str | Path, calib, *, seq_len: int = 256, n_samples: int = 64, layout: str = "pack",

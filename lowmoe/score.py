@@ -38,7 +38,7 @@ from .engine.device import dtype_name, resolve_device, resolve_dtype
 from .engine.memory import cuda_peak_bytes, fmt_bytes, peak_rss_bytes
 from .engine.progress import progress as progress_bar
 from .engine.quant import check_quant_budget, check_quant_mode
-from .engine.stream import Stream, calibration_tokens, plan_stream_budget, walk
+from .engine.stream import Stream, calibration_tokens, plan_stream_budget, walk, with_setup
 from .errors import ConfigError
 from .methods import ScoreThenKeep, make_layer_method, scoring_methods
 from .methods.scoring import choose_keep
@@ -103,17 +103,21 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
     if out is not None and Path(out).is_dir():
         raise ConfigError(f"--out {out}: is a directory; give a file name such as scores.json")
 
+    t_begin = time.perf_counter()
     tokens = calibration_tokens(ck, calib, seq_len=seq_len, n_samples=n_samples, layout=layout, answer_only=answer_only)
+    setup = {"tokenize": time.perf_counter() - t_begin}
     tmp = Path(tempfile.mkdtemp(prefix="lowmoe-score-", dir=str(work_dir) if work_dir else None))
     stream = None
     try:
         stream = Stream(ck, tokens, ActivationCache(tmp / "cache", persist=False), dev, compute_dtype, batch_size, budget=budget,
                         prefetch=prefetch, quant=quant)
         t_pass = time.perf_counter()
+        setup["setup"] = t_pass - t_begin - setup["tokenize"]  # the model skeleton (transformers' modeling code)
         stream.embed()
         layers = _score_layers(stream, ck, methods, keep_n, seed, method_options or {}, protect_super_experts, progress)
         wall = time.perf_counter() - t_pass
-        io, stages = {**stream.io.to_json(wall), **stream.files.to_json()}, stream.stages(wall)
+        io = {**stream.io.to_json(wall), **stream.files.to_json()}
+        stages = with_setup(stream.stages(time.perf_counter() - t_begin), setup, time.perf_counter() - t_begin)
         activations = stream.activation_report()
     finally:
         if stream is not None:

@@ -409,7 +409,7 @@ def ratios(results: dict, write_bytes: int | None) -> tuple[dict, list[str]]:
         put("accelerate/overlap", v, ">= 3", v >= 3, f"accelerate / prune(overlap) = {R['accelerate']:.2f} / {R['overlap']:.2f} s = {v:.2f}x")
         ra, ro = results["accelerate"].get("peak_rss"), results["overlap"].get("peak_rss")
         if ra and ro:
-            put("rss overlap/accelerate", ro / ra, "<= 1", ro <= ra,
+            put("rss_overlap/accelerate", ro / ra, "<= 1", ro <= ra,
                 f"peak RSS prune(overlap) {gb(ro)} vs accelerate {gb(ra)} = {ro / ra:.2f}")
     if {"accelerate", "score"} <= set(R):
         v = R["accelerate"] / R["score"]

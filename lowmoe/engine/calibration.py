@@ -321,6 +321,8 @@ def tokenize(sources: list[str | Path], tokenizer, *, seq_len: int = 256, n_samp
             ids_all: list[int] = []
             cnt_all: list[bool] = []
             for doc in docs:
+                if len(ids_all) >= want * seq_len:
+                    break  # enough for every window wanted: the rest of the file is never tokenized
                 ids, cnt = _encode(doc, tokenizer, answer_only)
                 ids_all += ids + [eos]
                 cnt_all += cnt + [False]

@@ -80,6 +80,14 @@ def activation_memory(ck: Checkpoint, tokens: CalibTokens, device: torch.device,
     return {"boundary_bytes": boundary, "held_bytes": held, "where": (device.type if held else "disk")}
 
 
+def with_setup(stages: dict, setup: dict[str, float], wall_s: float) -> dict:
+    """A pass's ``stages`` preceded by what came before it (``setup``: seconds by stage name, e.g.
+    tokenizing the calibration data, building the stream, the super-expert profile), main thread."""
+    head = {k: {"s": round(v, 4), "count": 1, "thread": "main", "share": round(v / wall_s, 4) if wall_s else None}
+            for k, v in setup.items()}
+    return {**head, **{k: v for k, v in stages.items() if k not in head}}
+
+
 def available_memory() -> int:
     """Host memory available to this process now (MemAvailable), in bytes; 0 when unknown."""
     try:
