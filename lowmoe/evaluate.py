@@ -178,6 +178,7 @@ class _EvalTokens:
     def __init__(self, batches: list[torch.Tensor]):
         self.ids = batches
         self.input_ids = torch.empty((len(batches), 0), dtype=torch.long)  # only its length is read
+        self.positions = sum(int(b.numel()) for b in batches)  # hidden states a pass holds
 
     def batches(self, batch_size: int):
         for c in range(len(self.ids)):
@@ -222,7 +223,7 @@ def _streaming(model_dir: Path, tok, by_task: dict[str, list[Item]], batch_size:
     tmp = Path(tempfile.mkdtemp(prefix="lowmoe-eval-", dir=str(work_dir) if work_dir else None))
     per_item: dict[int, tuple[bool, float, int]] = {}
     try:
-        stream = EvalStream(ckpt, _EvalTokens([ids for ids, _ in tensors]), ActivationCache(tmp / "cache"),
+        stream = EvalStream(ckpt, _EvalTokens([ids for ids, _ in tensors]), ActivationCache(tmp / "cache", persist=False),
                                       device, dtype, 1, budget=budget, prefetch=prefetch, quant=quant)
         t0 = time.perf_counter()
         stream.embed()

@@ -40,7 +40,7 @@ from .engine.plan import LayerPlan, Plan
 from .engine.progress import progress
 from .engine.rundir import (MANIFEST, REPORT, WORK_DIR, OutputLock, PruneRun, check_output, fingerprint, output_os_error,
                             prepare_output)
-from .engine.stream import Stream, calibration_tokens, plan_stream_budget
+from .engine.stream import Stream, calibration_tokens, plan_stream_budget, with_setup
 from .engine.writer import parse_size
 from .errors import ConfigError, DistributedError, LowmoeError, OutputError, PlanError, UnsupportedModelError
 from .methods.oneshot import decide_layers, guards, protected_experts
@@ -321,10 +321,25 @@ def score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int) -> dict:
     """One streamed pass: score each MoE layer, decide its keep-set, write it, propagate."""
     ck = run.ck
     keep_n = cfg.resolve_keep(ck.num_experts)
+    t_begin = time.perf_counter()
     tokens = cfg.calibration(ck)
-    stream = open_stream(run, cfg, tokens)
+    t_tokens = time.perf_counter()
+    stream = open_stream(run, cfg, tokens)  # builds transformers' model skeleton (imports its modeling code)
+    setup = {"tokenize": t_tokens - t_begin, "setup": time.perf_counter() - t_tokens}
+    try:
+        return _score_and_write(run, cfg, top_k, keep_n, tokens, stream, t_begin, setup)
+    finally:
+        stream.close()
+
+
+def _score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int, keep_n: int, tokens: CalibTokens, stream: Stream,
+                     t_begin: float, setup: dict[str, float]) -> dict:
+    ck = run.ck
+    t_profile = time.perf_counter()
     guarding = guards(stream, enabled=cfg.protect_super_experts, progress=cfg.progress)  # may profile the model
     t_start = time.perf_counter()
+    setup["profile"] = t_start - t_profile
+    before = stream.io.stage_snapshot()  # the stages of the pass itself, not of the profile's
     # layer L+1 is read while L computes; routed experts are read in groups as the layer computes
     reader = stream.layers(run.next_layer, run.moe, lazy=True)
 
@@ -360,6 +375,10 @@ def score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int) -> dict:
             "super_experts": next((g.summary for g in guarding if getattr(g, "summary", None)), {}),
             "super_expert_profile": next((g.cache for g in guarding if getattr(g, "cache", None)), {}),
             "io": {**stream.io.to_json(time.perf_counter() - t_start), **stream.files.to_json()},
+            "stages": with_setup(stream.stages(time.perf_counter() - t_begin, since=before), setup,
+                                  time.perf_counter() - t_begin),
+            "profile_s": round(t_start - t_profile, 4),
+            "activations": stream.activation_report(),
             "budget": stream.placer.report()}
 
 

@@ -38,7 +38,7 @@ from .engine.device import dtype_name, resolve_device, resolve_dtype
 from .engine.memory import cuda_peak_bytes, fmt_bytes, peak_rss_bytes
 from .engine.progress import progress as progress_bar
 from .engine.quant import check_quant_budget, check_quant_mode
-from .engine.stream import Stream, calibration_tokens, plan_stream_budget, walk
+from .engine.stream import Stream, calibration_tokens, plan_stream_budget, walk, with_setup
 from .errors import ConfigError
 from .methods import ScoreThenKeep, make_layer_method, scoring_methods
 from .methods.scoring import choose_keep
@@ -91,8 +91,9 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
     check_sources(calib)
     ck = Checkpoint(Path(model))
     ck.validate()
+    lazy = quant == "none"  # routed experts read from the shards a group at a time, as prune reads them
     budget = plan_stream_budget(ck, device=dev, dtype=compute_dtype, batch_size=batch_size, seq_len=seq_len,
-                                max_vram=max_vram, max_ram=max_ram, prefetch=prefetch)  # fails here if it cannot hold
+                                max_vram=max_vram, max_ram=max_ram, prefetch=prefetch, lazy=lazy)  # fails here if it cannot hold
     check_quant_budget(budget, ck, quant, compute_dtype)
     keep_n = None
     if keep is not None:
@@ -102,23 +103,33 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
     if out is not None and Path(out).is_dir():
         raise ConfigError(f"--out {out}: is a directory; give a file name such as scores.json")
 
+    t_begin = time.perf_counter()
     tokens = calibration_tokens(ck, calib, seq_len=seq_len, n_samples=n_samples, layout=layout, answer_only=answer_only)
+    setup = {"tokenize": time.perf_counter() - t_begin}
     tmp = Path(tempfile.mkdtemp(prefix="lowmoe-score-", dir=str(work_dir) if work_dir else None))
+    stream = None
     try:
-        stream = Stream(ck, tokens, ActivationCache(tmp / "cache"), dev, compute_dtype, batch_size, budget=budget,
+        stream = Stream(ck, tokens, ActivationCache(tmp / "cache", persist=False), dev, compute_dtype, batch_size, budget=budget,
                         prefetch=prefetch, quant=quant)
         t_pass = time.perf_counter()
+        setup["setup"] = t_pass - t_begin - setup["tokenize"]  # the model skeleton (transformers' modeling code)
         stream.embed()
         layers = _score_layers(stream, ck, methods, keep_n, seed, method_options or {}, protect_super_experts, progress)
-        io = stream.io.to_json(time.perf_counter() - t_pass)
+        wall = time.perf_counter() - t_pass
+        io = {**stream.io.to_json(wall), **stream.files.to_json()}
+        stages = with_setup(stream.stages(time.perf_counter() - t_begin), setup, time.perf_counter() - t_begin)
+        activations = stream.activation_report()
     finally:
+        if stream is not None:
+            stream.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
     report = _report(ck, methods, tokens, calib, layers, keep_n, seq_len, protect_super_experts, t_start)
     report["options"] = {"layout": layout, "answer_only": answer_only, "dtype": dtype_name(compute_dtype),
                          "device": str(dev), "quant": quant, "batch_size": batch_size, "seed": seed, "prefetch": prefetch,
                          "method_options": method_options or {}}
-    report["io"], report["budget"] = io, stream.placer.report()
+    report["io"], report["stages"], report["budget"] = io, stages, stream.placer.report()
+    report["activations"] = activations
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=1) + "\n")
@@ -161,7 +172,8 @@ def _score_layers(stream: Stream, ck: Checkpoint, methods: list[str], keep_n: in
         layers[layer_idx] = entry
         return None
 
-    reader = stream.layers(0, set(ck.moe_layers()))  # layer L+1 is read while L computes, as in prune
+    # layer L+1 is read while L computes and, unless --quant, routed experts a group at a time: as in prune
+    reader = stream.layers(0, set(ck.moe_layers()), lazy=stream.quant == "none")
     steps = walk(stream, reader, observers_for=observers_for, decide=record, apply=lambda idx, tensors, lp: None)
     t0 = time.perf_counter()
     for step in progress_bar(steps, len(reader), f"score ({', '.join(methods)})", progress):

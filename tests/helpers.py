@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import lowmoe
 from lowmoe.engine import faults
-from lowmoe.engine.budget import SAFETY, layer_sizes, plan_budget
+from lowmoe.engine.budget import SAFETY, layer_sizes, plan_budget, plan_lazy_budget
 from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.engine.quant import layer_weights
 from lowmoe.engine.rundir import REPORT, PruneRun
@@ -90,6 +90,29 @@ def chunking_ram(model, batch_size: int, seq_len: int) -> int:
     L = max(layer_sizes(ck), key=lambda s: s.resident_numel + s.expert_numel * s.num_experts)
     need = base.activation_bytes + L.resident_bytes(4) + 4 * L.expert_bytes(4)
     return base.host_fixed_bytes + 2 * base.host_layer_bytes + math.ceil(need / (1 - SAFETY)) + 1
+
+
+def lazy_chunking_ram(model, batch_size: int, seq_len: int, group: int = 2) -> int:
+    """The smallest --max-ram under which a pass reading experts lazily (prune, score) runs every MoE
+    layer in groups of ``group`` experts, layer prefetching on."""
+    ck = Checkpoint(model)
+    kw = dict(device=torch.device("cpu"), dtype=torch.float32, batch_size=batch_size, seq_len=seq_len)
+    lo = plan_lazy_budget(ck, **kw).min_max_ram
+    hi = lo * 4
+
+    def g(ram: int) -> int:
+        plan = plan_lazy_budget(ck, max_ram=ram, **kw)
+        sizes = [p.group_size for L, p in plan.layers.items() if L in set(ck.moe_layers())]
+        return min(sizes) if plan.prefetch_layers else 0
+
+    assert g(hi) > group, "the model's layers are too small to be chunked in groups of this size"
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if g(mid) >= group:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def edit_checkpoint(path: Path, fn) -> None:

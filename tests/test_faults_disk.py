@@ -58,11 +58,11 @@ def test_error_on_the_cache_writer_thread_is_one_line(synth_dir, calib_txt, tmp_
     src = synth_dir("mixtral", layers=2, shard_size="20KB")
     orig, threads = ActivationCache.write, []
 
-    def write(self, boundary, chunk, hidden, stream="main"):
+    def write(self, boundary, chunk, hidden, stream="main", **kw):
         if threading.current_thread() is not threading.main_thread():
             threads.append(threading.current_thread().name)
             raise OSError(errno.ENOSPC, "No space left on device", str(self._dir(boundary, stream) / f".c{chunk:05d}.tmp"))
-        return orig(self, boundary, chunk, hidden, stream)
+        return orig(self, boundary, chunk, hidden, stream, **kw)
 
     monkeypatch.setattr(ActivationCache, "write", write)
     r = CliRunner().invoke(main, ["-q", "prune", str(src), str(tmp_path / "o"), "--calib", str(calib_txt), *ARGS])

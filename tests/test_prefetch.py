@@ -146,4 +146,4 @@ def test_prune_same_bytes_with_and_without_prefetch(synth_dir, calib_txt, tmp_pa
     assert 0 <= io["wait_fraction"] <= 1
     # without prefetch, all read time is waited for
     off = r_off["io"]
-    assert off["wait_s"]["layer"] == pytest.approx(off["read_s"]["layer"], rel=0.2, abs=2e-3)
+    assert off["wait_s"]["layer"] >= off["read_s"]["layer"] - 2e-4

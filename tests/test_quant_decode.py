@@ -167,14 +167,15 @@ def test_nan_in_packed_bytes_names_the_expert(synth_dir, tmp_path, arch, opts, k
 
 @pytest.mark.parametrize("arch,opts", [("deepseek_v3", FP8), ("gpt_oss", MXFP4)])
 def test_budget_counts_quantized_groups_at_their_stored_size(synth_dir, arch, opts):
-    """The planner's staging pool is two groups of stored bytes (what ``load`` fills), and a device
+    """The planner's staging pool is two groups of stored bytes (what ``load`` fills; a third for the next
+    layer's read-ahead when layers are prefetched), and a device
     run adds the two packed groups in flight and the decode scratch to the device terms."""
     ck = Checkpoint(synth_dir(arch, **opts))
     L = ck.moe_layers()[0]
     src = read_lazy_layer(ck, ShardFiles(ck.path), L).experts
     cpu = plan_lazy_budget(ck, device=torch.device("cpu"), dtype=torch.float32, batch_size=2, seq_len=16)
     g = cpu.layers[L].group_size
-    assert cpu.staging_bytes == 2 * g * src.expert_stored_bytes()
+    assert cpu.staging_bytes == (3 if cpu.prefetch_layers else 2) * g * src.expert_stored_bytes()
     assert cpu.device_terms["packed_groups_and_decode"] == formats.SCRATCH_BYTES  # on CPU the packed group is the staging buffer
     dev = plan_lazy_budget(ck, device=torch.device("cuda"), dtype=torch.bfloat16, batch_size=2, seq_len=16)
     gd = dev.layers[L].group_size

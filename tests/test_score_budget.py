@@ -14,7 +14,7 @@ from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.cli import main
 from lowmoe.score import score
 
-from .helpers import chunking_ram
+from .helpers import lazy_chunking_ram
 
 CAL = {"seq_len": 16, "n_samples": 4, "batch_size": 2, "progress": False, "device": "cpu"}
 METHODS = ["frequency", "reap", "easy-ep"]
@@ -24,8 +24,10 @@ METHODS = ["frequency", "reap", "easy-ep"]
 def test_scores_equal_with_ram_budget_and_without_prefetch(synth_dir, calib_txt, arch):
     model = synth_dir(arch)
     ref = score(model, calib=[calib_txt], method=METHODS, keep=4, **CAL)
-    assert ref["budget"]["chunked_layers"] == [] and ref["options"]["device"] == "cpu"
-    ram = chunking_ram(model, CAL["batch_size"], CAL["seq_len"])
+    E = Checkpoint(model).num_experts
+    # unbudgeted: each layer's experts are read from the shards as one group (the whole layer)
+    assert set(ref["budget"]["group_sizes"].values()) == {E} and ref["options"]["device"] == "cpu"
+    ram = lazy_chunking_ram(model, CAL["batch_size"], CAL["seq_len"])
     small = score(model, calib=[calib_txt], method=METHODS, keep=4, max_ram=ram, **CAL)
     serial = score(model, calib=[calib_txt], method=METHODS, keep=4, prefetch=False, **CAL)
     moe = sorted(int(L) for L in ref["layers"])
@@ -97,7 +99,7 @@ def test_reconstruction_scores_under_expert_chunking(synth_dir, calib_txt):
     model = synth_dir("mixtral")
     ref = score(model, calib=[calib_txt], method="reconstruction", keep=4, **CAL)
     small = score(model, calib=[calib_txt], method="reconstruction", keep=4,
-                  max_ram=chunking_ram(model, CAL["batch_size"], CAL["seq_len"]), **CAL)
+                  max_ram=lazy_chunking_ram(model, CAL["batch_size"], CAL["seq_len"]), **CAL)
     assert small["budget"]["chunked_layers"] == sorted(int(L) for L in ref["layers"])
     for L, e in ref["layers"].items():
         assert small["layers"][L]["keep"] == e["keep"], L

@@ -141,11 +141,11 @@ def test_prune_same_bytes_under_max_ram(synth_dir, calib_txt, tmp_path, arch):
     assert bud["plan"] == ref["plan"] and bud["scores"] == ref["scores"]
     assert model_files(tmp_path / "bud") == model_files(tmp_path / "ref")
     assert bud["io"]["bytes_copied"] > 0, "kept experts are copied as stored bytes"
-    # unbudgeted (one group a layer): each expert byte read once by the super-expert profile, once by
-    # the layer's pass and the kept half once more for the pruned layer's pass (sequential)
+    # unbudgeted (one group a layer): each expert byte read once by the super-expert profile and once by
+    # the layer's pass; the pruned layer's pass (sequential) copies its kept half from the device
     expert_bytes = sum(ck.tensor_bytes(k) for L in ck.moe_layers() for k in ck.layer_keys(L)
                        if ck.adapter.is_expert_key(k[len(ck.adapter.layer_prefix(L)):]))
-    assert ref["io"]["expert_bytes_read"] == expert_bytes * 5 // 2
+    assert ref["io"]["expert_bytes_read"] == expert_bytes * 2
     # smaller groups than the layer: the groups that are not resident are read again for every
     # activation chunk (4 here), the price of the lower peak
     assert bud["io"]["expert_bytes_read"] > ref["io"]["expert_bytes_read"]
@@ -241,7 +241,7 @@ def test_super_expert_profile_is_cached(synth_dir, calib_txt, tmp_path, monkeypa
 def test_planned_memory_is_flat_in_the_number_of_layers(synth_dir):
     kw = dict(hidden_size=64, intermediate_size=256, experts=8, top_k=2, shard_size="400KB")
     cks = [Checkpoint(synth_dir("mixtral", layers=n, **kw)) for n in (2, 4)]
-    ram = plan_lazy_budget(cks[0], device=CPU, dtype=torch.float32, batch_size=2, seq_len=16).min_max_ram + 1_000_000
+    ram = plan_lazy_budget(cks[0], device=CPU, dtype=torch.float32, batch_size=2, seq_len=16).min_max_ram + 2_000_000
     plans = [plan_lazy_budget(ck, device=CPU, dtype=torch.float32, batch_size=2, seq_len=16, max_ram=ram) for ck in cks]
     assert 1 < plans[0].layers[0].group_size < 8
     assert plans[0].host_peak_bytes == plans[1].host_peak_bytes

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -220,7 +221,7 @@ class BudgetPlan:
     device_terms: dict[str, int] = field(default_factory=dict)  # the planned device peak, term by term
     min_max_ram: int | None = None  # the smallest --max-ram that works (lazy plans)
     min_max_vram: int | None = None  # the smallest --max-vram that works (CUDA, lazy plans)
-    staging_bytes: int = 0  # the host staging pool (two expert groups, stored dtype)
+    staging_bytes: int = 0  # the host staging pool (two expert groups, a third with layer prefetch; stored dtype)
 
     @property
     def chunked_layers(self) -> list[int]:
@@ -386,7 +387,8 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
         device = resident weights (b) + 2 groups (b: the one computing, the one arriving)
                  + activations (``activation_terms``) + allocator rounding (CUDA)
         host   = interpreter + activation chunks in flight + the layer's non-expert weights as read
-                 (x2 with layer prefetch: the next layer's) + the staging pool (2 groups, s)
+                 + the staging pool (2 groups, s) + with layer prefetch: the next layer's non-expert
+                 weights and its first group (a third staging buffer)
                  + on a CPU run, the device copy above (it lives in RAM)
 
     The largest g <= E that fits both budgets is used (without budgets: groups of at most
@@ -433,12 +435,16 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
 
     largest_res = max(sizes, key=lambda L: L.res_stored)
 
+    def next_layer(g: int) -> int:
+        # the next layer prefetched: at most the largest non-expert part + its first expert group
+        # (read into the staging pool's third buffer)
+        return largest_res.res_stored + max((min(g, L.num_experts) * L.exp_stored for L in sizes if L.num_experts), default=0)
+
     def host_total(g: int, pre: bool) -> int:
-        # the next layer prefetched is at most the largest non-expert part
         worst = 0
         for L in sizes:
             t = host_need(L, g, False)
-            worst = max(worst, sum(t.values()) + (largest_res.res_stored if pre else 0))
+            worst = max(worst, sum(t.values()) + (next_layer(g) if pre else 0))
         embed_peak = HOST_BASE_BYTES + chunk_host + embed_s + (embed_c if on_cpu else 0)
         return max(worst, embed_peak)
 
@@ -509,7 +515,7 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
     if quantized is not None:
         device_terms["packed_groups_and_decode"] = decode_need(big, g)
     host_terms = host_need(max(sizes, key=lambda L: sum(host_need(L, g, False).values())), g, False)
-    host_terms["next_layer_prefetched"] = largest_res.res_stored if pre else 0
+    host_terms["next_layer_prefetched"] = next_layer(g) if pre else 0
     host_peak = host_total(g, pre)
     device_peak = device_total(g)
     if E:
@@ -521,7 +527,7 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
                       host_layer_bytes=int(largest_res.res_stored), host_fixed_bytes=HOST_BASE_BYTES + chunk_host,
                       notes=notes, lazy_experts=True, host_terms=host_terms, device_terms=device_terms,
                       min_max_ram=floor_ram, min_max_vram=floor_vram if not on_cpu else None,
-                      staging_bytes=2 * gb * max(L.exp_stored for L in sizes))
+                      staging_bytes=(3 if pre else 2) * gb * max(L.exp_stored for L in sizes))
 
 
 # ---- the EEP population evaluator --------------------------------------------------------------
@@ -637,12 +643,26 @@ class Placer:
         self.stats = stats or IOStats()
         self.accountant = Accountant(plan.activation_bytes if plan is not None and plan.device_budget is not None else 0)
         self.chunked_builds: dict[int, int] = {}  # layer -> group size used
-        # expert groups read lazily from the shards land in these reused buffers (pinned on CUDA)
-        self.pool = StagingPool(2, pin=self.device.type == "cuda")
+        # expert groups read lazily from the shards land in these reused buffers (pinned on CUDA): two
+        # for the layer computing, a third for the next layer's first group when layers are prefetched
+        prefetching = plan is None or plan.prefetch_layers
+        self.pool = StagingPool(3 if prefetching else 2, pin=self.device.type == "cuda")
+        # expert groups are read and copied to the device on this thread while the previous group computes
+        self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowmoe-experts") if prefetching else None
 
     @property
     def weights_budget(self) -> int | None:
         return None if self.plan is None else self.plan.weights_budget
+
+    def preload(self, layer_idx: int, source) -> None:
+        """Read the first expert group of ``layer_idx`` now (the layer reader calls it off the main
+        thread), into the pool's third buffer; skipped when that is busy."""
+        source.preload(0, self.lazy_group_size(layer_idx, source), self.pool)
+
+    def close(self) -> None:
+        if self.loader is not None:
+            self.loader.shutdown(wait=True)
+            self.loader = None
 
     def lazy_group_size(self, layer_idx: int, source) -> int:
         """Experts per group for a layer whose experts are read from ``source`` (``lazy.ExpertSource``):
@@ -662,7 +682,7 @@ class Placer:
             self.chunked_builds[layer_idx] = group
             return build_layer(skel, layer_idx, runtime_state, self.device, self.dtype, group_size=group,
                                accountant=self.accountant, stats=self.stats, num_experts=num_experts, top_k=top_k,
-                               source=experts, pool=self.pool)
+                               source=experts, pool=self.pool, loader=self.loader)
         placement = None
         if self.weights_budget is not None and layer_idx in skel.moe_layers:
             experts, rest = split_experts(skel.adapter, runtime_state)
@@ -677,7 +697,8 @@ class Placer:
         group = placement.group_size if placement is not None else None
         built = build_layer(skel, layer_idx, runtime_state, self.device, self.dtype, group_size=group,
                             double_buffer=placement.double_buffer if placement is not None else True,
-                            accountant=self.accountant, stats=self.stats, num_experts=num_experts, top_k=top_k)
+                            accountant=self.accountant, stats=self.stats, num_experts=num_experts, top_k=top_k,
+                            loader=self.loader)
         if group is not None:
             self.chunked_builds[layer_idx] = group
             log.debug("layer %d: experts streamed in groups of %d", layer_idx, group)
@@ -697,7 +718,7 @@ class Placer:
 def build_layer(skel, layer_idx: int, runtime_state: dict[str, torch.Tensor], device, dtype, *,
                 group_size: int | None = None, double_buffer: bool = True, accountant: Accountant | None = None,
                 stats: IOStats | None = None, num_experts: int | None = None, top_k: int | None = None,
-                source=None, pool: StagingPool | None = None) -> nn.Module:
+                source=None, pool: StagingPool | None = None, loader: Executor | None = None) -> nn.Module:
     """One decoder layer on ``device``: whole (``group_size=None``, exactly ``materialize_layer``) or
     with its routed experts wrapped in ``ChunkedExperts`` streaming ``group_size`` at a time
     (``source``: read lazily from the checkpoint through ``pool``, ``LazyExperts``)."""
@@ -707,7 +728,7 @@ def build_layer(skel, layer_idx: int, runtime_state: dict[str, torch.Tensor], de
     if source is not None:
         block = moe_modules(skel.adapter, module)[0]
         block.experts = LazyExperts(block.experts, source, group_size=group_size, device=device, dtype=dtype, pool=pool,
-                                    double_buffer=double_buffer, accountant=accountant, stats=stats)
+                                    double_buffer=double_buffer, accountant=accountant, stats=stats, loader=loader)
         built = materialize(module, runtime_state, device, dtype)
         accountant.track(built, _state_bytes(runtime_state, dtype))
         return built
@@ -720,7 +741,8 @@ def build_layer(skel, layer_idx: int, runtime_state: dict[str, torch.Tensor], de
         experts = {k: (v if v.is_pinned() else v.pin_memory()) for k, v in experts.items()}
     block = moe_modules(skel.adapter, module)[0]
     block.experts = ChunkedExperts(block.experts, experts, group_size=group_size, device=device, dtype=dtype,
-                                   double_buffer=double_buffer, accountant=accountant, stats=stats)
+                                   double_buffer=double_buffer, accountant=accountant, stats=stats,
+                                   loader=loader if double_buffer else None)
     built = materialize(module, rest, device, dtype)
     accountant.track(built, _state_bytes(rest, dtype))
     return built

@@ -9,6 +9,13 @@ chunk, whatever the calibration size. Several streams (e.g. EEP candidates) use 
 Each chunk is written to a temporary name and renamed, so a chunk on disk is always whole (a run
 killed mid-write redoes it on ``--resume``). A chunk holding NaN/Inf is refused: the statistics
 of every later layer would be garbage.
+
+**Held in memory when they fit.** ``hold(nbytes)`` lets the cache keep up to ``nbytes`` of chunks as
+the tensors they are (on the GPU for a CUDA run): ``keep`` stores a chunk there and ``read`` returns
+it without touching the disk or copying it. With ``persist`` (a prune, which can be resumed) a kept
+chunk is also written to disk, by the caller's background writer; without (``lowmoe score``, a
+streaming eval: nothing to resume) it never reaches the disk. ``Stream`` decides how much to hold
+from the budgets (``stream.activation_memory``).
 """
 
 from __future__ import annotations
@@ -24,19 +31,45 @@ from . import faults
 
 
 class ActivationCache:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, persist: bool = True):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.bytes_written = 0
+        self.persist = persist  # chunks kept in memory are written to disk too (for --resume)
+        self.memory_limit = 0  # bytes of chunks that may be kept in memory (``hold``)
+        self.memory_bytes = 0  # bytes kept now
+        self.memory_peak = 0
+        self._mem: dict[tuple[str, int, int], torch.Tensor] = {}
+
+    def hold(self, nbytes: int) -> None:
+        """Keep up to ``nbytes`` of chunks in memory from now on (``keep``)."""
+        self.memory_limit = max(0, int(nbytes))
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether a chunk of ``nbytes`` can be kept in memory now."""
+        return self.memory_bytes + nbytes <= self.memory_limit
+
+    def keep(self, boundary: int, chunk: int, hidden: torch.Tensor, stream: str = "main") -> None:
+        """Hold ``hidden`` (any device) as chunk ``chunk`` of ``boundary``; ``read`` returns it as is."""
+        _check_finite(hidden, boundary, chunk)
+        key = (stream, boundary, chunk)
+        old = self._mem.pop(key, None)
+        if old is not None:
+            self.memory_bytes -= _nbytes(old)
+        self._mem[key] = hidden.detach()
+        self.memory_bytes += _nbytes(hidden)
+        self.memory_peak = max(self.memory_peak, self.memory_bytes)
+
+    def in_memory(self, boundary: int, chunk: int, stream: str = "main") -> bool:
+        return (stream, boundary, chunk) in self._mem
 
     def _dir(self, boundary: int, stream: str = "main") -> Path:
         return self.root / stream / f"b{boundary:04d}"
 
-    def write(self, boundary: int, chunk: int, hidden: torch.Tensor, stream: str = "main") -> None:
-        if hidden.is_floating_point() and not bool(torch.isfinite(hidden).all()):
-            where = "the token embeddings" if boundary == 0 else f"the outputs of layer {boundary - 1}"
-            raise CalibrationError(f"{where} contain NaN/Inf on calibration chunk {chunk} (sequences from "
-                                   f"{chunk}x--batch-size); check that layer's weights, or use --dtype fp32 if it overflows")
+    def write(self, boundary: int, chunk: int, hidden: torch.Tensor, stream: str = "main", checked: bool = False) -> None:
+        """Write the chunk to disk (``checked``: already checked for NaN/Inf by ``keep``)."""
+        if not checked:
+            _check_finite(hidden, boundary, chunk)
         d = self._dir(boundary, stream)
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / f".c{chunk:05d}.tmp"
@@ -46,17 +79,40 @@ class ActivationCache:
         self.bytes_written += hidden.numel() * hidden.element_size()
 
     def read(self, boundary: int, chunk: int, stream: str = "main", device="cpu") -> torch.Tensor:
+        """The chunk: the kept tensor itself (wherever it is) when held in memory, else read from disk
+        onto ``device``."""
+        held = self._mem.get((stream, boundary, chunk))
+        if held is not None:
+            return held
         return load_file(str(self._dir(boundary, stream) / f"c{chunk:05d}.safetensors"), device=str(device))["h"]
 
     def has(self, boundary: int, num_chunks: int, stream: str = "main") -> bool:
         d = self._dir(boundary, stream)
-        return all((d / f"c{c:05d}.safetensors").is_file() for c in range(num_chunks))
+        return all((stream, boundary, c) in self._mem or (d / f"c{c:05d}.safetensors").is_file() for c in range(num_chunks))
+
+    def _forget(self, match) -> None:
+        for key in [k for k in self._mem if match(k)]:
+            self.memory_bytes -= _nbytes(self._mem.pop(key))
 
     def drop(self, boundary: int, stream: str = "main") -> None:
+        self._forget(lambda k: k[0] == stream and k[1] == boundary)
         shutil.rmtree(self._dir(boundary, stream), ignore_errors=True)
 
     def drop_stream(self, stream: str) -> None:
+        self._forget(lambda k: k[0] == stream)
         shutil.rmtree(self.root / stream, ignore_errors=True)
 
     def clear(self) -> None:
+        self._forget(lambda k: True)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _check_finite(hidden: torch.Tensor, boundary: int, chunk: int) -> None:
+    if hidden.is_floating_point() and not bool(torch.isfinite(hidden).all()):
+        where = "the token embeddings" if boundary == 0 else f"the outputs of layer {boundary - 1}"
+        raise CalibrationError(f"{where} contain NaN/Inf on calibration chunk {chunk} (sequences from "
+                               f"{chunk}x--batch-size); check that layer's weights, or use --dtype fp32 if it overflows")

@@ -117,6 +117,11 @@ class CalibTokens:
     def num_tokens(self) -> int:
         return int(self.count_mask.sum())
 
+    @property
+    def positions(self) -> int:
+        """Token positions a pass holds hidden states for (padding included)."""
+        return int(self.input_ids.numel())
+
     def batches(self, batch_size: int):
         for i in range(0, self.input_ids.shape[0], batch_size):
             yield i // batch_size, slice(i, i + batch_size)
@@ -316,6 +321,8 @@ def tokenize(sources: list[str | Path], tokenizer, *, seq_len: int = 256, n_samp
             ids_all: list[int] = []
             cnt_all: list[bool] = []
             for doc in docs:
+                if len(ids_all) >= want * seq_len:
+                    break  # enough for every window wanted: the rest of the file is never tokenized
                 ids, cnt = _encode(doc, tokenizer, answer_only)
                 ids_all += ids + [eos]
                 cnt_all += cnt + [False]

@@ -22,6 +22,8 @@ the same weights (tested). ``MoeProbe`` hooks and patches these modules like the
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import Executor, Future
 from typing import Iterator
 
 import torch
@@ -71,7 +73,15 @@ class RoutedExperts(nn.Module):
     def sources(self, hit: list[int]) -> Iterator[tuple[nn.Module, list[tuple[int, int]]]]:
         raise NotImplementedError
 
+    def whole(self) -> nn.Module | None:
+        """A module of the original class holding every expert (on the device) now, if there is one:
+        the call is then transformers' own loop on it, with no per-expert dispatch of ours."""
+        return None
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        whole = self.whole()
+        if whole is not None:
+            return self._original_forward(whole, hidden_states, top_k_index, top_k_weights)
         hit = hit_experts(top_k_index, self.num_experts)
         slot_major = top_k_index.transpose(0, 1)  # (k, T): transformers' expert_mask[e] layout
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -86,7 +96,8 @@ class RoutedExperts(nn.Module):
 
 
 class HostExperts:
-    """An expert source over tensors already in host memory (experts-module parameter name -> (E, ...))."""
+    """An expert source over tensors already in memory (experts-module parameter name -> (E, ...)): host
+    memory, or the device copy of a layer whose pruned twin is built from it (``resident_selection``)."""
 
     def __init__(self, host: dict[str, torch.Tensor]):
         E = {v.shape[0] for v in host.values()}
@@ -120,7 +131,7 @@ class ChunkedExperts(RoutedExperts):
 
     def __init__(self, template: nn.Module, host: dict[str, torch.Tensor] | None = None, *, group_size: int, device, dtype,
                  double_buffer: bool = True, accountant: Accountant | None = None, stats: IOStats | None = None,
-                 source=None, pool: StagingPool | None = None):
+                 source=None, pool: StagingPool | None = None, loader: Executor | None = None):
         names = list(template._parameters)
         if source is None:
             source = HostExperts(host)
@@ -135,8 +146,10 @@ class ChunkedExperts(RoutedExperts):
         self.device, self.dtype = torch.device(device), dtype
         self._source = source
         self._pool = pool
+        self._loader = loader  # where groups are read and staged (a background thread), else inline
         self._acct = accountant or Accountant()
-        self._stager = DeviceStager(self.device, stats, kind="experts")
+        self._stats = stats if stats is not None else IOStats()
+        self._stager = DeviceStager(self.device, self._stats, kind="experts")
         self._resident: tuple[int, nn.Module, int] | None = None  # (group id, module, accountant token)
         self._staged: dict[int, tuple[object, int]] = {}
         self._buffers: dict[int, int] = {}  # group -> staging-pool buffer it still uses
@@ -154,34 +167,82 @@ class ChunkedExperts(RoutedExperts):
         return g * self.group_size, min((g + 1) * self.group_size, self.num_experts)
 
     def _stage(self, g: int) -> None:
+        """Start bringing group ``g`` to the device: read (or take the preloaded copy), then copy and
+        cast -- on the loader thread when there is one, so it overlaps the group computing now."""
         if g in self._staged or (self._resident is not None and self._resident[0] == g):
             return
         a, z = self._range(g)
-        token = self._acct.add((z - a) * self._per_expert_bytes)
-        buf = None
-        if self._pool is not None:  # read straight into a reused (pinned, on CUDA) staging buffer
-            buf, views = self._pool.acquire(self._source.buffer_shapes(z - a))
-            host = self._source.load(a, z, views)
+        token = self._acct.add((z - a) * self._per_expert_bytes)  # reserved before anything arrives
+        if self._loader is not None:
+            job = self._loader.submit(self._load, a, z)
         else:
-            host = self._source.load(a, z)
-        staged = self._stager.stage(host, self.dtype)
-        if buf is not None:
-            if self.device.type != "cuda" and not _aliases(staged.tensors, host):
-                self._pool.release(buf)  # cast into new tensors: the buffer is free again
-            else:
-                self._buffers[g] = buf  # freed with the group (the device copy or the module reads it)
-        del host
-        self._staged[g] = (staged, token)
+            job = Future()
+            job.set_result(self._load(a, z))
+        self._staged[g] = (job, token)
         self.group_loads += 1
+
+    def _load(self, a: int, z: int):
+        """Experts ``a..z-1`` read into host memory and staged for the device: ``(Staged, pool buffer)``."""
+        buf = None
+        with self._stats.stage("expert_read"):
+            pre = self._source.take_preloaded(a, z) if hasattr(self._source, "take_preloaded") else None
+            if pre is not None:
+                buf, host = pre
+            elif self._pool is not None and hasattr(self._source, "buffer_shapes"):
+                # read straight into a reused (pinned, on CUDA) staging buffer
+                if not self._pool.has_free() and hasattr(self._source, "drop_preloaded"):
+                    self._source.drop_preloaded()  # this layer's read-ahead group, not hit yet: read it later
+                buf, views = self._pool.acquire(self._source.buffer_shapes(z - a))
+                try:
+                    host = self._load_host(a, z, views)
+                except BaseException:
+                    self._pool.release(buf)
+                    raise
+            else:
+                host = self._load_host(a, z, None)
+        staged = self._stager.stage(host, self.dtype)
+        if self._checks_on_device:
+            staged.finite = self._stager.all_finite(staged)  # checked in _take, once the group is needed
+        if buf is not None and self.device.type != "cuda" and not _aliases(staged.tensors, host):
+            self._pool.release(buf)  # cast into new tensors: the buffer is free again
+            buf = None
+        return staged, buf
+
+    @property
+    def _checks_on_device(self) -> bool:
+        # On CUDA, NaN/Inf in the weights is looked for on the device, after the copy (a pass over the
+        # group on the host would slow the thread reading the disk); on the CPU while reading.
+        return self.device.type == "cuda" and hasattr(self._source, "check_finite")
+
+    def _load_host(self, a: int, z: int, views) -> dict[str, torch.Tensor]:
+        if self._checks_on_device:
+            return self._source.load(a, z, views, check=False)
+        return self._source.load(a, z) if views is None else self._source.load(a, z, views)
 
     def _take(self, g: int) -> nn.Module:
         if self._resident is not None and self._resident[0] == g:
             return self._resident[1]
         self._stage(g)
-        staged, token = self._staged.pop(g)
+        job, token = self._staged.pop(g)
+        t0 = time.perf_counter()
+        try:
+            staged, buf = job.result()  # re-raises the loader's error here
+        except BaseException:
+            self._acct.release(token)
+            raise
+        self._stats.add_wait("experts", time.perf_counter() - t0)
+        if buf is not None:  # freed with the group (on CUDA once the copy out of it is done)
+            self._buffers[g] = (buf, staged.event)
         a, z = self._range(g)
+        tensors = staged.wait()
+        finite = staged.finite
+        if finite is not None and staged.finite_ready is not None:
+            staged.finite_ready.synchronize()  # computed on the side stream: wait for that, not for the main stream
+        if finite is not None and not bool(finite):
+            self._acct.release(token)
+            self._source.check_finite(a, z)  # raises, naming the tensor
         # a quantized source's group arrives as stored bytes and is dequantized here, on the device
-        sub = experts_subset(self._template, self._source.decode(staged.wait(), self.dtype), z - a)
+        sub = experts_subset(self._template, self._source.decode(tensors, self.dtype), z - a)
         self._evict()
         self._resident = (g, sub, token)
         return sub
@@ -194,26 +255,56 @@ class ChunkedExperts(RoutedExperts):
             self._free_buffer(g)
 
     def _free_buffer(self, g: int) -> None:
-        buf = self._buffers.pop(g, None)
-        if buf is not None:
-            if self.device.type == "cuda":
-                # the side-stream copy out of the buffer (and anything queued behind it) is done
-                torch.cuda.synchronize(self.device)
+        held = self._buffers.pop(g, None)
+        if held is not None:
+            buf, copied = held
+            if copied is not None:
+                copied.synchronize()  # the side-stream copy out of the buffer is done (nothing else waited for)
             self._pool.release(buf)
 
-    def release(self) -> None:
-        """Free the device copies (also done when the module is garbage-collected)."""
+    def resident_selection(self, keep: list[int]) -> HostExperts | None:
+        """The experts ``keep`` as a source over copies of this module's device tensors, when every expert
+        is on the device now (one group, resident): the pruned layer of a sequential pass is then built
+        without reading its experts again. None otherwise (the caller reads them from the shards)."""
+        if self.num_groups != 1 or self._resident is None or not keep:
+            return None
+        idx = torch.tensor(list(keep), dtype=torch.long)
+        held = {n: p.data for n, p in self._resident[1]._parameters.items()}
+        return HostExperts({n: t.index_select(0, idx.to(t.device)) for n, t in held.items()})
+
+    def release(self, wait: bool = True) -> None:
+        """Free the device copies (also done when the module is garbage-collected). A group still
+        arriving is waited for (``wait``), or freed by the loader when it lands."""
         self._evict()
-        for g, (_, token) in self._staged.items():
+        for g, (job, token) in list(self._staged.items()):
             self._acct.release(token)
-            self._free_buffer(g)
+            if wait or job.done():
+                self._free_landed(job)
+            else:
+                job.add_done_callback(self._free_landed)
         self._staged.clear()
+        drop = getattr(self._source, "drop_preloaded", None)
+        if drop is not None:
+            drop()  # a group read ahead for this layer that no chunk asked for
+
+    def _free_landed(self, job: Future) -> None:
+        try:
+            staged, buf = job.result()
+        except BaseException:
+            return
+        if buf is not None:
+            if staged.event is not None:
+                staged.event.synchronize()
+            self._pool.release(buf)
 
     def __del__(self):
         try:
-            self.release()
+            self.release(wait=False)  # never block a garbage collection (it may run on the loader thread)
         except Exception:
             pass
+
+    def whole(self) -> nn.Module | None:
+        return self._take(0) if self.num_groups == 1 else None
 
     def sources(self, hit):
         G = self.group_size
@@ -238,9 +329,10 @@ class LazyExperts(ChunkedExperts):
     memory. ``source.subset(keep)`` builds a pruned layer's experts from the same shards."""
 
     def __init__(self, template: nn.Module, source, *, group_size: int, device, dtype, pool: StagingPool | None = None,
-                 double_buffer: bool = True, accountant: Accountant | None = None, stats: IOStats | None = None):
+                 double_buffer: bool = True, accountant: Accountant | None = None, stats: IOStats | None = None,
+                 loader: Executor | None = None):
         super().__init__(template, None, group_size=group_size, device=device, dtype=dtype, double_buffer=double_buffer,
-                         accountant=accountant, stats=stats, source=source, pool=pool)
+                         accountant=accountant, stats=stats, source=source, pool=pool, loader=loader)
 
 
 class QuantExperts(RoutedExperts):

@@ -385,6 +385,7 @@ class ExpertSource:
         self._pieces = pieces
         total = len(next(iter(pieces.values())))
         self.ids = list(range(total)) if ids is None else list(ids)
+        self._preloaded = None  # (a, z, pool buffer, tensors, pool): a group read ahead (``preload``)
         p0 = {n: pieces[n][0] for n in names}
         self._row_shape = {n: _row_shape(p) for n, p in p0.items()}  # runtime layout, one expert
         self._dtype = {n: p[0][0].torch_dtype for n, p in p0.items()}
@@ -439,10 +440,61 @@ class ExpertSource:
             return {s: ((count, rb), torch.uint8) for s, (*_, rb) in self._slots.items()}
         return {n: ((count,) + self._row_shape[n], self._dtype[n]) for n in self.names}
 
-    def load(self, a: int, z: int, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def check_finite(self, a: int, z: int) -> None:
+        """Re-read experts ``a..z-1`` checking each piece: raises the error naming the first tensor
+        holding NaN/Inf (after a check on the device found one in the group)."""
+        self.load(a, z)
+        raise CheckpointError(f"{self.pieces_root()}: layer {self.layer_idx}, experts {self.ids[a:z]}: NaN/Inf "
+                              f"in the weights")
+
+    def pieces_root(self) -> Path:
+        st = self._pieces[self.names[0]][0][0][0]
+        return st.files.root
+
+    def preload(self, a: int, z: int, pool: "StagingPool") -> bool:
+        """Read experts ``a..z-1`` now into a pool buffer (``StagingPool.try_acquire``; False when the
+        pool has none to spare), for the group that will ask for them (``take_preloaded``). The layer
+        reader calls it for the next layer's first group, off the main thread."""
+        got = pool.try_acquire(self.buffer_shapes(z - a))
+        if got is None:
+            return False
+        i, views = got
+        try:
+            host = self.load(a, z, views)
+        except BaseException:
+            pool.release(i)
+            raise
+        self._preloaded = (a, z, i, host, pool)
+        return True
+
+    def adopt_preloaded(self) -> None:
+        """The layer is now computing: its preloaded group's buffer is the layer's, not a preload's (so
+        the next layer may preload into another)."""
+        if self._preloaded is not None:
+            self._preloaded[4].adopt(self._preloaded[2])
+
+    def take_preloaded(self, a: int, z: int):
+        """``(pool buffer, tensors)`` of experts ``a..z-1`` if they were preloaded, else None."""
+        p = self._preloaded
+        if p is None or (p[0], p[1]) != (a, z):
+            return None
+        self._preloaded = None
+        p[4].adopt(p[2])
+        return p[2], p[3]
+
+    def drop_preloaded(self) -> None:
+        """Give a preloaded group that was never used back to its pool."""
+        p = self._preloaded
+        if p is not None:
+            self._preloaded = None
+            p[4].release(p[2])
+
+    def load(self, a: int, z: int, out: dict[str, torch.Tensor] | None = None, check: bool = True) -> dict[str, torch.Tensor]:
         """Experts ``a..z-1`` of this source into host memory (into ``out``: buffers of at least
         ``z - a`` rows, e.g. from a ``StagingPool``): runtime layout and stored dtype, or, ``packed``,
-        the stored bytes of each part (``decode`` makes them runtime tensors)."""
+        the stored bytes of each part (``decode`` makes them runtime tensors). ``check``: refuse NaN/Inf
+        in float weights here (a CUDA run checks them on the device instead, ``check_finite``); stored
+        quantized bytes are always checked here."""
         if self.packed:
             return self._load_packed(a, z, out)
         n = z - a
@@ -461,7 +513,7 @@ class ExpertSource:
                     else:
                         seg = row
                         st.read_rows(r, row)
-                    if seg.is_floating_point() and not bool(torch.isfinite(seg).all()):  # as Checkpoint.read checks
+                    if check and seg.is_floating_point() and not bool(torch.isfinite(seg).all()):  # as Checkpoint.read checks
                         raise nonfinite_error(st.files.root / st.shard, st.key, f" (layer {self.layer_idx}, expert {e})",
                                               int((~torch.isfinite(seg)).sum()))
             res[name] = buf
@@ -550,47 +602,71 @@ def _row_shape(pieces: list[tuple[StoredTensor, int | None]]) -> tuple[int, ...]
 class StagingPool:
     """A fixed set of host buffers that expert groups are read into, reused across groups and layers.
 
-    ``count`` buffers (two: the group computing and the group arriving) of ``nbytes`` each, page-locked
+    ``count`` buffers of ``nbytes`` each -- two for the group computing and the group arriving, a third
+    when the layer reader preloads the next layer's first group (``ExpertSource.preload``) -- page-locked
     with ``pin`` (CUDA: the host->device copy is a DMA); allocated once, grown only if a later layer's
-    group needs more (then the old buffers are freed first). ``acquire`` hands out a free buffer's
-    views for a source's group, ``release`` gives it back; more than ``count`` at a time is a bug
-    (RuntimeError), which is what keeps host memory at ``count * nbytes``."""
+    group needs more (free buffers at once, busy ones when next acquired). ``acquire`` hands out a
+    free buffer's views for a source's group, ``release`` gives it back; more than ``count`` at a time
+    is a bug (RuntimeError), which is what keeps host memory at ``count * nbytes``. Thread-safe: the
+    layer reader and the expert loader take buffers from their own threads."""
 
     def __init__(self, count: int = 2, nbytes: int = 0, *, pin: bool = False):
         self.count, self.pin = int(count), bool(pin)
         self.nbytes = 0
-        self._bufs: list[torch.Tensor] = []
+        self._bufs: list[torch.Tensor | None] = []
         self._free: list[int] = []
+        self._lock = threading.RLock()
+        self._preloads: set[int] = set()  # buffers held by preloads (try_acquire), not yet adopted
         self.allocations = 0  # how many times the buffers were (re)allocated
         if nbytes:
             self._allocate(int(nbytes))
 
+    def _new(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+
     def _allocate(self, nbytes: int) -> None:
-        if len(self._free) != len(self._bufs):
-            raise RuntimeError("StagingPool: cannot grow while buffers are in use")
-        self._bufs = []
-        self._bufs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin) for _ in range(self.count)]
-        self._free = list(range(self.count))
-        self.nbytes = nbytes
-        self.allocations += 1
+        with self._lock:
+            busy = [i for i in range(len(self._bufs)) if i not in self._free]
+            for i in self._free:
+                self._bufs[i] = None  # freed before the larger one is allocated
+            if len(self._bufs) < self.count:
+                self._bufs += [None] * (self.count - len(self._bufs))
+                self._free += [i for i in range(self.count) if i not in self._free and i not in busy]
+            for i in self._free:
+                self._bufs[i] = self._new(nbytes)
+            self.nbytes = nbytes
+            self.allocations += 1
 
     @property
     def held_bytes(self) -> int:
-        return self.nbytes * len(self._bufs)
+        return sum(b.numel() for b in self._bufs if b is not None)
+
+    def has_free(self) -> bool:
+        with self._lock:
+            return bool(self._free) or not self._bufs
+
+    @property
+    def in_use(self) -> int:
+        return len(self._bufs) - len(self._free)
 
     def ensure(self, nbytes: int) -> None:
         if nbytes > self.nbytes:
             self._allocate(int(nbytes))
 
-    def acquire(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[int, dict[str, torch.Tensor]]:
-        need = sum(_aligned(_prod(s) * dt.itemsize) for s, dt in shapes.values())
-        if need > self.nbytes:
-            self.ensure(need)
-        if not self._free:
-            gc.collect()  # a dropped layer whose experts module was not yet collected gives its buffer back
-        if not self._free:
-            raise RuntimeError(f"StagingPool: all {self.count} buffers are in use")
+    def resize(self, count: int) -> None:
+        """Hold ``count`` buffers from now on (more: allocated at the current size when first free)."""
+        with self._lock:
+            if count > len(self._bufs) and self.nbytes:
+                start = len(self._bufs)
+                self._bufs += [self._new(self.nbytes) for _ in range(count - start)]
+                self._free += list(range(start, count))
+            self.count = max(self.count, int(count))
+
+    def _take(self, need: int, shapes) -> tuple[int, dict[str, torch.Tensor]]:
         i = self._free.pop(0)
+        if self._bufs[i] is None or self._bufs[i].numel() < need:  # was busy when the pool grew
+            self._bufs[i] = None
+            self._bufs[i] = self._new(self.nbytes)
         buf, at, views = self._bufs[i], 0, {}
         for name, (shape, dt) in shapes.items():
             n = _prod(shape) * dt.itemsize
@@ -598,10 +674,45 @@ class StagingPool:
             at += _aligned(n)
         return i, views
 
+    def acquire(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[int, dict[str, torch.Tensor]]:
+        need = sum(_aligned(_prod(s) * dt.itemsize) for s, dt in shapes.values())
+        with self._lock:
+            if need > self.nbytes:
+                self.ensure(need)
+            if not self._free:
+                gc.collect()  # a dropped layer whose experts module was not yet collected gives its buffer back
+            if not self._free:
+                raise RuntimeError(f"StagingPool: all {self.count} buffers are in use")
+            return self._take(need, shapes)
+
+    def try_acquire(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]):
+        """A buffer for a preload (the next layer's first group, read ahead), or None. Preloads hold
+        at most ``count - 2`` buffers, so the computing layer always has its two; a preload never
+        waits (it may grow the pool: the free buffers now, the busy ones when next taken). ``adopt``
+        hands the buffer over to the group that uses it."""
+        need = sum(_aligned(_prod(s) * dt.itemsize) for s, dt in shapes.values())
+        with self._lock:
+            if not self._bufs:  # nothing allocated yet (the first layer's preload comes first)
+                self._allocate(need)
+            if not self._free or len(self._preloads) >= self.count - 2:
+                return None
+            if need > self.nbytes:
+                self.ensure(need)
+            i, views = self._take(need, shapes)
+            self._preloads.add(i)
+            return i, views
+
+    def adopt(self, i: int) -> None:
+        """A preloaded buffer is now an ordinary one (its group is being computed)."""
+        with self._lock:
+            self._preloads.discard(i)
+
     def release(self, i: int) -> None:
-        if i in self._free or not 0 <= i < len(self._bufs):
-            raise RuntimeError(f"StagingPool: buffer {i} released twice")
-        self._free.append(i)
+        with self._lock:
+            if i in self._free or not 0 <= i < len(self._bufs):
+                raise RuntimeError(f"StagingPool: buffer {i} released twice")
+            self._preloads.discard(i)
+            self._free.append(i)
 
 
 def _aligned(n: int, a: int = 64) -> int:

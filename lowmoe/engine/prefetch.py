@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -51,17 +52,60 @@ class IOStats:
     read_s: dict[str, float] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
     count: dict[str, int] = field(default_factory=dict)
+    # where the wall time goes, per stage (``stage``): seconds, calls, and the thread it ran on
+    stage_s: dict[str, float] = field(default_factory=dict)
+    stage_n: dict[str, int] = field(default_factory=dict)
+    stage_thread: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add_wait(self, kind: str, seconds: float) -> None:
         with self._lock:
             self.wait_s[kind] = self.wait_s.get(kind, 0.0) + seconds
+        self.add_stage(_WAIT_STAGE.get(kind, f"wait_{kind}"), seconds)
 
     def add_read(self, kind: str, seconds: float, nbytes: int = 0) -> None:
         with self._lock:
             self.read_s[kind] = self.read_s.get(kind, 0.0) + seconds
             self.bytes[kind] = self.bytes.get(kind, 0) + int(nbytes)
             self.count[kind] = self.count.get(kind, 0) + 1
+        if kind in _READ_STAGE:  # a layer's read is split into its own stages (LayerReader)
+            self.add_stage(_READ_STAGE[kind], seconds)
+
+    def add_stage(self, name: str, seconds: float) -> None:
+        thread = "main" if threading.current_thread() is threading.main_thread() else "background"
+        with self._lock:
+            self.stage_s[name] = self.stage_s.get(name, 0.0) + seconds
+            self.stage_n[name] = self.stage_n.get(name, 0) + 1
+            self.stage_thread.setdefault(name, thread)
+
+    @contextmanager
+    def stage(self, name: str):
+        """Time the block as stage ``name`` (see ``STAGES``)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add_stage(name, time.perf_counter() - t0)
+
+    def stage_snapshot(self) -> dict[str, tuple[float, int]]:
+        with self._lock:
+            return {k: (v, self.stage_n[k]) for k, v in self.stage_s.items()}
+
+    def stages_json(self, wall_s: float | None = None, since: dict[str, tuple[float, int]] | None = None) -> dict:
+        """``{stage: {"s", "count", "thread", "share"}}`` in ``STAGES`` order; ``share`` is the fraction
+        of ``wall_s`` (main-thread stages add up to about the wall; background ones overlap it).
+        ``since``: a ``stage_snapshot`` taken earlier, to report only what came after it."""
+        since = since or {}
+        secs = {k: v - since.get(k, (0.0, 0))[0] for k, v in self.stage_s.items()}
+        counts = {k: n - since.get(k, (0.0, 0))[1] for k, n in self.stage_n.items()}
+        order = [k for k in STAGES if counts.get(k)] + sorted(k for k in secs if k not in STAGES and counts[k])
+        out = {}
+        for k in order:
+            d = {"s": round(secs[k], 4), "count": counts[k], "thread": self.stage_thread[k]}
+            if wall_s:
+                d["share"] = round(secs[k] / wall_s, 4)
+            out[k] = d
+        return out
 
     @property
     def total_wait_s(self) -> float:
@@ -75,6 +119,35 @@ class IOStats:
         if wall_s:
             d["wait_fraction"] = round(self.total_wait_s / wall_s, 4)
         return d
+
+
+# The stages of a streamed pass, in the order a layer goes through them (``IOStats.stage``):
+STAGES = {
+    "tokenize": "the calibration data tokenized (prune: before the stream starts)",
+    "setup": "the stream built: transformers' model skeleton (its modeling code imported), token embeddings",
+    "profile": "the super-expert profile: read from its cache, or computed by its own pass over the model",
+    "embed": "token embeddings of every chunk, written to the activation cache",
+    "read": "a layer's tensors read from the shards (routed experts only located when read lazily)",
+    "to_runtime": "stacked/renamed into transformers' runtime layout",
+    "pin": "copied into page-locked host memory (CUDA)",
+    "wait_layer": "the main thread waiting for the layer reader",
+    "materialize": "the layer built on the compute device (non-expert weights copied there)",
+    "expert_read": "a group of routed experts read from the shards into a staging buffer",
+    "h2d": "a group of experts copied to the device and cast (enqueued on a side stream on CUDA)",
+    "wait_experts": "the main thread waiting for an expert group",
+    "wait_cache": "the main thread waiting for an activation chunk",
+    "cache_read": "an activation chunk read (from memory or disk)",
+    "to_device": "an activation chunk moved to the device and cast",
+    "compute": "the layer's forward over a chunk (kernels finished: synchronised on CUDA)",
+    "observe": "scorers and guards reading the MoE block's routing (inside compute)",
+    "to_host": "a layer's output chunk copied to the host",
+    "cache_write": "an output chunk written to the activation cache",
+    "wait_write": "the main thread waiting for a cache write",
+    "decide": "the layer's scores read and its plan decided",
+    "apply": "the plan applied and the layer written to the output",
+}
+_WAIT_STAGE = {"layer": "wait_layer", "cache": "wait_cache", "cache_write": "wait_write", "experts": "wait_experts"}
+_READ_STAGE = {"cache": "cache_read", "cache_write": "cache_write", "experts": "h2d"}
 
 
 def tensors_nbytes(obj) -> int:
@@ -118,6 +191,9 @@ class Prefetcher(Iterable[tuple[T, R]]):
     def __len__(self) -> int:
         return len(self.items)
 
+    def taken(self, out: R) -> None:
+        """Called with each loaded item as the consumer takes it, before the next load is started."""
+
     def __iter__(self) -> Iterator[tuple[T, R]]:
         if self.depth == 0:
             for item in self.items:
@@ -141,6 +217,7 @@ class Prefetcher(Iterable[tuple[T, R]]):
                 out = fut.result()  # re-raises the reader's exception here, in order
                 self.last_wait_s = time.perf_counter() - t0
                 self.stats.add_wait(self.kind, self.last_wait_s)
+                self.taken(out)  # before the next load starts
                 nxt = next(it, _END)
                 if nxt is not _END:
                     pending.append((nxt, pool.submit(self._timed, nxt)))
@@ -169,27 +246,41 @@ class LayerReader(Prefetcher):
     runtime layout (``to_runtime(layer_idx, tensors)``: stacking per-expert tensors is CPU work
     worth overlapping too) and, with ``pin_memory`` (CUDA runs), page-locks the runtime tensors so
     the host->device copy is a DMA. Host memory holds at most two layers (the budget planner turns
-    prefetching off when ``--max-ram`` cannot hold two).
+    prefetching off when ``--max-ram`` cannot hold two). ``preload(layer_idx, source)``, for a layer
+    whose routed experts are read lazily: read its first group of experts on the reader thread too
+    (``lazy.ExpertSource.preload``), so a layer whose experts form one group arrives whole.
     """
 
     def __init__(self, ck, layers: Iterable[int], *, prefetch: bool = True, pin_memory: bool = False,
                  stats: IOStats | None = None, read: Callable[[int], dict] | None = None,
-                 to_runtime: Callable[[int, dict], dict] | None = None):
+                 to_runtime: Callable[[int, dict], dict] | None = None,
+                 preload: Callable[[int, ExpertSource], None] | None = None):
         read = read or ck.read_layer
 
+        st = stats if stats is not None else IOStats()
+
         def load(layer_idx: int) -> LayerData:
-            t = read(layer_idx)
+            with st.stage("read"):
+                t = read(layer_idx)
             src = None
-            if isinstance(t, LazyLayer):  # the routed experts stay in the shards
-                src = t.experts
-                rt = to_runtime(layer_idx, t.resident) if to_runtime is not None else None
-            else:
-                rt = to_runtime(layer_idx, t) if to_runtime is not None else None
+            with st.stage("to_runtime"):
+                if isinstance(t, LazyLayer):  # the routed experts stay in the shards
+                    src = t.experts
+                    rt = to_runtime(layer_idx, t.resident) if to_runtime is not None else None
+                else:
+                    rt = to_runtime(layer_idx, t) if to_runtime is not None else None
             if pin_memory and rt is not None:
-                rt = pin(rt)
+                with st.stage("pin"):
+                    rt = pin(rt)
+            if src is not None and preload is not None:
+                preload(layer_idx, src)  # the first group of experts, read here too (off the main thread)
             return LayerData(t, rt, src)
 
-        super().__init__(load, layers, depth=1 if prefetch else 0, stats=stats, kind="layer", name="lowmoe-layer-reader")
+        super().__init__(load, layers, depth=1 if prefetch else 0, stats=st, kind="layer", name="lowmoe-layer-reader")
+
+    def taken(self, out: LayerData) -> None:
+        if out.experts is not None and hasattr(out.experts, "adopt_preloaded"):
+            out.experts.adopt_preloaded()  # the layer's group is the computing layer's now
 
 
 class WriteBehind:
@@ -271,12 +362,33 @@ class DeviceStager:
         return Staged(out, event, self.stats, self.kind)
 
 
+    def all_finite(self, staged: "Staged") -> torch.Tensor | None:
+        """Whether every floating tensor of ``staged`` is finite: a boolean computed on the device, on
+        the side stream after the copy, and copied back there (``staged.finite_ready`` marks when it can
+        be read; ``ChunkedExperts`` reads it when the group is needed). None when nothing is floating."""
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            flags = [torch.isfinite(v).all() for v in staged.tensors.values() if v.is_floating_point()]
+            if not flags:
+                return None
+            flag = torch.stack(flags).all()
+            if self.stream is not None:  # to the host on the side stream: reading it never waits for compute
+                host = torch.empty((), dtype=torch.bool, pin_memory=True)
+                host.copy_(flag, non_blocking=True)
+                staged.finite_ready = torch.cuda.Event()
+                staged.finite_ready.record(self.stream)
+                return host
+            return flag
+
+
 class Staged:
     def __init__(self, tensors: dict[str, torch.Tensor], event, stats: IOStats, kind: str):
         self.tensors, self.event, self.stats, self.kind = tensors, event, stats, kind
+        self.waited = False  # the event stays: it also marks when the copy out of the host buffer is done
+        self.finite = None  # a device boolean from ``DeviceStager.all_finite``, when the check runs there
+        self.finite_ready = None  # recorded on the side stream once ``finite`` is computed
 
     def wait(self) -> dict[str, torch.Tensor]:
-        if self.event is not None:
+        if self.event is not None and not self.waited:
             t0 = time.perf_counter()
             cur = torch.cuda.current_stream()
             cur.wait_event(self.event)
@@ -285,5 +397,5 @@ class Staged:
             for v in self.tensors.values():
                 v.record_stream(cur)
             self.stats.add_wait(self.kind, time.perf_counter() - t0)
-            self.event = None
+            self.waited = True
         return self.tensors

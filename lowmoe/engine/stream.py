@@ -22,13 +22,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from .budget import Placer, parse_budget, plan_budget, plan_lazy_budget
+from .budget import SAFETY, Placer, parse_budget, plan_budget, plan_lazy_budget
 from .cache import ActivationCache
 from .calibration import CalibTokens, load_tokenizer, tokenize
 from .checkpoint import Checkpoint
+from .device import dtype_bytes
 from ..errors import ConfigError
 from . import faults
-from .hf import LayerInputsCache, ModelSkeleton, MoeProbe, run_layer
+from .hf import LayerInputsCache, ModelSkeleton, MoeProbe, moe_modules, run_layer
 from .plan import LayerPlan
 from .lazy import ExpertSource, ShardFiles, read_lazy_layer, selection_only
 from .prefetch import IOStats, LayerReader, Prefetcher, WriteBehind
@@ -56,6 +57,49 @@ def calibration_tokens(ck: Checkpoint, calib, *, seq_len: int, n_samples: int, l
                     layout=layout, answer_only=answer_only, max_positions=ck.config.get("max_position_embeddings"))
 
 
+def activation_memory(ck: Checkpoint, tokens: CalibTokens, device: torch.device, dtype: torch.dtype, budget=None) -> dict:
+    """How much of the activation cache ``Stream`` keeps in memory: both live boundaries (a layer's
+    inputs and its outputs, every calibration token x hidden size in the compute dtype) when they fit,
+    else nothing (the disk holds them, one chunk in memory at a time).
+
+    They fit on a CUDA device when they fit beside the planned device peak: under ``--max-vram``, or
+    in half of the memory free when the run starts. On the CPU (host memory): beside the planned host
+    peak under ``--max-ram``; without it, when they take at most an eighth of the available memory
+    and 1 GiB (a run without a budget should not grow by much more than the layer it computes)."""
+    boundary = int(tokens.positions) * int(ck.config.get("hidden_size", 0)) * dtype_bytes(dtype)
+    need = 2 * boundary
+    if budget is not None and budget.device_budget is not None:  # --max-vram (on CPU: its rehearsal)
+        slack = int(budget.device_budget * (1 - SAFETY)) - budget.device_peak_bytes
+    elif device.type == "cuda":
+        slack = torch.cuda.mem_get_info(device)[0] // 2 - (budget.device_peak_bytes if budget is not None else 0)
+    elif budget is not None and budget.max_ram is not None:
+        slack = int(budget.max_ram * (1 - SAFETY)) - budget.host_peak_bytes
+    else:
+        slack = min(available_memory() // 8, 1 << 30)
+    held = need if 0 < need <= slack else 0
+    return {"boundary_bytes": boundary, "held_bytes": held, "where": (device.type if held else "disk")}
+
+
+def with_setup(stages: dict, setup: dict[str, float], wall_s: float) -> dict:
+    """A pass's ``stages`` preceded by what came before it (``setup``: seconds by stage name, e.g.
+    tokenizing the calibration data, building the stream, the super-expert profile), main thread."""
+    head = {k: {"s": round(v, 4), "count": 1, "thread": "main", "share": round(v / wall_s, 4) if wall_s else None}
+            for k, v in setup.items()}
+    return {**head, **{k: v for k, v in stages.items() if k not in head}}
+
+
+def available_memory() -> int:
+    """Host memory available to this process now (MemAvailable), in bytes; 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class Stream:
     """Streams hidden states of the calibration tokens through the model, layer by layer."""
 
@@ -73,20 +117,42 @@ class Stream:
         self.skel = ModelSkeleton(ck.config, ck.adapter)
         self.inputs_for = LayerInputsCache(self.skel, device)  # rotary embeddings and masks per token-block shape
         self.num_chunks = (tokens.input_ids.shape[0] + batch_size - 1) // batch_size
+        # two boundaries of hidden states (a layer's inputs and outputs) kept in memory when they fit
+        self.activations = activation_memory(ck, tokens, self.device, dtype, budget)
+        cache.hold(self.activations["held_bytes"])
+        if self.activations["held_bytes"] and (self.device.type == "cuda" or self.placer.plan is not None
+                                               and self.placer.plan.device_budget is not None):
+            self.placer.accountant.add(self.activations["held_bytes"])  # device memory, for the whole pass
 
     def chunks(self):
         for c, sl in self.tokens.batches(self.batch_size):
             yield c, sl
 
     def embed(self) -> None:
-        key = "model.embed_tokens.weight"
-        w = self.ck.read([key])[key].to(self.device, self.dtype)
-        self.placer.accountant.track(w, w.numel() * w.element_size())  # counts against --max-vram while it lives
-        for c, sl in self.chunks():
-            h = torch.nn.functional.embedding(self.token_ids(c, sl).to(self.device), w)
-            faults.point("embed")
-            self.cache.write(0, c, h)
-        del w
+        with self.io.stage("embed"):
+            key = "model.embed_tokens.weight"
+            w = self.ck.read([key])[key].to(self.device, self.dtype)
+            self.placer.accountant.track(w, w.numel() * w.element_size())  # counts against --max-vram while it lives
+            for c, sl in self.chunks():
+                h = torch.nn.functional.embedding(self.token_ids(c, sl).to(self.device), w)
+                faults.point("embed")
+                if not self._keep(0, c, h):
+                    self.cache.write(0, c, h)
+            del w
+
+    def activation_report(self) -> dict:
+        """Where the activation cache lived: ``held_bytes`` in memory (``where``), the rest on disk."""
+        return {**self.activations, "peak_in_memory_bytes": self.cache.memory_peak,
+                "disk_bytes_written": self.cache.bytes_written}
+
+    def close(self) -> None:
+        """Stop the stream's background threads (the expert loader)."""
+        self.placer.close()
+
+    def stages(self, wall_s: float | None = None, since=None) -> dict:
+        """Where the pass's time went, per stage (``prefetch.STAGES``): the report's "stages"
+        (``since``: an ``io.stage_snapshot()`` taken when the pass began)."""
+        return self.io.stages_json(wall_s, since)
 
     def token_ids(self, chunk: int, sl: slice) -> torch.Tensor:
         """The token ids of cache chunk ``chunk`` (rows ``sl`` of the calibration tokens)."""
@@ -104,8 +170,9 @@ class Stream:
                 raise ConfigError("--quant: quantized layers are built with the model's own expert count and top-k")
             return build_quantized_layer(self.skel, layer_idx, runtime_state, self.device, self.dtype, self.quant,
                                          accountant=self.placer.accountant)
-        return self.placer.materialize(self.skel, layer_idx, runtime_state, num_experts=num_experts, top_k=top_k,
-                                       experts=experts)
+        with self.io.stage("materialize"):
+            return self.placer.materialize(self.skel, layer_idx, runtime_state, num_experts=num_experts, top_k=top_k,
+                                           experts=experts)
 
     def layers(self, start: int, moe: set[int], *, lazy: bool = False) -> LayerReader:
         """``(layer_idx, LayerData)`` from ``start`` on; layer L+1 is read while L computes.
@@ -115,13 +182,48 @@ class Stream:
         group at a time (host memory: the layer's other weights + two groups)."""
         ad = self.ck.adapter
         read = (lambda L: read_lazy_layer(self.ck, self.files, L)) if lazy else None
+        preload = self.placer.preload if lazy and self.prefetch_layers and self.quant == "none" else None
         return LayerReader(self.ck, range(start, self.ck.num_layers), prefetch=self.prefetch_layers,
                            pin_memory=self.device.type == "cuda", stats=self.io, read=read,
-                           to_runtime=lambda L, t: ad.to_runtime(L, t, L in moe))
+                           to_runtime=lambda L, t: ad.to_runtime(L, t, L in moe), preload=preload)
 
     def _read_chunk(self, boundary: int, chunk: int) -> torch.Tensor:
+        if self.cache.in_memory(boundary, chunk):
+            return self.cache.read(boundary, chunk)  # already where it is computed on
         h = self.cache.read(boundary, chunk)
         return h.pin_memory() if self.device.type == "cuda" else h
+
+    def _keep(self, boundary: int, chunk: int, h: torch.Tensor, writer: "WriteBehind | None" = None) -> bool:
+        """Hold chunk ``chunk`` of ``boundary`` in memory if it fits (and, for a resumable run, write it
+        to disk too: behind, through ``writer``). False: it must go to disk."""
+        nbytes = h.numel() * h.element_size()
+        if not self.cache.fits(nbytes):
+            return False
+        self.cache.keep(boundary, chunk, h)
+        if self.cache.persist:
+            host, copied = self._to_host(h)
+            if writer is None:
+                self._write_when(copied, boundary, chunk, host)
+            else:
+                writer.submit(self._write_when, copied, boundary, chunk, host, nbytes=nbytes)
+        return True
+
+    def _to_host(self, h: torch.Tensor):
+        """``h`` copied to host memory: on CUDA into page-locked memory without waiting (the copy's event
+        is returned; the writer waits for it), else ``h`` itself."""
+        with self.io.stage("to_host"):
+            if h.device.type != "cuda":
+                return h.detach(), None
+            host = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
+            host.copy_(h.detach(), non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(h.device))
+            return host, copied
+
+    def _write_when(self, copied, boundary: int, chunk: int, host: torch.Tensor, checked: bool = True) -> None:
+        if copied is not None:
+            copied.synchronize()
+        self.cache.write(boundary, chunk, host, checked=checked)
 
     @torch.no_grad()
     def forward(self, layer_idx: int, module, *, write: bool, probe=None, adapter=None, read_boundary: int | None = None):
@@ -134,19 +236,25 @@ class Stream:
                             stats=self.io, kind="cache", name="lowmoe-cache-reader")
         writer = WriteBehind(enabled=self.prefetch and write, stats=self.io)
         try:
+            io = self.io
             for c, h in reader:
                 sl = slices[c]
-                h = h.to(self.device, non_blocking=True).to(self.dtype)
-                if probe is not None:
-                    dom = self.tokens.domain[sl].to(self.device)[:, None].expand(-1, h.shape[1])  # (B, S)
-                    with MoeProbe(adapter, module, probe, token_mask=self.tokens.count_mask[sl].to(self.device), token_domain=dom):
+                with io.stage("to_device"):
+                    h = h.to(self.device, non_blocking=True).to(self.dtype)
+                with io.stage("compute"):
+                    if probe is not None:
+                        dom = self.tokens.domain[sl].to(self.device)[:, None].expand(-1, h.shape[1])  # (B, S)
+                        with MoeProbe(adapter, module, probe, token_mask=self.tokens.count_mask[sl].to(self.device), token_domain=dom):
+                            out = run_layer(self.skel, module, layer_idx, h, self.inputs_for(h))
+                        faults.point("score")
+                    else:
                         out = run_layer(self.skel, module, layer_idx, h, self.inputs_for(h))
-                    faults.point("score")
-                else:
-                    out = run_layer(self.skel, module, layer_idx, h, self.inputs_for(h))
-                if write:
-                    out = out.detach().to("cpu")
-                    writer.submit(self.cache.write, layer_idx + 1, c, out, nbytes=out.numel() * out.element_size())
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)  # the kernels' time is compute's, not the copy's
+                if write and not self._keep(layer_idx + 1, c, out, writer):
+                    host, copied = self._to_host(out)
+                    writer.submit(self._write_when, copied, layer_idx + 1, c, host, False,
+                                  nbytes=host.numel() * host.element_size())
         finally:
             writer.close()
 
@@ -183,30 +291,42 @@ def walk(stream: Stream, layers, *, observers_for: Callable[[int], list], decide
         if idx not in moe:
             stream.forward(idx, module, write=True)
             del module
-            apply(idx, tensors, None)
+            with stream.io.stage("apply"):
+                apply(idx, tensors, None)
             step = LayerStep(idx, None)
         else:
             observers = observers_for(idx)
 
             def probe(call, observers=observers):
-                for o in observers:
-                    o.observe(call)
+                with stream.io.stage("observe"):
+                    for o in observers:
+                        o.observe(call)
 
             probe.needs_expert_outputs = any(getattr(o, "needs_expert_outputs", False) for o in observers)
             stream.forward(idx, module, write=not sequential, probe=probe, adapter=adapter)
-            release_layer(module)
-            del module
-            lp = decide(idx, tensors, observers)
-            out = apply(idx, tensors, lp)
+            if not (sequential and source is not None):
+                release_layer(module)
+                module = None
+            with stream.io.stage("decide"):
+                lp = decide(idx, tensors, observers)
+            with stream.io.stage("apply"):
+                out = apply(idx, tensors, lp)
             if sequential:  # the next layer sees this one with its plan applied
                 if lp is None:
                     raise ValueError(f"layer {idx}: a sequential pass needs a plan for every MoE layer")
                 if source is not None and selection_only(lp):
-                    # the kept experts, read from the same shards in groups; the rest as written
+                    # the kept experts: copied from the device when the whole layer is there, else read
+                    # from the same shards in groups; the rest as written
+                    kept = resident_selection(adapter, module, lp.keep)
+                    release_layer(module)
+                    module = None
                     rest = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k not in _expert_keys(adapter, idx, out)}
                     pruned = stream.materialize(idx, adapter.to_runtime(idx, rest, True), num_experts=num_experts,
-                                                top_k=top_k, experts=source.subset(lp.keep))
+                                                top_k=top_k, experts=kept if kept is not None else source.subset(lp.keep))
                 else:
+                    if module is not None:
+                        release_layer(module)
+                        module = None
                     pruned = stream.materialize(idx, adapter.to_runtime(idx, _decoded(out), True), num_experts=num_experts,
                                                 top_k=top_k)
                 stream.forward(idx, pruned, write=True)
@@ -229,6 +349,16 @@ def _expert_keys(adapter, layer_idx: int, out: dict) -> set[str]:
 def _decoded(out: dict) -> dict:
     """A layer's output tensors with any stored (byte-copied) entries read."""
     return {k: (v if isinstance(v, torch.Tensor) else v.read()) for k, v in out.items()}
+
+
+def resident_selection(adapter, module, keep: list[int]):
+    """The kept experts of ``module``'s streamed experts as an in-memory source, when the whole layer's
+    experts are on the device (``ChunkedExperts.resident_selection``); else None."""
+    if module is None:
+        return None
+    experts = moe_modules(adapter, module)[2]
+    pick = getattr(experts, "resident_selection", None)
+    return pick(keep) if callable(pick) else None
 
 
 def release_layer(module) -> None:
