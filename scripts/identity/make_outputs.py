@@ -309,8 +309,10 @@ def canonical_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
+# "stages" are timings; "activations" says where the activation cache lived, which depends on the memory
+# free on the machine (issue 15): neither is an output of the method
 DROP_KEYS = {"timings", "memory", "io", "budget", "time_s", "model", "wall_s", "search_s", "evaluations_per_hour",
-             "build_s", "stream_stats", "fitness_png", "input", "output"}
+             "build_s", "stream_stats", "fitness_png", "input", "output", "stages", "activations"}
 
 
 def canonicalize(obj, root: str):
