@@ -82,6 +82,9 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(sorted(SCORERS)), help="one-shot scoring methods to compare with")
     p.add_argument("--no-topk", action="store_true", help="skip the top-2 -> top-1 experiment")
+    p.add_argument("--oracle", action="store_true",
+                   help="diagnostic, not a result: EEP searches and picks on the --n-test test examples themselves, so "
+                        "its test accuracy bounds what this search (space, budget) can reach when fitness is the metric")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="no runs: merge these result JSONs (rows run one at a time) into --json and print the table")
@@ -111,10 +114,16 @@ def main():
             search, dev, calib = [], [], []
             for domain in domains:
                 recs = tasks.make_split(domain, "calib", args.n_search + n_dev, seed=args.seed)
+                calib.append(tasks.write_jsonl(recs, tmp / f"{domain}-calib.jsonl"))
+                if args.oracle:  # the examples row_acc scores (evaluate's test split, its default seed 0)
+                    recs = tasks.make_split(domain, "test", args.n_test, seed=0)
+                    search.append(tasks.write_jsonl(recs, tmp / f"{domain}-search.jsonl"))
+                    dev.append(tasks.write_jsonl(recs, tmp / f"{domain}-dev.jsonl"))
+                    continue
                 search.append(tasks.write_jsonl(recs[:args.n_search], tmp / f"{domain}-search.jsonl"))
                 dev.append(tasks.write_jsonl(recs[args.n_search:], tmp / f"{domain}-dev.jsonl"))
-                calib.append(tasks.write_jsonl(recs, tmp / f"{domain}-calib.jsonl"))
             n_calib = args.n_search + n_dev
+            n_fit = args.n_test if args.oracle else args.n_search
             full, full_correct, full_per = row_acc(args.model, domains, args.n_test)
             full_top2[row_name] = full
             print(f"[{row_name}] full model (8 experts, top-2): {full:.3f} {full_per}", flush=True)
@@ -129,14 +138,14 @@ def main():
                 out = tmp / f"{row_name}-eep-{keep}"
                 t0 = time.time()
                 rep = lowmoe.prune(args.model, out, keep=keep, method="eep", calib=search, seq_len=160,
-                                   n_samples=args.n_search * len(domains), batch_size=16, layout="per-sample",
+                                   n_samples=n_fit * len(domains), batch_size=16, layout="per-sample",
                                    seed=args.seed, progress=False, overwrite=True,
                                    method_options={"dev": [str(d) for d in dev], "generations": args.generations,
                                                    "population": args.population, "layer_groups": args.layer_groups,
                                                    "init": args.init, "quant": args.quant, "combine": args.combine,
                                                    **extra})
                 eep_acc, eep_correct, eep_per = row_acc(out, domains, args.n_test)
-                row = {"domain": row_name, "domains": domains, "keep": keep, "sparsity": 1 - keep / 8,
+                row = {"domain": row_name, "domains": domains, "keep": keep, "sparsity": 1 - keep / 8, "oracle": args.oracle,
                        "full": full, "full_per_domain": full_per, "one_shot": one_shot,
                        "one_shot_per_domain": one_shot_per, "best_one_shot": best_m,
                        "eep": eep_acc, "eep_per_domain": eep_per, "eep_vs_full": eep_acc / full if full else None,
