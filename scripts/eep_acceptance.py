@@ -26,12 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
 
 import lowmoe  # noqa: E402
 from lowmoe.toy import tasks  # noqa: E402
@@ -90,8 +93,10 @@ def main():
                    help="no runs: merge these result JSONs (rows run one at a time) into --json and print the table")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    command = "python scripts/eep_acceptance.py " + " ".join(sys.argv[1:])
+    machine = {"cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     if args.merge:
-        merged = {"model": None, "args": [], "runs": [], "full_top2": {}}
+        merged = {"command": command, "machine": machine, "model": None, "args": [], "runs": [], "full_top2": {}}
         for f in args.merge:
             d = json.loads(f.read_text())
             merged["model"] = d["model"]
@@ -102,7 +107,7 @@ def main():
             args.json.write_text(json.dumps(merged, indent=1))
         print(table(merged["runs"]))
         return
-    results = {"model": str(args.model), "args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
+    results = {"command": command, "machine": machine, "model": str(args.model), "args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
     full_top2: dict[str, float] = {}
     extra = dict(kv.split("=", 1) for kv in args.eep_option)
     with tempfile.TemporaryDirectory(prefix="eep-accept-") as tmp:
@@ -154,7 +159,8 @@ def main():
                        "eep_train_fitness": rep["eep"]["best"]["fitness"], "eep_dev_fitness": rep["eep"]["best"]["dev"],
                        "eep_evaluations": rep["eep"]["evaluations"], "eep_phase": rep["eep"]["best"]["phase"],
                        "eep_generation": rep["eep"]["best"]["generation"], "eep_seeds": rep["eep"].get("seeds"),
-                       "eep_curve_last": rep["eep"]["curve"][-1] if rep["eep"]["curve"] else None}
+                       "eep_curve_last": rep["eep"]["curve"][-1] if rep["eep"]["curve"] else None,
+                       "eep_plan": rep["eep"]["best"]["groups"], "eep_best_prune_phase": rep["eep"].get("best_prune_phase")}
                 seed = rep["eep"].get("seed")
                 if seed is not None:  # the one-shot plan the search grew from, on the same test examples
                     groups = rep["eep"]["best"]["groups"]
