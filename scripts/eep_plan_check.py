@@ -91,7 +91,7 @@ def main():
             print(f"{r['name']}: search {r['search']:.3f} dev {r['dev']:.3f} test {r['test']:.3f} "
                   f"(archive fitness {r.get('source_fitness')}, {r.get('phase')})", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "machine": {"cpus": 2, "gpu": None},
+        args.json.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "machine": {"cpus": 2, "gpu": None},
                                          "args": {k: str(v) for k, v in vars(args).items()}, "states": states,
                                          "plans": rows}, indent=1))
 
