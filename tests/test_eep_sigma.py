@@ -1,5 +1,5 @@
 """EEP's adaptive mutation step (``sigma_rule="one-fifth"``): the 1/5 success rule moves sigma the
-right way, within its bounds, is used by the Gaussian mutation, survives a resume, and is off by default."""
+right way, within its bounds, is used by the Gaussian mutation, survives a resume, and is the default."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_one_fifth_rule_direction_and_bounds():
     for _ in range(40):
         ev.adapt_sigma([hi], [lo])
     assert ev.sigma == pytest.approx(SIGMA_BOUNDS[0] * 0.1)
-    fixed = Evolution(sp, EvolveOptions(generations=2, population=5, sigma=0.1), fitness)
+    fixed = Evolution(sp, EvolveOptions(generations=2, population=5, sigma=0.1, sigma_rule="fixed"), fitness)
     assert fixed.adapt_sigma([lo], [hi]) is None and fixed.sigma == 0.1
 
 
@@ -90,8 +90,9 @@ def test_search_adapts_sigma_and_resumes_with_it(tmp_path):
     assert resumed.state.generation == 5 and resumed.state.sigma == pytest.approx(st.curve[5]["sigma"])
     st2 = resumed.run()
     assert [e.cand.key() for e in st2.archive] == [e.cand.key() for e in st.archive]
-    # the default keeps EEP's fixed step
-    fixed = Evolution(sp, EvolveOptions(generations=8, population=6, seed=5), fitness).run()
+    # the 1/5 rule is the default; "fixed" keeps EEP's constant step
+    assert EvolveOptions().sigma_rule == "one-fifth"
+    fixed = Evolution(sp, EvolveOptions(generations=8, population=6, seed=5, sigma_rule="fixed"), fitness).run()
     assert {c["sigma"] for c in fixed.curve if c["phase"] == "merge"} == {0.065}
 
 

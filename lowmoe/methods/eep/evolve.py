@@ -24,10 +24,10 @@ Algorithm (Liu et al., arXiv 2407.00945, §4.3 / Alg. 1; defaults from the autho
   other groups take parent 1's matrix w.p. 0.6. Otherwise one parent. Then *Gaussian mutation*:
   W_EM and W_RM groups are selected independently w.p. 0.25, and each entry of a selected matrix
   gets + N(0, 1)·``sigma`` (0.065) w.p. ``entry_prob`` (0.25). W.p. ``norm_prob`` (0.1) every
-  W_EM row is divided by its sum (W_RM is never normalised). With ``sigma_rule="one-fifth"``
-  (lowmoe; EEP keeps sigma fixed) sigma follows Rechenberg's 1/5 success rule: after each merging
-  generation it grows by 1/``sigma_factor`` if more than a fifth of the children beat their parent's
-  fitness, and shrinks by ``sigma_factor`` if fewer did.
+  W_EM row is divided by its sum (W_RM is never normalised). By default (``sigma_rule="one-fifth"``;
+  lowmoe, EEP keeps sigma fixed: ``"fixed"``) sigma starts at 0.065 and follows Rechenberg's 1/5
+  success rule: after each merging generation it grows by 1/``sigma_factor`` if more than a fifth
+  of the children beat their parent's fitness, and shrinks by ``sigma_factor`` if fewer did.
 * Children already in the archive are redrawn (up to ``max_redraw`` times).
 * **Final pick**: the top ``dev_num`` (20) by training fitness are re-scored on the dev split and
   the best on dev is returned (without dev data: the best on training fitness). Every seed is
@@ -80,7 +80,7 @@ class EvolveOptions:
     seed_cross_share: float = 0.25  # generation 0: share of the non-seed candidates that cross seeds group-wise
     from_front_prob: float = 0.6
     sigma: float = 0.065
-    sigma_rule: str = "fixed"  # merging phase: "fixed" (EEP) or "one-fifth" (Rechenberg's 1/5 success rule on sigma)
+    sigma_rule: str = "one-fifth"  # merging phase: Rechenberg's 1/5 success rule on sigma (lowmoe), or "fixed" (EEP)
     sigma_factor: float = 0.85  # one-fifth: sigma /= f after a generation with > 1/5 successes, *= f with fewer
     entry_prob: float = 0.25
     norm_prob: float = 0.1
