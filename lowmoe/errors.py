@@ -34,3 +34,9 @@ class PlanError(LowmoeError):
 
 class OutputError(LowmoeError):
     """The output directory cannot be written safely (exists, is the input, disk full, ...)."""
+
+
+class DistributedError(LowmoeError):
+    """A run on several processes (torchrun) lost one of them: a crash, a kill, a hang past the timeout."""
+
+    exit_code = 1

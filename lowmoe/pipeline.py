@@ -22,12 +22,13 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from . import methods
+from .engine import dist
 from .engine.budget import parse_budget
 from .engine.cache import ActivationCache
 from .engine.calibration import CalibTokens, check_sources, check_tokenizer
@@ -41,7 +42,7 @@ from .engine.rundir import (MANIFEST, REPORT, WORK_DIR, OutputLock, PruneRun, ch
                             prepare_output)
 from .engine.stream import Stream, calibration_tokens, plan_stream_budget
 from .engine.writer import parse_size
-from .errors import ConfigError, OutputError, PlanError, UnsupportedModelError
+from .errors import ConfigError, DistributedError, LowmoeError, OutputError, PlanError, UnsupportedModelError
 from .methods.oneshot import decide_layers, guards, protected_experts
 from .methods.scoring.super_experts import cached_profile
 
@@ -203,22 +204,81 @@ def prune(model: str | Path, out: str | Path, **options) -> dict:
     ck.validate()
     cfg.check(ck)
     plan_in = _plan_from_input(cfg, ck) if cfg.plan is not None else None
-    budget = plan_run_budget(cfg, ck) if plan_in is None else None  # fails here if a budget cannot hold
-    fp = run_fingerprint(cfg, ck)
-    check_output(cfg.out, ck)
-    with OutputLock(cfg.out):  # one lowmoe process per output directory
+    group = dist.from_env()
+    if group.distributed and (plan_in is not None or cfg.method not in methods.DISTRIBUTED):
+        what = "--plan" if plan_in is not None else f"--method {cfg.method}"
+        raise ConfigError(f"{what} runs in one process, but this is rank {group.rank} of WORLD_SIZE={group.world} "
+                          f"(torchrun): only --method {', '.join(methods.DISTRIBUTED)} shares its work among "
+                          "processes; launch it without torchrun")
+    cfg = replace(cfg, device=dist.device_for(cfg.device, group))  # several processes: each on its own GPU
+    group = dist.init(cfg.compute_device())
+    try:
+        budget = plan_run_budget(cfg, ck) if plan_in is None else None  # fails here if a budget cannot hold
+        fp = run_fingerprint(cfg, ck)
+        if not group.is_main:
+            return _search_worker(cfg, ck, budget, group)
+        start = _Start(group)
         try:
-            return _write(cfg, ck, plan_in, budget, fp)
-        except OSError as e:  # disk full, read-only, ...: every step so far is resumable
-            raise output_os_error(cfg.out, e) from None
+            check_output(cfg.out, ck)
+            with OutputLock(cfg.out):  # one lowmoe process per output directory
+                try:
+                    return _write(cfg, ck, plan_in, budget, fp, start)
+                except OSError as e:  # disk full, read-only, ...: every step so far is resumable
+                    raise output_os_error(cfg.out, e) from None
+        except BaseException as e:
+            start.tell(error=str(e) if isinstance(e, LowmoeError) else f"{type(e).__name__}: {e}")
+            raise
+    finally:
+        dist.close()
 
 
-def _write(cfg: PruneConfig, ck: Checkpoint, plan_in: Plan | None, budget, fp: str) -> dict:
+class _Start:
+    """Rank 0 tells the other ranks once, after preparing the output, whether there is a search to
+    share (or that it failed: they stop with its error instead of waiting for a collective)."""
+
+    def __init__(self, group: dist.Group):
+        self.group, self.told = group, False
+
+    def tell(self, search: bool = False, error: str | None = None) -> None:
+        if self.told or not self.group.distributed:
+            return
+        self.told = True
+        try:
+            self.group.broadcast({"search": search, "error": error}, "starting the search")
+        except DistributedError:
+            if error is None:
+                raise  # rank 0's own error goes first otherwise
+
+
+@dataclass
+class SearchRun:
+    """What a runner sees on a rank other than 0: the input and budget, no output (rank 0 writes it)."""
+
+    out: Path
+    ck: Checkpoint
+    budget: object = None
+
+
+def _search_worker(cfg: PruneConfig, ck: Checkpoint, budget, group: dist.Group) -> dict:
+    """A rank other than 0: evaluate its share of the search, write nothing of the output."""
+    msg = group.broadcast(None, "waiting for rank 0 to prepare the output")
+    if msg["error"] is not None:
+        raise DistributedError(f"rank {group.rank} of {group.world}: rank 0 stopped before the search: {msg['error']}")
+    if msg["search"]:
+        top_k = cfg.top_k or min(ck.top_k, cfg.resolve_keep(ck.num_experts))
+        lm = logging.getLogger("lowmoe")  # rank 0 logs the search; the others only warnings and errors
+        lm.setLevel(max(lm.getEffectiveLevel(), logging.WARNING))
+        methods.RUNNERS[cfg.method](SearchRun(cfg.out, ck, budget), replace(cfg, progress=False), top_k)
+    return {"distributed": {"rank": group.rank, "world_size": group.world}}
+
+
+def _write(cfg: PruneConfig, ck: Checkpoint, plan_in: Plan | None, budget, fp: str, start: _Start) -> dict:
     manifest = prepare_output(cfg.out, ck, fp, resume=cfg.resume, overwrite=cfg.overwrite)
     run = PruneRun(cfg.out, ck, fp, manifest, max_shard_size=cfg.max_shard_size, plan_fields=methods.PLAN_FIELDS,
                    budget=budget)
     if manifest is None:
         run.save_manifest()  # from now on the directory is a resumable, unfinished lowmoe output
+    start.tell(search=run.runner_extra is None and plan_in is None)
     t0 = time.time()
     if run.runner_extra is not None:  # killed while finishing: every layer is written
         top_k, plan_meta, extra = run.runner_extra["top_k"], run.runner_extra["plan_meta"], run.runner_extra["extra"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import resource
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _bench import BENCH_DIR, ensure_model  # noqa: E402
+from _bench import BENCH_DIR, ensure_model, machine, save_result  # noqa: E402
 # (label, method, method_options)
 VARIANTS = [
     ("frequency (drop)", "frequency", {}),
@@ -47,9 +48,9 @@ VARIANTS = [
 MEMORY_SKIP = {"hc-merge +align", "c-prune +align"}
 
 
-def child_prune(model: Path, out: Path, method: str, options: dict, **kw) -> dict:
+def child_prune(model: Path, out: Path, method: str, options: dict, threads: int = 2, **kw) -> dict:
     """Run lowmoe.prune in a fresh process; its report (with that process's peak RSS)."""
-    code = ("import json, sys, torch, lowmoe; torch.set_num_threads(2); a = json.loads(sys.argv[1]); "
+    code = (f"import json, sys, torch, lowmoe; torch.set_num_threads({int(threads)}); a = json.loads(sys.argv[1]); "
             "r = lowmoe.prune(a.pop('model'), a.pop('out'), **a); "
             "print('REPORT' + json.dumps({k: r[k] for k in ('memory', 'timings', 'wall_s', 'bytes', 'num_experts')}))")
     args = dict(model=str(model), out=str(out), method=method, method_options=options, progress=False, overwrite=True, **kw)
@@ -72,6 +73,15 @@ def write_calib(path: Path, n_lines: int = 400) -> Path:
     return path
 
 
+def slug(label: str) -> str:
+    """A variant's id without spaces, for docs/results keys: 'merge-freq +align' -> 'merge-freq-+align'."""
+    return re.sub(r"[^A-Za-z0-9+-]+", "-", label).strip("-")
+
+
+def command() -> str:
+    return "python scripts/bench_merge.py " + " ".join(a if " " not in a else repr(a) for a in sys.argv[1:])
+
+
 def gb(n: float) -> str:
     return f"{n / 2**30:.2f} GB"
 
@@ -88,11 +98,11 @@ def memory(args) -> None:
             if not args.only and (label in MEMORY_SKIP or (args.methods and method not in args.methods)):
                 continue
             out = work / "out"
-            rep = child_prune(model, out, method, opts, keep=args.keep, calib=[str(calib)], n_samples=args.n_samples,
+            rep = child_prune(model, out, method, opts, threads=args.threads, keep=args.keep, calib=[str(calib)], n_samples=args.n_samples,
                               seq_len=args.seq_len, batch_size=args.batch_size, max_shard_size=args.max_shard_size)
             shutil.rmtree(out, ignore_errors=True)
             mem = rep["memory"]
-            rows.append({"label": label, "method": method, "options": opts, "wall_s": rep["wall_s"],
+            rows.append({"label": label, "id": slug(label), "method": method, "options": opts, "wall_s": rep["wall_s"],
                          "process_wall_s": round(rep["process_wall_s"], 1), "peak_rss_bytes": mem["peak_rss_bytes"],
                          "largest_layer_bytes": mem["largest_layer_bytes"], "model_bytes": mem["model_bytes"],
                          "output_bytes": rep["bytes"]["output"]})
@@ -108,7 +118,10 @@ def memory(args) -> None:
         rel = f"{r['wall_s'] / base['wall_s']:.2f}x, {r['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}x" if base else ""
         print(f"| {r['label']} | {r['wall_s']:.1f} | {gb(r['peak_rss_bytes'])} | {r['peak_rss_bytes'] / r['model_bytes']:.2f} | {rel} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        save_result(args.json, {"command": command(), "machine": machine(), "model": str(model),
+                                "model_bytes": rows[0]["model_bytes"], "largest_layer_bytes": rows[0]["largest_layer_bytes"],
+                                "keep": args.keep, "n_samples": args.n_samples, "seq_len": args.seq_len,
+                                "threads": args.threads, "rows": rows})
 
 
 def quality(args) -> None:
@@ -118,11 +131,12 @@ def quality(args) -> None:
     from lowmoe.toy import tasks
     from lowmoe.evaluate import evaluate
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model = Path(args.model)
     work = Path(tempfile.mkdtemp(prefix="bench-merge-q-"))
     calib = tasks.calib_file(args.domain, n=args.calib_n, out_dir=work)
-    results = {"domain": args.domain, "n": args.n, "model": str(model), "rows": []}
+    results = {"command": command(), "domain": args.domain, "n": args.n, "calib_n": args.calib_n,
+               "model": str(model), "rows": []}
     base = evaluate(model, tasks=[args.domain], n=args.n, split="test")["tasks"][args.domain]
     results["unpruned"] = {"exact_match": base["exact_match"], "perplexity": base["perplexity"]}
     print(f"unpruned: exact {base['exact_match']:.3f}  ppl {base['perplexity']:.3f}", flush=True)
@@ -136,7 +150,7 @@ def quality(args) -> None:
                 lowmoe.prune(model, out, keep=keep, method=method, calib=[str(calib)], method_options=opts,
                              n_samples=args.calib_n, seq_len=160, layout="per-sample", progress=False, overwrite=True)
                 r = evaluate(out, tasks=[args.domain], n=args.n, split="test")["tasks"][args.domain]
-                row = {"keep": keep, "label": label, "method": method, "options": opts, "exact_match": r["exact_match"],
+                row = {"keep": keep, "label": label, "id": slug(label), "method": method, "options": opts, "exact_match": r["exact_match"],
                        "perplexity": r["perplexity"], "prune_s": round(time.time() - t0, 1)}
                 results["rows"].append(row)
                 print(f"keep {keep}  {label:26s} exact {r['exact_match']:.3f}  ppl {r['perplexity']:.3f}", flush=True)
@@ -154,7 +168,7 @@ def quality(args) -> None:
             print(f"| {100 * (1 - keep / E):.0f}% (keep {keep}/{E}) | {r['label']} | {r['exact_match']:.3f} | "
                   f"{r['exact_match'] - f['exact_match']:+.3f} | {r['perplexity']:.2f} | {r['perplexity'] / f['perplexity']:.2f}x |")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        save_result(args.json, {**results, "machine": machine()})
 
 
 def main() -> None:
@@ -169,7 +183,8 @@ def main() -> None:
     m.add_argument("--max-shard-size", default="256MB", help="output shard size (the writer buffers up to one shard)")
     m.add_argument("--methods", nargs="*", help="only these methods")
     m.add_argument("--only", nargs="*", help="only these variant labels, e.g. 'dern match_dim=256'")
-    m.add_argument("--json")
+    m.add_argument("--threads", type=int, default=2)
+    m.add_argument("--json", help="store the figures here, with the command and the machine")
     q = sub.add_parser("quality", help="exact match per method on the toy MoE, one domain, 50%% and 75%% sparsity")
     q.add_argument("--model", default=str(Path(__file__).resolve().parent.parent / "lowmoe" / "assets" / "toy-moe"))
     q.add_argument("--domain", default="arithmetic")
@@ -177,7 +192,8 @@ def main() -> None:
     q.add_argument("--n", type=int, default=100)
     q.add_argument("--calib-n", type=int, default=64)
     q.add_argument("--only", nargs="*", help="only these variant labels (frequency always runs), e.g. 'merge-freq +align' dern")
-    q.add_argument("--json")
+    q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--json", help="store the figures here, with the command and the machine")
     args = ap.parse_args()
     memory(args) if args.cmd == "memory" else quality(args)
 

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _bench import machine, save_result  # noqa: E402
+
 METHODS = ["frequency", "gate-mass", "reap", "easy-ep", "tcess", "reconstruction"]
 
 
@@ -101,6 +103,7 @@ def main() -> None:
     ap.add_argument("--calib", default=None)
     ap.add_argument("--method", default=None)
     ap.add_argument("--child", action="store_true")
+    ap.add_argument("--json", default=None, help="Also store the figures here, with the command and the machine.")
     args = ap.parse_args()
 
     if args.child:
@@ -138,6 +141,17 @@ def main() -> None:
         print(f"| {name:26s} | {res['wall_s']:7.1f} | {res['wall_s'] / base['wall_s']:7.2f} | {res['cpu_s']:7.1f} | "
               f"{res['cpu_s'] / base['cpu_s']:7.2f} | {res['peak_rss_bytes'] / 2**20:12.0f} |")
     print(f"plain passes, wall s: {walls}")
+    if args.json:
+        save_result(args.json, {
+            "command": "python scripts/bench_score.py " + " ".join(sys.argv[1:]), "machine": machine(),
+            "model": args.model, "model_bytes": model_bytes, "n_samples": args.n_samples, "seq_len": args.seq_len,
+            "batch_size": args.batch_size, "dtype": args.dtype, "threads": args.threads,
+            "protect_super_experts": not args.no_protect,
+            "plain": {**{k: round(v, 2) for k, v in base.items()}, "runs": plains},
+            "methods": {m: {**res, "x_plain_wall": round(res["wall_s"] / base["wall_s"], 3),
+                            "x_plain_cpu": round(res["cpu_s"] / base["cpu_s"], 3),
+                            "rss_over_plain_bytes": res["peak_rss_bytes"] - base["peak_rss_bytes"]}
+                        for m, res in results}})
 
 
 if __name__ == "__main__":

@@ -234,6 +234,8 @@ def prune(ctx, model, out, keep, method, calib, plan, top_k, seq_len, n_samples,
                            _eep_options(method, dev=[str(d) for d in dev] or None, generations=generations,
                                         population=population, init=init, combine=combine, quant=quant,
                                         layer_groups=layer_groups), method_option))
+    if "plan" not in report:  # a rank > 0 of a torchrun launch: rank 0 writes and reports
+        return
     if save_plan:
         Path(save_plan).write_text(json.dumps(report["plan"], indent=1) + "\n")
     print_prune_summary(report)

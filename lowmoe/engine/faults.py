@@ -4,9 +4,10 @@ Where it sits: every step of a run that writes something or finishes a unit of w
 ``point(STEP)`` (the steps are listed in ``STEPS``). Normally that is a dictionary lookup and
 nothing happens. With the environment variable set::
 
-    LOWMOE_FAULT=STEP[:N][:ACTION]
+    LOWMOE_FAULT=STEP[:N][:ACTION][@RANK]
 
-the N-th time (default 1) the process reaches STEP it
+the N-th time (default 1) the process reaches STEP it (with ``@RANK``: only the process of that
+rank in a run on several processes, ``RANK`` as torchrun sets it; the others count and go on)
 
 * ``kill`` (default): exits at once with ``os._exit(FAULT_EXIT)``: no ``finally``, no flush of
   Python's file buffers, no cleanup, from whichever thread reached the step; what a ``kill -9``
@@ -62,8 +63,8 @@ _lock = threading.Lock()
 
 
 def parse(spec: str) -> tuple[str, int, str]:
-    """``STEP[:N][:ACTION]`` -> (step, n, action); ConfigError naming what is wrong."""
-    parts = spec.strip().split(":")
+    """``STEP[:N][:ACTION][@RANK]`` -> (step, n, action); ConfigError naming what is wrong."""
+    parts = spec.strip().split("@", 1)[0].split(":")
     step, n, action = parts[0], 1, "kill"
     for p in parts[1:]:
         if p.isdigit():
@@ -77,6 +78,16 @@ def parse(spec: str) -> tuple[str, int, str]:
     if n < 1:
         raise ConfigError(f"{ENV}={spec}: the count must be >= 1")
     return step, n, action
+
+
+def parse_rank(spec: str) -> int | None:
+    """The ``@RANK`` of a spec (None: any process)."""
+    _, at, rank = spec.strip().partition("@")
+    if not at:
+        return None
+    if not rank.isdigit():
+        raise ConfigError(f"{ENV}={spec}: '@{rank}' is not a rank (expected @0, @1, ...)")
+    return int(rank)
 
 
 def reset() -> None:
@@ -99,6 +110,9 @@ def point(step: str, path=None) -> None:
         return
     want, n, action = parse(spec)
     if want != step or count != n:
+        return
+    rank = parse_rank(spec)
+    if rank is not None and rank != int(os.environ.get("RANK", "0") or 0):
         return
     if action == "kill":
         os._exit(FAULT_EXIT)

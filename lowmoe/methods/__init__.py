@@ -31,6 +31,8 @@ from .scoring import SCORERS, make_scorer
 LAYER_METHODS = {cls.name: cls for cls in (MergeFreq, HcMerge, DiverseGroup, Dern, ReconstructionMethod)}
 # name -> fn(run, cfg, top_k) -> report extras
 RUNNERS = {"eep": run_eep, "c-prune": run_c_prune}
+# runners that share their work among the processes of a torchrun launch (``engine.dist``)
+DISTRIBUTED = ("eep",)
 PLAN_FIELDS = PlanFields(pre={"align": apply_alignment}, post={"neurons": apply_neurons})
 
 

@@ -411,11 +411,8 @@ class PopulationEvaluator:
         # where each candidate starts: the deepest boundary already on disk (its own prefix)
         start = {}
         for i in todo:
-            b = n
-            while b > 0 and not self.cache.has(b, self.num_chunks, keys[i][b]):
-                b -= 1
-            start[i] = b
-            self.stats["layer_runs_saved"] += b
+            start[i] = self._start(keys[i])
+            self.stats["layer_runs_saved"] += start[i]
         first = min(start.values(), default=n)
         layers = progress_bar(range(first, n), n - first, f"evaluate {len(todo)}", self.progress and bool(todo))
         for L in layers:
@@ -461,6 +458,24 @@ class PopulationEvaluator:
             self._buffers.clear()
             self.stats["accounted_peak_bytes"] = self.accountant.peak
         return [self._final[k[n]] for k in keys]
+
+    def _start(self, keys: list[str]) -> int:
+        """The deepest boundary of a candidate's streams already on disk (0: the embeddings)."""
+        b = self.ck.num_layers
+        while b > 0 and not self.cache.has(b, self.num_chunks, keys[b]):
+            b -= 1
+        return b
+
+    def needs(self, cands: list[Candidate]) -> list[list[str]]:
+        """Per candidate, the streams ``evaluate`` would compute for it here ("boundary:name", those
+        past its deepest cached boundary; none once its fitness is known): what a run on several
+        processes weighs to send a child where its parent's streams are (``engine.dist.assign``)."""
+        n = self.ck.num_layers
+        out = []
+        for c in cands:
+            keys = self.prefix_keys(c)
+            out.append([] if keys[n] in self._final else [f"{b}:{keys[b]}" for b in range(self._start(keys) + 1, n + 1)])
+        return out
 
     def boundary_bytes(self) -> int:
         """Disk bytes of one stream at one boundary: every fitness token's hidden state."""

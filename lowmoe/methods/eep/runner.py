@@ -16,16 +16,27 @@ A runner in ``methods.RUNNERS`` (it drives the whole run itself):
 
 The search state lives in ``OUT/.lowmoe-work/eep/state.json``; ``--resume`` continues a killed
 search at its last finished generation (or the write at its last finished layer).
+
+On several processes (``torchrun``, ``engine.dist``) every rank runs the same ``Evolution`` with the
+same seed, so every rank draws the same candidates: each evaluates its share of every population
+(and of the dev re-scoring) -- a child goes to the rank that holds its parent's hidden-state
+streams, children sharing a prefix go together, the loads kept even (``engine.dist.assign`` over
+``PopulationEvaluator.needs``) --, each computes a share of the seeds' one-shot scoring passes, the
+fitness is gathered back into the population's order, and selection goes on identically everywhere. Rank 0
+keeps the search state and writes the output; rank r > 0 works in ``OUT/.lowmoe-work/eep-rank{r}``
+(its own quantized cache and hidden-state streams), starts from rank 0's state and removes its
+directory when the search is done. The result is the one-process search's, bit for bit (tests).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
-from ...engine import faults
+from ...engine import dist, faults
 from ...engine.apply import apply_layer
 from ...engine.budget import plan_population
 from ...engine.calibration import load_tokenizer
@@ -94,14 +105,26 @@ def run_eep(run, cfg, top_k: int) -> dict:
                           "--calib file, in the same order (or a single --dev)")
     keep_n = cfg.resolve_keep(ck.num_experts)
     space = SearchSpace.build(ck.moe_layers(), ck.num_experts, keep_n, opts["layer_groups"])
-    work = run.out / WORK_DIR / "eep"
+    group = dist.current()
+    work = run.out / WORK_DIR / ("eep" if group.is_main else f"eep-rank{group.rank}")
     work.mkdir(parents=True, exist_ok=True)
     device, dtype = cfg.compute_device(), cfg.compute_dtype()
     # --max-vram/--max-ram for the population evaluation, planned (and refused if too small) before any work
     budget = plan_population(ck, run.budget, num_experts=keep_n, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
     final_path = work / "final.json"
     report: dict = {}
-    if final_path.is_file():  # the search finished before a kill: only the write is left
+    # rank 0's search state (a resume), for every rank: they all continue from the same generation
+    state_path = work / "state.json"
+    shared = group.broadcast({"final": final_path.is_file(), "seeds": _cached_seeds(work),
+                              "state": state_path.read_text() if state_path.is_file() else None}, "starting the search")
+    if not group.is_main:
+        if shared["final"]:
+            return {}
+        if shared["state"] is None:
+            state_path.unlink(missing_ok=True)
+        else:
+            write_json_atomic(state_path, json.loads(shared["state"]))
+    if shared["final"]:  # the search finished before a kill: only the write is left
         final = json.loads(final_path.read_text())
         best = Candidate.from_json(final["best"])
         report = final["report"]
@@ -120,15 +143,16 @@ def run_eep(run, cfg, top_k: int) -> dict:
         quant_s = time.perf_counter() - t0
         methods = [] if opts["init"] == "random" or not space.prunes else \
             sorted(SCORERS) if opts["init"] == INIT_AUTO else [opts["init"]]
-        seeds = [(m, _seed_candidate(run, cfg, space, m, work, top_k)) for m in methods]
+        seeds = _seeds(run, cfg, space, methods, work, top_k, shared["seeds"], group)
         evaluator = PopulationEvaluator(ck, weights, space, train, work / "acts-train", device=device, dtype=dtype,
                                         top_k=top_k, batch_size=cfg.batch_size, progress=False, budget=budget)
         dev_eval = None
         if dev is not None:
             dev_evaluator = PopulationEvaluator(ck, weights, space, dev, work / "acts-dev", device=device, dtype=dtype,
                                                 top_k=top_k, batch_size=cfg.batch_size, budget=budget)
-            dev_eval = dev_evaluator.evaluate
-        evolution = Evolution(space, evo, evaluator.evaluate, state_path=work / "state.json", seeds=seeds,
+            dev_eval = group.split(dev_evaluator.evaluate, "evaluating candidates on --dev", needs=dev_evaluator.needs)
+        evolution = Evolution(space, evo, group.split(evaluator.evaluate, "evaluating a generation", needs=evaluator.needs),
+                              state_path=state_path, seeds=seeds,
                               rank_seeds=dev_eval,
                               fingerprint={"top_k": top_k, "quant": opts["quant"], "init": opts["init"],
                                            "train": train.input_ids.shape[0], "combine": opts["combine"],
@@ -142,8 +166,21 @@ def run_eep(run, cfg, top_k: int) -> dict:
                  "(%d tokens; domains %s, combined by %s), weights %s, init %s", ck.num_experts, keep_n, top_k,
                  space.num_groups, evo.generations, evo.population, train.num_examples, train.num_tokens,
                  train.domain_counts(), opts["combine"], opts["quant"], opts["init"])
+        cpu0 = time.process_time()
         state = evolution.run()
+        search_cpu_s = time.process_time() - cpu0  # this process's CPU time in the generations (not the pick)
         chosen = evolution.pick(dev_eval, dev_examples=None if dev is None else dev.num_examples)
+        if not group.is_main:  # this rank's work is done (its directory is gone before rank 0 may remove OUT's work dir)
+            shutil.rmtree(work, ignore_errors=True)
+            for d in (work.parent, run.out):  # on a machine without rank 0's output: the folders made for it
+                try:
+                    d.rmdir()
+                except OSError:  # not empty (rank 0's output on a shared filesystem): left alone
+                    break
+        # every rank has finished; rank 0 learns each one's CPU time (the search's cost with a core per process)
+        ranks = group.all_gather({"search_cpu_s": round(search_cpu_s, 3), **evaluator.stats}, "finishing the search")
+        if not group.is_main:  # rank 0 reports and writes
+            return {}
         best = chosen.cand
         prune_best = next((e for e in state.ranked() if e.phase == "prune"), None)
         seed_entries = evolution.seed_entries()
@@ -164,6 +201,8 @@ def run_eep(run, cfg, top_k: int) -> dict:
                              "dev": None if dev is None else {"source": dev.source, "examples": dev.num_examples,
                                                               "domains": dev.domain_counts()}},
             "curve": state.curve, "evaluations": state.evaluations, "search_s": round(state.elapsed_s, 3),
+            "processes": group.world, "search_cpu_s": [r["search_cpu_s"] for r in ranks],
+            "rank_stream_stats": ranks,
             "evaluations_per_hour": round(state.evaluations / max(state.elapsed_s, 1e-9) * 3600, 1),
             "quant": {"mode": opts["quant"], "build_s": round(quant_s, 3), "bytes_read": weights.bytes_read},
             "stream_stats": evaluator.stats,
@@ -191,15 +230,41 @@ def run_eep(run, cfg, top_k: int) -> dict:
     return {"eep": {**report, "fitness_png": png}}
 
 
+def _cached_seeds(work: Path) -> dict[str, dict]:
+    """The seed plans a killed run already computed (``seed-METHOD.json``), by method."""
+    return {p.name[len("seed-"):-len(".json")]: json.loads(p.read_text()) for p in sorted(work.glob("seed-*.json"))}
+
+
+def _seeds(run, cfg, space: SearchSpace, methods: list[str], work: Path, top_k: int, cached: dict[str, dict],
+           group: dist.Group) -> list[tuple[str, Candidate]]:
+    """(method, one-hot seed) for every ``--init`` method: rank 0's cached ones as they are, the others
+    computed, each method on one rank (strided), gathered on every rank and cached by rank 0."""
+    todo = [m for m in methods if m not in cached]
+    mine = {m: _seed_keep(run, cfg, space, m, work, top_k) for m in group.share(todo)}
+    keeps = dict(cached)
+    for part in group.all_gather(mine, "scoring the seed plans"):
+        keeps.update(part)
+    if group.is_main:
+        for m in todo:
+            if m not in mine:  # computed by another rank: cached here for a resume
+                write_json_atomic(work / f"seed-{m}.json", keeps[m])
+    return [(m, space.from_keep({int(k): v for k, v in keeps[m].items()})) for m in methods]
+
+
 def _seed_candidate(run, cfg, space: SearchSpace, method: str, work: Path, top_k: int | None = None) -> Candidate:
     """The plan ``lowmoe prune --method METHOD`` writes with the same options, as a one-hot seed for
-    the search: ``method`` on the --calib text, layer L+1 scored on the pruned layer L's outputs
-    (unless ``sequential`` is off: the original model's), super experts protected unless
-    ``--no-protect-super-experts``. Cached in ``seed-METHOD.json`` for resumes."""
+    the search (``_seed_keep``)."""
+    return space.from_keep(_seed_keep(run, cfg, space, method, work, top_k))
+
+
+def _seed_keep(run, cfg, space: SearchSpace, method: str, work: Path, top_k: int | None = None) -> dict[int, list[int]]:
+    """The keep lists ``lowmoe prune --method METHOD`` writes with the same options: ``method`` on the
+    --calib text, layer L+1 scored on the pruned layer L's outputs (unless ``sequential`` is off: the
+    original model's), super experts protected unless ``--no-protect-super-experts``. Cached in
+    ``seed-METHOD.json`` for resumes."""
     path = work / f"seed-{method}.json"
     if path.is_file():
-        keep = {int(k): v for k, v in json.loads(path.read_text()).items()}
-        return space.from_keep(keep)
+        return {int(k): v for k, v in json.loads(path.read_text()).items()}
     ck = run.ck
     # the same stream as a one-shot prune: layer L+1 read while L computes, under --max-vram/--max-ram
     stream = cfg.stream(ck, cfg.calibration(ck), work / "acts-seed", run.budget)
@@ -221,7 +286,7 @@ def _seed_candidate(run, cfg, space: SearchSpace, method: str, work: Path, top_k
     faults.point("eep-seed")
     write_json_atomic(path, keep)
     log.info("EEP seed from %s: %s", method, keep)
-    return space.from_keep(keep)
+    return keep
 
 
 def plot_curve(curve: list[dict], path: Path) -> str | None:
