@@ -26,12 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
 
 import lowmoe  # noqa: E402
 from lowmoe.toy import tasks  # noqa: E402
@@ -82,13 +85,18 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(sorted(SCORERS)), help="one-shot scoring methods to compare with")
     p.add_argument("--no-topk", action="store_true", help="skip the top-2 -> top-1 experiment")
+    p.add_argument("--oracle", action="store_true",
+                   help="diagnostic, not a result: EEP searches and picks on the --n-test test examples themselves, so "
+                        "its test accuracy bounds what this search (space, budget) can reach when fitness is the metric")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="no runs: merge these result JSONs (rows run one at a time) into --json and print the table")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    command = "python scripts/eep_acceptance.py " + " ".join(sys.argv[1:])
+    machine = {"cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     if args.merge:
-        merged = {"model": None, "args": [], "runs": [], "full_top2": {}}
+        merged = {"command": command, "machine": machine, "model": None, "args": [], "runs": [], "full_top2": {}}
         for f in args.merge:
             d = json.loads(f.read_text())
             merged["model"] = d["model"]
@@ -99,7 +107,7 @@ def main():
             args.json.write_text(json.dumps(merged, indent=1))
         print(table(merged["runs"]))
         return
-    results = {"model": str(args.model), "args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
+    results = {"command": command, "machine": machine, "model": str(args.model), "args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
     full_top2: dict[str, float] = {}
     extra = dict(kv.split("=", 1) for kv in args.eep_option)
     with tempfile.TemporaryDirectory(prefix="eep-accept-") as tmp:
@@ -111,10 +119,16 @@ def main():
             search, dev, calib = [], [], []
             for domain in domains:
                 recs = tasks.make_split(domain, "calib", args.n_search + n_dev, seed=args.seed)
+                calib.append(tasks.write_jsonl(recs, tmp / f"{domain}-calib.jsonl"))
+                if args.oracle:  # the examples row_acc scores (evaluate's test split, its default seed 0)
+                    recs = tasks.make_split(domain, "test", args.n_test, seed=0)
+                    search.append(tasks.write_jsonl(recs, tmp / f"{domain}-search.jsonl"))
+                    dev.append(tasks.write_jsonl(recs, tmp / f"{domain}-dev.jsonl"))
+                    continue
                 search.append(tasks.write_jsonl(recs[:args.n_search], tmp / f"{domain}-search.jsonl"))
                 dev.append(tasks.write_jsonl(recs[args.n_search:], tmp / f"{domain}-dev.jsonl"))
-                calib.append(tasks.write_jsonl(recs, tmp / f"{domain}-calib.jsonl"))
             n_calib = args.n_search + n_dev
+            n_fit = args.n_test if args.oracle else args.n_search
             full, full_correct, full_per = row_acc(args.model, domains, args.n_test)
             full_top2[row_name] = full
             print(f"[{row_name}] full model (8 experts, top-2): {full:.3f} {full_per}", flush=True)
@@ -129,14 +143,14 @@ def main():
                 out = tmp / f"{row_name}-eep-{keep}"
                 t0 = time.time()
                 rep = lowmoe.prune(args.model, out, keep=keep, method="eep", calib=search, seq_len=160,
-                                   n_samples=args.n_search * len(domains), batch_size=16, layout="per-sample",
+                                   n_samples=n_fit * len(domains), batch_size=16, layout="per-sample",
                                    seed=args.seed, progress=False, overwrite=True,
                                    method_options={"dev": [str(d) for d in dev], "generations": args.generations,
                                                    "population": args.population, "layer_groups": args.layer_groups,
                                                    "init": args.init, "quant": args.quant, "combine": args.combine,
                                                    **extra})
                 eep_acc, eep_correct, eep_per = row_acc(out, domains, args.n_test)
-                row = {"domain": row_name, "domains": domains, "keep": keep, "sparsity": 1 - keep / 8,
+                row = {"domain": row_name, "domains": domains, "keep": keep, "sparsity": 1 - keep / 8, "oracle": args.oracle,
                        "full": full, "full_per_domain": full_per, "one_shot": one_shot,
                        "one_shot_per_domain": one_shot_per, "best_one_shot": best_m,
                        "eep": eep_acc, "eep_per_domain": eep_per, "eep_vs_full": eep_acc / full if full else None,
@@ -145,7 +159,8 @@ def main():
                        "eep_train_fitness": rep["eep"]["best"]["fitness"], "eep_dev_fitness": rep["eep"]["best"]["dev"],
                        "eep_evaluations": rep["eep"]["evaluations"], "eep_phase": rep["eep"]["best"]["phase"],
                        "eep_generation": rep["eep"]["best"]["generation"], "eep_seeds": rep["eep"].get("seeds"),
-                       "eep_curve_last": rep["eep"]["curve"][-1] if rep["eep"]["curve"] else None}
+                       "eep_curve_last": rep["eep"]["curve"][-1] if rep["eep"]["curve"] else None,
+                       "eep_plan": rep["eep"]["best"]["groups"], "eep_best_prune_phase": rep["eep"].get("best_prune_phase")}
                 seed = rep["eep"].get("seed")
                 if seed is not None:  # the one-shot plan the search grew from, on the same test examples
                     groups = rep["eep"]["best"]["groups"]

@@ -24,7 +24,10 @@ Algorithm (Liu et al., arXiv 2407.00945, §4.3 / Alg. 1; defaults from the autho
   other groups take parent 1's matrix w.p. 0.6. Otherwise one parent. Then *Gaussian mutation*:
   W_EM and W_RM groups are selected independently w.p. 0.25, and each entry of a selected matrix
   gets + N(0, 1)·``sigma`` (0.065) w.p. ``entry_prob`` (0.25). W.p. ``norm_prob`` (0.1) every
-  W_EM row is divided by its sum (W_RM is never normalised).
+  W_EM row is divided by its sum (W_RM is never normalised). By default (``sigma_rule="one-fifth"``;
+  lowmoe, EEP keeps sigma fixed: ``"fixed"``) sigma starts at 0.065 and follows Rechenberg's 1/5
+  success rule: after each merging generation it grows by 1/``sigma_factor`` if more than a fifth
+  of the children beat their parent's fitness, and shrinks by ``sigma_factor`` if fewer did.
 * Children already in the archive are redrawn (up to ``max_redraw`` times).
 * **Final pick**: the top ``dev_num`` (20) by training fitness are re-scored on the dev split and
   the best on dev is returned (without dev data: the best on training fitness). Every seed is
@@ -61,6 +64,9 @@ from .space import Candidate, SearchSpace
 
 log = logging.getLogger(__name__)
 
+SIGMA_RULES = ("fixed", "one-fifth")
+SIGMA_BOUNDS = (0.1, 10.0)  # one-fifth: sigma stays within these multiples of the option's sigma
+
 
 @dataclass(frozen=True)
 class EvolveOptions:
@@ -74,6 +80,8 @@ class EvolveOptions:
     seed_cross_share: float = 0.25  # generation 0: share of the non-seed candidates that cross seeds group-wise
     from_front_prob: float = 0.6
     sigma: float = 0.065
+    sigma_rule: str = "one-fifth"  # merging phase: Rechenberg's 1/5 success rule on sigma (lowmoe), or "fixed" (EEP)
+    sigma_factor: float = 0.85  # one-fifth: sigma /= f after a generation with > 1/5 successes, *= f with fewer
     entry_prob: float = 0.25
     norm_prob: float = 0.1
     parents_threshold: float = 1.0  # crossover pool: accuracy points below the best
@@ -88,6 +96,12 @@ class EvolveOptions:
     def check(self) -> None:
         if self.generations < 1:
             raise ConfigError(f"--generations must be >= 1, got {self.generations}")
+        if self.sigma <= 0:
+            raise ConfigError(f"EEP option sigma={self.sigma}: must be > 0")
+        if self.sigma_rule not in SIGMA_RULES:
+            raise ConfigError(f"EEP option sigma_rule={self.sigma_rule!r}: choose one of {', '.join(SIGMA_RULES)}")
+        if not 0.0 < self.sigma_factor < 1.0:
+            raise ConfigError(f"EEP option sigma_factor={self.sigma_factor}: must be in (0, 1)")
         if self.pick_margin < 0:
             raise ConfigError(f"EEP option pick_margin={self.pick_margin}: must be >= 0 (standard errors)")
         if self.population < 2:
@@ -130,6 +144,7 @@ class SearchState:
     curve: list[dict] = field(default_factory=list)
     elapsed_s: float = 0.0
     evaluations: int = 0
+    sigma: float | None = None  # the merging phase's current mutation step (None: the option's sigma)
 
     def ranked(self) -> list[Entry]:
         # best first; ties on (acc, ll) fall back to the earliest evaluated (deterministic)
@@ -163,6 +178,7 @@ class Evolution:
             else:
                 same[0].append(name)
         self.rank_seeds = rank_seeds
+        self.parent_fits: list[Fitness] = []
         self.fingerprint = {"options": asdict(opts), "space": space.describe(), **(fingerprint or {})}
         self.on_generation = on_generation
         self.progress = progress
@@ -177,7 +193,7 @@ class Evolution:
             log.warning("%s: search state from other options; starting the search over", self.state_path)
             return None
         st = SearchState(int(d["generation"]), [Entry.from_json(e) for e in d["archive"]], d["curve"],
-                         float(d["elapsed_s"]), int(d["evaluations"]))
+                         float(d["elapsed_s"]), int(d["evaluations"]), d.get("sigma"))
         log.info("resuming the EEP search at generation %d (%d candidates in the archive)", st.generation, len(st.archive))
         return st
 
@@ -186,7 +202,7 @@ class Evolution:
             return
         st = self.state
         d = {"fingerprint": self.fingerprint, "generation": st.generation, "archive": [e.to_json() for e in st.archive],
-             "curve": st.curve, "elapsed_s": st.elapsed_s, "evaluations": st.evaluations}
+             "curve": st.curve, "elapsed_s": st.elapsed_s, "evaluations": st.evaluations, "sigma": st.sigma}
         tmp = self.state_path.with_name(self.state_path.name + ".tmp")
         tmp.write_text(json.dumps(d))
         os.replace(tmp, self.state_path)
@@ -270,11 +286,32 @@ class Evolution:
             m = em if i < G else rm
             g = i % G
             hit = rng.random(m[g].shape) < self.opts.entry_prob
-            m[g] = m[g] + hit * rng.standard_normal(m[g].shape) * self.opts.sigma
+            m[g] = m[g] + hit * rng.standard_normal(m[g].shape) * self.sigma
         if rng.random() < self.opts.norm_prob:
             s = em.sum(-1, keepdims=True)
             em = np.where(np.abs(s) > 1e-6, em / np.where(np.abs(s) > 1e-6, s, 1.0), em)
         return Candidate(em, rm).canonical()
+
+    @property
+    def sigma(self) -> float:
+        """The Gaussian mutation's step now: the option's ``sigma``, or where the 1/5 rule has moved it."""
+        return self.opts.sigma if self.state.sigma is None else self.state.sigma
+
+    def adapt_sigma(self, parent_fits: list[Fitness], fits: list[Fitness]) -> float | None:
+        """Rechenberg's 1/5 success rule, after a merging-phase generation: the share of children
+        fitter than their parent (on (accuracy, ll)); above 1/5 the step grows (sigma / sigma_factor),
+        below it shrinks (sigma * sigma_factor), within ``SIGMA_BOUNDS`` x the option's sigma.
+        Returns the success share (None when the rule is off or there were no children)."""
+        if self.opts.sigma_rule != "one-fifth" or not fits:
+            return None
+        wins = sum(f > p for p, f in zip(parent_fits, fits))
+        share = wins / len(fits)
+        lo, hi = (b * self.opts.sigma for b in SIGMA_BOUNDS)
+        if share > 0.2:
+            self.state.sigma = min(self.sigma / self.opts.sigma_factor, hi)
+        elif share < 0.2:
+            self.state.sigma = max(self.sigma * self.opts.sigma_factor, lo)
+        return share
 
     # ---- generations -----------------------------------------------------------------------
     def phase(self, generation: int) -> str:
@@ -328,6 +365,7 @@ class Evolution:
         single = self._pool(ranked, self.opts.single_threshold, self.opts.single_rank)
         cross = self._pool(ranked, self.opts.parents_threshold, self.opts.parents_rank)
         out: list[Candidate] = []
+        self.parent_fits: list[Fitness] = []  # per child, its (first) parent's fitness: the 1/5 rule's reference
         for _ in range(self.opts.population):
             child = None
             for _ in range(self.opts.max_redraw):
@@ -340,9 +378,11 @@ class Evolution:
                 else:
                     if len(cross) >= 2 and rng.random() < self.opts.crossover_prob:
                         i, j = rng.choice(len(cross), 2, replace=False)
+                        parent = cross[i]
                         c = self.crossover(cross[i].cand, cross[j].cand, rng)
                     else:
-                        c = single[rng.integers(len(single))].cand
+                        parent = single[rng.integers(len(single))]
+                        c = parent.cand
                     c = self.gaussian_mutate(c, rng)
                 if c.key() not in seen:
                     child = c
@@ -350,6 +390,8 @@ class Evolution:
             if child is not None:
                 seen.add(child.key())
                 out.append(child)
+                if phase == "merge":
+                    self.parent_fits.append(parent.fitness)
         return out
 
     def run(self) -> SearchState:
@@ -388,6 +430,8 @@ class Evolution:
                     log.info("generation %d: no new candidate left to try; stopping early", g)
                     break
                 fits = self.evaluate(cands)
+            sigma_used = self.sigma
+            success = self.adapt_sigma(self.parent_fits, fits) if g > 0 and phase == "merge" else None
             faults.point("eep-generation")  # evaluated, not yet in the archive
             st.archive += [Entry(c, f, g, phase, devs.get(c.key())) for c, f in zip(cands, fits)]
             st.evaluations += len(cands)
@@ -400,6 +444,10 @@ class Evolution:
             point = {"generation": g, "phase": phase, "evaluations": st.evaluations, "best_acc": best.acc,
                      "best_ll": best.ll, "gen_best_acc": accs[-1], "gen_median_acc": float(np.median(accs)),
                      "elapsed_s": round(st.elapsed_s, 3)}
+            if phase == "merge":
+                point["sigma"] = sigma_used
+                if success is not None:
+                    point["success"] = success
             if best.domains:  # several domains: the archive best's and the generation's best per domain
                 point["best_domains"] = best.domain_accs()
                 point["gen_best_domains"] = {name: max(f.domain_accs()[name] for f in fits) for name, _, _ in best.domains}

@@ -55,7 +55,8 @@ from .space import Candidate, SearchSpace
 log = logging.getLogger(__name__)
 
 OPTION_NAMES = ("dev", "generations", "population", "init", "quant", "layer_groups", "prune_generations", "dev_num",
-                "retain", "retain_gb", "combine", "prune_crossover_prob", "seed_cross_share", "pick_margin")
+                "retain", "retain_gb", "combine", "prune_crossover_prob", "seed_cross_share", "pick_margin",
+                "sigma", "sigma_rule", "sigma_factor")
 INIT_AUTO = "auto"  # every one-shot scorer's plan seeds the search
 
 
@@ -83,7 +84,10 @@ def parse_options(opts: dict, seed: int) -> tuple[dict, EvolveOptions]:
     combine = check_combine(opts.get("combine"))  # one of COMBINE_RULES, else a one-line error
     try:
         kw = {k: int(opts[k]) for k in ("generations", "population", "prune_generations", "dev_num") if opts.get(k) is not None}
-        kw.update({k: float(opts[k]) for k in ("prune_crossover_prob", "seed_cross_share", "pick_margin") if opts.get(k) is not None})
+        kw.update({k: float(opts[k]) for k in ("prune_crossover_prob", "seed_cross_share", "pick_margin", "sigma", "sigma_factor")
+                   if opts.get(k) is not None})
+        if opts.get("sigma_rule") is not None:
+            kw["sigma_rule"] = str(opts["sigma_rule"]).strip().lower()
     except (TypeError, ValueError) as e:
         raise ConfigError(f"--method eep: an option expects a number ({e})") from None
     evo = EvolveOptions(seed=seed, **kw)
