@@ -16,7 +16,9 @@ the expert weights coming from elsewhere; the variants differ only in where (``s
 Each expert's rows go through the *original* class's forward (``hf.experts_forward``) on a module
 holding that expert, and the outputs are summed in ascending expert order, exactly as the original
 loop accumulates them: every variant's output is bit-identical to transformers' own module holding
-the same weights (tested). ``MoeProbe`` hooks and patches these modules like the original one.
+the same weights (tested). When every expert is on the device at once (a ``ChunkedExperts`` of one
+group), the call is simply the original class's forward on that module (``RoutedExperts.whole``):
+transformers' own loop, without a per-expert dispatch of ours. ``MoeProbe`` hooks and patches these modules like the original one.
 """
 
 from __future__ import annotations
