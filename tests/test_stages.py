@@ -175,3 +175,15 @@ def test_sequential_prune_reads_each_expert_once(synth_dir, calib_txt, tmp_path)
     assert chunked["io"]["expert_bytes_read"] > seq["io"]["expert_bytes_read"], "chunked: groups are read again for every chunk"
     assert model_files(tmp_path / "seq") == model_files(tmp_path / "chunked")
     assert seq["scores"] == chunked["scores"]
+
+
+def test_cli_summary_names_where_the_time_went(synth_dir, calib_txt, tmp_path):
+    from click.testing import CliRunner
+
+    from lowmoe.cli import main
+
+    r = CliRunner().invoke(main, ["prune", str(synth_dir("mixtral")), str(tmp_path / "o"), "--calib", str(calib_txt),
+                                  "--keep", "4", "--n-samples", "8", "--seq-len", "16", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if "time on the main thread:" in x)
+    assert "compute" in line and "observe" not in line, line

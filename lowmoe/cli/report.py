@@ -7,6 +7,15 @@ import click
 from ..engine.memory import fmt_bytes
 
 
+def stages_line(stages: dict | None, top: int = 4) -> str:
+    """The main thread's largest stages, "compute 6.2s, tokenize 1.1s, ..." (observe is part of compute)."""
+    if not stages:
+        return ""
+    main = [(k, v["s"]) for k, v in stages.items() if v.get("thread") == "main" and k != "observe"]
+    main.sort(key=lambda kv: -kv[1])
+    return ", ".join(f"{k} {s:.1f}s" for k, s in main[:top])
+
+
 def print_prune_summary(report: dict) -> None:
     plan = report["plan"]
     click.echo(f"lowmoe: {report['input']} -> {report['output']} ({report['family']}, method {report.get('method')})")
@@ -23,6 +32,9 @@ def print_prune_summary(report: dict) -> None:
     io, budget = report.get("io"), report.get("budget")
     if io:
         click.echo(f"  I/O wait {io['total_wait_s']:.1f}s ({100 * io.get('wait_fraction', 0):.1f}% of the streamed pass)")
+    line = stages_line(report.get("stages"))
+    if line:
+        click.echo(f"  time on the main thread: {line} (report: stages)")
     if budget and budget.get("chunked_layers"):
         click.echo(f"  {len(budget['chunked_layers'])} layer(s) ran with experts streamed in groups; device peak "
                    f"{fmt_bytes(budget.get('cuda_max_memory_allocated') or budget['accounted_peak_bytes'])}")
