@@ -34,7 +34,7 @@ def cli_args(src: Path, out: Path, train: Path, dev: Path) -> list[str]:
             "--layer-groups", "layer"]
 
 
-def launch(nproc: int, args: list[str], fault: str | None = None, timeout_s: int = 120) -> subprocess.CompletedProcess:
+def launch(nproc: int, args: list[str], fault: str | None = None, timeout_s: int = 300) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node N -m lowmoe -q ARGS``, one thread per process."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", faults.ENV)}
     env.update(OMP_NUM_THREADS="1", LOWMOE_DIST_TIMEOUT=str(timeout_s))
