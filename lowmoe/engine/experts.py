@@ -202,9 +202,7 @@ class ChunkedExperts(RoutedExperts):
                     raise
             else:
                 host = self._load_host(a, z, None)
-        staged = self._stager.stage(host, self.dtype)
-        if self._checks_on_device:
-            staged.finite = self._stager.all_finite(staged)  # checked in _take, once the group is needed
+        staged = self._stager.stage(host, self.dtype, check_finite=self._checks_on_device)  # read in _take
         if buf is not None and self.device.type != "cuda" and not _aliases(staged.tensors, host):
             self._pool.release(buf)  # cast into new tensors: the buffer is free again
             buf = None

@@ -626,12 +626,10 @@ class StagingPool:
 
     def _allocate(self, nbytes: int) -> None:
         with self._lock:
-            busy = [i for i in range(len(self._bufs)) if i not in self._free]
+            if not self._bufs:  # the first allocation: every buffer is free
+                self._bufs, self._free = [None] * self.count, list(range(self.count))
             for i in self._free:
                 self._bufs[i] = None  # freed before the larger one is allocated
-            if len(self._bufs) < self.count:
-                self._bufs += [None] * (self.count - len(self._bufs))
-                self._free += [i for i in range(self.count) if i not in self._free and i not in busy]
             for i in self._free:
                 self._bufs[i] = self._new(nbytes)
             self.nbytes = nbytes
@@ -652,15 +650,6 @@ class StagingPool:
     def ensure(self, nbytes: int) -> None:
         if nbytes > self.nbytes:
             self._allocate(int(nbytes))
-
-    def resize(self, count: int) -> None:
-        """Hold ``count`` buffers from now on (more: allocated at the current size when first free)."""
-        with self._lock:
-            if count > len(self._bufs) and self.nbytes:
-                start = len(self._bufs)
-                self._bufs += [self._new(self.nbytes) for _ in range(count - start)]
-                self._free += list(range(start, count))
-            self.count = max(self.count, int(count))
 
     def _take(self, need: int, shapes) -> tuple[int, dict[str, torch.Tensor]]:
         i = self._free.pop(0)

@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -342,7 +342,11 @@ class DeviceStager:
         self.stats, self.kind = stats or IOStats(), kind
         self.stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
 
-    def stage(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> "Staged":
+    def stage(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+              check_finite: bool = False) -> "Staged":
+        """Copy ``tensors`` to the device and cast floating ones to ``dtype``. ``check_finite`` (CUDA):
+        also look for NaN/Inf in the floating tensors as copied, before the cast (the weights as stored,
+        what a host-side check would see), on the side stream; ``Staged.finite`` holds the answer."""
         t0 = time.perf_counter()
         if self.stream is None:
             out = {k: v.to(dtype=dtype) if dtype is not None and v.is_floating_point() else v for k, v in tensors.items()}
@@ -352,39 +356,29 @@ class DeviceStager:
         # memory the caching allocator hands these tensors (they may reuse freed blocks).
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            out = {}
+            out, flags = {}, []
             for k, v in tensors.items():
                 d = v.to(self.device, non_blocking=True)
+                if check_finite and d.is_floating_point():
+                    flags.append(torch.isfinite(d).all())
                 out[k] = d.to(dtype) if dtype is not None and d.is_floating_point() else d
             event = torch.cuda.Event()
             event.record(self.stream)
-        self.stats.add_read(self.kind, time.perf_counter() - t0, tensors_nbytes(tensors))
-        return Staged(out, event, self.stats, self.kind)
-
-
-    def all_finite(self, staged: "Staged") -> torch.Tensor | None:
-        """Whether every floating tensor of ``staged`` is finite: a boolean computed on the device, on
-        the side stream after the copy, and copied back there (``staged.finite_ready`` marks when it can
-        be read; ``ChunkedExperts`` reads it when the group is needed). None when nothing is floating."""
-        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
-            flags = [torch.isfinite(v).all() for v in staged.tensors.values() if v.is_floating_point()]
-            if not flags:
-                return None
-            flag = torch.stack(flags).all()
-            if self.stream is not None:  # to the host on the side stream: reading it never waits for compute
-                host = torch.empty((), dtype=torch.bool, pin_memory=True)
-                host.copy_(flag, non_blocking=True)
+            staged = Staged(out, event, self.stats, self.kind)
+            if flags:  # to the host on the side stream: reading it never waits for the main stream
+                staged.finite = torch.empty((), dtype=torch.bool, pin_memory=True)
+                staged.finite.copy_(torch.stack(flags).all(), non_blocking=True)
                 staged.finite_ready = torch.cuda.Event()
                 staged.finite_ready.record(self.stream)
-                return host
-            return flag
+        self.stats.add_read(self.kind, time.perf_counter() - t0, tensors_nbytes(tensors))
+        return staged
 
 
 class Staged:
     def __init__(self, tensors: dict[str, torch.Tensor], event, stats: IOStats, kind: str):
         self.tensors, self.event, self.stats, self.kind = tensors, event, stats, kind
         self.waited = False  # the event stays: it also marks when the copy out of the host buffer is done
-        self.finite = None  # a device boolean from ``DeviceStager.all_finite``, when the check runs there
+        self.finite = None  # with ``stage(check_finite=True)``: whether the weights as copied are finite
         self.finite_ready = None  # recorded on the side stream once ``finite`` is computed
 
     def wait(self) -> dict[str, torch.Tensor]:
