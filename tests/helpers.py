@@ -115,6 +115,19 @@ def lazy_chunking_ram(model, batch_size: int, seq_len: int, group: int = 2) -> i
     return lo
 
 
+def dies_after(n: int, evaluate):
+    """``evaluate`` that raises KeyboardInterrupt (a killed run) on its call number ``n + 1``."""
+    calls = {"n": 0}
+
+    def dying(cands):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise KeyboardInterrupt
+        return evaluate(cands)
+
+    return dying
+
+
 def edit_checkpoint(path: Path, fn) -> None:
     """Rewrite every tensor of a synthetic checkpoint through ``fn(name, tensor) -> tensor``."""
     index = json.loads((path / "model.safetensors.index.json").read_text())

@@ -19,7 +19,7 @@ from lowmoe.methods.eep.space import Candidate, SearchSpace
 from lowmoe.errors import ConfigError
 from lowmoe.engine.quant import layer_weights
 
-from .helpers import merged, population, records
+from .helpers import dies_after, merged, population, records
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
@@ -177,16 +177,8 @@ def test_evolution_improves_and_is_deterministic_and_resumable(tmp_path):
     assert last_prune >= start + 0.05 and st.curve[-1]["best_acc"] > last_prune, st.curve
     assert [c["phase"] for c in st.curve] == ["prune", "prune", "merge", "merge", "merge", "merge"]
     # same seed -> same archive; a search killed after 3 generations resumes to the same result
-    calls = {"n": 0}
-
-    def dying(cands):
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise KeyboardInterrupt
-        return fake_fitness(cands)
-
     with pytest.raises(KeyboardInterrupt):
-        Evolution(sp, opts, dying, state_path=tmp_path / "b.json").run()
+        Evolution(sp, opts, dies_after(3, fake_fitness), state_path=tmp_path / "b.json").run()
     resumed = Evolution(sp, opts, fake_fitness, state_path=tmp_path / "b.json")
     assert resumed.state.generation == 3
     st2 = resumed.run()

@@ -12,6 +12,8 @@ from lowmoe.methods.eep.fitness import Fitness
 from lowmoe.methods.eep.runner import parse_options
 from lowmoe.methods.eep.space import SearchSpace
 
+from .helpers import dies_after
+
 
 def fitness(cands):
     """Reward mass on experts 0..3 (a landscape a larger step climbs faster at first)."""
@@ -76,16 +78,8 @@ def test_search_adapts_sigma_and_resumes_with_it(tmp_path):
         lo, hi = (b * opts.sigma for b in SIGMA_BOUNDS)
         assert cur["sigma"] == pytest.approx(min(max(expect, lo), hi))
     assert len({round(c["sigma"], 9) for c in merge}) > 1, merge  # it did move
-    calls = {"n": 0}
-
-    def dying(cands):
-        calls["n"] += 1
-        if calls["n"] > 5:
-            raise KeyboardInterrupt
-        return fitness(cands)
-
     with pytest.raises(KeyboardInterrupt):
-        Evolution(sp, opts, dying, state_path=tmp_path / "b.json").run()
+        Evolution(sp, opts, dies_after(5, fitness), state_path=tmp_path / "b.json").run()
     resumed = Evolution(sp, opts, fitness, state_path=tmp_path / "b.json")
     assert resumed.state.generation == 5 and resumed.state.sigma == pytest.approx(st.curve[5]["sigma"])
     st2 = resumed.run()
