@@ -433,10 +433,23 @@ def ratios(results: dict, write_bytes: int | None) -> tuple[dict, list[str]]:
     return out, lines
 
 
+def _stored_run(path: Path, flag: str) -> dict:
+    """A results file this script wrote, or SystemExit naming the flag and what is wrong."""
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as e:
+        raise SystemExit(f"{flag} {path}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{flag} {path}: not JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), dict):
+        raise SystemExit(f"{flag} {path}: expected a results file of scripts/bench_gpu.py (a 'results' object)")
+    return doc
+
+
 def summarize(path: Path, baseline: Path | None) -> None:
     """The summary of a stored run (``--from-json``): stage table, ratios and, with ``baseline``, each
     run's wall time against the same run on older code; the ratios are stored back in ``path``."""
-    doc = json.loads(path.read_text())
+    doc = _stored_run(path, "--from-json")
     results = doc["results"]
     for line in stages_table(results):
         print(line)
@@ -445,7 +458,7 @@ def summarize(path: Path, baseline: Path | None) -> None:
     for line in lines:
         print(line)
     if baseline is not None:
-        base = json.loads(baseline.read_text())
+        base = _stored_run(baseline, "--baseline")
         if (base.get("machine") or {}).get("gpu") != (doc.get("machine") or {}).get("gpu"):
             raise SystemExit(f"--baseline {baseline}: measured on another machine ({base.get('machine')})")
         vs = {}
