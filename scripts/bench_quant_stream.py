@@ -175,11 +175,14 @@ def build(args, root: Path) -> tuple[Path, float]:
 
 
 def source_commit(src: str | None) -> str | None:
-    """The commit a --baseline-src export came from (``git archive`` writes none: read its lowmoe version)."""
+    """The commit of this checkout (``+dirty`` when lowmoe/ has uncommitted changes), or of a
+    --baseline-src export: the ``COMMIT`` file in it (``git archive`` writes none; write it yourself)."""
     if src is None:
-        p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                           cwd=Path(__file__).resolve().parent)
-        return p.stdout.strip() or None
+        here = Path(__file__).resolve().parent
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../lowmoe"], capture_output=True, text=True,
+                               cwd=here).stdout.strip()
+        return (head + ("+dirty" if dirty else "")) or None
     f = Path(src) / "COMMIT"
     return f.read_text().strip() if f.is_file() else None
 
@@ -221,17 +224,22 @@ def merge_bench(args) -> None:
             env = dict(os.environ)
             if src is not None:
                 env["PYTHONPATH"] = str(Path(src).resolve()) + os.pathsep + env.get("PYTHONPATH", "")
-            cmd = [sys.executable, "-m", "lowmoe", "-q", "prune", str(model), str(out), "--plan", str(plan_file),
-                   "--device", "cpu", "--overwrite"]
+            commit = source_commit(src)  # before the run: the code it runs
+            # run from the work folder: `python -m` puts the working directory first on sys.path, so
+            # from a checkout it would import that checkout's lowmoe whatever PYTHONPATH says
+            where = subprocess.run([sys.executable, "-c", "import lowmoe; print(lowmoe.__file__)"], capture_output=True,
+                                   text=True, env=env, cwd=root.resolve()).stdout.strip()
+            cmd = [sys.executable, "-m", "lowmoe", "-q", "prune", str(model.resolve()), str(out.resolve()), "--plan",
+                   str(plan_file.resolve()), "--device", "cpu", "--overwrite"]
             t0 = time.perf_counter()
-            p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+            p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env, cwd=root.resolve())
             wall = time.perf_counter() - t0
             if p.returncode != 0:
                 raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
             rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) * 1024
             rep = json.loads((out / "lowmoe_report.json").read_text())
             q = rep.get("quantization", {})
-            run = {"label": label, "lowmoe_commit": source_commit(src),
+            run = {"label": label, "lowmoe_commit": commit, "lowmoe_imported_from": where,
                    "command": "/usr/bin/time -v lowmoe prune MODEL OUT --plan merge-plan.json --device cpu",
                    "wall_s": round(wall, 1), "peak_rss_bytes": rss,
                    "peak_rss_over_layer_dequantized": round(rss / ck.layer_read_bytes(L), 3),
