@@ -31,9 +31,13 @@ log = logging.getLogger(__name__)
 
 def hf_config(raw: dict, num_experts: int | None = None, top_k: int | None = None, adapter: Adapter | None = None):
     """A transformers config object from a parsed config.json (optionally with other expert counts)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, configuration_utils
 
-    raw = dict(raw)
+    # transformers writes floats JSON cannot hold as {"__float__": "Infinity"} (GraniteMoeHybrid's
+    # time_step_limit) and decodes them when it loads a config; so must a config.json read by hand
+    cfg_cls = getattr(configuration_utils, "PreTrainedConfig", None) or configuration_utils.PretrainedConfig
+    decode = getattr(cfg_cls, "_decode_special_floats", None)
+    raw = dict(decode(raw) if decode is not None else raw)
     if adapter is not None and num_experts is not None:
         for k in adapter.expert_count_keys:
             if k in raw or k == adapter.expert_count_keys[0]:

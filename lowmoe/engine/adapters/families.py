@@ -248,7 +248,12 @@ GRANITEMOE_SWA = Adapter(
     notes="GraniteMoE with sliding-window attention and sinks; experts fused on disk; shared_mlp copied unchanged",
 )
 
+GRANITEMOEHYBRID = Adapter(**{**GRANITEMOE.__dict__, "family": "granitemoehybrid", "model_types": ("granitemoehybrid",),
+                              "architectures": ("GraniteMoeHybridForCausalLM",),
+                              "notes": "Granite 4.0 hybrid: Mamba-2 layers computed without a cache; shared_mlp copied unchanged"})
+
 ALL = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, PHIMOE, GPT_OSS,
        GLM4_MOE, GLM4_MOE_LITE, DEEPSEEK_V32, DOTS1, EXAONE_MOE, MINIMAX_M2, MINIMAX, ERNIE4_5_MOE, HUNYUAN_V1_MOE,
        FLEX_OLMO, AFMOE, LFM2_MOE, QWEN3_NEXT, LLAMA4_TEXT, GRANITEMOE, GRANITEMOESHARED, JAMBA,
-       SOLAR_OPEN, MIMO_V2_FLASH, GLM_MOE_DSA, COHERE2_MOE, QWEN3_5_MOE, HY_V3, MELLUM, GRANITEMOE_SWA)
+       SOLAR_OPEN, MIMO_V2_FLASH, GLM_MOE_DSA, COHERE2_MOE, QWEN3_5_MOE, HY_V3, MELLUM, GRANITEMOE_SWA,
+       GRANITEMOEHYBRID)
