@@ -152,8 +152,9 @@ def apply_layer(adapter: Adapter, layer_idx: int, tensors: dict[str, torch.Tenso
 
 def _expert_template(adapter: Adapter, layer_idx: int, key: str) -> str:
     """``key`` with a per-expert index replaced by ``*`` (``...experts.3.w1.weight`` -> ``...experts.*.w1.weight``)."""
-    head = adapter.layer_prefix(layer_idx) + adapter.moe_prefix + "experts."
-    if adapter.expert_layout != "per_expert" or not key.startswith(head):
+    prefix = adapter.layer_prefix(layer_idx)
+    head = prefix + adapter.moe_prefix + "experts."
+    if adapter.expert_layout != "per_expert" or not key.startswith(head) or not adapter.is_expert_key(key[len(prefix):]):
         return key
     _, rest = key[len(head):].split(".", 1)
     return f"{head}*.{rest}"

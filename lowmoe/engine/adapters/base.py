@@ -94,6 +94,8 @@ class Adapter:
         return self.fused_keys(layer_idx)
 
     def is_expert_key(self, key_in_layer: str) -> bool:
+        if self.is_router_extra(key_in_layer):  # a routing tensor stored under experts. (Laguna's bias)
+            return False
         if self.expert_layout == "fused" and not self.fused_dir:
             return key_in_layer in {self.moe_prefix + t for t in self.fused_tensors}
         return key_in_layer.startswith(self.moe_prefix + (self.fused_dir if self.expert_layout == "fused" else "experts."))
@@ -139,7 +141,7 @@ class Adapter:
             k = key[len(prefix):]
             if is_moe and k.startswith(self.moe_prefix):
                 rest = k[len(self.moe_prefix):]
-                if self.expert_layout == "per_expert" and rest.startswith("experts."):
+                if self.expert_layout == "per_expert" and rest.startswith("experts.") and self.is_expert_key(k):
                     _, e, proj, _w = rest.split(".")
                     {g: gates, u: ups, d: downs}[proj][int(e)] = t
                     continue

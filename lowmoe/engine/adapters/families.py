@@ -252,8 +252,19 @@ GRANITEMOEHYBRID = Adapter(**{**GRANITEMOE.__dict__, "family": "granitemoehybrid
                               "architectures": ("GraniteMoeHybridForCausalLM",),
                               "notes": "Granite 4.0 hybrid: Mamba-2 layers computed without a cache; shared_mlp copied unchanged"})
 
+LAGUNA = Adapter(
+    family="laguna", model_types=("laguna",), architectures=("LagunaForCausalLM",), expert_count_keys=("num_experts",),
+    router_extra=("experts.e_score_correction_bias",), router_scoring="sigmoid",
+    moe_renames=(("experts.e_score_correction_bias", "gate.e_score_correction_bias"),
+                 ("shared_expert.gate_proj.weight", "shared_experts.gate_proj.weight"),
+                 ("shared_expert.up_proj.weight", "shared_experts.up_proj.weight"),
+                 ("shared_expert.down_proj.weight", "shared_experts.down_proj.weight")),
+    notes="Poolside Laguna; sigmoid router whose e_score_correction_bias is stored under mlp.experts (sliced with "
+          "the router); shared_expert copied unchanged",
+)
+
 ALL = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, PHIMOE, GPT_OSS,
        GLM4_MOE, GLM4_MOE_LITE, DEEPSEEK_V32, DOTS1, EXAONE_MOE, MINIMAX_M2, MINIMAX, ERNIE4_5_MOE, HUNYUAN_V1_MOE,
        FLEX_OLMO, AFMOE, LFM2_MOE, QWEN3_NEXT, LLAMA4_TEXT, GRANITEMOE, GRANITEMOESHARED, JAMBA,
        SOLAR_OPEN, MIMO_V2_FLASH, GLM_MOE_DSA, COHERE2_MOE, QWEN3_5_MOE, HY_V3, MELLUM, GRANITEMOE_SWA,
-       GRANITEMOEHYBRID)
+       GRANITEMOEHYBRID, LAGUNA)
