@@ -369,10 +369,15 @@ def keep_groups(ck, keep_n: int) -> int:
     grouped model; otherwise 1 (grouping is disabled in config.json, with a note)."""
     if not ck.adapter.grouped_routing:
         return 1
-    n_group = int(ck.config.get("n_group") or 1)
+    n_group = int(ck.config.get(group_key(ck.config)) or 1)
     if n_group > 1 and keep_n % n_group == 0 and keep_n // n_group >= 2:
         return n_group
     return 1
+
+
+def group_key(cfg: dict) -> str:
+    """The config key of DeepSeek-style expert groups: ``n_group``, or Kimi's ``num_expert_group``."""
+    return "num_expert_group" if "num_expert_group" in cfg and "n_group" not in cfg else "n_group"
 
 
 def group_sizes_ok(keep: list[int], num_experts: int, n_group: int) -> bool:
@@ -392,14 +397,15 @@ def patch_config(raw: dict, adapter: Adapter, plan: Plan, num_experts: int) -> t
         if key in cfg or key == adapter.expert_count_keys[0]:
             cfg[key] = k
     cfg[adapter.top_k_key] = plan.num_experts_per_tok
-    if adapter.grouped_routing and int(cfg.get("n_group") or 1) > 1:
-        n_group, topk_group = int(cfg["n_group"]), int(cfg.get("topk_group") or 1)
+    gk = group_key(cfg)
+    if adapter.grouped_routing and int(cfg.get(gk) or 1) > 1:
+        n_group, topk_group = int(cfg[gk]), int(cfg.get("topk_group") or 1)
         selection = all(lp.merge is None for lp in plan.layers.values())
         valid = (k % n_group == 0 and k // n_group >= 2 and topk_group <= n_group
                  and plan.num_experts_per_tok <= topk_group * (k // n_group)
                  and selection and all(group_sizes_ok(lp.keep, num_experts, n_group) for lp in plan.layers.values()))
         if not valid:
-            cfg["n_group"], cfg["topk_group"] = 1, 1
+            cfg[gk], cfg["topk_group"] = 1, 1
             if cfg.get("topk_method") == "group_limited_greedy":
                 cfg["topk_method"] = "greedy"
             notes.append(f"group-limited routing disabled (n_group {n_group} -> 1): {k} kept experts cannot form "

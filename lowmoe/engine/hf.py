@@ -395,6 +395,10 @@ class DerivedLayout:
     runtime: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     disk: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     model: nn.Module | None = field(default=None, repr=False)  # built on the meta device
+    # every decoder layer's tensors outside the MoE block renamed on disk (disk, runtime) and
+    # concatenated on load ((disk pieces in order), runtime, dim), relative to the layer
+    layer_renames: tuple[tuple[str, str], ...] = ()
+    layer_concats: tuple[tuple[tuple[str, ...], str, int], ...] = ()
     expert_keys: tuple[str, ...] = ()  # on-disk keys of the layer's routed experts
     router_keys: tuple[str, ...] = ()  # on-disk keys of its per-expert routing tensors
     missing: dict[str, str] = field(default_factory=dict)
@@ -448,8 +452,8 @@ class DerivedLayout:
                 if dn != rn:
                     renames.append((dn, rn))
         out["moe_renames"] = tuple(renames)
-        out["layer_renames"] = tuple((rel(d), rel(r)) for d, r in runtime_of.items()
-                                     if d not in moe_disk and d != r and not rel(d).startswith(moe_prefix))
+        out["layer_renames"] = self.layer_renames
+        out["layer_concats"] = self.layer_concats
         return out
 
 
@@ -490,7 +494,8 @@ def derive_layout(config) -> DerivedLayout:
         return d
     raw = config.to_dict()
     d.top_k_keys = tuple(k for k in TOP_K_KEYS if k in raw)
-    d.grouped_routing = "n_group" in raw and "topk_group" in raw
+    aliases = getattr(config, "attribute_map", {}) or {}  # e.g. qwen3_moe: num_experts -> num_local_experts
+    d.grouped_routing = all(k in raw or aliases.get(k) in raw for k in ("n_group", "topk_group"))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     d.model = model
@@ -518,11 +523,9 @@ def derive_layout(config) -> DerivedLayout:
         d.missing["router"] = f"{type(block).__name__} has no child with an (experts, hidden) weight"
         return d
     stored = [k for k in EXPERT_COUNT_KEYS if raw.get(k) == d.num_experts]
-    aliases = getattr(config, "attribute_map", {}) or {}  # e.g. qwen3_moe: num_experts -> num_local_experts
     d.expert_count_keys = tuple(stored + [k for k in EXPERT_COUNT_KEYS if k not in stored and aliases.get(k) in stored])
     lp = f"model.layers.{d.layer}."
     bp = lp + d.runtime_moe_prefix
-    gen = torch.Generator().manual_seed(0)
     for k, v in model.state_dict().items():
         if not k.startswith(lp):
             continue
@@ -532,10 +535,30 @@ def derive_layout(config) -> DerivedLayout:
             t[:, :half] = 1.0
         elif k == bp + "experts.down_proj":
             t = torch.full(tuple(v.shape), 3.0)
-        else:
-            t = torch.randn(tuple(v.shape), generator=gen).to(v.dtype if v.dtype.is_floating_point else torch.float32)
+        else:  # distinct values, increasing: a tensor concatenated on load shows its pieces' order
+            t = torch.arange(v.numel(), dtype=torch.float32).reshape(tuple(v.shape)) / max(1, v.numel())
+            t = t.to(v.dtype if v.dtype.is_floating_point else torch.float32)
         d.runtime[k] = t
     d.disk = revert_weight_conversion(model, dict(d.runtime))
+    renames: dict[str, str] = {}
+    concats: dict[str, tuple[tuple[str, ...], int]] = {}
+    state = model.state_dict()
+    for i in range(len(model.model.layers)):  # hybrid models rename tensors of some layer types only
+        lpi = f"model.layers.{i}."
+        for k, v in state.items():
+            r = k[len(lpi):]
+            if not k.startswith(lpi) or r.startswith(d.runtime_moe_prefix):
+                continue
+            t = torch.arange(v.numel(), dtype=torch.float32).reshape(tuple(v.shape))
+            back = revert_weight_conversion(model, {k: t})
+            if len(back) > 1:  # concatenated on load: pieces in order (increasing values), on the dim that grew
+                ds = sorted(back, key=lambda x: back[x].flatten()[0].item())
+                dim = next(j for j, (a, b) in enumerate(zip(back[ds[0]].shape, v.shape)) if a != b)
+                concats[r] = (tuple(x[len(lpi):] for x in ds), dim)
+            elif next(iter(back)) != k:
+                renames[next(iter(back))[len(lpi):]] = r
+    d.layer_renames = tuple(renames.items())
+    d.layer_concats = tuple((pieces, r, dim) for r, (pieces, dim) in concats.items())
     runtime_of = _disk_to_runtime(d)
     E = d.num_experts
     # in the module's parameter order (revert_weight_conversion sorts its output)

@@ -266,6 +266,8 @@ TINY_OVERRIDES: dict[str, dict] = {
     "qwen3_5_moe_text": dict(layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_key_heads=2,
                              linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8),
     "gpt_oss": dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=8),
+    "kimi_linear": {**_MLA, **_GROUPED, "q_lora_rank": None, "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+                    "mlp_layer_types": ["dense", "sparse", "sparse"], "linear_head_dim": 8, "linear_num_heads": 4},
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention", "linear_attention"], mamba_n_heads=8, mamba_d_head=8,
                              mamba_d_state=8, mamba_chunk_size=8, shared_intermediate_size=64),
 }

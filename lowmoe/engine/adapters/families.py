@@ -263,8 +263,21 @@ LAGUNA = Adapter(
           "the router); shared_expert copied unchanged",
 )
 
+KIMI_LINEAR = Adapter(
+    family="kimi_linear", model_types=("kimi_linear",), architectures=("KimiLinearForCausalLM",),
+    expert_count_keys=("num_experts", "num_local_experts"), top_k_key="num_experts_per_token",
+    moe_prefix="block_sparse_moe.", expert_projs=("w1", "w3", "w2"), router_tensors=("weight", "e_score_correction_bias"),
+    grouped_routing=True, router_scoring="sigmoid",
+    layer_renames=(("self_attn.dt_bias", "self_attn.forget_gate.dt_bias"), ("self_attn.A_log", "self_attn.forget_gate.A_log"),
+                   ("self_attn.f_a_proj.weight", "self_attn.forget_gate.f_a_proj.weight"),
+                   ("self_attn.f_b_proj.weight", "self_attn.forget_gate.f_b_proj.weight")),
+    layer_concats=((("self_attn.q_conv1d.weight", "self_attn.k_conv1d.weight", "self_attn.v_conv1d.weight"),
+                    "self_attn.conv1d.weight", 0),),
+    notes="Kimi-Linear: KDA (linear attention) layers computed without a cache; expert groups are num_expert_group",
+)
+
 ALL = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, PHIMOE, GPT_OSS,
        GLM4_MOE, GLM4_MOE_LITE, DEEPSEEK_V32, DOTS1, EXAONE_MOE, MINIMAX_M2, MINIMAX, ERNIE4_5_MOE, HUNYUAN_V1_MOE,
        FLEX_OLMO, AFMOE, LFM2_MOE, QWEN3_NEXT, LLAMA4_TEXT, GRANITEMOE, GRANITEMOESHARED, JAMBA,
        SOLAR_OPEN, MIMO_V2_FLASH, GLM_MOE_DSA, COHERE2_MOE, QWEN3_5_MOE, HY_V3, MELLUM, GRANITEMOE_SWA,
-       GRANITEMOEHYBRID, LAGUNA)
+       GRANITEMOEHYBRID, LAGUNA, KIMI_LINEAR)
