@@ -35,7 +35,7 @@ NOT_DERIVED = {
     "runtime_down": "as runtime_gate_up (down_proj)",
 }
 # Compared as sets: their order in the table does not matter to lowmoe.
-UNORDERED = {"router_tensors", "router_extra", "moe_renames", "layer_renames"}
+UNORDERED = {"router_tensors", "router_extra", "moe_renames", "layer_renames", "layer_concats"}
 
 
 def derived(family: str):
