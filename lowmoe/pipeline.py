@@ -287,7 +287,7 @@ def _write(cfg: PruneConfig, ck: Checkpoint, plan_in: Plan | None, budget, fp: s
         plan_meta = dict(plan_in.meta, applied_from=str(cfg.plan) if not isinstance(cfg.plan, dict) else "dict")
         files = ShardFiles(ck.path)  # kept experts of selection plans are copied as stored bytes
         for layer_idx in progress(range(run.next_layer, ck.num_layers), ck.num_layers - run.next_layer, "apply plan", cfg.progress):
-            run.write_layer(layer_idx, read_lazy_layer(ck, files, layer_idx))
+            run.write_layer(layer_idx, read_lazy_layer(ck, files, layer_idx), returned=False)
             run.finish_layer(layer_idx)
         top_k = plan_in.num_experts_per_tok
         extra: dict = {"method": plan_in.meta.get("method", "plan")}

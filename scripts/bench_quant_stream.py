@@ -10,6 +10,13 @@ layers of the real geometry, the rest synth's) is built under --workdir and dele
 
 Each run is `/usr/bin/time -v lowmoe prune MODEL OUT --keep HALF --method frequency ...`; its
 "Maximum resident set size" is the figure. Outputs of all runs are compared file by file.
+
+--merge instead applies a plan that merges the experts in pairs (output j = 0.5 * expert 2j + 0.5 *
+expert 2j+1, every output re-quantized), and --baseline-src DIR runs the same command a second time
+with the lowmoe package found in DIR (e.g. `git archive COMMIT | tar -x -C DIR`: the code before a
+change), so the two peaks compare on one machine and model:
+
+    OMP_NUM_THREADS=1 python scripts/bench_quant_stream.py --geometry gpt-oss-20b --layers 1 --merge --baseline-src /tmp/base --json docs/results/quant-merge-gpt-oss-20b.json
 """
 
 from __future__ import annotations
@@ -72,7 +79,13 @@ def main() -> None:
                     help="budgets to run besides the unbudgeted run (default: the planner's floor, rounded up to 0.25 GiB)")
     ap.add_argument("--workdir", default="/tmp/lowmoe-bench-quant")
     ap.add_argument("--keep-models", action="store_true")
+    ap.add_argument("--merge", action="store_true", help="apply a plan merging the experts in pairs instead of pruning")
+    ap.add_argument("--baseline-src", default=None,
+                    help="also run each command with the lowmoe package from this folder (PYTHONPATH), for comparison")
     args = ap.parse_args()
+    if args.merge:
+        merge_bench(args)
+        return
 
     import torch
 
@@ -142,6 +155,101 @@ def main() -> None:
             print(json.dumps(run), flush=True)
             if not args.keep_models:
                 shutil.rmtree(out)
+        result["outputs_identical"] = len({json.dumps(d, sort_keys=True) for d in digests.values()}) == 1
+        save_result(args.json, result)
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
+    finally:
+        if not args.keep_models:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def build(args, root: Path) -> tuple[Path, float]:
+    from lowmoe.toy.synth import synth_model
+
+    geo = dict(GEOMETRIES[args.geometry])
+    model = root / args.geometry
+    t0 = time.perf_counter()
+    if not (model / "model.safetensors.index.json").is_file():
+        synth_model(model, geo.pop("arch"), layers=args.layers, dtype="bfloat16", shard_size="2GB", overwrite=True, **geo)
+    return model, time.perf_counter() - t0
+
+
+def source_commit(src: str | None) -> str | None:
+    """The commit of this checkout (``+dirty`` when lowmoe/ has uncommitted changes), or of a
+    --baseline-src export: the ``COMMIT`` file in it (``git archive`` writes none; write it yourself)."""
+    if src is None:
+        here = Path(__file__).resolve().parent
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../lowmoe"], capture_output=True, text=True,
+                               cwd=here).stdout.strip()
+        return (head + ("+dirty" if dirty else "")) or None
+    f = Path(src) / "COMMIT"
+    return f.read_text().strip() if f.is_file() else None
+
+
+def merge_bench(args) -> None:
+    """Peak RSS of a merge plan (every output expert re-quantized) on the current code and, with
+    --baseline-src, on the code in that folder; the outputs must be identical."""
+    from lowmoe.engine.checkpoint import Checkpoint
+
+    root = Path(args.workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        model, build_s = build(args, root)
+        ck = Checkpoint(model)
+        L = ck.moe_layers()[-1]
+        E = ck.num_experts
+        merge = [[0.5 if i in (2 * j, 2 * j + 1) else 0.0 for i in range(E)] for j in range(E // 2)]
+        plan = {"format": "lowmoe-plan/1", "num_experts_per_tok": min(ck.top_k, E // 2),
+                "layers": {str(layer): {"keep": list(range(0, E, 2)), "merge": merge} for layer in ck.moe_layers()}}
+        plan_file = root / "merge-plan.json"
+        plan_file.write_text(json.dumps(plan))
+        expert_keys = [k for k in ck.adapter.routed_expert_keys(L, E) if k in ck.parts]
+        result = {
+            "command": f"python scripts/bench_quant_stream.py --geometry {args.geometry} --layers {args.layers} --merge"
+                       + (" --baseline-src DIR" if args.baseline_src else "") + f" --json {args.json}",
+            "geometry": args.geometry, "synth": {**GEOMETRIES[args.geometry], "layers": args.layers, "dtype": "bfloat16"},
+            "machine": machine(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "build_s": round(build_s, 1),
+            "model_bytes": ck.total_bytes(),
+            "plan": f"keep {E // 2} of {E}: output j = 0.5 * expert 2j + 0.5 * expert 2j+1 in every MoE layer",
+            "layer": {"index": L, "stored_bytes": ck.layer_bytes(L),
+                      "experts_stored_bytes": sum(ck.tensor_bytes(k) for k in expert_keys),
+                      "dequantized_bytes": ck.layer_read_bytes(L),
+                      "expert_dequantized_bytes": ck.layer_read_bytes(L) // E},
+            "runs": [],
+        }
+        digests = {}
+        for label, src in [("current", None)] + ([("baseline", args.baseline_src)] if args.baseline_src else []):
+            out = root / f"out-{label}"
+            env = dict(os.environ)
+            if src is not None:
+                env["PYTHONPATH"] = str(Path(src).resolve()) + os.pathsep + env.get("PYTHONPATH", "")
+            commit = source_commit(src)  # before the run: the code it runs
+            # run from the work folder: `python -m` puts the working directory first on sys.path, so
+            # from a checkout it would import that checkout's lowmoe whatever PYTHONPATH says
+            where = subprocess.run([sys.executable, "-c", "import lowmoe; print(lowmoe.__file__)"], capture_output=True,
+                                   text=True, env=env, cwd=root.resolve()).stdout.strip()
+            cmd = [sys.executable, "-m", "lowmoe", "-q", "prune", str(model.resolve()), str(out.resolve()), "--plan",
+                   str(plan_file.resolve()), "--device", "cpu", "--overwrite"]
+            t0 = time.perf_counter()
+            p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env, cwd=root.resolve())
+            wall = time.perf_counter() - t0
+            if p.returncode != 0:
+                raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+            rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) * 1024
+            rep = json.loads((out / "lowmoe_report.json").read_text())
+            q = rep.get("quantization", {})
+            run = {"label": label, "lowmoe_commit": commit, "lowmoe_imported_from": where,
+                   "command": "/usr/bin/time -v lowmoe prune MODEL OUT --plan merge-plan.json --device cpu",
+                   "wall_s": round(wall, 1), "peak_rss_bytes": rss,
+                   "peak_rss_over_layer_dequantized": round(rss / ck.layer_read_bytes(L), 3),
+                   "expert_bytes_read": int(rep.get("io", {}).get("expert_bytes_read", 0)),
+                   "requantized_experts": q.get("requantized_experts"),
+                   "requant_fro_rel_max": q.get("requant_fro_rel_max"), "output_bytes": rep["bytes"]["output"]}
+            result["runs"].append(run)
+            digests[label] = digest(out)
+            print(json.dumps(run), flush=True)
+            shutil.rmtree(out)
         result["outputs_identical"] = len({json.dumps(d, sort_keys=True) for d in digests.values()}) == 1
         save_result(args.json, result)
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))

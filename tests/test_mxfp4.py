@@ -12,7 +12,9 @@ import torch
 from click.testing import CliRunner
 
 import lowmoe
+from lowmoe import pipeline
 from lowmoe.cli import main
+from lowmoe.engine import lazy
 from lowmoe.engine.apply import map_rows
 from lowmoe.engine.budget import plan_lazy_budget
 from lowmoe.engine.checkpoint import Checkpoint
@@ -198,6 +200,43 @@ def test_merged_experts_are_requantized(synth_dir, tmp_path):
     assert q["requantized_experts"] == 4 and 0 < q["requant_fro_rel_max"] < 0.2
     assert all(v["requantized"] == 2 for v in q["layers"].values())
     load(tmp_path / "out")  # loads in transformers
+
+
+def test_merge_decodes_only_the_merged_experts_sources(synth_dir, tmp_path, monkeypatch):
+    """A merge plan over MXFP4's fused experts read lazily: each re-quantized output expert decodes only
+    the rows of its sources with a nonzero coefficient (never the whole fused tensor), copied experts
+    are not decoded at all, and the output bytes equal those written from the layer dequantized whole
+    (whose merged rows ``test_merged_experts_are_requantized`` checks against the full merge)."""
+    src = synth_dir("gpt_oss", **SYNTH)
+    ck = Checkpoint(src)
+    E = ck.num_experts
+    merge = [[0.5, 0.5] + [0.0] * (E - 2), [0.0, 0.0, 1.0] + [0.0] * (E - 3),
+             [0.0] * 5 + [0.25, 0.0, 0.75], [0.0] * 4 + [1.0] + [0.0] * (E - 5), [0.0] * E]
+    plan = {"format": "lowmoe-plan/1", "num_experts_per_tok": 2,
+            "layers": {str(L): {"keep": [0, 2, 7, 4, 3], "merge": merge} for L in ck.moe_layers()}}
+    decoded: list[tuple[str, tuple[int, ...]]] = []
+    read = QuantizedStored.read
+
+    def counted(self):
+        keep = getattr(self.main, "keep", None)
+        assert keep is not None, f"{self.key}: a fused MXFP4 tensor was dequantized whole"
+        decoded.append((self.key.rsplit(".", 1)[1], keep))
+        return read(self)
+
+    monkeypatch.setattr(QuantizedStored, "read", counted)
+    report = lowmoe.prune(src, tmp_path / "lazy", plan=plan, progress=False)
+    per_layer = [(name, rows) for name in EXPERTS for rows in ((0, 1), (5, 7))]  # the two merged outputs' sources
+    assert sorted(decoded) == sorted(per_layer * len(ck.moe_layers()))
+    assert sum(len(rows) for _, rows in decoded) == len(ck.moe_layers()) * len(EXPERTS) * 4 < ck.num_layers * 2 * E
+    assert report["quantization"]["requantized_experts"] == 3 * len(ck.moe_layers())  # a row without sources too
+    b = stored(tmp_path / "lazy")
+    assert not b["model.layers.0.mlp.experts.down_proj_blocks"][4].any()  # zeros, as the full merge gives
+    monkeypatch.setattr(QuantizedStored, "read", read)
+    monkeypatch.setattr(lazy, "reads_lazily", lambda ck: False)  # the whole-layer path, for reference
+    monkeypatch.setattr(pipeline, "read_lazy_layer", lambda ck, files, L: ck.read_layer(L))
+    lowmoe.prune(src, tmp_path / "whole", plan=plan, progress=False)
+    files = lambda d: {k: v for k, v in dir_digest(d).items() if k not in ("lowmoe_report.json", "README.md")}  # noqa: E731
+    assert files(tmp_path / "lazy") == files(tmp_path / "whole")
 
 
 # ---- streaming in expert groups ------------------------------------------------------------------

@@ -20,13 +20,14 @@ import click
 from ..engine import faults
 from ..engine.adapters import ALL
 from ..engine.device import DTYPES
+from ..engine.hf import derive_layout
 from ..errors import ConfigError, LowmoeError
 from ..evaluate import format_table, prune_and_compare
 from ..inspect import format_inspection, inspect_model
 from ..pipeline import profile_model
 from ..pipeline import prune as run_prune
 from ..toy import tasks
-from ..toy.synth import synth_model
+from ..toy.synth import synth_model, tiny_config_for_model_type
 from ..toy.tokenizer import VOCAB_SIZE
 from .options import calibration_options, compute_options
 from .report import print_prune_summary
@@ -184,8 +185,22 @@ def profile(ctx, model, calib, seq_len, n_samples, layout, answer_only, device, 
 
 
 @main.command()
-def families():
+@click.option("--derive", "model_type", default=None, metavar="MODEL_TYPE",
+              help="Print the adapter fields transformers itself gives for MODEL_TYPE (a family to add).")
+def families(model_type):
     """List the supported model families."""
+    if model_type is not None:
+        try:
+            layout = derive_layout(tiny_config_for_model_type(model_type))
+        except ConfigError as e:
+            raise ConfigError(f"--derive {model_type}: {e}") from None
+        except Exception as e:  # a config class that needs more than the tiny defaults (e.g. dbrx's nested configs)
+            raise ConfigError(f"--derive {model_type}: transformers could not build a tiny model ({type(e).__name__}: {e})") from None
+        if layout.missing:
+            raise ConfigError(f"--derive {model_type}: " + "; ".join(f"{k}: {v}" for k, v in layout.missing.items()))
+        fields = ", ".join(f"{k}={v!r}" for k, v in layout.fields().items())
+        click.echo(f"Adapter(family={model_type!r}, {fields})")
+        return
     for a in ALL:
         click.echo(f"{a.family:16s} model_type={','.join(a.model_types):16s} experts key={a.expert_count_keys[0]:18s} "
                    f"layout={a.expert_layout:10s} {a.notes}".rstrip())

@@ -152,8 +152,9 @@ def apply_layer(adapter: Adapter, layer_idx: int, tensors: dict[str, torch.Tenso
 
 def _expert_template(adapter: Adapter, layer_idx: int, key: str) -> str:
     """``key`` with a per-expert index replaced by ``*`` (``...experts.3.w1.weight`` -> ``...experts.*.w1.weight``)."""
-    head = adapter.layer_prefix(layer_idx) + adapter.moe_prefix + "experts."
-    if adapter.expert_layout != "per_expert" or not key.startswith(head):
+    prefix = adapter.layer_prefix(layer_idx)
+    head = prefix + adapter.moe_prefix + "experts."
+    if adapter.expert_layout != "per_expert" or not key.startswith(head) or not adapter.is_expert_key(key[len(prefix):]):
         return key
     _, rest = key[len(head):].split(".", 1)
     return f"{head}*.{rest}"
@@ -196,8 +197,11 @@ def apply_layer_quantized(adapter: Adapter, layer_idx: int, fmt, stored: dict[st
     prefix = adapter.layer_prefix(layer_idx)
     out: dict[str, torch.Tensor] = {}
     requantized: set[int] = set()  # output experts
+    fused_rows = adapter.expert_layout == "fused" and not lp.extra
     if adapter.expert_layout == "per_expert" and not lp.extra:
         items = _merged_per_expert(adapter, layer_idx, tensors, lp, num_experts, sources)
+    elif fused_rows:
+        items = _merged_fused(adapter, layer_idx, tensors, lp, num_experts, sources, quantized)
     else:
         items = apply_layer(adapter, layer_idx, tensors, lp, num_experts, fields=fields).items()
     for key, t in items:
@@ -218,6 +222,32 @@ def apply_layer_quantized(adapter: Adapter, layer_idx: int, fmt, stored: dict[st
                 for p_out, p_in in zip(fmt.parts(key), fmt.parts(template.replace(".*.", f".{src}.", 1))):
                     out[p_out] = stored[p_in]
                 continue
+        if fused_rows and key not in router_keys:
+            # the rows (output experts) that are one source with coefficient 1 take that source's
+            # stored rows; the others come from ``_merged_fused`` one at a time, each re-quantized
+            # (per expert: the same codes as the whole tensor at once) before the next is computed
+            parts = {}
+            for p_out in fmt.parts(key):
+                entry = stored[p_out]
+                parts[p_out] = torch.empty((len(lp.keep),) + tuple(entry.shape[1:]), dtype=_torch_dtype(entry))
+                copies = [(j, src) for j, src in enumerate(sources) if src is not None]
+                if copies:
+                    parts[p_out][[j for j, _ in copies]] = _stored_rows(entry, [src for _, src in copies])
+            sums = [0.0, 0.0, 0.0, 0.0]  # max |err|, max |w|, ||err||^2, ||w||^2 over the re-quantized rows
+            for j, w in t():
+                q = fmt.quantize(key, w, scale_dtype=scale_dtype)
+                for p_out, v in q.items():
+                    parts[p_out][j] = v[0]
+                w = w.float()
+                err = fmt.dequantize(q, key, torch.float32) - w
+                sums = [max(sums[0], err.abs().max().item()), max(sums[1], w.abs().max().item()),
+                        sums[2] + err.square().sum().item(), sums[3] + w.square().sum().item()]
+                requantized.add(j)
+                del q, w, err
+            stats["requant_max_abs_rel"] = max(stats["requant_max_abs_rel"], sums[0] / sums[1] if sums[1] else 0.0)
+            stats["requant_fro_rel"] = max(stats["requant_fro_rel"], (sums[2] / sums[3]) ** 0.5 if sums[3] else 0.0)
+            out.update(parts)
+            continue
         t = t() if callable(t) else t
         parts = fmt.quantize(key, t, scale_dtype=scale_dtype)
         if adapter.expert_layout == "fused" and key not in router_keys:
@@ -282,6 +312,55 @@ def _merged_per_expert(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan,
                 yield f"{base}{j}.{suffix}", (lambda row=merge[j], keys=keys: merged(row, keys))
 
 
+def _stored_rows(entry, rows: list[int]) -> torch.Tensor:
+    """Rows ``rows`` (dim 0) of a stored tensor: a read tensor, or a ``lazy.StoredTensor`` (only those
+    rows' bytes read)."""
+    return entry[rows] if isinstance(entry, torch.Tensor) else entry.rows(rows).read()
+
+
+def _merged_fused(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_experts: int,
+                  sources: list[int | None], quantized: set[str]):
+    """``apply_layer(...).items()`` of a merge plan over a fused expert layout (experts on dim 0 of
+    each fused tensor, e.g. GPT-OSS's MXFP4 ``gate_up_proj``), in the same order, for
+    ``apply_layer_quantized``. A quantized fused tensor is a thunk iterating over the rows (output
+    experts) to re-quantize -- those whose ``sources`` entry is None -- as (row, (1, ...) tensor), each
+    computed from its sources
+    with a nonzero coefficient alone (``tensors`` may be a ``lazy.LazyLayer``: those sources' rows are
+    decoded, one output expert at a time, never the whole tensor) by ``merge_experts``, whose float32
+    sums skip zero terms: the same bits whichever rows are decoded. Unquantized fused tensors (biases)
+    are read and mapped as ``apply_layer`` maps them."""
+    prefix = adapter.layer_prefix(layer_idx)
+    resident, fused = {}, []
+    for key in tensors:
+        if adapter.is_expert_key(key[len(prefix):]):
+            fused.append(key)
+        else:
+            resident[key] = tensors[key]
+    yield from apply_layer(adapter, layer_idx, resident, lp, num_experts).items()
+    merge = lp.merge if lp.merge is not None else [[1.0 if i == k else 0.0 for i in range(num_experts)] for k in lp.keep]
+    rows = [j for j, src in enumerate(sources) if src is None]
+
+    def merged_rows(key: str):
+        stored = tensors.stored(key) if hasattr(tensors, "stored") else None
+        whole = tensors[key] if stored is None else None
+        shape, dtype = (whole.shape, whole.dtype) if stored is None else (stored.shape, stored.torch_dtype)
+        for j in rows:
+            out = torch.zeros((1,) + tuple(shape[1:]), dtype=dtype)  # a row without sources stays zero
+            ids = [i for i, c in enumerate(merge[j]) if c != 0.0]
+            if ids:
+                x = whole[ids] if stored is None else stored.rows(ids).read()
+                merge_experts(x, torch.tensor([[merge[j][i] for i in ids]]), out)
+                del x
+            yield j, out
+
+    for key in fused:
+        if key in quantized:
+            yield key, (lambda k=key: merged_rows(k))
+        else:
+            t = tensors[key]
+            yield from apply_layer(adapter, layer_idx, {key: t}, lp, num_experts).items()
+
+
 # ---- config.json -----------------------------------------------------------------------------
 
 
@@ -290,10 +369,15 @@ def keep_groups(ck, keep_n: int) -> int:
     grouped model; otherwise 1 (grouping is disabled in config.json, with a note)."""
     if not ck.adapter.grouped_routing:
         return 1
-    n_group = int(ck.config.get("n_group") or 1)
+    n_group = int(ck.config.get(group_key(ck.config)) or 1)
     if n_group > 1 and keep_n % n_group == 0 and keep_n // n_group >= 2:
         return n_group
     return 1
+
+
+def group_key(cfg: dict) -> str:
+    """The config key of DeepSeek-style expert groups: ``n_group``, or Kimi's ``num_expert_group``."""
+    return "num_expert_group" if "num_expert_group" in cfg and "n_group" not in cfg else "n_group"
 
 
 def group_sizes_ok(keep: list[int], num_experts: int, n_group: int) -> bool:
@@ -313,14 +397,15 @@ def patch_config(raw: dict, adapter: Adapter, plan: Plan, num_experts: int) -> t
         if key in cfg or key == adapter.expert_count_keys[0]:
             cfg[key] = k
     cfg[adapter.top_k_key] = plan.num_experts_per_tok
-    if adapter.grouped_routing and int(cfg.get("n_group") or 1) > 1:
-        n_group, topk_group = int(cfg["n_group"]), int(cfg.get("topk_group") or 1)
+    gk = group_key(cfg)
+    if adapter.grouped_routing and int(cfg.get(gk) or 1) > 1:
+        n_group, topk_group = int(cfg[gk]), int(cfg.get("topk_group") or 1)
         selection = all(lp.merge is None for lp in plan.layers.values())
         valid = (k % n_group == 0 and k // n_group >= 2 and topk_group <= n_group
                  and plan.num_experts_per_tok <= topk_group * (k // n_group)
                  and selection and all(group_sizes_ok(lp.keep, num_experts, n_group) for lp in plan.layers.values()))
         if not valid:
-            cfg["n_group"], cfg["topk_group"] = 1, 1
+            cfg[gk], cfg["topk_group"] = 1, 1
             if cfg.get("topk_method") == "group_limited_greedy":
                 cfg["topk_method"] = "greedy"
             notes.append(f"group-limited routing disabled (n_group {n_group} -> 1): {k} kept experts cannot form "

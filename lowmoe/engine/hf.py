@@ -31,9 +31,13 @@ log = logging.getLogger(__name__)
 
 def hf_config(raw: dict, num_experts: int | None = None, top_k: int | None = None, adapter: Adapter | None = None):
     """A transformers config object from a parsed config.json (optionally with other expert counts)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, configuration_utils
 
-    raw = dict(raw)
+    # transformers writes floats JSON cannot hold as {"__float__": "Infinity"} (GraniteMoeHybrid's
+    # time_step_limit) and decodes them when it loads a config; so must a config.json read by hand
+    cfg_cls = getattr(configuration_utils, "PreTrainedConfig", None) or configuration_utils.PretrainedConfig
+    decode = getattr(cfg_cls, "_decode_special_floats", None)
+    raw = dict(decode(raw) if decode is not None else raw)
     if adapter is not None and num_experts is not None:
         for k in adapter.expert_count_keys:
             if k in raw or k == adapter.expert_count_keys[0]:
@@ -360,3 +364,205 @@ def expert_output(experts: nn.Module, hidden: torch.Tensor, expert_idx: int) -> 
 
 def clone_config(cfg):
     return copy.deepcopy(cfg)
+
+
+# ---- a family's layout, derived from transformers ----------------------------------------------
+
+# Config keys transformers' MoE config classes use for the routed-expert count and for top-k.
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k", "moe_top_k", "num_experts_per_token")
+
+
+@dataclass
+class DerivedLayout:
+    """What transformers itself says about a MoE family: its config class's expert-count and top-k
+    keys, its causal-LM class, the MoE block and router in the module tree it builds, and -- from the
+    weight conversion its ``save_pretrained`` applies (``revert_weight_conversion``) -- one MoE layer's
+    on-disk tensors. ``runtime``/``disk``: that layer's state dict (full keys, small real tensors of
+    the config's shapes) and what ``save_pretrained`` writes for it. ``fields()``: the
+    ``adapters.Adapter`` fields this gives; ``missing``: fields it could not derive, with why."""
+
+    model_type: str
+    architectures: tuple[str, ...] = ()
+    expert_count_keys: tuple[str, ...] = ()
+    top_k_keys: tuple[str, ...] = ()
+    grouped_routing: bool = False
+    moe_layers: tuple[int, ...] = ()
+    layer: int = -1
+    num_experts: int = 0
+    runtime_moe_prefix: str = ""
+    runtime_router: str = ""
+    runtime: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    disk: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    model: nn.Module | None = field(default=None, repr=False)  # built on the meta device
+    # every decoder layer's tensors outside the MoE block renamed on disk (disk, runtime) and
+    # concatenated on load ((disk pieces in order), runtime, dim), relative to the layer
+    layer_renames: tuple[tuple[str, str], ...] = ()
+    layer_concats: tuple[tuple[tuple[str, ...], str, int], ...] = ()
+    expert_keys: tuple[str, ...] = ()  # on-disk keys of the layer's routed experts
+    router_keys: tuple[str, ...] = ()  # on-disk keys of its per-expert routing tensors
+    missing: dict[str, str] = field(default_factory=dict)
+
+    def fields(self) -> dict:
+        """``adapters.Adapter`` keyword arguments for this family (those derivable: see ``missing``)."""
+        lp = f"model.layers.{self.layer}."
+        rel = lambda k: k[len(lp):]  # noqa: E731
+        runtime_of = _disk_to_runtime(self)
+        moe_keys = [rel(k) for k in self.expert_keys + self.router_keys]
+        moe_prefix = _common_prefix(moe_keys)
+        out: dict = {"model_types": (self.model_type,), "architectures": self.architectures,
+                     "expert_count_keys": self.expert_count_keys, "moe_prefix": moe_prefix,
+                     "runtime_moe_prefix": self.runtime_moe_prefix, "runtime_router": self.runtime_router,
+                     "grouped_routing": self.grouped_routing}
+        if self.top_k_keys:
+            out["top_k_key"] = self.top_k_keys[0]
+        # router: the disk name of the runtime router (its tensors' disk keys minus their runtime names)
+        rt_router = self.runtime_moe_prefix + self.runtime_router + "."
+        router, tensors, extra, renames = None, [], [], []
+        for k in self.router_keys:
+            d, r = rel(k)[len(moe_prefix):], rel(runtime_of[k])
+            if r.startswith(rt_router) and d.endswith("." + r[len(rt_router):]):
+                name = r[len(rt_router):]
+                router = router or d[: -len(name) - 1]
+                if d == router + "." + name:
+                    tensors.append(name)
+                    continue
+            extra.append(d)
+            if r[len(self.runtime_moe_prefix):] != d:
+                renames.append((d, r[len(self.runtime_moe_prefix):]))
+        out.update(router=router or self.runtime_router, router_tensors=tuple(tensors), router_extra=tuple(extra))
+        per_expert = [k for k in self.expert_keys if ".experts.0." in k]
+        if per_expert:
+            # (gate, up, down): the halves of gate_up_proj were marked 1 and 2, down_proj 3
+            by_mark = {int(self.disk[k].flatten()[0].item()): rel(k)[len(moe_prefix + "experts.0."):].removesuffix(".weight")
+                       for k in per_expert}
+            out.update(expert_layout="per_expert", expert_projs=(by_mark.get(1), by_mark.get(2), by_mark.get(3)))
+        else:
+            names = [rel(k)[len(moe_prefix):] for k in self.expert_keys]
+            fused_dir = "experts." if all(n.startswith("experts.") for n in names) else ""
+            out.update(expert_layout="fused", fused_dir=fused_dir, fused_tensors=tuple(n[len(fused_dir):] for n in names))
+            for k, n in zip(self.expert_keys, names):
+                r = rel(runtime_of[k])[len(self.runtime_moe_prefix):]
+                if r != n:
+                    renames.append((n, r))
+        moe_disk = set(self.expert_keys) | set(self.router_keys)
+        for d, r in runtime_of.items():  # other tensors of the block renamed on disk (hy_v3's shared_mlp)
+            if d not in moe_disk and rel(d).startswith(moe_prefix) and rel(r).startswith(self.runtime_moe_prefix):
+                dn, rn = rel(d)[len(moe_prefix):], rel(r)[len(self.runtime_moe_prefix):]
+                if dn != rn:
+                    renames.append((dn, rn))
+        out["moe_renames"] = tuple(renames)
+        out["layer_renames"] = self.layer_renames
+        out["layer_concats"] = self.layer_concats
+        return out
+
+
+def _common_prefix(keys: list[str]) -> str:
+    """The longest dotted prefix (ending in ".") all ``keys`` share."""
+    parts = [k.split(".") for k in keys]
+    n = 0
+    while all(len(p) > n + 1 and p[n] == parts[0][n] for p in parts):
+        n += 1
+    return "".join(p + "." for p in parts[0][:n])
+
+
+def _disk_to_runtime(d: DerivedLayout) -> dict[str, str]:
+    """On-disk key -> the runtime key it holds (a per-expert tensor: its fused runtime tensor), matched
+    through ``revert_weight_conversion`` one runtime tensor at a time."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    out = {}
+    for k, v in d.runtime.items():
+        for dk in revert_weight_conversion(d.model, {k: v}):
+            out[dk] = k
+    return out
+
+
+def derive_layout(config) -> DerivedLayout:
+    """``DerivedLayout`` of ``config``'s family (a transformers config object; small sizes keep the
+    tensors of one layer tiny). Nothing is read from disk: the model is built on the meta device and
+    one MoE layer's state dict is made of small real tensors, then reverted to the on-disk layout."""
+    from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    d = DerivedLayout(config.model_type)
+    arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    d.architectures = (arch,) if arch else ()
+    if not arch:
+        d.missing["architectures"] = "transformers has no *ForCausalLM class for this model_type"
+        return d
+    raw = config.to_dict()
+    d.top_k_keys = tuple(k for k in TOP_K_KEYS if k in raw)
+    aliases = getattr(config, "attribute_map", {}) or {}  # e.g. qwen3_moe: num_experts -> num_local_experts
+    d.grouped_routing = all(k in raw or aliases.get(k) in raw for k in ("n_group", "topk_group"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    d.model = model
+    found = []
+    for i, layer in enumerate(model.model.layers):
+        block = next(((n, m) for n, m in layer.named_modules() if n and isinstance(getattr(m, "experts", None), nn.Module)), None)
+        if block is not None:
+            found.append((i, *block))
+    if not found:
+        d.missing["moe"] = "no decoder layer has a module with an `experts` child"
+        return d
+    d.moe_layers = tuple(i for i, *_ in found)
+    d.layer, name, block = found[0]
+    d.runtime_moe_prefix = name + "."
+    hidden = int(config.hidden_size)
+    # the router: the block's child (not experts, not a shared expert) holding an (E, hidden) weight
+    for cname, child in block.named_children():
+        if cname == "experts" or "shared" in cname:
+            continue
+        w = next((p for p in child.parameters() if p.dim() == 2 and p.shape[-1] == hidden), None)
+        if w is not None:
+            d.runtime_router, d.num_experts = cname, int(w.shape[0])
+            break
+    if not d.runtime_router:
+        d.missing["router"] = f"{type(block).__name__} has no child with an (experts, hidden) weight"
+        return d
+    stored = [k for k in EXPERT_COUNT_KEYS if raw.get(k) == d.num_experts]
+    d.expert_count_keys = tuple(stored + [k for k in EXPERT_COUNT_KEYS if k not in stored and aliases.get(k) in stored])
+    lp = f"model.layers.{d.layer}."
+    bp = lp + d.runtime_moe_prefix
+    for k, v in model.state_dict().items():
+        if not k.startswith(lp):
+            continue
+        if k == bp + "experts.gate_up_proj" and v.dim() == 3:  # mark the gate and up halves: 1, 2
+            half = v.shape[1] // 2
+            t = torch.full(tuple(v.shape), 2.0)
+            t[:, :half] = 1.0
+        elif k == bp + "experts.down_proj":
+            t = torch.full(tuple(v.shape), 3.0)
+        else:  # distinct values, increasing: a tensor concatenated on load shows its pieces' order
+            t = torch.arange(v.numel(), dtype=torch.float32).reshape(tuple(v.shape)) / max(1, v.numel())
+            t = t.to(v.dtype if v.dtype.is_floating_point else torch.float32)
+        d.runtime[k] = t
+    d.disk = revert_weight_conversion(model, dict(d.runtime))
+    renames: dict[str, str] = {}
+    concats: dict[str, tuple[tuple[str, ...], int]] = {}
+    state = model.state_dict()
+    for i in range(len(model.model.layers)):  # hybrid models rename tensors of some layer types only
+        lpi = f"model.layers.{i}."
+        for k, v in state.items():
+            r = k[len(lpi):]
+            if not k.startswith(lpi) or r.startswith(d.runtime_moe_prefix):
+                continue
+            t = torch.arange(v.numel(), dtype=torch.float32).reshape(tuple(v.shape))
+            back = revert_weight_conversion(model, {k: t})
+            if len(back) > 1:  # concatenated on load: pieces in order (increasing values), on the dim that grew
+                ds = sorted(back, key=lambda x: back[x].flatten()[0].item())
+                dim = next(j for j, (a, b) in enumerate(zip(back[ds[0]].shape, v.shape)) if a != b)
+                concats[r] = (tuple(x[len(lpi):] for x in ds), dim)
+            elif next(iter(back)) != k:
+                renames[next(iter(back))[len(lpi):]] = r
+    d.layer_renames = tuple(renames.items())
+    d.layer_concats = tuple((pieces, r, dim) for r, (pieces, dim) in concats.items())
+    runtime_of = _disk_to_runtime(d)
+    E = d.num_experts
+    # in the module's parameter order (revert_weight_conversion sorts its output)
+    d.expert_keys = tuple(k for k in runtime_of if runtime_of[k].startswith(bp + "experts."))
+    d.router_keys = tuple(k for k in runtime_of if runtime_of[k].startswith(bp) and not runtime_of[k].startswith(bp + "experts.")
+                          and "shared" not in runtime_of[k][len(bp):] and E in d.runtime[runtime_of[k]].shape)
+    return d

@@ -342,10 +342,10 @@ class PruneRun:
             out, _ = apply_layer_quantized(self.adapter, layer_idx, ck.quant_format, stored, None, lp, ck.num_experts,
                                            fields=self.plan_fields)
             return out
-        if (isinstance(tensors, LazyLayer) and tensors.experts is not None and lp is not None and not lp.extra
-                and self.adapter.expert_layout == "per_expert"):
-            # a merge over experts read lazily: copied experts stay stored entries, and each merged
-            # one decodes only its sources (apply_layer_quantized), never the whole layer
+        if isinstance(tensors, LazyLayer) and tensors.experts is not None and lp is not None and not lp.extra:
+            # a merge over experts read lazily (per expert, or rows of MXFP4's fused tensors): copied
+            # experts stay stored entries, and each merged one decodes only its sources
+            # (apply_layer_quantized), never the whole layer
             out, stats = apply_layer_quantized(self.adapter, layer_idx, ck.quant_format,
                                                self._lazy_stored(layer_idx, tensors), tensors, lp,
                                                ck.num_experts, fields=self.plan_fields)
@@ -377,16 +377,19 @@ class PruneRun:
             stored.update({p: read[p] for p in ck.parts[k]} if k in tensors.resident else tensors.stored_parts([k]))
         return stored
 
-    def write_layer(self, layer_idx: int, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def write_layer(self, layer_idx: int, tensors: dict[str, torch.Tensor] | None = None,
+                    returned: bool = True) -> dict[str, torch.Tensor] | None:
         """Write the layer's output; return it as the engine computes with it (logical keys,
-        dequantized: what the written layer holds, re-quantized merges included)."""
+        dequantized: what the written layer holds, re-quantized merges included), or None when not
+        ``returned`` (a plan applied layer by layer computes nothing with it: a quantized layer is then
+        never dequantized whole)."""
         t0 = time.perf_counter()
         out = self.layer_output(layer_idx, tensors)
         self.writer.add_all(out)
         self.times.setdefault(layer_idx, {})["write_s"] = round(time.perf_counter() - t0, 4)
         faults.point("layer-written")
-        if self.ck.quant_format is None:
-            return out
+        if self.ck.quant_format is None or not returned:
+            return out if returned else None
         lp = self.layers.get(layer_idx) if layer_idx in self.moe else None
         if lp is not None and not selection_only(lp):
             # a merge: the next layer's sequential pass builds this one from what is returned, copied

@@ -35,7 +35,7 @@ import torch
 
 from ..engine.adapters import BY_FAMILY, supported_families
 from ..errors import ConfigError, OutputError
-from ..engine.hf import ModelSkeleton
+from ..engine.hf import EXPERT_COUNT_KEYS, TOP_K_KEYS, ModelSkeleton
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, save_byte_tokenizer
 from ..engine.device import DTYPES
 from ..engine.formats import QuantFormat
@@ -266,7 +266,28 @@ TINY_OVERRIDES: dict[str, dict] = {
     "qwen3_5_moe_text": dict(layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_key_heads=2,
                              linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8),
     "gpt_oss": dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=8),
+    "kimi_linear": {**_MLA, **_GROUPED, "q_lora_rank": None, "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+                    "mlp_layer_types": ["dense", "sparse", "sparse"], "linear_head_dim": 8, "linear_num_heads": 4},
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention", "linear_attention"], mamba_n_heads=8, mamba_d_head=8,
+                             mamba_d_state=8, mamba_chunk_size=8, shared_intermediate_size=64),
 }
+
+
+def tiny_config_for_model_type(model_type: str, *, experts: int = 8, top_k: int = 2, **overrides):
+    """A tiny transformers config for any ``model_type`` transformers knows (a family lowmoe may not
+    support yet): _TINY_COMMON and ``experts``/``top_k`` on whichever of those keys its config class
+    has (``hf.EXPERT_COUNT_KEYS``, ``hf.TOP_K_KEYS``). ConfigError for a model_type transformers does not know."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError(f"model_type {model_type!r}: transformers does not know it")
+    defaults = AutoConfig.for_model(model_type).to_dict()
+    kw = {k: v for k, v in _TINY_COMMON.items() if k in defaults}
+    kw.update({k: experts for k in EXPERT_COUNT_KEYS if k in defaults})
+    kw.update({k: top_k for k in TOP_K_KEYS if k in defaults})
+    kw.update(overrides)
+    return AutoConfig.for_model(model_type, **kw)
 
 
 def tiny_hf_config(family: str, *, experts: int = 8, top_k: int = 2, **overrides):

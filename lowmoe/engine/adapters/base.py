@@ -53,6 +53,10 @@ class Adapter:
     # Layer tensors outside the MoE block renamed between disk and runtime: (disk name, runtime name),
     # relative to the layer, e.g. MiMo-V2's self_attn.attention_sink_bias -> self_attn.sinks.
     layer_renames: tuple[tuple[str, str], ...] = ()
+    # Layer tensors outside the MoE block that transformers concatenates on load: (disk names in order,
+    # runtime name, dim), relative to the layer, e.g. Kimi-Linear's q/k/v_conv1d -> self_attn.conv1d
+    # (dim 0; split back into equal parts, as its save_pretrained does).
+    layer_concats: tuple[tuple[tuple[str, ...], str, int], ...] = ()
     # Callable(config) -> set of layer indices whose MLP is dense (no routed experts); None: the
     # layers without a router, as the checkpoint's index (or transformers' module tree) shows them.
     dense_layers: Callable[[dict], set[int]] | None = None
@@ -94,6 +98,8 @@ class Adapter:
         return self.fused_keys(layer_idx)
 
     def is_expert_key(self, key_in_layer: str) -> bool:
+        if self.is_router_extra(key_in_layer):  # a routing tensor stored under experts. (Laguna's bias)
+            return False
         if self.expert_layout == "fused" and not self.fused_dir:
             return key_in_layer in {self.moe_prefix + t for t in self.fused_tensors}
         return key_in_layer.startswith(self.moe_prefix + (self.fused_dir if self.expert_layout == "fused" else "experts."))
@@ -135,11 +141,17 @@ class Adapter:
         ups: dict[int, torch.Tensor] = {}
         downs: dict[int, torch.Tensor] = {}
         g, u, d = self.expert_projs
+        concat_of = {piece: (i, runtime) for pieces, runtime, _ in self.layer_concats for i, piece in enumerate(pieces)}
+        concats: dict[str, dict[int, torch.Tensor]] = {}
         for key, t in tensors.items():
             k = key[len(prefix):]
+            if k in concat_of:
+                i, runtime = concat_of[k]
+                concats.setdefault(runtime, {})[i] = t
+                continue
             if is_moe and k.startswith(self.moe_prefix):
                 rest = k[len(self.moe_prefix):]
-                if self.expert_layout == "per_expert" and rest.startswith("experts."):
+                if self.expert_layout == "per_expert" and rest.startswith("experts.") and self.is_expert_key(k):
                     _, e, proj, _w = rest.split(".")
                     {g: gates, u: ups, d: downs}[proj][int(e)] = t
                     continue
@@ -154,6 +166,9 @@ class Adapter:
             else:
                 k = dict(self.layer_renames).get(k, k)
             out[k] = t
+        for pieces, runtime, dim in self.layer_concats:
+            if runtime in concats:
+                out[runtime] = torch.cat([concats[runtime][i] for i in range(len(pieces))], dim)
         if gates:
             n = len(gates)
             exp = self.runtime_moe_prefix + "experts."
@@ -167,7 +182,12 @@ class Adapter:
         out: dict[str, torch.Tensor] = {}
         exp = self.runtime_moe_prefix + "experts."
         g, u, d = self.expert_projs
+        concat = {runtime: (pieces, dim) for pieces, runtime, dim in self.layer_concats}
         for k, t in runtime.items():
+            if k in concat:
+                pieces, dim = concat[k]
+                out.update({prefix + p: c.clone() for p, c in zip(pieces, torch.chunk(t, len(pieces), dim))})
+                continue
             if is_moe and k.startswith(self.runtime_moe_prefix):
                 rest = k[len(self.runtime_moe_prefix):]
                 if self.expert_layout == "per_expert" and k == exp + self.runtime_gate_up:

@@ -224,7 +224,60 @@ QWEN3_5_MOE = Adapter(
     notes="Qwen3.5 MoE text model; gated-DeltaNet layers computed without a cache; shared_expert copied unchanged",
 )
 
+# ---- families whose fields were derived from transformers (``hf.derive_layout(config).fields()``,
+# checked against it for every family by tests/test_derive.py) --------------------------------------
+
+HY_V3 = Adapter(
+    family="hy_v3", model_types=("hy_v3",), architectures=("HYV3ForCausalLM",), expert_count_keys=("num_experts",),
+    router="router.gate", router_extra=("expert_bias",), router_scoring="sigmoid",
+    moe_renames=(("expert_bias", "e_score_correction_bias"), ("shared_mlp.gate_proj.weight", "shared_experts.gate_proj.weight"),
+                 ("shared_mlp.up_proj.weight", "shared_experts.up_proj.weight"),
+                 ("shared_mlp.down_proj.weight", "shared_experts.down_proj.weight")),
+    notes="Hunyuan 3 (HY-V3); sigmoid router, expert_bias sliced with it; shared_mlp copied unchanged",
+)
+
+MELLUM = Adapter(
+    family="mellum", model_types=("mellum",), architectures=("MellumForCausalLM",), expert_count_keys=("num_local_experts",),
+    notes="JetBrains Mellum MoE; dense mlp_layer_types layers copied unchanged",
+)
+
+GRANITEMOE_SWA = Adapter(
+    family="granitemoe_swa", model_types=("granitemoe_swa",), architectures=("GraniteMoeSWAForCausalLM",),
+    expert_count_keys=("num_local_experts",), moe_prefix="block_sparse_moe.", runtime_moe_prefix="block_sparse_moe.",
+    router="router", runtime_router="router", expert_layout="fused", fused_tensors=("gate_up_proj", "down_proj"),
+    notes="GraniteMoE with sliding-window attention and sinks; experts fused on disk; shared_mlp copied unchanged",
+)
+
+GRANITEMOEHYBRID = Adapter(**{**GRANITEMOE.__dict__, "family": "granitemoehybrid", "model_types": ("granitemoehybrid",),
+                              "architectures": ("GraniteMoeHybridForCausalLM",),
+                              "notes": "Granite 4.0 hybrid: Mamba-2 layers computed without a cache; shared_mlp copied unchanged"})
+
+LAGUNA = Adapter(
+    family="laguna", model_types=("laguna",), architectures=("LagunaForCausalLM",), expert_count_keys=("num_experts",),
+    router_extra=("experts.e_score_correction_bias",), router_scoring="sigmoid",
+    moe_renames=(("experts.e_score_correction_bias", "gate.e_score_correction_bias"),
+                 ("shared_expert.gate_proj.weight", "shared_experts.gate_proj.weight"),
+                 ("shared_expert.up_proj.weight", "shared_experts.up_proj.weight"),
+                 ("shared_expert.down_proj.weight", "shared_experts.down_proj.weight")),
+    notes="Poolside Laguna; sigmoid router whose e_score_correction_bias is stored under mlp.experts (sliced with "
+          "the router); shared_expert copied unchanged",
+)
+
+KIMI_LINEAR = Adapter(
+    family="kimi_linear", model_types=("kimi_linear",), architectures=("KimiLinearForCausalLM",),
+    expert_count_keys=("num_experts", "num_local_experts"), top_k_key="num_experts_per_token",
+    moe_prefix="block_sparse_moe.", expert_projs=("w1", "w3", "w2"), router_tensors=("weight", "e_score_correction_bias"),
+    grouped_routing=True, router_scoring="sigmoid",
+    layer_renames=(("self_attn.dt_bias", "self_attn.forget_gate.dt_bias"), ("self_attn.A_log", "self_attn.forget_gate.A_log"),
+                   ("self_attn.f_a_proj.weight", "self_attn.forget_gate.f_a_proj.weight"),
+                   ("self_attn.f_b_proj.weight", "self_attn.forget_gate.f_b_proj.weight")),
+    layer_concats=((("self_attn.q_conv1d.weight", "self_attn.k_conv1d.weight", "self_attn.v_conv1d.weight"),
+                    "self_attn.conv1d.weight", 0),),
+    notes="Kimi-Linear: KDA (linear attention) layers computed without a cache; expert groups are num_expert_group",
+)
+
 ALL = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, PHIMOE, GPT_OSS,
        GLM4_MOE, GLM4_MOE_LITE, DEEPSEEK_V32, DOTS1, EXAONE_MOE, MINIMAX_M2, MINIMAX, ERNIE4_5_MOE, HUNYUAN_V1_MOE,
        FLEX_OLMO, AFMOE, LFM2_MOE, QWEN3_NEXT, LLAMA4_TEXT, GRANITEMOE, GRANITEMOESHARED, JAMBA,
-       SOLAR_OPEN, MIMO_V2_FLASH, GLM_MOE_DSA, COHERE2_MOE, QWEN3_5_MOE)
+       SOLAR_OPEN, MIMO_V2_FLASH, GLM_MOE_DSA, COHERE2_MOE, QWEN3_5_MOE, HY_V3, MELLUM, GRANITEMOE_SWA,
+       GRANITEMOEHYBRID, LAGUNA, KIMI_LINEAR)
