@@ -177,7 +177,7 @@ def plan_run_budget(cfg: PruneConfig, ck: Checkpoint):
     device = cfg.compute_device()
     return plan_stream_budget(ck, device=device, dtype=resolve_dtype(DTYPES[cfg.dtype], device), batch_size=cfg.batch_size,
                               seq_len=cfg.seq_len, max_vram=cfg.max_vram, max_ram=cfg.max_ram, prefetch=cfg.prefetch,
-                              lazy=cfg.method not in methods.RUNNERS and reads_lazily(ck))
+                              lazy=cfg.method not in methods.RUNNERS and reads_lazily(ck), n_samples=cfg.n_samples)
 
 
 def _plan_from_input(cfg: PruneConfig, ck: Checkpoint) -> Plan:

@@ -72,7 +72,9 @@ class IOStats:
             self.add_stage(_READ_STAGE[kind], seconds)
 
     def add_stage(self, name: str, seconds: float) -> None:
-        thread = "main" if threading.current_thread() is threading.main_thread() else "background"
+        # a chunk of an experts-major wave runs on its own thread, but in the main thread's place
+        cur = threading.current_thread()
+        thread = "main" if cur is threading.main_thread() or getattr(cur, "lowmoe_main", False) else "background"
         with self._lock:
             self.stage_s[name] = self.stage_s.get(name, 0.0) + seconds
             self.stage_n[name] = self.stage_n.get(name, 0) + 1
