@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lowmoe
+from lowmoe.engine import rundir, writer
 from lowmoe.engine import stream as stream_mod
 from lowmoe.engine.budget import SAFETY, plan_lazy_budget
 from lowmoe.engine.checkpoint import Checkpoint
@@ -285,3 +286,41 @@ def test_wave_error_is_raised_on_the_main_thread(synth_dir, calib_txt, tmp_path,
         lowmoe.prune(src, tmp_path / "o", calib=[calib_txt], max_ram=wave_ram(src), **dict(OPTS, protect_super_experts=False))
     assert calls["n"] == 1
     assert not [t for t in threading.enumerate() if t.name.startswith("lowmoe-wave")]
+
+
+def test_output_is_written_on_the_writer_thread(synth_dir, calib_txt, tmp_path, monkeypatch):
+    """A layer's output tensors go into the shards on the output writer thread (while a sequential
+    prune runs the pruned layer), the manifest records a layer only once they are written, and a
+    write's error stops the run on the main thread with its own message."""
+    src = synth_dir("mixtral")
+    threads, saved = [], []
+    real_add, real_save = writer.ShardWriter.add_all, rundir.PruneRun.save_manifest
+
+    def add_all(self, tensors):
+        threads.append(threading.current_thread().name)
+        return real_add(self, tensors)
+
+    def save_manifest(self, extra=None):
+        real_save(self, extra)
+        saved.append((self.next_layer, len(self.writer.state()["buffered_keys"]) + sum(
+            len(s["keys"]) for s in self.writer.state()["shards"])))
+
+    monkeypatch.setattr(writer.ShardWriter, "add_all", add_all)
+    monkeypatch.setattr(rundir.PruneRun, "save_manifest", save_manifest)
+    rep = lowmoe.prune(src, tmp_path / "o", calib=[calib_txt], sequential=True, **OPTS)
+    n = Checkpoint(src).num_layers
+    assert threads[:n] and all(t.startswith("lowmoe-write") for t in threads[:n]), threads
+    assert rep["stages"]["output_write"]["thread"] == "background" and rep["stages"]["output_write"]["count"] == n
+    assert rep["stages"]["wait_output"]["thread"] == "main"
+    # every manifest that records layer L as done holds more tensors than the one before it
+    per_layer = [k for L, k in saved if L >= 1]
+    assert per_layer == sorted(per_layer) and len(set(per_layer)) == n
+    monkeypatch.setattr(writer.ShardWriter, "add_all", real_add)
+
+    def full(self, key, tensor):
+        raise OSError(28, "No space left on device")  # ENOSPC
+
+    monkeypatch.setattr(writer._OpenShard, "add", full)
+    with pytest.raises(lowmoe.errors.OutputError, match="disk full while writing"):
+        lowmoe.prune(src, tmp_path / "full", calib=[calib_txt], **OPTS)
+    assert not [t for t in threading.enumerate() if t.name.startswith("lowmoe-write")]
