@@ -102,7 +102,7 @@ def main() -> None:
               f"reads chunkwise/waves {runs['chunkwise']['expert_bytes_read'] / runs['waves']['expert_bytes_read']:.2f}x, "
               f"wall chunkwise/waves {runs['chunkwise']['wall_s'] / runs['waves']['wall_s']:.2f}x")
         if args.json:
-            save_result(args.json, {"command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
+            save_result(args.json, {"command": "python " + " ".join(sys.argv), "env": "OMP_NUM_THREADS=1",
                                     "machine": machine(), "model_bytes": size, "activation_chunks": chunks,
                                     "outputs_identical": same, "runs": runs})
     finally:
