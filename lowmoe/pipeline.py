@@ -177,7 +177,7 @@ def plan_run_budget(cfg: PruneConfig, ck: Checkpoint):
     device = cfg.compute_device()
     return plan_stream_budget(ck, device=device, dtype=resolve_dtype(DTYPES[cfg.dtype], device), batch_size=cfg.batch_size,
                               seq_len=cfg.seq_len, max_vram=cfg.max_vram, max_ram=cfg.max_ram, prefetch=cfg.prefetch,
-                              lazy=cfg.method not in methods.RUNNERS and reads_lazily(ck))
+                              lazy=cfg.method not in methods.RUNNERS and reads_lazily(ck), n_samples=cfg.n_samples)
 
 
 def _plan_from_input(cfg: PruneConfig, ck: Checkpoint) -> Plan:
@@ -278,6 +278,13 @@ def _write(cfg: PruneConfig, ck: Checkpoint, plan_in: Plan | None, budget, fp: s
                    budget=budget)
     if manifest is None:
         run.save_manifest()  # from now on the directory is a resumable, unfinished lowmoe output
+    try:
+        return _write_run(run, cfg, ck, plan_in, start)
+    finally:
+        run.close()  # the output writer thread
+
+
+def _write_run(run: PruneRun, cfg: PruneConfig, ck: Checkpoint, plan_in: Plan | None, start: _Start) -> dict:
     start.tell(search=run.runner_extra is None and plan_in is None)
     t0 = time.time()
     if run.runner_extra is not None:  # killed while finishing: every layer is written
@@ -339,6 +346,7 @@ def _score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int, keep_n: int, t
     guarding = guards(stream, enabled=cfg.protect_super_experts, progress=cfg.progress)  # may profile the model
     t_start = time.perf_counter()
     setup["profile"] = t_start - t_profile
+    run.io = stream.io  # the output writer's stages are the pass's
     before = stream.io.stage_snapshot()  # the stages of the pass itself, not of the profile's
     # layer L+1 is read while L computes; routed experts are read in groups as the layer computes
     reader = stream.layers(run.next_layer, run.moe, lazy=True)

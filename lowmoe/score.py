@@ -93,7 +93,7 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
     ck.validate()
     lazy = quant == "none"  # routed experts read from the shards a group at a time, as prune reads them
     budget = plan_stream_budget(ck, device=dev, dtype=compute_dtype, batch_size=batch_size, seq_len=seq_len,
-                                max_vram=max_vram, max_ram=max_ram, prefetch=prefetch, lazy=lazy)  # fails here if it cannot hold
+                                max_vram=max_vram, max_ram=max_ram, prefetch=prefetch, lazy=lazy, n_samples=n_samples)  # fails here if it cannot hold
     check_quant_budget(budget, ck, quant, compute_dtype)
     keep_n = None
     if keep is not None:

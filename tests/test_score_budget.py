@@ -32,7 +32,7 @@ def test_scores_equal_with_ram_budget_and_without_prefetch(synth_dir, calib_txt,
     serial = score(model, calib=[calib_txt], method=METHODS, keep=4, prefetch=False, **CAL)
     moe = sorted(int(L) for L in ref["layers"])
     assert small["budget"]["chunked_layers"] == moe, "the RAM budget must force expert chunking"
-    assert set(small["budget"]["group_sizes"].values()) == {2}
+    assert max(small["budget"]["group_sizes"].values()) < E
     assert small["budget"]["plan"]["max_ram"] == ram
     for other in (small, serial):
         for L, e in ref["layers"].items():

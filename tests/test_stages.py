@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import lowmoe
+from lowmoe.engine import rundir, writer
 from lowmoe.engine import stream as stream_mod
+from lowmoe.engine.budget import SAFETY, plan_lazy_budget
 from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.engine.lazy import ShardFiles, StagingPool, read_lazy_layer
 from lowmoe.engine.prefetch import STAGES, IOStats
@@ -26,6 +28,17 @@ OPTS = dict(keep=4, method="frequency", n_samples=8, seq_len=16, batch_size=2, p
 
 def model_files(path):
     return {k: v for k, v in dir_digest(path).items() if k != REPORT}
+
+
+def lazy_plan(src, **kw):
+    """The plan of a prune with ``OPTS``' calibration shape (4 chunks of 2 x 16 tokens)."""
+    return plan_lazy_budget(Checkpoint(src), device=torch.device("cpu"), dtype=torch.float32, batch_size=2, seq_len=16,
+                            num_chunks=4, **kw)
+
+
+def no_slack_ram(src, ram: int) -> int:
+    """A --max-ram that holds what the plan under ``ram`` holds and nothing beside it."""
+    return int(lazy_plan(src, max_ram=ram).host_peak_bytes / (1 - SAFETY)) + 1
 
 
 def on_disk(monkeypatch):
@@ -103,7 +116,7 @@ def test_score_keeps_activations_off_the_disk(synth_dir, calib_txt, monkeypatch)
 def test_activations_go_to_disk_when_they_do_not_fit(synth_dir, calib_txt, tmp_path):
     """Under a --max-ram with no room beside the planned peak, the cache stays on disk."""
     src = synth_dir("mixtral", hidden_size=64, intermediate_size=256, shard_size="400KB")
-    ram = lazy_chunking_ram(src, 2, 16)
+    ram = no_slack_ram(src, lazy_chunking_ram(src, 2, 16))
     rep = lowmoe.prune(src, tmp_path / "o", calib=[calib_txt], max_ram=ram, **OPTS)
     assert rep["activations"]["where"] == "disk"
     roomy = lowmoe.prune(src, tmp_path / "r", calib=[calib_txt], max_ram=ram + 4 * rep["activations"]["boundary_bytes"],
@@ -184,8 +197,10 @@ def test_cli_summary_names_where_the_time_went(synth_dir, calib_txt, tmp_path):
 
     from lowmoe.cli import main
 
-    r = CliRunner().invoke(main, ["prune", str(synth_dir("mixtral")), str(tmp_path / "o"), "--calib", str(calib_txt),
-                                  "--keep", "4", "--n-samples", "8", "--seq-len", "16", "--device", "cpu"])
+    # a model whose compute is not lost among the fixed costs (tokenize, setup: ~10 ms each)
+    src = synth_dir("mixtral", hidden_size=64, intermediate_size=256, shard_size="400KB")
+    r = CliRunner().invoke(main, ["prune", str(src), str(tmp_path / "o"), "--calib", str(calib_txt),
+                                  "--keep", "4", "--n-samples", "16", "--seq-len", "64", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     line = next(x for x in r.output.splitlines() if "time on the main thread:" in x)
     stages = json.loads((tmp_path / "o" / REPORT).read_text())["stages"]
@@ -197,3 +212,150 @@ def test_cli_summary_names_where_the_time_went(synth_dir, calib_txt, tmp_path):
                      key=lambda k: -stages[k]["s"])
     assert named == by_time[:len(named)] and len(named) == min(4, len(by_time)), (named, by_time)
     assert "compute" in by_time
+
+
+def wave_ram(src) -> int:
+    """The smallest --max-ram (in steps of 64 KB) under which OPTS' 4 activation chunks go through every
+    chunked layer in one wave, in groups of at least 2 experts (several groups a layer)."""
+    ram = lazy_chunking_ram(src, 2, 16)
+    E = Checkpoint(src).num_experts
+    for _ in range(200):
+        p = lazy_plan(src, max_ram=ram)
+        sizes = [pl.group_size for pl in p.layers.values() if pl.group_size is not None]
+        if p.wave_chunks == 4 and 2 <= min(sizes) and max(sizes) < E:
+            return ram
+        ram += 64 << 10
+    raise AssertionError("no --max-ram gives one wave of groups of 2+")
+
+
+def test_chunked_layer_reads_each_group_once(synth_dir, calib_txt, tmp_path, monkeypatch):
+    """A layer whose experts visit the device in several groups runs its activation chunks together,
+    experts-major: each group is read once per layer, not once per chunk; same bytes, same scores."""
+    src = synth_dir("mixtral", hidden_size=64, intermediate_size=256, shard_size="400KB")
+    ck = Checkpoint(src)
+    # REAP: the scorer that reads every slot's expert output (the experts call patched by MoeProbe)
+    kw = dict(OPTS, method="reap", sequential=False, protect_super_experts=False)
+    expert_bytes = sum(ck.tensor_bytes(k) for L in ck.moe_layers() for k in ck.layer_keys(L)
+                       if ck.adapter.is_expert_key(k[len(ck.adapter.layer_prefix(L)):]))
+    one = lowmoe.prune(src, tmp_path / "one", calib=[calib_txt], **kw)
+    assert set(one["budget"]["group_sizes"].values()) == {ck.num_experts}
+    assert one["io"]["expert_bytes_read"] == expert_bytes
+    ram = wave_ram(src)
+    waved = lowmoe.prune(src, tmp_path / "waved", calib=[calib_txt], max_ram=ram, **kw)
+    groups = waved["budget"]["group_sizes"]
+    assert 2 <= min(groups.values()) and max(groups.values()) < ck.num_experts, groups
+    assert waved["budget"]["plan"]["wave_chunks"] == 4
+    assert waved["io"]["expert_bytes_read"] == expert_bytes, "each expert read once per layer"
+    for name in ("compute", "observe"):
+        assert waved["stages"][name]["thread"] == "main", "a wave's chunks run in the main thread's place"
+    # the same budget, one chunk at a time: the groups are read again for every chunk
+    monkeypatch.setattr(stream_mod.Stream, "wave_size", lambda self, adapter, module: 1)
+    chunkwise = lowmoe.prune(src, tmp_path / "chunkwise", calib=[calib_txt], max_ram=ram, **kw)
+    assert chunkwise["io"]["expert_bytes_read"] > 2 * expert_bytes
+    for r in (waved, chunkwise):
+        assert r["scores"] == one["scores"] and r["plan"] == one["plan"]
+    assert model_files(tmp_path / "waved") == model_files(tmp_path / "one") == model_files(tmp_path / "chunkwise")
+
+
+def test_waves_hold_the_ram_budget(synth_dir):
+    """The chunks of a wave waiting at their experts call are in the plan: every planned peak stays
+    under --max-ram, more RAM never means more reads, and one wave needs more than one chunk at a time."""
+    src = synth_dir("mixtral", hidden_size=64, intermediate_size=256, shard_size="400KB")
+    lo = lazy_plan(src).min_max_ram
+    waves: dict[bool, list[int]] = {True: [], False: []}  # by layer prefetching (planned before waves)
+    for ram in range(lo, lo + (6 << 20), 128 << 10):
+        p = lazy_plan(src, max_ram=ram)
+        assert p.host_peak_bytes <= ram * (1 - SAFETY)
+        w = p.wave_chunks
+        assert p.device_terms.get("wave_chunks_waiting", 0) == (w - 1) * p.wave_chunk_bytes
+        if w > 1:
+            assert p.host_terms["compute_copy"] >= (w - 1) * p.wave_chunk_bytes  # on the CPU it lives in RAM
+        waves[p.prefetch_layers].append(-(-4 // w))
+    for ws in waves.values():
+        assert ws == sorted(ws, reverse=True), waves
+    assert waves[False][0] > 1 and waves[True][-1] == 1
+    one_wave = lazy_plan(src, max_ram=wave_ram(src))
+    single = plan_lazy_budget(Checkpoint(src), device=torch.device("cpu"), dtype=torch.float32, batch_size=2,
+                              seq_len=16, num_chunks=1, max_ram=wave_ram(src))
+    assert single.wave_chunks == 1 and single.wave_chunk_bytes == 0
+    assert one_wave.device_terms["wave_chunks_waiting"] == 3 * one_wave.wave_chunk_bytes > 0
+
+
+def test_wave_error_is_raised_on_the_main_thread(synth_dir, calib_txt, tmp_path, monkeypatch):
+    """A chunk failing inside a wave stops the pass with its own error; no chunk thread is left behind."""
+    src = synth_dir("mixtral", hidden_size=64, intermediate_size=256, shard_size="400KB")
+    calls = {"n": 0}
+    real = stream_mod.run_layer
+
+    def failing(*a, **k):
+        if threading.current_thread().name == "lowmoe-wave-2":
+            calls["n"] += 1
+            raise RuntimeError("chunk 2 failed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(stream_mod, "run_layer", failing)
+    with pytest.raises(RuntimeError, match="chunk 2 failed"):
+        lowmoe.prune(src, tmp_path / "o", calib=[calib_txt], max_ram=wave_ram(src), **dict(OPTS, protect_super_experts=False))
+    assert calls["n"] == 1
+    assert not [t for t in threading.enumerate() if t.name.startswith("lowmoe-wave")]
+
+
+def test_output_is_written_on_the_writer_thread(synth_dir, calib_txt, tmp_path, monkeypatch):
+    """A layer's output tensors go into the shards on the output writer thread (while a sequential
+    prune runs the pruned layer), the manifest records a layer only once they are written, and a
+    write's error stops the run on the main thread with its own message."""
+    src = synth_dir("mixtral")
+    threads, saved = [], []
+    real_add, real_save = writer.ShardWriter.add_all, rundir.PruneRun.save_manifest
+
+    def add_all(self, tensors):
+        threads.append(threading.current_thread().name)
+        return real_add(self, tensors)
+
+    def save_manifest(self, extra=None):
+        real_save(self, extra)
+        saved.append((self.next_layer, len(self.writer.state()["buffered_keys"]) + sum(
+            len(s["keys"]) for s in self.writer.state()["shards"])))
+
+    monkeypatch.setattr(writer.ShardWriter, "add_all", add_all)
+    monkeypatch.setattr(rundir.PruneRun, "save_manifest", save_manifest)
+    rep = lowmoe.prune(src, tmp_path / "o", calib=[calib_txt], sequential=True, **OPTS)
+    n = Checkpoint(src).num_layers
+    assert threads[:n] and all(t.startswith("lowmoe-write") for t in threads[:n]), threads
+    assert rep["stages"]["output_write"]["thread"] == "background" and rep["stages"]["output_write"]["count"] == n
+    assert rep["stages"]["wait_output"]["thread"] == "main"
+    # every manifest that records layer L as done holds more tensors than the one before it
+    per_layer = [k for L, k in saved if L >= 1]
+    assert per_layer == sorted(per_layer) and len(set(per_layer)) == n
+    monkeypatch.setattr(writer.ShardWriter, "add_all", real_add)
+
+    def full(self, key, tensor):
+        raise OSError(28, "No space left on device")  # ENOSPC
+
+    monkeypatch.setattr(writer._OpenShard, "add", full)
+    with pytest.raises(lowmoe.errors.OutputError, match="disk full while writing"):
+        lowmoe.prune(src, tmp_path / "full", calib=[calib_txt], **OPTS)
+    assert not [t for t in threading.enumerate() if t.name.startswith("lowmoe-write")]
+
+
+def test_waves_hold_a_max_vram_rehearsal(synth_dir, calib_txt):
+    """On a CPU --max-vram rehearsal the waiting chunks of a wave are booked against the device budget:
+    the accounted peak stays under it, each expert is read once, and the scores do not change."""
+    src = synth_dir("mixtral", hidden_size=64, intermediate_size=256, shard_size="400KB")
+    ck = Checkpoint(src)
+    for vram in range(64 << 10, 32 << 20, 32 << 10):  # the smallest that runs one wave in groups
+        try:
+            p = lazy_plan(src, max_vram=vram)
+        except lowmoe.errors.ConfigError:
+            continue
+        if p.wave_chunks == 4 and max(pl.group_size for pl in p.layers.values() if pl.group_size) < ck.num_experts:
+            break
+    else:
+        raise AssertionError("no --max-vram gives one wave in groups")
+    kw = dict(calib=[calib_txt], method="reap", keep=4, n_samples=8, seq_len=16, batch_size=2, progress=False, device="cpu")
+    ref = score(src, **kw)
+    rep = score(src, max_vram=vram, **kw)
+    assert rep["budget"]["plan"]["wave_chunks"] == 4
+    assert rep["budget"]["accounted_peak_bytes"] <= vram
+    assert rep["io"]["expert_bytes_read"] == ref["io"]["expert_bytes_read"]
+    assert all(rep["layers"][k]["scores"] == v["scores"] for k, v in ref["layers"].items())

@@ -146,9 +146,11 @@ def test_prune_same_bytes_under_max_ram(synth_dir, calib_txt, tmp_path, arch):
     expert_bytes = sum(ck.tensor_bytes(k) for L in ck.moe_layers() for k in ck.layer_keys(L)
                        if ck.adapter.is_expert_key(k[len(ck.adapter.layer_prefix(L)):]))
     assert ref["io"]["expert_bytes_read"] == expert_bytes * 2
-    # smaller groups than the layer: the groups that are not resident are read again for every
-    # activation chunk (4 here), the price of the lower peak
-    assert bud["io"]["expert_bytes_read"] > ref["io"]["expert_bytes_read"]
+    # smaller groups than the layer: the 4 activation chunks go through a layer in waves (experts-major),
+    # each group read once per wave; on top of that at most one more read of every expert (the
+    # super-expert profile, the kept half read again for the sequential pass)
+    waves = -(-4 // bud["budget"]["plan"]["wave_chunks"])
+    assert bud["io"]["expert_bytes_read"] <= expert_bytes * (waves + 1)
 
 
 def test_max_ram_floor(synth_dir, calib_txt, tmp_path):

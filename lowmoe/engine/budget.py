@@ -222,6 +222,8 @@ class BudgetPlan:
     min_max_ram: int | None = None  # the smallest --max-ram that works (lazy plans)
     min_max_vram: int | None = None  # the smallest --max-vram that works (CUDA, lazy plans)
     staging_bytes: int = 0  # the host staging pool (two expert groups, a third with layer prefetch; stored dtype)
+    wave_chunks: int = 1  # activation chunks run through a chunked layer together (experts-major), lazy plans
+    wave_chunk_bytes: int = 0  # what each chunk of a wave beyond the first holds while it waits (compute dtype)
 
     @property
     def chunked_layers(self) -> list[int]:
@@ -347,6 +349,11 @@ def _stored_elem(ck, key: str) -> int:
 # Without --max-ram, an expert group holds at most this many bytes in the compute dtype (small models:
 # every expert in one group, loaded once per layer).
 DEFAULT_GROUP_BYTES = 1 << 30
+# Without a budget, the chunks of an experts-major wave waiting at their experts call hold at most this.
+DEFAULT_WAVE_BYTES = 1 << 30
+# What a chunk waiting at its experts call holds (``activation_terms``): its hidden states (the layer's
+# input, residual, normed input, the per-expert accumulator), routing, and the per-slot expert outputs.
+WAVE_TERMS = ("hidden_states", "routing", "expert_slot_outputs")
 
 
 @dataclass(frozen=True)
@@ -379,7 +386,8 @@ def _lazy_sizes(ck) -> list[_LazyLayerSize]:
 
 
 def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int,
-                     max_vram: int | None = None, max_ram: int | None = None, prefetch: bool = True) -> BudgetPlan:
+                     max_vram: int | None = None, max_ram: int | None = None, prefetch: bool = True,
+                     num_chunks: int = 1) -> BudgetPlan:
     """The budget of a pass whose routed experts are read from the shards in groups (``lazy``,
     ``Stream.layers(lazy=True)``), from the index alone. Per MoE layer with E experts, for a group of g
     experts (P params each; stored s bytes, compute b bytes a param):
@@ -392,7 +400,14 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
                  + on a CPU run, the device copy above (it lives in RAM)
 
     The largest g <= E that fits both budgets is used (without budgets: groups of at most
-    ``DEFAULT_GROUP_BYTES``). The smallest budgets that work (g = 1, no prefetch) are ``min_max_ram``
+    ``DEFAULT_GROUP_BYTES``).
+
+    A layer run in groups (g < E) runs its ``num_chunks`` activation chunks in waves of w chunks
+    (``Stream.forward``, experts-major): each group is read once per wave, so a layer's experts are
+    read ceil(num_chunks / w) times. The w - 1 chunks waiting at their experts call hold their hidden
+    states, routing and per-expert outputs (``wave_chunk_bytes`` each, on the device; ``WAVE_TERMS``).
+    Under a budget, the fewest reads come first: the smallest number of waves that fits with g = 1,
+    then the largest g that keeps it; without budgets, waves of at most ``DEFAULT_WAVE_BYTES``. The smallest budgets that work (g = 1, no prefetch) are ``min_max_ram``
     and ``min_max_vram``; a budget below them is a ConfigError naming the flag and the floor.
     Kept experts are copied to the output as bytes, so the written layer holds no expert copy."""
     b = dtype_bytes(dtype)
@@ -413,9 +428,16 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
     def dense_bytes(L: _LazyLayerSize) -> int:  # a dense layer is built whole
         return L.res_numel * b
 
+    wave_chunk = sum(terms_act[k] for k in WAVE_TERMS)
+    C = max(1, int(num_chunks))
+    wave = {"w": 1}  # chunks per wave, as ``fits`` tries them
+
+    def waiting(L: _LazyLayerSize, g: int) -> int:  # the chunks of a wave waiting at their experts call
+        return (wave["w"] - 1) * wave_chunk if L.num_experts and g < L.num_experts else 0
+
     def device_need(L: _LazyLayerSize, g: int) -> int:
         w = L.res_numel * b + (2 * min(g, L.num_experts) * L.exp_numel * b if L.num_experts else 0)
-        return w + act + rounding + decode_need(L, g)
+        return w + act + rounding + decode_need(L, g) + waiting(L, g)
 
     def decode_need(L: _LazyLayerSize, g: int) -> int:
         # a quantized group is decoded on the device: its stored bytes arrive there (two in flight;
@@ -490,17 +512,39 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
         pre = False
         notes.append(f"--max-ram {fmt_bytes(max_ram)} cannot hold the next layer's non-expert weights too; "
                      f"layer prefetching is off")
-    if max_ram is None and dev_budget is None:
-        g = max(1, min(E, DEFAULT_GROUP_BYTES // max(1, per_c))) if E else 1
-    else:
-        g = 1
-        lo, hi = 1, max(1, E)
-        while lo <= hi:  # the largest group that fits
+    def largest(lo: int, hi: int, ok) -> int:  # the largest n in [lo, hi] with ok(n), ok(lo) assumed
+        best = lo
+        while lo <= hi:
             mid = (lo + hi) // 2
-            if fits(mid, pre):
-                g, lo = mid, mid + 1
+            if ok(mid):
+                best, lo = mid, mid + 1
             else:
                 hi = mid - 1
+        return best
+
+    def fits_wave(g: int, w: int) -> bool:
+        wave["w"] = w
+        try:
+            return fits(g, pre)
+        finally:
+            wave["w"] = 1
+
+    if max_ram is None and dev_budget is None:
+        g = max(1, min(E, DEFAULT_GROUP_BYTES // max(1, per_c))) if E else 1
+        w = min(C, max(1, DEFAULT_WAVE_BYTES // max(1, wave_chunk)))
+    else:
+        g = largest(1, max(1, E), lambda n: fits(n, pre))  # the largest group that fits
+        w = 1
+        if E and g < E and C > 1:
+            # fewest reads of each layer's experts first (most chunks per wave, with groups of one),
+            # then the largest group that still reads them as few times
+            waves = -(-C // largest(1, C, lambda n: fits_wave(1, n)))
+            need = -(-C // waves)
+            g = largest(1, g, lambda n: fits_wave(n, need))
+            w = largest(need, C, lambda n: fits_wave(g, n))
+    if not (E and any(L.num_experts and min(g, L.num_experts) < L.num_experts for L in sizes)):
+        w = 1  # no layer runs in groups: nothing to gather
+    wave["w"] = w
     layers: dict[int, Placement] = {}
     for L in sizes:
         if L.num_experts:
@@ -518,8 +562,13 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
     host_terms["next_layer_prefetched"] = next_layer(g) if pre else 0
     host_peak = host_total(g, pre)
     device_peak = device_total(g)
+    if w > 1:
+        device_terms["wave_chunks_waiting"] = (w - 1) * wave_chunk
     if E:
         notes.append(f"routed experts read from the shards in groups of {g} (of {E}); kept experts copied as stored bytes")
+    if w > 1 or (E and g < E and C > 1):
+        notes.append(f"a layer run in groups takes its activation chunks {w} at a time: its experts are read "
+                     f"{-(-C // w)} time(s) for {C} chunks")
     return BudgetPlan(device=str(device), compute_dtype=str(dtype).replace("torch.", ""), max_vram=max_vram, max_ram=max_ram,
                       device_budget=dev_budget, activation_bytes=act,
                       weights_budget=None if dev_budget is None else int(dev_budget * (1 - SAFETY)) - act - rounding,
@@ -527,7 +576,8 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
                       host_layer_bytes=int(largest_res.res_stored), host_fixed_bytes=HOST_BASE_BYTES + chunk_host,
                       notes=notes, lazy_experts=True, host_terms=host_terms, device_terms=device_terms,
                       min_max_ram=floor_ram, min_max_vram=floor_vram if not on_cpu else None,
-                      staging_bytes=(3 if pre else 2) * gb * max(L.exp_stored for L in sizes))
+                      staging_bytes=(3 if pre else 2) * gb * max(L.exp_stored for L in sizes),
+                      wave_chunks=w, wave_chunk_bytes=wave_chunk if w > 1 else 0)
 
 
 # ---- the EEP population evaluator --------------------------------------------------------------

@@ -24,6 +24,7 @@ transformers' own loop, without a per-expert dispatch of ours. ``MoeProbe`` hook
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import Executor, Future
 from typing import Iterator
@@ -75,12 +76,26 @@ class RoutedExperts(nn.Module):
     def sources(self, hit: list[int]) -> Iterator[tuple[nn.Module, list[tuple[int, int]]]]:
         raise NotImplementedError
 
+    @property
+    def defers(self) -> bool:
+        """Whether a call made inside an experts-major wave (``run_wave``) waits to be run with the
+        wave's other chunks (``run_calls``): a module whose experts visit the device in several groups."""
+        return False
+
+    def run_calls(self, calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Several calls ``(hidden, top_k_index, top_k_weights)`` at once, each returning what
+        ``forward`` would: one ``forward`` per call (``ChunkedExperts`` runs them experts-major)."""
+        return [self.forward(*c) for c in calls]  # on the main thread: never deferred
+
     def whole(self) -> nn.Module | None:
         """A module of the original class holding every expert (on the device) now, if there is one:
         the call is then transformers' own loop on it, with no per-expert dispatch of ours."""
         return None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        task = getattr(_CURRENT, "task", None)
+        if task is not None and self.defers:  # a chunk of an experts-major wave: the call is run by ``run_wave``
+            return task.suspend((self, hidden_states, top_k_index, top_k_weights))
         whole = self.whole()
         if whole is not None:
             return self._original_forward(whole, hidden_states, top_k_index, top_k_weights)
@@ -306,6 +321,35 @@ class ChunkedExperts(RoutedExperts):
     def whole(self) -> nn.Module | None:
         return self._take(0) if self.num_groups == 1 else None
 
+    @property
+    def defers(self) -> bool:
+        return self.num_groups > 1
+
+    def run_calls(self, calls):
+        """The calls of several activation chunks, experts-major: each hit group is brought to the device
+        once and every chunk's rows routed to it run there, before the next group. Each chunk's output
+        is summed in ascending expert order (groups ascending, experts ascending inside a group), the
+        order of ``forward``'s ``index_add_`` -- bit-identical to calling ``forward`` once per chunk."""
+        prepared = []
+        for hidden, top_k_index, top_k_weights in calls:
+            prepared.append((hidden, top_k_index.transpose(0, 1), top_k_weights, hit_experts(top_k_index, self.num_experts),
+                             torch.zeros_like(hidden)))
+        G = self.group_size
+        groups = sorted({e // G for p in prepared for e in p[3]})
+        for j, g in enumerate(groups):
+            if not self.double_buffer and self._resident is not None and self._resident[0] != g:
+                self._evict()
+            sub = self._take(g)
+            if self.double_buffer and j + 1 < len(groups):
+                self._stage(groups[j + 1])  # copies while this group computes
+            a, z = self._range(g)
+            for hidden, slot_major, weights, hit, final in prepared:
+                for e in hit:
+                    if a <= e < z:
+                        tok, y = run_routed_rows(self._original_forward, sub, hidden, slot_major, weights, e, e - a)
+                        final.index_add_(0, tok, y.to(final.dtype))
+        return [p[4] for p in prepared]
+
     def sources(self, hit):
         G = self.group_size
         groups = sorted({e // G for e in hit})
@@ -380,3 +424,113 @@ class KeptExperts(RoutedExperts):
 
     def sources(self, hit):
         yield self.inner, [(e, self.keep[e]) for e in hit]
+
+
+# ---- experts-major waves ------------------------------------------------------------------------
+
+_CURRENT = threading.local()  # .task: the ``WaveTask`` the running thread belongs to
+
+
+class WaveAborted(BaseException):
+    """Raised inside a suspended wave chunk to unwind it when the wave stops early (an error elsewhere)."""
+
+
+class WaveTask:
+    """One activation chunk's pass through a layer, run on its own thread as a coroutine: it runs only
+    while the main thread waits for it (``step``), and stops at its experts call (``suspend``) until the
+    main thread has run that call together with the wave's other chunks (``run_wave``). So the rest of
+    the layer (attention, router, shared experts) runs once per chunk, as without waves, and only one
+    thread computes at any time."""
+
+    def __init__(self, fn, name: str = "lowmoe-wave"):
+        self._fn = fn
+        self._go = threading.Event()
+        self._paused = threading.Event()
+        self.request = None  # (experts module, hidden, top_k_index, top_k_weights) while suspended
+        self.reply = None
+        self.result = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.lowmoe_main = True  # its stages are the main thread's work (``IOStats``)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self._go.wait()
+        self._go.clear()
+        _CURRENT.task = self
+        try:
+            if isinstance(self.reply, WaveAborted):
+                return  # stopped before it started
+            with torch.no_grad():
+                self.result = self._fn()
+        except BaseException as e:  # handed to the main thread by ``step``
+            self.error = e
+        finally:
+            _CURRENT.task = None
+            self.done = True
+            self._paused.set()
+
+    def step(self) -> None:
+        """Main thread: let the chunk run until it suspends at its experts call or finishes."""
+        self._paused.clear()
+        self._go.set()
+        self._paused.wait()
+
+    def suspend(self, request):
+        """Chunk thread: hand ``request`` to the main thread and wait for its reply."""
+        self.request = request
+        self._paused.set()
+        self._go.wait()
+        self._go.clear()
+        reply, self.reply, self.request = self.reply, None, None
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def abort(self) -> None:
+        """Unwind the chunk (suspended or not started) and wait for its thread to end."""
+        if not self.done:
+            self.reply = WaveAborted()
+            self.step()
+        self.thread.join()
+
+
+def run_wave(fns: list, on_done=None) -> None:
+    """Run ``fns`` (one activation chunk's layer forward each) experts-major. Each runs until its experts
+    call; the calls of every chunk are then run together by the experts module (``RoutedExperts.run_calls``:
+    each expert group read and moved to the device once for the whole wave), and each chunk resumes, in
+    order, to its end; ``on_done(i, result)`` is called on this thread as chunk ``i`` ends, in chunk order,
+    before the next one resumes. A chunk's error is raised here, once the other chunks are unwound."""
+    tasks = [WaveTask(fn, name=f"lowmoe-wave-{i}") for i, fn in enumerate(fns)]
+    delivered = 0
+
+    def step(t: WaveTask) -> None:
+        nonlocal delivered
+        t.step()
+        if t.error is not None:
+            raise t.error
+        while delivered < len(tasks) and tasks[delivered].done:
+            if on_done is not None:
+                on_done(delivered, tasks[delivered].result)
+            tasks[delivered].result = None
+            delivered += 1
+
+    try:
+        for t in tasks:
+            step(t)
+        while delivered < len(tasks):
+            waiting = [t for t in tasks if not t.done]
+            by_module: dict[int, list[WaveTask]] = {}
+            for t in waiting:
+                by_module.setdefault(id(t.request[0]), []).append(t)
+            for group in by_module.values():
+                outs = group[0].request[0].run_calls([t.request[1:] for t in group])
+                for t, out in zip(group, outs):
+                    t.reply = out
+                del outs
+            for t in waiting:
+                step(t)  # the rest of its layer (or up to its next experts call)
+    finally:
+        for t in tasks:
+            t.abort()

@@ -41,7 +41,7 @@ STEPS = {
     "embed": "each embedded calibration chunk, before it is cached (engine.stream.Stream.embed)",
     "cache-write": "each activation-cache chunk: written to its temporary name, not yet renamed (engine.cache)",
     "score": "each calibration chunk run through a MoE layer with its scorers watching (engine.stream.Stream.forward)",
-    "layer-written": "a layer's tensors handed to the shard writer, its manifest entry not yet saved (engine.rundir)",
+    "layer-written": "a layer's tensors written into the shards (the output writer thread done), its manifest entry not yet saved (engine.rundir)",
     "shard-write": "each tensor streamed into an open output shard (engine.writer)",
     "shard-close": "an output shard closed (header written), not yet recorded (engine.writer)",
     "manifest": "the resume manifest written to its temporary name, not yet renamed (engine.rundir)",

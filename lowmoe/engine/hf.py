@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -280,12 +281,40 @@ class MoeProbe:
     def __init__(self, adapter: Adapter, layer: nn.Module, callback: Callable[[MoeCall], None],
                  token_mask: torch.Tensor | None = None, token_domain: torch.Tensor | None = None):
         self.adapter, self.layer, self.callback = adapter, layer, callback
-        self.token_mask = token_mask
-        self.token_domain = token_domain
+        self._tokens = (token_mask, token_domain)
+        # per thread: the chunks of an experts-major wave (``experts.run_wave``) go through the layer
+        # on threads of their own, each inside its own router and experts calls at once
+        self._local = threading.local()
         self._handles = []
-        self._router_out = None
-        self._slot_outputs = None
         self._patched = None
+
+    def chunk_tokens(self, token_mask: torch.Tensor | None, token_domain: torch.Tensor | None) -> None:
+        """The token mask and domains of the chunk the calling thread runs (default: the constructor's)."""
+        self._local.tokens = (token_mask, token_domain)
+
+    @property
+    def token_mask(self):
+        return getattr(self._local, "tokens", self._tokens)[0]
+
+    @property
+    def token_domain(self):
+        return getattr(self._local, "tokens", self._tokens)[1]
+
+    @property
+    def _router_out(self):
+        return getattr(self._local, "router_out", None)
+
+    @_router_out.setter
+    def _router_out(self, v):
+        self._local.router_out = v
+
+    @property
+    def _slot_outputs(self):
+        return getattr(self._local, "slot_outputs", None)
+
+    @_slot_outputs.setter
+    def _slot_outputs(self, v):
+        self._local.slot_outputs = v
 
     def __enter__(self):
         if not self.adapter.probes:

@@ -72,7 +72,9 @@ class IOStats:
             self.add_stage(_READ_STAGE[kind], seconds)
 
     def add_stage(self, name: str, seconds: float) -> None:
-        thread = "main" if threading.current_thread() is threading.main_thread() else "background"
+        # a chunk of an experts-major wave runs on its own thread, but in the main thread's place
+        cur = threading.current_thread()
+        thread = "main" if cur is threading.main_thread() or getattr(cur, "lowmoe_main", False) else "background"
         with self._lock:
             self.stage_s[name] = self.stage_s.get(name, 0.0) + seconds
             self.stage_n[name] = self.stage_n.get(name, 0) + 1
@@ -144,10 +146,13 @@ STAGES = {
     "cache_write": "an output chunk written to the activation cache",
     "wait_write": "the main thread waiting for a cache write",
     "decide": "the layer's scores read and its plan decided",
-    "apply": "the plan applied and the layer written to the output",
+    "apply": "the plan applied to the layer, its output tensors handed to the output writer",
+    "output_write": "a layer's output tensors written into the output shards (writer thread)",
+    "wait_output": "the main thread waiting for the output writer before recording a layer as done",
 }
-_WAIT_STAGE = {"layer": "wait_layer", "cache": "wait_cache", "cache_write": "wait_write", "experts": "wait_experts"}
-_READ_STAGE = {"cache": "cache_read", "cache_write": "cache_write", "experts": "h2d"}
+_WAIT_STAGE = {"layer": "wait_layer", "cache": "wait_cache", "cache_write": "wait_write", "experts": "wait_experts",
+               "output": "wait_output"}
+_READ_STAGE = {"cache": "cache_read", "cache_write": "cache_write", "experts": "h2d", "output": "output_write"}
 
 
 def tensors_nbytes(obj) -> int:

@@ -43,7 +43,8 @@ from .checkpoint import Checkpoint
 from .lazy import LazyLayer, selection_only
 from .memory import cuda_peak_bytes, peak_rss_bytes
 from .plan import LayerPlan, Plan
-from .writer import ShardWriter, parse_size
+from .prefetch import IOStats, WriteBehind
+from .writer import ShardWriter, parse_size, tensor_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -273,11 +274,16 @@ class PruneRun:
         # killed while finishing resumes straight into ``finalize``
         self.runner_extra: dict | None = None
         self.command = invocation()  # the command that started the run (a resume keeps the first one's)
+        # a layer's output tensors are written into the shards on this thread while the run goes on
+        # (a sequential prune: the pruned layer's pass); ``finish_layer`` waits for them
+        self.io = IOStats()  # the stream's, when a pass sets it: the report's "output_write"/"wait_output"
+        self._writes: WriteBehind | None = None
         if manifest is not None:
             self._restore(manifest)
 
     # ---- manifest ------------------------------------------------------------------------
     def save_manifest(self, extra: dict | None = None) -> None:
+        self.wait_writes()  # the writer's state below is the shards as written
         write_json_atomic(self.out / MANIFEST, {
             "fingerprint": self.fingerprint, "inputs": self.inputs, "next_layer": self.next_layer,
             "layers": {str(k): v.to_json() for k, v in self.layers.items()},
@@ -385,9 +391,11 @@ class PruneRun:
         never dequantized whole)."""
         t0 = time.perf_counter()
         out = self.layer_output(layer_idx, tensors)
-        self.writer.add_all(out)
+        if self._writes is None:
+            self._writes = WriteBehind(stats=self.io, kind="output", max_pending=1)
+        # on the writer thread, in order; its error is raised here or in ``finish_layer``, as it was
+        self._writes.submit(self.writer.add_all, dict(out), nbytes=sum(tensor_nbytes(v) for v in out.values()))
         self.times.setdefault(layer_idx, {})["write_s"] = round(time.perf_counter() - t0, 4)
-        faults.point("layer-written")
         if self.ck.quant_format is None or not returned:
             return out if returned else None
         lp = self.layers.get(layer_idx) if layer_idx in self.moe else None
@@ -398,7 +406,26 @@ class PruneRun:
         # copied experts (stored entries) are not decoded: a sequential pass reads them from the input
         return self.ck.dequantize({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
 
+    def wait_writes(self) -> None:
+        """Wait until every output tensor handed to ``write_layer`` is in the shards (re-raising a
+        write's error here, on the caller's thread)."""
+        if self._writes is not None:
+            self._writes.flush()
+
+    def close(self) -> None:
+        """Stop the output writer thread once the writes queued so far are done; a run stopped by an
+        error keeps that error (a write's own error was raised on the main thread already, or the
+        output is unfinished anyway and ``--resume`` redoes the layer)."""
+        if self._writes is not None:
+            w, self._writes = self._writes, None
+            try:
+                w.close()
+            except Exception:
+                log.debug("output write failed while the run was stopping", exc_info=True)
+
     def finish_layer(self, layer_idx: int) -> None:
+        self.wait_writes()  # the manifest records the shards as written: every queued write first
+        faults.point("layer-written")
         self.next_layer = layer_idx + 1
         self.save_manifest()
 
@@ -428,6 +455,7 @@ class PruneRun:
         """Write everything after the decoder layers; safe to run again after a kill anywhere in it
         (the manifest is removed last, so ``--resume`` comes back here)."""
         ck = self.ck
+        self.close()  # every layer's writes are done (``finish_layers`` waited for them)
         notes = list(self.notes)  # not saved: a rerun of finalize must not add them twice
         for layer_idx in ck.extra_layers():
             self.writer.add_all(ck.read_layer_stored(layer_idx))

@@ -29,6 +29,7 @@ from .checkpoint import Checkpoint
 from .device import dtype_bytes
 from ..errors import ConfigError
 from . import faults
+from .experts import run_wave
 from .hf import LayerInputsCache, ModelSkeleton, MoeProbe, moe_modules, run_layer
 from .plan import LayerPlan
 from .lazy import ExpertSource, ShardFiles, read_lazy_layer, selection_only
@@ -37,14 +38,17 @@ from .quant import build_quantized_layer
 
 
 def plan_stream_budget(ck: Checkpoint, *, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int,
-                       max_vram=None, max_ram=None, prefetch: bool = True, lazy: bool = False):
+                       max_vram=None, max_ram=None, prefetch: bool = True, lazy: bool = False, n_samples: int | None = None):
     """The ``Stream`` budget of any streamed pass (prune, score, streaming eval): sizes as given on the
     command line (``"20GiB"``, bytes or None), planned from the index; ConfigError naming the flag.
-    ``lazy``: a pass reading its layers with ``Stream.layers(lazy=True)`` (``plan_lazy_budget``)."""
+    ``lazy``: a pass reading its layers with ``Stream.layers(lazy=True)`` (``plan_lazy_budget``);
+    ``n_samples``: at most this many calibration sequences (layers run in groups then take their
+    activation chunks in waves, experts-major; None: one chunk at a time)."""
     if lazy:
+        chunks = 1 if not n_samples else -(-int(n_samples) // max(1, int(batch_size)))
         return plan_lazy_budget(ck, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
                                 max_vram=parse_budget(max_vram, "--max-vram"), max_ram=parse_budget(max_ram, "--max-ram"),
-                                prefetch=prefetch)
+                                prefetch=prefetch, num_chunks=chunks)
     return plan_budget(ck, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
                        max_vram=parse_budget(max_vram, "--max-vram"), max_ram=parse_budget(max_ram, "--max-ram"),
                        prefetch=prefetch)
@@ -228,35 +232,93 @@ class Stream:
     @torch.no_grad()
     def forward(self, layer_idx: int, module, *, write: bool, probe=None, adapter=None, read_boundary: int | None = None):
         """Run every cached chunk of boundary ``layer_idx`` through ``module``; optionally hook its
-        MoE block with ``probe(call)`` and write the outputs to boundary ``layer_idx + 1``."""
+        MoE block with ``probe(call)`` and write the outputs to boundary ``layer_idx + 1``.
+
+        A layer whose routed experts visit the device in several groups runs its chunks in waves of
+        ``wave_chunks`` (``experts.run_wave``): each group is brought to the device once per wave,
+        not once per chunk, and every chunk's rows routed to it run there (experts-major)."""
         b = layer_idx if read_boundary is None else read_boundary
         slices = dict(self.chunks())
         # chunk c+1 is read (and written back, for c-1) on background threads while c computes
         reader = Prefetcher(lambda c: self._read_chunk(b, c), list(slices), depth=1 if self.prefetch else 0,
                             stats=self.io, kind="cache", name="lowmoe-cache-reader")
         writer = WriteBehind(enabled=self.prefetch and write, stats=self.io)
+        adapter = adapter if adapter is not None else self.ck.adapter
+        wave = self.wave_size(adapter, module)
+        io = self.io
+
+        def compute(c: int, h: torch.Tensor, moe_probe) -> torch.Tensor:
+            sl = slices[c]
+            if moe_probe is not None:
+                mask = self.tokens.count_mask[sl].to(self.device)
+                dom = self.tokens.domain[sl].to(self.device)[:, None].expand(-1, h.shape[1])  # (B, S)
+                moe_probe.chunk_tokens(mask, dom)
+            return run_layer(self.skel, module, layer_idx, h, self.inputs_for(h))
+
+        def done(c: int, out: torch.Tensor) -> None:
+            if probe is not None:
+                faults.point("score")
+            if write and not self._keep(layer_idx + 1, c, out, writer):
+                host, copied = self._to_host(out)
+                writer.submit(self._write_when, copied, layer_idx + 1, c, host, False,
+                              nbytes=host.numel() * host.element_size())
+
         try:
-            io = self.io
+            batch: list[tuple[int, torch.Tensor]] = []
             for c, h in reader:
-                sl = slices[c]
                 with io.stage("to_device"):
                     h = h.to(self.device, non_blocking=True).to(self.dtype)
+                batch.append((c, h))
+                del h
+                if len(batch) < wave and c != len(slices) - 1:
+                    continue  # the wave's next chunk
+                chunks, batch = batch, []
+                moe_probe = MoeProbe(adapter, module, probe) if probe is not None else None
+                single = None
                 with io.stage("compute"):
-                    if probe is not None:
-                        dom = self.tokens.domain[sl].to(self.device)[:, None].expand(-1, h.shape[1])  # (B, S)
-                        with MoeProbe(adapter, module, probe, token_mask=self.tokens.count_mask[sl].to(self.device), token_domain=dom):
-                            out = run_layer(self.skel, module, layer_idx, h, self.inputs_for(h))
-                        faults.point("score")
-                    else:
-                        out = run_layer(self.skel, module, layer_idx, h, self.inputs_for(h))
+                    if moe_probe is not None:
+                        moe_probe.__enter__()
+                    try:
+                        if len(chunks) == 1:
+                            (c1, h1), = chunks
+                            del chunks
+                            single = (c1, compute(c1, h1, moe_probe))
+                            del h1
+                        else:
+                            order = [c_ for c_, _ in chunks]
+                            fns = [(lambda c_=c_, h_=h_: compute(c_, h_, moe_probe)) for c_, h_ in chunks]
+                            del chunks
+                            # the chunks waiting at their experts call, as planned (``plan_lazy_budget``)
+                            held = self.placer.accountant.add((len(order) - 1) * self.placer.plan.wave_chunk_bytes)
+                            try:
+                                # each chunk's output is cached (or written) as it ends, in chunk order
+                                run_wave(fns, on_done=lambda i, o: done(order[i], o))
+                            finally:
+                                self.placer.accountant.release(held)
+                            del fns
+                    finally:
+                        if moe_probe is not None:
+                            moe_probe.__exit__(None, None, None)
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)  # the kernels' time is compute's, not the copy's
-                if write and not self._keep(layer_idx + 1, c, out, writer):
-                    host, copied = self._to_host(out)
-                    writer.submit(self._write_when, copied, layer_idx + 1, c, host, False,
-                                  nbytes=host.numel() * host.element_size())
+                if single is not None:
+                    done(*single)
+                    del single
         finally:
             writer.close()
+
+    def wave_size(self, adapter, module) -> int:
+        """How many activation chunks go through ``module`` together (``forward``): the plan's
+        ``wave_chunks`` when the layer's routed experts visit the device in several groups, else 1."""
+        plan = self.placer.plan
+        n = getattr(plan, "wave_chunks", 1) if plan is not None else 1
+        if n <= 1 or not adapter.probes:
+            return 1
+        try:
+            experts = moe_modules(adapter, module)[2]
+        except AttributeError:
+            return 1  # a dense layer
+        return min(n, self.num_chunks) if getattr(experts, "defers", False) else 1
 
 
 @dataclass
