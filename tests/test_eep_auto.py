@@ -190,7 +190,8 @@ def test_two_domains_min_rule_reports_per_domain_fitness(synth_dir, tmp_path):
 
 def test_pick_keeps_the_best_seed_unless_the_search_beats_it_on_dev_by_a_margin():
     """``pick_margin``: a searched plan replaces the best seed only if its dev accuracy is higher by more
-    than pick_margin standard errors; with 0, any gain wins."""
+    than pick_margin standard errors; with 0, any gain wins. These dev fitnesses carry no per-example
+    outcomes, so the unpaired error is used (the paired rule: tests/test_eep_pick.py)."""
     sp = SearchSpace.build(list(range(3)), 8, 4, "layer")
     seeds = [("a", sp.onehot([[0, 1, 2, 3]] * 3)), ("b", sp.onehot([[4, 5, 6, 7]] * 3))]
     seed_keys = {c.canonical().key() for _, c in seeds}
