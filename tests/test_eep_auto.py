@@ -141,6 +141,8 @@ def test_auto_init_is_never_worse_on_dev_than_any_one_shot_prune(synth_dir, tmp_
     eep = rep["eep"]
     assert sorted(m for s in eep["seeds"] for m in s["methods"]) == sorted(SCORERS)
     assert all(s["dev"] is not None for s in eep["seeds"])
+    if eep["pick"] is not None:  # a searched plan was compared with the best seed: on paired dev outcomes
+        assert eep["pick"]["rule"] == "paired" and eep["pick"]["searched_dev"] >= eep["pick"]["seed_dev"]
     data = FitnessData.from_records(records(12)[4:], load_tokenizer(src))
     got = _dev_fitness(tmp_path / "eep", data)
     assert got.acc == pytest.approx(eep["best"]["dev"]["acc"]) and got.ll == pytest.approx(eep["best"]["dev"]["ll"], abs=1e-5)

@@ -218,7 +218,7 @@ def run_eep(run, cfg, top_k: int) -> dict:
                 "keep": seed_entry.cand.keep_sets()},
             "seeds": [{"methods": names, "fitness": e.fitness.to_json(), "dev": None if e.dev is None else e.dev.to_json(),
                        "keep": e.cand.keep_sets()} for names, e in seed_entries],
-            "pick": evolution.pick_info,  # the pick margin's comparison (None: no seed to compare with on dev)
+            "pick": evolution.pick_info,  # the pick margin test (None: no dev, no seed, or the best on dev is a seed)
             "best_prune_phase": None if prune_best is None else {"fitness": prune_best.fitness.to_json(),
                                                                  "keep": prune_best.cand.keep_sets()},
         }
