@@ -160,7 +160,8 @@ def main():
                        "eep_evaluations": rep["eep"]["evaluations"], "eep_phase": rep["eep"]["best"]["phase"],
                        "eep_generation": rep["eep"]["best"]["generation"], "eep_seeds": rep["eep"].get("seeds"),
                        "eep_curve_last": rep["eep"]["curve"][-1] if rep["eep"]["curve"] else None,
-                       "eep_plan": rep["eep"]["best"]["groups"], "eep_best_prune_phase": rep["eep"].get("best_prune_phase")}
+                       "eep_plan": rep["eep"]["best"]["groups"], "eep_best_prune_phase": rep["eep"].get("best_prune_phase"),
+                       "eep_pick": rep["eep"].get("pick")}
                 seed = rep["eep"].get("seed")
                 if seed is not None:  # the one-shot plan the search grew from, on the same test examples
                     groups = rep["eep"]["best"]["groups"]
@@ -178,7 +179,9 @@ def main():
                       f"{eep_per} (margin {row['margin']:+.3f} ± {row['margin_se']:.3f}; {eep_acc / full:.1%} of full; "
                       f"search {row['eep_search_s']} s, {row['eep_evaluations']} evals)"
                       + (f" | its seed ({seed['method']}): test {row['seed_test']:.3f}, dev {seed['dev']['acc']:.3f}, "
-                         f"EEP dev {row['eep_dev_fitness']['acc']:.3f}" if seed is not None and seed["dev"] else ""), flush=True)
+                         f"EEP dev {row['eep_dev_fitness']['acc']:.3f}" if seed is not None and seed["dev"] else "")
+                      + (" | pick ({rule}): searched dev {searched_dev:.3f} vs seed {seed_dev:.3f}, gain {gain:+.3f} ± {se:.3f} "
+                         "-> {picked}".format(**row["eep_pick"]) if row["eep_pick"] else ""), flush=True)
             if not args.no_topk:
                 top1 = tmp / f"{row_name}-top1"
                 plan = {"format": "lowmoe-plan/1", "num_experts_per_tok": 1,

@@ -141,6 +141,8 @@ def test_auto_init_is_never_worse_on_dev_than_any_one_shot_prune(synth_dir, tmp_
     eep = rep["eep"]
     assert sorted(m for s in eep["seeds"] for m in s["methods"]) == sorted(SCORERS)
     assert all(s["dev"] is not None for s in eep["seeds"])
+    if eep["pick"] is not None:  # a searched plan was compared with the best seed: on paired dev outcomes
+        assert eep["pick"]["rule"] == "paired" and eep["pick"]["searched_dev"] >= eep["pick"]["seed_dev"]
     data = FitnessData.from_records(records(12)[4:], load_tokenizer(src))
     got = _dev_fitness(tmp_path / "eep", data)
     assert got.acc == pytest.approx(eep["best"]["dev"]["acc"]) and got.ll == pytest.approx(eep["best"]["dev"]["ll"], abs=1e-5)
@@ -190,7 +192,8 @@ def test_two_domains_min_rule_reports_per_domain_fitness(synth_dir, tmp_path):
 
 def test_pick_keeps_the_best_seed_unless_the_search_beats_it_on_dev_by_a_margin():
     """``pick_margin``: a searched plan replaces the best seed only if its dev accuracy is higher by more
-    than pick_margin standard errors; with 0, any gain wins."""
+    than pick_margin standard errors; with 0, any gain wins. These dev fitnesses carry no per-example
+    outcomes, so the unpaired error is used (the paired rule: tests/test_eep_pick.py)."""
     sp = SearchSpace.build(list(range(3)), 8, 4, "layer")
     seeds = [("a", sp.onehot([[0, 1, 2, 3]] * 3)), ("b", sp.onehot([[4, 5, 6, 7]] * 3))]
     seed_keys = {c.canonical().key() for _, c in seeds}

@@ -105,6 +105,9 @@ def test_a_dying_rank_stops_the_run_and_a_resume_with_one_process_finishes_it(se
     assert "--resume" in lines[0]
     state = json.loads((out / WORK_DIR / "eep" / "state.json").read_text())
     assert 0 < state["generation"] < EEP["generations"], "killed mid-search, after a saved generation (raise the count)"
+    # the seeds' dev fitness, scored on both ranks, came back with its per-example outcomes (the paired pick needs them)
+    devs = [e["dev"] for e in state["archive"] if e["dev"] is not None]
+    assert devs and all(len(d["outcomes"]) == 1 and len(d["outcomes"][0]) == 5 for d in devs)
     assert not (out / REPORT).exists()
     # resumed in one process: the same final plan and bytes as the run that never stopped
     with one_thread():  # the same command (same options), in one process

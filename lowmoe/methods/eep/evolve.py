@@ -32,7 +32,9 @@ Algorithm (Liu et al., arXiv 2407.00945, §4.3 / Alg. 1; defaults from the autho
 * **Final pick**: the top ``dev_num`` (20) by training fitness are re-scored on the dev split and
   the best on dev is returned (without dev data: the best on training fitness). Every seed is
   among the candidates compared on dev, so the pick is never worse on dev than any one-shot plan
-  that seeded the search.
+  that seeded the search. A searched plan replaces the best seed only if it beats it on dev by more
+  than ``pick_margin`` (1.0) standard errors of the difference, paired over the dev examples by
+  default (``pick_se``; lowmoe, EEP has no seeds).
 
 lowmoe evaluates ``population`` children per generation in one streamed pass
 (``population.PopulationEvaluator``) instead of EEP's one candidate per full-model run. EEP's
@@ -48,7 +50,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -59,12 +60,13 @@ import numpy as np
 
 from ...engine import faults
 from ...errors import ConfigError
-from .fitness import Fitness
+from .fitness import Fitness, paired_se, unpaired_se
 from .space import Candidate, SearchSpace
 
 log = logging.getLogger(__name__)
 
 SIGMA_RULES = ("fixed", "one-fifth")
+PICK_SE = ("paired", "unpaired")  # the pick margin's standard error: per-example paired (default) or unpaired
 SIGMA_BOUNDS = (0.1, 10.0)  # one-fifth: sigma stays within these multiples of the option's sigma
 
 
@@ -90,6 +92,7 @@ class EvolveOptions:
     single_rank: int = 0
     dev_num: int = 20
     pick_margin: float = 1.0  # a searched plan must beat the best seed on dev by this many standard errors (0: any gain)
+    pick_se: str = "paired"  # that standard error: "paired" (per-example dev outcomes, McNemar) or "unpaired" (the former rule)
     max_redraw: int = 50
     seed: int = 0
 
@@ -104,6 +107,8 @@ class EvolveOptions:
             raise ConfigError(f"EEP option sigma_factor={self.sigma_factor}: must be in (0, 1)")
         if self.pick_margin < 0:
             raise ConfigError(f"EEP option pick_margin={self.pick_margin}: must be >= 0 (standard errors)")
+        if self.pick_se not in PICK_SE:
+            raise ConfigError(f"EEP option pick_se={self.pick_se!r}: choose one of {', '.join(PICK_SE)}")
         if self.population < 2:
             raise ConfigError(f"--population must be >= 2, got {self.population}")
         if self.prune_generations is not None and not 0 <= self.prune_generations <= self.generations:
@@ -128,8 +133,9 @@ class Entry:
     dev: Fitness | None = None
 
     def to_json(self) -> dict:
+        # the dev fitness keeps its per-example outcomes: the paired pick rule needs them after a resume
         return {**self.cand.to_json(), "fitness": self.fitness.to_json(), "generation": self.generation,
-                "phase": self.phase, "dev": None if self.dev is None else self.dev.to_json()}
+                "phase": self.phase, "dev": None if self.dev is None else self.dev.to_json(outcomes=True)}
 
     @classmethod
     def from_json(cls, d: dict) -> "Entry":
@@ -179,6 +185,7 @@ class Evolution:
                 same[0].append(name)
         self.rank_seeds = rank_seeds
         self.parent_fits: list[Fitness] = []
+        self.pick_info: dict | None = None  # pick(): the margin test's figures
         self.fingerprint = {"options": asdict(opts), "space": space.describe(), **(fingerprint or {})}
         self.on_generation = on_generation
         self.progress = progress
@@ -475,13 +482,19 @@ class Evolution:
         entries = self.seed_entries()
         return entries[0][1] if entries else None
 
-    def pick(self, evaluate_dev: Callable[[list[Candidate]], list[Fitness]] | None, dev_examples: int | None = None) -> Entry:
+    def pick(self, evaluate_dev: Callable[[list[Candidate]], list[Fitness]] | None, dev_examples: int | None = None,
+             weights: list[float] | None = None, combine: str = "mean") -> Entry:
         """EEP's final pick: the top ``dev_num`` by training fitness, re-scored on dev.
 
-        With seeds and ``dev_examples`` (the dev split's size), a searched plan replaces the best
-        seed on dev only if its dev accuracy is higher by more than ``pick_margin`` standard errors
-        (unpaired: sqrt(p1(1-p1)/n + p2(1-p2)/n)); a smaller gain is within what picking the best of
-        ~25 candidates on the same dev examples gains by chance, and the seed is kept."""
+        With seeds, a searched plan replaces the best seed on dev only if its dev accuracy is higher by
+        more than ``pick_margin`` standard errors of the difference; a smaller gain is within what picking
+        the best of ~25 candidates on the same dev examples gains by chance, and the seed is kept.
+        ``pick_se="paired"`` (default): the two plans were scored on the same dev examples, so the error is
+        the paired one (``fitness.paired_se``: sqrt(discordant pairs) / n per domain, the domains combined
+        by ``combine`` with ``weights``, as the fitness is), from the per-example outcomes the dev
+        evaluator returns. ``"unpaired"``, or dev fitness without outcomes: sqrt(p1(1-p1)/n + p2(1-p2)/n)
+        over ``dev_examples`` (without it: no margin). ``self.pick_info`` says what was compared."""
+        self.pick_info = None
         ranked = self.state.ranked()
         if evaluate_dev is None:
             return ranked[0]
@@ -499,12 +512,25 @@ class Evolution:
         key = lambda e: (e.dev.acc, e.dev.ll, e.fitness.acc, e.fitness.ll, -e.generation)  # noqa: E731
         best = max(top, key=key)
         seeds = [e for _, e in self.seed_entries() if e.dev is not None]
-        if seeds and dev_examples and self.opts.pick_margin > 0 and all(best is not e for e in seeds):
+        if seeds and self.opts.pick_margin > 0 and all(best is not e for e in seeds):
             seed = max(seeds, key=key)
-            p1, p2, n = best.dev.acc, seed.dev.acc, dev_examples
-            se = math.sqrt(max(p1 * (1 - p1), 0.0) / n + max(p2 * (1 - p2), 0.0) / n)
-            if p1 - p2 <= self.opts.pick_margin * se:
-                log.info("EEP pick: the best searched plan (dev %.4f) is within %.1f standard errors (%.4f) of the best "
-                         "seed (dev %.4f): keeping the seed", p1, self.opts.pick_margin, se, p2)
-                return seed
+            rule, se = None, None
+            if self.opts.pick_se == "paired":
+                se = paired_se(best.dev, seed.dev, weights, combine)
+                rule = None if se is None else "paired"
+            if se is None and dev_examples:
+                rule, se = "unpaired", unpaired_se(best.dev, seed.dev, dev_examples)
+            if se is not None:
+                gain = best.dev.acc - seed.dev.acc
+                kept = gain <= self.opts.pick_margin * se
+                self.pick_info = {"rule": rule, "margin": self.opts.pick_margin, "searched_dev": best.dev.acc,
+                                  "seed_dev": seed.dev.acc, "gain": gain, "se": se,
+                                  "picked": "seed" if kept else "searched"}
+                if kept:
+                    log.info("EEP pick: the best searched plan (dev %.4f) is within %.1f %s standard errors (%.4f) of "
+                             "the best seed (dev %.4f): keeping the seed", best.dev.acc, self.opts.pick_margin, rule, se,
+                             seed.dev.acc)
+                    return seed
+                log.info("EEP pick: the best searched plan (dev %.4f) beats the best seed (dev %.4f) by %.1f %s "
+                         "standard errors (%.4f)", best.dev.acc, seed.dev.acc, gain / se if se else float("inf"), rule, se)
         return best

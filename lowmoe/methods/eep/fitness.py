@@ -54,17 +54,23 @@ class Fitness:
     ll: float  # mean answer log-likelihood per token (MC: mean log p(gold | options)); several domains: combined
     # several domains: per domain (name, acc, ll), in --calib order; not part of the comparison
     domains: tuple[tuple[str, float, float], ...] = field(default=(), compare=False)
+    # per domain (one domain: one), the per-example outcomes in example order, "1" right / "0" wrong:
+    # what the paired pick rule compares two plans on (``paired_se``); not part of the comparison
+    outcomes: tuple[str, ...] = field(default=(), compare=False)
 
-    def to_json(self) -> dict:
+    def to_json(self, outcomes: bool = False) -> dict:
+        """``outcomes``: also the per-example outcomes (the search state keeps them for dev fitness)."""
         d = {"acc": self.acc, "ll": self.ll}
         if self.domains:
             d["domains"] = {name: {"acc": acc, "ll": ll} for name, acc, ll in self.domains}
+        if outcomes and self.outcomes:
+            d["outcomes"] = list(self.outcomes)
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> Fitness:
         doms = tuple((name, float(v["acc"]), float(v["ll"])) for name, v in (d.get("domains") or {}).items())
-        return cls(float(d["acc"]), float(d["ll"]), doms)
+        return cls(float(d["acc"]), float(d["ll"]), doms, tuple(str(o) for o in d.get("outcomes") or ()))
 
     def domain_accs(self) -> dict[str, float]:
         return {name: acc for name, acc, _ in self.domains}
@@ -84,6 +90,41 @@ def combine(values: list[tuple[float, float]], weights: list[float], rule: str) 
     w = [1.0] * len(values) if rule == "mean" else list(weights)
     total = sum(w)
     return (sum(wi * a for wi, (a, _) in zip(w, values)) / total, sum(wi * ll for wi, (_, ll) in zip(w, values)) / total)
+
+
+def paired_se(a: Fitness, b: Fitness, weights: list[float] | None = None, rule: str = "mean") -> float | None:
+    """Standard error of acc(a) - acc(b) measured on the SAME examples, from the per-example outcomes.
+
+    Per domain d with n_d examples, the difference of the two accuracies is the mean of the per-example
+    differences x_i in {-1, 0, +1}; its standard error is sqrt(discordant pairs) / n_d (McNemar's: only
+    the examples one plan gets right and the other wrong count). The domains hold different examples,
+    so their errors add as independent ones, with the combine rule's weights: ``mean`` and ``weighted``
+    give sqrt(sum_d (w_d / W)^2 se_d^2). ``min`` compares each plan's worst domain: the same domain ->
+    that domain's paired error; different domains -> the two accuracies are on different examples,
+    sqrt(p_a(1-p_a)/n_a + p_b(1-p_b)/n_b). None when either fitness has no outcomes (or they differ
+    in shape: not the same examples)."""
+    if not a.outcomes or not b.outcomes or len(a.outcomes) != len(b.outcomes) or \
+            any(len(x) != len(y) or not x for x, y in zip(a.outcomes, b.outcomes)):
+        return None
+    se2 = [sum(x != y for x, y in zip(oa, ob)) / len(oa) ** 2 for oa, ob in zip(a.outcomes, b.outcomes)]
+    if rule == "min":
+        acc_a = [o.count("1") / len(o) for o in a.outcomes]
+        acc_b = [o.count("1") / len(o) for o in b.outcomes]
+        da, db = acc_a.index(min(acc_a)), acc_b.index(min(acc_b))
+        if da == db:
+            return math.sqrt(se2[da])
+        pa, pb = acc_a[da], acc_b[db]
+        return math.sqrt(pa * (1 - pa) / len(a.outcomes[da]) + pb * (1 - pb) / len(b.outcomes[db]))
+    w = [1.0] * len(se2) if rule == "mean" or not weights or len(weights) != len(se2) else list(weights)
+    total = sum(w)
+    return math.sqrt(sum((wi / total) ** 2 * s for wi, s in zip(w, se2)))
+
+
+def unpaired_se(a: Fitness, b: Fitness, n: int) -> float:
+    """The standard error of acc(a) - acc(b) as if measured on two independent sets of ``n`` examples:
+    sqrt(p_a(1-p_a)/n + p_b(1-p_b)/n) (the former pick rule, ``pick_se="unpaired"``)."""
+    pa, pb = a.acc, b.acc
+    return math.sqrt(max(pa * (1 - pa), 0.0) / n + max(pb * (1 - pb), 0.0) / n)
 
 
 def check_combine(rule: str | None) -> str:
@@ -279,13 +320,14 @@ class FitnessData:
             m = max(lps)
             ll[ex] = lps[gold] - (m + math.log(sum(math.exp(x - m) for x in lps)))
         if len(self.domains) == 1:
-            return Fitness(sum(correct) / n, sum(ll) / n)
-        per = []
+            return Fitness(sum(correct) / n, sum(ll) / n, outcomes=("".join("1" if c else "0" for c in correct),))
+        per, outcomes = [], []
         for d, name in enumerate(self.domains):
             idx = [i for i in range(n) if self.domain[i] == d]
             per.append((name, sum(correct[i] for i in idx) / len(idx), sum(ll[i] for i in idx) / len(idx)))
+            outcomes.append("".join("1" if correct[i] else "0" for i in idx))
         acc, mean_ll = combine([(a, b) for _, a, b in per], self.weights, self.combine)
-        return Fitness(acc, mean_ll, tuple(per))
+        return Fitness(acc, mean_ll, tuple(per), tuple(outcomes))
 
 
 def read_records(path: str | Path) -> list[dict]:

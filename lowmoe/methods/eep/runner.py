@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 OPTION_NAMES = ("dev", "generations", "population", "init", "quant", "layer_groups", "prune_generations", "dev_num",
                 "retain", "retain_gb", "combine", "prune_crossover_prob", "seed_cross_share", "pick_margin",
-                "sigma", "sigma_rule", "sigma_factor")
+                "pick_se", "sigma", "sigma_rule", "sigma_factor")
 INIT_AUTO = "auto"  # every one-shot scorer's plan seeds the search
 
 
@@ -86,8 +86,9 @@ def parse_options(opts: dict, seed: int) -> tuple[dict, EvolveOptions]:
         kw = {k: int(opts[k]) for k in ("generations", "population", "prune_generations", "dev_num") if opts.get(k) is not None}
         kw.update({k: float(opts[k]) for k in ("prune_crossover_prob", "seed_cross_share", "pick_margin", "sigma", "sigma_factor")
                    if opts.get(k) is not None})
-        if opts.get("sigma_rule") is not None:
-            kw["sigma_rule"] = str(opts["sigma_rule"]).strip().lower()
+        for k in ("sigma_rule", "pick_se"):
+            if opts.get(k) is not None:
+                kw[k] = str(opts[k]).strip().lower()
     except (TypeError, ValueError) as e:
         raise ConfigError(f"--method eep: an option expects a number ({e})") from None
     evo = EvolveOptions(seed=seed, **kw)
@@ -169,7 +170,8 @@ def run_eep(run, cfg, top_k: int) -> dict:
         cpu0 = time.process_time()
         state = evolution.run()
         search_cpu_s = time.process_time() - cpu0  # this process's CPU time in the generations (not the pick)
-        chosen = evolution.pick(dev_eval, dev_examples=None if dev is None else dev.num_examples)
+        chosen = evolution.pick(dev_eval, dev_examples=None if dev is None else dev.num_examples,
+                                weights=None if dev is None else dev.weights, combine="mean" if dev is None else dev.combine)
         if not group.is_main:  # this rank's work is done (its directory is gone before rank 0 may remove OUT's work dir)
             shutil.rmtree(work, ignore_errors=True)
             for d in (work.parent, run.out):  # on a machine without rank 0's output: the folders made for it
@@ -216,6 +218,7 @@ def run_eep(run, cfg, top_k: int) -> dict:
                 "keep": seed_entry.cand.keep_sets()},
             "seeds": [{"methods": names, "fitness": e.fitness.to_json(), "dev": None if e.dev is None else e.dev.to_json(),
                        "keep": e.cand.keep_sets()} for names, e in seed_entries],
+            "pick": evolution.pick_info,  # the pick margin test (None: no dev, no seed, or the best on dev is a seed)
             "best_prune_phase": None if prune_best is None else {"fitness": prune_best.fitness.to_json(),
                                                                  "keep": prune_best.cand.keep_sets()},
         }
