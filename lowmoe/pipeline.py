@@ -213,23 +213,31 @@ def prune(model: str | Path, out: str | Path, **options) -> dict:
     cfg = replace(cfg, device=dist.device_for(cfg.device, group))  # several processes: each on its own GPU
     group = dist.init(cfg.compute_device())
     try:
-        budget = plan_run_budget(cfg, ck) if plan_in is None else None  # fails here if a budget cannot hold
-        fp = run_fingerprint(cfg, ck)
-        if not group.is_main:
-            return _search_worker(cfg, ck, budget, group)
-        start = _Start(group)
-        try:
-            check_output(cfg.out, ck)
-            with OutputLock(cfg.out):  # one lowmoe process per output directory
-                try:
-                    return _write(cfg, ck, plan_in, budget, fp, start)
-                except OSError as e:  # disk full, read-only, ...: every step so far is resumable
-                    raise output_os_error(cfg.out, e) from None
-        except BaseException as e:
-            start.tell(error=str(e) if isinstance(e, LowmoeError) else f"{type(e).__name__}: {e}")
-            raise
-    finally:
-        dist.close()
+        report = _prune_on(group, cfg, ck, plan_in)
+    except BaseException:
+        dist.close(wait=False)  # a peer may be gone or hung: do not wait for it
+        raise
+    dist.close()  # every rank leaves the group together, once rank 0 has written the output
+    return report
+
+
+def _prune_on(group: dist.Group, cfg: PruneConfig, ck: Checkpoint, plan_in) -> dict:
+    """This rank's part of ``prune``: rank 0 (or the only process) writes the output, the others search."""
+    budget = plan_run_budget(cfg, ck) if plan_in is None else None  # fails here if a budget cannot hold
+    fp = run_fingerprint(cfg, ck)
+    if not group.is_main:
+        return _search_worker(cfg, ck, budget, group)
+    start = _Start(group)
+    try:
+        check_output(cfg.out, ck)
+        with OutputLock(cfg.out):  # one lowmoe process per output directory
+            try:
+                return _write(cfg, ck, plan_in, budget, fp, start)
+            except OSError as e:  # disk full, read-only, ...: every step so far is resumable
+                raise output_os_error(cfg.out, e) from None
+    except BaseException as e:
+        start.tell(error=str(e) if isinstance(e, LowmoeError) else f"{type(e).__name__}: {e}")
+        raise
 
 
 class _Start:

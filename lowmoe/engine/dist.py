@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 ENV_TIMEOUT = "LOWMOE_DIST_TIMEOUT"  # seconds a collective waits for the slowest rank
 ENV_BACKEND = "LOWMOE_DIST_BACKEND"  # gloo (default) or nccl
 DEFAULT_TIMEOUT_S = 1800.0
+FINAL_WAIT_S = 7 * 24 * 3600.0  # close(): how long a finished rank waits for the others (rank 0 writing)
 BACKENDS = ("gloo", "nccl")
 RESUME_HINT = "rerun the same command with --resume (with any number of processes) to continue"
 
@@ -151,6 +152,7 @@ def assign(needs: list[list[list[str]]]) -> list[int]:
 SINGLE = Group()
 _current: Group = SINGLE
 _owned = False  # whether ``init`` created the process group (``close`` destroys only that one)
+_leaving = None  # a gloo group with the FINAL_WAIT_S timeout, for close()'s barrier only
 
 
 def current() -> Group:
@@ -188,7 +190,7 @@ def init(device: torch.device) -> Group:
     """Join the process group torchrun set up (once per process); a group of one when not launched so.
 
     ``device``: this rank's compute device (``device_for``); a CUDA one becomes the current device."""
-    global _current, _owned
+    global _current, _owned, _leaving
     group = from_env()
     if not group.distributed:
         _current = SINGLE
@@ -219,6 +221,9 @@ def init(device: torch.device) -> Group:
                                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within {t:.0f}s "
                                f"({type(e).__name__}: {first})") from None
     _current, _owned = group, True
+    # the barrier before leaving waits longer than a collective may (rank 0 writing the output): a group
+    # of its own, gloo whatever the backend (it carries no data)
+    _leaving = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=FINAL_WAIT_S))
     _stop_on_sigterm(group)
     log.info("distributed run: rank %d of %d (local rank %d), %s collectives, timeout %.0fs",
              group.rank, group.world, group.local_rank, backend, t)
@@ -234,17 +239,31 @@ def device_for(name: str | None, group: Group) -> str | None:
     return name
 
 
-def close() -> None:
-    """Leave the process group ``init`` created (idempotent; a group the caller made is left alone)."""
-    global _current, _owned
+def close(wait: bool = True) -> None:
+    """Leave the process group ``init`` created (idempotent; a group the caller made is left alone).
+
+    ``wait``: first wait until every rank is leaving too (a barrier; rank 0 gets there once it has
+    written the output). A rank that tears its group down while a peer still holds it can abort as
+    the process exits (gloo's threads: "terminate called without an active exception"), and torchrun
+    takes that for a failure and stops the others, rank 0 in the middle of its output. The wait is
+    not the collectives' timeout (writing the output may take longer): a peer that died ends it at
+    once, one that hangs after ``FINAL_WAIT_S``. ``wait=False`` on the way out of an error, where a
+    peer may be gone or hung."""
+    global _current, _owned, _leaving
     if _owned and torch.distributed.is_initialized():
+        if wait:
+            try:
+                torch.distributed.barrier(group=_leaving)
+            except (RuntimeError, OSError, ValueError, DistributedError) as e:  # a peer gone: leave anyway
+                log.warning("rank %d: leaving the process group without the other ranks (%s)", _current.rank,
+                            " ".join(str(e).split())[:160])
         try:
             torch.distributed.destroy_process_group()
         except (RuntimeError, ValueError):  # a peer already gone: nothing left to tear down cleanly
             pass
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _current, _owned = SINGLE, False
+    _current, _owned, _leaving = SINGLE, False, None
 
 
 def _stop_on_sigterm(group: Group) -> None:
