@@ -451,6 +451,9 @@ class WaveTask:
         self.result = None
         self.error: BaseException | None = None
         self.done = False
+        # the CUDA device is per thread: the chunk computes where the caller does (cuda:LOCAL_RANK in a
+        # distributed run), not on a new thread's default cuda:0
+        self._cuda_device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.lowmoe_main = True  # its stages are the main thread's work (``IOStats``)
         self.thread.start()
@@ -460,6 +463,8 @@ class WaveTask:
         self._go.clear()
         _CURRENT.task = self
         try:
+            if self._cuda_device is not None:
+                torch.cuda.set_device(self._cuda_device)
             if isinstance(self.reply, WaveAborted):
                 return  # stopped before it started
             with torch.no_grad():
