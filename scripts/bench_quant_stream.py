@@ -46,10 +46,10 @@ GEOMETRIES = {
 GIB = 1 << 30
 
 
-def time_v(cmd: list[str]) -> tuple[float, int, str]:
+def time_v(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, int, str]:
     """Wall seconds, peak RSS (bytes, /usr/bin/time -v's "Maximum resident set size") and stderr."""
     t0 = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env, cwd=cwd)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
@@ -91,21 +91,15 @@ def main() -> None:
 
     from lowmoe.engine.budget import plan_lazy_budget
     from lowmoe.engine.checkpoint import Checkpoint
-    from lowmoe.toy.synth import synth_model
 
-    geo = dict(GEOMETRIES[args.geometry])
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
     os.environ["LOWMOE_CACHE_DIR"] = str(root / "profile-cache")
     calib = root / "c.txt"
     calib.write_text("\n".join(f"line {i}: the quick brown fox jumps over {i * 7 % 13} lazy dogs; 12+{i}={12 + i}"
                                for i in range(400)))
-    model = root / args.geometry
-    t0 = time.perf_counter()
     try:
-        if not (model / "model.safetensors.index.json").is_file():
-            synth_model(model, geo.pop("arch"), layers=args.layers, dtype="bfloat16", shard_size="2GB", overwrite=True, **geo)
-        build_s = time.perf_counter() - t0
+        model, build_s = build(args, root)
         ck = Checkpoint(model)
         L = ck.moe_layers()[-1]
         ad = ck.adapter
@@ -155,12 +149,17 @@ def main() -> None:
             print(json.dumps(run), flush=True)
             if not args.keep_models:
                 shutil.rmtree(out)
-        result["outputs_identical"] = len({json.dumps(d, sort_keys=True) for d in digests.values()}) == 1
-        save_result(args.json, result)
-        print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
+        save(args, result, digests)
     finally:
         if not args.keep_models:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def save(args, result: dict, digests: dict[str, dict[str, str]]) -> None:
+    """Store ``result`` (with whether every run wrote the same files) and print its summary."""
+    result["outputs_identical"] = len({json.dumps(d, sort_keys=True) for d in digests.values()}) == 1
+    save_result(args.json, result)
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
 
 
 def build(args, root: Path) -> tuple[Path, float]:
@@ -231,12 +230,7 @@ def merge_bench(args) -> None:
                                    text=True, env=env, cwd=root.resolve()).stdout.strip()
             cmd = [sys.executable, "-m", "lowmoe", "-q", "prune", str(model.resolve()), str(out.resolve()), "--plan",
                    str(plan_file.resolve()), "--device", "cpu", "--overwrite"]
-            t0 = time.perf_counter()
-            p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env, cwd=root.resolve())
-            wall = time.perf_counter() - t0
-            if p.returncode != 0:
-                raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-            rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) * 1024
+            wall, rss, _ = time_v(cmd, env=env, cwd=root.resolve())
             rep = json.loads((out / "lowmoe_report.json").read_text())
             q = rep.get("quantization", {})
             run = {"label": label, "lowmoe_commit": commit, "lowmoe_imported_from": where,
@@ -250,9 +244,7 @@ def merge_bench(args) -> None:
             digests[label] = digest(out)
             print(json.dumps(run), flush=True)
             shutil.rmtree(out)
-        result["outputs_identical"] = len({json.dumps(d, sort_keys=True) for d in digests.values()}) == 1
-        save_result(args.json, result)
-        print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
+        save(args, result, digests)
     finally:
         if not args.keep_models:
             shutil.rmtree(root, ignore_errors=True)
