@@ -7,6 +7,8 @@ per-expert format) and from the families' published checkpoints.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .base import Adapter
 
 # Every config key any family uses for the routed-expert count: a checkpoint's config.json may
@@ -197,9 +199,9 @@ GRANITEMOE = Adapter(
     moe_renames=(("input_linear.weight", "experts.gate_up_proj"), ("output_linear.weight", "experts.down_proj")),
     notes="experts fused on disk as input_linear/output_linear",
 )
-GRANITEMOESHARED = Adapter(**{**GRANITEMOE.__dict__, "family": "granitemoeshared", "model_types": ("granitemoeshared",),
-                              "architectures": ("GraniteMoeSharedForCausalLM",),
-                              "notes": "GraniteMoE with a shared MLP (copied unchanged)"})
+GRANITEMOESHARED = replace(GRANITEMOE, family="granitemoeshared", model_types=("granitemoeshared",),
+                           architectures=("GraniteMoeSharedForCausalLM",),
+                           notes="GraniteMoE with a shared MLP (copied unchanged)")
 
 JAMBA = Adapter(
     family="jamba", model_types=("jamba",), architectures=("JambaForCausalLM",), expert_count_keys=("num_experts",),
@@ -248,9 +250,9 @@ GRANITEMOE_SWA = Adapter(
     notes="GraniteMoE with sliding-window attention and sinks; experts fused on disk; shared_mlp copied unchanged",
 )
 
-GRANITEMOEHYBRID = Adapter(**{**GRANITEMOE.__dict__, "family": "granitemoehybrid", "model_types": ("granitemoehybrid",),
-                              "architectures": ("GraniteMoeHybridForCausalLM",),
-                              "notes": "Granite 4.0 hybrid: Mamba-2 layers computed without a cache; shared_mlp copied unchanged"})
+GRANITEMOEHYBRID = replace(GRANITEMOE, family="granitemoehybrid", model_types=("granitemoehybrid",),
+                           architectures=("GraniteMoeHybridForCausalLM",),
+                           notes="Granite 4.0 hybrid: Mamba-2 layers computed without a cache; shared_mlp copied unchanged")
 
 LAGUNA = Adapter(
     family="laguna", model_types=("laguna",), architectures=("LagunaForCausalLM",), expert_count_keys=("num_experts",),
