@@ -282,8 +282,9 @@ class MoeProbe:
                  token_mask: torch.Tensor | None = None, token_domain: torch.Tensor | None = None):
         self.adapter, self.layer, self.callback = adapter, layer, callback
         self._tokens = (token_mask, token_domain)
-        # per thread: the chunks of an experts-major wave (``experts.run_wave``) go through the layer
-        # on threads of their own, each inside its own router and experts calls at once
+        # per thread (.tokens, .router_out, .slot_outputs): the chunks of an experts-major wave
+        # (``experts.run_wave``) go through the layer on threads of their own, each inside its own
+        # router and experts calls at once
         self._local = threading.local()
         self._handles = []
         self._patched = None
@@ -291,30 +292,6 @@ class MoeProbe:
     def chunk_tokens(self, token_mask: torch.Tensor | None, token_domain: torch.Tensor | None) -> None:
         """The token mask and domains of the chunk the calling thread runs (default: the constructor's)."""
         self._local.tokens = (token_mask, token_domain)
-
-    @property
-    def token_mask(self):
-        return getattr(self._local, "tokens", self._tokens)[0]
-
-    @property
-    def token_domain(self):
-        return getattr(self._local, "tokens", self._tokens)[1]
-
-    @property
-    def _router_out(self):
-        return getattr(self._local, "router_out", None)
-
-    @_router_out.setter
-    def _router_out(self, v):
-        self._local.router_out = v
-
-    @property
-    def _slot_outputs(self):
-        return getattr(self._local, "slot_outputs", None)
-
-    @_slot_outputs.setter
-    def _slot_outputs(self, v):
-        self._local.slot_outputs = v
 
     def __enter__(self):
         if not self.adapter.probes:
@@ -324,18 +301,21 @@ class MoeProbe:
                 "prune it with --plan FILE (explicit keep lists) instead")
         _, router, experts = moe_modules(self.adapter, self.layer)
 
+        local = self._local
+
         def on_router(mod, args, out):
-            self._router_out = out
+            local.router_out = out
 
         def on_experts(mod, args, out):
             hidden, idx, w = args[0], args[1], args[2]
-            logits = self._router_out[0]
-            slots, self._slot_outputs = self._slot_outputs, None
+            logits = local.router_out[0]
+            slots, local.slot_outputs = getattr(local, "slot_outputs", None), None
+            mask, dom = getattr(local, "tokens", self._tokens)
             self.callback(MoeCall(logits.reshape(-1, logits.shape[-1]).float(), idx.reshape(-1, idx.shape[-1]),
                                   w.reshape(-1, w.shape[-1]).float(), hidden, out, mod,
-                                  None if self.token_mask is None else self.token_mask.reshape(-1),
+                                  None if mask is None else mask.reshape(-1),
                                   expert_outputs=slots,
-                                  token_domain=None if self.token_domain is None else self.token_domain.reshape(-1),
+                                  token_domain=None if dom is None else dom.reshape(-1),
                                   router=router, router_scoring=getattr(self.adapter, "router_scoring", "softmax")))
 
         if getattr(self.callback, "needs_expert_outputs", False):
@@ -351,7 +331,7 @@ class MoeProbe:
                 rows = hidden_states.repeat_interleave(k, dim=0)  # (T·k, H)
                 ones = torch.ones((t * k, 1), dtype=top_k_weights.dtype, device=top_k_weights.device)
                 slots = orig(rows, top_k_index.reshape(t * k, 1), ones, *rest, **kw).view(t, k, -1)  # (T, k, H)
-                self._slot_outputs = slots
+                local.slot_outputs = slots
                 return (slots.float() * top_k_weights.float().unsqueeze(-1)).sum(-2).to(hidden_states.dtype)
 
             experts.forward = forward
