@@ -330,30 +330,23 @@ class ChunkedExperts(RoutedExperts):
         once and every chunk's rows routed to it run there, before the next group. Each chunk's output
         is summed in ascending expert order (groups ascending, experts ascending inside a group), the
         order of ``forward``'s ``index_add_`` -- bit-identical to calling ``forward`` once per chunk."""
-        prepared = []
-        for hidden, top_k_index, top_k_weights in calls:
-            prepared.append((hidden, top_k_index.transpose(0, 1), top_k_weights, hit_experts(top_k_index, self.num_experts),
-                             torch.zeros_like(hidden)))
-        G = self.group_size
-        groups = sorted({e // G for p in prepared for e in p[3]})
-        for j, g in enumerate(groups):
-            if not self.double_buffer and self._resident is not None and self._resident[0] != g:
-                self._evict()
-            sub = self._take(g)
-            if self.double_buffer and j + 1 < len(groups):
-                self._stage(groups[j + 1])  # copies while this group computes
-            a, z = self._range(g)
-            for hidden, slot_major, weights, hit, final in prepared:
-                for e in hit:
-                    if a <= e < z:
-                        tok, y = run_routed_rows(self._original_forward, sub, hidden, slot_major, weights, e, e - a)
+        prepared = [(hidden, top_k_index.transpose(0, 1), top_k_weights, set(hit_experts(top_k_index, self.num_experts)),
+                     torch.zeros_like(hidden)) for hidden, top_k_index, top_k_weights in calls]
+        hit = sorted(set().union(*(p[3] for p in prepared)))
+        for sub, experts in self.sources(hit, snake=False):  # groups ascending, experts ascending in each
+            for e, local in experts:
+                for hidden, slot_major, weights, chunk_hit, final in prepared:
+                    if e in chunk_hit:
+                        tok, y = run_routed_rows(self._original_forward, sub, hidden, slot_major, weights, e, local)
                         final.index_add_(0, tok, y.to(final.dtype))
         return [p[4] for p in prepared]
 
-    def sources(self, hit):
+    def sources(self, hit, snake: bool = True):
+        """The groups holding ``hit``, each brought to the device in turn: from the resident one on
+        (``snake``: consecutive calls reuse it), else ascending."""
         G = self.group_size
         groups = sorted({e // G for e in hit})
-        if self._resident is not None and self._resident[0] in groups:
+        if snake and self._resident is not None and self._resident[0] in groups:
             i = groups.index(self._resident[0])
             groups = groups[i:] + groups[:i]
         for j, g in enumerate(groups):
