@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .adapters import Adapter
+from .adapters import ALL_EXPERT_COUNT_KEYS, Adapter
 from .device import cpu_runtime_defaults
 
 log = logging.getLogger(__name__)
@@ -377,8 +377,7 @@ def clone_config(cfg):
 
 # ---- a family's layout, derived from transformers ----------------------------------------------
 
-# Config keys transformers' MoE config classes use for the routed-expert count and for top-k.
-EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+# Config keys transformers' MoE config classes use for top-k (for the expert count: ALL_EXPERT_COUNT_KEYS).
 TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k", "moe_top_k", "num_experts_per_token")
 
 
@@ -403,6 +402,7 @@ class DerivedLayout:
     runtime_router: str = ""
     runtime: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     disk: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    runtime_of: dict[str, str] = field(default_factory=dict, repr=False)  # on-disk key -> runtime key it holds
     model: nn.Module | None = field(default=None, repr=False)  # built on the meta device
     # every decoder layer's tensors outside the MoE block renamed on disk (disk, runtime) and
     # concatenated on load ((disk pieces in order), runtime, dim), relative to the layer
@@ -416,7 +416,7 @@ class DerivedLayout:
         """``adapters.Adapter`` keyword arguments for this family (those derivable: see ``missing``)."""
         lp = f"model.layers.{self.layer}."
         rel = lambda k: k[len(lp):]  # noqa: E731
-        runtime_of = _disk_to_runtime(self)
+        runtime_of = self.runtime_of
         moe_keys = [rel(k) for k in self.expert_keys + self.router_keys]
         moe_prefix = _common_prefix(moe_keys)
         out: dict = {"model_types": (self.model_type,), "architectures": self.architectures,
@@ -531,11 +531,12 @@ def derive_layout(config) -> DerivedLayout:
     if not d.runtime_router:
         d.missing["router"] = f"{type(block).__name__} has no child with an (experts, hidden) weight"
         return d
-    stored = [k for k in EXPERT_COUNT_KEYS if raw.get(k) == d.num_experts]
-    d.expert_count_keys = tuple(stored + [k for k in EXPERT_COUNT_KEYS if k not in stored and aliases.get(k) in stored])
+    stored = [k for k in ALL_EXPERT_COUNT_KEYS if raw.get(k) == d.num_experts]
+    d.expert_count_keys = tuple(stored + [k for k in ALL_EXPERT_COUNT_KEYS if k not in stored and aliases.get(k) in stored])
     lp = f"model.layers.{d.layer}."
     bp = lp + d.runtime_moe_prefix
-    for k, v in model.state_dict().items():
+    state = model.state_dict()
+    for k, v in state.items():
         if not k.startswith(lp):
             continue
         if k == bp + "experts.gate_up_proj" and v.dim() == 3:  # mark the gate and up halves: 1, 2
@@ -551,7 +552,6 @@ def derive_layout(config) -> DerivedLayout:
     d.disk = revert_weight_conversion(model, dict(d.runtime))
     renames: dict[str, str] = {}
     concats: dict[str, tuple[tuple[str, ...], int]] = {}
-    state = model.state_dict()
     for i in range(len(model.model.layers)):  # hybrid models rename tensors of some layer types only
         lpi = f"model.layers.{i}."
         for k, v in state.items():
@@ -568,7 +568,7 @@ def derive_layout(config) -> DerivedLayout:
                 renames[next(iter(back))[len(lpi):]] = r
     d.layer_renames = tuple(renames.items())
     d.layer_concats = tuple((pieces, r, dim) for r, (pieces, dim) in concats.items())
-    runtime_of = _disk_to_runtime(d)
+    runtime_of = d.runtime_of = _disk_to_runtime(d)
     E = d.num_experts
     # in the module's parameter order (revert_weight_conversion sorts its output)
     d.expert_keys = tuple(k for k in runtime_of if runtime_of[k].startswith(bp + "experts."))

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from ..engine.adapters import BY_FAMILY, supported_families
+from ..engine.adapters import ALL_EXPERT_COUNT_KEYS, BY_FAMILY, supported_families
 from ..errors import ConfigError, OutputError
-from ..engine.hf import EXPERT_COUNT_KEYS, TOP_K_KEYS, ModelSkeleton
+from ..engine.hf import TOP_K_KEYS, ModelSkeleton
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, save_byte_tokenizer
 from ..engine.device import DTYPES
 from ..engine.formats import QuantFormat
@@ -276,7 +276,7 @@ TINY_OVERRIDES: dict[str, dict] = {
 def tiny_config_for_model_type(model_type: str, *, experts: int = 8, top_k: int = 2, **overrides):
     """A tiny transformers config for any ``model_type`` transformers knows (a family lowmoe may not
     support yet): _TINY_COMMON and ``experts``/``top_k`` on whichever of those keys its config class
-    has (``hf.EXPERT_COUNT_KEYS``, ``hf.TOP_K_KEYS``). ConfigError for a model_type transformers does not know."""
+    has (``adapters.ALL_EXPERT_COUNT_KEYS``, ``hf.TOP_K_KEYS``). ConfigError for a model_type transformers does not know."""
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -284,7 +284,7 @@ def tiny_config_for_model_type(model_type: str, *, experts: int = 8, top_k: int 
         raise ConfigError(f"model_type {model_type!r}: transformers does not know it")
     defaults = AutoConfig.for_model(model_type).to_dict()
     kw = {k: v for k, v in _TINY_COMMON.items() if k in defaults}
-    kw.update({k: experts for k in EXPERT_COUNT_KEYS if k in defaults})
+    kw.update({k: experts for k in ALL_EXPERT_COUNT_KEYS if k in defaults})
     kw.update({k: top_k for k in TOP_K_KEYS if k in defaults})
     kw.update(overrides)
     return AutoConfig.for_model(model_type, **kw)
