@@ -13,12 +13,19 @@ Algorithm (Liu et al., arXiv 2407.00945, §4.3 / Alg. 1; defaults from the autho
   mutations of the best seed, group-wise crossovers of the seeds (each layer group's keep-set
   taken whole from one seed), random candidates. With E' = E the start is the identity (only
   fewer active experts).
-* **Pruning phase** (the first ``prune_generations``): child = one parent (top within 3.0
-  points) -- or, w.p. ``prune_crossover_prob`` (default 0), a group-wise crossover of two parents
-  of the crossover pool, each group's keep-set whole from one of them --, then *discrete
-  mutation*: each layer group is selected w.p. ``group_prob`` (0.25, redrawn until one is), and
-  each row of a selected group is resampled w.p. ``row_prob`` (0.15) to an expert no other row
-  uses; W_RM follows W_EM.
+* **Pruning phase** (the first ``prune_generations``). By default (``prune_search="local"``;
+  lowmoe) a *swap local search* around the archive's best plan: the children are the plans one
+  swap away from it (one kept expert of one group replaced by one the group drops) not yet
+  evaluated, group by group starting at group ``generation mod G`` (a random sample where a group
+  has more than the room left). The best plan moves as soon as a generation finds a better one;
+  when every swap of it has been evaluated (a local optimum) the rest of the generation is EEP's
+  children, below, which explore, and the search climbs again from whatever beats the optimum.
+  EEP's children (``prune_search="ga"``: all of them): one parent (top within 3.0 points) -- or,
+  w.p. ``prune_crossover_prob`` (default 0), a group-wise crossover of two parents of the
+  crossover pool, each group's keep-set whole from one of them --, then *discrete mutation*: each
+  layer group is selected w.p. ``group_prob`` (0.25, redrawn until one is), and each row of a
+  selected group is resampled w.p. ``row_prob`` (0.15) to an expert no other row uses; W_RM
+  follows W_EM.
 * **Merging phase**: w.p. ``crossover_prob`` (0.3) a row-wise crossover of two parents (top within
   1.0 point, at least 6): selected groups take each row from parent 1 w.p. 0.6, else parent 2;
   other groups take parent 1's matrix w.p. 0.6. Otherwise one parent. Then *Gaussian mutation*:
@@ -66,6 +73,7 @@ from .space import Candidate, SearchSpace
 log = logging.getLogger(__name__)
 
 SIGMA_RULES = ("fixed", "one-fifth")
+PRUNE_SEARCH = ("local", "ga")  # the pruning phase's children: swap local search (lowmoe) or EEP's mutations
 PICK_SE = ("paired", "unpaired")  # the pick margin's standard error: per-example paired (default) or unpaired
 SIGMA_BOUNDS = (0.1, 10.0)  # one-fifth: sigma stays within these multiples of the option's sigma
 
@@ -78,6 +86,7 @@ class EvolveOptions:
     group_prob: float = 0.25  # weight_change_prob = transfer_change_prob
     row_prob: float = 0.15  # discrete_mutate: per-row resample probability
     crossover_prob: float = 0.3
+    prune_search: str = "local"  # pruning phase: swap local search around the best plan (lowmoe), or "ga" (EEP)
     prune_crossover_prob: float = 0.0  # pruning phase: group-wise crossover of two parents (lowmoe; EEP: none)
     seed_cross_share: float = 0.25  # generation 0: share of the non-seed candidates that cross seeds group-wise
     from_front_prob: float = 0.6
@@ -107,6 +116,8 @@ class EvolveOptions:
             raise ConfigError(f"EEP option sigma_factor={self.sigma_factor}: must be in (0, 1)")
         if self.pick_margin < 0:
             raise ConfigError(f"EEP option pick_margin={self.pick_margin}: must be >= 0 (standard errors)")
+        if self.prune_search not in PRUNE_SEARCH:
+            raise ConfigError(f"EEP option prune_search={self.prune_search!r}: choose one of {', '.join(PRUNE_SEARCH)}")
         if self.pick_se not in PICK_SE:
             raise ConfigError(f"EEP option pick_se={self.pick_se!r}: choose one of {', '.join(PICK_SE)}")
         if self.population < 2:
@@ -185,6 +196,7 @@ class Evolution:
                 same[0].append(name)
         self.rank_seeds = rank_seeds
         self.parent_fits: list[Fitness] = []
+        self.n_swaps = 0  # children(): how many of the last pruning generation's children were swap neighbours
         self.pick_info: dict | None = None  # pick(): the margin test's figures
         self.fingerprint = {"options": asdict(opts), "space": space.describe(), **(fingerprint or {})}
         self.on_generation = on_generation
@@ -252,6 +264,28 @@ class Evolution:
                     em[g, j] = 0.0
                     em[g, j, new] = 1.0
         return Candidate(em, em.copy()).canonical()
+
+    def swap_children(self, best: Candidate, generation: int, rng: np.random.Generator, seen: set[str]) -> list[Candidate]:
+        """Up to ``population`` plans one swap away from ``best`` (one-hot) and not in ``seen``: group by
+        group from group ``generation mod G``, each group's swaps in a random order."""
+        sp, P = self.space, self.opts.population
+        out: list[Candidate] = []
+        for k in range(sp.num_groups):
+            g = (generation + k) % sp.num_groups
+            kept = best.em[g].argmax(1)
+            dropped = np.setdiff1d(np.arange(sp.num_experts), kept)
+            for i in rng.permutation(sp.keep * len(dropped)):
+                if len(out) >= P:
+                    return out
+                row, new = divmod(int(i), len(dropped))
+                em = best.em.copy()
+                em[g, row] = 0.0
+                em[g, row, dropped[new]] = 1.0
+                c = Candidate(em, em.copy()).canonical()
+                if c.key() not in seen:
+                    seen.add(c.key())
+                    out.append(c)
+        return out
 
     def group_crossover(self, parents: list[Candidate], rng: np.random.Generator) -> Candidate:
         """A pruning-phase crossover: each layer group's keep-set whole from one of ``parents`` (one-hot
@@ -373,7 +407,10 @@ class Evolution:
         cross = self._pool(ranked, self.opts.parents_threshold, self.opts.parents_rank)
         out: list[Candidate] = []
         self.parent_fits: list[Fitness] = []  # per child, its (first) parent's fitness: the 1/5 rule's reference
-        for _ in range(self.opts.population):
+        if phase == "prune" and self.opts.prune_search == "local" and ranked[0].cand.is_onehot():
+            out = self.swap_children(ranked[0].cand, generation, rng, seen)
+        self.n_swaps = len(out)
+        for _ in range(self.opts.population - len(out)):
             child = None
             for _ in range(self.opts.max_redraw):
                 if phase == "prune":
@@ -451,6 +488,8 @@ class Evolution:
             point = {"generation": g, "phase": phase, "evaluations": st.evaluations, "best_acc": best.acc,
                      "best_ll": best.ll, "gen_best_acc": accs[-1], "gen_median_acc": float(np.median(accs)),
                      "elapsed_s": round(st.elapsed_s, 3)}
+            if phase == "prune" and g > 0 and self.opts.prune_search == "local":
+                point["swaps"] = self.n_swaps  # children one swap from the best; fewer than the population: a local optimum
             if phase == "merge":
                 point["sigma"] = sigma_used
                 if success is not None:
