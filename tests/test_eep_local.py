@@ -1,7 +1,7 @@
-"""EEP's pruning phase as a swap local search (``prune_search="local"``, the default): the children
-are the unevaluated plans one swap away from the archive's best, group by group; at a local optimum
-EEP's mutations fill the generation; on a landscape with many keep-sets it climbs further than EEP's
-mutations at the same number of evaluations."""
+"""EEP's pruning phase with a swap local search (``prune_search="local"``, the default): up to
+``swap_share`` of the children are the unevaluated plans one swap away from the archive's best, group
+by group; EEP's mutations fill the rest, and all of the generation at a local optimum; on a landscape
+with many keep-sets the swaps climb further than EEP's mutations at the same number of evaluations."""
 
 from __future__ import annotations
 
@@ -56,8 +56,8 @@ def test_at_a_local_optimum_eeps_mutations_fill_the_generation():
     sp = SearchSpace.build([0], 8, 4, "layer")
     values = np.array([[1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
     start = sp.onehot([[0, 1, 2, 3]])
-    ev = Evolution(sp, EvolveOptions(generations=5, population=6, prune_generations=5), value_fitness(values),
-                   seeds=[("best", start)])
+    ev = Evolution(sp, EvolveOptions(generations=5, population=6, prune_generations=5, swap_share=1.0),
+                   value_fitness(values), seeds=[("best", start)])
     st = ev.run()
     swaps = [c["swaps"] for c in st.curve[1:]]
     at_one = [e for e in st.archive if swap_distance(e.cand, start) == 1]
@@ -81,16 +81,31 @@ def test_local_search_climbs_further_than_eeps_mutations_at_equal_evaluations(se
     sp = SearchSpace.build(list(range(4)), 32, 8, "layer")
     reached = {}
     for rule in ("local", "ga"):
-        opts = EvolveOptions(generations=12, population=16, prune_generations=12, prune_search=rule, seed=seed)
+        opts = EvolveOptions(generations=12, population=16, prune_generations=12, prune_search=rule, swap_share=1.0,
+                             seed=seed)
         st = Evolution(sp, opts, value_fitness(values)).run()
         reached[rule] = st.ranked()[0].fitness.ll
         assert st.evaluations == 12 * 16
     assert reached["local"] > reached["ga"] + 0.02, reached
 
 
+def test_swap_share_caps_the_swaps_and_eeps_children_fill_the_rest():
+    sp = SearchSpace.build(list(range(4)), 8, 4, "layer")
+    values = np.random.default_rng(5).random((4, 8))
+    st = Evolution(sp, EvolveOptions(generations=4, population=16, prune_generations=4), value_fitness(values)).run()
+    assert EvolveOptions().swap_share == 0.5
+    assert [c["swaps"] for c in st.curve[1:]] == [8, 8, 8]  # 16 swaps per group: the cap is what limits
+    for g in (1, 2, 3):
+        best_before = max((e for e in st.archive if e.generation < g), key=lambda e: (e.fitness.acc, e.fitness.ll))
+        kids = [e for e in st.archive if e.generation == g]
+        assert len(kids) == 16 and sum(swap_distance(e.cand, best_before.cand) == 1 for e in kids) >= 8
+
+
 def test_prune_search_option_is_checked_and_parsed():
-    _, evo = parse_options({"prune_search": "GA"}, 0)
-    assert evo.prune_search == "ga"
+    _, evo = parse_options({"prune_search": "GA", "swap_share": "0.25"}, 0)
+    assert evo.prune_search == "ga" and evo.swap_share == 0.25
+    with pytest.raises(ConfigError, match="swap_share=1.5"):
+        parse_options({"swap_share": "1.5"}, 0)
     assert EvolveOptions().prune_search == "local"
     with pytest.raises(ConfigError, match="prune_search='tabu'"):
         parse_options({"prune_search": "tabu"}, 0)

@@ -14,12 +14,14 @@ Algorithm (Liu et al., arXiv 2407.00945, §4.3 / Alg. 1; defaults from the autho
   taken whole from one seed), random candidates. With E' = E the start is the identity (only
   fewer active experts).
 * **Pruning phase** (the first ``prune_generations``). By default (``prune_search="local"``;
-  lowmoe) a *swap local search* around the archive's best plan: the children are the plans one
-  swap away from it (one kept expert of one group replaced by one the group drops) not yet
-  evaluated, group by group starting at group ``generation mod G`` (a random sample where a group
-  has more than the room left). The best plan moves as soon as a generation finds a better one;
-  when every swap of it has been evaluated (a local optimum) the rest of the generation is EEP's
-  children, below, which explore, and the search climbs again from whatever beats the optimum.
+  lowmoe) up to ``swap_share`` (0.5) of each generation's children are a *swap local search*
+  around the archive's best plan: plans one swap away from it (one kept expert of one group
+  replaced by one the group drops) not yet evaluated, group by group starting at group
+  ``generation mod G`` (a random sample where a group has more than the room left). The best plan
+  moves as soon as a generation finds a better one. The rest of the generation -- all of it once
+  every swap of the best has been evaluated (a local optimum) -- is EEP's children, below: they
+  explore (a greedy climb alone can end on a plan that gave up one domain), and the climb
+  continues from whatever beats the best.
   EEP's children (``prune_search="ga"``: all of them): one parent (top within 3.0 points) -- or,
   w.p. ``prune_crossover_prob`` (default 0), a group-wise crossover of two parents of the
   crossover pool, each group's keep-set whole from one of them --, then *discrete mutation*: each
@@ -87,6 +89,7 @@ class EvolveOptions:
     row_prob: float = 0.15  # discrete_mutate: per-row resample probability
     crossover_prob: float = 0.3
     prune_search: str = "local"  # pruning phase: swap local search around the best plan (lowmoe), or "ga" (EEP)
+    swap_share: float = 0.5  # local: at most this share of a pruning generation's children are swaps of the best
     prune_crossover_prob: float = 0.0  # pruning phase: group-wise crossover of two parents (lowmoe; EEP: none)
     seed_cross_share: float = 0.25  # generation 0: share of the non-seed candidates that cross seeds group-wise
     from_front_prob: float = 0.6
@@ -125,7 +128,7 @@ class EvolveOptions:
         if self.prune_generations is not None and not 0 <= self.prune_generations <= self.generations:
             raise ConfigError(f"prune_generations {self.prune_generations}: must be between 0 and --generations {self.generations}")
         for name in ("group_prob", "row_prob", "crossover_prob", "prune_crossover_prob", "seed_cross_share",
-                     "from_front_prob", "entry_prob", "norm_prob"):
+                     "swap_share", "from_front_prob", "entry_prob", "norm_prob"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"EEP option {name}={v}: must be a probability in [0, 1]")
@@ -265,10 +268,11 @@ class Evolution:
                     em[g, j, new] = 1.0
         return Candidate(em, em.copy()).canonical()
 
-    def swap_children(self, best: Candidate, generation: int, rng: np.random.Generator, seen: set[str]) -> list[Candidate]:
-        """Up to ``population`` plans one swap away from ``best`` (one-hot) and not in ``seen``: group by
-        group from group ``generation mod G``, each group's swaps in a random order."""
-        sp, P = self.space, self.opts.population
+    def swap_children(self, best: Candidate, generation: int, rng: np.random.Generator, seen: set[str],
+                      limit: int | None = None) -> list[Candidate]:
+        """Up to ``limit`` (default ``population``) plans one swap away from ``best`` (one-hot) and not in
+        ``seen``: group by group from group ``generation mod G``, each group's swaps in a random order."""
+        sp, P = self.space, limit or self.opts.population
         out: list[Candidate] = []
         for k in range(sp.num_groups):
             g = (generation + k) % sp.num_groups
@@ -408,7 +412,8 @@ class Evolution:
         out: list[Candidate] = []
         self.parent_fits: list[Fitness] = []  # per child, its (first) parent's fitness: the 1/5 rule's reference
         if phase == "prune" and self.opts.prune_search == "local" and ranked[0].cand.is_onehot():
-            out = self.swap_children(ranked[0].cand, generation, rng, seen)
+            out = self.swap_children(ranked[0].cand, generation, rng, seen,
+                                     max(1, round(self.opts.swap_share * self.opts.population)))
         self.n_swaps = len(out)
         for _ in range(self.opts.population - len(out)):
             child = None

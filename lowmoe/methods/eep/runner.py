@@ -55,7 +55,7 @@ from .space import Candidate, SearchSpace
 log = logging.getLogger(__name__)
 
 OPTION_NAMES = ("dev", "generations", "population", "init", "quant", "layer_groups", "prune_generations", "dev_num",
-                "retain", "retain_gb", "combine", "prune_search", "prune_crossover_prob", "seed_cross_share", "pick_margin",
+                "retain", "retain_gb", "combine", "prune_search", "swap_share", "prune_crossover_prob", "seed_cross_share", "pick_margin",
                 "pick_se", "sigma", "sigma_rule", "sigma_factor")
 INIT_AUTO = "auto"  # every one-shot scorer's plan seeds the search
 
@@ -84,7 +84,7 @@ def parse_options(opts: dict, seed: int) -> tuple[dict, EvolveOptions]:
     combine = check_combine(opts.get("combine"))  # one of COMBINE_RULES, else a one-line error
     try:
         kw = {k: int(opts[k]) for k in ("generations", "population", "prune_generations", "dev_num") if opts.get(k) is not None}
-        kw.update({k: float(opts[k]) for k in ("prune_crossover_prob", "seed_cross_share", "pick_margin", "sigma", "sigma_factor")
+        kw.update({k: float(opts[k]) for k in ("prune_crossover_prob", "swap_share", "seed_cross_share", "pick_margin", "sigma", "sigma_factor")
                    if opts.get(k) is not None})
         for k in ("sigma_rule", "pick_se", "prune_search"):
             if opts.get(k) is not None:
