@@ -95,6 +95,12 @@ def test_swap_share_caps_the_swaps_and_eeps_children_fill_the_rest():
     st = Evolution(sp, EvolveOptions(generations=4, population=16, prune_generations=4), value_fitness(values)).run()
     assert EvolveOptions().swap_share == 0.5
     assert [c["swaps"] for c in st.curve[1:]] == [8, 8, 8]  # 16 swaps per group: the cap is what limits
+    none = Evolution(sp, EvolveOptions(generations=3, population=16, prune_generations=3, swap_share=0.0),
+                     value_fitness(values)).run()
+    assert [c["swaps"] for c in none.curve[1:]] == [0, 0]  # swap_share 0: EEP's children only, the same as "ga"
+    ga = Evolution(sp, EvolveOptions(generations=3, population=16, prune_generations=3, prune_search="ga"),
+                   value_fitness(values)).run()
+    assert [e.cand.key() for e in none.archive] == [e.cand.key() for e in ga.archive]
     for g in (1, 2, 3):
         best_before = max((e for e in st.archive if e.generation < g), key=lambda e: (e.fitness.acc, e.fitness.ll))
         kids = [e for e in st.archive if e.generation == g]

@@ -411,9 +411,9 @@ class Evolution:
         cross = self._pool(ranked, self.opts.parents_threshold, self.opts.parents_rank)
         out: list[Candidate] = []
         self.parent_fits: list[Fitness] = []  # per child, its (first) parent's fitness: the 1/5 rule's reference
-        if phase == "prune" and self.opts.prune_search == "local" and ranked[0].cand.is_onehot():
-            out = self.swap_children(ranked[0].cand, generation, rng, seen,
-                                     max(1, round(self.opts.swap_share * self.opts.population)))
+        n_swaps = round(self.opts.swap_share * self.opts.population)
+        if phase == "prune" and self.opts.prune_search == "local" and n_swaps > 0 and ranked[0].cand.is_onehot():
+            out = self.swap_children(ranked[0].cand, generation, rng, seen, n_swaps)
         self.n_swaps = len(out)
         for _ in range(self.opts.population - len(out)):
             child = None
@@ -494,7 +494,7 @@ class Evolution:
                      "best_ll": best.ll, "gen_best_acc": accs[-1], "gen_median_acc": float(np.median(accs)),
                      "elapsed_s": round(st.elapsed_s, 3)}
             if phase == "prune" and g > 0 and self.opts.prune_search == "local":
-                point["swaps"] = self.n_swaps  # children one swap from the best; fewer than the population: a local optimum
+                point["swaps"] = self.n_swaps  # children one swap from the best; fewer than swap_share x population: a local optimum
             if phase == "merge":
                 point["sigma"] = sigma_used
                 if success is not None:
