@@ -1,7 +1,7 @@
 """Compare rules for the EEP pruning phase's children on the learned toy (a diagnostic).
 
     python scripts/eep_prune_phase.py --rows arithmetic:128,sort+brackets:128 --rules ga,local:1.0,local:0.5 \\
-        --seeds-from docs/results/eep-acceptance-auto-seed11-local.json --json OUT.json
+        --seeds-from docs/results/eep-acceptance-auto-seed11-all-swaps.json --json OUT.json
 
 Runs only the pruning phase (``--generations`` of ``--population``, all pruning) of lowmoe's
 ``Evolution`` for each rule (``ga``: EEP's children; ``local:S``: the swap local search with
