@@ -103,7 +103,8 @@ def test_a_dying_rank_stops_the_run_and_a_resume_with_one_process_finishes_it(se
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("lowmoe: error:")]
     # rank 0 sees the dead peer in a collective, or torchrun stops it first (SIGTERM): one line either way
     assert len(lines) == 1 and lines[0].startswith(("lowmoe: error: rank 0 of 2: another process of the run stopped",
-                                                    "lowmoe: error: rank 0 of 2: stopped by the launcher (SIGTERM)")), lines
+                                                    "lowmoe: error: rank 0 of 2: stopped by the launcher (SIGTERM)")), \
+        r.stderr[-3000:]
     assert "--resume" in lines[0]
     state = json.loads((out / WORK_DIR / "eep" / "state.json").read_text())
     assert 0 < state["generation"] < EEP["generations"], "killed mid-search, after a saved generation (raise the count)"
@@ -130,7 +131,8 @@ def test_a_hung_rank_is_caught_by_the_timeout(search, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("lowmoe: error:")]
     # rank 0 sees the dead peer in a collective, or torchrun stops it first (SIGTERM): one line either way
     assert len(lines) == 1 and lines[0].startswith(("lowmoe: error: rank 0 of 2: another process of the run stopped",
-                                                    "lowmoe: error: rank 0 of 2: stopped by the launcher (SIGTERM)")), lines
+                                                    "lowmoe: error: rank 0 of 2: stopped by the launcher (SIGTERM)")), \
+        r.stderr[-3000:]
     assert "Timed out" in lines[0] and "--resume" in lines[0]
 
 

@@ -262,7 +262,10 @@ def close(wait: bool = True) -> None:
         except (RuntimeError, ValueError):  # a peer already gone: nothing left to tear down cleanly
             pass
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            # on the way out of an error (wait=False) the error is about to be printed: the launcher's SIGTERM,
+            # which follows a failed peer, must not kill the process before its one line is out (torchrun sends
+            # SIGKILL after its grace period if it never exits)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if wait else signal.SIG_IGN)
     _current, _owned, _leaving = SINGLE, False, None
 
 
