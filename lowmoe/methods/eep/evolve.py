@@ -273,19 +273,18 @@ class Evolution:
         """Up to ``limit`` (default ``population``) plans one swap away from ``best`` (one-hot) and not in
         ``seen``: group by group from group ``generation mod G``, each group's swaps in a random order."""
         sp, P = self.space, limit or self.opts.population
+        keep = best.keep_sets()
         out: list[Candidate] = []
         for k in range(sp.num_groups):
             g = (generation + k) % sp.num_groups
-            kept = best.em[g].argmax(1)
-            dropped = np.setdiff1d(np.arange(sp.num_experts), kept)
+            dropped = [e for e in range(sp.num_experts) if e not in keep[g]]
             for i in rng.permutation(sp.keep * len(dropped)):
                 if len(out) >= P:
                     return out
                 row, new = divmod(int(i), len(dropped))
-                em = best.em.copy()
-                em[g, row] = 0.0
-                em[g, row, dropped[new]] = 1.0
-                c = Candidate(em, em.copy()).canonical()
+                swapped = [list(ks) for ks in keep]
+                swapped[g][row] = dropped[new]
+                c = sp.onehot(swapped)
                 if c.key() not in seen:
                     seen.add(c.key())
                     out.append(c)
