@@ -12,8 +12,8 @@ choose among the top 20, and both plans' test accuracy.
 
 Fitness here is not lowmoe's streamed evaluator but the toy loaded whole with transformers, each
 candidate applied by masking the router logits of the dropped experts: for one-hot plans that is the
-pruned model (softmax over the kept experts, top-2 among them), teacher-forced exact match as
-``lowmoe.evaluate`` scores it. Examples as ``scripts/eep_acceptance.py`` draws them: search = the first
+pruned model (softmax over the kept experts, top-2 among them), tokenized, padded and scored
+(teacher-forced exact match) by ``lowmoe.evaluate``'s own helpers. Examples as ``scripts/eep_acceptance.py`` draws them: search = the first
 ``n`` of the calib split at ``--seed``, dev = the next ``n``, test = 400 of the test split (seed 0).
 """
 
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lowmoe.evaluate import _prefix_mask, _right_padded, load_items, score_logits  # noqa: E402
 from lowmoe.methods.eep.evolve import Evolution, EvolveOptions  # noqa: E402
 from lowmoe.methods.eep.fitness import Fitness  # noqa: E402
 from lowmoe.methods.eep.space import SearchSpace  # noqa: E402
@@ -59,51 +60,37 @@ class MaskedToy:
             return logits, top / top.sum(-1, keepdim=True), idx
         return forward
 
-    def batches(self, records: list[dict], size: int = 64) -> list[tuple[torch.Tensor, ...]]:
-        pairs = []
-        for r in records:
-            p = self.tok(r["prompt"], add_special_tokens=True)["input_ids"]
-            if self.tok.eos_token_id is not None and p and p[-1] == self.tok.eos_token_id:
-                p = p[:-1]
-            pairs.append((p, self.tok(r["answer"], add_special_tokens=False)["input_ids"]))
+    def batches(self, items: list, size: int = 64) -> list[tuple[torch.Tensor, ...]]:
+        """(ids, answer mask, attention mask) per chunk of ``evaluate.Item``s, padded as ``lowmoe.evaluate`` pads."""
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
         out = []
-        for s in range(0, len(pairs), size):
-            chunk = pairs[s:s + size]
-            n = max(len(p) + len(a) for p, a in chunk)
-            ids = torch.full((len(chunk), n), self.tok.pad_token_id or 0, dtype=torch.long)
-            ans = torch.zeros((len(chunk), n), dtype=torch.bool)
-            att = torch.zeros((len(chunk), n), dtype=torch.long)
-            for b, (p, a) in enumerate(chunk):
-                ids[b, :len(p) + len(a)] = torch.tensor(p + a)
-                ans[b, len(p):len(p) + len(a)] = True
-                att[b, :len(p) + len(a)] = 1
-            out.append((ids, ans, att))
+        for s in range(0, len(items), size):
+            chunk = items[s:s + size]
+            ids, ans = _right_padded(chunk, pad)
+            out.append((ids, ans, _prefix_mask(chunk, ids.shape[1]).long()))
         return out
 
     @torch.no_grad()
     def score(self, keep_sets: list[list[int]], batches) -> tuple[float, float]:
-        """(exact-match accuracy, mean answer log-likelihood per example)."""
+        """(exact-match accuracy, mean answer log-likelihood per example), scored by ``evaluate.score_logits``."""
         for i, keep in enumerate(keep_sets):
             self.masks[i] = torch.full((self.num_experts,), float("-inf"))
             self.masks[i][list(keep)] = 0.0
-        right, ll, n = 0, 0.0, 0
+        exact, nll = [], []
         for ids, ans, att in batches:
-            logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=att).logits[:, :-1].float(), -1)
-            tgt, am = ids[:, 1:], ans[:, 1:]
-            hit = (logp.argmax(-1) == tgt) | ~am
-            right += int(hit.all(-1).sum())
-            ll += float((logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * am).sum())
-            n += len(ids)
-        return right / n, ll / n
+            e, n, _ = score_logits(self.model(input_ids=ids, attention_mask=att).logits, ids, ans)
+            exact += e
+            nll += n
+        return sum(exact) / len(exact), -sum(nll) / len(nll)
 
 
 def run_row(toy: MaskedToy, row: str, n: int, args, seeds_by_row: dict) -> dict:
     domains = row.split("+")
     split = {"search": {}, "dev": {}, "test": {}}
     for d in domains:
-        recs = tasks.make_split(d, "calib", 2 * n, seed=args.seed)
-        split["search"][d], split["dev"][d] = toy.batches(recs[:n]), toy.batches(recs[n:])
-        split["test"][d] = toy.batches(tasks.make_split(d, "test", args.n_test, seed=0))
+        calib = load_items(toy.tok, tasks=[d], n=2 * n, split="calib", seed=args.seed)[d]
+        split["search"][d], split["dev"][d] = toy.batches(calib[:n]), toy.batches(calib[n:])
+        split["test"][d] = toy.batches(load_items(toy.tok, tasks=[d], n=args.n_test, split="test", seed=0)[d])
     cache: dict = {}
 
     def fitness(name: str):
