@@ -10,7 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from lowmoe.cli import main
-from lowmoe.engine.device import describe_device, dtype_bytes, dtype_name, resolve_device, resolve_dtype
+from lowmoe.engine.device import (all_finite, describe_device, dtype_bytes, dtype_name, finite_flag, resolve_device,
+                                  resolve_dtype)
 from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.errors import ConfigError
 from lowmoe.score import score
@@ -87,3 +88,29 @@ def test_cli_prune_bf16_alias_runs(synth_dir, calib_txt, tmp_path):
     stored = Checkpoint(src).read(["model.embed_tokens.weight"])["model.embed_tokens.weight"].dtype
     out = Checkpoint(tmp_path / "bf16").read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
     assert out.dtype == stored
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_finite_flag_finds_any_nan_or_inf(dtype):
+    """One NaN or +/-Inf anywhere (vector tails, strided views) makes the flag false; finite tensors pass."""
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 7, 16, 33, 129, 4097):
+        x = torch.randn(n, generator=gen).to(dtype)
+        assert all_finite(x) and all_finite(x.view(1, -1).t())
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            pos = int(torch.randint(n, (1,), generator=gen))
+            y = x.clone()
+            y[pos] = bad
+            assert not all_finite(y), (n, pos, bad)
+            assert not bool(finite_flag(y.view(1, -1).t()))
+    m = torch.randn(64, 33, generator=gen).to(dtype)
+    m[5, 7] = float("nan")
+    assert not all_finite(m.t()) and all_finite(m[6:].t())
+
+
+def test_finite_flag_on_empty_and_other_dtypes():
+    assert all_finite(torch.empty(0, 3))
+    f8 = torch.zeros(4, dtype=torch.float8_e4m3fn)
+    assert all_finite(f8)
+    f8[2] = float("nan")
+    assert not all_finite(f8)  # no aminmax for fp8 on CPU: isfinite's path

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CalibrationError
 from . import faults
+from .device import all_finite
 
 
 class ActivationCache:
@@ -112,7 +113,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _check_finite(hidden: torch.Tensor, boundary: int, chunk: int) -> None:
-    if hidden.is_floating_point() and not bool(torch.isfinite(hidden).all()):
+    if hidden.is_floating_point() and not all_finite(hidden):
         where = "the token embeddings" if boundary == 0 else f"the outputs of layer {boundary - 1}"
         raise CalibrationError(f"{where} contain NaN/Inf on calibration chunk {chunk} (sequences from "
                                f"{chunk}x--batch-size); check that layer's weights, or use --dtype fp32 if it overflows")

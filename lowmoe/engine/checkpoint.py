@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 
 from .adapters import Adapter, get_adapter
-from .device import DTYPES
+from .device import DTYPES, all_finite
 from .formats import QuantFormat, detect_format
 from ..errors import CheckpointError
 
@@ -109,7 +109,7 @@ _EXPERT_RE = re.compile(r"\.experts\.(\d+)\.")
 
 def check_finite(path: Path, key: str, t: torch.Tensor, num_experts: int | None = None) -> None:
     """NaN/Inf in a weight: CheckpointError naming the shard, the tensor, its layer and expert."""
-    if t.dtype not in _FLOAT_CHECKED or bool(torch.isfinite(t).all()):
+    if t.dtype not in _FLOAT_CHECKED or all_finite(t):
         return
     where = ""
     m = _LAYER_RE.match(key)

@@ -89,6 +89,31 @@ def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+_MINMAX_CHECKED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def finite_flag(t: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool tensor on ``t``'s device: whether every value of float tensor ``t`` is finite
+    (nothing synchronises: read it with ``bool()`` when needed).
+
+    The smallest and largest value are NaN when any value is (``aminmax`` propagates NaN), and
+    +/-Inf when one is: one reduction without temporaries, where ``isfinite(t).all()`` writes a
+    bool per element first (50x slower on a CPU: 0.26 s against 0.005 s for a 176 MB bf16 group)."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    if t.dtype in _MINMAX_CHECKED:
+        lo, hi = torch.aminmax(t)
+        return torch.isfinite(lo) & torch.isfinite(hi)
+    if t.is_floating_point() and t.element_size() == 1:  # FP8: no reductions of its own; widened
+        t = t.to(torch.float16)
+    return torch.isfinite(t).all()
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of float tensor ``t`` is finite (``finite_flag``, read on the host)."""
+    return bool(finite_flag(t))
+
+
 def describe_device(device: torch.device) -> dict:
     """What the report records about the compute device."""
     if device.type != "cuda":

@@ -41,6 +41,7 @@ import torch
 
 from ..errors import CheckpointError
 from .checkpoint import ST_TORCH, nonfinite_error, read_header
+from .device import all_finite
 
 
 class ShardFiles:
@@ -513,7 +514,7 @@ class ExpertSource:
                     else:
                         seg = row
                         st.read_rows(r, row)
-                    if check and seg.is_floating_point() and not bool(torch.isfinite(seg).all()):  # as Checkpoint.read checks
+                    if check and seg.is_floating_point() and not all_finite(seg):  # as Checkpoint.read checks
                         raise nonfinite_error(st.files.root / st.shard, st.key, f" (layer {self.layer_idx}, expert {e})",
                                               int((~torch.isfinite(seg)).sum()))
             res[name] = buf

@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
+from .device import finite_flag
 from .lazy import ExpertSource, LazyLayer
 
 log = logging.getLogger(__name__)
@@ -365,7 +366,7 @@ class DeviceStager:
             for k, v in tensors.items():
                 d = v.to(self.device, non_blocking=True)
                 if check_finite and d.is_floating_point():
-                    flags.append(torch.isfinite(d).all())
+                    flags.append(finite_flag(d))
                 out[k] = d.to(dtype) if dtype is not None and d.is_floating_point() else d
             event = torch.cuda.Event()
             event.record(self.stream)
