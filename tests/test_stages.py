@@ -359,3 +359,34 @@ def test_waves_hold_a_max_vram_rehearsal(synth_dir, calib_txt):
     assert rep["budget"]["accounted_peak_bytes"] <= vram
     assert rep["io"]["expert_bytes_read"] == ref["io"]["expert_bytes_read"]
     assert all(rep["layers"][k]["scores"] == v["scores"] for k, v in ref["layers"].items())
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("sequential", [True, False])
+def test_next_layers_first_group_is_staged_while_this_one_computes(synth_dir, calib_txt, tmp_path, arch, sequential):
+    """With prefetching, every MoE layer after the model's first finds its first (here its only) expert
+    group already copied for the device: staged while the layer before ran its last pass (a
+    sequential prune's pruned twin, which runs the kept experts of the layer on the device without
+    copying them). Nothing changes a byte, and lowmoe's device books stay inside the plan."""
+    src = synth_dir(arch)
+    kw = dict(OPTS, protect_super_experts=False, sequential=sequential)
+    on = lowmoe.prune(src, tmp_path / "on", calib=[calib_txt], prefetch=True, **kw)
+    off = lowmoe.prune(src, tmp_path / "off", calib=[calib_txt], prefetch=False, **kw)
+    later = [L for L in Checkpoint(src).moe_layers() if L > 0]
+    assert on["budget"]["first_groups_staged_ahead"] == len(later) > 0
+    assert off["budget"]["first_groups_staged_ahead"] == 0
+    assert on["budget"]["accounted_peak_bytes"] <= on["budget"]["plan"]["device_peak_bytes"]
+    assert on["io"]["expert_bytes_read"] == off["io"]["expert_bytes_read"], "staged ahead, not read twice"
+    assert model_files(tmp_path / "on") == model_files(tmp_path / "off")
+    assert on["scores"] == off["scores"]
+
+
+def test_no_group_is_staged_ahead_when_the_layers_run_in_groups(synth_dir, calib_txt, tmp_path):
+    """A layer whose experts visit the device in groups uses both planned group slots itself: the next
+    layer's first group waits for it (and the budget is held)."""
+    src = synth_dir("mixtral", hidden_size=64, intermediate_size=256, shard_size="400KB")
+    ram = lazy_chunking_ram(src, 2, 16)
+    rep = lowmoe.prune(src, tmp_path / "o", calib=[calib_txt], max_ram=ram, **dict(OPTS, protect_super_experts=False))
+    assert max(rep["budget"]["group_sizes"].values()) < Checkpoint(src).num_experts
+    assert rep["budget"]["first_groups_staged_ahead"] == 0
+    assert rep["budget"]["accounted_peak_bytes"] <= rep["budget"]["plan"]["device_peak_bytes"]

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -51,12 +52,12 @@ from torch import nn
 from ..errors import ConfigError
 from .checkpoint import DTYPE_BYTES
 from .device import dtype_bytes
-from .experts import ChunkedExperts, LazyExperts
+from .experts import ChunkedExperts, KeptExperts, LazyExperts, stage_preloaded
 from .formats import SCRATCH_BYTES
 from .hf import layer_config, materialize, moe_modules, split_experts
 from .lazy import StagingPool
 from .memory import Accountant, fmt_bytes
-from .prefetch import IOStats
+from .prefetch import DeviceStager, IOStats
 from .writer import parse_size
 
 log = logging.getLogger(__name__)
@@ -699,6 +700,12 @@ class Placer:
         self.pool = StagingPool(3 if prefetching else 2, pin=self.device.type == "cuda")
         # expert groups are read and copied to the device on this thread while the previous group computes
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowmoe-experts") if prefetching else None
+        # the next layer's first group, staged for the device while this layer computes (``stage_next``)
+        self._stager = DeviceStager(self.device, self.stats, kind="experts") if prefetching else None
+        self._next_lock = threading.Lock()
+        self._offered = None  # (layer, source, group size): the next layer's first group, preloaded
+        self._room_after: int | None = None  # the layer whose last pass leaves room for it
+        self.staged_ahead = 0  # how many first groups were staged ahead (for tests and the report)
 
     @property
     def weights_budget(self) -> int | None:
@@ -706,8 +713,52 @@ class Placer:
 
     def preload(self, layer_idx: int, source) -> None:
         """Read the first expert group of ``layer_idx`` now (the layer reader calls it off the main
-        thread), into the pool's third buffer; skipped when that is busy."""
-        source.preload(0, self.lazy_group_size(layer_idx, source), self.pool)
+        thread), into the pool's third buffer; skipped when that is busy. Once the layer computing
+        has room on the device for it (``stage_next``), it is staged there too."""
+        group = self.lazy_group_size(layer_idx, source)
+        if not source.preload(0, group, self.pool) or self._stager is None:
+            return
+        with self._next_lock:
+            self._offered = (layer_idx, source, group)
+            ready = self._room_after is not None and self._room_after < layer_idx
+        if ready:
+            self._stage_offered()
+
+    def stage_next(self, layer_idx: int, experts) -> None:
+        """Layer ``layer_idx`` runs its last pass with ``experts`` (its routed-experts module; None for
+        a dense layer). When they are one group (or kept experts of one), with a second group's room
+        planned on the device (``double_buffer``), that room is free for the rest of the layer: the next layer's first group,
+        preloaded by the layer reader, is copied and cast for the device now (on the expert loader
+        thread), so the next layer starts with its experts on the device instead of waiting for them.
+        Skipped when the accountant's bytes + the group would pass the planned device peak."""
+        if self._stager is None:
+            return
+        one_group = isinstance(experts, KeptExperts) or (isinstance(experts, ChunkedExperts) and experts.num_groups == 1
+                                                         and experts.double_buffer)
+        if experts is not None and not one_group:
+            return
+        with self._next_lock:
+            self._room_after = layer_idx
+            ready = self._offered is not None and self._offered[0] > layer_idx
+        if ready:
+            self._stage_offered()
+
+    def _stage_offered(self) -> None:
+        with self._next_lock:
+            offered, self._offered, self._room_after = self._offered, None, None
+        if offered is None:
+            return
+        layer_idx, source, group = offered
+        need = group * source.expert_numel() * dtype_bytes(self.dtype)
+        acct = self.accountant
+        if self.plan is not None and acct.current + acct.activation_bytes + need > self.plan.device_peak_bytes:
+            log.debug("layer %d: first expert group not staged ahead (%s over the planned device peak)", layer_idx,
+                      fmt_bytes(acct.current + acct.activation_bytes + need - self.plan.device_peak_bytes))
+            return
+        token = acct.add(need)
+        source.prestage(0, group, self.loader.submit(stage_preloaded, source, 0, group, self._stager, self.dtype,
+                                                     self.pool), token)
+        self.staged_ahead += 1
 
     def close(self) -> None:
         if self.loader is not None:
@@ -724,9 +775,18 @@ class Placer:
         return max(1, min(source.num_experts, DEFAULT_GROUP_BYTES // max(1, per)))
 
     def materialize(self, skel, layer_idx: int, runtime_state: dict[str, torch.Tensor], *,
-                    num_experts: int | None = None, top_k: int | None = None, experts=None) -> nn.Module:
+                    num_experts: int | None = None, top_k: int | None = None, experts=None, kept=None) -> nn.Module:
         """``hf.materialize_layer`` under the budget (same arguments, same module and numbers).
-        ``experts``: a ``lazy.ExpertSource`` the routed experts are read from in groups (``LazyExperts``)."""
+        ``experts``: a ``lazy.ExpertSource`` the routed experts are read from in groups (``LazyExperts``);
+        ``kept``: ``(module, keep)``, experts ``keep`` of a module already on the device (``KeptExperts``)."""
+        with self._next_lock:  # a room left by an earlier layer is not this one's to fill
+            if self._room_after is not None and self._room_after < layer_idx:
+                self._room_after = None
+            if self._offered is not None and self._offered[0] <= layer_idx:
+                self._offered = None
+        if kept is not None:
+            return build_layer(skel, layer_idx, runtime_state, self.device, self.dtype, accountant=self.accountant,
+                               stats=self.stats, num_experts=num_experts, top_k=top_k, kept=kept)
         if experts is not None:
             group = self.lazy_group_size(layer_idx, experts)
             self.chunked_builds[layer_idx] = group
@@ -756,6 +816,7 @@ class Placer:
 
     def report(self) -> dict:
         d = {"accounted_peak_bytes": self.accountant.peak, "chunked_layers": sorted(self.chunked_builds),
+             "first_groups_staged_ahead": self.staged_ahead,
              "staging_pool_bytes": self.pool.held_bytes,
              "group_sizes": {str(k): v for k, v in sorted(self.chunked_builds.items())}}
         if self.plan is not None:
@@ -768,13 +829,22 @@ class Placer:
 def build_layer(skel, layer_idx: int, runtime_state: dict[str, torch.Tensor], device, dtype, *,
                 group_size: int | None = None, double_buffer: bool = True, accountant: Accountant | None = None,
                 stats: IOStats | None = None, num_experts: int | None = None, top_k: int | None = None,
-                source=None, pool: StagingPool | None = None, loader: Executor | None = None) -> nn.Module:
+                source=None, pool: StagingPool | None = None, loader: Executor | None = None, kept=None) -> nn.Module:
     """One decoder layer on ``device``: whole (``group_size=None``, exactly ``materialize_layer``) or
     with its routed experts wrapped in ``ChunkedExperts`` streaming ``group_size`` at a time
-    (``source``: read lazily from the checkpoint through ``pool``, ``LazyExperts``)."""
+    (``source``: read lazily from the checkpoint through ``pool``, ``LazyExperts``), or (``kept``:
+    ``(module, keep)``) experts ``keep`` of an experts module already on the device, shared
+    (``KeptExperts``: its bytes stay counted with that module's layer)."""
     device = torch.device(device)
     accountant = accountant if accountant is not None else Accountant()
     module = skel.new_layer(layer_idx, layer_config(skel, num_experts, top_k))
+    if kept is not None:
+        inner, keep = kept
+        moe_modules(skel.adapter, module)[0].experts = nn.Identity()  # no weights of its own to fill
+        built = materialize(module, runtime_state, device, dtype)
+        moe_modules(skel.adapter, built)[0].experts = KeptExperts(inner, keep)
+        accountant.track(built, _state_bytes(runtime_state, dtype))
+        return built
     if source is not None:
         block = moe_modules(skel.adapter, module)[0]
         block.experts = LazyExperts(block.experts, source, group_size=group_size, device=device, dtype=dtype, pool=pool,

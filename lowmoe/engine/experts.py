@@ -113,8 +113,7 @@ class RoutedExperts(nn.Module):
 
 
 class HostExperts:
-    """An expert source over tensors already in memory (experts-module parameter name -> (E, ...)): host
-    memory, or the device copy of a layer whose pruned twin is built from it (``resident_selection``)."""
+    """An expert source over tensors already in memory (experts-module parameter name -> (E, ...))."""
 
     def __init__(self, host: dict[str, torch.Tensor]):
         E = {v.shape[0] for v in host.values()}
@@ -132,6 +131,28 @@ class HostExperts:
 
     def decode(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return tensors
+
+
+def stage_group(stager: DeviceStager, host: dict[str, torch.Tensor], buf: int | None, pool: StagingPool | None,
+                dtype: torch.dtype, *, check_finite: bool = False):
+    """A group of experts read into host memory (``buf``: the staging-pool buffer holding it, or None)
+    copied to the device and cast (``DeviceStager.stage``): ``(Staged, buf)``, ``buf`` None when the
+    buffer is free again (a CPU cast made new tensors); the copy is read with ``Staged.wait``."""
+    staged = stager.stage(host, dtype, check_finite=check_finite)
+    if buf is not None and stager.device.type != "cuda" and not _aliases(staged.tensors, host):
+        pool.release(buf)  # cast into new tensors: the buffer is free again
+        buf = None
+    return staged, buf
+
+
+def stage_preloaded(source, a: int, z: int, stager: DeviceStager, dtype: torch.dtype, pool: StagingPool | None):
+    """Experts ``a..z-1`` of ``source`` (``lazy.ExpertSource``), preloaded by the layer reader, staged for
+    the device (``stage_group``); read now if the preload is gone. Runs on the expert loader thread."""
+    pre = source.take_preloaded(a, z)
+    if pre is None:
+        return stage_group(stager, source.load(a, z), None, pool, dtype)
+    buf, host = pre
+    return stage_group(stager, host, buf, pool, dtype)  # checked for NaN/Inf as it was read
 
 
 def _aliases(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -189,6 +210,11 @@ class ChunkedExperts(RoutedExperts):
         if g in self._staged or (self._resident is not None and self._resident[0] == g):
             return
         a, z = self._range(g)
+        pre = self._source.take_prestaged(a, z) if hasattr(self._source, "take_prestaged") else None
+        if pre is not None:  # staged while the previous layer computed (``Placer.stage_next``), its bytes counted then
+            self._staged[g] = pre
+            self.group_loads += 1
+            return
         token = self._acct.add((z - a) * self._per_expert_bytes)  # reserved before anything arrives
         if self._loader is not None:
             job = self._loader.submit(self._load, a, z)
@@ -217,11 +243,7 @@ class ChunkedExperts(RoutedExperts):
                     raise
             else:
                 host = self._load_host(a, z, None)
-        staged = self._stager.stage(host, self.dtype, check_finite=self._checks_on_device)  # read in _take
-        if buf is not None and self.device.type != "cuda" and not _aliases(staged.tensors, host):
-            self._pool.release(buf)  # cast into new tensors: the buffer is free again
-            buf = None
-        return staged, buf
+        return stage_group(self._stager, host, buf, self._pool, self.dtype, check_finite=self._checks_on_device)
 
     @property
     def _checks_on_device(self) -> bool:
@@ -277,15 +299,13 @@ class ChunkedExperts(RoutedExperts):
                 copied.synchronize()  # the side-stream copy out of the buffer is done (nothing else waited for)
             self._pool.release(buf)
 
-    def resident_selection(self, keep: list[int]) -> HostExperts | None:
-        """The experts ``keep`` as a source over copies of this module's device tensors, when every expert
-        is on the device now (one group, resident): the pruned layer of a sequential pass is then built
-        without reading its experts again. None otherwise (the caller reads them from the shards)."""
-        if self.num_groups != 1 or self._resident is None or not keep:
+    def resident_whole(self) -> nn.Module | None:
+        """The module holding every expert on the device now (one group, resident), else None: the
+        pruned layer of a sequential pass then runs its kept experts from it (``KeptExperts``), without
+        reading or copying them again."""
+        if self.num_groups != 1 or self._resident is None:
             return None
-        idx = torch.tensor(list(keep), dtype=torch.long)
-        held = {n: p.data for n, p in self._resident[1]._parameters.items()}
-        return HostExperts({n: t.index_select(0, idx.to(t.device)) for n, t in held.items()})
+        return self._resident[1]
 
     def release(self, wait: bool = True) -> None:
         """Free the device copies (also done when the module is garbage-collected). A group still
@@ -298,6 +318,10 @@ class ChunkedExperts(RoutedExperts):
             else:
                 job.add_done_callback(self._free_landed)
         self._staged.clear()
+        pre = self._source.drop_prestaged() if hasattr(self._source, "drop_prestaged") else None
+        if pre is not None:  # the first group staged ahead, never asked for
+            self._acct.release(pre[1])
+            pre[0].add_done_callback(self._free_landed)
         drop = getattr(self._source, "drop_preloaded", None)
         if drop is not None:
             drop()  # a group read ahead for this layer that no chunk asked for

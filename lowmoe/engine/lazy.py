@@ -387,6 +387,7 @@ class ExpertSource:
         total = len(next(iter(pieces.values())))
         self.ids = list(range(total)) if ids is None else list(ids)
         self._preloaded = None  # (a, z, pool buffer, tensors, pool): a group read ahead (``preload``)
+        self._prestaged = None  # (a, z, job, accountant token): that group on its way to the device (``prestage``)
         p0 = {n: pieces[n][0] for n in names}
         self._row_shape = {n: _row_shape(p) for n, p in p0.items()}  # runtime layout, one expert
         self._dtype = {n: p[0][0].torch_dtype for n, p in p0.items()}
@@ -482,6 +483,24 @@ class ExpertSource:
         self._preloaded = None
         p[4].adopt(p[2])
         return p[2], p[3]
+
+    def prestage(self, a: int, z: int, job, token: int) -> None:
+        """Experts ``a..z-1`` are being staged for the device ahead of the layer (``Placer.stage_next``):
+        ``job`` is a future of ``(Staged, pool buffer)``, ``token`` the accountant's entry for its bytes."""
+        self._prestaged = (a, z, job, token)
+
+    def take_prestaged(self, a: int, z: int):
+        """``(job, token)`` of experts ``a..z-1`` if they were staged ahead, else None."""
+        p = self._prestaged
+        if p is None or (p[0], p[1]) != (a, z):
+            return None
+        self._prestaged = None
+        return p[2], p[3]
+
+    def drop_prestaged(self):
+        """``(job, token)`` of a group staged ahead and never asked for (the caller frees it), else None."""
+        p, self._prestaged = self._prestaged, None
+        return None if p is None else (p[2], p[3])
 
     def drop_preloaded(self) -> None:
         """Give a preloaded group that was never used back to its pool."""

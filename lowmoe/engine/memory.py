@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import threading
 import weakref
 
 
@@ -51,6 +52,7 @@ class Accountant:
     """Device bytes held by lowmoe's weights (+ the planned activation bytes): current and peak.
 
     ``track(obj, nbytes)`` counts ``nbytes`` until ``obj`` is garbage-collected (or ``release``d).
+    Thread-safe: the layer reader and the expert loader add and release from their own threads.
     """
 
     def __init__(self, activation_bytes: int = 0):
@@ -59,17 +61,20 @@ class Accountant:
         self.peak = activation_bytes
         self._live: dict[int, int] = {}
         self._next = 0
+        self._lock = threading.RLock()  # reentrant: a finalizer (track) may run in a GC inside add
 
     def add(self, nbytes: int) -> int:
-        token = self._next
-        self._next += 1
-        self._live[token] = nbytes
-        self.current += nbytes
-        self.peak = max(self.peak, self.current + self.activation_bytes)
-        return token
+        with self._lock:
+            token = self._next
+            self._next += 1
+            self._live[token] = nbytes
+            self.current += nbytes
+            self.peak = max(self.peak, self.current + self.activation_bytes)
+            return token
 
     def release(self, token: int) -> None:
-        self.current -= self._live.pop(token, 0)
+        with self._lock:
+            self.current -= self._live.pop(token, 0)
 
     def track(self, obj, nbytes: int) -> int:
         token = self.add(nbytes)

@@ -163,12 +163,13 @@ class Stream:
         return self.tokens.input_ids[sl]
 
     def materialize(self, layer_idx: int, runtime_state: dict, *, num_experts: int | None = None, top_k: int | None = None,
-                    experts: ExpertSource | None = None):
+                    experts: ExpertSource | None = None, kept: tuple | None = None):
         """``hf.materialize_layer`` on this stream's device, under its budget (experts chunked if needed),
         or with quantized linear weights (``quant``; never chunked, see ``quant.check_quant_budget``).
-        ``experts``: the routed experts are not in ``runtime_state`` but read from this source in groups."""
+        ``experts``: the routed experts are not in ``runtime_state`` but read from this source in groups;
+        ``kept``: ``(module, keep)``, they are experts ``keep`` of another layer's module on the device."""
         if self.quant != "none":
-            if experts is not None:
+            if experts is not None or kept is not None:
                 raise ConfigError("--quant: quantized layers are built from whole layers (not with lazily read experts)")
             if num_experts is not None or top_k is not None:
                 raise ConfigError("--quant: quantized layers are built with the model's own expert count and top-k")
@@ -176,7 +177,7 @@ class Stream:
                                          accountant=self.placer.accountant)
         with self.io.stage("materialize"):
             return self.placer.materialize(self.skel, layer_idx, runtime_state, num_experts=num_experts, top_k=top_k,
-                                           experts=experts)
+                                           experts=experts, kept=kept)
 
     def layers(self, start: int, moe: set[int], *, lazy: bool = False) -> LayerReader:
         """``(layer_idx, LayerData)`` from ``start`` on; layer L+1 is read while L computes.
@@ -230,9 +231,12 @@ class Stream:
         self.cache.write(boundary, chunk, host, checked=checked)
 
     @torch.no_grad()
-    def forward(self, layer_idx: int, module, *, write: bool, probe=None, adapter=None, read_boundary: int | None = None):
+    def forward(self, layer_idx: int, module, *, write: bool, probe=None, adapter=None, read_boundary: int | None = None,
+                stage_next: bool = False):
         """Run every cached chunk of boundary ``layer_idx`` through ``module``; optionally hook its
         MoE block with ``probe(call)`` and write the outputs to boundary ``layer_idx + 1``.
+        ``stage_next``: this is the layer's last pass: once its first chunk has run (its experts are
+        on the device), the next layer's first expert group may be staged (``Placer.stage_next``).
 
         A layer whose routed experts visit the device in several groups runs its chunks in waves of
         ``wave_chunks`` (``experts.run_wave``): each group is brought to the device once per wave,
@@ -304,6 +308,9 @@ class Stream:
                 if single is not None:
                     done(*single)
                     del single
+                if stage_next:
+                    stage_next = False
+                    self.placer.stage_next(layer_idx, _routed_experts(adapter, module))
         finally:
             writer.close()
 
@@ -351,7 +358,7 @@ def walk(stream: Stream, layers, *, observers_for: Callable[[int], list], decide
         module = stream.materialize(idx, data.runtime, experts=source)
         del data
         if idx not in moe:
-            stream.forward(idx, module, write=True)
+            stream.forward(idx, module, write=True, stage_next=True)
             del module
             with stream.io.stage("apply"):
                 apply(idx, tensors, None)
@@ -365,7 +372,7 @@ def walk(stream: Stream, layers, *, observers_for: Callable[[int], list], decide
                         o.observe(call)
 
             probe.needs_expert_outputs = any(getattr(o, "needs_expert_outputs", False) for o in observers)
-            stream.forward(idx, module, write=not sequential, probe=probe, adapter=adapter)
+            stream.forward(idx, module, write=not sequential, probe=probe, adapter=adapter, stage_next=not sequential)
             if not (sequential and source is not None):
                 release_layer(module)
                 module = None
@@ -377,23 +384,29 @@ def walk(stream: Stream, layers, *, observers_for: Callable[[int], list], decide
                 if lp is None:
                     raise ValueError(f"layer {idx}: a sequential pass needs a plan for every MoE layer")
                 if source is not None and selection_only(lp):
-                    # the kept experts: copied from the device when the whole layer is there, else read
-                    # from the same shards in groups; the rest as written
-                    kept = resident_selection(adapter, module, lp.keep)
-                    release_layer(module)
-                    module = None
+                    # the kept experts: those of the layer on the device when all of it is there (its
+                    # module stays until the pruned pass is done), else read from the same shards in
+                    # groups; the rest as written
+                    whole = resident_experts(adapter, module) if lp.keep == sorted(lp.keep) else None
+                    if whole is None:
+                        release_layer(module)
+                        module = None
                     rest = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k not in _expert_keys(adapter, idx, out)}
                     pruned = stream.materialize(idx, adapter.to_runtime(idx, rest, True), num_experts=num_experts,
-                                                top_k=top_k, experts=kept if kept is not None else source.subset(lp.keep))
+                                                top_k=top_k, **({"kept": (whole, lp.keep)} if whole is not None
+                                                                else {"experts": source.subset(lp.keep)}))
                 else:
                     if module is not None:
                         release_layer(module)
                         module = None
                     pruned = stream.materialize(idx, adapter.to_runtime(idx, _decoded(out), True), num_experts=num_experts,
                                                 top_k=top_k)
-                stream.forward(idx, pruned, write=True)
+                stream.forward(idx, pruned, write=True, stage_next=True)
                 release_layer(pruned)
                 del pruned
+                if module is not None:
+                    release_layer(module)
+                    module = None
             del out
             step = LayerStep(idx, lp, observers)
         del tensors, source
@@ -413,14 +426,21 @@ def _decoded(out: dict) -> dict:
     return {k: (v if isinstance(v, torch.Tensor) else v.read()) for k, v in out.items()}
 
 
-def resident_selection(adapter, module, keep: list[int]):
-    """The kept experts of ``module``'s streamed experts as an in-memory source, when the whole layer's
-    experts are on the device (``ChunkedExperts.resident_selection``); else None."""
+def _routed_experts(adapter, module):
+    """The routed-experts module of a decoder layer, None for a dense one."""
+    try:
+        return moe_modules(adapter, module)[2]
+    except AttributeError:
+        return None
+
+
+def resident_experts(adapter, module):
+    """The routed experts of ``module`` as one module on the device now, when all of them are there
+    (``ChunkedExperts.resident_whole``); else None."""
     if module is None:
         return None
-    experts = moe_modules(adapter, module)[2]
-    pick = getattr(experts, "resident_selection", None)
-    return pick(keep) if callable(pick) else None
+    pick = getattr(_routed_experts(adapter, module), "resident_whole", None)
+    return pick() if callable(pick) else None
 
 
 def release_layer(module) -> None:
