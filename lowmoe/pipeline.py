@@ -117,6 +117,8 @@ class PruneConfig:
                                   f"(or pass --top-k to only reduce the experts per token)")
         if self.top_k is not None and not 1 <= self.top_k:
             raise ConfigError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.plan is None:  # a bad --method-option fails here, before the output folder is made
+            methods.check_options(self.method, ck.num_experts, self.top_k or ck.top_k, self.seed, self.method_options)
 
     # ---- what runners use (``methods.RUNNERS``: fn(run, cfg, top_k)) -----------------------------
     def compute_device(self) -> torch.device:

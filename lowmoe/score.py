@@ -40,7 +40,7 @@ from .engine.progress import progress as progress_bar
 from .engine.quant import check_quant_budget, check_quant_mode
 from .engine.stream import Stream, calibration_tokens, plan_stream_budget, walk, with_setup
 from .errors import ConfigError
-from .methods import ScoreThenKeep, make_layer_method, scoring_methods
+from .methods import ScoreThenKeep, make_layer_method, options_per_method, scoring_methods
 from .methods.scoring import choose_keep
 from .methods.scoring.super_experts import MaximaObserver
 from .pipeline import PruneConfig
@@ -91,6 +91,9 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
     check_sources(calib)
     ck = Checkpoint(Path(model))
     ck.validate()
+    per_method = options_per_method(methods, method_options or {})
+    for m in methods:  # a bad --method-option fails here, before any work
+        make_layer_method(m, ck.num_experts, ck.top_k, seed=seed, **per_method[m])
     lazy = quant == "none"  # routed experts read from the shards a group at a time, as prune reads them
     budget = plan_stream_budget(ck, device=dev, dtype=compute_dtype, batch_size=batch_size, seq_len=seq_len,
                                 max_vram=max_vram, max_ram=max_ram, prefetch=prefetch, lazy=lazy, n_samples=n_samples)  # fails here if it cannot hold
@@ -114,7 +117,7 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
         t_pass = time.perf_counter()
         setup["setup"] = t_pass - t_begin - setup["tokenize"]  # the model skeleton (transformers' modeling code)
         stream.embed()
-        layers = _score_layers(stream, ck, methods, keep_n, seed, method_options or {}, protect_super_experts, progress)
+        layers = _score_layers(stream, ck, methods, keep_n, seed, per_method, protect_super_experts, progress)
         wall = time.perf_counter() - t_pass
         io = {**stream.io.to_json(wall), **stream.files.to_json()}
         stages = with_setup(stream.stages(time.perf_counter() - t_begin), setup, time.perf_counter() - t_begin)
@@ -143,8 +146,6 @@ def _score_layers(stream: Stream, ck: Checkpoint, methods: list[str], keep_n: in
     adapter = ck.adapter
     groups = keep_groups(ck, keep_n) if keep_n else 1
     maxima = MaximaObserver(ck.num_experts) if protect else None
-    if not (method_options and set(method_options) <= set(methods)):
-        method_options = {m: dict(method_options) for m in methods}  # flat options: the same for every method
     layers: dict[int, dict] = {}
 
     def observers_for(layer_idx: int) -> list:

@@ -23,7 +23,10 @@ from ..engine.apply import PlanFields
 from ..errors import ConfigError
 from .base import LayerMethod, ScoreThenKeep
 from .eep import run_eep
+from .eep.runner import OPTION_NAMES as EEP_OPTION_NAMES, parse_options as parse_eep_options
 from .merging import DiverseGroup, Dern, HcMerge, MergeFreq, apply_alignment, apply_neurons, run_c_prune
+from .merging.c_prune import OPTIONS as C_PRUNE_OPTIONS
+from .options import parse_options
 from .reconstruction import ReconstructionMethod
 from .scoring import SCORERS, make_scorer
 
@@ -34,6 +37,45 @@ RUNNERS = {"eep": run_eep, "c-prune": run_c_prune}
 # runners that share their work among the processes of a torchrun launch (``engine.dist``)
 DISTRIBUTED = ("eep",)
 PLAN_FIELDS = PlanFields(pre={"align": apply_alignment}, post={"neurons": apply_neurons})
+
+
+def option_spec(name: str) -> dict:
+    """Every ``--method-option`` of method ``name``: ``{option: (default, kind)}``."""
+    if name in LAYER_METHODS:
+        return LAYER_METHODS[name].option_spec()
+    if name in SCORERS:
+        return dict(SCORERS[name].OPTIONS)
+    if name == "c-prune":
+        return dict(C_PRUNE_OPTIONS)
+    if name == "eep":
+        return {k: (None, str) for k in EEP_OPTION_NAMES}
+    raise ConfigError(f"--method {name!r}: unknown; choose one of: {', '.join(method_names())}")
+
+
+def check_options(name: str, num_experts: int, top_k: int, seed: int, options: dict) -> None:
+    """Refuse a bad ``--method-option`` (unknown name, value of the wrong kind) for method ``name`` with
+    the method's own one-line ConfigError, before any work (the output folder is not made yet)."""
+    if name == "eep":
+        parse_eep_options(dict(options), seed)
+    elif name == "c-prune":
+        parse_options(name, dict(options), C_PRUNE_OPTIONS)
+    else:
+        make_layer_method(name, num_experts, top_k, seed=seed, **options)
+
+
+def options_per_method(names: list[str], options: dict) -> dict[str, dict]:
+    """``lowmoe score``'s options for several methods: per method (``{"reap": {...}}``) as given, or
+    flat (``{"renormalize": "false"}``), each method taking the options it has. A flat option no
+    method has is a ConfigError naming it."""
+    if options and set(options) <= set(names):
+        return {m: dict(options.get(m) or {}) for m in names}
+    specs = {m: option_spec(m) for m in names}
+    for key in options:
+        if key != "seed" and not any(key in s for s in specs.values()):
+            valid = sorted(set().union(*specs.values()))
+            raise ConfigError(f"--method-option {key}: not an option of --method {','.join(names)}; "
+                              f"valid: {', '.join(valid) or 'none'}")
+    return {m: {k: v for k, v in options.items() if k in specs[m]} for m in names}
 
 
 def make_layer_method(name: str, num_experts: int, top_k: int, **options) -> LayerMethod:
@@ -55,5 +97,5 @@ def scoring_methods() -> list[str]:
     return sorted(set(SCORERS) | set(LAYER_METHODS))
 
 
-__all__ = ["LAYER_METHODS", "PLAN_FIELDS", "RUNNERS", "LayerMethod", "ScoreThenKeep", "make_layer_method",
-           "method_names", "scoring_methods"]
+__all__ = ["LAYER_METHODS", "PLAN_FIELDS", "RUNNERS", "LayerMethod", "ScoreThenKeep", "check_options",
+           "make_layer_method", "method_names", "option_spec", "options_per_method", "scoring_methods"]

@@ -21,9 +21,15 @@ class LayerMethod:
 
     name = "base"
     needs_expert_outputs = False
+    OPTIONS: dict = {}  # --method-option name -> (default, kind) (``options.parse_options``)
 
     def __init__(self, num_experts: int, top_k: int, **options):
         self.num_experts, self.top_k, self.options = num_experts, top_k, options
+
+    @classmethod
+    def option_spec(cls) -> dict:
+        """Every ``--method-option`` this method takes: ``{name: (default, kind)}``."""
+        return dict(cls.OPTIONS)
 
     def observe(self, call: MoeCall) -> None:
         raise NotImplementedError

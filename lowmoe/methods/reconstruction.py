@@ -44,6 +44,7 @@ from ..errors import ConfigError
 from ..engine.hf import MoeCall, expert_output
 from .base import LayerMethod
 from ..engine.plan import LayerPlan
+from .options import parse_options
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +122,13 @@ class ReconstructionMethod(LayerMethod):
     name = "reconstruction"
     needs_expert_outputs = False
 
-    def __init__(self, num_experts: int, top_k: int, seed: int = 0, max_tokens: int = 4096,
-                 gram_bytes: int = 512 * 2**20, exhaustive_limit: int = 20000, beam: int | None = None, **options):
+    OPTIONS = {"max_tokens": (4096, int), "gram_bytes": (512 * 2**20, int), "exhaustive_limit": (20000, int),
+               "beam": (None, int)}
+
+    def __init__(self, num_experts: int, top_k: int, seed: int = 0, **options):
         super().__init__(num_experts, top_k, **options)
+        opts = parse_options(self.name, options, self.OPTIONS)
+        max_tokens, gram_bytes, exhaustive_limit, beam = (opts[k] for k in ("max_tokens", "gram_bytes", "exhaustive_limit", "beam"))
         e = num_experts
         self.max_tokens = max(1, min(int(max_tokens), int(gram_bytes) // (4 * e * e)))
         self.exhaustive_limit = int(exhaustive_limit)

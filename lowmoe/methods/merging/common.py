@@ -34,50 +34,13 @@ import logging
 import numpy as np
 import torch
 
-from ...errors import ConfigError
 from ..base import LayerMethod
 from ...engine.plan import LayerPlan
+from ..options import parse_options
 from .align import align_groups
 from .stats import LayerStats
 
 log = logging.getLogger(__name__)
-
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-
-
-def parse_options(method: str, options: dict, spec: dict) -> dict:
-    """Validate ``options`` against ``spec`` {name: (default, type or tuple of allowed strings)}."""
-    out = {}
-    for key, value in options.items():
-        if key == "seed":
-            continue
-        if key not in spec:
-            raise ConfigError(f"--method-option {key}: not an option of --method {method}; "
-                              f"valid: {', '.join(sorted(spec)) or 'none'}")
-    for key, (default, kind) in spec.items():
-        v = options.get(key, default)
-        where = f"--method-option {key}={v!r} (method {method})"
-        if v is None or v == default:
-            out[key] = v
-        elif isinstance(kind, tuple):
-            if str(v) not in kind:
-                raise ConfigError(f"{where}: expected one of {', '.join(kind)}")
-            out[key] = str(v)
-        elif kind is bool:
-            s = str(v).strip().lower()
-            if isinstance(v, bool) or s in _TRUE | _FALSE:
-                out[key] = v if isinstance(v, bool) else s in _TRUE
-            else:
-                raise ConfigError(f"{where}: expected true or false")
-        else:
-            try:
-                out[key] = kind(v)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{where}: expected a {kind.__name__}") from None
-            if isinstance(out[key], (int, float)) and out[key] < 0:
-                raise ConfigError(f"{where}: must be >= 0")
-    return out
-
 
 REPORT_MATRIX_MAX = 64  # E x E matrices go into the report only up to this many experts
 
@@ -206,11 +169,15 @@ class MergeMethod(LayerMethod):
     ``make_groups(...) -> list of groups, leader first``."""
 
     OPTIONS: dict = {}
+
+    @classmethod
+    def option_spec(cls) -> dict:
+        return {**COMMON_OPTIONS, **cls.OPTIONS}
     needs_expert_outputs = False  # all-token outputs are computed by LayerStats itself
 
     def __init__(self, num_experts: int, top_k: int, **options):
         super().__init__(num_experts, top_k, **options)
-        self.opts = parse_options(self.name, options, {**COMMON_OPTIONS, **self.OPTIONS})
+        self.opts = parse_options(self.name, options, self.option_spec())
         self.stats = LayerStats(num_experts, top_k, max_tokens=self.opts["max_tokens"], **self.stats_kwargs())
         self.groups: list[list[int]] | None = None
         self.info: dict = {}

@@ -8,6 +8,7 @@ highest-scoring experts of each layer. ``reconstruction`` (NAEE search) lives in
 from __future__ import annotations
 
 from ...errors import ConfigError
+from ..options import parse_options
 from .base import FrequencyScorer, GateMassScorer, Scorer, choose_keep, router_probs
 from .easy_ep import EasyEpScorer
 from .reap import ReapScorer
@@ -22,7 +23,7 @@ def make_scorer(name: str, num_experts: int, top_k: int, **options) -> Scorer:
     cls = SCORERS.get(name)
     if cls is None:
         raise ConfigError(f"--method {name!r} is not a scoring method; choose one of: {', '.join(sorted(SCORERS))}")
-    return cls(num_experts, top_k, **options)
+    return cls(num_experts, top_k, **parse_options(name, options, cls.OPTIONS))  # checked and converted
 
 
 __all__ = ["SCORERS", "Scorer", "choose_keep", "make_scorer", "router_probs"]

@@ -34,6 +34,7 @@ def router_probs(call: MoeCall) -> torch.Tensor:
 
 class Scorer:
     name: str = "base"
+    OPTIONS: dict = {}  # --method-option name -> (default, kind) (``methods.options.parse_options``)
     # Whether observe() needs each routed expert's own output f_e(x) (MoeCall.expert_outputs).
     needs_expert_outputs: bool = False
 

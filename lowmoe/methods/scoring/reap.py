@@ -23,6 +23,8 @@ class ReapScorer(Scorer):
     name = "reap"
     needs_expert_outputs = True
 
+    OPTIONS = {"renormalize": (True, bool)}
+
     def __init__(self, num_experts: int, top_k: int, renormalize: bool = True, **options):
         super().__init__(num_experts, top_k, **options)
         self.renormalize = bool(renormalize)

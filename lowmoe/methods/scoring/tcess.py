@@ -21,6 +21,8 @@ from .base import Scorer
 class TcessScorer(Scorer):
     name = "tcess"
 
+    OPTIONS = {"k": (None, int), "threshold": (0.0, float)}
+
     def __init__(self, num_experts: int, top_k: int, k: int | None = None, threshold: float = 0.0, **options):
         super().__init__(num_experts, top_k, **options)
         self.k = int(k or top_k)
