@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import random
 
 import pytest
 import torch
@@ -112,3 +113,76 @@ def test_datasets_inputs(tmp_path, tok):
     datasets.Dataset.from_dict({"text": []}).save_to_disk(str(tmp_path / "empty"))
     with pytest.raises(CalibrationError, match="empty: (dataset has no rows|cannot read it with datasets)"):
         tokenize([tmp_path / "empty"], tok, seq_len=8, n_samples=1)
+
+
+def _trained_tokenizers(corpus: list[str]) -> dict:
+    """Small tokenizers of the kinds real checkpoints ship, trained here: byte-level BPE with GPT-2's
+    regex, Metaspace + Unigram (SentencePiece), BPE with no pre-tokenizer over the whole text
+    (Llama-2-style SentencePiece BPE) and WordPiece (BERT)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out = {}
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    out["byte-level bpe"] = t
+    t = Tokenizer(models.Unigram())
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    t.train_from_iterator(corpus, trainers.UnigramTrainer(vocab_size=400, unk_token="<unk>", special_tokens=["<unk>"]))
+    out["metaspace unigram"] = t
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>"]))
+    out["bpe, no pre-tokenizer"] = t
+    t = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    t.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=500, special_tokens=["[UNK]"]))
+    out["wordpiece"] = t
+    return {k: PreTrainedTokenizerFast(tokenizer_object=v) for k, v in out.items()}
+
+
+def test_a_long_document_is_tokenized_from_a_prefix_with_the_whole_documents_ids():
+    """``encode_prefix`` gives (at least) the first ``need`` ids of the whole text's tokenization, for
+    every kind of tokenizer, at sizes where the prefix is cut (the text is several times PREFIX_MIN_CHARS)."""
+    from lowmoe.engine.calibration import PREFIX_MIN_CHARS, encode_prefix
+
+    rng = random.Random(0)
+    words = ["the", "model", "routes", "tokens", "to", "experts", "def", "f(x):", "return", "x", "+", "1", "12", "=",
+             "42,", "naïve", "über", "日本語", "🙂", "\t", "  ", "mixture-of-experts", "(a,b)"]
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 14))) for _ in range(30000)]
+    text = "\n".join(lines)
+    assert len(text) > 4 * PREFIX_MIN_CHARS
+    for name, tok in _trained_tokenizers(lines[:2000]).items():
+        full = tok(text, add_special_tokens=False)["input_ids"]
+        for need in (1, 700, 5000, len(full) // 3):
+            got = encode_prefix(text, tok, need)
+            assert len(got) >= need and got == full[:len(got)], (name, need)
+        assert encode_prefix(text, tok, len(full) + 10) == full, name  # more than it has: the whole text
+        assert encode_prefix(text, tok, None) == full
+
+
+def test_tokenize_reads_a_long_text_file_only_as_far_as_it_needs(tmp_path, monkeypatch):
+    """Packing windows from a long text file tokenizes a prefix, not the whole file, and gives the
+    windows tokenizing the whole file gives."""
+    from lowmoe.engine import calibration as cal
+
+    rng = random.Random(1)
+    doc = tmp_path / "big.txt"
+    doc.write_text("\n".join(" ".join(rng.choice(["alpha", "beta", "gamma", "delta."]) for _ in range(12))
+                             for _ in range(60000)))
+    tok = _trained_tokenizers(doc.read_text()[:20000].splitlines())["byte-level bpe"]
+    seen = []
+    real = tok.__class__.__call__
+
+    def spy(self, text, **kw):
+        seen.append(len(text))
+        return real(self, text, **kw)
+
+    monkeypatch.setattr(tok.__class__, "__call__", spy)
+    got = cal.tokenize([doc], tok, seq_len=64, n_samples=8)
+    assert max(seen) < len(doc.read_text()) // 4, seen
+    monkeypatch.setattr(cal, "PREFIX_MIN_CHARS", 1 << 40)  # never a prefix: the whole file
+    whole = cal.tokenize([doc], tok, seq_len=64, n_samples=8)
+    assert torch.equal(got.input_ids, whole.input_ids) and torch.equal(got.count_mask, whole.count_mask)

@@ -287,8 +287,44 @@ def load_tokenizer(model_dir: str | Path):
                                "calibration text needs it") from None
 
 
-def _encode(doc: Document, tok, answer_only: bool) -> tuple[list[int], list[bool]]:
-    p = tok(doc.prompt, add_special_tokens=False)["input_ids"]
+# A long plain-text document is tokenized from a prefix of it that holds what the windows need (and
+# as much again, at least 256 tokens more, so no token near the cut is ever used): at least
+# PREFIX_CHARS_PER_TOKEN characters per token wanted and PREFIX_MIN_CHARS, cut after a line break
+# or space, four times longer while it holds too few tokens. Tokens are local to the text around
+# them (every tokenizer splits at whitespace first, or merges only adjacent symbols), so the ids are
+# the first ones of the whole document's (tested on byte-level BPE, Metaspace/Unigram and
+# SentencePiece-style BPE without pre-tokenizer), and a 100 MB corpus file costs what its first
+# windows cost.
+PREFIX_CHARS_PER_TOKEN = 32
+PREFIX_MIN_CHARS = 1 << 16
+
+
+def _prefix_end(text: str, n: int) -> int:
+    """Where to cut ``text`` near ``n`` characters: just after the last line break in ``text[n//2:n]``,
+    else the last space, else at ``n``."""
+    for sep in ("\n", " "):
+        i = text.rfind(sep, n // 2, n)
+        if i >= 0:
+            return i + 1
+    return n
+
+
+def encode_prefix(text: str, tok, need: int | None) -> list[int]:
+    """The token ids of ``text`` (no special tokens), or only its first ones, at least ``need``, when
+    ``need`` is given and the text is long (see PREFIX_CHARS_PER_TOKEN)."""
+    n = max(PREFIX_MIN_CHARS, PREFIX_CHARS_PER_TOKEN * need) if need else len(text)
+    while n < len(text):
+        ids = tok(text[:_prefix_end(text, n)], add_special_tokens=False)["input_ids"]
+        if len(ids) >= need + max(need, 256):
+            return ids[:need]
+        n *= 4
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _encode(doc: Document, tok, answer_only: bool, need: int | None = None) -> tuple[list[int], list[bool]]:
+    """A document's ids and which count; ``need``: only the first ``need`` are used (plain text is
+    then tokenized from a prefix, ``encode_prefix``)."""
+    p = encode_prefix(doc.prompt, tok, need if not doc.answer else None)
     a = tok(doc.answer, add_special_tokens=False)["input_ids"] if doc.answer else []
     ids = p + a
     count = ([not answer_only] * len(p)) + [True] * len(a)
@@ -323,7 +359,7 @@ def tokenize(sources: list[str | Path], tokenizer, *, seq_len: int = 256, n_samp
             for doc in docs:
                 if len(ids_all) >= want * seq_len:
                     break  # enough for every window wanted: the rest of the file is never tokenized
-                ids, cnt = _encode(doc, tokenizer, answer_only)
+                ids, cnt = _encode(doc, tokenizer, answer_only, need=want * seq_len - len(ids_all))
                 ids_all += ids + [eos]
                 cnt_all += cnt + [False]
             for start in range(0, len(ids_all), seq_len):
