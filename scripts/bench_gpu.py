@@ -13,6 +13,9 @@ frequency``: read, score, write, propagate, layer by layer) and compare:
   resident    the same prune as ``overlap`` with the model's shard files read once just before the
               clock starts, so every read is served from the page cache (warm): what is left is the
               pass without the disk. (The cold runs drop the page cache first when this process may.)
+  warm        the ``resident`` prune in a process that has already imported what the pass imports
+              (transformers' tokenizer and the family's modeling code, loaded before the clock
+              starts): a second prune in the same Python session, or the Python API in a notebook
   score       ``lowmoe.score.score(method="frequency")`` on the same tokens (no model written)
   accelerate  transformers + accelerate, what a user would do instead: ``from_pretrained(...,
               device_map="auto", max_memory=--accelerate-max-memory, offload_folder=<tmp>)``, then
@@ -25,7 +28,8 @@ frequency``: read, score, write, propagate, layer by layer) and compare:
 
 Then the ratios of issue 15: score / read (target <= 1.3), overlap / (read + write) (<= 1.3),
 accelerate / overlap (>= 3, at no more peak RSS), overlap / serial (prefetch never slower: <= 1),
-and (resident - compute) / resident from the report's per-stage timings when it has them (< 10%).
+and (resident - compute) / resident from the report's per-stage timings when it has them (< 10%),
+also for the ``warm`` run (the same without Python's one-time imports).
 The accelerate run's counts are checked against ``lowmoe score``'s (or the prune plan's) for the
 first MoE layer.
 
@@ -59,7 +63,7 @@ from pathlib import Path
 
 from _bench import BENCH_DIR, drop_caches, ensure_model, machine, save_result  # noqa: E402
 
-PRUNE_RUNS = ("overlap", "serial", "resident", "budget", "ram")
+PRUNE_RUNS = ("overlap", "serial", "resident", "warm", "budget", "ram")
 ALL_RUNS = ("profile", "read", "write") + PRUNE_RUNS + ("score", "accelerate")
 
 
@@ -176,11 +180,13 @@ def prune_run(spec: dict) -> dict:
         opts["max_vram"] = spec["max_vram"]
     if run == "ram":
         opts["max_ram"] = spec["max_ram"]
-    if run == "resident":
+    if run in ("resident", "warm"):
         # the shards read once before the clock starts: the prune's reads then come from the page cache
         t0 = time.perf_counter()
         read_all(model)
         out["preload_s"] = time.perf_counter() - t0
+    if run == "warm":
+        out["imports_s"] = warm_imports(model)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -196,6 +202,21 @@ def prune_run(spec: dict) -> dict:
         out["cuda_peak"] = int(torch.cuda.max_memory_allocated())
     shutil.rmtree(spec["out"], ignore_errors=True)
     return out
+
+
+def warm_imports(model: Path) -> float:
+    """Import what a streamed pass imports on its first run in a process, untimed by the prune: the
+    model's tokenizer (transformers' tokenization code) and its decoder layers' modeling code (the
+    meta-device skeleton). Returns the seconds it took."""
+    from lowmoe.engine.calibration import load_tokenizer
+    from lowmoe.engine.checkpoint import Checkpoint
+    from lowmoe.engine.hf import ModelSkeleton
+
+    t0 = time.perf_counter()
+    ck = Checkpoint(model)
+    load_tokenizer(ck.path)
+    ModelSkeleton(ck.config, ck.adapter)
+    return time.perf_counter() - t0
 
 
 def profile_run(spec: dict) -> dict:
@@ -418,14 +439,14 @@ def ratios(results: dict, write_bytes: int | None) -> tuple[dict, list[str]]:
         v = R["overlap"] / R["serial"]
         put("overlap/serial", v, "<= 1", v <= 1.0,
             f"prefetch: overlap {R['overlap']:.2f} s vs serial (--no-prefetch) {R['serial']:.2f} s = {v:.2f}")
-    if "resident" in R:
-        st = results["resident"].get("stages") or {}
+    for run, what in (("resident", "warm page cache"), ("warm", "warm page cache and imports")):
+        st = (results.get(run) or {}).get("stages") or {}
         comp = st.get("compute", {}).get("s") if isinstance(st.get("compute"), dict) else None
-        if comp is not None:
-            v = (R["resident"] - comp) / R["resident"]
-            put("(resident-compute)/resident", v, "< 0.1", v < 0.1,
-                f"resident (warm page cache) {R['resident']:.2f} s, compute stage {comp:.2f} s: "
-                f"(resident - compute) / resident = {100 * v:.1f}%")
+        if run in R and comp is not None:
+            v = (R[run] - comp) / R[run]
+            put(f"({run}-compute)/{run}", v, "< 0.1", v < 0.1,
+                f"{run} ({what}) {R[run]:.2f} s, compute stage {comp:.2f} s: "
+                f"({run} - compute) / {run} = {100 * v:.1f}%")
     if {"read", "resident", "overlap"} <= set(R):
         floor = max(R["read"], R["resident"])
         v = R["overlap"] / floor
@@ -567,7 +588,7 @@ def main() -> None:
             save()
             continue
         r = json.loads(line[0][7:])
-        r["cold_cache"] = cold and run != "resident"
+        r["cold_cache"] = cold and run not in ("resident", "warm")
         walls.setdefault(run, []).append(r["wall_s"])
         r["walls_s"] = walls[run]
         r["wall_s"] = sorted(walls[run])[len(walls[run]) // 2]  # median so far
@@ -575,6 +596,8 @@ def main() -> None:
         extra = ""
         if r.get("preload_s") is not None:
             extra += f"  (shards read into the page cache first: {r['preload_s']:.2f} s, untimed)"
+        if r.get("imports_s") is not None:
+            extra += f"  (tokenizer and modeling code imported first: {r['imports_s']:.2f} s, untimed)"
         if run == "write":
             extra += f"  {gb(r['bytes'])} at {r['write_bytes_per_s'] / 1e9:.2f} GB/s (fsync)"
         if run == "read":
@@ -594,7 +617,7 @@ def main() -> None:
             extra += f"  CUDA peak {gb(r['cuda_peak'])}"
         if r.get("peak_rss"):
             extra += f"  peak RSS {gb(r['peak_rss'])}"
-        cache = "" if r["cold_cache"] else (" (warm page cache)" if run != "resident" else " (warm by design)")
+        cache = "" if r["cold_cache"] else (" (warm page cache)" if run not in ("resident", "warm") else " (warm by design)")
         print(f"{run:10s} {walls[run][-1]:8.2f} s{cache}{extra}", flush=True)
         save()
     shutil.rmtree(work, ignore_errors=True)
