@@ -190,3 +190,16 @@ def test_nan_in_an_expert_is_found_on_the_device(synth_dir, calib_txt, tmp_path)
     edit_checkpoint(src, poison)
     with pytest.raises(CheckpointError, match="layer 1"):
         lowmoe.prune(src, tmp_path / "out", calib=[calib_txt], device="cuda", **OPTS)
+
+
+def test_next_layers_first_group_is_staged_on_the_device(synth_dir, calib_txt, tmp_path):
+    """On CUDA the next layer's first group is copied on the side stream while this layer runs its last
+    pass: the same bytes as --no-prefetch, every later layer staged ahead, lowmoe's books inside the plan."""
+    src = synth_dir("mixtral", **BIG)
+    kw = dict(OPTS, method="frequency", device="cuda", protect_super_experts=False)
+    on = lowmoe.prune(src, tmp_path / "on", calib=[calib_txt], prefetch=True, **kw)
+    off = lowmoe.prune(src, tmp_path / "off", calib=[calib_txt], prefetch=False, **kw)
+    assert on["budget"]["first_groups_staged_ahead"] == len(Checkpoint(src).moe_layers()) - 1
+    assert on["budget"]["accounted_peak_bytes"] <= on["budget"]["plan"]["device_peak_bytes"]
+    assert model_files(tmp_path / "on") == model_files(tmp_path / "off")
+    assert on["scores"] == off["scores"]
