@@ -232,3 +232,27 @@ def test_seeded_pick_rescores_the_seed_on_dev():
     unseeded = Evolution(sp, opts, train)
     unseeded.run()
     assert unseeded.pick(dev).cand.key() != key
+
+
+def test_population_streams_in_memory_equal_streams_on_disk(synth_dir, tmp_path, monkeypatch):
+    """The candidates' hidden states held in memory (the default when they fit) give the fitness
+    they give on disk, write nothing there, and ``retain`` forgets the streams it does not keep."""
+    from lowmoe.methods.eep import population as pop_mod
+
+    src = synth_dir("mixtral")
+    ck = Checkpoint(src)
+    data = FitnessData.from_records(records(), load_tokenizer(src))
+    space = SearchSpace.build(ck.moe_layers(), ck.num_experts, 4, "layer")
+    cands = population(space, np.random.default_rng(0))
+    kw = dict(device="cpu", dtype=torch.float32, top_k=2, batch_size=4)
+    mem = PopulationEvaluator(ck, layer_weights(ck, "none", None), space, data, tmp_path / "mem", **kw)
+    got = mem.evaluate(cands)
+    assert mem.stats["activations"]["disk_bytes_written"] == 0 and mem.stats["activations"]["memory_peak_bytes"] > 0
+    monkeypatch.setattr(pop_mod, "memory_slack", lambda *a, **k: 0)
+    disk = PopulationEvaluator(ck, layer_weights(ck, "none", None), space, data, tmp_path / "disk", **kw)
+    assert [(f.acc, f.ll) for f in disk.evaluate(cands)] == [(f.acc, f.ll) for f in got]
+    assert disk.stats["activations"]["disk_bytes_written"] > 0
+    held = mem.cache.memory_bytes
+    kept = mem.retain(cands[:1])
+    assert 0 < mem.cache.memory_bytes < held and kept == mem.cache.memory_bytes
+    assert mem.evaluate(cands[:1]) == got[:1]

@@ -390,3 +390,30 @@ def test_no_group_is_staged_ahead_when_the_layers_run_in_groups(synth_dir, calib
     assert max(rep["budget"]["group_sizes"].values()) < Checkpoint(src).num_experts
     assert rep["budget"]["first_groups_staged_ahead"] == 0
     assert rep["budget"]["accounted_peak_bytes"] <= rep["budget"]["plan"]["device_peak_bytes"]
+
+
+def test_put_holds_chunks_in_memory_and_spills_the_least_recently_used(tmp_path):
+    """``ActivationCache.put``: chunks stay in memory up to the ``hold`` limit; beyond it the least
+    recently used go to disk (a read makes a chunk recent), a chunk larger than the limit goes there
+    directly, and every chunk reads back as it was put, from either place."""
+    from lowmoe.engine.cache import ActivationCache
+    from lowmoe.errors import CalibrationError
+
+    c = ActivationCache(tmp_path / "acts")
+    t = {i: torch.full((4, 8), float(i)) for i in range(4)}  # 128 bytes each
+    c.hold(2 * 128)
+    c.put(0, 0, t[0], "a")
+    c.put(0, 1, t[1], "a")
+    assert c.bytes_written == 0 and c.memory_bytes == 256
+    c.read(0, 0, "a")  # chunk 0 is now the most recently used: chunk 1 goes first
+    c.put(0, 2, t[2], "b")
+    assert not c.in_memory(0, 1, "a") and c.in_memory(0, 0, "a") and c.in_memory(0, 2, "b")
+    assert c.spilled_bytes == 128 and c.memory_bytes <= 256
+    c.put(0, 3, torch.zeros(100, 8), "c")  # larger than the limit: straight to disk
+    assert not c.in_memory(0, 3, "c") and c.has(0, 4, "c") is False and c.has(0, 1, "a")
+    for (b, k, s), want in {(0, 0, "a"): t[0], (0, 1, "a"): t[1], (0, 2, "b"): t[2]}.items():
+        assert torch.equal(c.read(b, k, s), want)
+    c.forget(lambda key: key[0] == "a")
+    assert c.memory_bytes == 128 and not c.in_memory(0, 0, "a")
+    with pytest.raises(CalibrationError, match="NaN/Inf"):
+        c.put(1, 0, torch.tensor([[float("nan")]]), "a")

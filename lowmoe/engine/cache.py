@@ -15,12 +15,15 @@ the tensors they are (on the GPU for a CUDA run): ``keep`` stores a chunk there 
 it without touching the disk or copying it. With ``persist`` (a prune, which can be resumed) a kept
 chunk is also written to disk, by the caller's background writer; without (``lowmoe score``, a
 streaming eval: nothing to resume) it never reaches the disk. ``Stream`` decides how much to hold
-from the budgets (``stream.activation_memory``).
+from the budgets (``stream.activation_memory``). ``put`` is the same for passes with many streams
+(EEP's candidates): held while they fit, the least recently used written to disk to make room.
 """
 
 from __future__ import annotations
 
 import shutil
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -40,7 +43,9 @@ class ActivationCache:
         self.memory_limit = 0  # bytes of chunks that may be kept in memory (``hold``)
         self.memory_bytes = 0  # bytes kept now
         self.memory_peak = 0
-        self._mem: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._mem: OrderedDict[tuple[str, int, int], torch.Tensor] = OrderedDict()  # least recently used first
+        self._lock = threading.RLock()  # a pass's chunk reader thread reads while its main thread keeps
+        self.spilled_bytes = 0  # held chunks written to disk to make room (``put``)
 
     def hold(self, nbytes: int) -> None:
         """Keep up to ``nbytes`` of chunks in memory from now on (``keep``)."""
@@ -50,16 +55,37 @@ class ActivationCache:
         """Whether a chunk of ``nbytes`` can be kept in memory now."""
         return self.memory_bytes + nbytes <= self.memory_limit
 
-    def keep(self, boundary: int, chunk: int, hidden: torch.Tensor, stream: str = "main") -> None:
+    def keep(self, boundary: int, chunk: int, hidden: torch.Tensor, stream: str = "main", checked: bool = False) -> None:
         """Hold ``hidden`` (any device) as chunk ``chunk`` of ``boundary``; ``read`` returns it as is."""
-        _check_finite(hidden, boundary, chunk)
+        if not checked:
+            _check_finite(hidden, boundary, chunk)
         key = (stream, boundary, chunk)
-        old = self._mem.pop(key, None)
-        if old is not None:
-            self.memory_bytes -= _nbytes(old)
-        self._mem[key] = hidden.detach()
-        self.memory_bytes += _nbytes(hidden)
-        self.memory_peak = max(self.memory_peak, self.memory_bytes)
+        with self._lock:
+            old = self._mem.pop(key, None)
+            if old is not None:
+                self.memory_bytes -= _nbytes(old)
+            self._mem[key] = hidden.detach()
+            self.memory_bytes += _nbytes(hidden)
+            self.memory_peak = max(self.memory_peak, self.memory_bytes)
+
+    def put(self, boundary: int, chunk: int, hidden: torch.Tensor, stream: str = "main") -> None:
+        """Store the chunk: in memory (``keep``) when it fits the ``hold`` limit, after writing the
+        least recently used held chunks to disk to make room; on disk when it alone is larger. For
+        passes with many streams (EEP's candidates): the chunks read next stay in memory, the ones
+        not touched for longest go to disk, and nothing is lost (``read`` finds either)."""
+        n = _nbytes(hidden)
+        if n > self.memory_limit:
+            self.write(boundary, chunk, hidden, stream)
+            return
+        _check_finite(hidden, boundary, chunk)
+        with self._lock:
+            self._forget(lambda k: k == (stream, boundary, chunk))  # replaced, not spilled
+            while self._mem and self.memory_bytes + n > self.memory_limit:
+                (s, b, c), old = next(iter(self._mem.items()))  # the least recently used
+                self.write(b, c, old, s, checked=True)
+                self.spilled_bytes += _nbytes(old)
+                self._forget(lambda k, key=(s, b, c): k == key)
+            self.keep(boundary, chunk, hidden, stream, checked=True)
 
     def in_memory(self, boundary: int, chunk: int, stream: str = "main") -> bool:
         return (stream, boundary, chunk) in self._mem
@@ -82,18 +108,26 @@ class ActivationCache:
     def read(self, boundary: int, chunk: int, stream: str = "main", device="cpu") -> torch.Tensor:
         """The chunk: the kept tensor itself (wherever it is) when held in memory, else read from disk
         onto ``device``."""
-        held = self._mem.get((stream, boundary, chunk))
-        if held is not None:
-            return held
+        key = (stream, boundary, chunk)
+        with self._lock:
+            held = self._mem.get(key)
+            if held is not None:
+                self._mem.move_to_end(key)  # now the most recently used
+                return held
         return load_file(str(self._dir(boundary, stream) / f"c{chunk:05d}.safetensors"), device=str(device))["h"]
 
     def has(self, boundary: int, num_chunks: int, stream: str = "main") -> bool:
         d = self._dir(boundary, stream)
         return all((stream, boundary, c) in self._mem or (d / f"c{c:05d}.safetensors").is_file() for c in range(num_chunks))
 
+    def forget(self, match) -> None:
+        """Drop the held chunks whose key ``(stream, boundary, chunk)`` matches (their disk copies stay)."""
+        self._forget(match)
+
     def _forget(self, match) -> None:
-        for key in [k for k in self._mem if match(k)]:
-            self.memory_bytes -= _nbytes(self._mem.pop(key))
+        with self._lock:
+            for key in [k for k in self._mem if match(k)]:
+                self.memory_bytes -= _nbytes(self._mem.pop(key))
 
     def drop(self, boundary: int, stream: str = "main") -> None:
         self._forget(lambda k: k[0] == stream and k[1] == boundary)

@@ -72,16 +72,23 @@ def activation_memory(ck: Checkpoint, tokens: CalibTokens, device: torch.device,
     and 1 GiB (a run without a budget should not grow by much more than the layer it computes)."""
     boundary = int(tokens.positions) * int(ck.config.get("hidden_size", 0)) * dtype_bytes(dtype)
     need = 2 * boundary
-    if budget is not None and budget.device_budget is not None:  # --max-vram (on CPU: its rehearsal)
-        slack = int(budget.device_budget * (1 - SAFETY)) - budget.device_peak_bytes
-    elif device.type == "cuda":
-        slack = torch.cuda.mem_get_info(device)[0] // 2 - (budget.device_peak_bytes if budget is not None else 0)
-    elif budget is not None and budget.max_ram is not None:
-        slack = int(budget.max_ram * (1 - SAFETY)) - budget.host_peak_bytes
-    else:
-        slack = min(available_memory() // 8, 1 << 30)
-    held = need if 0 < need <= slack else 0
+    held = need if 0 < need <= memory_slack(device, budget) else 0
     return {"boundary_bytes": boundary, "held_bytes": held, "where": (device.type if held else "disk")}
+
+
+def memory_slack(device: torch.device, budget=None) -> int:
+    """Bytes of hidden states a pass may keep in memory beside its planned peak (``budget``: a
+    ``budget.BudgetPlan`` or None), where they are computed: under ``--max-vram`` (on CPU: its
+    rehearsal) what the device budget leaves; on a CUDA device without it, half the memory free now
+    less the planned device peak; on the CPU under ``--max-ram`` what the host budget leaves; else an
+    eighth of the available memory, at most 1 GiB (a run without a budget should not grow by much)."""
+    if budget is not None and budget.device_budget is not None:
+        return int(budget.device_budget * (1 - SAFETY)) - budget.device_peak_bytes
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2 - (budget.device_peak_bytes if budget is not None else 0)
+    if budget is not None and budget.max_ram is not None:
+        return int(budget.max_ram * (1 - SAFETY)) - budget.host_peak_bytes
+    return min(available_memory() // 8, 1 << 30)
 
 
 def with_setup(stages: dict, setup: dict[str, float], wall_s: float) -> dict:

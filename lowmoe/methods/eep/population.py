@@ -58,6 +58,7 @@ from ...engine.experts import ChunkedExperts, KeptExperts
 from ...engine.hf import LayerInputsCache, ModelSkeleton, layer_config, whole_model, materialize, materialize_layer, run_layer, split_experts
 from ...engine.memory import Accountant
 from ...engine.progress import progress as progress_bar
+from ...engine.stream import memory_slack
 from ...engine.prefetch import IOStats
 from .fitness import Fitness, FitnessData, Head
 from .space import Candidate, SearchSpace
@@ -270,9 +271,12 @@ class LoadedLayer:
 
 class PopulationEvaluator:
     def __init__(self, ck: Checkpoint, weights, space: SearchSpace, data: FitnessData, root, *, device, dtype,
-                 top_k: int, batch_size: int = 8, progress: bool = False, trim: bool = True, budget=None):
+                 top_k: int, batch_size: int = 8, progress: bool = False, trim: bool = True, budget=None,
+                 memory_share: float = 1.0):
         """``budget``: the run's ``budget.BudgetPlan`` (``--max-vram``/``--max-ram``) or its
-        ``budget.plan_population``; None: no budget (every layer whole on the device)."""
+        ``budget.plan_population``; None: no budget (every layer whole on the device).
+        ``memory_share``: the share of the memory left beside the planned peak (``stream.memory_slack``)
+        this evaluator's hidden states may hold (two evaluators of one search, train and dev: half each)."""
         if isinstance(budget, BudgetPlan):
             budget = plan_population(ck, budget, num_experts=space.keep, batch_size=batch_size,
                                      seq_len=int(data.input_ids.shape[1]))
@@ -288,6 +292,13 @@ class PopulationEvaluator:
         self.skel = ModelSkeleton(ck.config, ck.adapter)
         self.inputs_for = LayerInputsCache(self.skel, self.device)
         self.cache = ActivationCache(root)
+        # the candidates' hidden states stay in memory (on the compute device) as far as the budget
+        # leaves room beside the planned peak, the least recently used going to disk beyond that
+        # (``ActivationCache.put``); a stream on disk from an earlier run is read from there
+        held = max(0, int(memory_slack(self.device, budget.plan if budget is not None else None) * memory_share))
+        self.cache.hold(held)
+        if held and budget is not None and (self.device.type == "cuda" or budget.plan.device_budget is not None):
+            self.accountant.add(held)  # device memory, for the whole search
         self.num_chunks = (data.input_ids.shape[0] + batch_size - 1) // batch_size
         self.moe = set(ck.moe_layers())
         self._head: Head | None = None
@@ -349,7 +360,7 @@ class PopulationEvaluator:
         w = self.ck.read([key])[key].to(self.device, self.dtype)
         self.track(w, w.numel() * w.element_size())
         for c, sl in self.data.batches(self.batch_size):
-            self.cache.write(0, c, torch.nn.functional.embedding(self.data.input_ids[sl].to(self.device), w), ROOT)
+            self.cache.put(0, c, torch.nn.functional.embedding(self.data.input_ids[sl].to(self.device), w), ROOT)
 
     @torch.no_grad()
     def _run(self, loaded: LoadedLayer, block, src: str, dst: str) -> None:
@@ -363,7 +374,7 @@ class PopulationEvaluator:
                 index = self._flat_positions(c, sl, h) if last else self._live_positions(c, sl, h)
                 module = loaded.use(block if index is None else
                                     TokenSubset(block if block is not None else loaded.base, index))
-            self.cache.write(L + 1, c, run_layer(self.skel, module, L, h, self.inputs_for(h)), dst)
+            self.cache.put(L + 1, c, run_layer(self.skel, module, L, h, self.inputs_for(h)), dst)
         self.stats["layer_runs"] += 1
 
     def _flat_positions(self, c: int, sl: slice, h: torch.Tensor) -> torch.Tensor:
@@ -457,6 +468,9 @@ class PopulationEvaluator:
             self._head = None
             self._buffers.clear()
             self.stats["accounted_peak_bytes"] = self.accountant.peak
+        c = self.cache
+        self.stats["activations"] = {"memory_limit_bytes": c.memory_limit, "memory_peak_bytes": c.memory_peak,
+                                     "disk_bytes_written": c.bytes_written, "spilled_bytes": c.spilled_bytes}
         return [self._final[k[n]] for k in keys]
 
     def _start(self, keys: list[str]) -> int:
@@ -483,8 +497,8 @@ class PopulationEvaluator:
         return n * s * int(self.ck.config["hidden_size"]) * torch.tensor([], dtype=self.dtype).element_size()
 
     def retain(self, cands: list[Candidate], max_bytes: int | None = None) -> int:
-        """Keep only the streams of ``cands`` (best first) on disk, plus the embeddings, adding
-        candidates while their streams fit in ``max_bytes``; returns the bytes kept."""
+        """Keep only the streams of ``cands`` (best first), plus the embeddings, in memory and on
+        disk, adding candidates while their streams fit in ``max_bytes``; returns the bytes kept."""
         keep = {(ROOT, 0)}
         per = self.boundary_bytes()
         for c in cands:
@@ -502,7 +516,8 @@ class PopulationEvaluator:
                     shutil.rmtree(bdir, ignore_errors=True)
             if not any(sdir.iterdir()):
                 sdir.rmdir()
-        return total
+        self.cache.forget(lambda k: (k[0], k[1]) not in keep)
+        return total + self.cache.memory_bytes
 
 
 class WholeModelEvaluator:

@@ -155,12 +155,14 @@ def run_eep(run, cfg, top_k: int) -> dict:
         methods = [] if opts["init"] == "random" or not space.prunes else \
             sorted(SCORERS) if opts["init"] == INIT_AUTO else [opts["init"]]
         seeds = _seeds(run, cfg, space, methods, work, top_k, shared["seeds"], group)
+        share = 0.5 if dev is not None else 1.0  # the memory for hidden states, split between the two evaluators
         evaluator = PopulationEvaluator(ck, weights, space, train, work / "acts-train", device=device, dtype=dtype,
-                                        top_k=top_k, batch_size=cfg.batch_size, progress=False, budget=budget)
+                                        top_k=top_k, batch_size=cfg.batch_size, progress=False, budget=budget,
+                                        memory_share=share)
         dev_eval = None
         if dev is not None:
             dev_evaluator = PopulationEvaluator(ck, weights, space, dev, work / "acts-dev", device=device, dtype=dtype,
-                                                top_k=top_k, batch_size=cfg.batch_size, budget=budget)
+                                                top_k=top_k, batch_size=cfg.batch_size, budget=budget, memory_share=share)
             dev_eval = group.split(dev_evaluator.evaluate, "evaluating candidates on --dev", needs=dev_evaluator.needs)
         evolution = Evolution(space, evo, group.split(evaluator.evaluate, "evaluating a generation", needs=evaluator.needs),
                               state_path=state_path, seeds=seeds,
