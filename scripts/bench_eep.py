@@ -2,7 +2,7 @@
 
     python scripts/bench_eep.py [--model /tmp/lowmoe-bench/mix2g] [--population 16] [--generations 3]
                                 [--examples 8] [--quant none] [--threads 1] [--baseline-evals 6]
-                                [--no-trim]
+                                [--no-trim] [--device cpu|cuda]
 
 1. **streamed** (a subprocess): the real EEP search (``lowmoe.methods.eep.evolve``) for ``--generations``
    generations of ``--population``, every generation one population-parallel streamed pass
@@ -20,6 +20,8 @@
 
 Throughput is reported per wall hour and per CPU hour (process CPU time: robust on a shared
 machine), plus peak RSS of each process, and a check that both give the same fitness values.
+``--device cuda`` runs all three on the GPU (issue 15: GPU evaluations per hour next to the CPU's,
+and the CPU seconds each GPU evaluation costs; CUDA's peak too).
 The default model is the >= 2 GB synthetic Mixtral of the project benchmarks (made on first use).
 """
 
@@ -64,10 +66,10 @@ def run_streamed(args) -> dict:
     ck, data, space = setup(args)
     work = Path(args.work)
     t0 = time.perf_counter()
-    weights = layer_weights(ck, args.quant, work / f"quant-{args.quant}")
+    weights = layer_weights(ck, args.quant, work / f"quant-{args.quant}", device=args.device)
     quant_s = time.perf_counter() - t0
-    ev = PopulationEvaluator(ck, weights, space, data, work / "acts", device="cpu", dtype=getattr(torch, args.dtype), top_k=args.top_k,
-                             batch_size=args.batch_size, trim=not args.no_trim)
+    ev = PopulationEvaluator(ck, weights, space, data, work / "acts", device=args.device, dtype=getattr(torch, args.dtype),
+                             top_k=args.top_k, batch_size=args.batch_size, trim=not args.no_trim)
     gens = []
 
     def evaluate(cands):
@@ -84,6 +86,7 @@ def run_streamed(args) -> dict:
     st = evo.run()
     cands = [{"cand": e.cand.to_json(), "fitness": e.fitness.to_json()} for e in st.archive]
     return {"generations": gens, "candidates": cands, "stats": ev.stats, "peak_rss": peak_rss_bytes(), "quant_s": quant_s,
+            "cuda_peak": int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None,
             "bytes_read": weights.bytes_read, "largest_layer": max(ck.layer_bytes(i) for i in range(ck.num_layers)),
             "model_bytes": ck.total_bytes(), "tokens": data.num_tokens, "layers": ck.num_layers,
             "chunk_bytes": min(args.batch_size, data.input_ids.shape[0]) * data.input_ids.shape[1] * int(ck.config["hidden_size"]) * 4}
@@ -109,8 +112,8 @@ def greedy_fitness(model, data, batch_size: int) -> tuple[dict, list[int]]:
             prompt[b, width - r.start:] = ids[b, :r.start]
             mask[b, width - r.start:] = 1
         new = max(r.length for r in rows)
-        out = model.generate(input_ids=prompt, attention_mask=mask, do_sample=False, max_new_tokens=new,
-                             use_cache=True, pad_token_id=pad)[:, width:]
+        out = model.generate(input_ids=prompt.to(model.device), attention_mask=mask.to(model.device), do_sample=False,
+                             max_new_tokens=new, use_cache=True, pad_token_id=pad)[:, width:].cpu()
         # (a sequence that ended with EOS is padded: it is right only if the whole answer came before)
         right += sum(bool(torch.equal(out[b, :r.length], ids[b, r.start:r.start + r.length])) for b, r in enumerate(rows))
         first += out[:, 0].tolist()
@@ -127,7 +130,8 @@ def run_whole(args) -> dict:
     ck, data, space = setup(args)
     cands = json.loads(Path(args.candidates).read_text())
     w0 = time.perf_counter()
-    ev = WholeModelEvaluator(ck, space, data, top_k=args.top_k, batch_size=args.batch_size, dtype=getattr(torch, args.dtype))
+    ev = WholeModelEvaluator(ck, space, data, top_k=args.top_k, batch_size=args.batch_size, dtype=getattr(torch, args.dtype),
+                             device=args.device)
     load_s = time.perf_counter() - w0
     # spread the timed subset over the run (early random and later children alike)
     step = max(1, len(cands) // args.baseline_evals)
@@ -145,7 +149,7 @@ def run_whole(args) -> dict:
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         if args.mode == "generate":  # untimed check: greedy's first token is the teacher-forced argmax
             with torch.no_grad():
-                tf = [int(model(data.input_ids[i:i + 1], use_cache=False).logits[0, r.start - 1].argmax())
+                tf = [int(model(data.input_ids[i:i + 1].to(model.device), use_cache=False).logits[0, r.start - 1].argmax())
                       for i, r in enumerate(data.rows)]
             f["first_token_agree"] = sum(a == b for a, b in zip(first, tf)) / len(tf)
             del model
@@ -170,6 +174,7 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype of both the streamed search and the baselines")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every evaluation runs")
     p.add_argument("--retain", type=int, default=None, help="streams kept for at most this many parents (default: all)")
     p.add_argument("--retain-gb", type=float, default=10.0)
     p.add_argument("--baseline-evals", type=int, default=6)
@@ -195,7 +200,7 @@ def main():
                 "--keep", str(args.keep), "--top-k", str(args.top_k), "--layer-groups", str(args.layer_groups),
                 "--quant", args.quant, "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--dtype", args.dtype,
                 "--retain-gb", str(args.retain_gb), *(["--retain", str(args.retain)] if args.retain else []),
-                "--baseline-evals", str(args.baseline_evals), *(["--no-trim"] if args.no_trim else [])]
+                "--baseline-evals", str(args.baseline_evals), "--device", args.device, *(["--no-trim"] if args.no_trim else [])]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         print(f"streamed population search ({args.generations} generations x {args.population}, quant {args.quant}) ...", flush=True)
         subprocess.run(base + ["--mode", "streamed", "--work", str(tmp / "w"), "--result", str(tmp / "s.json")], check=True, env=env)
@@ -217,11 +222,12 @@ def main():
         "model": str(args.model), "model_bytes": s["model_bytes"], "largest_layer_bytes": s["largest_layer"],
         "fitness_tokens": s["tokens"], "population": args.population, "generations": args.generations, "quant": args.quant,
         "threads": args.threads, "dtype": args.dtype, "layer_groups": args.layer_groups, "trim": not args.no_trim,
+        "device": args.device,
         "rss_bound": bound, "chunk_bytes": s["chunk_bytes"],
         "streamed": {"evals": n, "evals_per_hour_wall": n / s_wall * 3600, "evals_per_cpu_hour": n / s_cpu * 3600,
                      "second_half_evals_per_cpu_hour": sum(g["candidates"] for g in tail) / sum(g["cpu_s"] for g in tail) * 3600,
-                     "generations": gens, "peak_rss": s["peak_rss"], "stats": s["stats"], "bytes_read": s["bytes_read"],
-                     "quant_build_s": s["quant_s"]},
+                     "cpu_s_per_eval": s_cpu / n, "generations": gens, "peak_rss": s["peak_rss"], "cuda_peak": s["cuda_peak"],
+                     "stats": s["stats"], "bytes_read": s["bytes_read"], "quant_build_s": s["quant_s"]},
     }
     print()
     print(f"model {args.model} ({fmt_bytes(s['model_bytes'])}, largest layer {fmt_bytes(s['largest_layer'])}), "
@@ -229,7 +235,8 @@ def main():
           f"RSS bound 2 x layer + chunk + 1 GB = {fmt_bytes(bound)}")
     st = s["stats"]
     print(f"streamed population   : {fig['streamed']['evals_per_cpu_hour']:7.1f} evals/CPU-hour {fig['streamed']['evals_per_hour_wall']:7.1f} "
-          f"evals/wall-hour  peak RSS {fmt_bytes(s['peak_rss'])}  (second half {fig['streamed']['second_half_evals_per_cpu_hour']:.1f}/CPU-hour; "
+          f"evals/wall-hour  {s_cpu / n:.1f} CPU s/eval  peak RSS {fmt_bytes(s['peak_rss'])}"
+          + (f"  CUDA peak {fmt_bytes(s['cuda_peak'])}" if s["cuda_peak"] else "") + f"  (second half {fig['streamed']['second_half_evals_per_cpu_hour']:.1f}/CPU-hour; "
           f"{st['layer_runs']} layer runs for {n} x {s['layers']} = {n * s['layers']} candidate layers; "
           f"{st['layer_runs_saved']} skipped from retained streams; {st['layer_builds']} MoE blocks built)")
     for mode, label in (("whole", "whole model, teacher-f"), ("generate", "whole model, generate")):
