@@ -40,7 +40,7 @@ from .engine.progress import progress as progress_bar
 from .engine.quant import check_quant_budget, check_quant_mode
 from .engine.stream import Stream, calibration_tokens, plan_stream_budget, walk, with_setup
 from .errors import ConfigError
-from .methods import ScoreThenKeep, make_layer_method, options_per_method, scoring_methods
+from .methods import ScoreThenKeep, check_options, make_layer_method, options_per_method, scoring_methods
 from .methods.scoring import choose_keep
 from .methods.scoring.super_experts import MaximaObserver
 from .pipeline import PruneConfig
@@ -93,7 +93,7 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
     ck.validate()
     per_method = options_per_method(methods, method_options or {})
     for m in methods:  # a bad --method-option fails here, before any work
-        make_layer_method(m, ck.num_experts, ck.top_k, seed=seed, **per_method[m])
+        check_options(m, ck.num_experts, ck.top_k, seed, per_method[m])
     lazy = quant == "none"  # routed experts read from the shards a group at a time, as prune reads them
     budget = plan_stream_budget(ck, device=dev, dtype=compute_dtype, batch_size=batch_size, seq_len=seq_len,
                                 max_vram=max_vram, max_ram=max_ram, prefetch=prefetch, lazy=lazy, n_samples=n_samples)  # fails here if it cannot hold

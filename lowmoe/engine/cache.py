@@ -79,12 +79,12 @@ class ActivationCache:
             return
         _check_finite(hidden, boundary, chunk)
         with self._lock:
-            self._forget(lambda k: k == (stream, boundary, chunk))  # replaced, not spilled
+            self.forget(lambda k: k == (stream, boundary, chunk))  # replaced, not spilled
             while self._mem and self.memory_bytes + n > self.memory_limit:
                 (s, b, c), old = next(iter(self._mem.items()))  # the least recently used
                 self.write(b, c, old, s, checked=True)
                 self.spilled_bytes += _nbytes(old)
-                self._forget(lambda k, key=(s, b, c): k == key)
+                self.forget(lambda k, key=(s, b, c): k == key)
             self.keep(boundary, chunk, hidden, stream, checked=True)
 
     def in_memory(self, boundary: int, chunk: int, stream: str = "main") -> bool:
@@ -122,23 +122,20 @@ class ActivationCache:
 
     def forget(self, match) -> None:
         """Drop the held chunks whose key ``(stream, boundary, chunk)`` matches (their disk copies stay)."""
-        self._forget(match)
-
-    def _forget(self, match) -> None:
         with self._lock:
             for key in [k for k in self._mem if match(k)]:
                 self.memory_bytes -= _nbytes(self._mem.pop(key))
 
     def drop(self, boundary: int, stream: str = "main") -> None:
-        self._forget(lambda k: k[0] == stream and k[1] == boundary)
+        self.forget(lambda k: k[0] == stream and k[1] == boundary)
         shutil.rmtree(self._dir(boundary, stream), ignore_errors=True)
 
     def drop_stream(self, stream: str) -> None:
-        self._forget(lambda k: k[0] == stream)
+        self.forget(lambda k: k[0] == stream)
         shutil.rmtree(self.root / stream, ignore_errors=True)
 
     def clear(self) -> None:
-        self._forget(lambda k: True)
+        self.forget(lambda k: True)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

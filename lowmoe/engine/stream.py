@@ -328,10 +328,7 @@ class Stream:
         n = getattr(plan, "wave_chunks", 1) if plan is not None else 1
         if n <= 1 or not adapter.probes:
             return 1
-        try:
-            experts = moe_modules(adapter, module)[2]
-        except AttributeError:
-            return 1  # a dense layer
+        experts = _routed_experts(adapter, module)  # None: a dense layer
         return min(n, self.num_chunks) if getattr(experts, "defers", False) else 1
 
 
@@ -400,8 +397,8 @@ def walk(stream: Stream, layers, *, observers_for: Callable[[int], list], decide
                         module = None
                     rest = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k not in _expert_keys(adapter, idx, out)}
                     pruned = stream.materialize(idx, adapter.to_runtime(idx, rest, True), num_experts=num_experts,
-                                                top_k=top_k, **({"kept": (whole, lp.keep)} if whole is not None
-                                                                else {"experts": source.subset(lp.keep)}))
+                                                top_k=top_k, kept=(whole, lp.keep) if whole is not None else None,
+                                                experts=source.subset(lp.keep) if whole is None else None)
                 else:
                     if module is not None:
                         release_layer(module)

@@ -82,30 +82,23 @@ def parse_options(opts: dict, seed: int) -> tuple[dict, EvolveOptions]:
         if not Path(d).is_file():
             raise ConfigError(f"--dev {d}: file not found (expected JSONL with prompt/answer records)")
     combine = check_combine(opts.get("combine"))  # one of COMBINE_RULES, else a one-line error
-    kw = {}
-    for kind, keys in ((int, ("generations", "population", "prune_generations", "dev_num")),
-                       (float, ("prune_crossover_prob", "swap_share", "seed_cross_share", "pick_margin", "sigma", "sigma_factor"))):
-        for k in keys:
-            if opts.get(k) is None:
-                continue
-            try:
-                kw[k] = kind(opts[k])
-            except (TypeError, ValueError):
-                raise ConfigError(f"--method eep: option {k}={opts[k]!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    def number(k: str, kind: type):
+        try:
+            return kind(opts[k])
+        except (TypeError, ValueError):
+            raise ConfigError(f"--method eep: option {k}={opts[k]!r}: expected {'an integer' if kind is int else 'a number'}") from None
+
+    kw = {k: number(k, int) for k in ("generations", "population", "prune_generations", "dev_num") if opts.get(k) is not None}
+    kw.update({k: number(k, float) for k in ("prune_crossover_prob", "swap_share", "seed_cross_share", "pick_margin", "sigma",
+                                             "sigma_factor") if opts.get(k) is not None})
     for k in ("sigma_rule", "pick_se", "prune_search"):
         if opts.get(k) is not None:
             kw[k] = str(opts[k]).strip().lower()
     evo = EvolveOptions(seed=seed, **kw)
     evo.check()
-    for k, kind in (("retain", int), ("retain_gb", float)):
-        if opts.get(k) is not None:
-            try:
-                kind(opts[k])
-            except (TypeError, ValueError):
-                raise ConfigError(f"--method eep: option {k}={opts[k]!r}: expected {'an integer' if kind is int else 'a number'}") from None
     return {"quant": quant, "init": init, "dev": dev, "combine": combine, "layer_groups": opts.get("layer_groups"),
-            "retain": None if opts.get("retain") is None else int(opts["retain"]),
-            "retain_bytes": int(float(opts.get("retain_gb") or 10) * 1e9)}, evo
+            "retain": None if opts.get("retain") is None else number("retain", int),
+            "retain_bytes": int((number("retain_gb", float) if opts.get("retain_gb") else 10) * 1e9)}, evo
 
 
 def run_eep(run, cfg, top_k: int) -> dict:
