@@ -247,6 +247,7 @@ def _streaming(model_dir: Path, tok, by_task: dict[str, list[Item]], batch_size:
             for i, e, l, t in zip(b, *score_logits(_logits_fp32(norm(h), head).cpu(), ids, ans)):
                 per_item[i] = (e, l, t)
         io, placed = stream.io.to_json(time.perf_counter() - t0), stream.placer.report()
+        stream.close()
         del head, norm, stream
     finally:
         ckpt.close()

@@ -203,3 +203,22 @@ def test_next_layers_first_group_is_staged_on_the_device(synth_dir, calib_txt, t
     assert on["budget"]["accounted_peak_bytes"] <= on["budget"]["plan"]["device_peak_bytes"]
     assert model_files(tmp_path / "on") == model_files(tmp_path / "off")
     assert on["scores"] == off["scores"]
+
+
+def test_a_pass_gives_its_cublas_workspaces_back(synth_dir, calib_txt, tmp_path):
+    """torch keeps a cuBLAS workspace (32 MiB on Hopper) per computing thread; the plan books them and
+    the pass releases them at its end, so nothing of it stays allocated (the next pass's peak, or the
+    caller's, starts without them)."""
+    from lowmoe.engine.device import release_blas_workspaces
+
+    src = synth_dir("mixtral", **BIG)
+    budget = Checkpoint(src).total_bytes() // 2
+    release_blas_workspaces(torch.device("cuda"))  # what earlier tests' matrix products left
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    rep = lowmoe.prune(src, tmp_path / "out", calib=[calib_txt], device="cuda", dtype="fp32", max_vram=budget, **OPTS)
+    torch.cuda.synchronize()
+    assert rep["budget"]["plan"]["blas_workspace_bytes"] >= 1 << 20
+    assert torch.cuda.memory_allocated() <= before
+    assert torch.cuda.max_memory_allocated() - before <= budget

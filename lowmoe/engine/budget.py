@@ -51,7 +51,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .checkpoint import DTYPE_BYTES
-from .device import dtype_bytes
+from .device import blas_workspace_bytes, dtype_bytes
 from .experts import ChunkedExperts, KeptExperts, LazyExperts, stage_preloaded
 from .formats import SCRATCH_BYTES
 from .hf import layer_config, materialize, moe_modules, split_experts
@@ -225,6 +225,7 @@ class BudgetPlan:
     staging_bytes: int = 0  # the host staging pool (two expert groups, a third with layer prefetch; stored dtype)
     wave_chunks: int = 1  # activation chunks run through a chunked layer together (experts-major), lazy plans
     wave_chunk_bytes: int = 0  # what each chunk of a wave beyond the first holds while it waits (compute dtype)
+    blas_workspace_bytes: int = 0  # the cuBLAS workspaces of the pass's computing threads (CUDA; ``device.blas_workspace_bytes``)
 
     @property
     def chunked_layers(self) -> list[int]:
@@ -251,6 +252,7 @@ def plan_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size: int
     act = activation_bytes(cfg, batch_size=batch_size, seq_len=seq_len, dtype_bytes=b, top_k=ck.top_k,
                            num_experts=ck.num_experts)
     on_cpu = device.type != "cuda"
+    blas = blas_workspace_bytes(device)  # the main thread's (this plan's layers never run in waves)
     per_expert_layout = ck.adapter.expert_layout == "per_expert"
     stored_b = {L.layer_idx: L.stored_bytes for L in sizes}
     largest_stored = max(stored_b.values())
@@ -290,18 +292,19 @@ def plan_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size: int
                         f"{fmt_bytes(host_fixed + host_layers)} of host needs)")
         weights_budget = None
         if device_budget is not None:
-            weights_budget = int(device_budget * (1 - SAFETY)) - act
+            weights_budget = int(device_budget * (1 - SAFETY)) - act - blas
             if weights_budget <= 0:
-                raise ConfigError(f"{what}: one activation chunk alone needs ~{fmt_bytes(act)} "
+                raise ConfigError(f"{what}: one activation chunk alone needs ~{fmt_bytes(act)}"
+                                  f"{f' (+ {fmt_bytes(blas)} of cuBLAS workspace)' if blas else ''} "
                                   f"(--batch-size {batch_size} x --seq-len {seq_len}); lower them or raise {flag}")
             if embed > weights_budget:
                 raise ConfigError(f"{what}: the embedding matrix needs {fmt_bytes(embed)} on the device; raise {flag}")
         layers: dict[int, Placement] = {}
         for L in sizes:
             p = choose_placement(resident=L.resident_bytes(b), per_expert=L.expert_bytes(b), num_experts=L.num_experts,
-                                 weights_budget=weights_budget, act=act)
+                                 weights_budget=weights_budget, act=act + blas)
             if p is None:
-                need = int((L.resident_bytes(b) + L.expert_bytes(b) + act) / (1 - SAFETY)) + 1
+                need = int((L.resident_bytes(b) + L.expert_bytes(b) + act + blas) / (1 - SAFETY)) + 1
                 raise ConfigError(
                     f"{what}: layer {L.layer_idx} cannot run even one expert at a time: attention + router + shared "
                     f"weights {fmt_bytes(L.resident_bytes(b))} + one expert {fmt_bytes(L.expert_bytes(b))} + activations "
@@ -313,13 +316,13 @@ def plan_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size: int
             plan_notes.append(f"{len(chunked)} layer(s) run with experts streamed in groups of "
                               f"{min(layers[L].group_size for L in chunked)}-{max(layers[L].group_size for L in chunked)} "
                               f"to stay under {fmt_bytes(device_budget)}")
-        device_peak = max(p.device_bytes for p in layers.values()) if layers else act
+        device_peak = max(p.device_bytes for p in layers.values()) if layers else act + blas
         host_peak = host_fixed + host_layers + (device_peak if on_cpu else 0)
         return BudgetPlan(device=str(device), compute_dtype=str(dtype).replace("torch.", ""), max_vram=max_vram,
                           max_ram=max_ram, device_budget=device_budget, activation_bytes=act, weights_budget=weights_budget,
                           prefetch_layers=do_prefetch, layers=layers, host_peak_bytes=int(host_peak),
                           device_peak_bytes=int(device_peak), host_layer_bytes=int(largest_host),
-                          host_fixed_bytes=int(host_fixed), notes=plan_notes)
+                          host_fixed_bytes=int(host_fixed), notes=plan_notes, blas_workspace_bytes=blas)
 
     if prefetch and max_ram is not None:
         need_two = host_fixed + 2 * largest_host
@@ -425,20 +428,29 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
     embed_c = embed_s // _stored_elem(ck, embed_key) * b if embed_s else 0
     n_w = max(len(ck.layer_keys(L.idx)) for L in sizes)
     rounding = allocator_rounding(n_w) if not on_cpu else 0
+    blas = blas_workspace_bytes(device)
 
     def dense_bytes(L: _LazyLayerSize) -> int:  # a dense layer is built whole
-        return L.res_numel * b
+        return L.res_numel * b + blas
 
     wave_chunk = sum(terms_act[k] for k in WAVE_TERMS)
     C = max(1, int(num_chunks))
     wave = {"w": 1}  # chunks per wave, as ``fits`` tries them
 
+    def in_waves(L: _LazyLayerSize, g: int) -> bool:
+        return wave["w"] > 1 and bool(L.num_experts) and g < L.num_experts
+
     def waiting(L: _LazyLayerSize, g: int) -> int:  # the chunks of a wave waiting at their experts call
-        return (wave["w"] - 1) * wave_chunk if L.num_experts and g < L.num_experts else 0
+        return (wave["w"] - 1) * wave_chunk if in_waves(L, g) else 0
+
+    def workspaces(L: _LazyLayerSize, g: int) -> int:
+        # the main thread's, and in waves one per chunk's thread (``experts.WaveTask``): torch keeps
+        # each until the pass releases them (``device.release_blas_workspaces``)
+        return blas * (1 + (wave["w"] if in_waves(L, g) else 0))
 
     def device_need(L: _LazyLayerSize, g: int) -> int:
         w = L.res_numel * b + (2 * min(g, L.num_experts) * L.exp_numel * b if L.num_experts else 0)
-        return w + act + rounding + decode_need(L, g) + waiting(L, g)
+        return w + act + rounding + decode_need(L, g) + waiting(L, g) + workspaces(L, g)
 
     def decode_need(L: _LazyLayerSize, g: int) -> int:
         # a quantized group is decoded on the device: its stored bytes arrive there (two in flight;
@@ -480,7 +492,7 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
     if on_cpu and max_ram is not None:
         dev_budget = None  # the compute copy is inside the host plan
     floor_ram = int(host_total(1, False) / (1 - SAFETY)) + 1
-    floor_vram = int(max(device_total(1), embed_c + act) / (1 - SAFETY)) + 1
+    floor_vram = int(max(device_total(1), embed_c + act + blas) / (1 - SAFETY)) + 1
 
     def fits(g: int, pre: bool) -> bool:
         if max_ram is not None and host_total(g, pre) > max_ram * (1 - SAFETY):
@@ -495,10 +507,11 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
             f"--max-ram {fmt_bytes(max_ram)} is too small: the largest layer's non-expert weights "
             f"({fmt_bytes(largest_res.res_stored)}) + two single-expert groups + activation chunks + the interpreter"
             f"{' + the compute copy' if on_cpu else ''} need about {fmt_bytes(floor_ram)}; raise --max-ram")
-    if dev_budget is not None and int(dev_budget * (1 - SAFETY)) - act - rounding <= 0:
-        raise ConfigError(f"--max-vram {fmt_bytes(max_vram)}: one activation chunk alone needs ~{fmt_bytes(act + rounding)} "
+    if dev_budget is not None and int(dev_budget * (1 - SAFETY)) - act - rounding - blas <= 0:
+        raise ConfigError(f"--max-vram {fmt_bytes(max_vram)}: one activation chunk alone needs ~{fmt_bytes(act + rounding)}"
+                          f"{f' (+ {fmt_bytes(blas)} of cuBLAS workspace)' if blas else ''} "
                           f"(--batch-size {batch_size} x --seq-len {seq_len}); lower them or raise --max-vram")
-    if dev_budget is not None and embed_c + act > dev_budget * (1 - SAFETY):
+    if dev_budget is not None and embed_c + act + blas > dev_budget * (1 - SAFETY):
         raise ConfigError(f"--max-vram {fmt_bytes(max_vram)}: the embedding matrix needs {fmt_bytes(embed_c)} on the "
                           f"device; raise --max-vram")
     if dev_budget is not None and not fits(1, False) and (max_ram is None or host_total(1, False) <= max_ram * (1 - SAFETY)):
@@ -507,7 +520,8 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
             f"--max-vram {fmt_bytes(max_vram)}: layer {worst.idx} cannot run even one expert at a time: attention + "
             f"router + shared weights {fmt_bytes(worst.res_numel * b)} + two single-expert groups "
             f"{fmt_bytes(2 * worst.exp_numel * b)} + activations {fmt_bytes(act)} (--batch-size {batch_size} x --seq-len "
-            f"{seq_len}) need at least {fmt_bytes(floor_vram)}; raise --max-vram or lower --batch-size/--seq-len")
+            f"{seq_len}){f' + a cuBLAS workspace {fmt_bytes(blas)}' if blas else ''} need at least {fmt_bytes(floor_vram)}; "
+            "raise --max-vram or lower --batch-size/--seq-len")
     pre = bool(prefetch)
     if pre and not fits(1, True):
         pre = False
@@ -552,7 +566,7 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
             gl = min(g, L.num_experts)
             layers[L.idx] = Placement(gl, True, device_need(L, gl))
         else:
-            layers[L.idx] = Placement(None, device_bytes=dense_bytes(L) + act + rounding)
+            layers[L.idx] = Placement(None, device_bytes=dense_bytes(L) + act + rounding)  # dense_bytes holds the workspace
     big = max(sizes, key=lambda L: device_need(L, g))
     gb = min(g, big.num_experts) if big.num_experts else 0
     device_terms = {"resident_weights": big.res_numel * b, "expert_groups": 2 * gb * big.exp_numel * b,
@@ -565,6 +579,8 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
     device_peak = device_total(g)
     if w > 1:
         device_terms["wave_chunks_waiting"] = (w - 1) * wave_chunk
+    if blas:
+        device_terms["blas_workspaces"] = workspaces(big, gb)
     if E:
         notes.append(f"routed experts read from the shards in groups of {g} (of {E}); kept experts copied as stored bytes")
     if w > 1 or (E and g < E and C > 1):
@@ -578,7 +594,8 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
                       notes=notes, lazy_experts=True, host_terms=host_terms, device_terms=device_terms,
                       min_max_ram=floor_ram, min_max_vram=floor_vram if not on_cpu else None,
                       staging_bytes=(3 if pre else 2) * gb * max(L.exp_stored for L in sizes),
-                      wave_chunks=w, wave_chunk_bytes=wave_chunk if w > 1 else 0)
+                      wave_chunks=w, wave_chunk_bytes=wave_chunk if w > 1 else 0,
+                      blas_workspace_bytes=max(workspaces(L, min(g, L.num_experts) if L.num_experts else 0) for L in sizes))
 
 
 # ---- the EEP population evaluator --------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import torch
 
@@ -112,6 +113,40 @@ def finite_flag(t: torch.Tensor) -> torch.Tensor:
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every value of float tensor ``t`` is finite (``finite_flag``, read on the host)."""
     return bool(finite_flag(t))
+
+
+# cuBLAS workspaces. torch gives every (cuBLAS handle, CUDA stream) pair that multiplies matrices a
+# workspace from its caching allocator, so ``torch.cuda.max_memory_allocated`` counts it, and keeps it
+# until the process ends: one per thread that computes (each thread has its own handle). Its size is
+# CUBLAS_WORKSPACE_CONFIG's (":SIZE_KiB:COUNT" pairs, summed), else 32 MiB on Hopper and Blackwell
+# (compute capability 9, 10, 12) and 8 MiB + 128 KiB before them (torch's CublasHandlePool.cpp).
+# Measured on an H200: one 32 MiB block per computing thread (docs/gpu.md, session 10).
+BLAS_WORKSPACE_DEFAULT = 4096 * 1024 * 2 + 16 * 1024 * 8
+BLAS_WORKSPACE_HOPPER = 32 << 20
+
+
+def blas_workspace_bytes(device: torch.device) -> int:
+    """The bytes of one cuBLAS workspace on ``device`` (0 on a CPU; planning for a CUDA device on a
+    machine without one, the larger default)."""
+    if device.type != "cuda":
+        return 0
+    pairs = re.findall(r":(\d+):(\d+)", os.environ.get("CUBLAS_WORKSPACE_CONFIG", ""))
+    if pairs:
+        return sum(int(size) * 1024 * int(count) for size, count in pairs)
+    if not torch.cuda.is_available():
+        return BLAS_WORKSPACE_HOPPER
+    major = torch.cuda.get_device_properties(device).major
+    return BLAS_WORKSPACE_HOPPER if major in (9, 10, 12) else BLAS_WORKSPACE_DEFAULT
+
+
+def release_blas_workspaces(device: torch.device) -> None:
+    """Give the cuBLAS workspaces back to the caching allocator once the device's queued work is done
+    (torch makes new ones on the next matrix product): a pass leaves no workspace of its threads
+    allocated behind it. A no-op on a CPU, or where torch has no such call."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if device.type == "cuda" and clear is not None:
+        torch.cuda.synchronize(device)
+        clear()
 
 
 def describe_device(device: torch.device) -> dict:

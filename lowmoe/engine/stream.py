@@ -26,7 +26,7 @@ from .budget import SAFETY, Placer, parse_budget, plan_budget, plan_lazy_budget
 from .cache import ActivationCache
 from .calibration import CalibTokens, load_tokenizer, tokenize
 from .checkpoint import Checkpoint
-from .device import dtype_bytes
+from .device import dtype_bytes, release_blas_workspaces
 from ..errors import ConfigError
 from . import faults
 from .experts import run_wave
@@ -134,6 +134,9 @@ class Stream:
         if self.activations["held_bytes"] and (self.device.type == "cuda" or self.placer.plan is not None
                                                and self.placer.plan.device_budget is not None):
             self.placer.accountant.add(self.activations["held_bytes"])  # device memory, for the whole pass
+        # the cuBLAS workspaces torch keeps for the pass's computing threads, until ``close``
+        if self.device.type == "cuda" and getattr(self.placer.plan, "blas_workspace_bytes", 0):
+            self.placer.accountant.add(self.placer.plan.blas_workspace_bytes)
 
     def chunks(self):
         for c, sl in self.tokens.batches(self.batch_size):
@@ -157,8 +160,10 @@ class Stream:
                 "disk_bytes_written": self.cache.bytes_written}
 
     def close(self) -> None:
-        """Stop the stream's background threads (the expert loader)."""
+        """Stop the stream's background threads (the expert loader) and give back the cuBLAS
+        workspaces of its threads (a later pass or the caller's own code starts without them)."""
         self.placer.close()
+        release_blas_workspaces(self.device)
 
     def stages(self, wall_s: float | None = None, since=None) -> dict:
         """Where the pass's time went, per stage (``prefetch.STAGES``): the report's "stages"
