@@ -40,7 +40,7 @@ from .engine.plan import LayerPlan, Plan
 from .engine.progress import progress
 from .engine.rundir import (MANIFEST, REPORT, WORK_DIR, OutputLock, PruneRun, check_output, fingerprint, output_os_error,
                             prepare_output)
-from .engine.stream import Stream, calibration_tokens, plan_stream_budget, with_setup
+from .engine.stream import Stream, calibration_tokens, plan_stream_budget, readahead, with_setup
 from .engine.writer import parse_size
 from .errors import ConfigError, DistributedError, LowmoeError, OutputError, PlanError, UnsupportedModelError
 from .methods.oneshot import decide_layers, guards, protected_experts
@@ -311,7 +311,15 @@ def _write_run(run: PruneRun, cfg: PruneConfig, ck: Checkpoint, plan_in: Plan | 
     else:
         top_k = cfg.top_k or min(ck.top_k, cfg.resolve_keep(ck.num_experts))
         runner = methods.RUNNERS.get(cfg.method, score_and_write)
-        extra = runner(run, cfg, top_k) or {}
+        # the disk reads the first layers while the pass imports, tokenizes and builds its skeleton
+        ahead = readahead(ck, enabled=cfg.prefetch and run.next_layer == 0)
+        try:
+            extra = runner(run, cfg, top_k) or {}
+        finally:
+            if ahead is not None:
+                ahead.stop()
+        if ahead is not None and isinstance(extra.get("io"), dict):
+            extra["io"]["readahead_bytes"] = ahead.bytes
         plan_meta = {"method": cfg.method, "keep": cfg.resolve_keep(ck.num_experts), "seed": cfg.seed,
                      "sequential": cfg.sequential, "calib": [str(c) for c in cfg.calib]}
         extra = {"method": cfg.method, **extra}

@@ -38,7 +38,7 @@ from .engine.device import dtype_name, resolve_device, resolve_dtype
 from .engine.memory import cuda_peak_bytes, fmt_bytes, peak_rss_bytes
 from .engine.progress import progress as progress_bar
 from .engine.quant import check_quant_budget, check_quant_mode
-from .engine.stream import Stream, calibration_tokens, plan_stream_budget, walk, with_setup
+from .engine.stream import Stream, calibration_tokens, plan_stream_budget, readahead, walk, with_setup
 from .errors import ConfigError
 from .methods import ScoreThenKeep, check_options, make_layer_method, options_per_method, scoring_methods
 from .methods.scoring import choose_keep
@@ -106,6 +106,7 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
     if out is not None and Path(out).is_dir():
         raise ConfigError(f"--out {out}: is a directory; give a file name such as scores.json")
 
+    ahead = readahead(ck, enabled=prefetch)  # the disk reads the first layers while the pass imports and tokenizes
     t_begin = time.perf_counter()
     tokens = calibration_tokens(ck, calib, seq_len=seq_len, n_samples=n_samples, layout=layout, answer_only=answer_only)
     setup = {"tokenize": time.perf_counter() - t_begin}
@@ -119,10 +120,12 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
         stream.embed()
         layers = _score_layers(stream, ck, methods, keep_n, seed, per_method, protect_super_experts, progress)
         wall = time.perf_counter() - t_pass
-        io = {**stream.io.to_json(wall), **stream.files.to_json()}
+        io = {**stream.io.to_json(wall), **stream.files.to_json(), **({"readahead_bytes": ahead.bytes} if ahead else {})}
         stages = with_setup(stream.stages(time.perf_counter() - t_begin), setup, time.perf_counter() - t_begin)
         activations = stream.activation_report()
     finally:
+        if ahead is not None:
+            ahead.stop()
         if stream is not None:
             stream.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -147,3 +148,64 @@ def test_prune_same_bytes_with_and_without_prefetch(synth_dir, calib_txt, tmp_pa
     # without prefetch, all read time is waited for
     off = r_off["io"]
     assert off["wait_s"]["layer"] >= off["read_s"]["layer"] - 2e-4
+
+
+# ---- readahead: the disk reads the first layers while the pass imports and tokenizes ----------------
+
+def _record_advice(monkeypatch):
+    calls = []
+
+    def advise(fd, offset, length, advice):
+        calls.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), offset, length, advice))
+
+    monkeypatch.setattr(os, "posix_fadvise", advise, raising=False)
+    monkeypatch.setattr(os, "POSIX_FADV_WILLNEED", 3, raising=False)
+    return calls
+
+
+def test_readahead_advises_the_shards_in_the_order_a_pass_reads_them(synth_dir, monkeypatch):
+    from lowmoe.engine.prefetch import Readahead, shard_read_order
+
+    ck = Checkpoint(synth_dir("mixtral", layers=4, hidden_size=64, intermediate_size=128, shard_size="60KB"))
+    order = [p.name for p in shard_read_order(ck)]
+    assert len(order) > 3 and sorted(order) == sorted(set(ck.weight_map.values()))
+    assert order[0] == ck.weight_map["model.embed_tokens.weight"]
+    first_use = [min(i for i, n in enumerate(order) if ck.weight_map[k] == n) for L in range(4) for k in ck.layer_keys(L)]
+    assert all(ck.weight_map[k] in order[:1 + max(first_use)] for L in range(4) for k in ck.layer_keys(L))
+
+    calls = _record_advice(monkeypatch)
+    ahead = Readahead(ck, limit=10 << 30)
+    ahead.join(30)
+    sizes = {p.name: p.stat().st_size for p in ck.path.glob("*.safetensors")}
+    assert [c[0] for c in calls] == [n for n in order for _ in range(-(-sizes[n] // Readahead.STEP))]
+    assert all(c[3] == os.POSIX_FADV_WILLNEED for c in calls)
+    assert ahead.bytes == sum(sizes.values())
+
+    calls.clear()
+    small = Readahead(ck, limit=sizes[order[0]] + 1000)
+    small.join(30)
+    assert small.bytes == sizes[order[0]] + 1000 and [c[0] for c in calls] == order[:2]
+    assert sum(c[2] for c in calls) == small.bytes
+
+
+def test_prune_reads_ahead_only_with_prefetch(synth_dir, calib_txt, tmp_path, monkeypatch):
+    calls = _record_advice(monkeypatch)
+    src = synth_dir("mixtral")
+    on = lowmoe.prune(src, tmp_path / "on", calib=[calib_txt], keep=4, n_samples=8, seq_len=16, progress=False)
+    assert on["io"]["readahead_bytes"] == Checkpoint(src).total_bytes() > 0  # far under a quarter of the RAM
+    assert calls
+    calls.clear()
+    off = lowmoe.prune(src, tmp_path / "off", calib=[calib_txt], keep=4, n_samples=8, seq_len=16, progress=False,
+                       prefetch=False)
+    assert "readahead_bytes" not in off["io"] and not calls
+    assert {k: v for k, v in dir_digest(tmp_path / "on").items() if k != REPORT} == \
+        {k: v for k, v in dir_digest(tmp_path / "off").items() if k != REPORT}
+
+
+def test_score_reads_ahead(synth_dir, calib_txt, monkeypatch):
+    from lowmoe.score import score
+
+    _record_advice(monkeypatch)
+    src = synth_dir("mixtral")
+    rep = score(src, calib=[calib_txt], n_samples=8, seq_len=16, progress=False)
+    assert rep["io"]["readahead_bytes"] == Checkpoint(src).total_bytes()

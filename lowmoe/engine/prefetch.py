@@ -22,6 +22,7 @@ hidden) next to the time the reads took; the prune report shows both ("io" secti
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -287,6 +288,72 @@ class LayerReader(Prefetcher):
     def taken(self, out: LayerData) -> None:
         if out.experts is not None and hasattr(out.experts, "adopt_preloaded"):
             out.experts.adopt_preloaded()  # the layer's group is the computing layer's now
+
+
+class Readahead:
+    """Asks the kernel to read a checkpoint's shards into the page cache, in the order a pass reads
+    them (the embedding's shard, then each layer's), on a thread of its own, up to ``limit`` bytes.
+
+    A pass starts with seconds of work that touch no weight: importing transformers' tokenizer and
+    modeling code (6-10 s on a GPU machine with a full Python stack, 2 s on a slim one; docs/gpu.md),
+    tokenizing the calibration text, building the layer skeleton. The disk is idle all that time;
+    with this it reads the first layers meanwhile, so the pass's own reads of them come from memory.
+    ``posix_fadvise(WILLNEED)`` only queues reads: nothing is held in this process (the page cache is
+    the kernel's, and it gives it back under memory pressure), and no byte that a pass computes with
+    changes. Where the call does not exist (macOS), it does nothing."""
+
+    STEP = 64 << 20  # advice per call: stopping is at most this late
+
+    def __init__(self, ck, limit: int):
+        self.limit = max(0, int(limit))
+        self.bytes = 0  # advised so far
+        self._stop = threading.Event()
+        self._paths = shard_read_order(ck)
+        self._thread = None
+        if self.limit and self._paths and hasattr(os, "posix_fadvise"):
+            self._thread = threading.Thread(target=self._run, name="lowmoe-readahead", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        for path in self._paths:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue  # the pass reports a missing or unreadable shard itself
+            try:
+                size, off = os.fstat(fd).st_size, 0
+                while off < size and self.bytes < self.limit and not self._stop.is_set():
+                    n = min(self.STEP, size - off, self.limit - self.bytes)
+                    os.posix_fadvise(fd, off, n, os.POSIX_FADV_WILLNEED)
+                    off += n
+                    self.bytes += n
+            except OSError as e:
+                log.debug("readahead of %s stopped: %s", path, e)
+                return
+            finally:
+                os.close(fd)
+            if self.bytes >= self.limit or self._stop.is_set():
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until every byte up to the limit was advised (or ``stop``)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+def shard_read_order(ck) -> list:
+    """The checkpoint's shard files in the order a pass first needs them: the embedding's, then each
+    layer's in turn, then the rest."""
+    names: list[str] = []
+    keys = ["model.embed_tokens.weight"] + [k for L in range(ck.num_layers) for k in ck.layer_keys(L)] + list(ck.weight_map)
+    for k in keys:
+        name = ck.weight_map.get(k)
+        if name is not None and name not in names:
+            names.append(name)
+    return [ck.path / n for n in names]
 
 
 class WriteBehind:

@@ -33,7 +33,7 @@ from .experts import run_wave
 from .hf import LayerInputsCache, ModelSkeleton, MoeProbe, moe_modules, run_layer
 from .plan import LayerPlan
 from .lazy import ExpertSource, ShardFiles, read_lazy_layer, selection_only
-from .prefetch import IOStats, LayerReader, Prefetcher, WriteBehind
+from .prefetch import IOStats, LayerReader, Prefetcher, Readahead, WriteBehind
 from .quant import build_quantized_layer
 
 
@@ -97,6 +97,13 @@ def with_setup(stages: dict, setup: dict[str, float], wall_s: float) -> dict:
     head = {k: {"s": round(v, 4), "count": 1, "thread": "main", "share": round(v / wall_s, 4) if wall_s else None}
             for k, v in setup.items()}
     return {**head, **{k: v for k, v in stages.items() if k not in head}}
+
+
+def readahead(ck: Checkpoint, enabled: bool = True) -> Readahead | None:
+    """Start reading ``ck``'s shards into the page cache in the order a pass reads them
+    (``prefetch.Readahead``), up to a quarter of the available memory; None when not ``enabled``
+    (``--no-prefetch``: nothing is read before the pass asks for it)."""
+    return Readahead(ck, min(ck.total_bytes(), available_memory() // 4)) if enabled else None
 
 
 def available_memory() -> int:
