@@ -107,12 +107,12 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
         raise ConfigError(f"--out {out}: is a directory; give a file name such as scores.json")
 
     ahead = readahead(ck, enabled=prefetch)  # the disk reads the first layers while the pass imports and tokenizes
-    t_begin = time.perf_counter()
-    tokens = calibration_tokens(ck, calib, seq_len=seq_len, n_samples=n_samples, layout=layout, answer_only=answer_only)
-    setup = {"tokenize": time.perf_counter() - t_begin}
-    tmp = Path(tempfile.mkdtemp(prefix="lowmoe-score-", dir=str(work_dir) if work_dir else None))
-    stream = None
+    stream = tmp = None
     try:
+        t_begin = time.perf_counter()
+        tokens = calibration_tokens(ck, calib, seq_len=seq_len, n_samples=n_samples, layout=layout, answer_only=answer_only)
+        setup = {"tokenize": time.perf_counter() - t_begin}
+        tmp = Path(tempfile.mkdtemp(prefix="lowmoe-score-", dir=str(work_dir) if work_dir else None))
         stream = Stream(ck, tokens, ActivationCache(tmp / "cache", persist=False), dev, compute_dtype, batch_size, budget=budget,
                         prefetch=prefetch, quant=quant)
         t_pass = time.perf_counter()
@@ -128,7 +128,8 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
             ahead.stop()
         if stream is not None:
             stream.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     report = _report(ck, methods, tokens, calib, layers, keep_n, seq_len, protect_super_experts, t_start)
     report["options"] = {"layout": layout, "answer_only": answer_only, "dtype": dtype_name(compute_dtype),

@@ -142,7 +142,9 @@ def blas_workspace_bytes(device: torch.device) -> int:
 def release_blas_workspaces(device: torch.device) -> None:
     """Give the cuBLAS workspaces back to the caching allocator once the device's queued work is done
     (torch makes new ones on the next matrix product): a pass leaves no workspace of its threads
-    allocated behind it. A no-op on a CPU, or where torch has no such call."""
+    allocated behind it. A no-op on a CPU, or where torch has no such call. It releases every thread's
+    workspace, so code that runs cuBLAS on another thread of the process while a pass ends must not
+    share the device with it (lowmoe's own passes end one at a time)."""
     clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
     if device.type == "cuda" and clear is not None:
         torch.cuda.synchronize(device)
