@@ -1,0 +1,133 @@
+"""Where a GPU pass's time goes beyond the disk (issue 15: what session 10 could not profile).
+
+    python3 scripts/gpu_profile.py pinned [--sizes 64MiB,1GiB,3GiB]
+        a fresh process's CUDA context creation, then page-locked (pinned) host allocations of these
+        sizes, each timed (the staging pool of a 6.65 GB model is 3 x 0.8 GB): is the 1.5-2 s the
+        first layer waits for, with nothing to read from the disk, this?
+    python3 scripts/gpu_profile.py prune MODEL [--n-samples 8] [--seq-len 512] [--batch-size 2] [--dtype bf16]
+        one warm-up prune (imports, profile cache), then the same prune under ``torch.profiler``:
+        the operators by self CPU time and by self device time, and the CUDA runtime calls that
+        block the host (synchronisations, pinned allocations, copies) with their counts and time
+
+Prints tables; nothing is stored (``--json FILE`` writes the figures). On a machine without CUDA the
+``prune`` profile still runs (CPU activities only) and ``pinned`` says it needs CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# CUDA runtime calls that make the host wait, or allocate page-locked memory
+BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync",
+            "cudaHostAlloc", "cudaMallocHost", "cudaHostRegister", "cudaMalloc", "cudaFree", "cudaLaunchKernel")
+
+
+def parse_size(text: str) -> int:
+    from lowmoe.engine.writer import parse_size as parse
+
+    return parse(text)
+
+
+def pinned(sizes: list[int]) -> dict:
+    """Time CUDA's context creation and pinned allocations, in a fresh process (this one)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("pinned: needs CUDA (nothing to measure on this machine)")
+        return {}
+    t0 = time.perf_counter()
+    torch.cuda.init()
+    torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    out = {"cuda_context_s": time.perf_counter() - t0, "pinned_s": {}}
+    print(f"CUDA context and first kernel: {out['cuda_context_s']:.3f} s")
+    keep = []
+    for n in sizes:
+        t0 = time.perf_counter()
+        keep.append(torch.empty(n, dtype=torch.uint8, pin_memory=True))
+        dt = time.perf_counter() - t0
+        out["pinned_s"][str(n)] = dt
+        print(f"pinned {n / 1e9:7.3f} GB: {dt:.3f} s ({n / dt / 1e9 if dt else float('inf'):.1f} GB/s)")
+    t0 = time.perf_counter()
+    again = torch.empty(sizes[-1], dtype=torch.uint8, pin_memory=True)
+    out["pinned_again_s"] = time.perf_counter() - t0
+    print(f"pinned {sizes[-1] / 1e9:7.3f} GB again (torch's host allocator cache is empty of that size): {out['pinned_again_s']:.3f} s")
+    del keep, again
+    return out
+
+
+def prune_profile(model: Path, n_samples: int, seq_len: int, batch_size: int, dtype: str) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import lowmoe
+
+    cuda = torch.cuda.is_available()
+    work = Path(tempfile.mkdtemp(prefix="lowmoe-gpu-profile-"))
+    calib = work / "calib.txt"
+    calib.write_text("\n".join(f"the model routes tokens to experts {i} and writes {i + 1} numbers" for i in range(20000)))
+    kw = dict(keep="half", method="frequency", calib=[calib], n_samples=n_samples, seq_len=seq_len, batch_size=batch_size,
+              device="cuda" if cuda else "cpu", dtype=dtype, progress=False, overwrite=True)
+    t0 = time.perf_counter()
+    lowmoe.prune(model, work / "warm", **kw)  # imports, the super-expert profile cached
+    warm_s = time.perf_counter() - t0
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        rep = lowmoe.prune(model, work / "out", **kw)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    out = {"warm_up_s": warm_s, "profiled_wall_s": wall, "stages": {k: v["s"] for k, v in rep["stages"].items()}}
+    print(f"warm-up prune {warm_s:.2f} s; profiled prune {wall:.2f} s (the profiler adds its own overhead)")
+    print("stages: " + ", ".join(f"{k} {v:.2f}" for k, v in out["stages"].items() if v >= 0.01))
+    print("\nby self CPU time:")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25))
+    if cuda:
+        print("\nby self device time:")
+        print(events.table(sort_by="self_device_time_total", row_limit=25))
+    calls = {}
+    for e in events:
+        if e.key in BLOCKING:
+            calls[e.key] = {"count": e.count, "cpu_s": e.self_cpu_time_total / 1e6}
+    out["runtime_calls"] = calls
+    print("\nCUDA runtime calls (count, host seconds):")
+    for k, v in sorted(calls.items(), key=lambda kv: -kv[1]["cpu_s"]):
+        print(f"  {k:24s} {v['count']:8d} {v['cpu_s']:9.3f} s")
+    if not calls:
+        print("  none recorded (no CUDA here)")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["pinned", "prune"])
+    ap.add_argument("model", nargs="?", type=Path)
+    ap.add_argument("--sizes", default="64MiB,1GiB,3GiB")
+    ap.add_argument("--n-samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.what == "pinned":
+        if not args.child:  # a fresh process: the context and the allocator start empty
+            cmd = [sys.executable, __file__, "pinned", "--sizes", args.sizes, "--child"] + (["--json", str(args.json)] if args.json else [])
+            raise SystemExit(subprocess.call(cmd))
+        result = pinned([parse_size(s) for s in args.sizes.split(",") if s])
+    else:
+        if args.model is None or not (args.model / "config.json").is_file():
+            raise SystemExit(f"prune: give a model folder (got {args.model})")
+        result = prune_profile(args.model, args.n_samples, args.seq_len, args.batch_size, args.dtype)
+    if args.json:
+        args.json.write_text(json.dumps({"command": "python " + " ".join(sys.argv), **result}, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
