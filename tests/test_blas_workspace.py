@@ -112,3 +112,21 @@ def test_whole_layer_plan_leaves_room_for_the_workspace(synth_dir, workspace):
     assert with_ws.blas_workspace_bytes == WS and without.blas_workspace_bytes == 0
     assert with_ws.weights_budget == without.weights_budget - WS
     assert with_ws.device_peak_bytes <= ck.total_bytes() * (1 - SAFETY)
+
+
+def test_eep_population_plan_leaves_room_for_the_workspace(synth_dir, workspace):
+    """EEP's population evaluator computes on one thread: its plan holds one workspace beside the
+    candidate blocks, and every layer's planned peak stays inside the budget."""
+    from lowmoe.engine.budget import plan_population
+
+    ck = Checkpoint(synth_dir("mixtral", **BIG))
+    budget = ck.total_bytes() // 2
+    run = plan_budget(ck, device=CUDA, dtype=torch.float32, batch_size=4, seq_len=32, max_vram=budget)
+    pop = plan_population(ck, run, num_experts=4, batch_size=4, seq_len=32)
+    assert pop.plan.blas_workspace_bytes == WS
+    assert all(p.device_bytes >= WS + pop.plan.activation_bytes for p in pop.layers.values())
+    assert pop.plan.device_peak_bytes <= budget * (1 - SAFETY)
+    workspace["bytes"] = 0
+    without = plan_population(ck, plan_budget(ck, device=CUDA, dtype=torch.float32, batch_size=4, seq_len=32,
+                                              max_vram=budget), num_experts=4, batch_size=4, seq_len=32)
+    assert pop.plan.weights_budget == without.plan.weights_budget - WS

@@ -656,7 +656,7 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
     pop = plan_budget(ck, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, max_vram=plan.max_vram,
                       max_ram=plan.max_ram, prefetch=False,
                       extra_host={f"a candidate's {n} experts and their merge buffers": cand_host})
-    wb, act = pop.weights_budget, pop.activation_bytes
+    wb, act = pop.weights_budget, pop.activation_bytes + pop.blas_workspace_bytes  # the evaluator's one thread's
     flag = _budget_flag(pop)
     layers: dict[int, Placement] = {}
     for s in sizes:
@@ -672,7 +672,9 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
             raise ConfigError(
                 f"{flag} {fmt_bytes(pop.device_budget)}: EEP search, layer {s.layer_idx}: attention + router + shared "
                 f"weights {fmt_bytes(res)} + a candidate's router {fmt_bytes(router)} + one expert {fmt_bytes(pe)} + "
-                f"activations {fmt_bytes(act)} need at least {fmt_bytes(need)}; raise {flag} or lower --batch-size/--seq-len")
+                f"activations {fmt_bytes(pop.activation_bytes)}"
+                f"{f' + a cuBLAS workspace {fmt_bytes(pop.blas_workspace_bytes)}' if pop.blas_workspace_bytes else ''} "
+                f"need at least {fmt_bytes(need)}; raise {flag} or lower --batch-size/--seq-len")
         if not p.chunked:  # the E' experts fit: one group, loaded once per candidate block
             p = Placement(n, False, p.device_bytes)
         layers[s.layer_idx] = p

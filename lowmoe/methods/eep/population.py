@@ -299,6 +299,8 @@ class PopulationEvaluator:
         self.cache.hold(held)
         if held and budget is not None and (self.device.type == "cuda" or budget.plan.device_budget is not None):
             self.accountant.add(held)  # device memory, for the whole search
+        if budget is not None and self.device.type == "cuda":
+            self.accountant.add(budget.plan.blas_workspace_bytes)  # the cuBLAS workspace of the evaluating thread
         self.num_chunks = (data.input_ids.shape[0] + batch_size - 1) // batch_size
         self.moe = set(ck.moe_layers())
         self._head: Head | None = None
