@@ -430,9 +430,6 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
     rounding = allocator_rounding(n_w) if not on_cpu else 0
     blas = blas_workspace_bytes(device)
 
-    def dense_bytes(L: _LazyLayerSize) -> int:  # a dense layer is built whole
-        return L.res_numel * b + blas
-
     wave_chunk = sum(terms_act[k] for k in WAVE_TERMS)
     C = max(1, int(num_chunks))
     wave = {"w": 1}  # chunks per wave, as ``fits`` tries them
@@ -566,7 +563,7 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
             gl = min(g, L.num_experts)
             layers[L.idx] = Placement(gl, True, device_need(L, gl))
         else:
-            layers[L.idx] = Placement(None, device_bytes=dense_bytes(L) + act + rounding)  # dense_bytes holds the workspace
+            layers[L.idx] = Placement(None, device_bytes=device_need(L, 0))  # a dense layer is built whole
     big = max(sizes, key=lambda L: device_need(L, g))
     gb = min(g, big.num_experts) if big.num_experts else 0
     device_terms = {"resident_weights": big.res_numel * b, "expert_groups": 2 * gb * big.exp_numel * b,
