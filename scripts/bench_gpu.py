@@ -421,35 +421,23 @@ def ratios(results: dict, write_bytes: int | None) -> tuple[dict, list[str]]:
     if {"score", "read"} <= set(R):
         v = R["score"] / R["read"]
         put("score/read", v, "<= 1.3", v <= 1.3, f"score / read = {R['score']:.2f} / {R['read']:.2f} s = {v:.2f}")
-    if {"overlap", "read", "write"} <= set(R):
-        speed = results["write"]["write_bytes_per_s"]
-        out_bytes = results["overlap"].get("out_bytes") or write_bytes
-        w = out_bytes / speed
-        v = R["overlap"] / (R["read"] + w)
-        put("overlap/(read+write)", v, "<= 1.3", v <= 1.3,
-            f"prune(overlap) / (read + write) = {R['overlap']:.2f} / ({R['read']:.2f} + {w:.2f} s to write "
-            f"{gb(out_bytes)} at {speed / 1e9:.2f} GB/s) = {v:.2f}")
-    if {"accelerate", "overlap"} <= set(R):
-        v = R["accelerate"] / R["overlap"]
-        put("accelerate/overlap", v, ">= 3", v >= 3, f"accelerate / prune(overlap) = {R['accelerate']:.2f} / {R['overlap']:.2f} s = {v:.2f}x")
-        ra, ro = results["accelerate"].get("peak_rss"), results["overlap"].get("peak_rss")
-        if ra and ro:
-            put("rss_overlap/accelerate", ro / ra, "<= 1", ro <= ra,
-                f"peak RSS prune(overlap) {gb(ro)} vs accelerate {gb(ra)} = {ro / ra:.2f}")
-    if {"accelerate", "imported"} <= set(R):
-        v = R["accelerate"] / R["imported"]
-        put("accelerate/imported", v, ">= 3", v >= 3,
-            f"accelerate / prune(imported), both with their imports before the clock = {R['accelerate']:.2f} / "
-            f"{R['imported']:.2f} s = {v:.2f}x")
-        ra, ri = results["accelerate"].get("peak_rss"), results["imported"].get("peak_rss")
-        if ra and ri:
-            put("rss_imported/accelerate", ri / ra, "<= 1", ri <= ra,
-                f"peak RSS prune(imported) {gb(ri)} vs accelerate {gb(ra)} = {ri / ra:.2f}")
-    if {"imported", "read", "write"} <= set(R):
-        w = (results["imported"].get("out_bytes") or write_bytes or 0) / results["write"]["write_bytes_per_s"]
-        v = R["imported"] / (R["read"] + w)
-        put("imported/(read+write)", v, "<= 1.3", v <= 1.3,
-            f"prune(imported) / (read + write) = {R['imported']:.2f} / ({R['read']:.2f} + {w:.2f}) = {v:.2f}")
+    for run, clock in (("overlap", ""), ("imported", ", both with their imports before the clock")):
+        if {run, "read", "write"} <= set(R):
+            speed = results["write"]["write_bytes_per_s"]
+            out_bytes = results[run].get("out_bytes") or write_bytes or 0
+            w = out_bytes / speed
+            v = R[run] / (R["read"] + w)
+            put(f"{run}/(read+write)", v, "<= 1.3", v <= 1.3,
+                f"prune({run}) / (read + write) = {R[run]:.2f} / ({R['read']:.2f} + {w:.2f} s to write "
+                f"{gb(out_bytes)} at {speed / 1e9:.2f} GB/s) = {v:.2f}")
+        if {"accelerate", run} <= set(R):
+            v = R["accelerate"] / R[run]
+            put(f"accelerate/{run}", v, ">= 3", v >= 3,
+                f"accelerate / prune({run}){clock} = {R['accelerate']:.2f} / {R[run]:.2f} s = {v:.2f}x")
+            ra, rp = results["accelerate"].get("peak_rss"), results[run].get("peak_rss")
+            if ra and rp:
+                put(f"rss_{run}/accelerate", rp / ra, "<= 1", rp <= ra,
+                    f"peak RSS prune({run}) {gb(rp)} vs accelerate {gb(ra)} = {rp / ra:.2f}")
     if {"accelerate", "score"} <= set(R):
         v = R["accelerate"] / R["score"]
         put("accelerate/score", v, ">= 3", v >= 3, f"accelerate / score = {R['accelerate']:.2f} / {R['score']:.2f} s = {v:.2f}x")
