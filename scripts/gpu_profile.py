@@ -23,15 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-# CUDA runtime calls that make the host wait, or allocate page-locked memory
+# CUDA runtime calls that make the host wait or allocate memory, and kernel launches (for their count)
 BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync",
             "cudaHostAlloc", "cudaMallocHost", "cudaHostRegister", "cudaMalloc", "cudaFree", "cudaLaunchKernel")
-
-
-def parse_size(text: str) -> int:
-    from lowmoe.engine.writer import parse_size as parse
-
-    return parse(text)
 
 
 def pinned(sizes: list[int]) -> dict:
@@ -117,10 +111,18 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.what == "pinned":
+        from lowmoe.engine.writer import parse_size
+
+        try:
+            sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+        except ValueError as e:
+            raise SystemExit(f"--sizes {args.sizes!r}: {e}") from None
+        if not sizes:
+            raise SystemExit(f"--sizes {args.sizes!r}: give at least one size, e.g. 64MiB,1GiB")
         if not args.child:  # a fresh process: the context and the allocator start empty
             cmd = [sys.executable, __file__, "pinned", "--sizes", args.sizes, "--child"] + (["--json", str(args.json)] if args.json else [])
             raise SystemExit(subprocess.call(cmd))
-        result = pinned([parse_size(s) for s in args.sizes.split(",") if s])
+        result = pinned(sizes)
     else:
         if args.model is None or not (args.model / "config.json").is_file():
             raise SystemExit(f"prune: give a model folder (got {args.model})")
