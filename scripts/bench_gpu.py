@@ -621,6 +621,10 @@ def main() -> None:
             extra += f"  chunked layers {len(r['budget']['chunked_layers'])}, accounted peak {gb(r['budget']['accounted_peak_bytes'])}"
         if r.get("cuda_peak") is not None:
             extra += f"  CUDA peak {gb(r['cuda_peak'])}"
+        pinned = (r.get("budget") or {}).get("pinned") or {}
+        if pinned.get("peak_bytes"):
+            extra += (f"  pinned peak {gb(pinned['peak_bytes'])} in {pinned.get('blocks_made', '?')} blocks"
+                      + (f", {pinned['alloc_s']:.2f} s page-locking" if pinned.get("alloc_s") is not None else ""))
         if r.get("peak_rss"):
             extra += f"  peak RSS {gb(r['peak_rss'])}"
         cache = "" if r["cold_cache"] else (" (warm page cache)" if run not in ("resident", "warm") else " (warm by design)")

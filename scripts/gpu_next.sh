@@ -1,5 +1,6 @@
 #!/bin/bash
-# Prepared for the next session with a GPU (issue 15's open items, in order of value; ~5 minutes):
+# Prepared for the next session with a GPU (issue 15's open items, in order of value; ~6 minutes):
+#   0. the GPU tests of the budget's device and pinned-host books (session 11: pinned blocks, never run on a card)
 #   1. CUDA context and pinned-allocation times (is the first layer's non-disk wait this?)
 #   2. the benchmark runs session 10 could not finish: accelerate (the >= 3x target), imported, budget, serial
 #   3. a torch.profiler pass over a short prune: where the 21 ms per chunk and layer of "compute" go
@@ -7,6 +8,8 @@
 L=${1:-${OUT:-./gpu-logs}}; mkdir -p "$L"
 export PYTHONPATH=$PWD:$PWD/.gpu-site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 T0=$(date +%s); el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
+el "tests"
+timeout ${TESTS_S:-120} python3 -m pytest -q tests/test_gpu.py -k "pinned or cublas or third" > "$L/tests.log" 2>&1; echo "rc=$?"; tail -5 "$L/tests.log"
 el "pinned"
 timeout 60 python3 scripts/gpu_profile.py pinned --json "$L/pinned.json" > "$L/pinned.log" 2>&1; echo "rc=$?"; cat "$L/pinned.log"
 el "bench"

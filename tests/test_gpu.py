@@ -222,3 +222,26 @@ def test_a_pass_gives_its_cublas_workspaces_back(synth_dir, calib_txt, tmp_path)
     assert rep["budget"]["plan"]["blas_workspace_bytes"] >= 1 << 20
     assert torch.cuda.memory_allocated() <= before
     assert torch.cuda.max_memory_allocated() - before <= budget
+
+
+def test_pinned_host_memory_is_booked_and_given_back(synth_dir, calib_txt, tmp_path):
+    """torch rounds every page-locked block up to a power of two and caches freed ones. The plan books the
+    staging buffers and the reader's pinned copies at those sizes (``tests/test_pinned.py``); here torch's
+    own statistics are held to it, and after the pass its cache holds nothing of lowmoe's."""
+    from lowmoe.engine.device import pinned_stats, release_pinned_cache
+
+    dev = torch.device("cuda")
+    release_pinned_cache(dev)  # what earlier tests left cached
+    if hasattr(torch.cuda, "reset_peak_host_memory_stats"):
+        torch.cuda.reset_peak_host_memory_stats()
+    if not pinned_stats(dev):
+        pytest.skip(f"torch {torch.__version__} keeps no pinned-memory statistics")
+    src = synth_dir("mixtral", **BIG)
+    rep = lowmoe.prune(src, tmp_path / "out", calib=[calib_txt], device="cuda", dtype="fp32",
+                       protect_super_experts=False, **OPTS)  # one pass: its stages are the report's
+    plan, pinned = rep["budget"]["plan"], rep["budget"]["pinned"]
+    terms = plan["host_terms"]
+    booked = sum(terms[k] for k in ("staging_pool", "next_layer_prefetched", "layer_non_expert_pinned", "activation_chunks"))
+    assert 0 < pinned["peak_bytes"] <= booked, (pinned, terms)
+    assert rep["stages"]["staging_alloc"]["count"] == rep["budget"]["staging_buffers_made"] >= 1
+    assert pinned_stats(dev)["current_bytes"] < 1 << 20, "the pass gave its pinned blocks back"

@@ -51,7 +51,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .checkpoint import DTYPE_BYTES
-from .device import blas_workspace_bytes, dtype_bytes
+from .device import blas_workspace_bytes, dtype_bytes, pinned_bytes, pinned_stats
 from .experts import ChunkedExperts, KeptExperts, LazyExperts, stage_preloaded
 from .formats import SCRATCH_BYTES
 from .hf import layer_config, materialize, moe_modules, split_experts
@@ -258,7 +258,10 @@ def plan_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size: int
     largest_stored = max(stored_b.values())
 
     def host_layer(L: LayerSize) -> int:
-        # as read + the stacked runtime copy of the experts (per-expert checkpoints only)
+        # as read + the stacked runtime copy of the experts (per-expert checkpoints only); on CUDA the
+        # runtime copy is page-locked instead, every tensor of it (``_pinned_runtime_layer``)
+        if not on_cpu:
+            return L.stored_bytes + _pinned_runtime_layer(ck, L, device)
         ratio = L.stored_bytes / max(1, L.resident_numel + L.expert_numel * L.num_experts)
         return L.stored_bytes + (int(L.expert_numel * L.num_experts * ratio) if per_expert_layout else 0)
 
@@ -360,6 +363,23 @@ DEFAULT_WAVE_BYTES = 1 << 30
 WAVE_TERMS = ("hidden_states", "routing", "expert_slot_outputs")
 
 
+def _pinned_runtime_layer(ck, L: LayerSize, device: torch.device) -> int:
+    """Host bytes of layer ``L``'s page-locked runtime copy (the layer reader's, on CUDA): each tensor
+    as read in its own block (``pinned_bytes``), a per-expert checkpoint's experts stacked per name
+    (E x expert 0's tensor; gate and up stacked together take what the two would apart, being
+    equal in size)."""
+    ad = ck.adapter
+    ex = set(ad.routed_expert_keys(L.layer_idx, L.num_experts)) if L.num_experts else set()
+    total = sum(pinned_bytes(ck.read_bytes(k), device) for k in ck.layer_keys(L.layer_idx) if k not in ex)
+    if not L.num_experts:
+        return total
+    if ad.expert_layout == "per_expert":
+        stacked = [L.num_experts * ck.read_bytes(k) for k in ad.expert_keys(L.layer_idx, 0) if k in ck.parts]
+    else:
+        stacked = [ck.read_bytes(k) for k in ad.fused_keys(L.layer_idx) if k in ck.parts]
+    return total + sum(pinned_bytes(n, device) for n in stacked)
+
+
 @dataclass(frozen=True)
 class _LazyLayerSize:
     idx: int
@@ -368,24 +388,52 @@ class _LazyLayerSize:
     exp_numel: int  # one routed expert
     exp_stored: int  # one routed expert, as stored
     num_experts: int
+    res_keys: tuple[int, ...] = ()  # bytes of each non-expert tensor as read (pinned one by one on CUDA)
+    exp_parts: tuple[int, ...] = ()  # one expert's bytes in each stored tensor of the experts (values, scales)
+
+    def staging_buffer(self, g: int) -> int:
+        """Bytes of a staging buffer holding a group of ``g`` experts: each tensor's slice 64-byte
+        aligned (``lazy.StagingPool``), counted per stored tensor -- at least what the pool asks for."""
+        if not self.exp_parts:
+            return g * self.exp_stored
+        return sum(-(-(g * n) // 64) * 64 for n in self.exp_parts)
+
+
+def _expert_parts(ck, L: int, num_experts: int) -> tuple[int, ...]:
+    """One expert's bytes in each stored tensor of layer ``L``'s routed experts (a quantized weight's
+    values and scales apart): a per-expert checkpoint's expert-0 tensors, or the fused tensors / E."""
+    ad = ck.adapter
+    per_expert = ad.expert_layout == "per_expert"
+    keys = ad.expert_keys(L, 0) if per_expert else ad.fused_keys(L)
+    out = []
+    for k in keys:
+        for part in ck.parts.get(k, (k,)) if ck.quant_format is not None else (k,):
+            if part in ck.weight_map:
+                n = ck.tensor_bytes(part)
+                out.append(n if per_expert else n // max(1, num_experts))
+    return tuple(out)
 
 
 def _lazy_sizes(ck) -> list[_LazyLayerSize]:
     out = []
     for L in layer_sizes(ck):
+        ad = ck.adapter
+        ex = set(ad.routed_expert_keys(L.layer_idx, L.num_experts)) if L.num_experts else set()
+        res_keys = tuple(ck.read_bytes(k) for k in ck.layer_keys(L.layer_idx) if k not in ex)
+        parts = _expert_parts(ck, L.layer_idx, L.num_experts) if L.num_experts else ()
         if ck.quant_format is not None and L.num_experts:
             # quantized experts are held as their stored bytes (``lazy.ExpertSource.packed``), the
             # layer's other weights as read (dequantized)
-            keys = [k for k in ck.adapter.routed_expert_keys(L.layer_idx, L.num_experts) if k in ck.parts]
+            keys = [k for k in ad.routed_expert_keys(L.layer_idx, L.num_experts) if k in ck.parts]
             exp_stored = sum(ck.tensor_bytes(k) for k in keys) // L.num_experts
             exp_read = L.expert_numel * L.num_experts * dtype_bytes(ck.compute_dtype)
             out.append(_LazyLayerSize(L.layer_idx, max(0, L.stored_bytes - exp_read), L.resident_numel,
-                                      L.expert_numel, exp_stored, L.num_experts))
+                                      L.expert_numel, exp_stored, L.num_experts, res_keys, parts))
             continue
         ratio = L.stored_bytes / max(1, L.resident_numel + L.expert_numel * L.num_experts)
         exp_stored = int(round(L.expert_numel * ratio))
         out.append(_LazyLayerSize(L.layer_idx, L.stored_bytes - exp_stored * L.num_experts, L.resident_numel,
-                                  L.expert_numel, exp_stored, L.num_experts))
+                                  L.expert_numel, exp_stored, L.num_experts, res_keys, parts))
     return out
 
 
@@ -456,21 +504,33 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
             return 0
         return (0 if on_cpu else 2 * min(g, L.num_experts) * L.exp_stored) + SCRATCH_BYTES
 
+    def buffer(L: _LazyLayerSize, g: int) -> int:
+        # a staging buffer for a group of g: on CUDA page-locked, in torch's power-of-two block
+        return pinned_bytes(L.staging_buffer(g), device) if not on_cpu else g * L.exp_stored
+
+    def res_pinned(L: _LazyLayerSize) -> int:
+        # on CUDA the layer reader keeps page-locked copies of the non-expert weights (one block each)
+        # beside the tensors as read (which the output writer copies from)
+        return 0 if on_cpu else sum(pinned_bytes(n, device) for n in L.res_keys)
+
     def host_need(L: _LazyLayerSize, g: int, pre: bool) -> dict[str, int]:
         g = min(g, L.num_experts) if L.num_experts else 0
         t = {"interpreter": HOST_BASE_BYTES, "activation_chunks": chunk_host,
              "layer_non_expert_weights": L.res_stored, "next_layer_prefetched": L.res_stored if pre else 0,
-             "staging_pool": 2 * g * L.exp_stored}
+             "staging_pool": 2 * buffer(L, g) if g else 0}
         if on_cpu:
             t["compute_copy"] = device_need(L, g)
+        else:
+            t["layer_non_expert_pinned"] = res_pinned(L)
         return t
 
-    largest_res = max(sizes, key=lambda L: L.res_stored)
+    largest_res = max(sizes, key=lambda L: L.res_stored + res_pinned(L))
 
     def next_layer(g: int) -> int:
-        # the next layer prefetched: at most the largest non-expert part + its first expert group
-        # (read into the staging pool's third buffer)
-        return largest_res.res_stored + max((min(g, L.num_experts) * L.exp_stored for L in sizes if L.num_experts), default=0)
+        # the next layer prefetched: at most the largest non-expert part (and its pinned copy) + its
+        # first expert group (read into the staging pool's third buffer)
+        return largest_res.res_stored + res_pinned(largest_res) + max(
+            (buffer(L, min(g, L.num_experts)) for L in sizes if L.num_experts), default=0)
 
     def host_total(g: int, pre: bool) -> int:
         worst = 0
@@ -590,7 +650,8 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
                       host_layer_bytes=int(largest_res.res_stored), host_fixed_bytes=HOST_BASE_BYTES + chunk_host,
                       notes=notes, lazy_experts=True, host_terms=host_terms, device_terms=device_terms,
                       min_max_ram=floor_ram, min_max_vram=floor_vram if not on_cpu else None,
-                      staging_bytes=(3 if pre else 2) * gb * max(L.exp_stored for L in sizes),
+                      staging_bytes=(3 if pre else 2) * max((buffer(L, min(g, L.num_experts)) for L in sizes
+                                                              if L.num_experts), default=0),
                       wave_chunks=w, wave_chunk_bytes=wave_chunk if w > 1 else 0,
                       blas_workspace_bytes=max(workspaces(L, min(g, L.num_experts) if L.num_experts else 0) for L in sizes))
 
@@ -648,8 +709,18 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
     def stored_elem(s: LayerSize) -> float:
         return s.stored_bytes / max(1, s.resident_numel + s.expert_numel * s.num_experts)
 
-    cand_host = max((int(n * s.expert_numel * stored_elem(s)) + 4 * s.expert_numel * ((E + n) if fused else 1)
-                     for s in sizes), default=0)
+    def candidate_host(s: LayerSize) -> int:
+        merge = 4 * s.expert_numel * ((E + n) if fused else 1)  # float32: map_rows' temporaries, or one accumulator
+        if device.type != "cuda":
+            return int(n * s.expert_numel * stored_elem(s)) + merge
+        # page-locked (``PopulationEvaluator.buffer(host=True)``): the E' experts as read, stacked per
+        # tensor, and the accumulator, each in torch's power-of-two block
+        ad = ck.adapter
+        keys = ad.expert_keys(s.layer_idx, 0) if not fused else ad.fused_keys(s.layer_idx)
+        per = [ck.read_bytes(k) // (E if fused else 1) for k in keys if k in ck.parts]
+        return sum(pinned_bytes(n * x, device) for x in per) + (merge if fused else pinned_bytes(merge, device))
+
+    cand_host = max((candidate_host(s) for s in sizes), default=0)
     pop = plan_budget(ck, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, max_vram=plan.max_vram,
                       max_ram=plan.max_ram, prefetch=False,
                       extra_host={f"a candidate's {n} experts and their merge buffers": cand_host})
@@ -713,7 +784,7 @@ class Placer:
         # expert groups read lazily from the shards land in these reused buffers (pinned on CUDA): two
         # for the layer computing, a third for the next layer's first group when layers are prefetched
         prefetching = plan is None or plan.prefetch_layers
-        self.pool = StagingPool(3 if prefetching else 2, pin=self.device.type == "cuda")
+        self.pool = StagingPool(3 if prefetching else 2, pin=self.device.type == "cuda", stats=self.stats)
         # expert groups are read and copied to the device on this thread while the previous group computes
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowmoe-experts") if prefetching else None
         # the next layer's first group, staged for the device while this layer computes (``stage_next``)
@@ -780,6 +851,7 @@ class Placer:
         if self.loader is not None:
             self.loader.shutdown(wait=True)
             self.loader = None
+        self.pool.close()
 
     def lazy_group_size(self, layer_idx: int, source) -> int:
         """Experts per group for a layer whose experts are read from ``source`` (``lazy.ExpertSource``):
@@ -833,12 +905,14 @@ class Placer:
     def report(self) -> dict:
         d = {"accounted_peak_bytes": self.accountant.peak, "chunked_layers": sorted(self.chunked_builds),
              "first_groups_staged_ahead": self.staged_ahead,
-             "staging_pool_bytes": self.pool.held_bytes,
+             "staging_pool_bytes": self.pool.peak_bytes,
+             "staging_buffers_made": self.pool.buffers_made,
              "group_sizes": {str(k): v for k, v in sorted(self.chunked_builds.items())}}
         if self.plan is not None:
             d["plan"] = self.plan.to_json()
         if self.device.type == "cuda":
             d["cuda_max_memory_allocated"] = int(torch.cuda.max_memory_allocated(self.device))
+            d["pinned"] = pinned_stats(self.device)
         return d
 
 

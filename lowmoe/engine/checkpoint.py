@@ -302,19 +302,16 @@ class Checkpoint:
     def layer_read_bytes(self, layer_idx: int) -> int:
         """Bytes of the layer in memory as ``read_layer`` returns it: quantized weights dequantized
         to the compute dtype (2x an FP8 layer's bytes in bf16, ~4x an MXFP4 one's)."""
-        if self.quant_format is None:
-            return self.layer_bytes(layer_idx)
-        elem = torch.tensor([], dtype=self.compute_dtype).element_size()
-        total = 0
-        for k in self.layer_keys(layer_idx):
-            if self.is_quantized(k):
-                n = 1
-                for s in self.tensor_info(k)[0]:
-                    n *= s
-                total += n * elem
-            else:
-                total += self.tensor_bytes(k)
-        return total
+        return sum(self.read_bytes(k) for k in self.layer_keys(layer_idx))
+
+    def read_bytes(self, key: str) -> int:
+        """Bytes of tensor ``key`` as ``read`` returns it (a quantized weight: dequantized to the compute dtype)."""
+        if self.quant_format is None or not self.is_quantized(key):
+            return self.tensor_bytes(key)
+        n = 1
+        for s in self.tensor_info(key)[0]:
+            n *= s
+        return n * torch.tensor([], dtype=self.compute_dtype).element_size()
 
     def total_bytes(self) -> int:
         return sum(self._stored_bytes(k) for k in self.weight_map)

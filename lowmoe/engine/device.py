@@ -151,6 +151,62 @@ def release_blas_workspaces(device: torch.device) -> None:
         clear()
 
 
+# Page-locked (pinned) host memory. torch's caching host allocator rounds every pinned block up to the
+# next power of two and keeps freed blocks cached for reuse until told to give them back
+# (``torch.cuda.host_memory_stats``: "Block sizes are rounded up to the next power of two"): a 0.75 GiB
+# staging buffer holds 1 GiB of RAM. Newer torch skips the rounding above PYTORCH_CUDA_ALLOC_CONF's
+# ``pinned_max_round_threshold_mb`` (and above ``pinned_max_cached_size_mb``, which it does not cache).
+_MB = 1 << 20
+
+
+def _pinned_limits() -> tuple[int | None, int | None]:
+    conf = ",".join(os.environ.get(v, "") for v in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"))
+    found = {k: int(v) * _MB for k, v in re.findall(r"(pinned_max_round_threshold_mb|pinned_max_cached_size_mb):(\d+)", conf)}
+    return found.get("pinned_max_round_threshold_mb"), found.get("pinned_max_cached_size_mb")
+
+
+def pinned_bytes(nbytes: int, device: torch.device) -> int:
+    """The host bytes a page-locked buffer of ``nbytes`` takes for a pass on ``device``: on CUDA, torch's
+    power-of-two block (unless PYTORCH_CUDA_ALLOC_CONF's pinned thresholds exempt that size); on a CPU
+    nothing is pinned, so ``nbytes`` itself."""
+    n = int(nbytes)
+    if device.type != "cuda" or n <= 0:
+        return max(n, 0)
+    round_max, cached_max = _pinned_limits()
+    if (round_max is not None and n > round_max) or (cached_max is not None and n > cached_max):
+        return n
+    return 1 << (n - 1).bit_length()
+
+
+def pinned_stats(device: torch.device) -> dict:
+    """What torch's pinned-memory allocator did in this process, for the report (CUDA only; {} where
+    torch keeps no such statistics): its peak bytes (rounded blocks), how many blocks it made and the
+    seconds spent making them (page-locking is slow: hundreds of MB per second on some hosts)."""
+    if device.type != "cuda" or not hasattr(torch.cuda, "host_memory_stats"):
+        return {}
+    s = torch.cuda.host_memory_stats()
+    if not s:
+        return {}
+    out = {"peak_bytes": s.get("allocated_bytes.all.peak", s.get("allocated_bytes.peak")),
+           "current_bytes": s.get("allocated_bytes.all.current", s.get("allocated_bytes.current")),
+           "blocks_made": s.get("num_host_alloc"),
+           "alloc_s": (s["host_alloc_time.total"] / 1e6) if "host_alloc_time.total" in s else None}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def release_pinned_cache(device: torch.device) -> None:
+    """Give torch's cached, unused page-locked blocks back to the system (a pass's pinned buffers,
+    once it dropped them; blocks still in use are untouched). A no-op on a CPU, before CUDA was
+    used, or where torch has no such call."""
+    if device.type != "cuda" or not torch.cuda.is_initialized():
+        return
+    release = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    if release is None:
+        release = getattr(torch._C, "_host_emptyCache", None)
+    if release is not None:
+        release()
+
+
 def describe_device(device: torch.device) -> dict:
     """What the report records about the compute device."""
     if device.type != "cuda":

@@ -41,7 +41,7 @@ import torch
 
 from ..errors import CheckpointError
 from .checkpoint import ST_TORCH, nonfinite_error, read_header
-from .device import all_finite
+from .device import all_finite, pinned_bytes
 
 
 class ShardFiles:
@@ -624,40 +624,65 @@ class StagingPool:
 
     ``count`` buffers of ``nbytes`` each -- two for the group computing and the group arriving, a third
     when the layer reader preloads the next layer's first group (``ExpertSource.preload``) -- page-locked
-    with ``pin`` (CUDA: the host->device copy is a DMA); allocated once, grown only if a later layer's
-    group needs more (free buffers at once, busy ones when next acquired). ``acquire`` hands out a
-    free buffer's views for a source's group, ``release`` gives it back; more than ``count`` at a time
-    is a bug (RuntimeError), which is what keeps host memory at ``count * nbytes``. Thread-safe: the
-    layer reader and the expert loader take buffers from their own threads."""
+    with ``pin`` (CUDA: the host->device copy is a DMA). Each buffer is made the first time it is
+    taken, so the first layer waits for one buffer, not ``count`` (page-locking a GiB takes a sizeable
+    fraction of a second; the others are made on the threads that read later groups, while a group
+    computes); sized once, grown only if a later layer's group needs more (free buffers at once, busy
+    ones when next taken). ``acquire`` hands out a free buffer's views for a source's group,
+    ``release`` gives it back; more than ``count`` at a time is a bug (RuntimeError), which is what
+    keeps host memory at ``count * nbytes`` (pinned: torch's power-of-two blocks, ``pinned_bytes``).
+    ``close`` drops the buffers. Thread-safe: the layer reader and the expert loader take buffers from
+    their own threads. ``stats``: making a buffer is timed as stage ``staging_alloc``."""
 
-    def __init__(self, count: int = 2, nbytes: int = 0, *, pin: bool = False):
+    def __init__(self, count: int = 2, nbytes: int = 0, *, pin: bool = False, stats=None):
         self.count, self.pin = int(count), bool(pin)
         self.nbytes = 0
+        self.stats = stats
         self._bufs: list[torch.Tensor | None] = []
         self._free: list[int] = []
         self._lock = threading.RLock()
         self._preloads: set[int] = set()  # buffers held by preloads (try_acquire), not yet adopted
-        self.allocations = 0  # how many times the buffers were (re)allocated
+        self.allocations = 0  # how many times the pool was sized (the first size, then each growth)
+        self.buffers_made = 0  # buffers allocated, counting remakes after a growth
+        self.peak_bytes = 0  # the most ``held_bytes`` have been
         if nbytes:
             self._allocate(int(nbytes))
 
     def _new(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        self.buffers_made += 1
+        if self.stats is None:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        with self.stats.stage("staging_alloc"):
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
 
     def _allocate(self, nbytes: int) -> None:
+        """Size the pool for groups of up to ``nbytes``: the free buffers are dropped now and made at
+        the new size when taken; a busy one is remade when next taken (``_claim``)."""
         with self._lock:
-            if not self._bufs:  # the first allocation: every buffer is free
+            if not self._bufs:  # the first sizing: every buffer is free
                 self._bufs, self._free = [None] * self.count, list(range(self.count))
             for i in self._free:
-                self._bufs[i] = None  # freed before the larger one is allocated
-            for i in self._free:
-                self._bufs[i] = self._new(nbytes)
+                self._bufs[i] = None
             self.nbytes = nbytes
             self.allocations += 1
 
     @property
     def held_bytes(self) -> int:
         return sum(b.numel() for b in self._bufs if b is not None)
+
+    @property
+    def pinned_held_bytes(self) -> int:
+        """Host bytes the buffers hold as torch allocated them (pinned: power-of-two blocks; else as asked)."""
+        dev = torch.device("cuda" if self.pin else "cpu")
+        return sum(pinned_bytes(b.numel(), dev) for b in self._bufs if b is not None)
+
+    def close(self) -> None:
+        """Drop every free buffer (a pass that ended; its pinned blocks go back to torch's cache, and
+        to the system with ``device.release_pinned_cache``). Buffers still in use are left alone."""
+        with self._lock:
+            for i in self._free:
+                if i < len(self._bufs):
+                    self._bufs[i] = None
 
     def has_free(self) -> bool:
         with self._lock:
@@ -671,17 +696,36 @@ class StagingPool:
         if nbytes > self.nbytes:
             self._allocate(int(nbytes))
 
-    def _take(self, need: int, shapes) -> tuple[int, dict[str, torch.Tensor]]:
-        i = self._free.pop(0)
-        if self._bufs[i] is None or self._bufs[i].numel() < need:  # was busy when the pool grew
-            self._bufs[i] = None
-            self._bufs[i] = self._new(self.nbytes)
+    def _claim(self, need: int) -> tuple[int, int]:
+        """Take a free buffer (the lock held): one already made and large enough first. Returns its
+        index and the size to make it at (0: it is ready)."""
+        ready = [i for i in self._free if self._bufs[i] is not None and self._bufs[i].numel() >= need]
+        i = ready[0] if ready else self._free[0]
+        self._free.remove(i)
+        if i in ready:
+            return i, 0
+        self._bufs[i] = None  # not made yet, or made before the pool grew
+        return i, self.nbytes
+
+    def _fill(self, i: int, size: int, shapes) -> dict[str, torch.Tensor]:
+        """Make buffer ``i`` if ``size`` (outside the lock: page-locking takes time, and the other
+        thread may release or take a buffer meanwhile), then cut it into views for ``shapes``."""
+        if size:
+            try:
+                buf = self._new(size)
+            except BaseException:
+                with self._lock:
+                    self._free.insert(0, i)
+                raise
+            with self._lock:
+                self._bufs[i] = buf
+                self.peak_bytes = max(self.peak_bytes, self.held_bytes)
         buf, at, views = self._bufs[i], 0, {}
         for name, (shape, dt) in shapes.items():
             n = _prod(shape) * dt.itemsize
             views[name] = buf[at:at + n].view(dt).view(shape)
             at += _aligned(n)
-        return i, views
+        return views
 
     def acquire(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[int, dict[str, torch.Tensor]]:
         need = sum(_aligned(_prod(s) * dt.itemsize) for s, dt in shapes.values())
@@ -692,7 +736,8 @@ class StagingPool:
                 gc.collect()  # a dropped layer whose experts module was not yet collected gives its buffer back
             if not self._free:
                 raise RuntimeError(f"StagingPool: all {self.count} buffers are in use")
-            return self._take(need, shapes)
+            i, size = self._claim(need)
+        return i, self._fill(i, size, shapes)
 
     def try_acquire(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]):
         """A buffer for a preload (the next layer's first group, read ahead), or None. Preloads hold
@@ -701,15 +746,20 @@ class StagingPool:
         hands the buffer over to the group that uses it."""
         need = sum(_aligned(_prod(s) * dt.itemsize) for s, dt in shapes.values())
         with self._lock:
-            if not self._bufs:  # nothing allocated yet (the first layer's preload comes first)
+            if not self._bufs:  # not sized yet (the first layer's preload comes first)
                 self._allocate(need)
             if not self._free or len(self._preloads) >= self.count - 2:
                 return None
             if need > self.nbytes:
                 self.ensure(need)
-            i, views = self._take(need, shapes)
+            i, size = self._claim(need)
             self._preloads.add(i)
-            return i, views
+        try:
+            return i, self._fill(i, size, shapes)
+        except BaseException:
+            with self._lock:
+                self._preloads.discard(i)
+            raise
 
     def adopt(self, i: int) -> None:
         """A preloaded buffer is now an ordinary one (its group is being computed)."""

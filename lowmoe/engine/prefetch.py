@@ -136,6 +136,7 @@ STAGES = {
     "pin": "copied into page-locked host memory (CUDA)",
     "wait_layer": "the main thread waiting for the layer reader",
     "materialize": "the layer built on the compute device (non-expert weights copied there)",
+    "staging_alloc": "a staging buffer for expert groups allocated (page-locked on CUDA; once per buffer)",
     "expert_read": "a group of routed experts read from the shards into a staging buffer",
     "h2d": "a group of experts copied to the device and cast (enqueued on a side stream on CUDA)",
     "wait_experts": "the main thread waiting for an expert group",

@@ -26,7 +26,7 @@ from .budget import SAFETY, Placer, parse_budget, plan_budget, plan_lazy_budget
 from .cache import ActivationCache
 from .calibration import CalibTokens, load_tokenizer, tokenize
 from .checkpoint import Checkpoint
-from .device import dtype_bytes, release_blas_workspaces
+from .device import dtype_bytes, release_blas_workspaces, release_pinned_cache
 from ..errors import ConfigError
 from . import faults
 from .experts import run_wave
@@ -168,9 +168,11 @@ class Stream:
 
     def close(self) -> None:
         """Stop the stream's background threads (the expert loader) and give back the cuBLAS
-        workspaces of its threads (a later pass or the caller's own code starts without them)."""
+        workspaces of its threads and its page-locked staging buffers (a later pass or the caller's
+        own code starts without them)."""
         self.placer.close()
         release_blas_workspaces(self.device)
+        release_pinned_cache(self.device)
 
     def stages(self, wall_s: float | None = None, since=None) -> dict:
         """Where the pass's time went, per stage (``prefetch.STAGES``): the report's "stages"
