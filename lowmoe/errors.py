@@ -36,6 +36,10 @@ class OutputError(LowmoeError):
     """The output directory cannot be written safely (exists, is the input, disk full, ...)."""
 
 
+class ResourceError(LowmoeError):
+    """The machine ran out of memory mid-pass (the device, page-locked or ordinary host memory)."""
+
+
 class DistributedError(LowmoeError):
     """A run on several processes (torchrun) lost one of them: a crash, a kill, a hang past the timeout."""
 

@@ -38,6 +38,7 @@ from .engine.calibration import load_tokenizer
 from .engine.checkpoint import Checkpoint
 from .engine.device import dtype_name, resolve_device, resolve_dtype
 from .engine.hf import materialize
+from .engine.memory import out_of_memory_errors
 from .engine.progress import progress as progress_bar
 from .engine.quant import check_quant_budget, check_quant_mode
 from .engine.stream import Stream, plan_stream_budget
@@ -220,38 +221,39 @@ def _streaming(model_dir: Path, tok, by_task: dict[str, list[Item]], batch_size:
                                 max_vram=max_vram, max_ram=max_ram, prefetch=prefetch)  # before any work
     if quant != "none":
         check_quant_budget(budget, ckpt, quant, dtype)
-    tmp = Path(tempfile.mkdtemp(prefix="lowmoe-eval-", dir=str(work_dir) if work_dir else None))
-    per_item: dict[int, tuple[bool, float, int]] = {}
-    try:
-        stream = EvalStream(ckpt, _EvalTokens([ids for ids, _ in tensors]), ActivationCache(tmp / "cache", persist=False),
-                                      device, dtype, 1, budget=budget, prefetch=prefetch, quant=quant)
-        t0 = time.perf_counter()
-        stream.embed()
-        moe = set(ckpt.moe_layers())
-        reader = stream.layers(0, moe)  # layer L+1 is read while L computes
-        for layer_idx, data in progress_bar(reader, len(reader), "eval (streaming)", progress):
-            module = stream.materialize(layer_idx, data.runtime)
-            del data
-            stream.forward(layer_idx, module, write=True)
-            del module
-            stream.cache.drop(layer_idx)
-        skel = stream.skel
-        norm = materialize(copy.deepcopy(skel.base.norm), {"weight": ckpt.read(["model.norm.weight"])["model.norm.weight"]},
-                           device, dtype)
-        tied = ckpt.config.get("tie_word_embeddings", False) or "lm_head.weight" not in ckpt.weight_map
-        head_key = "model.embed_tokens.weight" if tied else "lm_head.weight"
-        head = ckpt.read([head_key])[head_key].to(device=device, dtype=dtype)
-        stream.placer.accountant.track(head, head.numel() * head.element_size())
-        for c, (b, (ids, ans)) in enumerate(zip(batches, tensors)):
-            h = stream.cache.read(ckpt.num_layers, c).to(device, dtype)
-            for i, e, l, t in zip(b, *score_logits(_logits_fp32(norm(h), head).cpu(), ids, ans)):
-                per_item[i] = (e, l, t)
-        io, placed = stream.io.to_json(time.perf_counter() - t0), stream.placer.report()
-        stream.close()
-        del head, norm, stream
-    finally:
-        ckpt.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with out_of_memory_errors(device, budget):  # out of memory anyway: one line naming the flag
+        tmp = Path(tempfile.mkdtemp(prefix="lowmoe-eval-", dir=str(work_dir) if work_dir else None))
+        per_item: dict[int, tuple[bool, float, int]] = {}
+        try:
+            stream = EvalStream(ckpt, _EvalTokens([ids for ids, _ in tensors]), ActivationCache(tmp / "cache", persist=False),
+                                          device, dtype, 1, budget=budget, prefetch=prefetch, quant=quant)
+            t0 = time.perf_counter()
+            stream.embed()
+            moe = set(ckpt.moe_layers())
+            reader = stream.layers(0, moe)  # layer L+1 is read while L computes
+            for layer_idx, data in progress_bar(reader, len(reader), "eval (streaming)", progress):
+                module = stream.materialize(layer_idx, data.runtime)
+                del data
+                stream.forward(layer_idx, module, write=True)
+                del module
+                stream.cache.drop(layer_idx)
+            skel = stream.skel
+            norm = materialize(copy.deepcopy(skel.base.norm), {"weight": ckpt.read(["model.norm.weight"])["model.norm.weight"]},
+                               device, dtype)
+            tied = ckpt.config.get("tie_word_embeddings", False) or "lm_head.weight" not in ckpt.weight_map
+            head_key = "model.embed_tokens.weight" if tied else "lm_head.weight"
+            head = ckpt.read([head_key])[head_key].to(device=device, dtype=dtype)
+            stream.placer.accountant.track(head, head.numel() * head.element_size())
+            for c, (b, (ids, ans)) in enumerate(zip(batches, tensors)):
+                h = stream.cache.read(ckpt.num_layers, c).to(device, dtype)
+                for i, e, l, t in zip(b, *score_logits(_logits_fp32(norm(h), head).cpu(), ids, ans)):
+                    per_item[i] = (e, l, t)
+            io, placed = stream.io.to_json(time.perf_counter() - t0), stream.placer.report()
+            stream.close()
+            del head, norm, stream
+        finally:
+            ckpt.close()
+            shutil.rmtree(tmp, ignore_errors=True)
     results, start = {}, 0
     for name, items in by_task.items():
         rows = [per_item[start + j] for j in range(len(items))]

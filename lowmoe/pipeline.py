@@ -35,7 +35,7 @@ from .engine.calibration import CalibTokens, check_sources, check_tokenizer
 from .engine.checkpoint import Checkpoint
 from .engine.device import DTYPES, resolve_device, resolve_dtype
 from .engine.lazy import ShardFiles, read_lazy_layer, reads_lazily
-from .engine.memory import fmt_bytes
+from .engine.memory import fmt_bytes, out_of_memory_errors
 from .engine.plan import LayerPlan, Plan
 from .engine.progress import progress
 from .engine.rundir import (MANIFEST, REPORT, WORK_DIR, OutputLock, PruneRun, check_output, fingerprint, output_os_error,
@@ -234,7 +234,9 @@ def _prune_on(group: dist.Group, cfg: PruneConfig, ck: Checkpoint, plan_in) -> d
         check_output(cfg.out, ck)
         with OutputLock(cfg.out):  # one lowmoe process per output directory
             try:
-                return _write(cfg, ck, plan_in, budget, fp, start)
+                # out of memory anyway (a shared card, less free RAM than the budget): one line, resumable
+                with out_of_memory_errors(budget.device if budget is not None else cfg.device, budget, resume=True):
+                    return _write(cfg, ck, plan_in, budget, fp, start)
             except OSError as e:  # disk full, read-only, ...: every step so far is resumable
                 raise output_os_error(cfg.out, e) from None
     except BaseException as e:

@@ -35,7 +35,7 @@ from .engine.cache import ActivationCache
 from .engine.calibration import check_sources
 from .engine.checkpoint import Checkpoint
 from .engine.device import dtype_name, resolve_device, resolve_dtype
-from .engine.memory import cuda_peak_bytes, fmt_bytes, peak_rss_bytes
+from .engine.memory import cuda_peak_bytes, fmt_bytes, out_of_memory_errors, peak_rss_bytes
 from .engine.progress import progress as progress_bar
 from .engine.quant import check_quant_budget, check_quant_mode
 from .engine.stream import Stream, calibration_tokens, plan_stream_budget, readahead, walk, with_setup
@@ -108,28 +108,29 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
 
     ahead = readahead(ck, enabled=prefetch)  # the disk reads the first layers while the pass imports and tokenizes
     stream = tmp = None
-    try:
-        t_begin = time.perf_counter()
-        tokens = calibration_tokens(ck, calib, seq_len=seq_len, n_samples=n_samples, layout=layout, answer_only=answer_only)
-        setup = {"tokenize": time.perf_counter() - t_begin}
-        tmp = Path(tempfile.mkdtemp(prefix="lowmoe-score-", dir=str(work_dir) if work_dir else None))
-        stream = Stream(ck, tokens, ActivationCache(tmp / "cache", persist=False), dev, compute_dtype, batch_size, budget=budget,
-                        prefetch=prefetch, quant=quant)
-        t_pass = time.perf_counter()
-        setup["setup"] = t_pass - t_begin - setup["tokenize"]  # the model skeleton (transformers' modeling code)
-        stream.embed()
-        layers = _score_layers(stream, ck, methods, keep_n, seed, per_method, protect_super_experts, progress)
-        wall = time.perf_counter() - t_pass
-        io = {**stream.io.to_json(wall), **stream.files.to_json(), **({"readahead_bytes": ahead.bytes} if ahead else {})}
-        stages = with_setup(stream.stages(time.perf_counter() - t_begin), setup, time.perf_counter() - t_begin)
-        activations = stream.activation_report()
-    finally:
-        if ahead is not None:
-            ahead.stop()
-        if stream is not None:
-            stream.close()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with out_of_memory_errors(dev, budget):  # out of memory anyway: one line naming the flag
+        try:
+            t_begin = time.perf_counter()
+            tokens = calibration_tokens(ck, calib, seq_len=seq_len, n_samples=n_samples, layout=layout, answer_only=answer_only)
+            setup = {"tokenize": time.perf_counter() - t_begin}
+            tmp = Path(tempfile.mkdtemp(prefix="lowmoe-score-", dir=str(work_dir) if work_dir else None))
+            stream = Stream(ck, tokens, ActivationCache(tmp / "cache", persist=False), dev, compute_dtype, batch_size, budget=budget,
+                            prefetch=prefetch, quant=quant)
+            t_pass = time.perf_counter()
+            setup["setup"] = t_pass - t_begin - setup["tokenize"]  # the model skeleton (transformers' modeling code)
+            stream.embed()
+            layers = _score_layers(stream, ck, methods, keep_n, seed, per_method, protect_super_experts, progress)
+            wall = time.perf_counter() - t_pass
+            io = {**stream.io.to_json(wall), **stream.files.to_json(), **({"readahead_bytes": ahead.bytes} if ahead else {})}
+            stages = with_setup(stream.stages(time.perf_counter() - t_begin), setup, time.perf_counter() - t_begin)
+            activations = stream.activation_report()
+        finally:
+            if ahead is not None:
+                ahead.stop()
+            if stream is not None:
+                stream.close()
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     report = _report(ck, methods, tokens, calib, layers, keep_n, seq_len, protect_super_experts, t_start)
     report["options"] = {"layout": layout, "answer_only": answer_only, "dtype": dtype_name(compute_dtype),

@@ -2,15 +2,20 @@
 
 ``Accountant`` keeps the device bytes held by lowmoe's weights (+ the planned activations) while a
 run goes, so a report can show the planned and the held peak next to CUDA's own figure.
+``out_of_memory_errors`` turns a pass that runs out of memory anyway into one line naming the flag.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import resource
 import sys
 import threading
 import weakref
+from contextlib import contextmanager
+
+from ..errors import ResourceError
 
 
 def peak_rss_bytes() -> int:
@@ -80,3 +85,51 @@ class Accountant:
         token = self.add(nbytes)
         weakref.finalize(obj, self.release, token)
         return token
+
+
+def _detail(e: BaseException) -> str:
+    """The useful part of an allocator's message: what torch tried to allocate and what was free, else its first line."""
+    msg = " ".join(str(e).split())
+    tried = re.search(r"[Tt]ried to allocate ([0-9.]+ ?\w+)", msg)
+    free = re.search(r"of which ([0-9.]+ ?\w+) is free", msg)
+    parts = ([f"tried to allocate {tried.group(1)}"] if tried else []) + ([f"{free.group(1)} was free"] if free else [])
+    return ", ".join(parts) if parts else (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+
+
+@contextmanager
+def out_of_memory_errors(device, plan=None, *, resume: bool = False):
+    """Run a pass; if it runs out of memory, raise ``ResourceError`` with one line saying which memory,
+    what the plan expected (``plan``: the pass's ``BudgetPlan``), which flag to lower, and (``resume``:
+    a prune, whose finished layers are kept) that rerunning with --resume loses nothing.
+
+    The plan holds lowmoe's own bytes; a card shared with other processes, the CUDA context,
+    fragmentation, or a machine with less free RAM than the budget promises can still run out."""
+    again = "; nothing is lost: rerun the same command with --resume" if resume else ""
+    try:
+        yield
+    except MemoryError as e:
+        raise ResourceError(_host_message(e, plan, again)) from None
+    except RuntimeError as e:  # torch.OutOfMemoryError (a device allocation) is a RuntimeError too
+        import torch
+
+        text = str(e).lower()
+        if isinstance(e, torch.OutOfMemoryError):
+            peak = f" with lowmoe's planned device peak {fmt_bytes(plan.device_peak_bytes)}" if plan is not None else ""
+            flag = ("lower --max-vram (the card has less free than it promises: other processes, the CUDA context, "
+                    "fragmentation)" if plan is not None and plan.max_vram is not None else
+                    "pass --max-vram 1-2 GB below the card's free memory")
+            raise ResourceError(f"out of GPU memory on {device} ({_detail(e)}){peak}: {flag}, or lower "
+                                f"--batch-size/--seq-len{again}") from None
+        if "can't allocate memory" in text or "cannot allocate memory" in text:
+            raise ResourceError(_host_message(e, plan, again)) from None
+        if "out of memory" in text:  # a CUDA error: a page-locked host allocation or the device
+            raise ResourceError(f"out of memory on {device} ({_detail(e)}): page-locked host memory or the device; "
+                                f"lower --max-ram and --max-vram, or --batch-size/--seq-len{again}") from None
+        raise
+
+
+def _host_message(e: BaseException, plan, again: str) -> str:
+    peak = f" with lowmoe's planned host peak {fmt_bytes(plan.host_peak_bytes)}" if plan is not None else ""
+    flag = ("lower --max-ram below the memory free on this machine" if plan is not None and plan.max_ram is not None
+            else "pass --max-ram below the memory free on this machine (lowmoe inspect MODEL --max-ram SIZE shows what it holds)")
+    return f"out of host memory ({_detail(e)}){peak}: {flag}{again}"
