@@ -243,5 +243,6 @@ def test_pinned_host_memory_is_booked_and_given_back(synth_dir, calib_txt, tmp_p
     terms = plan["host_terms"]
     booked = sum(terms[k] for k in ("staging_pool", "next_layer_prefetched", "layer_non_expert_pinned", "activation_chunks"))
     assert 0 < pinned["peak_bytes"] <= booked, (pinned, terms)
-    assert rep["stages"]["staging_alloc"]["count"] == rep["budget"]["staging_buffers_made"] >= 1
+    made, ahead = rep["budget"]["staging_buffers_made"], rep["budget"]["staging_buffers_made_ahead"]
+    assert ahead == 1 and made - ahead <= rep["stages"].get("staging_alloc", {}).get("count", 0) <= made
     assert pinned_stats(dev)["current_bytes"] < 1 << 20, "the pass gave its pinned blocks back"

@@ -223,6 +223,7 @@ class BudgetPlan:
     min_max_ram: int | None = None  # the smallest --max-ram that works (lazy plans)
     min_max_vram: int | None = None  # the smallest --max-vram that works (CUDA, lazy plans)
     staging_bytes: int = 0  # the host staging pool (two expert groups, a third with layer prefetch; stored dtype)
+    staging_buffer_bytes: int = 0  # one staging buffer as the pool asks for it (the largest group's; before pinning)
     wave_chunks: int = 1  # activation chunks run through a chunked layer together (experts-major), lazy plans
     wave_chunk_bytes: int = 0  # what each chunk of a wave beyond the first holds while it waits (compute dtype)
     blas_workspace_bytes: int = 0  # the cuBLAS workspaces of the pass's computing threads (CUDA; ``device.blas_workspace_bytes``)
@@ -652,6 +653,8 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
                       min_max_ram=floor_ram, min_max_vram=floor_vram if not on_cpu else None,
                       staging_bytes=(3 if pre else 2) * max((buffer(L, min(g, L.num_experts)) for L in sizes
                                                               if L.num_experts), default=0),
+                      staging_buffer_bytes=max((L.staging_buffer(min(g, L.num_experts)) for L in sizes if L.num_experts),
+                                               default=0),
                       wave_chunks=w, wave_chunk_bytes=wave_chunk if w > 1 else 0,
                       blas_workspace_bytes=max(workspaces(L, min(g, L.num_experts) if L.num_experts else 0) for L in sizes))
 
@@ -785,6 +788,13 @@ class Placer:
         # for the layer computing, a third for the next layer's first group when layers are prefetched
         prefetching = plan is None or plan.prefetch_layers
         self.pool = StagingPool(3 if prefetching else 2, pin=self.device.type == "cuda", stats=self.stats)
+        # the first staging buffer is made now, while the pass builds its skeleton and embeds the tokens,
+        # not when the first layer's first group is read (page-locking a GiB is not instant)
+        self._warm = None
+        first = getattr(plan, "staging_buffer_bytes", 0) if plan is not None else 0
+        if first:
+            self._warm = threading.Thread(target=self.pool.warm, args=(first,), name="lowmoe-staging-warm", daemon=True)
+            self._warm.start()
         # expert groups are read and copied to the device on this thread while the previous group computes
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowmoe-experts") if prefetching else None
         # the next layer's first group, staged for the device while this layer computes (``stage_next``)
@@ -851,6 +861,9 @@ class Placer:
         if self.loader is not None:
             self.loader.shutdown(wait=True)
             self.loader = None
+        if self._warm is not None:
+            self._warm.join()
+            self._warm = None
         self.pool.close()
 
     def lazy_group_size(self, layer_idx: int, source) -> int:
@@ -906,7 +919,7 @@ class Placer:
         d = {"accounted_peak_bytes": self.accountant.peak, "chunked_layers": sorted(self.chunked_builds),
              "first_groups_staged_ahead": self.staged_ahead,
              "staging_pool_bytes": self.pool.peak_bytes,
-             "staging_buffers_made": self.pool.buffers_made,
+             "staging_buffers_made": self.pool.buffers_made, "staging_buffers_made_ahead": self.pool.made_ahead,
              "group_sizes": {str(k): v for k, v in sorted(self.chunked_builds.items())}}
         if self.plan is not None:
             d["plan"] = self.plan.to_json()

@@ -31,6 +31,7 @@ run never holds a float copy of a group on the host. MXFP4's experts are fused o
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import threading
 from collections.abc import Mapping
@@ -42,6 +43,8 @@ import torch
 from ..errors import CheckpointError
 from .checkpoint import ST_TORCH, nonfinite_error, read_header
 from .device import all_finite, pinned_bytes
+
+log = logging.getLogger(__name__)
 
 
 class ShardFiles:
@@ -631,8 +634,10 @@ class StagingPool:
     ones when next taken). ``acquire`` hands out a free buffer's views for a source's group,
     ``release`` gives it back; more than ``count`` at a time is a bug (RuntimeError), which is what
     keeps host memory at ``count * nbytes`` (pinned: torch's power-of-two blocks, ``pinned_bytes``).
-    ``close`` drops the buffers. Thread-safe: the layer reader and the expert loader take buffers from
-    their own threads. ``stats``: making a buffer is timed as stage ``staging_alloc``."""
+    ``warm`` makes the first buffer ahead of need (a pass starts it on a thread of its own as it
+    begins); a buffer taken meanwhile waits for it rather than making another. ``close`` drops the
+    buffers. Thread-safe: the layer reader and the expert loader take buffers from their own threads.
+    ``stats``: making a buffer is timed as stage ``staging_alloc``."""
 
     def __init__(self, count: int = 2, nbytes: int = 0, *, pin: bool = False, stats=None):
         self.count, self.pin = int(count), bool(pin)
@@ -641,10 +646,14 @@ class StagingPool:
         self._bufs: list[torch.Tensor | None] = []
         self._free: list[int] = []
         self._lock = threading.RLock()
+        self._made = threading.Condition(self._lock)  # notified when a buffer ``warm`` was making is ready
+        self._warming: int | None = None  # the buffer ``warm`` is making (out of ``_free`` meanwhile)
+        self._closed = False
         self._preloads: set[int] = set()  # buffers held by preloads (try_acquire), not yet adopted
         self.allocations = 0  # how many times the pool was sized (the first size, then each growth)
         self.buffers_made = 0  # buffers allocated, counting remakes after a growth
         self.peak_bytes = 0  # the most ``held_bytes`` have been
+        self.made_ahead = 0  # buffers ``warm`` made
         if nbytes:
             self._allocate(int(nbytes))
 
@@ -680,9 +689,41 @@ class StagingPool:
         """Drop every free buffer (a pass that ended; its pinned blocks go back to torch's cache, and
         to the system with ``device.release_pinned_cache``). Buffers still in use are left alone."""
         with self._lock:
+            self._closed = True
             for i in self._free:
                 if i < len(self._bufs):
                     self._bufs[i] = None
+
+    def warm(self, nbytes: int) -> None:
+        """Make one buffer of at least ``nbytes`` now, unless one is made already. The pool is sized
+        for it if it was not; a failure is left to the first real take to report."""
+        with self._lock:
+            if self._closed or self._warming is not None:
+                return
+            if int(nbytes) > self.nbytes:
+                self._allocate(int(nbytes))
+            if not self._free or any(self._bufs[i] is not None for i in self._free):
+                return
+            i = self._free.pop(0)
+            self._warming, size = i, self.nbytes
+        buf = None
+        try:
+            buf = self._new(size)
+        except Exception as e:  # noqa: BLE001 -- out of (page-locked) memory: the take that needs it raises
+            log.debug("staging buffer not made ahead: %s", e)
+        with self._lock:
+            if buf is not None and not self._closed:
+                self._bufs[i] = buf
+                self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+                self.made_ahead += 1
+            self._free.insert(0, i)
+            self._warming = None
+            self._made.notify_all()
+
+    def _settle(self) -> None:
+        """Wait (the lock held) for a buffer ``warm`` is making: taking it beats making another."""
+        while self._warming is not None:
+            self._made.wait()
 
     def has_free(self) -> bool:
         with self._lock:
@@ -730,6 +771,7 @@ class StagingPool:
     def acquire(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[int, dict[str, torch.Tensor]]:
         need = sum(_aligned(_prod(s) * dt.itemsize) for s, dt in shapes.values())
         with self._lock:
+            self._settle()
             if need > self.nbytes:
                 self.ensure(need)
             if not self._free:
@@ -746,6 +788,7 @@ class StagingPool:
         hands the buffer over to the group that uses it."""
         need = sum(_aligned(_prod(s) * dt.itemsize) for s, dt in shapes.values())
         with self._lock:
+            self._settle()
             if not self._bufs:  # not sized yet (the first layer's preload comes first)
                 self._allocate(need)
             if not self._free or len(self._preloads) >= self.count - 2:
