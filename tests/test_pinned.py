@@ -148,6 +148,9 @@ def test_a_pass_gives_its_pinned_blocks_back(synth_dir, calib_txt, tmp_path, mon
     assert made - 1 <= rep["stages"].get("staging_alloc", {}).get("count", 0) <= made
     assert rep["budget"]["staging_pool_bytes"] > 0
     assert "pinned" not in rep["budget"], "torch's pinned statistics are reported on CUDA only"
+    serial = lowmoe.prune(synth_dir("mixtral"), tmp_path / "s", keep=4, calib=[calib_txt], n_samples=4, seq_len=16,
+                          batch_size=2, protect_super_experts=False, prefetch=False)
+    assert serial["budget"]["staging_buffers_made_ahead"] == 0, "--no-prefetch: nothing made ahead, on no other thread"
 
 
 def test_eep_population_books_its_pinned_candidate_buffers(synth_dir):

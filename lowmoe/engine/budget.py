@@ -789,10 +789,11 @@ class Placer:
         prefetching = plan is None or plan.prefetch_layers
         self.pool = StagingPool(3 if prefetching else 2, pin=self.device.type == "cuda", stats=self.stats)
         # the first staging buffer is made now, while the pass builds its skeleton and embeds the tokens,
-        # not when the first layer's first group is read (page-locking a GiB is not instant)
+        # not when the first layer's first group is read (page-locking a GiB is not instant); not with
+        # --no-prefetch, whose pass does its work on the main thread, in order
         self._warm = None
         first = getattr(plan, "staging_buffer_bytes", 0) if plan is not None else 0
-        if first:
+        if first and prefetching:
             self._warm = threading.Thread(target=self.pool.warm, args=(first,), name="lowmoe-staging-warm", daemon=True)
             self._warm.start()
         # expert groups are read and copied to the device on this thread while the previous group computes

@@ -181,7 +181,7 @@ def pinned_bytes(nbytes: int, device: torch.device) -> int:
 def pinned_stats(device: torch.device) -> dict:
     """What torch's pinned-memory allocator did in this process, for the report (CUDA only; {} where
     torch keeps no such statistics): its peak bytes (rounded blocks), how many blocks it made and the
-    seconds spent making them (page-locking is slow: hundreds of MB per second on some hosts)."""
+    seconds spent making them."""
     if device.type != "cuda" or not hasattr(torch.cuda, "host_memory_stats"):
         return {}
     s = torch.cuda.host_memory_stats()

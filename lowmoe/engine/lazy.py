@@ -42,7 +42,7 @@ import torch
 
 from ..errors import CheckpointError
 from .checkpoint import ST_TORCH, nonfinite_error, read_header
-from .device import all_finite, pinned_bytes
+from .device import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -633,7 +633,7 @@ class StagingPool:
     computes); sized once, grown only if a later layer's group needs more (free buffers at once, busy
     ones when next taken). ``acquire`` hands out a free buffer's views for a source's group,
     ``release`` gives it back; more than ``count`` at a time is a bug (RuntimeError), which is what
-    keeps host memory at ``count * nbytes`` (pinned: torch's power-of-two blocks, ``pinned_bytes``).
+    keeps host memory at ``count * nbytes`` (pinned: torch's power-of-two blocks, ``device.pinned_bytes``).
     ``warm`` makes the first buffer ahead of need (a pass starts it on a thread of its own as it
     begins); a buffer taken meanwhile waits for it rather than making another. ``close`` drops the
     buffers. Thread-safe: the layer reader and the expert loader take buffers from their own threads.
@@ -658,7 +658,8 @@ class StagingPool:
             self._allocate(int(nbytes))
 
     def _new(self, nbytes: int) -> torch.Tensor:
-        self.buffers_made += 1
+        with self._lock:
+            self.buffers_made += 1
         if self.stats is None:
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
         with self.stats.stage("staging_alloc"):
@@ -678,12 +679,6 @@ class StagingPool:
     @property
     def held_bytes(self) -> int:
         return sum(b.numel() for b in self._bufs if b is not None)
-
-    @property
-    def pinned_held_bytes(self) -> int:
-        """Host bytes the buffers hold as torch allocated them (pinned: power-of-two blocks; else as asked)."""
-        dev = torch.device("cuda" if self.pin else "cpu")
-        return sum(pinned_bytes(b.numel(), dev) for b in self._bufs if b is not None)
 
     def close(self) -> None:
         """Drop every free buffer (a pass that ended; its pinned blocks go back to torch's cache, and
