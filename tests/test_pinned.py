@@ -21,6 +21,8 @@ from lowmoe.engine.device import pinned_bytes
 from lowmoe.engine.lazy import StagingPool
 from lowmoe.engine.prefetch import IOStats
 
+from .helpers import FAMILIES
+
 CUDA = torch.device("cuda", 0)
 CPU = torch.device("cpu")
 # a group of 8 experts is 3 x 96 x 160 x 4 bytes x 8 = 1.47 MB: not a power of two
@@ -225,3 +227,27 @@ def test_a_failed_warm_up_leaves_the_take_to_report(monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         pool.acquire({"w": ((16,), torch.float32)})
     assert pool.in_use == 0
+
+
+@pytest.mark.parametrize("arch, quant", [(a, "none") for a in FAMILIES] + [("deepseek_v3", "fp8"), ("qwen3_moe", "fp8"),
+                                                                       ("gpt_oss", "mxfp4")])
+def test_the_planned_staging_buffer_holds_what_the_pool_asks_for(synth_dir, arch, quant):
+    """The plan books a staging buffer from the index alone; torch rounds the pool's real request up
+    to a power of two. Were the plan's figure below the request, the rounded block could be twice
+    what was booked: for every family and the FP8 and MXFP4 layouts, it is at least the request."""
+    from lowmoe.engine.lazy import ShardFiles, _aligned, _prod, read_lazy_layer
+
+    kw = dict(dtype="bfloat16", quant=quant) if quant != "none" else {}
+    if quant == "fp8":
+        kw["fp8_block"] = 32
+    ck = Checkpoint(synth_dir(arch, hidden_size=64, intermediate_size=64, **kw))
+    sizes = {s.idx: s for s in _lazy_sizes(ck)}
+    files = ShardFiles(ck.path)
+    for L in ck.moe_layers():
+        src = read_lazy_layer(ck, files, L).experts
+        assert src is not None, f"{arch}/{quant}: layer {L} is read lazily"
+        for g in (1, 3, ck.num_experts):
+            asked = sum(_aligned(_prod(s) * dt.itemsize) for s, dt in src.buffer_shapes(g).values())
+            planned = sizes[L].staging_buffer(g)
+            assert asked <= planned, (arch, quant, L, g, asked, planned)
+            assert pinned_bytes(asked, CUDA) <= pinned_bytes(planned, CUDA)
