@@ -364,21 +364,29 @@ DEFAULT_WAVE_BYTES = 1 << 30
 WAVE_TERMS = ("hidden_states", "routing", "expert_slot_outputs")
 
 
+def _resident_read_bytes(ck, layer_idx: int, num_experts: int) -> tuple[int, ...]:
+    """Bytes of each of the layer's tensors other than its routed experts, as read (``Checkpoint.read_bytes``)."""
+    ex = set(ck.adapter.routed_expert_keys(layer_idx, num_experts)) if num_experts else set()
+    return tuple(ck.read_bytes(k) for k in ck.layer_keys(layer_idx) if k not in ex)
+
+
+def _expert_read_bytes(ck, layer_idx: int, num_experts: int) -> tuple[int, ...]:
+    """One routed expert's bytes in each of its tensors, as read: a per-expert checkpoint's expert-0
+    tensors, or each fused tensor / E."""
+    ad = ck.adapter
+    if ad.expert_layout == "per_expert":
+        return tuple(ck.read_bytes(k) for k in ad.expert_keys(layer_idx, 0) if k in ck.parts)
+    return tuple(ck.read_bytes(k) // max(1, num_experts) for k in ad.fused_keys(layer_idx) if k in ck.parts)
+
+
 def _pinned_runtime_layer(ck, L: LayerSize, device: torch.device) -> int:
     """Host bytes of layer ``L``'s page-locked runtime copy (the layer reader's, on CUDA): each tensor
-    as read in its own block (``pinned_bytes``), a per-expert checkpoint's experts stacked per name
-    (E x expert 0's tensor; gate and up stacked together take what the two would apart, being
-    equal in size)."""
-    ad = ck.adapter
-    ex = set(ad.routed_expert_keys(L.layer_idx, L.num_experts)) if L.num_experts else set()
-    total = sum(pinned_bytes(ck.read_bytes(k), device) for k in ck.layer_keys(L.layer_idx) if k not in ex)
+    as read in its own block (``pinned_bytes``), the experts stacked per tensor (E x one expert's;
+    gate and up stacked together take what the two would apart, being equal in size)."""
+    total = sum(pinned_bytes(n, device) for n in _resident_read_bytes(ck, L.layer_idx, L.num_experts))
     if not L.num_experts:
         return total
-    if ad.expert_layout == "per_expert":
-        stacked = [L.num_experts * ck.read_bytes(k) for k in ad.expert_keys(L.layer_idx, 0) if k in ck.parts]
-    else:
-        stacked = [ck.read_bytes(k) for k in ad.fused_keys(L.layer_idx) if k in ck.parts]
-    return total + sum(pinned_bytes(n, device) for n in stacked)
+    return total + sum(pinned_bytes(L.num_experts * n, device) for n in _expert_read_bytes(ck, L.layer_idx, L.num_experts))
 
 
 @dataclass(frozen=True)
@@ -419,8 +427,7 @@ def _lazy_sizes(ck) -> list[_LazyLayerSize]:
     out = []
     for L in layer_sizes(ck):
         ad = ck.adapter
-        ex = set(ad.routed_expert_keys(L.layer_idx, L.num_experts)) if L.num_experts else set()
-        res_keys = tuple(ck.read_bytes(k) for k in ck.layer_keys(L.layer_idx) if k not in ex)
+        res_keys = _resident_read_bytes(ck, L.layer_idx, L.num_experts)
         parts = _expert_parts(ck, L.layer_idx, L.num_experts) if L.num_experts else ()
         if ck.quant_format is not None and L.num_experts:
             # quantized experts are held as their stored bytes (``lazy.ExpertSource.packed``), the
@@ -718,10 +725,8 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
             return int(n * s.expert_numel * stored_elem(s)) + merge
         # page-locked (``PopulationEvaluator.buffer(host=True)``): the E' experts as read, stacked per
         # tensor, and the accumulator, each in torch's power-of-two block
-        ad = ck.adapter
-        keys = ad.expert_keys(s.layer_idx, 0) if not fused else ad.fused_keys(s.layer_idx)
-        per = [ck.read_bytes(k) // (E if fused else 1) for k in keys if k in ck.parts]
-        return sum(pinned_bytes(n * x, device) for x in per) + (merge if fused else pinned_bytes(merge, device))
+        stacked = sum(pinned_bytes(n * x, device) for x in _expert_read_bytes(ck, s.layer_idx, E))
+        return stacked + (merge if fused else pinned_bytes(merge, device))
 
     cand_host = max((candidate_host(s) for s in sizes), default=0)
     pop = plan_budget(ck, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, max_vram=plan.max_vram,

@@ -30,6 +30,7 @@ run never holds a float copy of a group on the host. MXFP4's experts are fused o
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -660,9 +661,7 @@ class StagingPool:
     def _new(self, nbytes: int) -> torch.Tensor:
         with self._lock:
             self.buffers_made += 1
-        if self.stats is None:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
-        with self.stats.stage("staging_alloc"):
+        with self.stats.stage("staging_alloc") if self.stats is not None else contextlib.nullcontext():
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
 
     def _allocate(self, nbytes: int) -> None:
