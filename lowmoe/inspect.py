@@ -9,6 +9,7 @@ import torch
 from .engine.budget import parse_budget, plan_lazy_budget
 from .engine.checkpoint import Checkpoint
 from .engine.device import DTYPES
+from .engine.hf import resolve_experts_impl
 from .engine.memory import fmt_bytes
 
 # Bytes of Python, torch and transformers before any tensor is loaded, measured on CPU.
@@ -39,7 +40,8 @@ def budget_info(ck: Checkpoint, *, max_ram=None, max_vram=None, device: str = "c
     the smallest --max-ram (and --max-vram on CUDA) that work and, under the given budgets, the group
     size and the planned host/device peaks term by term. ConfigError (naming the flag) if they cannot hold."""
     dev, dt = torch.device(device), DTYPES[dtype]
-    kw = dict(device=dev, dtype=dt, batch_size=batch_size, seq_len=seq_len)
+    kw = dict(device=dev, dtype=dt, batch_size=batch_size, seq_len=seq_len,
+              grouped=resolve_experts_impl("auto", dev) == "grouped")  # what a prune there computes with
     floor = plan_lazy_budget(ck, **kw)
     p = plan_lazy_budget(ck, max_ram=parse_budget(max_ram, "--max-ram"), max_vram=parse_budget(max_vram, "--max-vram"), **kw)
     groups = sorted({pl.group_size for pl in p.layers.values() if pl.group_size})

@@ -34,6 +34,7 @@ from .engine.cache import ActivationCache
 from .engine.calibration import CalibTokens, check_sources, check_tokenizer
 from .engine.checkpoint import Checkpoint
 from .engine.device import DTYPES, resolve_device, resolve_dtype
+from .engine.hf import EXPERTS_IMPLS
 from .engine.lazy import ShardFiles, read_lazy_layer, reads_lazily
 from .engine.memory import fmt_bytes, out_of_memory_errors
 from .engine.plan import LayerPlan, Plan
@@ -77,6 +78,7 @@ class PruneConfig:
     max_vram: str | int | None = None  # device budget, e.g. "20GiB" (lowmoe.engine.budget)
     max_ram: str | int | None = None  # host RAM budget
     prefetch: bool = True  # read layer L+1 and the next activation chunk while L computes (lowmoe.engine.prefetch)
+    experts_impl: str = "auto"  # how the routed experts are computed (lowmoe.engine.hf.EXPERTS_IMPLS)
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -97,6 +99,8 @@ class PruneConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.experts_impl not in EXPERTS_IMPLS:
+            raise ConfigError(f"--experts-impl {self.experts_impl!r}: choose one of {', '.join(EXPERTS_IMPLS)}")
         try:
             parse_size(self.max_shard_size)
         except ValueError as e:
@@ -135,7 +139,7 @@ class PruneConfig:
     def stream(self, ck: Checkpoint, tokens: CalibTokens, cache_dir: Path, budget=None) -> Stream:
         """A ``Stream`` of ``tokens`` on this run's device and dtype, its activation cache in ``cache_dir``."""
         return Stream(ck, tokens, ActivationCache(cache_dir), self.compute_device(), self.compute_dtype(), self.batch_size,
-                      budget=budget, prefetch=self.prefetch)
+                      budget=budget, prefetch=self.prefetch, experts=self.experts_impl)
 
     def resolve_keep(self, num_experts: int) -> int:
         k = self.keep
@@ -169,6 +173,8 @@ def run_fingerprint(cfg: PruneConfig, ck: Checkpoint) -> str:
          if k not in ("out", "resume", "overwrite", "progress", "device", "max_vram", "max_ram", "prefetch")}
     if isinstance(cfg.plan, (str, Path)):
         d["plan"] = Path(cfg.plan).read_text()
+    if d.get("experts_impl") == "auto":  # the default: fingerprints as before the option existed
+        del d["experts_impl"]
     return fingerprint(d, ck)
 
 
@@ -179,7 +185,8 @@ def plan_run_budget(cfg: PruneConfig, ck: Checkpoint):
     device = cfg.compute_device()
     return plan_stream_budget(ck, device=device, dtype=resolve_dtype(DTYPES[cfg.dtype], device), batch_size=cfg.batch_size,
                               seq_len=cfg.seq_len, max_vram=cfg.max_vram, max_ram=cfg.max_ram, prefetch=cfg.prefetch,
-                              lazy=cfg.method not in methods.RUNNERS and reads_lazily(ck), n_samples=cfg.n_samples)
+                              lazy=cfg.method not in methods.RUNNERS and reads_lazily(ck), n_samples=cfg.n_samples,
+                              experts=cfg.experts_impl)
 
 
 def _plan_from_input(cfg: PruneConfig, ck: Checkpoint) -> Plan:
@@ -407,6 +414,7 @@ def _score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int, keep_n: int, t
                                   time.perf_counter() - t_begin),
             "profile_s": round(t_start - t_profile, 4),
             "activations": stream.activation_report(),
+            "experts_impl": stream.skel.experts_impl,
             "budget": stream.placer.report()}
 
 

@@ -35,6 +35,7 @@ from .engine.cache import ActivationCache
 from .engine.calibration import check_sources
 from .engine.checkpoint import Checkpoint
 from .engine.device import dtype_name, resolve_device, resolve_dtype
+from .engine.hf import EXPERTS_IMPLS
 from .engine.memory import cuda_peak_bytes, fmt_bytes, out_of_memory_errors, peak_rss_bytes
 from .engine.progress import progress as progress_bar
 from .engine.quant import check_quant_budget, check_quant_mode
@@ -54,7 +55,7 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
           layout: str = "pack", answer_only: bool = False, protect_super_experts: bool = True,
           device: str = "auto", dtype: str = "fp32", max_vram: str | int | None = None,
           max_ram: str | int | None = None, prefetch: bool = True, quant: str = "none", seed: int = 0, progress: bool = True,
-          method_options: dict | None = None, work_dir: str | Path | None = None) -> dict:
+          method_options: dict | None = None, work_dir: str | Path | None = None, experts_impl: str = "auto") -> dict:
     """Score every MoE layer's experts with ``method`` (a name or a list of names) in one streamed
     pass; return the report and, with ``out``, write it as JSON.
 
@@ -84,6 +85,8 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
     dev = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, dev)
     check_quant_mode(quant)
+    if experts_impl not in EXPERTS_IMPLS:
+        raise ConfigError(f"--experts-impl {experts_impl!r}: choose one of {', '.join(EXPERTS_IMPLS)}")
     if quant != "none" and "reconstruction" in methods:
         # reconstruction takes its device and dtype from the experts module's parameters, which a
         # quantized (or expert-chunked) layer does not have
@@ -96,7 +99,8 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
         check_options(m, ck.num_experts, ck.top_k, seed, per_method[m])
     lazy = quant == "none"  # routed experts read from the shards a group at a time, as prune reads them
     budget = plan_stream_budget(ck, device=dev, dtype=compute_dtype, batch_size=batch_size, seq_len=seq_len,
-                                max_vram=max_vram, max_ram=max_ram, prefetch=prefetch, lazy=lazy, n_samples=n_samples)  # fails here if it cannot hold
+                                max_vram=max_vram, max_ram=max_ram, prefetch=prefetch, lazy=lazy, n_samples=n_samples,
+                                experts=experts_impl)  # fails here if it cannot hold
     check_quant_budget(budget, ck, quant, compute_dtype)
     keep_n = None
     if keep is not None:
@@ -115,7 +119,7 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
             setup = {"tokenize": time.perf_counter() - t_begin}
             tmp = Path(tempfile.mkdtemp(prefix="lowmoe-score-", dir=str(work_dir) if work_dir else None))
             stream = Stream(ck, tokens, ActivationCache(tmp / "cache", persist=False), dev, compute_dtype, batch_size, budget=budget,
-                            prefetch=prefetch, quant=quant)
+                            prefetch=prefetch, quant=quant, experts=experts_impl)
             t_pass = time.perf_counter()
             setup["setup"] = t_pass - t_begin - setup["tokenize"]  # the model skeleton (transformers' modeling code)
             stream.embed()
@@ -135,7 +139,7 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
     report = _report(ck, methods, tokens, calib, layers, keep_n, seq_len, protect_super_experts, t_start)
     report["options"] = {"layout": layout, "answer_only": answer_only, "dtype": dtype_name(compute_dtype),
                          "device": str(dev), "quant": quant, "batch_size": batch_size, "seed": seed, "prefetch": prefetch,
-                         "method_options": method_options or {}}
+                         "experts_impl": stream.skel.experts_impl, "method_options": method_options or {}}
     report["io"], report["stages"], report["budget"] = io, stages, stream.placer.report()
     report["activations"] = activations
     if out is not None:

@@ -64,6 +64,54 @@ def test_chunked_experts_on_cuda_bit_identical(synth_dir):
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
 
 
+def test_grouped_experts_on_cuda(synth_dir, calib_txt, tmp_path):
+    """--experts-impl auto is transformers' grouped GEMM on CUDA: experts in groups give the whole
+    module's numbers, the whole module's experts call waits for the device less often than the eager
+    loop's (which waits about five times per expert hit), and a prune keeps the experts the CPU keeps."""
+    import warnings
+
+    from lowmoe.engine.hf import resolve_experts_impl
+
+    src = synth_dir("qwen3_moe", top_k=4)
+    ck = Checkpoint(src)
+    dev = torch.device("cuda")
+    assert resolve_experts_impl("auto", dev) == "grouped"
+    rt = ck.adapter.to_runtime(1, ck.read_layer(1), True)
+    h = torch.randn(2, 16, ck.config["hidden_size"], generator=torch.Generator().manual_seed(0)).to(dev, torch.bfloat16)
+    syncs = {}
+    for impl in ("eager", "grouped"):
+        skel = ModelSkeleton(ck.config, ck.adapter, experts=impl)
+        whole = build_layer(skel, 1, rt, dev, torch.bfloat16)
+        chunked = build_layer(skel, 1, rt, dev, torch.bfloat16, group_size=3)
+        inputs = LayerInputs.build(skel, h, skel.rotary(dev))
+        outs = []
+        for layer in (whole, chunked):
+            calls = []
+            with torch.no_grad(), MoeProbe(ck.adapter, layer, calls.append):
+                run_layer(skel, layer, 1, h, inputs)
+            outs.append(calls[0])
+        a, b = outs
+        assert torch.equal(a.top_k_index, b.top_k_index)
+        assert torch.allclose(a.routed_output.float(), b.routed_output.float(), rtol=2e-2,
+                              atol=2e-2 * float(a.routed_output.abs().max()))
+        experts = moe_modules(ck.adapter, whole)[2]
+        x = a.moe_input.reshape(-1, a.moe_input.shape[-1])
+        torch.cuda.synchronize()
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                experts(x, a.top_k_index, a.top_k_weights.to(torch.bfloat16))
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        syncs[impl] = sum("synchroniz" in str(w.message) for w in caught)
+    assert syncs["grouped"] < syncs["eager"], syncs
+    cpu = lowmoe.prune(src, tmp_path / "cpu", calib=[calib_txt], device="cpu", **OPTS)
+    gpu = lowmoe.prune(src, tmp_path / "gpu", calib=[calib_txt], device="cuda", **OPTS)
+    assert gpu["experts_impl"] == "grouped" and cpu["experts_impl"] == "eager"
+    assert gpu["plan"]["layers"] == cpu["plan"]["layers"]
+
+
 def test_stager_copies_on_side_stream():
     st = DeviceStager(torch.device("cuda"))
     src = {"w": torch.randn(64, 64).pin_memory()}

@@ -237,14 +237,14 @@ def families(model_type):
               help="A method's own option, e.g. -O align=true -O similarity=weight (see docs/merging.md); repeatable.")
 @click.pass_context
 def prune(ctx, model, out, keep, method, calib, plan, top_k, seq_len, n_samples, batch_size, layout, answer_only, one_shot,
-          no_protect_super_experts, device, dtype, max_shard_size, max_vram, max_ram, no_prefetch, seed, resume, overwrite, save_plan,
-          dev, generations, population, init, combine, quant, layer_groups, method_option):
+          no_protect_super_experts, device, dtype, max_shard_size, max_vram, max_ram, no_prefetch, experts_impl, seed, resume,
+          overwrite, save_plan, dev, generations, population, init, combine, quant, layer_groups, method_option):
     """Prune MODEL's experts into a new checkpoint OUT."""
     report = run_prune(model, out, keep=keep, method=method, calib=[str(c) for c in calib], plan=plan, top_k=top_k,
                        seq_len=seq_len, n_samples=n_samples, batch_size=batch_size, layout=layout, answer_only=answer_only,
                        sequential=not one_shot, protect_super_experts=not no_protect_super_experts, device=device,
                        dtype=dtype, max_shard_size=max_shard_size, max_vram=max_vram, max_ram=max_ram,
-                       prefetch=not no_prefetch, seed=seed, resume=resume, overwrite=overwrite,
+                       prefetch=not no_prefetch, experts_impl=experts_impl, seed=seed, resume=resume, overwrite=overwrite,
                        progress=not ctx.obj["quiet"], **_add_method_options(
                            _eep_options(method, dev=[str(d) for d in dev] or None, generations=generations,
                                         population=population, init=init, combine=combine, quant=quant,

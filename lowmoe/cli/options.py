@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..engine.device import DTYPE_CHOICES
+from ..engine.hf import EXPERTS_IMPLS
 
 
 def _apply(options, f):
@@ -26,7 +27,7 @@ def calibration_options(f):
 
 
 def compute_options(f):
-    """--device, --dtype, --max-vram, --max-ram, --no-prefetch."""
+    """--device, --dtype, --max-vram, --max-ram, --no-prefetch, --experts-impl."""
     return _apply([
         click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N."),
         click.option("--dtype", default="fp32", show_default=True, type=click.Choice(DTYPE_CHOICES),
@@ -35,4 +36,7 @@ def compute_options(f):
                      help="Device memory budget, e.g. 20GiB; experts are streamed in groups when a layer does not fit."),
         click.option("--max-ram", default=None, help="Host RAM budget, e.g. 32GiB (checked before the run starts)."),
         click.option("--no-prefetch", is_flag=True, help="Do not read the next layer / activation chunk while computing."),
+        click.option("--experts-impl", "experts_impl", default="auto", show_default=True, type=click.Choice(EXPERTS_IMPLS),
+                     help="Routed experts computed by transformers' per-expert loop (eager) or its grouped GEMM "
+                          "(grouped); auto: grouped on CUDA, eager on the CPU."),
     ], f)

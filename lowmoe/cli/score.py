@@ -36,14 +36,14 @@ from .options import calibration_options, compute_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
 @click.pass_context
 def score_command(ctx, model, calib, methods, out, keep, seq_len, n_samples, batch_size, layout, answer_only,
-                  no_protect_super_experts, reap_no_renormalize, heatmap, device, dtype, max_vram, max_ram, no_prefetch,
+                  no_protect_super_experts, reap_no_renormalize, heatmap, device, dtype, max_vram, max_ram, no_prefetch, experts_impl,
                   quant, seed, as_json):
     """Score MODEL's experts on calibration data and write scores.json (no output model)."""
     opts = {"reap": {"renormalize": False}} if reap_no_renormalize else {}
     report = score(model, calib=list(calib), method=list(methods), out=out, keep=keep, seq_len=seq_len,
                    n_samples=n_samples, batch_size=batch_size, layout=layout, answer_only=answer_only,
                    protect_super_experts=not no_protect_super_experts, device=device, dtype=dtype, max_vram=max_vram,
-                   max_ram=max_ram, prefetch=not no_prefetch, quant=quant, seed=seed,
+                   max_ram=max_ram, prefetch=not no_prefetch, experts_impl=experts_impl, quant=quant, seed=seed,
                    progress=not (ctx.obj or {}).get("quiet"), method_options=opts)
     if heatmap:
         usage_heatmap(report, heatmap)

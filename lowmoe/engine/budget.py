@@ -123,7 +123,7 @@ def layer_sizes(ck) -> list[LayerSize]:
 
 
 def activation_terms(config: dict, *, batch_size: int, seq_len: int, dtype_bytes: int, top_k: int,
-                     num_experts: int) -> dict[str, int]:
+                     num_experts: int, grouped: bool = False) -> dict[str, int]:
     """Device bytes of one calibration chunk (B x S tokens) going through one decoder layer, term by term.
 
     Counted generously: hidden states in/out/residual/norm (~8 T x H), q/k/v/o, attention scores
@@ -131,6 +131,12 @@ def activation_terms(config: dict, *, batch_size: int, seq_len: int, dtype_bytes
     float mask, router logits in fp32, one expert's gate/up/act intermediates for all T tokens,
     the per-slot expert outputs (T x k x H, in the compute dtype and fp32) that the scorers read,
     and the per-expert outputs ``ChunkedExperts`` collects before summing.
+
+    ``grouped``: the experts run as transformers' grouped GEMM (``--experts-impl grouped``), which
+    computes every (token, slot) row of the call at once: the gate/up projection, the activation and
+    its product for T x k rows (4 T k I), and the rows sorted by expert, their down projection,
+    weighted and gathered back (``grouped_expert_rows``, 4 T k H) -- where the eager loop holds one
+    expert's rows at a time.
     """
     b, T = dtype_bytes, batch_size * seq_len
     H = int(config.get("hidden_size", 0))
@@ -138,19 +144,22 @@ def activation_terms(config: dict, *, batch_size: int, seq_len: int, dtype_bytes
     head_dim = int(config.get("head_dim") or max(1, H // heads))
     inter = int(config.get("moe_intermediate_size") or config.get("intermediate_size") or 4 * H)
     dense_inter = int(config.get("intermediate_size") or inter)
+    k = max(top_k, 1)
+    grouped_terms = {"grouped_expert_rows": 4 * T * k * H * b} if grouped else {}
     return {"hidden_states": 8 * T * H * b,
             "attention_qkvo": 4 * T * heads * head_dim * b,
             "attention_scores": 2 * batch_size * heads * seq_len * seq_len * b,
             "attention_mask": batch_size * seq_len * seq_len * b,
             "routing": 2 * T * max(num_experts, 1) * 4,
-            "expert_intermediates": 3 * T * max(inter, dense_inter) * b,
-            "expert_slot_outputs": T * max(top_k, 1) * H * (2 * b + 4)}
+            "expert_intermediates": max(3 * T * max(inter, dense_inter), 4 * T * k * inter if grouped else 0) * b,
+            "expert_slot_outputs": T * k * H * (2 * b + 4), **grouped_terms}
 
 
-def activation_bytes(config: dict, *, batch_size: int, seq_len: int, dtype_bytes: int, top_k: int, num_experts: int) -> int:
+def activation_bytes(config: dict, *, batch_size: int, seq_len: int, dtype_bytes: int, top_k: int, num_experts: int,
+                     grouped: bool = False) -> int:
     """The sum of ``activation_terms``: one chunk's activations through one layer."""
     return int(sum(activation_terms(config, batch_size=batch_size, seq_len=seq_len, dtype_bytes=dtype_bytes,
-                                    top_k=top_k, num_experts=num_experts).values()))
+                                    top_k=top_k, num_experts=num_experts, grouped=grouped).values()))
 
 
 # CUDA's caching allocator rounds every block it hands out up to a multiple of 512 bytes, and
@@ -227,6 +236,7 @@ class BudgetPlan:
     wave_chunks: int = 1  # activation chunks run through a chunked layer together (experts-major), lazy plans
     wave_chunk_bytes: int = 0  # what each chunk of a wave beyond the first holds while it waits (compute dtype)
     blas_workspace_bytes: int = 0  # the cuBLAS workspaces of the pass's computing threads (CUDA; ``device.blas_workspace_bytes``)
+    grouped_experts: bool = False  # activations counted for transformers' grouped GEMM (``--experts-impl``)
 
     @property
     def chunked_layers(self) -> list[int]:
@@ -241,17 +251,18 @@ class BudgetPlan:
 
 def plan_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int,
                 max_vram: int | None = None, max_ram: int | None = None, prefetch: bool = True,
-                extra_host: dict[str, int] | None = None) -> BudgetPlan:
+                extra_host: dict[str, int] | None = None, grouped: bool = False) -> BudgetPlan:
     """Decide, from the index alone, how every layer will be built under the budgets; raise
     ``ConfigError`` (naming the flag and the size needed) if a budget cannot be held.
 
     ``extra_host``: what else the pass holds in host memory beside one layer (name -> bytes; the EEP
-    evaluator's candidate experts, ``plan_population``), counted like the interpreter's share."""
+    evaluator's candidate experts, ``plan_population``), counted like the interpreter's share.
+    ``grouped``: the layers compute their experts with the grouped GEMM (``activation_terms``)."""
     b = dtype_bytes(dtype)
     sizes = layer_sizes(ck)
     cfg = ck.config
     act = activation_bytes(cfg, batch_size=batch_size, seq_len=seq_len, dtype_bytes=b, top_k=ck.top_k,
-                           num_experts=ck.num_experts)
+                           num_experts=ck.num_experts, grouped=grouped)
     on_cpu = device.type != "cuda"
     blas = blas_workspace_bytes(device)  # the main thread's (this plan's layers never run in waves)
     per_expert_layout = ck.adapter.expert_layout == "per_expert"
@@ -326,7 +337,8 @@ def plan_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size: int
                           max_ram=max_ram, device_budget=device_budget, activation_bytes=act, weights_budget=weights_budget,
                           prefetch_layers=do_prefetch, layers=layers, host_peak_bytes=int(host_peak),
                           device_peak_bytes=int(device_peak), host_layer_bytes=int(largest_host),
-                          host_fixed_bytes=int(host_fixed), notes=plan_notes, blas_workspace_bytes=blas)
+                          host_fixed_bytes=int(host_fixed), notes=plan_notes, blas_workspace_bytes=blas,
+                          grouped_experts=grouped)
 
     if prefetch and max_ram is not None:
         need_two = host_fixed + 2 * largest_host
@@ -447,7 +459,7 @@ def _lazy_sizes(ck) -> list[_LazyLayerSize]:
 
 def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int,
                      max_vram: int | None = None, max_ram: int | None = None, prefetch: bool = True,
-                     num_chunks: int = 1) -> BudgetPlan:
+                     num_chunks: int = 1, grouped: bool = False) -> BudgetPlan:
     """The budget of a pass whose routed experts are read from the shards in groups (``lazy``,
     ``Stream.layers(lazy=True)``), from the index alone. Per MoE layer with E experts, for a group of g
     experts (P params each; stored s bytes, compute b bytes a param):
@@ -476,7 +488,7 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
     sizes = _lazy_sizes(ck)
     quantized = ck.quant_format
     terms_act = activation_terms(cfg, batch_size=batch_size, seq_len=seq_len, dtype_bytes=b, top_k=ck.top_k,
-                                 num_experts=ck.num_experts)
+                                 num_experts=ck.num_experts, grouped=grouped)
     act = sum(terms_act.values())
     chunk_host = 4 * batch_size * seq_len * int(cfg.get("hidden_size", 0)) * 4
     embed_key = "model.embed_tokens.weight"
@@ -663,7 +675,8 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
                       staging_buffer_bytes=max((L.staging_buffer(min(g, L.num_experts)) for L in sizes if L.num_experts),
                                                default=0),
                       wave_chunks=w, wave_chunk_bytes=wave_chunk if w > 1 else 0,
-                      blas_workspace_bytes=max(workspaces(L, min(g, L.num_experts) if L.num_experts else 0) for L in sizes))
+                      blas_workspace_bytes=max(workspaces(L, min(g, L.num_experts) if L.num_experts else 0) for L in sizes),
+                      grouped_experts=grouped)
 
 
 # ---- the EEP population evaluator --------------------------------------------------------------
@@ -730,7 +743,7 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
 
     cand_host = max((candidate_host(s) for s in sizes), default=0)
     pop = plan_budget(ck, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, max_vram=plan.max_vram,
-                      max_ram=plan.max_ram, prefetch=False,
+                      max_ram=plan.max_ram, prefetch=False, grouped=plan.grouped_experts,
                       extra_host={f"a candidate's {n} experts and their merge buffers": cand_host})
     wb, act = pop.weights_budget, pop.activation_bytes + pop.blas_workspace_bytes  # the evaluator's one thread's
     flag = _budget_flag(pop)

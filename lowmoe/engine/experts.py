@@ -19,6 +19,14 @@ loop accumulates them: every variant's output is bit-identical to transformers' 
 the same weights (tested). When every expert is on the device at once (a ``ChunkedExperts`` of one
 group), the call is simply the original class's forward on that module (``RoutedExperts.whole``):
 transformers' own loop, without a per-expert dispatch of ours. ``MoeProbe`` hooks and patches these modules like the original one.
+
+When the original module computes its experts with a grouped GEMM (``--experts-impl grouped``,
+``hf.experts_run_grouped``), its output is each (token, top-k slot)'s expert output, weighted, summed
+over the slots. The variants then run one call per module of ``sources`` (a group of experts, not one
+expert) over the slots routed to it, with unit weights, into a (tokens x k, hidden) buffer, and weight
+and sum it the way the grouped forward does (``SlotOutputs``): the same result as the original module
+holding every expert, as long as one expert's GEMM over its rows does not depend on the other
+experts' (tested on the CPU; on CUDA it is torch's grouped GEMM, one problem per expert).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import torch
 from torch import nn
 
 from .device import dtype_bytes
-from .hf import experts_forward, experts_subset
+from .hf import experts_forward, experts_run_grouped, experts_subset
 from .lazy import StagingPool
 from .memory import Accountant
 from .prefetch import DeviceStager, IOStats
@@ -72,6 +80,7 @@ class RoutedExperts(nn.Module):
         object.__setattr__(self, "_template", template)
         object.__setattr__(self, "_original_forward", experts_forward(template))
         self.num_experts = num_experts
+        self.grouped = experts_run_grouped(template)  # per-slot outputs summed, not index_add_ per expert
 
     def sources(self, hit: list[int]) -> Iterator[tuple[nn.Module, list[tuple[int, int]]]]:
         raise NotImplementedError
@@ -100,6 +109,11 @@ class RoutedExperts(nn.Module):
         if whole is not None:
             return self._original_forward(whole, hidden_states, top_k_index, top_k_weights)
         hit = hit_experts(top_k_index, self.num_experts)
+        if self.grouped:
+            slots = SlotOutputs(hidden_states, top_k_index, top_k_weights, self.num_experts)
+            for module, experts in self.sources(hit):
+                slots.run(self._original_forward, module, experts)
+            return slots.combine()
         slot_major = top_k_index.transpose(0, 1)  # (k, T): transformers' expert_mask[e] layout
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for module, experts in self.sources(hit):
@@ -110,6 +124,41 @@ class RoutedExperts(nn.Module):
             tok, y = outputs[e]
             final.index_add_(0, tok, y.to(final.dtype))
         return final
+
+
+class SlotOutputs:
+    """One call's routed rows for experts computed with a grouped GEMM: each module of ``sources`` runs
+    once over every (token, slot) routed to the experts it holds, with unit weights (``run``), into
+    a (T*k, H) buffer of unweighted slot outputs; ``combine`` weights and sums them over the k slots,
+    as transformers' grouped forward does (``weighted.view(T, k, H).sum(1)``, in the experts' dtype,
+    then the hidden states' dtype). The experts' weights are in the hidden states' dtype (lowmoe
+    computes in one dtype), so a slot output here is the grouped forward's own, to the bit. Rows
+    routed to no expert (transformers' ``num_experts`` sentinel) stay zero."""
+
+    def __init__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 num_experts: int):
+        self.hidden, self.weights = hidden_states, top_k_weights
+        self.t, self.k = top_k_index.shape
+        self.flat = top_k_index.reshape(-1).clamp(0, num_experts)  # (T*k,), token-major as the grouped forward
+        self.num_experts = num_experts
+        self.out = hidden_states.new_zeros((self.t * self.k, hidden_states.shape[-1]))
+
+    def run(self, forward, module: nn.Module, experts: list[tuple[int, int]]) -> None:
+        """The slots routed to ``experts`` ((expert, index in ``module``) pairs) through ``module``."""
+        if not experts:
+            return
+        lut = [-1] * (self.num_experts + 1)  # expert -> its index in ``module``; -1: not there
+        for e, local in experts:
+            lut[e] = local
+        local = torch.tensor(lut, dtype=self.flat.dtype).to(self.flat.device, non_blocking=True)[self.flat]
+        rows = (local >= 0).nonzero().squeeze(1)  # the one host synchronisation per module
+        ones = torch.ones((rows.shape[0], 1), dtype=self.weights.dtype, device=self.weights.device)
+        y = forward(module, self.hidden[rows // self.k], local[rows].unsqueeze(1), ones)
+        self.out.index_copy_(0, rows, y.to(self.out.dtype))
+
+    def combine(self) -> torch.Tensor:
+        weighted = self.out * self.weights.reshape(-1, 1)
+        return weighted.view(self.t, self.k, -1).sum(dim=1).to(self.hidden.dtype)
 
 
 class HostExperts:
@@ -353,7 +402,15 @@ class ChunkedExperts(RoutedExperts):
         """The calls of several activation chunks, experts-major: each hit group is brought to the device
         once and every chunk's rows routed to it run there, before the next group. Each chunk's output
         is summed in ascending expert order (groups ascending, experts ascending inside a group), the
-        order of ``forward``'s ``index_add_`` -- bit-identical to calling ``forward`` once per chunk."""
+        order of ``forward``'s ``index_add_`` -- bit-identical to calling ``forward`` once per chunk.
+        Grouped experts: each group runs once per chunk over the chunk's slots routed to it (``SlotOutputs``)."""
+        if self.grouped:
+            waves = [(SlotOutputs(hidden, idx, w, self.num_experts), set(hit_experts(idx, self.num_experts)))
+                     for hidden, idx, w in calls]
+            for sub, experts in self.sources(sorted(set().union(*(h for _, h in waves))), snake=False):
+                for slots, chunk_hit in waves:
+                    slots.run(self._original_forward, sub, [(e, local) for e, local in experts if e in chunk_hit])
+            return [slots.combine() for slots, _ in waves]
         prepared = [(hidden, top_k_index.transpose(0, 1), top_k_weights, set(hit_experts(top_k_index, self.num_experts)),
                      torch.zeros_like(hidden)) for hidden, top_k_index, top_k_weights in calls]
         hit = sorted(set().union(*(p[3] for p in prepared)))
@@ -432,12 +489,27 @@ class QuantExperts(RoutedExperts):
 class KeptExperts(RoutedExperts):
     """A pruning-phase candidate's experts: slot j is expert ``keep[j]`` of ``inner`` (another experts
     module: the loaded layer's own, shared, nothing copied). With ``keep`` ascending the experts are
-    visited and summed in the same order as a module holding only the kept experts: bit-identical."""
+    visited and summed in the same order as a module holding only the kept experts: bit-identical.
+
+    Then (and whatever the order, for grouped experts) a call is one call of ``inner``'s own forward
+    with the routing's indices mapped to ``inner``'s (``keep[j]``; the "no expert" sentinel to
+    ``inner``'s): transformers' loop or grouped GEMM over the kept experts, no dispatch of ours."""
 
     def __init__(self, inner: nn.Module, keep: list[int]):
         super().__init__(inner, len(keep))
         self.inner = inner
         self.keep = list(keep)
+        inner_n = getattr(inner, "num_experts", None)
+        direct = inner_n is not None and (self.grouped or self.keep == sorted(self.keep))
+        self._index_map = torch.tensor(self.keep + [inner_n], dtype=torch.long) if direct else None
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self._index_map is None:
+            return super().forward(hidden_states, top_k_index, top_k_weights)
+        if self._index_map.device != top_k_index.device:
+            self._index_map = self._index_map.to(top_k_index.device)
+        index = self._index_map[top_k_index].to(top_k_index.dtype)
+        return self._original_forward(self.inner, hidden_states, index, top_k_weights)
 
     def sources(self, hit):
         yield self.inner, [(e, self.keep[e]) for e in hit]

@@ -30,8 +30,28 @@ from .device import cpu_runtime_defaults
 log = logging.getLogger(__name__)
 
 
-def hf_config(raw: dict, num_experts: int | None = None, top_k: int | None = None, adapter: Adapter | None = None):
-    """A transformers config object from a parsed config.json (optionally with other expert counts)."""
+# How a layer's routed experts are computed (``--experts-impl``): transformers' per-expert loop
+# ("eager") or its grouped GEMM ("grouped": ``grouped_mm``, what ``from_pretrained`` runs by default
+# for every family whose experts class supports it). "auto": grouped on a CUDA device, where the
+# eager loop's host synchronisations (about five per expert hit, per call) hold the GPU back, eager on
+# the CPU (as fast there, and byte-identical to earlier lowmoe outputs). docs/gpu.md.
+EXPERTS_IMPLS = ("auto", "eager", "grouped")
+
+
+def resolve_experts_impl(requested: str, device) -> str:
+    """``requested`` (one of ``EXPERTS_IMPLS``) on ``device``: "eager" or "grouped"."""
+    if requested not in EXPERTS_IMPLS:
+        raise ValueError(f"experts implementation {requested!r}: choose one of {', '.join(EXPERTS_IMPLS)}")
+    if requested == "auto":
+        return "grouped" if torch.device(device).type == "cuda" else "eager"
+    return requested
+
+
+def hf_config(raw: dict, num_experts: int | None = None, top_k: int | None = None, adapter: Adapter | None = None,
+              experts: str | None = "eager"):
+    """A transformers config object from a parsed config.json (optionally with other expert counts).
+    ``experts``: the experts implementation as transformers names it ("eager", "grouped_mm"), or None
+    for transformers' own choice when a model is built from the config (``ModelSkeleton``)."""
     from transformers import AutoConfig, configuration_utils
 
     # transformers writes floats JSON cannot hold as {"__float__": "Infinity"} (GraniteMoeHybrid's
@@ -48,25 +68,29 @@ def hf_config(raw: dict, num_experts: int | None = None, top_k: int | None = Non
     model_type = raw.pop("model_type")
     raw.pop("transformers_version", None)
     cfg = AutoConfig.for_model(model_type, **raw)
-    # Eager experts: the per-expert loop is what the probes and expert_output() rely on, and it is
-    # what from_pretrained uses on CPU. Attention keeps transformers' default for the family.
-    cfg._experts_implementation = "eager"
+    # Attention keeps transformers' default for the family; the experts are computed as asked.
+    cfg._experts_implementation = experts
     return cfg
 
 
 class ModelSkeleton:
     """The model built on the meta device: module classes and shapes, no weights."""
 
-    def __init__(self, raw_config: dict, adapter: Adapter):
+    def __init__(self, raw_config: dict, adapter: Adapter, experts: str = "eager"):
+        """``experts``: "eager" or "grouped" (``resolve_experts_impl``). Grouped is transformers'
+        default (None in the config): its grouped GEMM where the family's experts class supports it,
+        else the eager loop; ``experts_impl`` says which the layers run."""
         from transformers import AutoModelForCausalLM
 
         cpu_runtime_defaults()  # before torch first computes a layer
         self.raw = raw_config
         self.adapter = adapter
-        self.config = hf_config(raw_config)
+        self.config = hf_config(raw_config, experts="eager" if experts == "eager" else None)
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config)
-        self.config = self.model.config  # now carries the attention implementation chosen by transformers
+        # now carries the attention and experts implementations chosen by transformers
+        self.config = self.model.config
+        self.experts_impl = "eager" if self.config._experts_implementation in (None, "eager") else "grouped"
         self.base = self.model.model
         self.layer_cls = type(self.base.layers[0])
         # MoE layers as transformers builds them: those whose MoE block holds a router
@@ -104,7 +128,8 @@ def whole_model(skel: ModelSkeleton, state: dict[str, torch.Tensor], device, dty
     (runtime names, every key), in ``dtype`` on ``device`` (``e_score_correction_bias`` stays fp32)."""
     from transformers import AutoModelForCausalLM
 
-    cfg = hf_config(skel.raw, num_experts=num_experts, top_k=top_k, adapter=skel.adapter)
+    cfg = hf_config(skel.raw, num_experts=num_experts, top_k=top_k, adapter=skel.adapter,
+                    experts=skel.config._experts_implementation)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     state = dict(state)
@@ -136,7 +161,8 @@ def layer_config(skel: ModelSkeleton, num_experts: int | None = None, top_k: int
     (None for both: the skeleton's own, ``None`` returned)."""
     if num_experts is None and top_k is None:
         return None
-    cfg = hf_config(skel.raw, num_experts=num_experts, top_k=top_k, adapter=skel.adapter)
+    cfg = hf_config(skel.raw, num_experts=num_experts, top_k=top_k, adapter=skel.adapter,
+                    experts=skel.config._experts_implementation)
     # same attention kernel as the skeleton: LayerInputs builds masks for it (sdpa's mask may be
     # None = "causal"; an eager layer given None would attend to every position)
     cfg._attn_implementation = skel.config._attn_implementation
@@ -352,6 +378,15 @@ def experts_forward(template: nn.Module) -> Callable:
     """The experts class's own ``forward(module, hidden, top_k_index, top_k_weights)`` (unbound), which
     ``experts.RoutedExperts`` runs per expert on modules holding other weights."""
     return type(template).forward
+
+
+def experts_run_grouped(module: nn.Module) -> bool:
+    """Whether transformers' experts ``module`` computes its experts with a grouped GEMM (its class
+    dispatches on ``config._experts_implementation`` and that is not "eager"): its output is then each
+    (token, top-k slot)'s weighted expert output summed over the slots, not ``index_add_``-ed per expert."""
+    dispatches = hasattr(type(module).forward, "__wrapped__")  # transformers' use_experts_implementation
+    impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
+    return dispatches and impl not in (None, "eager")
 
 
 def experts_subset(template: nn.Module, params: dict[str, torch.Tensor], num_experts: int) -> nn.Module:

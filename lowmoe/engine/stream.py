@@ -30,7 +30,7 @@ from .device import dtype_bytes, release_blas_workspaces, release_pinned_cache
 from ..errors import ConfigError
 from . import faults
 from .experts import run_wave
-from .hf import LayerInputsCache, ModelSkeleton, MoeProbe, moe_modules, run_layer
+from .hf import LayerInputsCache, ModelSkeleton, MoeProbe, moe_modules, resolve_experts_impl, run_layer
 from .plan import LayerPlan
 from .lazy import ExpertSource, ShardFiles, read_lazy_layer, selection_only
 from .prefetch import IOStats, LayerReader, Prefetcher, Readahead, WriteBehind
@@ -38,20 +38,23 @@ from .quant import build_quantized_layer
 
 
 def plan_stream_budget(ck: Checkpoint, *, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int,
-                       max_vram=None, max_ram=None, prefetch: bool = True, lazy: bool = False, n_samples: int | None = None):
+                       max_vram=None, max_ram=None, prefetch: bool = True, lazy: bool = False, n_samples: int | None = None,
+                       experts: str = "auto"):
     """The ``Stream`` budget of any streamed pass (prune, score, streaming eval): sizes as given on the
     command line (``"20GiB"``, bytes or None), planned from the index; ConfigError naming the flag.
     ``lazy``: a pass reading its layers with ``Stream.layers(lazy=True)`` (``plan_lazy_budget``);
     ``n_samples``: at most this many calibration sequences (layers run in groups then take their
-    activation chunks in waves, experts-major; None: one chunk at a time)."""
+    activation chunks in waves, experts-major; None: one chunk at a time); ``experts``: the pass's
+    ``--experts-impl`` (the grouped GEMM holds more activations, ``budget.activation_terms``)."""
+    grouped = resolve_experts_impl(experts, device) == "grouped"
     if lazy:
         chunks = 1 if not n_samples else -(-int(n_samples) // max(1, int(batch_size)))
         return plan_lazy_budget(ck, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
                                 max_vram=parse_budget(max_vram, "--max-vram"), max_ram=parse_budget(max_ram, "--max-ram"),
-                                prefetch=prefetch, num_chunks=chunks)
+                                prefetch=prefetch, num_chunks=chunks, grouped=grouped)
     return plan_budget(ck, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
                        max_vram=parse_budget(max_vram, "--max-vram"), max_ram=parse_budget(max_ram, "--max-ram"),
-                       prefetch=prefetch)
+                       prefetch=prefetch, grouped=grouped)
 
 
 def calibration_tokens(ck: Checkpoint, calib, *, seq_len: int, n_samples: int, layout: str = "pack",
@@ -122,7 +125,8 @@ class Stream:
     """Streams hidden states of the calibration tokens through the model, layer by layer."""
 
     def __init__(self, ck: Checkpoint, tokens: CalibTokens, cache: ActivationCache, device, dtype, batch_size: int,
-                 budget=None, prefetch: bool = True, quant: str = "none"):
+                 budget=None, prefetch: bool = True, quant: str = "none", experts: str = "auto"):
+        """``experts``: how the routed experts are computed (``hf.EXPERTS_IMPLS``, ``--experts-impl``)."""
         self.ck, self.tokens, self.cache = ck, tokens, cache
         self.device, self.dtype = device, dtype
         self.batch_size = batch_size
@@ -132,7 +136,7 @@ class Stream:
         self.placer = Placer(device, dtype, budget, self.io)  # builds layers under --max-vram/--max-ram
         self.files = ShardFiles(ck.path)  # lazily read experts (Stream.layers(lazy=True)), copied kept experts
         self.quant = quant  # "nf4"/"int8": layers built with bitsandbytes-quantized weights (lowmoe.engine.quant)
-        self.skel = ModelSkeleton(ck.config, ck.adapter)
+        self.skel = ModelSkeleton(ck.config, ck.adapter, experts=resolve_experts_impl(experts, self.device))
         self.inputs_for = LayerInputsCache(self.skel, device)  # rotary embeddings and masks per token-block shape
         self.num_chunks = (tokens.input_ids.shape[0] + batch_size - 1) // batch_size
         # two boundaries of hidden states (a layer's inputs and outputs) kept in memory when they fit

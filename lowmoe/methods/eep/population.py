@@ -55,7 +55,8 @@ from ...engine.cache import ActivationCache
 from ...engine.checkpoint import Checkpoint
 from ...engine.device import dtype_bytes
 from ...engine.experts import ChunkedExperts, KeptExperts
-from ...engine.hf import LayerInputsCache, ModelSkeleton, layer_config, whole_model, materialize, materialize_layer, run_layer, split_experts
+from ...engine.hf import (LayerInputsCache, ModelSkeleton, layer_config, whole_model, materialize, materialize_layer,
+                          resolve_experts_impl, run_layer, split_experts)
 from ...engine.memory import Accountant
 from ...engine.progress import progress as progress_bar
 from ...engine.stream import memory_slack
@@ -272,11 +273,12 @@ class LoadedLayer:
 class PopulationEvaluator:
     def __init__(self, ck: Checkpoint, weights, space: SearchSpace, data: FitnessData, root, *, device, dtype,
                  top_k: int, batch_size: int = 8, progress: bool = False, trim: bool = True, budget=None,
-                 memory_share: float = 1.0):
+                 memory_share: float = 1.0, experts: str = "auto"):
         """``budget``: the run's ``budget.BudgetPlan`` (``--max-vram``/``--max-ram``) or its
         ``budget.plan_population``; None: no budget (every layer whole on the device).
         ``memory_share``: the share of the memory left beside the planned peak (``stream.memory_slack``)
-        this evaluator's hidden states may hold (two evaluators of one search, train and dev: half each)."""
+        this evaluator's hidden states may hold (two evaluators of one search, train and dev: half each).
+        ``experts``: how the routed experts are computed (``hf.EXPERTS_IMPLS``, ``--experts-impl``)."""
         if isinstance(budget, BudgetPlan):
             budget = plan_population(ck, budget, num_experts=space.keep, batch_size=batch_size,
                                      seq_len=int(data.input_ids.shape[1]))
@@ -289,7 +291,7 @@ class PopulationEvaluator:
         self.adapter = ck.adapter
         self.device, self.dtype, self.top_k, self.batch_size = torch.device(device), dtype, top_k, batch_size
         self.progress = progress
-        self.skel = ModelSkeleton(ck.config, ck.adapter)
+        self.skel = ModelSkeleton(ck.config, ck.adapter, experts=resolve_experts_impl(experts, self.device))
         self.inputs_for = LayerInputsCache(self.skel, self.device)
         self.cache = ActivationCache(root)
         # the candidates' hidden states stay in memory (on the compute device) as far as the budget
@@ -530,13 +532,13 @@ class WholeModelEvaluator:
     sequence through it, score the logits."""
 
     def __init__(self, ck: Checkpoint, space: SearchSpace, data: FitnessData, *, device="cpu", dtype=torch.float32,
-                 top_k: int, batch_size: int = 8):
+                 top_k: int, batch_size: int = 8, experts: str = "auto"):
         self.ck, self.space, self.data = ck, space, data
         self.device, self.dtype, self.top_k, self.batch_size = torch.device(device), dtype, top_k, batch_size
         self.layers = {L: ck.read_layer(L) for L in range(ck.num_layers)}  # the whole model
         self.other = ck.read(ck.other_keys())
         self.moe = set(ck.moe_layers())
-        self.skel = ModelSkeleton(ck.config, ck.adapter)
+        self.skel = ModelSkeleton(ck.config, ck.adapter, experts=resolve_experts_impl(experts, self.device))
 
     def model(self, cand: Candidate):
         ad = self.ck.adapter

@@ -151,11 +151,12 @@ def run_eep(run, cfg, top_k: int) -> dict:
         share = 0.5 if dev is not None else 1.0  # the memory for hidden states, split between the two evaluators
         evaluator = PopulationEvaluator(ck, weights, space, train, work / "acts-train", device=device, dtype=dtype,
                                         top_k=top_k, batch_size=cfg.batch_size, progress=False, budget=budget,
-                                        memory_share=share)
+                                        memory_share=share, experts=cfg.experts_impl)
         dev_eval = None
         if dev is not None:
             dev_evaluator = PopulationEvaluator(ck, weights, space, dev, work / "acts-dev", device=device, dtype=dtype,
-                                                top_k=top_k, batch_size=cfg.batch_size, budget=budget, memory_share=share)
+                                                top_k=top_k, batch_size=cfg.batch_size, budget=budget, memory_share=share,
+                                                experts=cfg.experts_impl)
             dev_eval = group.split(dev_evaluator.evaluate, "evaluating candidates on --dev", needs=dev_evaluator.needs)
         evolution = Evolution(space, evo, group.split(evaluator.evaluate, "evaluating a generation", needs=evaluator.needs),
                               state_path=state_path, seeds=seeds,
