@@ -1,0 +1,227 @@
+"""Benchmark of issue 15's "compute is not the arithmetic": what one MoE layer call asks of the device,
+with transformers' per-expert loop (``--experts-impl eager``) and its grouped GEMM (``grouped``).
+
+A GPU runs each operator torch dispatches as at least one kernel launched from the host, and each
+operator that needs a device value on the host (``nonzero``, ``.item()``, ``bool(tensor)``, ``unique``
+then ``.tolist()``) makes the host wait until the device has finished everything queued before it.
+Both can be counted on the CPU: this script runs ``lowmoe.prune --method frequency`` on a synthetic
+Mixtral-layout model with a ``TorchDispatchMode`` around every decoder-layer call and counts, per
+layer call, the operators dispatched and those that synchronise the host with a CUDA device. It does
+so for each experts implementation, with every layer whole on the device (no budget) and with the
+experts in groups (``--max-vram``), then times the same prunes without the counter (wall, and the
+report's ``compute`` stage) and checks that
+
+  * each implementation writes the same bytes whole and in groups (the budget changes no number),
+  * eager and grouped keep the same experts (their hidden states differ in the last bits).
+
+On a CUDA device the same counts become launches and host waits; their cost there is what the next
+GPU session measures (``scripts/gpu_next.sh``: the ``imported`` and ``imported-eager`` runs)."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import BENCH_DIR, machine, save_result  # noqa: E402
+
+# operators whose result size or value the host needs: on CUDA each one waits for the device
+HOST_SYNCS = {"aten.nonzero.default", "aten._local_scalar_dense.default", "aten._unique2.default",
+              "aten.unique_dim.default", "aten.unique_consecutive.default", "aten.masked_select.default",
+              "aten.repeat_interleave.Tensor", "aten.is_nonzero.default", "aten.equal.default"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched inside it (views and metadata calls included) into ``ops``."""
+
+    def __init__(self, ops: collections.Counter):
+        super().__init__()
+        self.ops = ops
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def counted_prune(model: Path, out: Path, opts: dict) -> dict:
+    """``lowmoe.prune`` with every layer pass (``Stream.forward``: all activation chunks through one
+    layer) counted, on the main thread and on the threads of an experts-major wave (a layer whose
+    experts visit the device in groups runs each chunk on a thread of its own, one at a time, and its
+    expert groups on the main thread): operators and host syncs per chunk and layer."""
+    import lowmoe
+    import lowmoe.engine.experts as experts_mod
+    import lowmoe.engine.stream as stream_mod
+
+    ops: collections.Counter = collections.Counter()
+    calls = [0]
+    originals = (stream_mod.Stream.forward, experts_mod.WaveTask._run, stream_mod.run_layer)
+
+    def forward(self, *args, **kw):
+        with OpCounter(ops):
+            return originals[0](self, *args, **kw)
+
+    def wave_run(self):
+        with OpCounter(ops):
+            return originals[1](self)
+
+    def run_layer(*args, **kw):
+        calls[0] += 1
+        return originals[2](*args, **kw)
+
+    stream_mod.Stream.forward, experts_mod.WaveTask._run, stream_mod.run_layer = forward, wave_run, run_layer
+    try:
+        lowmoe.prune(model, out, **opts)
+    finally:
+        stream_mod.Stream.forward, experts_mod.WaveTask._run, stream_mod.run_layer = originals
+    syncs = collections.Counter({k: v for k, v in ops.items() if k in HOST_SYNCS})
+    n = max(1, calls[0])
+    return {"layer_calls": calls[0], "ops_per_call": round(sum(ops.values()) / n, 1),
+            "host_syncs_per_call": round(sum(syncs.values()) / n, 2),
+            "host_syncs_by_op": {k: round(v / n, 2) for k, v in syncs.most_common()}}
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def experts_call_peak(model: Path, impl: str, tokens: int, dtype: torch.dtype) -> dict:
+    """Host memory one call of a whole experts module takes on the CPU (peak RSS over the RSS before
+    it, the peak reset through /proc/self/clear_refs), against what the budget planner books for it
+    (``budget.activation_terms``: the expert terms of ``tokens`` tokens)."""
+    import gc
+
+    from lowmoe.engine.budget import activation_terms, build_layer
+    from lowmoe.engine.checkpoint import Checkpoint
+    from lowmoe.engine.hf import ModelSkeleton, moe_modules
+
+    ck = Checkpoint(model)
+    L = ck.moe_layers()[0]
+    skel = ModelSkeleton(ck.config, ck.adapter, experts=impl)
+    layer = build_layer(skel, L, ck.adapter.to_runtime(L, ck.read_layer(L), True), "cpu", dtype)
+    experts = moe_modules(ck.adapter, layer)[2]
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(tokens, ck.config["hidden_size"], generator=g).to(dtype)
+    index = torch.stack([torch.randperm(ck.num_experts, generator=g)[:ck.top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, ck.top_k, generator=g).to(dtype)
+    with torch.no_grad():
+        experts(hidden, index, weights)  # allocator and kernels warm
+        gc.collect()
+        before = _status("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5\n")  # VmHWM := VmRSS
+        out = experts(hidden, index, weights)
+        peak = _status("VmHWM") - before
+    del out, layer, experts
+    b = torch.finfo(dtype).bits // 8
+    terms = activation_terms(ck.config, batch_size=1, seq_len=tokens, dtype_bytes=b, top_k=ck.top_k,
+                             num_experts=ck.num_experts, grouped=impl == "grouped")
+    planned = terms["expert_intermediates"] + terms.get("grouped_expert_rows", 0)
+    return {"tokens": tokens, "measured_peak_bytes": peak, "planned_bytes": planned,
+            "planned_terms": {k: v for k, v in terms.items() if k.startswith(("expert", "grouped"))}}
+
+
+def timed_prune(model: Path, out: Path, opts: dict) -> dict:
+    import lowmoe
+
+    t0 = time.perf_counter()
+    rep = lowmoe.prune(model, out, **opts)
+    wall = time.perf_counter() - t0
+    stages = rep.get("stages") or {}
+    return {"wall_s": round(wall, 3), "compute_s": (stages.get("compute") or {}).get("s"),
+            "experts_impl": rep.get("experts_impl"), "plan": rep["plan"]["layers"],
+            "group_sizes": (rep.get("budget") or {}).get("group_sizes"), "weights_sha256": weights_digest(out)}
+
+
+def weights_digest(out: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(Path(out).glob("*.safetensors")):
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=None, help="a Mixtral-layout checkpoint (default: synthesized)")
+    ap.add_argument("--synth-layers", type=int, default=4)
+    ap.add_argument("--synth-hidden", type=int, default=1024)
+    ap.add_argument("--synth-intermediate", type=int, default=3584)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--n-samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-vram", default="300MB", help="the budget of the grouped-experts runs")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs of each setting (the median is reported)")
+    ap.add_argument("--peak-tokens", type=int, default=4096, help="tokens of the one experts call whose memory is measured")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from lowmoe.toy.synth import synth_model
+    from bench_gpu import calib_file
+
+    work = BENCH_DIR / "experts-impl"
+    work.mkdir(parents=True, exist_ok=True)
+    model = args.model
+    if model is None:
+        model = work / f"mix{args.synth_layers}l-{args.synth_hidden}-{args.synth_intermediate}"
+        if not (model / "model.safetensors.index.json").is_file():
+            synth_model(model, "mixtral", layers=args.synth_layers, hidden_size=args.synth_hidden,
+                        intermediate_size=args.synth_intermediate, experts=8, top_k=2, dtype="bfloat16", shard_size="1GB")
+    calib = calib_file(work / "calib.txt")
+    base = dict(keep="half", method="frequency", calib=[str(calib)], n_samples=args.n_samples, seq_len=args.seq_len,
+                batch_size=args.batch_size, device=args.device, dtype=args.dtype, progress=False, overwrite=True)
+    settings = {f"{impl}-{where}": dict(base, experts_impl=impl, **({"max_vram": args.max_vram} if where == "groups" else {}))
+                for impl in ("eager", "grouped") for where in ("whole", "groups")}
+    results = {}
+    for name, opts in settings.items():
+        out = work / f"out-{name}"
+        counts = counted_prune(model, out, opts)
+        runs = [timed_prune(model, out, opts) for _ in range(max(1, args.repeat))]
+        shutil.rmtree(out, ignore_errors=True)
+        walls = sorted(r["wall_s"] for r in runs)
+        mid = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+        results[name] = {**counts, **mid, "walls_s": [r["wall_s"] for r in runs], "median_wall_s": walls[len(walls) // 2]}
+        print(f"{name:15s} ops/call {counts['ops_per_call']:7.1f}  host syncs/call {counts['host_syncs_per_call']:6.2f}  "
+              f"wall {results[name]['median_wall_s']:6.2f} s  compute {mid['compute_s']:6.2f} s  "
+              f"({mid['experts_impl']}, groups {sorted(set((mid['group_sizes'] or {}).values()))})", flush=True)
+    peaks = {impl: experts_call_peak(model, impl, args.peak_tokens, torch.float32) for impl in ("eager", "grouped")}
+    for impl, pk in peaks.items():
+        print(f"one {impl} experts call on {pk['tokens']} tokens (fp32): peak {pk['measured_peak_bytes'] / 1e6:.0f} MB "
+              f"of host memory; the budget books {pk['planned_bytes'] / 1e6:.0f} MB for it")
+    checks = {
+        "eager: whole == groups (bytes)": results["eager-whole"]["weights_sha256"] == results["eager-groups"]["weights_sha256"],
+        "grouped: whole == groups (bytes)": results["grouped-whole"]["weights_sha256"] == results["grouped-groups"]["weights_sha256"],
+        "eager and grouped keep the same experts": results["eager-whole"]["plan"] == results["grouped-whole"]["plan"],
+        "the budget books at least an experts call's peak": all(p["planned_bytes"] >= p["measured_peak_bytes"]
+                                                               for p in peaks.values()),
+    }
+    for k, v in checks.items():
+        print(f"{k}: {'yes' if v else 'NO'}")
+    e, g = results["eager-whole"], results["grouped-whole"]
+    ratios = {"ops_per_call eager/grouped (whole)": round(e["ops_per_call"] / g["ops_per_call"], 2),
+              "host_syncs_per_call eager - grouped (whole)": round(e["host_syncs_per_call"] - g["host_syncs_per_call"], 2),
+              "compute_s grouped/eager (whole)": round(g["compute_s"] / e["compute_s"], 3) if e["compute_s"] else None}
+    for k, v in ratios.items():
+        print(f"{k}: {v}")
+    if args.json:
+        save_result(args.json, {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": machine(),
+                                "model": str(model), "settings": {k: {kk: vv for kk, vv in v.items() if kk != "calib"}
+                                                                  for k, v in settings.items()},
+                                "results": results, "experts_call_peak": peaks, "checks": checks, "ratios": ratios})
+
+
+if __name__ == "__main__":
+    main()
