@@ -19,6 +19,9 @@ frequency``: read, score, write, propagate, layer by layer) and compare:
   imported    the ``overlap`` prune, cold page cache, in a process that has already imported what the
               pass imports (as ``warm``): the disk's share without Python's imports, timed as the
               ``accelerate`` run is (its imports, too, come before its clock)
+  imported-eager  the ``imported`` prune with ``--experts-impl eager`` (transformers' per-expert loop;
+              ``auto`` is its grouped GEMM on CUDA, so on a GPU the two show what the grouped GEMM
+              saves; on the CPU ``auto`` is eager and the two runs are the same)
   score       ``lowmoe.score.score(method="frequency")`` on the same tokens (no model written)
   accelerate  transformers + accelerate, what a user would do instead: ``from_pretrained(...,
               device_map="auto", max_memory=--accelerate-max-memory, offload_folder=<tmp>)``, then
@@ -67,7 +70,7 @@ from pathlib import Path
 
 from _bench import BENCH_DIR, drop_caches, ensure_model, machine, save_result  # noqa: E402
 
-PRUNE_RUNS = ("overlap", "serial", "resident", "warm", "imported", "budget", "ram")
+PRUNE_RUNS = ("overlap", "serial", "resident", "warm", "imported", "imported-eager", "budget", "ram")
 ALL_RUNS = ("profile", "read", "write") + PRUNE_RUNS + ("score", "accelerate")
 
 
@@ -189,8 +192,10 @@ def prune_run(spec: dict) -> dict:
         t0 = time.perf_counter()
         read_all(model)
         out["preload_s"] = time.perf_counter() - t0
-    if run in ("warm", "imported"):
+    if run in ("warm", "imported", "imported-eager"):
         out["imports_s"] = warm_imports(model)
+    if run == "imported-eager":
+        opts["experts_impl"] = "eager"
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -198,6 +203,7 @@ def prune_run(spec: dict) -> dict:
     wall = time.perf_counter() - t0
     out_bytes = sum(p.stat().st_size for p in Path(spec["out"]).glob("*.safetensors"))
     out.update(wall_s=wall, peak_rss=peak_rss(), io=rep.get("io"), stages=rep.get("stages"), out_bytes=out_bytes,
+               experts_impl=rep.get("experts_impl"),
                profile_s=rep.get("profile_s"), profile_hit=(rep.get("super_expert_profile") or {}).get("hit"),
                activations=rep.get("activations"),
                budget={k: v for k, v in (rep.get("budget") or {}).items() if k != "plan"},
@@ -441,6 +447,12 @@ def ratios(results: dict, write_bytes: int | None) -> tuple[dict, list[str]]:
     if {"accelerate", "score"} <= set(R):
         v = R["accelerate"] / R["score"]
         put("accelerate/score", v, ">= 3", v >= 3, f"accelerate / score = {R['accelerate']:.2f} / {R['score']:.2f} s = {v:.2f}x")
+    if {"imported", "imported-eager"} <= set(R):
+        v = R["imported"] / R["imported-eager"]
+        st = {r: ((results[r].get("stages") or {}).get("compute") or {}).get("s") for r in ("imported", "imported-eager")}
+        put("imported/imported-eager", v, "<= 1", v <= 1.0,
+            f"experts: {results['imported'].get('experts_impl')} {R['imported']:.2f} s (compute {st['imported'] or 0:.2f} s) vs "
+            f"eager {R['imported-eager']:.2f} s (compute {st['imported-eager'] or 0:.2f} s) = {v:.2f}")
     if {"overlap", "serial"} <= set(R):
         v = R["overlap"] / R["serial"]
         put("overlap/serial", v, "<= 1", v <= 1.0,

@@ -1,10 +1,13 @@
 #!/bin/bash
 # Prepared for the next session with a GPU: issue 15's open items, in order of value, in one device call
 # of at most 580 s (the per-call limit is 600 s; a session has 900 s of device time, machine start included):
-#   1. the GPU tests of the budget's books (session 11's pinned-memory test has never run on a card)   <= 120 s
+#   1. the GPU tests of the budget's books (session 11's pinned-memory test has never run on a card) and
+#      of session 12's grouped experts (--experts-impl auto: transformers' grouped GEMM on CUDA)        <= 120 s
 #   2. the benchmark runs session 10 could not finish: imported, accelerate (the >= 3x target), budget
 #      (a 6.65 GB model under --max-vram 2GiB), serial (--no-prefetch); their reports now carry torch's
-#      pinned-memory figures (budget.pinned: seconds page-locking) and the staging_alloc stage      <= 240 s
+#      pinned-memory figures (budget.pinned: seconds page-locking) and the staging_alloc stage; and
+#      imported-eager, the imported run with transformers' per-expert loop (session 12: what the
+#      grouped GEMM saves on the card)                                                              <= 240 s
 #   3. a torch.profiler pass over a short prune: where the 21 ms per chunk and layer of "compute" go <= 120 s
 #   4. the same over a generation of EEP's population pass: CPU-bound, or spinning in syncs?        <= 100 s
 # (scripts/gpu_profile.py pinned, which times page-locked allocations alone, is left out: the reports now
@@ -14,12 +17,12 @@ L=${1:-${OUT:-./gpu-logs}}; mkdir -p "$L"
 export PYTHONPATH=$PWD:$PWD/.gpu-site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 T0=$(date +%s); el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
 el "tests"
-timeout ${TESTS_S:-120} python3 -m pytest -q tests/test_gpu.py -k "pinned or cublas or third or staged" > "$L/tests.log" 2>&1
+timeout ${TESTS_S:-120} python3 -m pytest -q tests/test_gpu.py -k "pinned or cublas or third or staged or grouped" > "$L/tests.log" 2>&1
 echo "rc=$?"; tail -5 "$L/tests.log"
 el "bench"
 timeout ${BENCH_S:-240} python3 scripts/bench_gpu.py --synth-layers 8 --synth-hidden 2048 --synth-intermediate 8192 --dtype bf16 \
   --n-samples 64 --seq-len 512 --batch-size 2 --max-vram 2GiB --run-timeout 80 \
-  --runs read,imported,write,accelerate,budget,serial --json "$L/bench_gpu.json" > "$L/bench_gpu.log" 2>&1
+  --runs read,imported,imported-eager,write,accelerate,budget,serial --json "$L/bench_gpu.json" > "$L/bench_gpu.log" 2>&1
 echo "rc=$?"; grep -v "^  " "$L/bench_gpu.log" | tail -25
 el "profile"
 timeout ${PROFILE_S:-120} python3 scripts/gpu_profile.py prune /tmp/lowmoe-bench/mix2g --n-samples 8 --json "$L/profile.json" > "$L/profile.log" 2>&1
