@@ -24,9 +24,10 @@ When the original module computes its experts with a grouped GEMM (``--experts-i
 ``hf.experts_run_grouped``), its output is each (token, top-k slot)'s expert output, weighted, summed
 over the slots. The variants then run one call per module of ``sources`` (a group of experts, not one
 expert) over the slots routed to it, with unit weights, into a (tokens x k, hidden) buffer, and weight
-and sum it the way the grouped forward does (``SlotOutputs``): the same result as the original module
-holding every expert, as long as one expert's GEMM over its rows does not depend on the other
-experts' (tested on the CPU; on CUDA it is torch's grouped GEMM, one problem per expert).
+and sum it the way the grouped forward does (``SlotOutputs``): the same experts hit, the same per-slot
+arithmetic, and the original module's result to rounding. Not always to the bit: transformers' grouped
+forward orders an expert's rows by an unstable sort of the whole call's routing, and on a CPU a GEMM's
+bits depend on a row's position in it (so the module's own result for a token moves with the batch).
 """
 
 from __future__ import annotations
@@ -132,8 +133,9 @@ class SlotOutputs:
     a (T*k, H) buffer of unweighted slot outputs; ``combine`` weights and sums them over the k slots,
     as transformers' grouped forward does (``weighted.view(T, k, H).sum(1)``, in the experts' dtype,
     then the hidden states' dtype). The experts' weights are in the hidden states' dtype (lowmoe
-    computes in one dtype), so a slot output here is the grouped forward's own, to the bit. Rows
-    routed to no expert (transformers' ``num_experts`` sentinel) stay zero."""
+    computes in one dtype), so a slot output is the grouped forward's own arithmetic on that row (its
+    bits can differ by the row's position in the expert's GEMM: module docstring). Rows routed to no
+    expert (transformers' ``num_experts`` sentinel) stay zero."""
 
     def __init__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                  num_experts: int):
