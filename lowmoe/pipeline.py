@@ -33,7 +33,7 @@ from .engine.budget import parse_budget
 from .engine.cache import ActivationCache
 from .engine.calibration import CalibTokens, check_sources, check_tokenizer
 from .engine.checkpoint import Checkpoint
-from .engine.device import DTYPES, resolve_device, resolve_dtype
+from .engine.device import DTYPES, resolve_device, resolve_dtype, warm_up
 from .engine.hf import EXPERTS_IMPLS
 from .engine.lazy import ShardFiles, read_lazy_layer, reads_lazily
 from .engine.memory import fmt_bytes, out_of_memory_errors
@@ -320,15 +320,22 @@ def _write_run(run: PruneRun, cfg: PruneConfig, ck: Checkpoint, plan_in: Plan | 
     else:
         top_k = cfg.top_k or min(ck.top_k, cfg.resolve_keep(ck.num_experts))
         runner = methods.RUNNERS.get(cfg.method, score_and_write)
-        # the disk reads the first layers while the pass imports, tokenizes and builds its skeleton
+        # the disk reads the first layers, and a CUDA device makes its context and first page-locked
+        # staging buffer, while the pass imports, tokenizes and builds its skeleton
         ahead = readahead(ck, enabled=cfg.prefetch and run.next_layer == 0)
+        warm = warm_up(cfg.compute_device(), getattr(run.budget, "staging_buffer_bytes", 0), enabled=cfg.prefetch)
         try:
             extra = runner(run, cfg, top_k) or {}
         finally:
             if ahead is not None:
                 ahead.stop()
-        if ahead is not None and isinstance(extra.get("io"), dict):
-            extra["io"]["readahead_bytes"] = ahead.bytes
+            if warm is not None:
+                warm.join()
+        if isinstance(extra.get("io"), dict):
+            if ahead is not None:
+                extra["io"]["readahead_bytes"] = ahead.bytes
+            if warm is not None:
+                extra["io"]["device_warm_up"] = {"s": round(warm.seconds or 0.0, 4), "error": warm.error}
         plan_meta = {"method": cfg.method, "keep": cfg.resolve_keep(ck.num_experts), "seed": cfg.seed,
                      "sequential": cfg.sequential, "calib": [str(c) for c in cfg.calib]}
         extra = {"method": cfg.method, **extra}

@@ -34,7 +34,7 @@ from .engine.apply import keep_groups
 from .engine.cache import ActivationCache
 from .engine.calibration import check_sources
 from .engine.checkpoint import Checkpoint
-from .engine.device import dtype_name, resolve_device, resolve_dtype
+from .engine.device import dtype_name, resolve_device, resolve_dtype, warm_up
 from .engine.hf import EXPERTS_IMPLS
 from .engine.memory import cuda_peak_bytes, fmt_bytes, out_of_memory_errors, peak_rss_bytes
 from .engine.progress import progress as progress_bar
@@ -111,6 +111,7 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
         raise ConfigError(f"--out {out}: is a directory; give a file name such as scores.json")
 
     ahead = readahead(ck, enabled=prefetch)  # the disk reads the first layers while the pass imports and tokenizes
+    warm = warm_up(dev, getattr(budget, "staging_buffer_bytes", 0), enabled=prefetch)  # CUDA: context, first pinned buffer
     stream = tmp = None
     with out_of_memory_errors(dev, budget):  # out of memory anyway: one line naming the flag
         try:
@@ -126,11 +127,16 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
             layers = _score_layers(stream, ck, methods, keep_n, seed, per_method, protect_super_experts, progress)
             wall = time.perf_counter() - t_pass
             io = {**stream.io.to_json(wall), **stream.files.to_json(), **({"readahead_bytes": ahead.bytes} if ahead else {})}
+            if warm is not None:
+                warm.join()
+                io["device_warm_up"] = {"s": round(warm.seconds or 0.0, 4), "error": warm.error}
             stages = with_setup(stream.stages(time.perf_counter() - t_begin), setup, time.perf_counter() - t_begin)
             activations = stream.activation_report()
         finally:
             if ahead is not None:
                 ahead.stop()
+            if warm is not None:
+                warm.join()
             if stream is not None:
                 stream.close()
             if tmp is not None:

@@ -294,3 +294,26 @@ def test_pinned_host_memory_is_booked_and_given_back(synth_dir, calib_txt, tmp_p
     made, ahead = rep["budget"]["staging_buffers_made"], rep["budget"]["staging_buffers_made_ahead"]
     assert ahead == 1 and made - ahead <= rep["stages"].get("staging_alloc", {}).get("count", 0) <= made
     assert pinned_stats(dev)["current_bytes"] < 1 << 20, "the pass gave its pinned blocks back"
+
+
+def test_the_device_warm_up_leaves_the_first_staging_buffer_cached(synth_dir, calib_txt, tmp_path):
+    """A pass creates the CUDA context and page-locks its first staging buffer on a thread of its own
+    while it imports and tokenizes (``device.DeviceWarmUp``); the pool's buffer of that size then
+    comes from torch's cache instead of a new page-locked allocation."""
+    from lowmoe.engine.device import DeviceWarmUp, pinned_stats, release_pinned_cache
+
+    dev = torch.device("cuda")
+    release_pinned_cache(dev)
+    if pinned_stats(dev).get("blocks_made") is None:
+        pytest.skip(f"torch {torch.__version__} keeps no pinned-memory statistics")
+    n = 48 << 20
+    w = DeviceWarmUp(dev, n)
+    w.join()
+    assert w.error is None and w.seconds > 0
+    made = pinned_stats(dev)["blocks_made"]
+    buf = torch.empty(n, dtype=torch.uint8, pin_memory=True)  # what the staging pool asks for
+    assert pinned_stats(dev)["blocks_made"] == made, "served from the block the warm-up left cached"
+    del buf
+    release_pinned_cache(dev)
+    rep = lowmoe.prune(synth_dir("mixtral", **BIG), tmp_path / "out", calib=[calib_txt], device="cuda", **OPTS)
+    assert rep["io"]["device_warm_up"]["error"] is None

@@ -251,3 +251,59 @@ def test_the_planned_staging_buffer_holds_what_the_pool_asks_for(synth_dir, arch
             planned = sizes[L].staging_buffer(g)
             assert asked <= planned, (arch, quant, L, g, asked, planned)
             assert pinned_bytes(asked, CUDA) <= pinned_bytes(planned, CUDA)
+
+
+# ---- the device warmed up while the pass imports and tokenizes -----------------------------------
+
+def test_warm_up_is_for_a_cuda_pass_with_prefetching():
+    from lowmoe.engine.device import warm_up
+
+    assert warm_up(CPU, 1 << 20) is None
+    assert warm_up(CUDA, 1 << 20, enabled=False) is None  # --no-prefetch: nothing ahead, nothing on other threads
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failure of a CUDA-less torch")
+def test_a_failed_warm_up_is_reported_not_raised():
+    from lowmoe.engine.device import DeviceWarmUp
+
+    w = DeviceWarmUp(CUDA, 1 << 20)
+    w.join()
+    assert w.error and "CUDA" in w.error and w.seconds is not None
+
+
+class _FakeWarmUp:
+    def __init__(self):
+        self.seconds, self.error = 0.25, None
+
+    def join(self):
+        pass
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_prune_and_score_warm_the_device_up_before_they_tokenize(synth_dir, calib_txt, tmp_path, monkeypatch, prefetch):
+    """What a CUDA pass asks for, seen on a CPU: the warm-up starts with the planned staging buffer's
+    size before the tokenizer is loaded, and its seconds are in the report's io."""
+    import lowmoe.pipeline as pipeline_mod
+    import lowmoe.score as score_mod
+    from lowmoe.engine import calibration
+
+    calls, order = [], []
+
+    def fake(device, pinned=0, enabled=True):
+        order.append("warm_up")
+        calls.append((device, pinned, enabled))
+        return _FakeWarmUp() if enabled else None
+
+    real_load = calibration.load_tokenizer
+    monkeypatch.setattr(stream_mod, "load_tokenizer", lambda p: order.append("tokenizer") or real_load(p))
+    monkeypatch.setattr(pipeline_mod, "warm_up", fake)
+    monkeypatch.setattr(score_mod, "warm_up", fake)
+    src = synth_dir("mixtral")
+    opts = dict(calib=[calib_txt], n_samples=4, seq_len=16, batch_size=2, prefetch=prefetch, progress=False)
+    rep = lowmoe.prune(src, tmp_path / "o", keep=4, protect_super_experts=False, **opts)
+    planned = rep["budget"]["plan"]["staging_buffer_bytes"]
+    assert planned > 0 and calls[0] == (torch.device("cpu"), planned, prefetch)
+    assert order.index("warm_up") < order.index("tokenizer")
+    assert (rep["io"].get("device_warm_up") == {"s": 0.25, "error": None}) == prefetch
+    srep = score_mod.score(src, out=tmp_path / "s.json", **opts)
+    assert calls[-1][2] == prefetch and ("device_warm_up" in srep["io"]) == prefetch

@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
+import time
 
 import torch
 
@@ -205,6 +207,42 @@ def release_pinned_cache(device: torch.device) -> None:
         release = getattr(torch._C, "_host_emptyCache", None)
     if release is not None:
         release()
+
+
+class DeviceWarmUp:
+    """Creates the CUDA context (torch's lazy initialisation and the device's primary context) and
+    page-locks one block of ``pinned`` bytes, dropped at once into torch's pinned-memory cache, where
+    the staging pool's first buffer of that size then comes from -- on a thread of its own. A pass
+    starts it before it imports transformers' code and tokenizes (seconds of work that need neither),
+    so the first layer does not wait for either. ``seconds``: how long it took; ``error``: why it did
+    not (the pass then meets the same error where it would have anyway)."""
+
+    def __init__(self, device: torch.device, pinned: int = 0):
+        self.device, self.pinned = device, int(pinned)
+        self.seconds: float | None = None
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._run, name="lowmoe-device-warm-up", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            torch.zeros(1, device=self.device)  # an allocation: the context exists after it
+            if self.pinned > 0:
+                torch.empty(self.pinned, dtype=torch.uint8, pin_memory=True)  # freed into torch's cache
+        except Exception as e:  # noqa: BLE001 -- reported; the pass raises it in order
+            self.error = f"{type(e).__name__}: {e}"
+            log.debug("device warm-up: %s", self.error)
+        self.seconds = time.perf_counter() - t0
+
+    def join(self) -> None:
+        self.thread.join()
+
+
+def warm_up(device: torch.device, pinned: int = 0, enabled: bool = True) -> DeviceWarmUp | None:
+    """``DeviceWarmUp`` on a CUDA ``device`` (None on a CPU, or when not ``enabled``: ``--no-prefetch``,
+    whose pass does its work on the main thread, in order)."""
+    return DeviceWarmUp(device, pinned) if enabled and device.type == "cuda" else None
 
 
 def describe_device(device: torch.device) -> dict:
