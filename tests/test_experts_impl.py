@@ -215,17 +215,19 @@ def test_grouped_experts_need_no_host_synchronisation_per_expert(synth_dir):
 
 # ---- end to end ---------------------------------------------------------------------------------
 
-def test_prune_with_grouped_experts_same_bytes_under_a_budget(synth_dir, calib_txt, tmp_path):
+@pytest.mark.parametrize("method", ["frequency", "reap"])  # reap reads every slot's expert output
+def test_prune_with_grouped_experts_same_bytes_under_a_budget(synth_dir, calib_txt, tmp_path, method):
     src = synth_dir("qwen3_moe", layers=2, hidden_size=64, intermediate_size=256, experts=8, top_k=2, shard_size="400KB")
-    whole = lowmoe.prune(src, tmp_path / "whole", calib=[calib_txt], experts_impl="grouped", **OPTS)
+    opts = dict(OPTS, method=method)
+    whole = lowmoe.prune(src, tmp_path / "whole", calib=[calib_txt], experts_impl="grouped", **opts)
     budget = Checkpoint(src).total_bytes() // 3
-    small = lowmoe.prune(src, tmp_path / "small", calib=[calib_txt], experts_impl="grouped", max_vram=budget, **OPTS)
+    small = lowmoe.prune(src, tmp_path / "small", calib=[calib_txt], experts_impl="grouped", max_vram=budget, **opts)
     assert whole["experts_impl"] == small["experts_impl"] == "grouped"
     assert small["budget"]["chunked_layers"] and set(small["budget"]["group_sizes"].values()) != {8}
     assert small["plan"] == whole["plan"]
     files = lambda p: {k: v for k, v in dir_digest(p).items() if k != REPORT}  # noqa: E731
     assert files(tmp_path / "whole") == files(tmp_path / "small")
-    eager = lowmoe.prune(src, tmp_path / "eager", calib=[calib_txt], **OPTS)
+    eager = lowmoe.prune(src, tmp_path / "eager", calib=[calib_txt], **opts)
     assert eager["experts_impl"] == "eager"  # auto on the CPU
     assert eager["plan"]["layers"] == whole["plan"]["layers"]
 
@@ -317,3 +319,17 @@ def test_quantized_experts_with_the_grouped_gemm(synth_dir):
     h = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(0))
     a, b = _run(ck, skel, q, L, h)[1][0], _run(ck, skel, ref, L, h)[1][0]
     assert torch.equal(a.top_k_index, b.top_k_index) and _close(a.routed_output, b.routed_output)
+
+
+def test_cli_takes_the_flag(synth_dir, calib_txt, tmp_path):
+    src = str(synth_dir("mixtral"))
+    res = CliRunner().invoke(cli, ["score", src, "--calib", str(calib_txt), "--n-samples", "4", "--seq-len", "16",
+                                   "--device", "cpu", "--experts-impl", "grouped", "--out", str(tmp_path / "s.json"), "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    assert json.loads((tmp_path / "s.json").read_text())["options"]["experts_impl"] == "grouped"
+    res = CliRunner().invoke(cli, ["prune", src, str(tmp_path / "p"), "--keep", "4", "--calib", str(calib_txt),
+                                   "--n-samples", "4", "--seq-len", "16", "--device", "cpu", "--experts-impl", "grouped"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "p" / REPORT).read_text())["experts_impl"] == "grouped"
