@@ -59,7 +59,7 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
     """Score every MoE layer's experts with ``method`` (a name or a list of names) in one streamed
     pass; return the report and, with ``out``, write it as JSON.
 
-    ``device``/``dtype``/``max_vram``/``max_ram``/``prefetch`` mean what they mean for ``prune``
+    ``device``/``dtype``/``max_vram``/``max_ram``/``prefetch``/``experts_impl`` mean what they mean for ``prune``
     (``docs/gpu.md``); the budget is planned from the index before any work, and expert chunking and
     prefetching change no score. ``quant`` (``nf4``/``int8``) builds each layer with its linear
     weights (experts, attention, shared experts) held as bitsandbytes codes and dequantized per use,
