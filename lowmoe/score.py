@@ -60,8 +60,8 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
     pass; return the report and, with ``out``, write it as JSON.
 
     ``device``/``dtype``/``max_vram``/``max_ram``/``prefetch``/``experts_impl`` mean what they mean for ``prune``
-    (``docs/gpu.md``); the budget is planned from the index before any work, and expert chunking and
-    prefetching change no score. ``quant`` (``nf4``/``int8``) builds each layer with its linear
+    (``docs/gpu.md``); the budget is planned from the index before any work, and prefetching changes no
+    score, nor does expert chunking with the eager experts loop (with the grouped GEMM: by rounding). ``quant`` (``nf4``/``int8``) builds each layer with its linear
     weights (experts, attention, shared experts) held as bitsandbytes codes and dequantized per use,
     router and norms exact (``lowmoe.engine.quant``): less device memory, scores moved by the rounding.
 
