@@ -295,7 +295,7 @@ def load_tokenizer(model_dir: str | Path):
 # the first ones of the whole document's (tested on byte-level BPE, Metaspace/Unigram and
 # SentencePiece-style BPE without pre-tokenizer), and a 100 MB corpus file costs what its first
 # windows cost.
-PREFIX_CHARS_PER_TOKEN = 32
+PREFIX_CHARS_PER_TOKEN = 8
 PREFIX_MIN_CHARS = 1 << 16
 
 
