@@ -627,8 +627,12 @@ def main() -> None:
             extra += f"  super-expert profile {'cached' if r.get('profile_hit') else 'computed'} ({r['profile_s']:.2f} s of the wall)"
         if (r.get("activations") or {}).get("where"):
             extra += f"  activations on {r['activations']['where']}"
+        if r.get("experts_impl"):
+            extra += f"  experts {r['experts_impl']}"
         if r.get("io"):
             extra += f"  io wait {r['io']['total_wait_s']:.2f} s ({100 * r['io'].get('wait_fraction', 0):.1f}% of wall)"
+            if (r["io"].get("device_warm_up") or {}).get("s") is not None:
+                extra += f", device warm-up {r['io']['device_warm_up']['s']:.2f} s off the main thread"
         if r.get("budget", {}).get("chunked_layers"):
             extra += f"  chunked layers {len(r['budget']['chunked_layers'])}, accounted peak {gb(r['budget']['accounted_peak_bytes'])}"
         if r.get("cuda_peak") is not None:
@@ -640,7 +644,7 @@ def main() -> None:
         if r.get("peak_rss"):
             extra += f"  peak RSS {gb(r['peak_rss'])}"
         cache = "" if r["cold_cache"] else (" (warm page cache)" if run not in ("resident", "warm") else " (warm by design)")
-        print(f"{run:10s} {walls[run][-1]:8.2f} s{cache}{extra}", flush=True)
+        print(f"{run:14s} {walls[run][-1]:8.2f} s{cache}{extra}", flush=True)
         save()
     shutil.rmtree(work, ignore_errors=True)
 
