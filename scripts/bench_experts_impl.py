@@ -96,39 +96,49 @@ def _status(field: str) -> int:
     return 0
 
 
-def experts_call_peak(model: Path, impl: str, tokens: int, dtype: torch.dtype) -> dict:
-    """Host memory one call of a whole experts module takes on the CPU (peak RSS over the RSS before
-    it, the peak reset through /proc/self/clear_refs), against what the budget planner books for it
-    (``budget.activation_terms``: the expert terms of ``tokens`` tokens)."""
+def experts_call_peak(model: Path, impl: str, tokens: int, dtype: torch.dtype, device: str = "cpu") -> dict:
+    """Memory one call of a whole experts module takes, against what the budget planner books for it
+    (``budget.activation_terms``: the expert terms of ``tokens`` tokens). On the CPU: host memory,
+    peak RSS over the RSS before it (the peak reset through /proc/self/clear_refs); on CUDA: torch's
+    peak allocated device memory over what was allocated before it."""
     import gc
 
     from lowmoe.engine.budget import activation_terms, build_layer
     from lowmoe.engine.checkpoint import Checkpoint
     from lowmoe.engine.hf import ModelSkeleton, moe_modules
 
+    dev = torch.device(device)
     ck = Checkpoint(model)
     L = ck.moe_layers()[0]
     skel = ModelSkeleton(ck.config, ck.adapter, experts=impl)
-    layer = build_layer(skel, L, ck.adapter.to_runtime(L, ck.read_layer(L), True), "cpu", dtype)
+    layer = build_layer(skel, L, ck.adapter.to_runtime(L, ck.read_layer(L), True), dev, dtype)
     experts = moe_modules(ck.adapter, layer)[2]
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(tokens, ck.config["hidden_size"], generator=g).to(dtype)
-    index = torch.stack([torch.randperm(ck.num_experts, generator=g)[:ck.top_k] for _ in range(tokens)])
-    weights = torch.rand(tokens, ck.top_k, generator=g).to(dtype)
+    hidden = torch.randn(tokens, ck.config["hidden_size"], generator=g).to(dev, dtype)
+    index = torch.stack([torch.randperm(ck.num_experts, generator=g)[:ck.top_k] for _ in range(tokens)]).to(dev)
+    weights = torch.rand(tokens, ck.top_k, generator=g).to(dev, dtype)
     with torch.no_grad():
         experts(hidden, index, weights)  # allocator and kernels warm
         gc.collect()
-        before = _status("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5\n")  # VmHWM := VmRSS
-        out = experts(hidden, index, weights)
-        peak = _status("VmHWM") - before
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            before = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            out = experts(hidden, index, weights)
+            torch.cuda.synchronize(dev)
+            peak = torch.cuda.max_memory_allocated(dev) - before
+        else:
+            before = _status("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5\n")  # VmHWM := VmRSS
+            out = experts(hidden, index, weights)
+            peak = _status("VmHWM") - before
     del out, layer, experts
     b = torch.finfo(dtype).bits // 8
     terms = activation_terms(ck.config, batch_size=1, seq_len=tokens, dtype_bytes=b, top_k=ck.top_k,
                              num_experts=ck.num_experts, grouped=impl == "grouped")
     planned = terms["expert_intermediates"] + terms.get("grouped_expert_rows", 0)
-    return {"tokens": tokens, "measured_peak_bytes": peak, "planned_bytes": planned,
-            "planned_terms": {k: v for k, v in terms.items() if k.startswith(("expert", "grouped"))}}
+    return {"tokens": tokens, "device": dev.type, "dtype": str(dtype).replace("torch.", ""), "measured_peak_bytes": peak,
+            "planned_bytes": planned, "planned_terms": {k: v for k, v in terms.items() if k.startswith(("expert", "grouped"))}}
 
 
 def timed_prune(model: Path, out: Path, opts: dict) -> dict:
@@ -185,10 +195,17 @@ def main() -> None:
                 batch_size=args.batch_size, device=args.device, dtype=args.dtype, progress=False, overwrite=True)
     settings = {f"{impl}-{where}": dict(base, experts_impl=impl, **({"max_vram": args.max_vram} if where == "groups" else {}))
                 for impl in ("eager", "grouped") for where in ("whole", "groups")}
+    from lowmoe.errors import ConfigError
+
     results = {}
     for name, opts in settings.items():
         out = work / f"out-{name}"
-        counts = counted_prune(model, out, opts)
+        try:
+            counts = counted_prune(model, out, opts)
+        except ConfigError as e:  # a --max-vram this device cannot hold: say so, go on with the others
+            results[name] = {"error": str(e)}
+            print(f"{name:15s} not run: {e}", flush=True)
+            continue
         runs = [timed_prune(model, out, opts) for _ in range(max(1, args.repeat))]
         shutil.rmtree(out, ignore_errors=True)
         walls = sorted(r["wall_s"] for r in runs)
@@ -197,13 +214,18 @@ def main() -> None:
         print(f"{name:15s} ops/call {counts['ops_per_call']:7.1f}  host syncs/call {counts['host_syncs_per_call']:6.2f}  "
               f"wall {results[name]['median_wall_s']:6.2f} s  compute {mid['compute_s']:6.2f} s  "
               f"({mid['experts_impl']}, groups {sorted(set((mid['group_sizes'] or {}).values()))})", flush=True)
-    peaks = {impl: experts_call_peak(model, impl, args.peak_tokens, torch.float32) for impl in ("eager", "grouped")}
+    from lowmoe.engine.device import DTYPES, resolve_device
+
+    dev = resolve_device(args.device)
+    peak_dtype = DTYPES[args.dtype]
+    peaks = {impl: experts_call_peak(model, impl, args.peak_tokens, peak_dtype, str(dev)) for impl in ("eager", "grouped")}
     for impl, pk in peaks.items():
-        print(f"one {impl} experts call on {pk['tokens']} tokens (fp32): peak {pk['measured_peak_bytes'] / 1e6:.0f} MB "
-              f"of host memory; the budget books {pk['planned_bytes'] / 1e6:.0f} MB for it")
+        print(f"one {impl} experts call on {pk['tokens']} tokens ({pk['dtype']}): peak {pk['measured_peak_bytes'] / 1e6:.0f} MB "
+              f"of {'device' if dev.type == 'cuda' else 'host'} memory; the budget books {pk['planned_bytes'] / 1e6:.0f} MB for it")
+    sha = {k: v.get("weights_sha256") for k, v in results.items()}
     checks = {
-        "eager: whole == groups (bytes)": results["eager-whole"]["weights_sha256"] == results["eager-groups"]["weights_sha256"],
-        "grouped: whole == groups (bytes)": results["grouped-whole"]["weights_sha256"] == results["grouped-groups"]["weights_sha256"],
+        "eager: whole == groups (bytes)": sha["eager-groups"] is not None and sha["eager-whole"] == sha["eager-groups"],
+        "grouped: whole == groups (bytes)": sha["grouped-groups"] is not None and sha["grouped-whole"] == sha["grouped-groups"],
         "eager and grouped keep the same experts": results["eager-whole"]["plan"] == results["grouped-whole"]["plan"],
         "the budget books at least an experts call's peak": all(p["planned_bytes"] >= p["measured_peak_bytes"]
                                                                for p in peaks.values()),

@@ -9,8 +9,11 @@
 #      pinned-memory figures (budget.pinned: seconds page-locking) and the staging_alloc stage; and
 #      imported-eager, the imported run with transformers' per-expert loop (session 12: what the
 #      grouped GEMM saves on the card)                                                              <= 240 s
-#   3. a torch.profiler pass over a short prune: where the 21 ms per chunk and layer of "compute" go <= 120 s
-#   4. the same over a generation of EEP's population pass: CPU-bound, or spinning in syncs?        <= 100 s
+#   3. scripts/bench_experts_impl.py on the card (session 12): operators, host waits and the compute
+#      stage per chunk and layer, eager against grouped experts, whole and in groups, and one experts
+#      call's device memory against the plan, on a 0.73 GB bf16 model                                 <= 70 s
+#   4. a torch.profiler pass over a short prune: where the 21 ms per chunk and layer of "compute" go <= 80 s
+#   5. the same over a generation of EEP's population pass: CPU-bound, or spinning in syncs?        <= 70 s
 # (scripts/gpu_profile.py pinned, which times page-locked allocations alone, is left out: the reports now
 # carry those seconds.) Run from the project root on the device, with .gpu-site carried:
 #   bash scripts/gpu_next.sh $OUT
@@ -25,10 +28,14 @@ timeout ${BENCH_S:-240} python3 scripts/bench_gpu.py --synth-layers 8 --synth-hi
   --n-samples 64 --seq-len 512 --batch-size 2 --max-vram 2GiB --run-timeout 80 \
   --runs read,imported,imported-eager,write,accelerate,budget,serial --json "$L/bench_gpu.json" > "$L/bench_gpu.log" 2>&1
 echo "rc=$?"; grep -v "^  " "$L/bench_gpu.log" | tail -25
+el "experts impl"
+timeout ${EXPERTS_S:-70} python3 scripts/bench_experts_impl.py --device cuda --dtype bf16 --n-samples 16 --seq-len 512 \
+  --batch-size 2 --max-vram 300MB --repeat 1 --json "$L/experts-impl.json" > "$L/experts-impl.log" 2>&1
+echo "rc=$?"; tail -14 "$L/experts-impl.log"
 el "profile"
-timeout ${PROFILE_S:-120} python3 scripts/gpu_profile.py prune /tmp/lowmoe-bench/mix2g --n-samples 8 --json "$L/profile.json" > "$L/profile.log" 2>&1
+timeout ${PROFILE_S:-80} python3 scripts/gpu_profile.py prune /tmp/lowmoe-bench/mix2g --n-samples 8 --json "$L/profile.json" > "$L/profile.log" 2>&1
 echo "rc=$?"; grep -A14 "runtime calls\|by self device" "$L/profile.log" | head -40
 el "eep profile"
-timeout ${EEP_S:-100} python3 scripts/gpu_profile.py eep /tmp/lowmoe-bench/mix2g --population 8 --json "$L/eep-profile.json" > "$L/eep-profile.log" 2>&1
+timeout ${EEP_S:-70} python3 scripts/gpu_profile.py eep /tmp/lowmoe-bench/mix2g --population 8 --json "$L/eep-profile.json" > "$L/eep-profile.log" 2>&1
 echo "rc=$?"; grep -A14 "per evaluation\|runtime calls\|by self device" "$L/eep-profile.log" | head -40
 el end
