@@ -30,7 +30,7 @@ timeout ${BENCH_S:-240} python3 scripts/bench_gpu.py --synth-layers 8 --synth-hi
 echo "rc=$?"; grep -v "^  " "$L/bench_gpu.log" | tail -25
 el "experts impl"
 timeout ${EXPERTS_S:-70} python3 scripts/bench_experts_impl.py --device cuda --dtype bf16 --n-samples 16 --seq-len 512 \
-  --batch-size 2 --max-vram 300MB --repeat 1 --json "$L/experts-impl.json" > "$L/experts-impl.log" 2>&1
+  --batch-size 2 --max-vram 380MB --repeat 1 --json "$L/experts-impl.json" > "$L/experts-impl.log" 2>&1
 echo "rc=$?"; tail -14 "$L/experts-impl.log"
 el "profile"
 timeout ${PROFILE_S:-80} python3 scripts/gpu_profile.py prune /tmp/lowmoe-bench/mix2g --n-samples 8 --json "$L/profile.json" > "$L/profile.log" 2>&1
