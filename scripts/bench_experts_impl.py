@@ -6,7 +6,8 @@ operator that needs a device value on the host (``nonzero``, ``.item()``, ``bool
 then ``.tolist()``) makes the host wait until the device has finished everything queued before it.
 Both can be counted on the CPU: this script runs ``lowmoe.prune --method frequency`` on a synthetic
 Mixtral-layout model with a ``TorchDispatchMode`` around every decoder-layer call and counts, per
-layer call, the operators dispatched and those that synchronise the host with a CUDA device. It does
+layer call, the operators dispatched and those that synchronise the host with a CUDA device (copies
+from the device to the host, e.g. ``.cpu()``, also wait there, but a CPU run makes none to count). It does
 so for each experts implementation, with every layer whole on the device (no budget) and with the
 experts in groups (``--max-vram``), then times the same prunes without the counter (wall, and the
 report's ``compute`` stage) and checks that
