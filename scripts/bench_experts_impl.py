@@ -35,10 +35,23 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import BENCH_DIR, machine, save_result  # noqa: E402
 
-# operators whose result size or value the host needs: on CUDA each one waits for the device
+# operators whose result size or value the host needs: on CUDA each one waits for the device; and
+# (counted as "d2h_copy", on CUDA only) a blocking copy from the device to the host
 HOST_SYNCS = {"aten.nonzero.default", "aten._local_scalar_dense.default", "aten._unique2.default",
               "aten.unique_dim.default", "aten.unique_consecutive.default", "aten.masked_select.default",
-              "aten.repeat_interleave.Tensor", "aten.is_nonzero.default", "aten.equal.default"}
+              "aten.repeat_interleave.Tensor", "aten.is_nonzero.default", "aten.equal.default", "d2h_copy"}
+
+
+def _blocking_device_to_host(name: str, args, kwargs) -> bool:
+    if name == "aten._to_copy.default":
+        src, dst, non_blocking = args[0], kwargs.get("device"), kwargs.get("non_blocking", False)
+    elif name == "aten.copy_.default":
+        src, dst = args[1], args[0].device
+        non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+    else:
+        return False
+    return (isinstance(src, torch.Tensor) and src.is_cuda and dst is not None and torch.device(dst).type == "cpu"
+            and not non_blocking)
 
 
 class OpCounter(TorchDispatchMode):
@@ -49,7 +62,10 @@ class OpCounter(TorchDispatchMode):
         self.ops = ops
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
+        name = str(func)
+        self.ops[name] += 1
+        if _blocking_device_to_host(name, args, kwargs or {}):
+            self.ops["d2h_copy"] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -85,7 +101,8 @@ def counted_prune(model: Path, out: Path, opts: dict) -> dict:
         stream_mod.Stream.forward, experts_mod.WaveTask._run, stream_mod.run_layer = originals
     syncs = collections.Counter({k: v for k, v in ops.items() if k in HOST_SYNCS})
     n = max(1, calls[0])
-    return {"layer_calls": calls[0], "ops_per_call": round(sum(ops.values()) / n, 1),
+    dispatched = sum(v for k, v in ops.items() if k != "d2h_copy")  # the copies are operators counted already
+    return {"layer_calls": calls[0], "ops_per_call": round(dispatched / n, 1),
             "host_syncs_per_call": round(sum(syncs.values()) / n, 2),
             "host_syncs_by_op": {k: round(v / n, 2) for k, v in syncs.most_common()}}
 
