@@ -34,7 +34,7 @@ from .engine.cache import ActivationCache
 from .engine.calibration import CalibTokens, check_sources, check_tokenizer
 from .engine.checkpoint import Checkpoint
 from .engine.device import DTYPES, resolve_device, resolve_dtype, warm_up
-from .engine.hf import EXPERTS_IMPLS
+from .engine.hf import check_experts_impl
 from .engine.lazy import ShardFiles, read_lazy_layer, reads_lazily
 from .engine.memory import fmt_bytes, out_of_memory_errors
 from .engine.plan import LayerPlan, Plan
@@ -99,8 +99,7 @@ class PruneConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        if self.experts_impl not in EXPERTS_IMPLS:
-            raise ConfigError(f"--experts-impl {self.experts_impl!r}: choose one of {', '.join(EXPERTS_IMPLS)}")
+        check_experts_impl(self.experts_impl)
         try:
             parse_size(self.max_shard_size)
         except ValueError as e:

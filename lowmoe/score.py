@@ -35,7 +35,7 @@ from .engine.cache import ActivationCache
 from .engine.calibration import check_sources
 from .engine.checkpoint import Checkpoint
 from .engine.device import dtype_name, resolve_device, resolve_dtype, warm_up
-from .engine.hf import EXPERTS_IMPLS
+from .engine.hf import check_experts_impl
 from .engine.memory import cuda_peak_bytes, fmt_bytes, out_of_memory_errors, peak_rss_bytes
 from .engine.progress import progress as progress_bar
 from .engine.quant import check_quant_budget, check_quant_mode
@@ -85,8 +85,7 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
     dev = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, dev)
     check_quant_mode(quant)
-    if experts_impl not in EXPERTS_IMPLS:
-        raise ConfigError(f"--experts-impl {experts_impl!r}: choose one of {', '.join(EXPERTS_IMPLS)}")
+    check_experts_impl(experts_impl)
     if quant != "none" and "reconstruction" in methods:
         # reconstruction takes its device and dtype from the experts module's parameters, which a
         # quantized (or expert-chunked) layer does not have

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from .adapters import ALL_EXPERT_COUNT_KEYS, Adapter
 from .device import cpu_runtime_defaults
 
@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 # eager loop's host synchronisations (about five per expert hit, per call) hold the GPU back, eager on
 # the CPU (as fast there, and byte-identical to earlier lowmoe outputs). docs/gpu.md.
 EXPERTS_IMPLS = ("auto", "eager", "grouped")
+
+
+def check_experts_impl(requested: str) -> None:
+    """ConfigError naming ``--experts-impl`` unless ``requested`` is one of ``EXPERTS_IMPLS``."""
+    if requested not in EXPERTS_IMPLS:
+        raise ConfigError(f"--experts-impl {requested!r}: choose one of {', '.join(EXPERTS_IMPLS)}")
 
 
 def resolve_experts_impl(requested: str, device) -> str:
