@@ -334,7 +334,7 @@ def _write_run(run: PruneRun, cfg: PruneConfig, ck: Checkpoint, plan_in: Plan | 
             if ahead is not None:
                 extra["io"]["readahead_bytes"] = ahead.bytes
             if warm is not None:
-                extra["io"]["device_warm_up"] = {"s": round(warm.seconds or 0.0, 4), "error": warm.error}
+                extra["io"]["device_warm_up"] = warm.report()
         plan_meta = {"method": cfg.method, "keep": cfg.resolve_keep(ck.num_experts), "seed": cfg.seed,
                      "sequential": cfg.sequential, "calib": [str(c) for c in cfg.calib]}
         extra = {"method": cfg.method, **extra}

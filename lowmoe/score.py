@@ -127,8 +127,7 @@ def score(model: str | Path, calib, method: str | list[str] = "frequency", out: 
             wall = time.perf_counter() - t_pass
             io = {**stream.io.to_json(wall), **stream.files.to_json(), **({"readahead_bytes": ahead.bytes} if ahead else {})}
             if warm is not None:
-                warm.join()
-                io["device_warm_up"] = {"s": round(warm.seconds or 0.0, 4), "error": warm.error}
+                io["device_warm_up"] = warm.report()
             stages = with_setup(stream.stages(time.perf_counter() - t_begin), setup, time.perf_counter() - t_begin)
             activations = stream.activation_report()
         finally:

@@ -278,6 +278,9 @@ class _FakeWarmUp:
     def join(self):
         pass
 
+    def report(self):
+        return {"s": self.seconds, "error": self.error}
+
 
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_prune_and_score_warm_the_device_up_before_they_tokenize(synth_dir, calib_txt, tmp_path, monkeypatch, prefetch):

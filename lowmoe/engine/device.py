@@ -238,6 +238,11 @@ class DeviceWarmUp:
     def join(self) -> None:
         self.thread.join()
 
+    def report(self) -> dict:
+        """Once it is done, its seconds and error, as a report's ``io.device_warm_up`` gives them."""
+        self.join()
+        return {"s": round(self.seconds or 0.0, 4), "error": self.error}
+
 
 def warm_up(device: torch.device, pinned: int = 0, enabled: bool = True) -> DeviceWarmUp | None:
     """``DeviceWarmUp`` on a CUDA ``device`` (None on a CPU, or when not ``enabled``: ``--no-prefetch``,
