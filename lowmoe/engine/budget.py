@@ -382,13 +382,20 @@ def _resident_read_bytes(ck, layer_idx: int, num_experts: int) -> tuple[int, ...
     return tuple(ck.read_bytes(k) for k in ck.layer_keys(layer_idx) if k not in ex)
 
 
+def _one_expert_keys(ck, layer_idx: int, num_experts: int) -> tuple[list[str], int]:
+    """The stored tensors one routed expert's bytes are read from, and what to divide a tensor's bytes
+    by for one expert: a per-expert checkpoint's expert-0 tensors (1), or the fused tensors (E)."""
+    ad = ck.adapter
+    if ad.expert_layout == "per_expert":
+        return ad.expert_keys(layer_idx, 0), 1
+    return ad.fused_keys(layer_idx), max(1, num_experts)
+
+
 def _expert_read_bytes(ck, layer_idx: int, num_experts: int) -> tuple[int, ...]:
     """One routed expert's bytes in each of its tensors, as read: a per-expert checkpoint's expert-0
     tensors, or each fused tensor / E."""
-    ad = ck.adapter
-    if ad.expert_layout == "per_expert":
-        return tuple(ck.read_bytes(k) for k in ad.expert_keys(layer_idx, 0) if k in ck.parts)
-    return tuple(ck.read_bytes(k) // max(1, num_experts) for k in ad.fused_keys(layer_idx) if k in ck.parts)
+    keys, per = _one_expert_keys(ck, layer_idx, num_experts)
+    return tuple(ck.read_bytes(k) // per for k in keys if k in ck.parts)
 
 
 def _pinned_runtime_layer(ck, L: LayerSize, device: torch.device) -> int:
@@ -423,22 +430,15 @@ class _LazyLayerSize:
 def _expert_parts(ck, L: int, num_experts: int) -> tuple[int, ...]:
     """One expert's bytes in each stored tensor of layer ``L``'s routed experts (a quantized weight's
     values and scales apart): a per-expert checkpoint's expert-0 tensors, or the fused tensors / E."""
-    ad = ck.adapter
-    per_expert = ad.expert_layout == "per_expert"
-    keys = ad.expert_keys(L, 0) if per_expert else ad.fused_keys(L)
-    out = []
-    for k in keys:
-        for part in ck.parts.get(k, (k,)) if ck.quant_format is not None else (k,):
-            if part in ck.weight_map:
-                n = ck.tensor_bytes(part)
-                out.append(n if per_expert else n // max(1, num_experts))
-    return tuple(out)
+    keys, per = _one_expert_keys(ck, L, num_experts)
+    return tuple(ck.tensor_bytes(part) // per for k in keys
+                 for part in (ck.parts.get(k, (k,)) if ck.quant_format is not None else (k,)) if part in ck.weight_map)
 
 
 def _lazy_sizes(ck) -> list[_LazyLayerSize]:
     out = []
+    ad = ck.adapter
     for L in layer_sizes(ck):
-        ad = ck.adapter
         res_keys = _resident_read_bytes(ck, L.layer_idx, L.num_experts)
         parts = _expert_parts(ck, L.layer_idx, L.num_experts) if L.num_experts else ()
         if ck.quant_format is not None and L.num_experts:
