@@ -107,13 +107,6 @@ def counted_prune(model: Path, out: Path, opts: dict) -> dict:
             "host_syncs_by_op": {k: round(v / n, 2) for k, v in syncs.most_common()}}
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def experts_call_peak(model: Path, impl: str, tokens: int, dtype: torch.dtype, device: str = "cpu") -> dict:
     """Memory one call of a whole experts module takes, against what the budget planner books for it
     (``budget.activation_terms``: the expert terms of ``tokens`` tokens). On the CPU: host memory,
@@ -121,7 +114,9 @@ def experts_call_peak(model: Path, impl: str, tokens: int, dtype: torch.dtype, d
     peak allocated device memory over what was allocated before it."""
     import gc
 
+    from bench_gpu import peak_rss  # VmHWM
     from lowmoe.engine.budget import activation_terms, build_layer
+    from lowmoe.engine.memory import current_rss_bytes
     from lowmoe.engine.checkpoint import Checkpoint
     from lowmoe.engine.hf import ModelSkeleton, moe_modules
 
@@ -146,10 +141,10 @@ def experts_call_peak(model: Path, impl: str, tokens: int, dtype: torch.dtype, d
             torch.cuda.synchronize(dev)
             peak = torch.cuda.max_memory_allocated(dev) - before
         else:
-            before = _status("VmRSS")
+            before = current_rss_bytes()
             Path("/proc/self/clear_refs").write_text("5\n")  # VmHWM := VmRSS
             out = experts(hidden, index, weights)
-            peak = _status("VmHWM") - before
+            peak = peak_rss() - before
     del out, layer, experts
     b = torch.finfo(dtype).bits // 8
     terms = activation_terms(ck.config, batch_size=1, seq_len=tokens, dtype_bytes=b, top_k=ck.top_k,
