@@ -317,3 +317,43 @@ def test_the_device_warm_up_leaves_the_first_staging_buffer_cached(synth_dir, ca
     release_pinned_cache(dev)
     rep = lowmoe.prune(synth_dir("mixtral", **BIG), tmp_path / "out", calib=[calib_txt], device="cuda", **OPTS)
     assert rep["io"]["device_warm_up"]["error"] is None
+
+
+def test_scorers_observe_without_waiting_for_the_device(synth_dir, calib_txt, tmp_path):
+    """Every scorer and the super-expert maxima observe a layer's CUDA calls with no host wait
+    (``torch.cuda.set_sync_debug_mode("error")`` raises on any); the totals reach the host when the
+    layer is read, and they equal the CPU's."""
+    from lowmoe.engine.hf import MoeCall
+    from lowmoe.methods.scoring import SCORERS, make_scorer
+    from lowmoe.methods.scoring.super_experts import MaximaObserver
+
+    g = torch.Generator().manual_seed(0)
+    T, E, K, H = 64, 8, 2, 16
+    logits = torch.randn(T, E, generator=g)
+    idx = logits.topk(K, dim=-1).indices
+    host = dict(router_logits=logits, top_k_index=idx, top_k_weights=torch.softmax(logits.gather(1, idx), -1),
+                moe_input=torch.randn(T, H, generator=g), routed_output=torch.randn(T, H, generator=g),
+                token_mask=torch.rand(T, generator=g) > 0.25, expert_outputs=torch.randn(T, K, H, generator=g),
+                token_domain=torch.randint(0, 2, (T,), generator=g))
+    calls = {d: MoeCall(experts=None, num_domains=2, **{k: v.to(d) for k, v in host.items()}) for d in ("cpu", "cuda")}
+    for method in list(SCORERS) + ["maxima"]:
+        made = {d: MaximaObserver(E) if method == "maxima" else make_scorer(method, E, K) for d in calls}
+        made["cuda"].observe(calls["cuda"])  # first call: the accumulators are made on the device
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                made["cuda"].observe(calls["cuda"])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        for _ in range(4):
+            made["cpu"].observe(calls["cpu"])
+        if method == "maxima":
+            for m in made.values():
+                m.commit(0)
+            assert torch.equal(made["cuda"].maxima[0], made["cpu"].maxima[0])
+        else:
+            assert torch.allclose(made["cuda"].scores(), made["cpu"].scores(), rtol=1e-6, atol=1e-9), method
+            assert made["cuda"].state()["routed_tokens"] == made["cpu"].state()["routed_tokens"]
+    rep = lowmoe.prune(synth_dir("mixtral"), tmp_path / "out", calib=[calib_txt], device="cuda", method="reap", **OPTS)
+    assert rep["plan"]["layers"]

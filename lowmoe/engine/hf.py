@@ -286,6 +286,7 @@ class MoeCall:
     expert_outputs: (T, k, H) | None -- unweighted f_e(x_t) of each top-k slot (only when the callback
                                         sets ``needs_expert_outputs``; computed at no extra expert cost)
     token_domain:  (T,) long | None  -- calibration domain of each token (index into CalibTokens.domains)
+    num_domains:   int | None        -- how many domains there are (None: not known without reading token_domain)
     router_scoring: "softmax" or "sigmoid" -- how the router turns logits into scores (adapter data)
     """
 
@@ -298,6 +299,7 @@ class MoeCall:
     token_mask: torch.Tensor | None = None  # (T,) bool: tokens that count in statistics
     expert_outputs: torch.Tensor | None = None
     token_domain: torch.Tensor | None = None
+    num_domains: int | None = None
     router: nn.Module | None = None
     router_scoring: str = "softmax"
 
@@ -311,9 +313,11 @@ class MoeProbe:
     """Context manager: calls ``callback(MoeCall)`` for every forward of the layer's MoE block."""
 
     def __init__(self, adapter: Adapter, layer: nn.Module, callback: Callable[[MoeCall], None],
-                 token_mask: torch.Tensor | None = None, token_domain: torch.Tensor | None = None):
+                 token_mask: torch.Tensor | None = None, token_domain: torch.Tensor | None = None,
+                 num_domains: int | None = None):
         self.adapter, self.layer, self.callback = adapter, layer, callback
         self._tokens = (token_mask, token_domain)
+        self.num_domains = num_domains
         # per thread (.tokens, .router_out, .slot_outputs): the chunks of an experts-major wave
         # (``experts.run_wave``) go through the layer on threads of their own, each inside its own
         # router and experts calls at once
@@ -348,6 +352,7 @@ class MoeProbe:
                                   None if mask is None else mask.reshape(-1),
                                   expert_outputs=slots,
                                   token_domain=None if dom is None else dom.reshape(-1),
+                                  num_domains=self.num_domains if dom is not None else None,
                                   router=router, router_scoring=getattr(self.adapter, "router_scoring", "softmax")))
 
         if getattr(self.callback, "needs_expert_outputs", False):

@@ -139,6 +139,7 @@ class Stream:
         self.skel = ModelSkeleton(ck.config, ck.adapter, experts=resolve_experts_impl(experts, self.device))
         self.inputs_for = LayerInputsCache(self.skel, device)  # rotary embeddings and masks per token-block shape
         self.num_chunks = (tokens.input_ids.shape[0] + batch_size - 1) // batch_size
+        self._labels = None  # ``token_labels``
         # two boundaries of hidden states (a layer's inputs and outputs) kept in memory when they fit
         self.activations = activation_memory(ck, tokens, self.device, dtype, budget)
         cache.hold(self.activations["held_bytes"])
@@ -152,6 +153,14 @@ class Stream:
     def chunks(self):
         for c, sl in self.tokens.batches(self.batch_size):
             yield c, sl
+
+    def token_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The calibration's (N, S) count mask and (N,) domains on the stream's device, for the scorers.
+        They go to the device once per stream: a copy from pageable host memory per chunk and layer
+        would wait for the device each time."""
+        if self._labels is None:
+            self._labels = (self.tokens.count_mask.to(self.device), self.tokens.domain.to(self.device))
+        return self._labels
 
     def embed(self) -> None:
         with self.io.stage("embed"):
@@ -275,13 +284,13 @@ class Stream:
         adapter = adapter if adapter is not None else self.ck.adapter
         wave = self.wave_size(adapter, module)
         io = self.io
+        labels = self.token_labels() if probe is not None else None
 
         def compute(c: int, h: torch.Tensor, moe_probe) -> torch.Tensor:
             sl = slices[c]
             if moe_probe is not None:
-                mask = self.tokens.count_mask[sl].to(self.device)
-                dom = self.tokens.domain[sl].to(self.device)[:, None].expand(-1, h.shape[1])  # (B, S)
-                moe_probe.chunk_tokens(mask, dom)
+                mask, dom = labels
+                moe_probe.chunk_tokens(mask[sl], dom[sl][:, None].expand(-1, h.shape[1]))  # (B, S) each
             return run_layer(self.skel, module, layer_idx, h, self.inputs_for(h))
 
         def done(c: int, out: torch.Tensor) -> None:
@@ -302,7 +311,8 @@ class Stream:
                 if len(batch) < wave and c != len(slices) - 1:
                     continue  # the wave's next chunk
                 chunks, batch = batch, []
-                moe_probe = MoeProbe(adapter, module, probe) if probe is not None else None
+                moe_probe = (MoeProbe(adapter, module, probe, num_domains=len(self.tokens.domains))
+                             if probe is not None else None)
                 single = None
                 with io.stage("compute"):
                     if moe_probe is not None:

@@ -2,8 +2,8 @@
 
 A scorer sees every forward call of one layer's MoE block (``MoeCall``: router logits, the top-k
 transformers chose, the experts' input and routed output, optionally each slot's unweighted expert
-output) and accumulates, in float64 on the CPU, one score per expert: higher means more important
-to keep. Scores for a layer are read with ``scores()`` once every calibration chunk has passed.
+output) and accumulates, in float64 on the calls' device, one score per expert: higher means more
+important to keep. Scores for a layer are read with ``scores()`` once every calibration chunk has passed.
 
 Only tokens that count (``MoeCall.token_mask``: not padding, and only answer tokens with
 ``--answer-only``) enter any statistic.
@@ -33,6 +33,16 @@ def router_probs(call: MoeCall) -> torch.Tensor:
 
 
 class Scorer:
+    """Accumulates one layer's statistics per calibration domain over every ``observe(call)``.
+
+    The accumulators live on the device the calls come from and ``observe`` never waits for it: no
+    ``.item()``, no copy to the host, no boolean-mask indexing (its row count is data the host would
+    have to read). Tokens that do not count go to a discard row past the last domain instead of
+    being selected out, and the sums are scattered with ``index_put_(accumulate=True)``, which adds
+    each bin's values in token order on the CPU and sorts them first on CUDA, so the scores do not
+    depend on the order of atomic adds. The totals reach the host once, when they are first read
+    (``scores()``, ``state()``, ``tokens``...), after the layer's last call."""
+
     name: str = "base"
     OPTIONS: dict = {}  # --method-option name -> (default, kind) (``methods.options.parse_options``)
     # Whether observe() needs each routed expert's own output f_e(x) (MoeCall.expert_outputs).
@@ -42,11 +52,36 @@ class Scorer:
         self.num_experts = num_experts
         self.top_k = top_k
         self.options = options
-        # Per domain d: _sums[d] (E,) the method's accumulator, _counts[d] (E,) routed assignments,
-        # _tokens[d] counted tokens. Rows are added as new domains appear.
-        self._sums = torch.zeros(0, num_experts, dtype=torch.float64)
-        self._counts = torch.zeros(0, num_experts, dtype=torch.float64)
-        self._tokens = torch.zeros(0, dtype=torch.float64)
+        # Rows 0..D-1: domain d's _sums[d] (E,) the method's accumulator, _counts[d] (E,) routed
+        # assignments, _tokens[d] counted tokens; row D takes the tokens that do not count. Kept on
+        # the calls' device while observing (``_acc``), on the host once read (``_host``).
+        self._domains = 0
+        self._acc: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    # ---- the totals on the host (reading them waits for the device once) --------------------
+    def _settled(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._host is None:
+            if self._acc is None:
+                e = self.num_experts
+                self._host = (torch.zeros(0, e, dtype=torch.float64), torch.zeros(0, e, dtype=torch.float64),
+                              torch.zeros(0, dtype=torch.float64))
+            else:
+                d = self._domains
+                self._host = tuple(a[:d].cpu() for a in self._acc)
+        return self._host
+
+    @property
+    def _sums(self) -> torch.Tensor:
+        return self._settled()[0]
+
+    @property
+    def _counts(self) -> torch.Tensor:
+        return self._settled()[1]
+
+    @property
+    def _tokens(self) -> torch.Tensor:
+        return self._settled()[2]
 
     # ---- totals over domains (what single-domain code reads) -------------------------------
     @property
@@ -66,46 +101,59 @@ class Scorer:
         return int((self._tokens > 0).sum())
 
     # ---- accumulation ------------------------------------------------------------------------
-    @staticmethod
-    def counted(call: MoeCall):
-        """(index, weights, token selector) restricted to tokens that count."""
-        if call.token_mask is None:
-            return call.top_k_index, call.top_k_weights, slice(None)
-        m = call.token_mask.to(call.top_k_index.device)
-        return call.top_k_index[m], call.top_k_weights[m], m
+    def _rows(self, n_domains: int, device: torch.device) -> None:
+        """Accumulators on ``device`` with a row for each of ``n_domains`` domains and the discard row."""
+        if self._acc is not None and n_domains <= self._domains and self._acc[0].device == device:
+            return
+        n = max(n_domains, self._domains)
+        e = self.num_experts
+        fresh = (torch.zeros(n + 1, e, dtype=torch.float64, device=device),
+                 torch.zeros(n + 1, e, dtype=torch.float64, device=device),
+                 torch.zeros(n + 1, dtype=torch.float64, device=device))
+        if self._acc is not None:
+            for new, old in zip(fresh, self._acc):
+                new[:self._domains] = old[:self._domains].to(device)
+        self._acc, self._domains = fresh, n
 
-    def _grow(self, n_domains: int) -> None:
-        if n_domains > len(self._tokens):
-            extra = n_domains - len(self._tokens)
-            self._sums = torch.cat([self._sums, self._sums.new_zeros(extra, self.num_experts)])
-            self._counts = torch.cat([self._counts, self._counts.new_zeros(extra, self.num_experts)])
-            self._tokens = torch.cat([self._tokens, self._tokens.new_zeros(extra)])
+    def _token_rows(self, call: MoeCall) -> torch.Tensor:
+        """(T,) long on the call's device: each token's domain, or the discard row if it does not count."""
+        idx = call.top_k_index
+        if call.token_domain is None:
+            dom = torch.zeros(idx.shape[0], dtype=torch.long, device=idx.device)
+            n = 1
+        else:
+            dom = call.token_domain.to(idx.device)
+            # the stream says how many domains there are; a bare MoeCall costs one wait to find out
+            n = call.num_domains if call.num_domains is not None else (int(dom.max()) + 1 if dom.numel() else 1)
+        self._rows(n, idx.device)
+        if call.token_mask is not None:
+            dom = torch.where(call.token_mask.to(idx.device), dom, self._domains)
+        return dom
 
     def add(self, domain: torch.Tensor, expert_idx: torch.Tensor, values: torch.Tensor) -> None:
-        """_sums[domain[t], expert_idx[t, j]] += values[t, j] for every counted token t and slot j.
-        domain (n,), expert_idx (n, m), values (n, m)."""
-        if domain.numel() == 0:
-            return
-        d = domain.cpu()
-        self._grow(int(d.max()) + 1)
-        flat = (d[:, None] * self.num_experts + expert_idx.cpu()).reshape(-1)
-        self._sums.view(-1).index_add_(0, flat, values.reshape(-1).to("cpu", torch.float64))
+        """_sums[domain[t], expert_idx[t, j]] += values[t, j] for every token t and slot j.
+        domain (T,) as ``observe`` passes it (uncounted tokens in the discard row), expert_idx (T, m),
+        values (T, m)."""
+        flat = (domain[:, None] * self.num_experts + expert_idx.to(domain.device)).reshape(-1)
+        self._acc[0].view(-1).index_put_((flat,), values.reshape(-1).to(domain.device, torch.float64), accumulate=True)
 
     def observe(self, call: MoeCall) -> None:
-        idx, w, sel = self.counted(call)
-        n = idx.shape[0]
-        dom = (call.token_domain[sel] if call.token_domain is not None
-               else torch.zeros(n, dtype=torch.long, device=idx.device)).cpu()
-        if n:
-            self._grow(int(dom.max()) + 1)
-            flat = (dom[:, None] * self.num_experts + idx.cpu()).reshape(-1)
-            self._counts.view(-1).index_add_(0, flat, torch.ones(flat.numel(), dtype=torch.float64))
-            self._tokens.index_add_(0, dom, torch.ones(n, dtype=torch.float64))
-        self.accumulate(call, sel, idx, w, dom)
+        idx, w = call.top_k_index, call.top_k_weights
+        if idx.shape[0] == 0:
+            return
+        dom = self._token_rows(call)
+        self._host = None
+        _, counts, tokens = self._acc
+        flat = (dom[:, None] * self.num_experts + idx).reshape(-1)
+        counts.view(-1).index_put_((flat,), torch.ones(flat.numel(), dtype=torch.float64, device=flat.device),
+                                   accumulate=True)
+        tokens.index_put_((dom,), torch.ones(dom.numel(), dtype=torch.float64, device=dom.device), accumulate=True)
+        self.accumulate(call, idx, w, dom)
 
-    def accumulate(self, call: MoeCall, sel, idx: torch.Tensor, weights: torch.Tensor, domain: torch.Tensor) -> None:
-        """Add this call's contribution: ``sel`` selects counted tokens of the call's (T, ...)
-        tensors; ``idx``/``weights`` (n, k) and ``domain`` (n,) are already restricted to them."""
+    def accumulate(self, call: MoeCall, idx: torch.Tensor, weights: torch.Tensor, domain: torch.Tensor) -> None:
+        """Add this call's contribution with ``add``: ``idx``/``weights`` (T, k) are the call's routing
+        and ``domain`` (T,) each token's row, over every token of the call (``add`` sends the tokens that
+        do not count to the discard row, so a value computed for them, NaN included, is never read)."""
         raise NotImplementedError
 
     # ---- reading -----------------------------------------------------------------------------
@@ -148,7 +196,7 @@ class FrequencyScorer(Scorer):
 
     name = "frequency"
 
-    def accumulate(self, call, sel, idx, weights, domain) -> None:
+    def accumulate(self, call, idx, weights, domain) -> None:
         pass  # the routing counts the base class keeps are the statistic
 
     def domain_scores(self, d: int) -> torch.Tensor:
@@ -161,7 +209,7 @@ class GateMassScorer(Scorer):
 
     name = "gate-mass"
 
-    def accumulate(self, call, sel, idx, weights, domain) -> None:
+    def accumulate(self, call, idx, weights, domain) -> None:
         self.add(domain, idx, weights)
 
     def domain_scores(self, d: int) -> torch.Tensor:

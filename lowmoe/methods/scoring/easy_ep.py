@@ -24,10 +24,10 @@ class EasyEpScorer(Scorer):
     name = "easy-ep"
     needs_expert_outputs = True
 
-    def accumulate(self, call, sel, idx, weights, domain) -> None:
-        h = call.moe_input.reshape(-1, call.moe_input.shape[-1])[sel].float()  # (n, H)
-        r = call.routed_output.reshape(-1, call.routed_output.shape[-1])[sel].float()  # (n, H)
-        s = (1.0 - torch.nn.functional.cosine_similarity(h, h + r, dim=-1, eps=1e-8)).clamp_min(0.0)  # (n,)
-        norms = call.expert_outputs[sel].float().norm(dim=-1)  # (n, k)
-        c = weights.float() * norms  # (n, k)
+    def accumulate(self, call, idx, weights, domain) -> None:
+        h = call.moe_input.reshape(-1, call.moe_input.shape[-1]).float()  # (T, H)
+        r = call.routed_output.reshape(-1, call.routed_output.shape[-1]).float()  # (T, H)
+        s = (1.0 - torch.nn.functional.cosine_similarity(h, h + r, dim=-1, eps=1e-8)).clamp_min(0.0)  # (T,)
+        norms = call.expert_outputs.float().norm(dim=-1)  # (T, k)
+        c = weights.float() * norms  # (T, k)
         self.add(domain, idx, c.double() * s.double()[:, None])

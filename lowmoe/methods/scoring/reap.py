@@ -29,12 +29,12 @@ class ReapScorer(Scorer):
         super().__init__(num_experts, top_k, **options)
         self.renormalize = bool(renormalize)
 
-    def accumulate(self, call, sel, idx, weights, domain) -> None:
-        probs = router_probs(call)[sel]  # (n, E)
-        g = probs.gather(1, idx.to(probs.device))  # (n, k): probability of each chosen expert
+    def accumulate(self, call, idx, weights, domain) -> None:
+        probs = router_probs(call)  # (T, E)
+        g = probs.gather(1, idx.to(probs.device))  # (T, k): probability of each chosen expert
         if self.renormalize:
             g = g / g.sum(-1, keepdim=True).clamp_min(1e-20)
-        norms = call.expert_outputs[sel].float().norm(dim=-1)  # (n, k) ‖f_e(x_t)‖₂
+        norms = call.expert_outputs.float().norm(dim=-1)  # (T, k) ‖f_e(x_t)‖₂
         self.add(domain, idx, g.double() * norms.double())
 
     def domain_scores(self, d: int) -> torch.Tensor:

@@ -48,12 +48,12 @@ GLOBAL_FRACTION = 0.1
 
 
 def max_abs_per_expert(call: MoeCall, num_experts: int) -> torch.Tensor:
-    """(E,) float64: max |f_e(x)| over this call's tokens routed to each expert (0 if none)."""
+    """(E,) float64 on the call's device: max |f_e(x)| over this call's tokens routed to each expert (0 if none)."""
     out = call.expert_outputs  # (T, k, H)
     slot_max = out.detach().float().abs().amax(dim=-1)  # (T, k)
     m = torch.zeros(num_experts, dtype=torch.float32, device=slot_max.device)
     m.scatter_reduce_(0, call.top_k_index.reshape(-1).to(slot_max.device), slot_max.reshape(-1), reduce="amax")
-    return m.double().cpu()
+    return m.double()
 
 
 def find_super_experts(maxima: dict[int, torch.Tensor], percentile: float = PERCENTILE,
@@ -102,16 +102,18 @@ class MaximaObserver:
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
         self.maxima: dict[int, torch.Tensor] = {}
-        self._current = torch.zeros(num_experts, dtype=torch.float64)
+        self._current: torch.Tensor | None = None  # (E,) this layer's maxima so far, on the calls' device
 
     def observe(self, call: MoeCall) -> None:
-        self._current = torch.maximum(self._current, max_abs_per_expert(call, self.num_experts))
+        m = max_abs_per_expert(call, self.num_experts)  # stays on the device until the layer is committed
+        self._current = m if self._current is None else torch.maximum(self._current, m)
 
     __call__ = observe  # usable directly as a MoeProbe callback
 
     def commit(self, layer_idx: int) -> None:
-        self.maxima[layer_idx] = self._current
-        self._current = torch.zeros(self.num_experts, dtype=torch.float64)
+        current, self._current = self._current, None
+        self.maxima[layer_idx] = (current.cpu() if current is not None
+                                  else torch.zeros(self.num_experts, dtype=torch.float64))
 
     def protected(self, layer_idx: int) -> set[int]:
         if layer_idx not in self.maxima:

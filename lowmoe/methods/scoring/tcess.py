@@ -28,13 +28,13 @@ class TcessScorer(Scorer):
         self.k = int(k or top_k)
         self.threshold = float(threshold)
 
-    def accumulate(self, call, sel, idx, weights, domain) -> None:
-        logits = call.router_logits[sel].float()  # (n, E)
+    def accumulate(self, call, idx, weights, domain) -> None:
+        logits = call.router_logits.float()  # (T, E)
         if self.k == self.top_k:
             chosen = idx.to(logits.device)
         else:
             chosen = logits.topk(self.k, dim=-1).indices
-        z = logits.gather(1, chosen)  # (n, k)
+        z = logits.gather(1, chosen)  # (T, k)
         if self.threshold > 0:
             z = z * (torch.softmax(z, dim=-1) >= self.threshold)
         self.add(domain, chosen, z.double())
