@@ -100,6 +100,46 @@ def test_fitness_exact_match_and_multiple_choice():
     assert data.aggregate(data.score_logits(logits, slice(0, 3))).acc == 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fitness_reads_the_device_once_per_chunk_and_gives_a_rows_own_numbers(dtype):
+    """Every row's (exact, log-prob) as computed one row at a time, to the bit, with no per-row read
+    of a device value (a ``bool()``/``float()`` per row waits for a GPU twice per row)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.n += str(func) in ("aten._local_scalar_dense.default", "aten.is_nonzero.default")
+            return func(*args, **(kwargs or {}))
+
+    recs = [{"prompt": "q" * (i % 5 + 1), "answer": "ab"[: i % 2 + 1] * (i % 3 + 1)} for i in range(9)]
+    recs.append({"prompt": "x", "options": ["yy", "z"], "answer": "z"})
+    data = FitnessData.from_records(recs, load_tokenizer_stub())
+    g = torch.Generator().manual_seed(0)
+    for _, sl in data.batches(4):
+        b, t = data.positions(sl)
+        logits = torch.randn(len(b), 300, generator=g).to(dtype)
+        ids = data.input_ids[sl]
+        gold = ids[b, t + 1]
+        first = data.rows[sl][0].length
+        logits[:first] = 0.0
+        logits[torch.arange(first), gold[:first]] = 4.0  # the chunk's first row exact
+        want, p = [], 0
+        for i, row in enumerate(data.rows[sl]):  # one row at a time, as the numbers are defined
+            pred = logits[p:p + row.length].float()
+            gd = ids[i, row.start:row.start + row.length]
+            lp = torch.log_softmax(pred, dim=-1).gather(1, gd[:, None]).squeeze(1)
+            want.append((bool((pred.argmax(dim=-1) == gd).all()), float(lp.sum())))
+            p += row.length
+        Reads.n = 0
+        with Reads():
+            got = data.score_positions(logits, sl)
+        assert got == want and Reads.n == 0
+        assert any(e for e, _ in got) and not all(e for e, _ in got)
+    assert data.score_positions(torch.zeros(0, 300), slice(len(recs) + 5, len(recs) + 9)) == []
+
+
 def load_tokenizer_stub():
     from lowmoe.toy.tokenizer import build_byte_tokenizer
 

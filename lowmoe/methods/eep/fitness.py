@@ -286,17 +286,27 @@ class FitnessData:
         return self.score_positions(logits[b.to(logits.device), t.to(logits.device)], sl)
 
     def score_positions(self, logits: torch.Tensor, sl: slice) -> list[tuple[bool, float]]:
-        """``score_logits`` from only the logits it reads: (P, V) at ``positions(sl)``, in that order."""
+        """``score_logits`` from only the logits it reads: (P, V) at ``positions(sl)``, in that order.
+
+        The host waits for the device once per call (a ``bool()`` and a ``float()`` per sequence would
+        wait twice per sequence of every candidate): the answers go to the device in one copy, every
+        row's log-probs and argmax stay there, and the chunk's results are read together. Each row's
+        sum is still taken over its own answer tokens, so the numbers are those of a row at a time."""
+        rows = self.rows[sl]
+        if not rows:
+            return []
         ids = self.input_ids[sl]
-        out, p = [], 0
-        for b, row in enumerate(self.rows[sl]):
-            pred = logits[p:p + row.length].float()  # (A, V)
+        gold = torch.cat([ids[b, r.start:r.start + r.length] for b, r in enumerate(rows)]).to(logits.device)  # (P,)
+        pred = logits.float()
+        logp = torch.log_softmax(pred, dim=-1).gather(1, gold[:, None]).squeeze(1)  # (P,)
+        hit = pred.argmax(dim=-1) == gold  # (P,): what greedy decoding picks
+        sums, exact, p = [], [], 0
+        for row in rows:
+            sums.append(logp[p:p + row.length].sum())
+            exact.append(hit[p:p + row.length].all())
             p += row.length
-            gold = ids[b, row.start:row.start + row.length].to(pred.device)  # (A,)
-            logp = torch.log_softmax(pred, dim=-1).gather(1, gold[:, None]).squeeze(1)
-            exact = bool((pred.argmax(dim=-1) == gold).all())  # what greedy decoding picks
-            out.append((exact, float(logp.sum())))
-        return out
+        both = torch.stack([torch.stack(sums), torch.stack(exact).float()]).cpu()  # (2, rows): the one wait
+        return [(e == 1.0, lp) for lp, e in zip(*both.tolist())]
 
     def aggregate(self, per_row: list[tuple[bool, float]]) -> Fitness:
         """Per-example correctness and tie-break, averaged over each domain's examples, the domains
