@@ -6,8 +6,9 @@ operator that needs a device value on the host (``nonzero``, ``.item()``, ``bool
 then ``.tolist()``) makes the host wait until the device has finished everything queued before it.
 Both can be counted on the CPU: this script runs ``lowmoe.prune --method frequency`` on a synthetic
 Mixtral-layout model with a ``TorchDispatchMode`` around every decoder-layer call and counts, per
-layer call, the operators dispatched and those that synchronise the host with a CUDA device (copies
-from the device to the host, e.g. ``.cpu()``, also wait there, but a CPU run makes none to count). It does
+layer call, the operators dispatched and those that synchronise the host with a CUDA device, boolean-mask
+indexing (``x[mask]``) among them (copies from the device to the host, e.g. ``.cpu()``, also wait
+there, but a CPU run makes none to count). It does
 so for each experts implementation, with every layer whole on the device (no budget) and with the
 experts in groups (``--max-vram``), then times the same prunes without the counter (wall, and the
 report's ``compute`` stage) and checks that
@@ -36,10 +37,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import BENCH_DIR, machine, save_result  # noqa: E402
 
 # operators whose result size or value the host needs: on CUDA each one waits for the device; and
-# (counted as "d2h_copy", on CUDA only) a blocking copy from the device to the host
+# (counted as "d2h_copy", on CUDA only) a blocking copy from the device to the host; and (counted as
+# "mask_index") indexing with a boolean mask, x[mask] or x[mask] = v, which torch turns into the mask's
+# nonzero positions inside the index kernel, below the operators a dispatch mode sees
 HOST_SYNCS = {"aten.nonzero.default", "aten._local_scalar_dense.default", "aten._unique2.default",
               "aten.unique_dim.default", "aten.unique_consecutive.default", "aten.masked_select.default",
-              "aten.repeat_interleave.Tensor", "aten.is_nonzero.default", "aten.equal.default", "d2h_copy"}
+              "aten.repeat_interleave.Tensor", "aten.is_nonzero.default", "aten.equal.default", "d2h_copy",
+              "mask_index"}
+MASK_INDEXING = {"aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default",
+                 "aten._index_put_impl_.default"}
+
+
+def _indexes_with_a_mask(name: str, args) -> bool:
+    if name not in MASK_INDEXING or len(args) < 2:
+        return False
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] if i is not None)
 
 
 def _blocking_device_to_host(name: str, args, kwargs) -> bool:
@@ -66,6 +78,8 @@ class OpCounter(TorchDispatchMode):
         self.ops[name] += 1
         if _blocking_device_to_host(name, args, kwargs or {}):
             self.ops["d2h_copy"] += 1
+        if _indexes_with_a_mask(name, args):
+            self.ops["mask_index"] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -101,7 +115,7 @@ def counted_prune(model: Path, out: Path, opts: dict) -> dict:
         stream_mod.Stream.forward, experts_mod.WaveTask._run, stream_mod.run_layer = originals
     syncs = collections.Counter({k: v for k, v in ops.items() if k in HOST_SYNCS})
     n = max(1, calls[0])
-    dispatched = sum(v for k, v in ops.items() if k != "d2h_copy")  # the copies are operators counted already
+    dispatched = sum(v for k, v in ops.items() if k not in ("d2h_copy", "mask_index"))  # counted already as operators
     return {"layer_calls": calls[0], "ops_per_call": round(dispatched / n, 1),
             "host_syncs_per_call": round(sum(syncs.values()) / n, 2),
             "host_syncs_by_op": {k: round(v / n, 2) for k, v in syncs.most_common()}}
