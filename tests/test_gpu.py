@@ -357,3 +357,27 @@ def test_scorers_observe_without_waiting_for_the_device(synth_dir, calib_txt, tm
             assert made["cuda"].state()["routed_tokens"] == made["cpu"].state()["routed_tokens"]
     rep = lowmoe.prune(synth_dir("mixtral"), tmp_path / "out", calib=[calib_txt], device="cuda", method="reap", **OPTS)
     assert rep["plan"]["layers"]
+
+
+def test_a_layers_chunks_are_queued_without_waiting_for_each(synth_dir, calib_txt, monkeypatch):
+    """On CUDA the host waits for a layer's kernels once, at the layer's end (its chunks' NaN/Inf
+    checks read together), not after each chunk; CUDA events time the kernels (``compute_device``)."""
+    from lowmoe.engine import stream as stream_mod
+    from lowmoe.score import score
+
+    waits = []
+    orig = stream_mod.synchronize
+    monkeypatch.setattr(stream_mod, "synchronize", lambda d: waits.append(d) or orig(d))
+    opts = dict(n_samples=16, seq_len=32, batch_size=4, progress=False, dtype="fp32")
+    rep = score(synth_dir("mixtral", **BIG), calib=[calib_txt], method="reap", device="cuda", **opts)
+    layers = BIG["layers"]
+    assert len(waits) == layers, "one wait per layer"
+    st = rep["stages"]
+    chunks = opts["n_samples"] // opts["batch_size"]
+    assert st["compute_device"]["thread"] == "device" and st["compute_device"]["count"] == layers
+    assert 0 < st["compute_device"]["s"] <= st["compute"]["s"] + st.get("observe", {}).get("s", 0) + 1.0
+    assert st["compute"]["count"] == layers * chunks + layers
+    cpu = score(synth_dir("mixtral", **BIG), calib=[calib_txt], method="reap", device="cpu", **opts)
+    for L, e in cpu["layers"].items():
+        assert torch.allclose(torch.tensor(rep["layers"][L]["scores"]["reap"]), torch.tensor(e["scores"]["reap"]),
+                              rtol=1e-3, atol=1e-6), L

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CalibrationError
 from . import faults
-from .device import all_finite
+from .device import all_finite, finite_flag
 
 
 class ActivationCache:
@@ -55,9 +55,13 @@ class ActivationCache:
         """Whether a chunk of ``nbytes`` can be kept in memory now."""
         return self.memory_bytes + nbytes <= self.memory_limit
 
-    def keep(self, boundary: int, chunk: int, hidden: torch.Tensor, stream: str = "main", checked: bool = False) -> None:
-        """Hold ``hidden`` (any device) as chunk ``chunk`` of ``boundary``; ``read`` returns it as is."""
-        if not checked:
+    def keep(self, boundary: int, chunk: int, hidden: torch.Tensor, stream: str = "main", checked: bool = False,
+             checks: FiniteChecks | None = None) -> None:
+        """Hold ``hidden`` (any device) as chunk ``chunk`` of ``boundary``; ``read`` returns it as is.
+        Unless ``checked``, refuse NaN/Inf now, or with ``checks`` when they are read (``FiniteChecks``)."""
+        if checks is not None and not checked:
+            checks.add(boundary, chunk, hidden)
+        elif not checked:
             _check_finite(hidden, boundary, chunk)
         key = (stream, boundary, chunk)
         with self._lock:
@@ -68,7 +72,8 @@ class ActivationCache:
             self.memory_bytes += _nbytes(hidden)
             self.memory_peak = max(self.memory_peak, self.memory_bytes)
 
-    def put(self, boundary: int, chunk: int, hidden: torch.Tensor, stream: str = "main") -> None:
+    def put(self, boundary: int, chunk: int, hidden: torch.Tensor, stream: str = "main",
+            checks: FiniteChecks | None = None) -> None:
         """Store the chunk: in memory (``keep``) when it fits the ``hold`` limit, after writing the
         least recently used held chunks to disk to make room; on disk when it alone is larger. For
         passes with many streams (EEP's candidates): the chunks read next stay in memory, the ones
@@ -77,12 +82,16 @@ class ActivationCache:
         if n > self.memory_limit:
             self.write(boundary, chunk, hidden, stream)
             return
-        _check_finite(hidden, boundary, chunk)
+        if checks is not None:  # read with the layer's others (``FiniteChecks``)
+            checks.add(boundary, chunk, hidden)
+        else:
+            _check_finite(hidden, boundary, chunk)
         with self._lock:
             self.forget(lambda k: k == (stream, boundary, chunk))  # replaced, not spilled
             while self._mem and self.memory_bytes + n > self.memory_limit:
                 (s, b, c), old = next(iter(self._mem.items()))  # the least recently used
-                self.write(b, c, old, s, checked=True)
+                # a chunk whose check is still queued is checked as it is written (copied to the host anyway)
+                self.write(b, c, old, s, checked=checks is None)
                 self.spilled_bytes += _nbytes(old)
                 self.forget(lambda k, key=(s, b, c): k == key)
             self.keep(boundary, chunk, hidden, stream, checked=True)
@@ -145,6 +154,35 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _check_finite(hidden: torch.Tensor, boundary: int, chunk: int) -> None:
     if hidden.is_floating_point() and not all_finite(hidden):
-        where = "the token embeddings" if boundary == 0 else f"the outputs of layer {boundary - 1}"
-        raise CalibrationError(f"{where} contain NaN/Inf on calibration chunk {chunk} (sequences from "
-                               f"{chunk}x--batch-size); check that layer's weights, or use --dtype fp32 if it overflows")
+        raise nonfinite_chunk_error(boundary, chunk)
+
+
+def nonfinite_chunk_error(boundary: int, chunk: int) -> CalibrationError:
+    where = "the token embeddings" if boundary == 0 else f"the outputs of layer {boundary - 1}"
+    return CalibrationError(f"{where} contain NaN/Inf on calibration chunk {chunk} (sequences from "
+                            f"{chunk}x--batch-size); check that layer's weights, or use --dtype fp32 if it overflows")
+
+
+class FiniteChecks:
+    """NaN/Inf checks of chunks held on a device, read together once a layer's chunks have all been
+    queued: ``add`` takes a chunk's flag without reading it (on a GPU, reading it would make the host
+    wait for the chunk's kernels before it may queue the next chunk's), ``raise_first`` reads every
+    flag in one copy and raises the first chunk's error, as a check per chunk would have."""
+
+    def __init__(self):
+        self._flags: list[tuple[int, int, torch.Tensor]] = []
+
+    def add(self, boundary: int, chunk: int, hidden: torch.Tensor) -> None:
+        if hidden.is_floating_point():
+            self._flags.append((boundary, chunk, finite_flag(hidden)))
+
+    def raise_first(self) -> None:
+        flags, self._flags = self._flags, []
+        if not flags:
+            return
+        devices = {f.device for *_, f in flags}
+        ok = (torch.stack([f for *_, f in flags]).tolist() if len(devices) == 1
+              else [bool(f) for *_, f in flags])  # one read (one device), else one each
+        for (boundary, chunk, _), good in zip(flags, ok):
+            if not good:
+                raise nonfinite_chunk_error(boundary, chunk)

@@ -267,6 +267,33 @@ def free_device_bytes(device: torch.device) -> int | None:
     return int(free)
 
 
+class DeviceTimer:
+    """Times what a CUDA device runs inside ``with timer:`` blocks with CUDA events, without making
+    the host wait; ``seconds()``, once the device has finished them, is their sum (None off CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self._events: list[tuple] = []
+
+    def __enter__(self):
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._events.append((start,))
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events[-1] += (end,)
+
+    def seconds(self) -> float | None:
+        if not self.cuda:
+            return None
+        return sum(start.elapsed_time(end) for start, end in self._events) / 1000.0
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued kernels (timings on CUDA are meaningless without it)."""
     if device.type == "cuda":

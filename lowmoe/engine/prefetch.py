@@ -73,10 +73,13 @@ class IOStats:
         if kind in _READ_STAGE:  # a layer's read is split into its own stages (LayerReader)
             self.add_stage(_READ_STAGE[kind], seconds)
 
-    def add_stage(self, name: str, seconds: float) -> None:
-        # a chunk of an experts-major wave runs on its own thread, but in the main thread's place
-        cur = threading.current_thread()
-        thread = "main" if cur is threading.main_thread() or getattr(cur, "lowmoe_main", False) else "background"
+    def add_stage(self, name: str, seconds: float, thread: str | None = None) -> None:
+        """``thread``: "main" or "background" from the calling thread when None; "device" for time
+        the device itself spent (CUDA events), which overlaps the host's stages."""
+        if thread is None:
+            # a chunk of an experts-major wave runs on its own thread, but in the main thread's place
+            cur = threading.current_thread()
+            thread = "main" if cur is threading.main_thread() or getattr(cur, "lowmoe_main", False) else "background"
         with self._lock:
             self.stage_s[name] = self.stage_s.get(name, 0.0) + seconds
             self.stage_n[name] = self.stage_n.get(name, 0) + 1
@@ -143,7 +146,8 @@ STAGES = {
     "wait_cache": "the main thread waiting for an activation chunk",
     "cache_read": "an activation chunk read (from memory or disk)",
     "to_device": "an activation chunk moved to the device and cast",
-    "compute": "the layer's forward over a chunk (kernels finished: synchronised on CUDA)",
+    "compute": "the layer's forward over a chunk: kernels queued (CUDA: the host waits for them once, at the layer's end)",
+    "compute_device": "the device's own time running the layer's kernels (CUDA events around each chunk; overlaps the host's stages)",
     "observe": "scorers and guards reading the MoE block's routing (inside compute)",
     "to_host": "a layer's output chunk copied to the host",
     "cache_write": "an output chunk written to the activation cache",

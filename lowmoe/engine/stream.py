@@ -23,10 +23,10 @@ from typing import Callable, Iterator
 import torch
 
 from .budget import SAFETY, Placer, parse_budget, plan_budget, plan_lazy_budget
-from .cache import ActivationCache
+from .cache import ActivationCache, FiniteChecks
 from .calibration import CalibTokens, load_tokenizer, tokenize
 from .checkpoint import Checkpoint
-from .device import dtype_bytes, release_blas_workspaces, release_pinned_cache
+from .device import DeviceTimer, dtype_bytes, release_blas_workspaces, release_pinned_cache, synchronize
 from ..errors import ConfigError
 from . import faults
 from .experts import run_wave
@@ -167,12 +167,14 @@ class Stream:
             key = "model.embed_tokens.weight"
             w = self.ck.read([key])[key].to(self.device, self.dtype)
             self.placer.accountant.track(w, w.numel() * w.element_size())  # counts against --max-vram while it lives
+            checks = FiniteChecks()
             for c, sl in self.chunks():
                 h = torch.nn.functional.embedding(self.token_ids(c, sl).to(self.device), w)
                 faults.point("embed")
-                if not self._keep(0, c, h):
+                if not self._keep(0, c, h, checks=checks):
                     self.cache.write(0, c, h)
             del w
+            checks.raise_first()
 
     def activation_report(self) -> dict:
         """Where the activation cache lived: ``held_bytes`` in memory (``where``), the rest on disk."""
@@ -232,19 +234,22 @@ class Stream:
         h = self.cache.read(boundary, chunk)
         return h.pin_memory() if self.device.type == "cuda" else h
 
-    def _keep(self, boundary: int, chunk: int, h: torch.Tensor, writer: "WriteBehind | None" = None) -> bool:
+    def _keep(self, boundary: int, chunk: int, h: torch.Tensor, writer: "WriteBehind | None" = None,
+              checks: FiniteChecks | None = None) -> bool:
         """Hold chunk ``chunk`` of ``boundary`` in memory if it fits (and, for a resumable run, write it
-        to disk too: behind, through ``writer``). False: it must go to disk."""
+        to disk too: behind, through ``writer``). False: it must go to disk. ``checks``: its NaN/Inf
+        check is read with the layer's others (``forward``); a copy written for a resumable run is
+        checked on the host as it is written, so no chunk reaches the disk unchecked."""
         nbytes = h.numel() * h.element_size()
         if not self.cache.fits(nbytes):
             return False
-        self.cache.keep(boundary, chunk, h)
+        self.cache.keep(boundary, chunk, h, checks=checks)
         if self.cache.persist:
             host, copied = self._to_host(h)
             if writer is None:
-                self._write_when(copied, boundary, chunk, host)
+                self._write_when(copied, boundary, chunk, host, checks is None)
             else:
-                writer.submit(self._write_when, copied, boundary, chunk, host, nbytes=nbytes)
+                writer.submit(self._write_when, copied, boundary, chunk, host, checks is None, nbytes=nbytes)
         return True
 
     def _to_host(self, h: torch.Tensor):
@@ -274,7 +279,12 @@ class Stream:
 
         A layer whose routed experts visit the device in several groups runs its chunks in waves of
         ``wave_chunks`` (``experts.run_wave``): each group is brought to the device once per wave,
-        not once per chunk, and every chunk's rows routed to it run there (experts-major)."""
+        not once per chunk, and every chunk's rows routed to it run there (experts-major).
+
+        On CUDA the host does not wait for a chunk's kernels before it queues the next chunk's: the
+        outputs' NaN/Inf checks are read together (``FiniteChecks``) and the host waits once, at the
+        end (stage ``compute``); CUDA events around each chunk time the kernels themselves (stage
+        ``compute_device``)."""
         b = layer_idx if read_boundary is None else read_boundary
         slices = dict(self.chunks())
         # chunk c+1 is read (and written back, for c-1) on background threads while c computes
@@ -285,6 +295,8 @@ class Stream:
         wave = self.wave_size(adapter, module)
         io = self.io
         labels = self.token_labels() if probe is not None else None
+        checks = FiniteChecks()
+        timed = DeviceTimer(self.device)
 
         def compute(c: int, h: torch.Tensor, moe_probe) -> torch.Tensor:
             sl = slices[c]
@@ -296,7 +308,7 @@ class Stream:
         def done(c: int, out: torch.Tensor) -> None:
             if probe is not None:
                 faults.point("score")
-            if write and not self._keep(layer_idx + 1, c, out, writer):
+            if write and not self._keep(layer_idx + 1, c, out, writer, checks):
                 host, copied = self._to_host(out)
                 writer.submit(self._write_when, copied, layer_idx + 1, c, host, False,
                               nbytes=host.numel() * host.element_size())
@@ -314,7 +326,7 @@ class Stream:
                 moe_probe = (MoeProbe(adapter, module, probe, num_domains=len(self.tokens.domains))
                              if probe is not None else None)
                 single = None
-                with io.stage("compute"):
+                with io.stage("compute"), timed:
                     if moe_probe is not None:
                         moe_probe.__enter__()
                     try:
@@ -338,16 +350,27 @@ class Stream:
                     finally:
                         if moe_probe is not None:
                             moe_probe.__exit__(None, None, None)
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)  # the kernels' time is compute's, not the copy's
                 if single is not None:
                     done(*single)
                     del single
                 if stage_next:
                     stage_next = False
                     self.placer.stage_next(layer_idx, _routed_experts(adapter, module))
-        finally:
-            writer.close()
+            if self.device.type == "cuda":
+                with io.stage("compute"):
+                    synchronize(self.device)  # the one wait for the layer's kernels
+                    checks.raise_first()
+                io.add_stage("compute_device", timed.seconds(), thread="device")
+            else:
+                checks.raise_first()
+        except BaseException:
+            # the first error is the one to report: a write still queued may fail on the same chunk
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001
+                pass
+            raise
+        writer.close()
 
     def wave_size(self, adapter, module) -> int:
         """How many activation chunks go through ``module`` together (``forward``): the plan's

@@ -51,7 +51,7 @@ import torch
 from ...engine import faults
 from ...engine.apply import apply_layer, experts_for_plan
 from ...engine.budget import BudgetPlan, Placement, build_layer, plan_population
-from ...engine.cache import ActivationCache
+from ...engine.cache import ActivationCache, FiniteChecks
 from ...engine.checkpoint import Checkpoint
 from ...engine.device import dtype_bytes
 from ...engine.experts import ChunkedExperts, KeptExperts
@@ -371,6 +371,7 @@ class PopulationEvaluator:
         L = loaded.idx
         last = L == self.ck.num_layers - 1
         module = loaded.use(block)
+        checks = FiniteChecks()  # read once the layer's chunks are queued: no wait per chunk
         for c, sl in self.data.batches(self.batch_size):
             h = self.cache.read(L, c, src, device=self.device).to(self.dtype)
             if self.trim and loaded.is_moe:
@@ -378,7 +379,8 @@ class PopulationEvaluator:
                 index = self._flat_positions(c, sl, h) if last else self._live_positions(c, sl, h)
                 module = loaded.use(block if index is None else
                                     TokenSubset(block if block is not None else loaded.base, index))
-            self.cache.put(L + 1, c, run_layer(self.skel, module, L, h, self.inputs_for(h)), dst)
+            self.cache.put(L + 1, c, run_layer(self.skel, module, L, h, self.inputs_for(h)), dst, checks=checks)
+        checks.raise_first()
         self.stats["layer_runs"] += 1
 
     def _flat_positions(self, c: int, sl: slice, h: torch.Tensor) -> torch.Tensor:
