@@ -3,7 +3,9 @@
 # of at most 580 s (the per-call limit is 600 s; a session has 900 s of device time, machine start included):
 #   1. the GPU tests of the budget's books (session 11's pinned-memory test has never run on a card) and
 #      of session 12's grouped experts (--experts-impl auto: transformers' grouped GEMM on CUDA) and
-#      device warm-up (the CUDA context and first pinned buffer made while the pass imports)        <= 120 s
+#      device warm-up (the CUDA context and first pinned buffer made while the pass imports), and
+#      session 13's: the scorers observe a layer's calls with no host wait (set_sync_debug_mode
+#      "error"), a layer's chunks queued with one wait per layer, not per chunk                     <= 120 s
 #   2. the benchmark runs session 10 could not finish: imported, accelerate (the >= 3x target), budget
 #      (a 6.65 GB model under --max-vram 2GiB), serial (--no-prefetch); their reports now carry torch's
 #      pinned-memory figures (budget.pinned: seconds page-locking) and the staging_alloc stage; and
@@ -21,7 +23,7 @@ L=${1:-${OUT:-./gpu-logs}}; mkdir -p "$L"
 export PYTHONPATH=$PWD:$PWD/.gpu-site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 T0=$(date +%s); el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
 el "tests"
-timeout ${TESTS_S:-120} python3 -m pytest -q tests/test_gpu.py -k "pinned or cublas or third or staged or grouped or warm" > "$L/tests.log" 2>&1
+timeout ${TESTS_S:-120} python3 -m pytest -q tests/test_gpu.py -k "pinned or cublas or third or staged or grouped or warm or waiting" > "$L/tests.log" 2>&1
 echo "rc=$?"; tail -5 "$L/tests.log"
 el "bench"
 timeout ${BENCH_S:-240} python3 scripts/bench_gpu.py --synth-layers 8 --synth-hidden 2048 --synth-intermediate 8192 --dtype bf16 \
