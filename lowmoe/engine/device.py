@@ -272,21 +272,23 @@ class DeviceTimer:
     the host wait; ``seconds()``, once the device has finished them, is their sum (None off CUDA)."""
 
     def __init__(self, device: torch.device):
-        self.cuda = torch.device(device).type == "cuda"
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         self._events: list[tuple] = []
+
+    def _record(self) -> "torch.cuda.Event":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))  # the stream the pass computes on
+        return event
 
     def __enter__(self):
         if self.cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-            self._events.append((start,))
+            self._events.append((self._record(),))
         return self
 
     def __exit__(self, *exc):
         if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._events[-1] += (end,)
+            self._events[-1] += (self._record(),)
 
     def seconds(self) -> float | None:
         if not self.cuda:

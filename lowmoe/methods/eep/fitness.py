@@ -156,6 +156,7 @@ class FitnessData:
         self.domains = list(domains) if domains else [source]
         self.weights = list(weights) if weights else [1.0] * len(self.domains)
         self.combine = check_combine(combine)
+        self._answers: dict[tuple, torch.Tensor] = {}  # (chunk rows, device) -> its answer tokens there
 
     def domain_counts(self) -> dict[str, int]:
         counts = [0] * len(self.domains)
@@ -289,14 +290,19 @@ class FitnessData:
         """``score_logits`` from only the logits it reads: (P, V) at ``positions(sl)``, in that order.
 
         The host waits for the device once per call (a ``bool()`` and a ``float()`` per sequence would
-        wait twice per sequence of every candidate): the answers go to the device in one copy, every
-        row's log-probs and argmax stay there, and the chunk's results are read together. Each row's
-        sum is still taken over its own answer tokens, so the numbers are those of a row at a time."""
+        wait twice per sequence of every candidate): the chunk's answer tokens go to the device once
+        (kept for the next candidate), every row's log-probs and argmax stay there, and the chunk's
+        results are read together. Each row's sum is still taken over its own answer tokens, so the
+        numbers are those of a row at a time."""
         rows = self.rows[sl]
         if not rows:
             return []
-        ids = self.input_ids[sl]
-        gold = torch.cat([ids[b, r.start:r.start + r.length] for b, r in enumerate(rows)]).to(logits.device)  # (P,)
+        key = (sl.start, sl.stop, str(logits.device))
+        gold = self._answers.get(key)
+        if gold is None:
+            ids = self.input_ids[sl]
+            gold = torch.cat([ids[b, r.start:r.start + r.length] for b, r in enumerate(rows)]).to(logits.device)  # (P,)
+            self._answers[key] = gold
         pred = logits.float()
         logp = torch.log_softmax(pred, dim=-1).gather(1, gold[:, None]).squeeze(1)  # (P,)
         hit = pred.argmax(dim=-1) == gold  # (P,): what greedy decoding picks

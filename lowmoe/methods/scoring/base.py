@@ -152,8 +152,8 @@ class Scorer:
 
     def accumulate(self, call: MoeCall, idx: torch.Tensor, weights: torch.Tensor, domain: torch.Tensor) -> None:
         """Add this call's contribution with ``add``: ``idx``/``weights`` (T, k) are the call's routing
-        and ``domain`` (T,) each token's row, over every token of the call (``add`` sends the tokens that
-        do not count to the discard row, so a value computed for them, NaN included, is never read)."""
+        and ``domain`` (T,) each token's row, over every token of the call: a token that does not count
+        has the discard row, so what ``add`` adds for it, NaN included, is never read."""
         raise NotImplementedError
 
     # ---- reading -----------------------------------------------------------------------------
