@@ -629,6 +629,10 @@ def main() -> None:
             extra += f"  activations on {r['activations']['where']}"
         if r.get("experts_impl"):
             extra += f"  experts {r['experts_impl']}"
+        st = r.get("stages") or {}
+        if isinstance(st.get("compute_device"), dict) and isinstance(st.get("compute"), dict):
+            # CUDA: the host's compute stage (queueing the kernels, one wait per layer) vs the GPU busy
+            extra += f"  compute {st['compute']['s']:.2f} s, of which the GPU busy {st['compute_device']['s']:.2f} s"
         if r.get("io"):
             extra += f"  io wait {r['io']['total_wait_s']:.2f} s ({100 * r['io'].get('wait_fraction', 0):.1f}% of wall)"
             if (r["io"].get("device_warm_up") or {}).get("s") is not None:
