@@ -199,18 +199,57 @@ def _experts_call(module, ck, T=48, seed=4):
     return c
 
 
-def test_grouped_experts_need_no_host_synchronisation_per_expert(synth_dir):
+def test_grouped_experts_need_no_host_synchronisation_per_expert(synth_dir, monkeypatch):
     """The eager loop waits for the device about five times per expert hit; the grouped module not
-    at all; experts in groups once per group (plus once for the experts hit)."""
+    at all; experts in groups once per call, whatever the number of groups: every expert's row count
+    is read in one ``.tolist()`` (not dispatched, so counted apart), not a ``nonzero`` per group."""
     ck, _, _, whole_e, _ = _layers(synth_dir("mixtral"), torch.float32, experts="eager")
     _, _, _, whole_g, chunked_g = _layers(synth_dir("mixtral"), torch.float32, group_size=3)
     eager = _experts_call(moe_modules(ck.adapter, whole_e)[2], ck)
     grouped = _experts_call(moe_modules(ck.adapter, whole_g)[2], ck)
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or tolist(t))
     in_groups = _experts_call(moe_modules(ck.adapter, chunked_g)[2], ck)
+    monkeypatch.undo()
     assert eager.syncs >= 4 * ck.num_experts
     assert grouped.syncs == 0
-    assert in_groups.syncs <= 1 + 3  # 8 experts in groups of 3
+    assert in_groups.syncs == 0 and reads == [(ck.num_experts + 1,)]  # 8 experts in groups of 3: one read
     assert sum(grouped.ops.values()) * 3 < sum(eager.ops.values())
+
+
+def test_slot_outputs_give_each_module_the_rows_a_mask_would():
+    """Each module's rows, in ascending order, and each row's index in the module, as the per-module
+    mask (``(local >= 0).nonzero()``, one wait each) gave them; the "no expert" sentinel rows stay zero."""
+    from lowmoe.engine.experts import SlotOutputs
+
+    g = torch.Generator().manual_seed(1)
+    T, k, E, H = 40, 3, 8, 4
+    idx = torch.randint(0, E + 1, (T, k), generator=g)  # E: transformers' "no expert"
+    hidden = torch.randn(T, H, generator=g)
+    slots = SlotOutputs(hidden, idx, torch.rand(T, k, generator=g), E)
+    assert slots.hit == sorted({int(e) for e in idx.reshape(-1)} - {E})
+    seen = []
+
+    def forward(module, x, local, w):
+        seen.append((x.clone(), local.clone()))
+        return x * (local + 1) * w
+
+    groups = [[(0, 0), (1, 1), (2, 2)], [(3, 0), (5, 2)], [(6, 0), (7, 1)]]  # expert 4 in no group
+    for experts in groups:
+        slots.run(forward, None, experts)
+    flat = idx.reshape(-1)
+    want_out = torch.zeros(T * k, H)
+    for (x, local), experts in zip(seen, groups):
+        lut = torch.full((E + 1,), -1)
+        for e, i in experts:
+            lut[e] = i
+        ref = lut[flat]
+        rows = (ref >= 0).nonzero().squeeze(1)
+        assert torch.equal(x, hidden[rows // k]) and torch.equal(local.squeeze(1), ref[rows])
+        want_out[rows] = hidden[rows // k] * (ref[rows] + 1).unsqueeze(1)
+    assert torch.equal(slots.out, want_out)
+    assert not slots.out[(flat == E) | (flat == 4)].any()
 
 
 # ---- end to end ---------------------------------------------------------------------------------

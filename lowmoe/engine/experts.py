@@ -109,12 +109,12 @@ class RoutedExperts(nn.Module):
         whole = self.whole()
         if whole is not None:
             return self._original_forward(whole, hidden_states, top_k_index, top_k_weights)
-        hit = hit_experts(top_k_index, self.num_experts)
         if self.grouped:
             slots = SlotOutputs(hidden_states, top_k_index, top_k_weights, self.num_experts)
-            for module, experts in self.sources(hit):
+            for module, experts in self.sources(slots.hit):
                 slots.run(self._original_forward, module, experts)
             return slots.combine()
+        hit = hit_experts(top_k_index, self.num_experts)
         slot_major = top_k_index.transpose(0, 1)  # (k, T): transformers' expert_mask[e] layout
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for module, experts in self.sources(hit):
@@ -135,7 +135,12 @@ class SlotOutputs:
     then the hidden states' dtype). The experts' weights are in the hidden states' dtype (lowmoe
     computes in one dtype), so a slot output is the grouped forward's own arithmetic on that row (its
     bits can differ by the row's position in the expert's GEMM: module docstring). Rows routed to no
-    expert (transformers' ``num_experts`` sentinel) stay zero."""
+    expert (transformers' ``num_experts`` sentinel) stay zero.
+
+    The host reads the routing once per call: the rows are sorted by expert (stable) and the count of
+    each expert's rows comes back in one copy (``hit``, and each module's slice of the sorted rows),
+    instead of a ``unique`` for the hit experts and a ``nonzero`` per module, each a wait on a GPU.
+    A module still gets its rows in ascending order, as a ``nonzero`` gave them."""
 
     def __init__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                  num_experts: int):
@@ -144,24 +149,34 @@ class SlotOutputs:
         self.flat = top_k_index.reshape(-1).clamp(0, num_experts)  # (T*k,), token-major as the grouped forward
         self.num_experts = num_experts
         self.out = hidden_states.new_zeros((self.t * self.k, hidden_states.shape[-1]))
+        self.order = torch.sort(self.flat, stable=True).indices  # (T*k,): rows by expert, ascending in each
+        # rows per expert (bincount would also read its input's max, a second wait on CUDA)
+        counts = torch.zeros(num_experts + 1, dtype=torch.long, device=self.flat.device)
+        self.counts = counts.scatter_add_(0, self.flat, torch.ones_like(self.flat)).tolist()  # the one host read
+        self.starts = [0] * (num_experts + 2)
+        for e, n in enumerate(self.counts):
+            self.starts[e + 1] = self.starts[e] + n
+
+    @property
+    def hit(self) -> list[int]:
+        """The experts at least one row is routed to, ascending (``hit_experts`` without another read)."""
+        return [e for e in range(self.num_experts) if self.counts[e]]
 
     def run(self, forward, module: nn.Module, experts: list[tuple[int, int]]) -> None:
         """The slots routed to ``experts`` ((expert, index in ``module``) pairs) through ``module``."""
-        if not experts:
+        pieces = [(self.order[self.starts[e]:self.starts[e + 1]], local) for e, local in experts if self.counts[e]]
+        if not pieces:
             return
-        lut = [-1] * (self.num_experts + 1)  # expert -> its index in ``module``; -1: not there
-        for e, local in experts:
-            lut[e] = local
-        local = torch.tensor(lut, dtype=self.flat.dtype).to(self.flat.device, non_blocking=True)[self.flat]
-        rows = (local >= 0).nonzero().squeeze(1)  # the one host synchronisation per module
+        dev = self.flat.device
+        rows, perm = torch.cat([r for r, _ in pieces]).sort()  # ascending: the rows in call order
+        local = torch.cat([torch.full((r.shape[0],), i, dtype=self.flat.dtype, device=dev) for r, i in pieces])[perm]
         ones = torch.ones((rows.shape[0], 1), dtype=self.weights.dtype, device=self.weights.device)
-        y = forward(module, self.hidden[rows // self.k], local[rows].unsqueeze(1), ones)
+        y = forward(module, self.hidden[rows // self.k], local.unsqueeze(1), ones)
         self.out.index_copy_(0, rows, y.to(self.out.dtype))
 
     def combine(self) -> torch.Tensor:
         weighted = self.out * self.weights.reshape(-1, 1)
         return weighted.view(self.t, self.k, -1).sum(dim=1).to(self.hidden.dtype)
-
 
 class HostExperts:
     """An expert source over tensors already in memory (experts-module parameter name -> (E, ...))."""
@@ -407,8 +422,8 @@ class ChunkedExperts(RoutedExperts):
         order of ``forward``'s ``index_add_`` -- bit-identical to calling ``forward`` once per chunk.
         Grouped experts: each group runs once per chunk over the chunk's slots routed to it (``SlotOutputs``)."""
         if self.grouped:
-            waves = [(SlotOutputs(hidden, idx, w, self.num_experts), set(hit_experts(idx, self.num_experts)))
-                     for hidden, idx, w in calls]
+            waves = [(slots, set(slots.hit)) for slots in (SlotOutputs(hidden, idx, w, self.num_experts)
+                                                           for hidden, idx, w in calls)]
             for sub, experts in self.sources(sorted(set().union(*(h for _, h in waves))), snake=False):
                 for slots, chunk_hit in waves:
                     slots.run(self._original_forward, sub, [(e, local) for e, local in experts if e in chunk_hit])
