@@ -178,6 +178,7 @@ class SlotOutputs:
         weighted = self.out * self.weights.reshape(-1, 1)
         return weighted.view(self.t, self.k, -1).sum(dim=1).to(self.hidden.dtype)
 
+
 class HostExperts:
     """An expert source over tensors already in memory (experts-module parameter name -> (E, ...))."""
 
