@@ -180,9 +180,7 @@ class FiniteChecks:
         flags, self._flags = self._flags, []
         if not flags:
             return
-        devices = {f.device for *_, f in flags}
-        ok = (torch.stack([f for *_, f in flags]).tolist() if len(devices) == 1
-              else [bool(f) for *_, f in flags])  # one read (one device), else one each
+        ok = torch.stack([f for *_, f in flags]).tolist()  # one read (a pass holds its chunks on one device)
         for (boundary, chunk, _), good in zip(flags, ok):
             if not good:
                 raise nonfinite_chunk_error(boundary, chunk)

@@ -32,6 +32,7 @@ bits depend on a row's position in it (so the module's own result for a token mo
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -153,9 +154,7 @@ class SlotOutputs:
         # rows per expert (bincount would also read its input's max, a second wait on CUDA)
         counts = torch.zeros(num_experts + 1, dtype=torch.long, device=self.flat.device)
         self.counts = counts.scatter_add_(0, self.flat, torch.ones_like(self.flat)).tolist()  # the one host read
-        self.starts = [0] * (num_experts + 2)
-        for e, n in enumerate(self.counts):
-            self.starts[e + 1] = self.starts[e] + n
+        self.starts = [0, *itertools.accumulate(self.counts)]  # expert e's rows: order[starts[e]:starts[e + 1]]
 
     @property
     def hit(self) -> list[int]:
