@@ -4,7 +4,7 @@ with transformers' per-expert loop (``--experts-impl eager``) and its grouped GE
 A GPU runs each operator torch dispatches as at least one kernel launched from the host, and each
 operator that needs a device value on the host (``nonzero``, ``.item()``, ``bool(tensor)``, ``unique``
 then ``.tolist()``) makes the host wait until the device has finished everything queued before it.
-Both can be counted on the CPU: this script runs ``lowmoe.prune --method frequency`` on a synthetic
+Both can be counted on the CPU: this script runs ``lowmoe.prune --method frequency`` (``--method``) on a synthetic
 Mixtral-layout model with a ``TorchDispatchMode`` around every decoder-layer call and counts, per
 layer call, the operators dispatched and those that synchronise the host with a CUDA device, boolean-mask
 indexing (``x[mask]``) among them (copies from the device to the host, e.g. ``.cpu()``, also wait
@@ -194,6 +194,8 @@ def main() -> None:
     ap.add_argument("--synth-layers", type=int, default=4)
     ap.add_argument("--synth-hidden", type=int, default=1024)
     ap.add_argument("--synth-intermediate", type=int, default=3584)
+    ap.add_argument("--method", default="frequency",
+                    help="the prune's --method (e.g. merge-freq, c-prune: the merging methods' statistics)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--n-samples", type=int, default=8)
@@ -219,7 +221,7 @@ def main() -> None:
             synth_model(model, "mixtral", layers=args.synth_layers, hidden_size=args.synth_hidden,
                         intermediate_size=args.synth_intermediate, experts=8, top_k=2, dtype="bfloat16", shard_size="1GB")
     calib = calib_file(work / "calib.txt")
-    base = dict(keep="half", method="frequency", calib=[str(calib)], n_samples=args.n_samples, seq_len=args.seq_len,
+    base = dict(keep="half", method=args.method, calib=[str(calib)], n_samples=args.n_samples, seq_len=args.seq_len,
                 batch_size=args.batch_size, device=args.device, dtype=args.dtype, progress=False, overwrite=True)
     settings = {f"{impl}-{where}": dict(base, experts_impl=impl, **({"max_vram": args.max_vram} if where == "groups" else {}))
                 for impl in ("eager", "grouped") for where in ("whole", "groups")}

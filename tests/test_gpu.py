@@ -359,6 +359,37 @@ def test_scorers_observe_without_waiting_for_the_device(synth_dir, calib_txt, tm
     assert rep["plan"]["layers"]
 
 
+def test_merging_statistics_observe_without_waiting_for_the_device():
+    """The merging methods' routing statistics and C-Prune's saliency (``LayerStats``) observe CUDA
+    calls with no host wait, and equal the CPU's once read."""
+    from lowmoe.engine.hf import MoeCall
+    from lowmoe.methods.merging.stats import LayerStats
+
+    g = torch.Generator().manual_seed(1)
+    T, E, K, H = 64, 8, 2, 16
+    logits = torch.randn(T, E, generator=g)
+    idx = logits.topk(K, dim=-1).indices
+    host = dict(router_logits=logits, top_k_index=idx, top_k_weights=torch.softmax(logits.gather(1, idx), -1),
+                moe_input=torch.randn(T, H, generator=g), routed_output=torch.randn(T, H, generator=g),
+                token_mask=torch.rand(T, generator=g) > 0.25, expert_outputs=torch.randn(T, K, H, generator=g))
+    calls = {d: MoeCall(experts=None, **{k: v.to(d) for k, v in host.items()}) for d in ("cpu", "cuda")}
+    made = {d: LayerStats(E, K, router_gram=True, saliency=True) for d in calls}
+    made["cuda"].observe(calls["cuda"])  # first call: the accumulators are made on the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            made["cuda"].observe(calls["cuda"])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for _ in range(4):
+        made["cpu"].observe(calls["cpu"])
+    gpu, cpu = made["cuda"], made["cpu"]
+    assert gpu.tokens == cpu.tokens and torch.equal(gpu.counts, cpu.counts)
+    for name in ("gate_mass", "router_gram", "saliency_sum"):
+        assert torch.allclose(getattr(gpu, name), getattr(cpu, name), rtol=1e-6), name
+
+
 def test_a_layers_chunks_are_queued_without_waiting_for_each(synth_dir, calib_txt, monkeypatch):
     """On CUDA the host waits for a layer's kernels once, at the layer's end (its chunks' NaN/Inf
     checks read together), not after each chunk; CUDA events time the kernels (``compute_device``)."""

@@ -26,6 +26,7 @@ from lowmoe.score import score
 E, K, H = 6, 2, 8
 HOST_READS = {"aten.nonzero.default", "aten._local_scalar_dense.default", "aten._unique2.default",
               "aten.masked_select.default", "aten.is_nonzero.default"}
+MASK_INDEXING = {"aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default", "aten._index_put_impl_.default"}
 
 
 def _call(t: int, device="cpu", seed=0, domains=3, mask=True, num_domains=True) -> MoeCall:
@@ -151,13 +152,21 @@ def test_a_call_with_no_tokens_and_a_scorer_that_saw_none():
 
 
 class _Reads(TorchDispatchMode):
+    """Counts the operators that read the device, and indexing with a boolean mask (``x[mask]``,
+    ``x[mask] = v``): torch finds the mask's positions inside the index kernel, where a dispatch mode
+    does not see the ``nonzero``."""
+
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func) in HOST_READS:
-            self.ops[str(func)] += 1
+        name = str(func)
+        if name in HOST_READS:
+            self.ops[name] += 1
+        if name in MASK_INDEXING and len(args) > 1 and any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] if i is not None):
+            self.ops["mask_index"] += 1
         return func(*args, **(kwargs or {}))
 
 

@@ -2,7 +2,8 @@
 
 Sits between the streamed pass and a merging method's ``decide``: ``LayerStats`` observes every
 MoE forward call of one layer on the calibration tokens (``MoeCall``) and keeps only small
-accumulators (float64, on the CPU), so memory does not grow with the calibration size:
+accumulators (float64, on the calls' device until read), so memory does not grow with the
+calibration size:
 
 * routing counts and gate mass per expert -> usage frequency f_e = #assignments / (T·k);
 * the Gram matrix of router-logit columns G = Σ_t l_t l_tᵀ (E, E) -> the cosine of two experts'
@@ -155,73 +156,153 @@ class LayerStats:
     outputs:      None, "mean" (Σ_t f_e(x_t)) or "gram" (also Σ_t <f_i(x_t), f_j(x_t)>), all tokens
     saliency:     keep Σ_{t routed to e} g_e(t)·‖f_e(x_t)‖ (REAP-style importance)
     max_tokens:   cap on tokens used for all-token outputs (None: every counted token)
+
+    The sums live on the calls' device and reach the host once, when they are first read
+    (``counts``, ``tokens``, ``frequency()``...), after the layer's last call. The routing statistics
+    (counts, gate mass, token count, router-logit Gram: all that frequency-weighted merging and DERN
+    decide from) and the saliency (C-Prune's importance) are observed without waiting for the
+    device, as the scorers are (``scoring.base.Scorer``): tokens that do not count go to a discard
+    row ``E`` instead of being selected out, and a padding token's logits are replaced by zeros, not
+    multiplied by a mask (a NaN computed there stays out). The saliency takes each routed expert's
+    output from the probe (``needs_expert_outputs``: the block's own expert work yields it, as for
+    REAP); a call without them (a bare ``MoeCall``) runs the experts on the counted rows instead.
+    Only all-token outputs select the counted rows (one wait per call): they run every expert on
+    those rows, and running them on padding too could cost many times more under ``--answer-only``.
     """
 
     def __init__(self, num_experts: int, top_k: int, *, router_gram: bool = False, outputs: str | None = None,
                  saliency: bool = False, max_tokens: int | None = None):
         self.num_experts, self.top_k = num_experts, top_k
+        # saliency comes from the slot outputs the probe computes in the block's own expert work
+        self.needs_expert_outputs = saliency
         self.want_router_gram, self.want_outputs, self.want_saliency = router_gram, outputs, saliency
         self.max_tokens = max_tokens
-        self.counts = torch.zeros(num_experts, dtype=torch.float64)
-        self.gate_mass = torch.zeros(num_experts, dtype=torch.float64)
-        self.tokens = 0
-        self.router_gram = torch.zeros(num_experts, num_experts, dtype=torch.float64) if router_gram else None
-        self.output_sum: torch.Tensor | None = None  # (E, H)
-        self.output_gram = torch.zeros(num_experts, num_experts, dtype=torch.float64) if outputs == "gram" else None
-        self.output_tokens = 0
-        self.saliency_sum = torch.zeros(num_experts, dtype=torch.float64)
+        self.output_tokens = 0  # host count: the cap needs it before the experts run
+        # On the calls' device while observing (``_acc``), on the host once read (``_host``):
+        # counts (E+1,) and gate_mass (E+1,), row E the discard row; tokens () int64; router_gram
+        # (E, E); output_sum (E, H); output_gram (E, E); saliency_sum (E+1,). Absent keys: not kept.
+        self._acc: dict[str, torch.Tensor] = {}
+        self._host: dict[str, torch.Tensor] | None = None
+
+    def _zeros(self, name: str, *shape: int, device, dtype=torch.float64) -> torch.Tensor:
+        if name not in self._acc:
+            self._acc[name] = torch.zeros(shape, dtype=dtype, device=device)
+        return self._acc[name]
 
     @torch.no_grad()
     def observe(self, call: MoeCall) -> None:
-        mask = call.token_mask
-        sel = slice(None) if mask is None else mask.to(call.top_k_index.device)
-        idx, w = call.top_k_index[sel], call.top_k_weights[sel]  # (n, k)
+        idx, w = call.top_k_index, call.top_k_weights  # (T, k)
+        if idx.shape[0] == 0:
+            return
+        self._host = None  # read before: the next read sums this call in too
+        E, dev = self.num_experts, idx.device
+        mask = None if call.token_mask is None else call.token_mask.to(dev)
+        counts, gate_mass = self._zeros("counts", E + 1, device=dev), self._zeros("gate_mass", E + 1, device=dev)
+        rows = (idx if mask is None else torch.where(mask[:, None], idx, E)).reshape(-1)
+        counts.index_put_((rows,), torch.ones(rows.numel(), dtype=torch.float64, device=dev), accumulate=True)
+        gate_mass.index_put_((rows,), w.reshape(-1).double(), accumulate=True)
+        tokens = self._zeros("tokens", device=dev, dtype=torch.long)
+        tokens += idx.shape[0] if mask is None else mask.sum()
+        if self.want_router_gram:
+            lg = call.router_logits.double()  # (T, E)
+            if mask is not None:
+                lg = torch.where(mask[:, None], lg, 0.0)
+            self._zeros("router_gram", E, E, device=dev).add_(lg.T @ lg)
+        # saliency from each slot's own output, when the probe computed them (``needs_expert_outputs``)
+        slot_saliency = self.want_saliency and call.expert_outputs is not None
+        if slot_saliency:
+            norms = call.expert_outputs.float().norm(dim=-1)  # (T, k): ‖f_{idx[t,j]}(x_t)‖
+            self._zeros("saliency_sum", E + 1, device=dev).index_put_(
+                (rows,), (norms * w.float()).reshape(-1).double(), accumulate=True)
+        run_saliency = self.want_saliency and not slot_saliency  # a bare call: run the experts for it
+        if not (self.want_outputs or run_saliency):
+            return
+        sel = slice(None) if mask is None else mask
+        idx, w = idx[sel], w[sel]  # (n, k)
+        x = call.moe_input.reshape(-1, call.moe_input.shape[-1])[sel]  # (n, H)
         n = idx.shape[0]
         if n == 0:
             return
-        self.tokens += n
-        flat = idx.reshape(-1).cpu()
-        self.counts.index_add_(0, flat, torch.ones(flat.numel(), dtype=torch.float64))
-        self.gate_mass.index_add_(0, flat, w.reshape(-1).cpu().double())
-        if self.router_gram is not None:
-            lg = call.router_logits[sel].double().cpu()  # (n, E)
-            self.router_gram += lg.T @ lg
-        if not (self.want_outputs or self.want_saliency):
-            return
-        x = call.moe_input.reshape(-1, call.moe_input.shape[-1])[sel]  # (n, H)
         if self.want_outputs and (self.max_tokens is None or self.output_tokens < self.max_tokens):
             take = n if self.max_tokens is None else min(n, self.max_tokens - self.output_tokens)
-            self._all_token_outputs(call.experts, x[:take], idx[:take], w[:take])
-            if self.want_saliency and take < n:
+            self._all_token_outputs(call.experts, x[:take], idx[:take], w[:take], saliency=run_saliency)
+            if run_saliency and take < n:
                 self._routed_saliency(call.experts, x[take:], idx[take:], w[take:])
-        elif self.want_saliency:
+        elif run_saliency:
             self._routed_saliency(call.experts, x, idx, w)
 
-    def _all_token_outputs(self, experts, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
-        E, H = self.num_experts, x.shape[1]
-        if self.output_sum is None:
-            self.output_sum = torch.zeros(E, H, dtype=torch.float64)
+    def _all_token_outputs(self, experts, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, saliency: bool) -> None:
+        E, H, dev = self.num_experts, x.shape[1], x.device
+        output_sum = self._zeros("output_sum", E, H, device=dev)
+        output_gram = self._zeros("output_gram", E, E, device=dev) if self.want_outputs == "gram" else None
+        saliency_sum = self._zeros("saliency_sum", E + 1, device=dev) if saliency else None
         self.output_tokens += x.shape[0]
         step = max(1, BLOCK_BYTES // (4 * E * H))
         for t0 in range(0, x.shape[0], step):
             xb = x[t0:t0 + step]
             outs = torch.stack([expert_output(experts, xb, e).float() for e in range(E)])  # (E, b, H)
-            self.output_sum += outs.sum(1).double().cpu()
-            if self.output_gram is not None:
+            output_sum += outs.sum(1).double()
+            if output_gram is not None:
                 flat = outs.reshape(E, -1)
-                self.output_gram += (flat @ flat.T).double().cpu()
-            if self.want_saliency:
+                output_gram += (flat @ flat.T).double()
+            if saliency_sum is not None:
                 norms = outs.norm(dim=-1)  # (E, b)
                 ib, wb = idx[t0:t0 + step], w[t0:t0 + step]  # (b, k)
                 routed = norms.T.gather(1, ib)  # (b, k): ‖f_{idx[t,j]}(x_t)‖
-                self.saliency_sum.index_add_(0, ib.reshape(-1).cpu(), (routed * wb).reshape(-1).double().cpu())
+                saliency_sum.index_put_((ib.reshape(-1),), (routed * wb).reshape(-1).double(), accumulate=True)
 
     def _routed_saliency(self, experts, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
+        saliency_sum = self._zeros("saliency_sum", self.num_experts + 1, device=x.device)
         for e in range(self.num_experts):
             t, j = (idx == e).nonzero(as_tuple=True)
             if t.numel():
                 norms = expert_output(experts, x[t], e).float().norm(dim=-1)  # (m,)
-                self.saliency_sum[e] += float((norms * w[t, j]).sum())
+                saliency_sum[e] += (norms * w[t, j]).sum().double()
+
+    # ---- the totals on the host (reading them waits for the device once) ----------------------
+    def _settled(self) -> dict[str, torch.Tensor]:
+        if self._host is None:
+            self._host = {k: v.cpu() for k, v in self._acc.items()}
+        return self._host
+
+    def _total(self, name: str, *shape: int) -> torch.Tensor:
+        t = self._settled().get(name)
+        return torch.zeros(shape, dtype=torch.float64) if t is None else t
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Top-k assignments per expert over the counted tokens (E,) float64."""
+        return self._total("counts", self.num_experts + 1)[:self.num_experts]
+
+    @property
+    def gate_mass(self) -> torch.Tensor:
+        """Σ of the routing weights each expert got over the counted tokens (E,) float64."""
+        return self._total("gate_mass", self.num_experts + 1)[:self.num_experts]
+
+    @property
+    def tokens(self) -> int:
+        """Counted tokens seen."""
+        return int(self._total("tokens"))
+
+    @property
+    def router_gram(self) -> torch.Tensor | None:
+        if not self.want_router_gram:
+            return None
+        return self._total("router_gram", self.num_experts, self.num_experts)
+
+    @property
+    def output_sum(self) -> torch.Tensor | None:
+        return self._settled().get("output_sum")
+
+    @property
+    def output_gram(self) -> torch.Tensor | None:
+        if self.want_outputs != "gram":
+            return None
+        return self._total("output_gram", self.num_experts, self.num_experts)
+
+    @property
+    def saliency_sum(self) -> torch.Tensor:
+        return self._total("saliency_sum", self.num_experts + 1)[:self.num_experts]
 
     # ---- reading ------------------------------------------------------------------------------
     def frequency(self) -> torch.Tensor:
