@@ -242,7 +242,8 @@ def main() -> None:
         mid = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
         results[name] = {**counts, **mid, "walls_s": [r["wall_s"] for r in runs], "median_wall_s": walls[len(walls) // 2]}
         print(f"{name:15s} ops/call {counts['ops_per_call']:7.1f}  host syncs/call {counts['host_syncs_per_call']:6.2f}  "
-              f"wall {results[name]['median_wall_s']:6.2f} s  compute {mid['compute_s']:6.2f} s  "
+              f"wall {results[name]['median_wall_s']:6.2f} s  "
+              + (f"compute {mid['compute_s']:6.2f} s  " if mid.get("compute_s") is not None else "(no stage table)  ")
               + (f"(GPU busy {mid['compute_device_s']:.2f} s)  " if mid.get("compute_device_s") is not None else "")
               + f"({mid['experts_impl']}, groups {sorted(set((mid['group_sizes'] or {}).values()))})", flush=True)
     from lowmoe.engine.device import DTYPES, resolve_device
