@@ -443,7 +443,10 @@ def profile_model(model: str | Path, calib, *, seq_len: int = 256, n_samples: in
     tokens = cfg.calibration(ck)
     with tempfile.TemporaryDirectory(prefix="lowmoe-profile-") as tmp:
         stream = cfg.stream(ck, tokens, Path(tmp), budget)
-        guard = cached_profile(stream, n_seqs=n_seqs, progress=progress)
+        try:
+            guard = cached_profile(stream, n_seqs=n_seqs, progress=progress)
+        finally:
+            stream.close()
     return {"model": str(ck.path), **guard.cache, "super_experts": guard.summary.get("super_experts", []),
             "threshold": guard.summary.get("threshold")}
 

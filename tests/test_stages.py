@@ -417,3 +417,52 @@ def test_put_holds_chunks_in_memory_and_spills_the_least_recently_used(tmp_path)
     assert c.memory_bytes == 128 and not c.in_memory(0, 0, "a")
     with pytest.raises(CalibrationError, match="NaN/Inf"):
         c.put(1, 0, torch.tensor([[float("nan")]]), "a")
+
+
+@pytest.fixture
+def opened_streams(monkeypatch):
+    """Every Stream built while the test runs, and whether it was closed."""
+    made, closed = [], set()
+    real_init, real_close = stream_mod.Stream.__init__, stream_mod.Stream.close
+
+    def init(self, *a, **k):
+        made.append(self)
+        real_init(self, *a, **k)
+
+    def close(self):
+        closed.add(id(self))
+        real_close(self)
+
+    monkeypatch.setattr(stream_mod.Stream, "__init__", init)
+    monkeypatch.setattr(stream_mod.Stream, "close", close)
+    return lambda: [id(s) in closed for s in made]
+
+
+def test_a_c_prune_reports_its_scoring_pass_stages_and_closes_its_stream(synth_dir, calib_txt, tmp_path, opened_streams):
+    rep = lowmoe.prune(synth_dir("mixtral"), tmp_path / "out", keep=4, method="c-prune", calib=[calib_txt],
+                       n_samples=8, seq_len=16, batch_size=2, progress=False, device="cpu")
+    assert opened_streams() == [True]  # its loader thread, workspaces and page-locked buffers given back
+    stages = rep["stages"]
+    for name in ("tokenize", "setup", "profile", "read", "materialize", "compute", "observe", "decide"):
+        assert name in stages and stages[name]["s"] >= 0, name
+    assert list(stages) == sorted(stages, key=list(STAGES).index)
+    assert stages["compute"]["count"] >= len(rep["plan"]["layers"])
+    assert rep["io"]["readahead_bytes"] >= 0 and rep["experts_impl"] == "eager"
+    assert rep["c_prune"]["scoring_s"] > 0
+
+
+def test_an_eep_seed_and_a_profile_close_their_streams(synth_dir, calib_txt, tmp_path, opened_streams):
+    from types import SimpleNamespace
+
+    from lowmoe.methods.eep.runner import _seed_candidate
+    from lowmoe.methods.eep.space import SearchSpace
+    from lowmoe.pipeline import PruneConfig, profile_model
+
+    model = synth_dir("mixtral")
+    ck = Checkpoint(model)
+    space = SearchSpace.build(ck.moe_layers(), ck.num_experts, 4, "layer")
+    cfg = PruneConfig(model=model, out=tmp_path / "out", keep=4, method="eep", calib=[calib_txt], seq_len=16,
+                      n_samples=4, batch_size=2)
+    _seed_candidate(SimpleNamespace(ck=ck, budget=None), cfg, space, "frequency", tmp_path / "seed")
+    profile_model(model, [calib_txt], seq_len=16, n_samples=4, progress=False)
+    assert len(opened_streams()) == 2 and all(opened_streams())

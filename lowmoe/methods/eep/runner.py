@@ -277,21 +277,24 @@ def _seed_keep(run, cfg, space: SearchSpace, method: str, work: Path, top_k: int
     ck = run.ck
     # the same stream as a one-shot prune: layer L+1 read while L computes, under --max-vram/--max-ram
     stream = cfg.stream(ck, cfg.calibration(ck), work / "acts-seed", run.budget)
-    stream.embed()
-    guarding = guards(stream, enabled=cfg.protect_super_experts, progress=cfg.progress)  # super experts are never dropped
+    try:
+        stream.embed()
+        guarding = guards(stream, enabled=cfg.protect_super_experts, progress=cfg.progress)  # super experts are never dropped
 
-    def apply(idx: int, tensors: dict, lp) -> dict | None:
-        return None if lp is None else apply_layer(ck.adapter, idx, tensors, lp, ck.num_experts)
+        def apply(idx: int, tensors: dict, lp) -> dict | None:
+            return None if lp is None else apply_layer(ck.adapter, idx, tensors, lp, ck.num_experts)
 
-    def make_method():
-        return ScoreThenKeep(make_scorer(method, ck.num_experts, ck.top_k, seed=cfg.seed))
+        def make_method():
+            return ScoreThenKeep(make_scorer(method, ck.num_experts, ck.top_k, seed=cfg.seed))
 
-    keep: dict[int, list[int]] = {}
-    for d in decide_layers(stream, stream.layers(0, set(ck.moe_layers())), make_method=make_method, keep_n=space.keep,
-                           top_k=top_k or ck.top_k, guards=guarding, apply=apply, sequential=cfg.sequential):
-        if d.plan is not None:
-            keep[d.idx] = list(d.plan.keep)
-    stream.cache.clear()
+        keep: dict[int, list[int]] = {}
+        for d in decide_layers(stream, stream.layers(0, set(ck.moe_layers())), make_method=make_method, keep_n=space.keep,
+                               top_k=top_k or ck.top_k, guards=guarding, apply=apply, sequential=cfg.sequential):
+            if d.plan is not None:
+                keep[d.idx] = list(d.plan.keep)
+        stream.cache.clear()
+    finally:
+        stream.close()  # its loader thread, cuBLAS workspaces and page-locked buffers: the search has its own
     faults.point("eep-seed")
     write_json_atomic(path, keep)
     log.info("EEP seed from %s: %s", method, keep)

@@ -43,7 +43,7 @@ import torch
 from ...engine.plan import LayerPlan
 from ...engine.progress import progress
 from ...engine.rundir import WORK_DIR
-from ...engine.stream import walk
+from ...engine.stream import walk, with_setup
 from ...errors import OutputError
 from ..oneshot import guards, protected_experts
 from .align import align_groups
@@ -116,31 +116,14 @@ def run_c_prune(run, cfg, top_k: int) -> dict:
         run.layers = {int(k): LayerPlan.from_json(v, f"{plan_path}: {k}") for k, v in saved["layers"].items()}
         extra = saved["extra"]
     else:
+        t_begin = time.perf_counter()
         tokens = cfg.calibration(ck)
+        t_tokens = time.perf_counter()
         stream = cfg.stream(ck, tokens, run.out / WORK_DIR / "cache", run.budget)
-        stream.embed()
-        guarding = guards(stream, enabled=cfg.protect_super_experts, progress=cfg.progress)
-        summaries: dict[int, dict] = {}
-        protected_by_layer: dict[int, set[int]] = {}
-        t_score = time.perf_counter()
-
-        def summarize(layer_idx: int, tensors: dict, observers: list) -> None:
-            """The layer's statistics for the global step; no plan yet (one-shot: original outputs propagate)."""
-            stats = observers[0]
-            protected = protected_experts(guarding, layer_idx)
-            protected_by_layer[layer_idx] = protected
-            sim = gram_to_cosine(weight_gram(adapter, layer_idx, tensors, E))
-            _, history = agglomerate(1 - sim, 1, "average", protected)
-            summaries[layer_idx] = {"frequency": stats.frequency().tolist(), "importance": stats.saliency().tolist(),
-                                    "history": history, "similarity": report_matrix(sim)}
-            return None
-
-        reader = stream.layers(0, run.moe)
-        steps = walk(stream, reader, observers_for=lambda idx: [LayerStats(E, ck.top_k, saliency=True)] + guarding,
-                     decide=summarize, apply=lambda idx, tensors, lp: None)
-        for _ in progress(steps, len(reader), "c-prune: score", cfg.progress):
-            pass
-        stream.cache.drop(ck.num_layers)
+        try:
+            summaries, protected_by_layer, pass_report = _scoring_pass(run, cfg, stream, t_begin, t_tokens)
+        finally:
+            stream.close()  # its loader thread, cuBLAS workspaces and page-locked buffers
         m = global_merges(summaries, E, keep_n)
         layer_info = {}
         for layer_idx, s in summaries.items():
@@ -161,15 +144,54 @@ def run_c_prune(run, cfg, top_k: int) -> dict:
             layer_info[str(layer_idx)] = {"global_clusters": info["global_clusters"], "removed_clusters": info["removed_clusters"],
                                           "cluster_importance": info["cluster_importance"]}
         extra = {"c_prune": {"budget_merges": len(summaries) * (E - keep_n), "options": opts,
-                             "scoring_s": round(time.perf_counter() - t_score, 3), "layers": layer_info,
+                             "scoring_s": pass_report.pop("scoring_s"), "layers": layer_info,
                              "note": "scoring is one-shot (original activations); per-layer counts are uniform (k), "
                                      "global_clusters is what the global threshold alone would keep"},
                  "calibration": {"sequences": int(tokens.input_ids.shape[0]), "seq_len": int(tokens.input_ids.shape[1]),
                                  "tokens_counted": tokens.num_tokens, "files": [str(c) for c in cfg.calib]},
-                 "cache_bytes_written": stream.cache.bytes_written}
+                 **pass_report}
         plan_path.parent.mkdir(parents=True, exist_ok=True)
         plan_path.write_text(json.dumps({"layers": {str(k): v.to_json() for k, v in run.layers.items()}, "extra": extra}))
     for layer_idx in progress(range(run.next_layer, ck.num_layers), ck.num_layers - run.next_layer, "c-prune: write", cfg.progress):
         run.write_layer(layer_idx)
         run.finish_layer(layer_idx)
     return extra
+
+
+def _scoring_pass(run, cfg, stream, t_begin: float, t_tokens: float) -> tuple[dict, dict, dict]:
+    """The scoring pass over the original model: per MoE layer the statistics the global step needs
+    (``summaries``), the protected experts, and the pass's report entries (its stages, io, cache)."""
+    ck, adapter, E = run.ck, run.adapter, run.ck.num_experts
+    stream.embed()
+    setup = {"tokenize": t_tokens - t_begin, "setup": time.perf_counter() - t_tokens}
+    t_profile = time.perf_counter()
+    guarding = guards(stream, enabled=cfg.protect_super_experts, progress=cfg.progress)
+    summaries: dict[int, dict] = {}
+    protected_by_layer: dict[int, set[int]] = {}
+    t_score = time.perf_counter()
+    setup["profile"] = t_score - t_profile
+    before = stream.io.stage_snapshot()  # the stages of the pass itself, not of the profile's
+
+    def summarize(layer_idx: int, tensors: dict, observers: list) -> None:
+        """The layer's statistics for the global step; no plan yet (one-shot: original outputs propagate)."""
+        stats = observers[0]
+        protected = protected_experts(guarding, layer_idx)
+        protected_by_layer[layer_idx] = protected
+        sim = gram_to_cosine(weight_gram(adapter, layer_idx, tensors, E))
+        _, history = agglomerate(1 - sim, 1, "average", protected)
+        summaries[layer_idx] = {"frequency": stats.frequency().tolist(), "importance": stats.saliency().tolist(),
+                                "history": history, "similarity": report_matrix(sim)}
+        return None
+
+    reader = stream.layers(0, run.moe)
+    steps = walk(stream, reader, observers_for=lambda idx: [LayerStats(E, ck.top_k, saliency=True)] + guarding,
+                 decide=summarize, apply=lambda idx, tensors, lp: None)
+    for _ in progress(steps, len(reader), "c-prune: score", cfg.progress):
+        pass
+    stream.cache.drop(ck.num_layers)
+    t_end = time.perf_counter()
+    return summaries, protected_by_layer, {
+        "scoring_s": round(t_end - t_score, 3), "cache_bytes_written": stream.cache.bytes_written,
+        "io": {**stream.io.to_json(t_end - t_score), **stream.files.to_json()},
+        "stages": with_setup(stream.stages(t_end - t_begin, since=before), setup, t_end - t_begin),
+        "experts_impl": stream.skel.experts_impl}
