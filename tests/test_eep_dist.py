@@ -74,7 +74,7 @@ def untimed(eep: dict) -> dict:
     """The EEP report without its timings (and the process count)."""
     keep = {k: v for k, v in eep.items() if k not in ("search_s", "evaluations_per_hour", "quant", "stream_stats",
                                                       "fitness_png", "processes", "search_cpu_s",
-                                                      "rank_stream_stats")}
+                                                      "rank_stream_stats", "stages", "dev_stages")}
     keep["curve"] = [{k: v for k, v in c.items() if k != "elapsed_s"} for c in eep["curve"]]
     return keep
 

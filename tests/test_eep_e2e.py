@@ -120,3 +120,29 @@ def test_killed_eep_search_resumes_to_the_same_plan(synth_dir, tmp_path, monkeyp
     resumed = lowmoe.prune(src, tmp_path / "out", resume=True, **opts)
     assert resumed["plan"]["layers"] == fresh["plan"]["layers"]
     assert [c["best_ll"] for c in resumed["eep"]["curve"]] == [c["best_ll"] for c in fresh["eep"]["curve"]]
+
+
+def test_the_search_reports_where_its_evaluations_spent_the_time(synth_dir, tmp_path):
+    """``eep.stages``: the population pass's per-stage table (issue 15: where the time goes), each
+    stage counted once per thing it does."""
+    from lowmoe.engine.prefetch import STAGES
+
+    src = synth_dir("mixtral")
+    train = write_jsonl(tmp_path / "train.jsonl", records(8))
+    dev = write_jsonl(tmp_path / "dev.jsonl", records(4))
+    rep = lowmoe.prune(src, tmp_path / "a", keep=4, method="eep", calib=[train], seq_len=64, batch_size=4,
+                       progress=False, method_options={"dev": str(dev), "generations": 2, "population": 3,
+                                                       "layer_groups": "layer", "init": "random"})
+    eep = rep["eep"]
+    st, stats = eep["stages"], eep["stream_stats"]
+    assert list(st) == sorted(st, key=list(STAGES).index)
+    chunks, rest = divmod(st["cache_read"]["count"], stats["layer_runs"])  # every layer run reads each chunk
+    assert chunks >= 2 and rest == 0 and st["cache_write"]["count"] == st["cache_read"]["count"]
+    assert st["read"]["count"] == st["materialize"]["count"] == stats["layer_loads"]
+    assert st["build"]["count"] == stats["layer_builds"]
+    assert st["compute"]["count"] == stats["layer_runs"] * (chunks + 1)  # each chunk, then the layer's one wait
+    assert st["fitness"]["count"] == stats["evaluations"] and st["embed"]["count"] == 1
+    main = sum(v["s"] for v in st.values() if v["thread"] == "main")
+    assert 0 < main <= eep["search_s"] * 1.05 and all(0 <= v["share"] <= 1.05 for v in st.values())
+    assert eep["rank_stream_stats"][0]["stages"] == st
+    assert eep["dev_stages"]["fitness"]["count"] >= 1

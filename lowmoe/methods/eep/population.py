@@ -286,7 +286,7 @@ class PopulationEvaluator:
         self.elem_bytes = dtype_bytes(dtype)
         self.accountant = Accountant(budget.plan.activation_bytes if budget is not None and budget.plan.weights_budget
                                      is not None else 0)
-        self.io = IOStats()  # expert-group transfers of chunked layers
+        self.io = IOStats()  # where the evaluations' time goes (report "stages"), expert-group transfers included
         self.ck, self.weights, self.space, self.data = ck, weights, space, data
         self.adapter = ck.adapter
         self.device, self.dtype, self.top_k, self.batch_size = torch.device(device), dtype, top_k, batch_size
@@ -361,10 +361,11 @@ class PopulationEvaluator:
     # ---- compute -------------------------------------------------------------------------
     def _embed(self) -> None:
         key = "model.embed_tokens.weight"
-        w = self.ck.read([key])[key].to(self.device, self.dtype)
-        self.track(w, w.numel() * w.element_size())
-        for c, sl in self.data.batches(self.batch_size):
-            self.cache.put(0, c, torch.nn.functional.embedding(self.data.input_ids[sl].to(self.device), w), ROOT)
+        with self.io.stage("embed"):
+            w = self.ck.read([key])[key].to(self.device, self.dtype)
+            self.track(w, w.numel() * w.element_size())
+            for c, sl in self.data.batches(self.batch_size):
+                self.cache.put(0, c, torch.nn.functional.embedding(self.data.input_ids[sl].to(self.device), w), ROOT)
 
     @torch.no_grad()
     def _run(self, loaded: LoadedLayer, block, src: str, dst: str) -> None:
@@ -372,15 +373,22 @@ class PopulationEvaluator:
         last = L == self.ck.num_layers - 1
         module = loaded.use(block)
         checks = FiniteChecks()  # read once the layer's chunks are queued: no wait per chunk
+        io = self.io
         for c, sl in self.data.batches(self.batch_size):
-            h = self.cache.read(L, c, src, device=self.device).to(self.dtype)
-            if self.trim and loaded.is_moe:
-                # after the last layer only the scored positions are read; before it, every position up to them
-                index = self._flat_positions(c, sl, h) if last else self._live_positions(c, sl, h)
-                module = loaded.use(block if index is None else
-                                    TokenSubset(block if block is not None else loaded.base, index))
-            self.cache.put(L + 1, c, run_layer(self.skel, module, L, h, self.inputs_for(h)), dst, checks=checks)
-        checks.raise_first()
+            with io.stage("cache_read"):
+                h = self.cache.read(L, c, src, device=self.device).to(self.dtype)
+            with io.stage("compute"):
+                if self.trim and loaded.is_moe:
+                    # after the last layer only the scored positions are read; before it, every position up to them
+                    index = self._flat_positions(c, sl, h) if last else self._live_positions(c, sl, h)
+                    module = loaded.use(block if index is None else
+                                        TokenSubset(block if block is not None else loaded.base, index))
+                out = run_layer(self.skel, module, L, h, self.inputs_for(h))
+            with io.stage("cache_write"):
+                self.cache.put(L + 1, c, out, dst, checks=checks)
+            del out
+        with io.stage("compute"):  # the host's one wait for the layer's kernels (CUDA)
+            checks.raise_first()
         self.stats["layer_runs"] += 1
 
     def _flat_positions(self, c: int, sl: slice, h: torch.Tensor) -> torch.Tensor:
@@ -409,6 +417,10 @@ class PopulationEvaluator:
 
     @torch.no_grad()
     def _fitness(self, stream: str) -> Fitness:
+        with self.io.stage("fitness"):
+            return self._head_fitness(stream)
+
+    def _head_fitness(self, stream: str) -> Fitness:
         if self._head is None:
             self._head = Head(self.ck, self.skel, self.device, self.dtype)
             self.track(self._head, self._head.weight.numel() * self.elem_bytes)
@@ -447,7 +459,11 @@ class PopulationEvaluator:
                 chunked = (self.placement(L) or _WHOLE).chunked
                 for name in [b for b in self._buffers if b.startswith("host:") != chunked]:
                     del self._buffers[name]
-            loaded = LoadedLayer(self, L, self.weights.layer(L))
+            with self.io.stage("read"):
+                tensors = self.weights.layer(L)
+            with self.io.stage("materialize"):
+                loaded = LoadedLayer(self, L, tensors)
+            del tensors
             self.stats["layer_loads"] += 1
             # jobs with the same plan for this layer (streams that differ only before it) share one built block
             by_plan: dict[bytes, list[tuple[str, str, int]]] = {}
@@ -457,7 +473,8 @@ class PopulationEvaluator:
             for group in by_plan.values():
                 block = None
                 if loaded.is_moe:
-                    block = loaded.block(self.space.layer_plan(cands[group[0][2]], L))
+                    with self.io.stage("build"):
+                        block = loaded.block(self.space.layer_plan(cands[group[0][2]], L))
                     self.stats["layer_builds"] += 1
                 for dst, src, _ in group:
                     self._run(loaded, block, src, dst)

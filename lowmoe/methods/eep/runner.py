@@ -186,7 +186,8 @@ def run_eep(run, cfg, top_k: int) -> dict:
                 except OSError:  # not empty (rank 0's output on a shared filesystem): left alone
                     break
         # every rank has finished; rank 0 learns each one's CPU time (the search's cost with a core per process)
-        ranks = group.all_gather({"search_cpu_s": round(search_cpu_s, 3), **evaluator.stats}, "finishing the search")
+        ranks = group.all_gather({"search_cpu_s": round(search_cpu_s, 3), **evaluator.stats,
+                                  "stages": evaluator.io.stages_json(state.elapsed_s)}, "finishing the search")
         if not group.is_main:  # rank 0 reports and writes
             return {}
         best = chosen.cand
@@ -214,6 +215,8 @@ def run_eep(run, cfg, top_k: int) -> dict:
             "evaluations_per_hour": round(state.evaluations / max(state.elapsed_s, 1e-9) * 3600, 1),
             "quant": {"mode": opts["quant"], "build_s": round(quant_s, 3), "bytes_read": weights.bytes_read},
             "stream_stats": evaluator.stats,
+            "stages": ranks[0]["stages"],  # where this process's evaluations spent the search's wall
+            "dev_stages": None if dev is None else dev_evaluator.io.stages_json(),  # --dev: seeds' and the pick's
             "best": {"fitness": chosen.fitness.to_json(), "dev": None if chosen.dev is None else chosen.dev.to_json(),
                      "generation": chosen.generation, "phase": chosen.phase,
                      "groups": [{"layers": list(layers), "W_EM": best.em[g].tolist(), "W_RM": best.rm[g].tolist()}
