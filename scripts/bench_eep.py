@@ -86,6 +86,7 @@ def run_streamed(args) -> dict:
     st = evo.run()
     cands = [{"cand": e.cand.to_json(), "fitness": e.fitness.to_json()} for e in st.archive]
     return {"generations": gens, "candidates": cands, "stats": ev.stats, "peak_rss": peak_rss_bytes(), "quant_s": quant_s,
+            "stages": ev.io.stages_json(sum(g["wall_s"] for g in gens)),  # where the generations' time went
             "cuda_peak": int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None,
             "bytes_read": weights.bytes_read, "largest_layer": max(ck.layer_bytes(i) for i in range(ck.num_layers)),
             "model_bytes": ck.total_bytes(), "tokens": data.num_tokens, "layers": ck.num_layers,
@@ -227,7 +228,8 @@ def main():
         "streamed": {"evals": n, "evals_per_hour_wall": n / s_wall * 3600, "evals_per_cpu_hour": n / s_cpu * 3600,
                      "second_half_evals_per_cpu_hour": sum(g["candidates"] for g in tail) / sum(g["cpu_s"] for g in tail) * 3600,
                      "cpu_s_per_eval": s_cpu / n, "generations": gens, "peak_rss": s["peak_rss"], "cuda_peak": s["cuda_peak"],
-                     "stats": s["stats"], "bytes_read": s["bytes_read"], "quant_build_s": s["quant_s"]},
+                     "stats": s["stats"], "bytes_read": s["bytes_read"], "quant_build_s": s["quant_s"],
+                     "stages": s["stages"]},
     }
     print()
     print(f"model {args.model} ({fmt_bytes(s['model_bytes'])}, largest layer {fmt_bytes(s['largest_layer'])}), "
@@ -239,6 +241,9 @@ def main():
           + (f"  CUDA peak {fmt_bytes(s['cuda_peak'])}" if s["cuda_peak"] else "") + f"  (second half {fig['streamed']['second_half_evals_per_cpu_hour']:.1f}/CPU-hour; "
           f"{st['layer_runs']} layer runs for {n} x {s['layers']} = {n * s['layers']} candidate layers; "
           f"{st['layer_runs_saved']} skipped from retained streams; {st['layer_builds']} MoE blocks built)")
+    from bench_gpu import stages_table
+
+    print("\n".join("  " + line for line in stages_table({"streamed": {"stages": s["stages"], "wall_s": s_wall}})))
     for mode, label in (("whole", "whole model, teacher-f"), ("generate", "whole model, generate")):
         b = res[mode]
         w = sum(e["wall_s"] for e in b["evals"]) / len(b["evals"])

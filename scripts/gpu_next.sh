@@ -15,7 +15,8 @@
 #      stage per chunk and layer, eager against grouped experts, whole and in groups, and one experts
 #      call's device memory against the plan, on a 0.73 GB bf16 model                                 <= 70 s
 #   4. a torch.profiler pass over a short prune: where the 21 ms per chunk and layer of "compute" go <= 80 s
-#   5. the same over a generation of EEP's population pass: CPU-bound, or spinning in syncs?        <= 70 s
+#   5. the same over a generation of EEP's population pass: CPU-bound, or spinning in syncs? Then one
+#      more generation unprofiled, with the evaluator's per-stage table (session 14)                 <= 70 s
 # (scripts/gpu_profile.py pinned, which times page-locked allocations alone, is left out: the reports now
 # carry those seconds.) Run from the project root on the device, with .gpu-site carried:
 #   bash scripts/gpu_next.sh $OUT
@@ -39,5 +40,5 @@ timeout ${PROFILE_S:-80} python3 scripts/gpu_profile.py prune /tmp/lowmoe-bench/
 echo "rc=$?"; grep -A14 "runtime calls\|by self device" "$L/profile.log" | head -40
 el "eep profile"
 timeout ${EEP_S:-70} python3 scripts/gpu_profile.py eep /tmp/lowmoe-bench/mix2g --population 8 --json "$L/eep-profile.json" > "$L/eep-profile.log" 2>&1
-echo "rc=$?"; grep -A14 "per evaluation\|runtime calls\|by self device" "$L/eep-profile.log" | head -40
+echo "rc=$?"; grep -A14 "per evaluation\|runtime calls\|by self device" "$L/eep-profile.log" | head -40; grep -A16 "without the profiler" "$L/eep-profile.log"
 el end

@@ -155,6 +155,17 @@ def eep_profile(model: Path, population: int, dtype: str) -> dict:
     print(f"warm-up generation {warm_s:.2f} s; profiled generation of {population}: {wall:.2f} s wall, {cpu:.2f} s CPU "
           f"({wall / population:.3f} s wall, {cpu / population:.3f} s CPU per evaluation; the profiler adds its own overhead)")
     out["runtime_calls"] = tables(prof, cuda)
+    # one more generation without the profiler: the evaluator's own per-stage table (report "stages")
+    from bench_gpu import stages_table
+
+    since = ev.io.stage_snapshot()
+    t0, c0 = time.perf_counter(), time.process_time()
+    ev.evaluate(merged(population))
+    synchronize(dev)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    out.update(unprofiled_wall_s=wall, unprofiled_cpu_s=cpu, stages=ev.io.stages_json(wall, since=since))
+    print(f"a generation without the profiler: {wall:.2f} s wall, {cpu:.2f} s CPU")
+    print("\n".join(stages_table({"generation": {"stages": out["stages"], "wall_s": wall}})))
     return out
 
 
