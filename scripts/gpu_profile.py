@@ -11,7 +11,9 @@
     python3 scripts/gpu_profile.py eep MODEL [--population 8] [--dtype bf16]
         EEP's streamed population pass (``PopulationEvaluator``) over merged candidates: one warm-up
         generation, then another generation of new candidates under ``torch.profiler``; wall and CPU
-        seconds per evaluation and the same tables. On a GPU, CPU time equal to the wall does not by
+        seconds per evaluation and the same tables; then a third generation without the profiler and
+        the evaluator's own per-stage table (read, load, build, compute, fitness: the report's
+        ``eep.stages``). On a GPU, CPU time equal to the wall does not by
         itself mean the pass is CPU-bound: a CUDA synchronisation spins on the host by default
         (cudaDeviceScheduleAuto spins while the process has fewer CUDA contexts than the machine has
         cores), so the tables, not the two clocks, say where the time goes
@@ -203,7 +205,10 @@ def main() -> None:
         else:
             result = prune_profile(args.model, args.n_samples, args.seq_len, args.batch_size, args.dtype)
     if args.json:
-        args.json.write_text(json.dumps({"command": "python " + " ".join(sys.argv), **result}, indent=1, default=str) + "\n")
+        from _bench import machine
+
+        args.json.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "machine": machine(), **result},
+                                        indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -447,7 +447,7 @@ def test_a_c_prune_reports_its_scoring_pass_stages_and_closes_its_stream(synth_d
         assert name in stages and stages[name]["s"] >= 0, name
     assert list(stages) == sorted(stages, key=list(STAGES).index)
     assert stages["compute"]["count"] >= len(rep["plan"]["layers"])
-    assert rep["io"]["readahead_bytes"] >= 0 and rep["experts_impl"] == "eager"
+    assert rep["io"]["readahead_bytes"] >= 0 and rep["experts_impl"] == "eager" and "group_sizes" in rep["budget"]
     assert rep["c_prune"]["scoring_s"] > 0
 
 

@@ -194,4 +194,4 @@ def _scoring_pass(run, cfg, stream, t_begin: float, t_tokens: float) -> tuple[di
         "scoring_s": round(t_end - t_score, 3), "cache_bytes_written": stream.cache.bytes_written,
         "io": {**stream.io.to_json(t_end - t_score), **stream.files.to_json()},
         "stages": with_setup(stream.stages(t_end - t_begin, since=before), setup, t_end - t_begin),
-        "experts_impl": stream.skel.experts_impl}
+        "experts_impl": stream.skel.experts_impl, "budget": stream.placer.report()}
