@@ -312,7 +312,7 @@ def canonical_json(obj) -> bytes:
 # "stages" are timings; "activations" says where the activation cache lived, which depends on the memory
 # free on the machine (issue 15): neither is an output of the method
 DROP_KEYS = {"timings", "memory", "io", "budget", "time_s", "model", "wall_s", "search_s", "evaluations_per_hour",
-             "build_s", "stream_stats", "fitness_png", "input", "output", "stages", "activations"}
+             "build_s", "stream_stats", "fitness_png", "input", "output", "stages", "dev_stages", "activations"}
 
 
 def canonicalize(obj, root: str):
