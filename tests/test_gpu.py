@@ -319,35 +319,50 @@ def test_the_device_warm_up_leaves_the_first_staging_buffer_cached(synth_dir, ca
     assert rep["io"]["device_warm_up"]["error"] is None
 
 
-def test_scorers_observe_without_waiting_for_the_device(synth_dir, calib_txt, tmp_path):
-    """Every scorer and the super-expert maxima observe a layer's CUDA calls with no host wait
-    (``torch.cuda.set_sync_debug_mode("error")`` raises on any); the totals reach the host when the
-    layer is read, and they equal the CPU's."""
+def _calls_on_cpu_and_cuda(seed: int, domains: int | None = None) -> dict:
+    """One MoE call (64 tokens, 8 experts, top-2, a quarter of the tokens not counted), on the CPU and
+    on CUDA, with ``domains`` calibration domains (None: no domain labels)."""
     from lowmoe.engine.hf import MoeCall
-    from lowmoe.methods.scoring import SCORERS, make_scorer
-    from lowmoe.methods.scoring.super_experts import MaximaObserver
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     T, E, K, H = 64, 8, 2, 16
     logits = torch.randn(T, E, generator=g)
     idx = logits.topk(K, dim=-1).indices
     host = dict(router_logits=logits, top_k_index=idx, top_k_weights=torch.softmax(logits.gather(1, idx), -1),
                 moe_input=torch.randn(T, H, generator=g), routed_output=torch.randn(T, H, generator=g),
-                token_mask=torch.rand(T, generator=g) > 0.25, expert_outputs=torch.randn(T, K, H, generator=g),
-                token_domain=torch.randint(0, 2, (T,), generator=g))
-    calls = {d: MoeCall(experts=None, num_domains=2, **{k: v.to(d) for k, v in host.items()}) for d in ("cpu", "cuda")}
+                token_mask=torch.rand(T, generator=g) > 0.25, expert_outputs=torch.randn(T, K, H, generator=g))
+    if domains is not None:
+        host["token_domain"] = torch.randint(0, domains, (T,), generator=g)
+    return {d: MoeCall(experts=None, num_domains=domains, **{k: v.to(d) for k, v in host.items()}) for d in ("cpu", "cuda")}
+
+
+def _observe_without_waiting(made: dict, calls: dict) -> None:
+    """``made["cuda"]`` observes the CUDA call four times, the last three under
+    ``set_sync_debug_mode("error")`` (any host wait raises); ``made["cpu"]`` the CPU call four times."""
+    made["cuda"].observe(calls["cuda"])  # first call: the accumulators are made on the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            made["cuda"].observe(calls["cuda"])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for _ in range(4):
+        made["cpu"].observe(calls["cpu"])
+
+
+def test_scorers_observe_without_waiting_for_the_device(synth_dir, calib_txt, tmp_path):
+    """Every scorer and the super-expert maxima observe a layer's CUDA calls with no host wait
+    (``torch.cuda.set_sync_debug_mode("error")`` raises on any); the totals reach the host when the
+    layer is read, and they equal the CPU's."""
+    from lowmoe.methods.scoring import SCORERS, make_scorer
+    from lowmoe.methods.scoring.super_experts import MaximaObserver
+
+    E, K = 8, 2
+    calls = _calls_on_cpu_and_cuda(seed=0, domains=2)
     for method in list(SCORERS) + ["maxima"]:
         made = {d: MaximaObserver(E) if method == "maxima" else make_scorer(method, E, K) for d in calls}
-        made["cuda"].observe(calls["cuda"])  # first call: the accumulators are made on the device
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(3):
-                made["cuda"].observe(calls["cuda"])
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        for _ in range(4):
-            made["cpu"].observe(calls["cpu"])
+        _observe_without_waiting(made, calls)
         if method == "maxima":
             for m in made.values():
                 m.commit(0)
@@ -362,28 +377,12 @@ def test_scorers_observe_without_waiting_for_the_device(synth_dir, calib_txt, tm
 def test_merging_statistics_observe_without_waiting_for_the_device():
     """The merging methods' routing statistics and C-Prune's saliency (``LayerStats``) observe CUDA
     calls with no host wait, and equal the CPU's once read."""
-    from lowmoe.engine.hf import MoeCall
     from lowmoe.methods.merging.stats import LayerStats
 
-    g = torch.Generator().manual_seed(1)
-    T, E, K, H = 64, 8, 2, 16
-    logits = torch.randn(T, E, generator=g)
-    idx = logits.topk(K, dim=-1).indices
-    host = dict(router_logits=logits, top_k_index=idx, top_k_weights=torch.softmax(logits.gather(1, idx), -1),
-                moe_input=torch.randn(T, H, generator=g), routed_output=torch.randn(T, H, generator=g),
-                token_mask=torch.rand(T, generator=g) > 0.25, expert_outputs=torch.randn(T, K, H, generator=g))
-    calls = {d: MoeCall(experts=None, **{k: v.to(d) for k, v in host.items()}) for d in ("cpu", "cuda")}
+    calls = _calls_on_cpu_and_cuda(seed=1)
+    E, K = 8, 2
     made = {d: LayerStats(E, K, router_gram=True, saliency=True) for d in calls}
-    made["cuda"].observe(calls["cuda"])  # first call: the accumulators are made on the device
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            made["cuda"].observe(calls["cuda"])
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    for _ in range(4):
-        made["cpu"].observe(calls["cpu"])
+    _observe_without_waiting(made, calls)
     gpu, cpu = made["cuda"], made["cpu"]
     assert gpu.tokens == cpu.tokens and torch.equal(gpu.counts, cpu.counts)
     for name in ("gate_mass", "router_gram", "saliency_sum"):
