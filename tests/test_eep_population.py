@@ -15,6 +15,10 @@ from lowmoe.engine.hf import materialize_layer, run_layer
 from .helpers import evaluator, merged, records
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 @pytest.mark.parametrize("arch,stored,dtype", [("mixtral", "bfloat16", torch.float32), ("deepseek_v3", "bfloat16", torch.float32),
                                                ("qwen2_moe", "bfloat16", torch.float32), ("gpt_oss", "bfloat16", torch.float32),
                                                ("mixtral", "bfloat16", torch.bfloat16), ("mixtral", "float32", torch.bfloat16)])
@@ -24,14 +28,15 @@ def test_loaded_layer_block_is_bit_identical_to_a_fresh_build(synth_dir, tmp_pat
     pe = evaluator(src, tmp_path, dtype=dtype)
     rng = np.random.default_rng(0)
     onehot = pe.space.random_onehot(rng)
-    cands = [onehot, merged(pe.space, onehot, rng)]
+    # a second merged candidate: its block is built into the first one's reused buffers
+    cands = [onehot, merged(pe.space, onehot, rng), merged(pe.space, onehot, rng)]
     h = torch.randn(2, 9, int(pe.ck.config["hidden_size"]), generator=torch.Generator().manual_seed(0)).to(dtype)
     inputs = pe.inputs_for(h)
     L = pe.ck.moe_layers()[-1]
     tensors = pe.weights.layer(L)
     loaded = LoadedLayer(pe, L, dict(tensors))
     assert loaded.exact == (stored == "bfloat16")
-    for cand, kept in zip(cands, (True, False)):
+    for cand, kept in zip(cands, (True, False, False)):
         lp = pe.space.layer_plan(cand, L)
         assert (lp.merge is None) == kept
         block = loaded.block(lp)
@@ -39,6 +44,12 @@ def test_loaded_layer_block_is_bit_identical_to_a_fresh_build(synth_dir, tmp_pat
         got = run_layer(pe.skel, loaded.use(block), L, h, inputs)
         ref = run_layer(pe.skel, pe.build_layer(L, tensors, cand), L, h, inputs)
         assert torch.equal(got, ref)
+        if not kept and loaded.exact and stored != dtype_name(dtype):  # cast for compute into a reused buffer
+            params = [t.data_ptr() for t in block.experts.parameters()]
+            bufs = [t.data_ptr() for k, t in pe._buffers.items() if k.startswith("merged:compute:")]
+            assert bufs and set(bufs) <= set(params)
+        loaded.use(None)
+        del block
     # the original block comes back
     full = materialize_layer(pe.skel, L, pe.adapter.to_runtime(L, tensors, True), "cpu", dtype)
     assert torch.equal(run_layer(pe.skel, loaded.use(None), L, h, inputs), run_layer(pe.skel, full, L, h, inputs))

@@ -229,8 +229,13 @@ class LoadedLayer:
                 out = ev.buffer("merged:" + name, (n,) + tuple(x.shape[1:]), self.stored_dtype)
                 acc = ev.buffer("merged:acc", tuple(x.shape[1:]), torch.float32)
             # as apply_layer merges the stored tensors, rounded to the stored dtype
-            state["experts." + name] = experts_for_plan(x, lp, fused, out, acc).to(self.stored_dtype)
-        merge_buffers = sum(b.numel() * b.element_size() for k, b in ev._buffers.items() if k.startswith("merged:"))
+            y = experts_for_plan(x, lp, fused, out, acc).to(self.stored_dtype)
+            if y.dtype != ev.dtype:  # cast for compute into a reused buffer: a new one per candidate costs
+                y = ev.buffer("merged:compute:" + name, tuple(y.shape), ev.dtype).copy_(y)  # page faults (CPU)
+            state["experts." + name] = y
+        # the merge's own buffers (the block's parameters are counted as its state)
+        merge_buffers = sum(b.numel() * b.element_size() for k, b in ev._buffers.items()
+                            if k.startswith("merged:") and not k.startswith("merged:compute:"))
         return ev.track(materialize(meta, state, ev.device, ev.dtype), self._state_bytes(state) + merge_buffers)
 
     def _chunked_block(self, lp, meta: torch.nn.Module) -> torch.nn.Module:
