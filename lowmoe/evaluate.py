@@ -217,22 +217,26 @@ def _streaming(model_dir: Path, tok, by_task: dict[str, list[Item]], batch_size:
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     tensors = [_right_padded([flat[i] for i in b], pad) for b in batches]
     width = max(ids.shape[1] for ids, _ in tensors)
+    # routed experts read from the shards a group at a time, as prune and score read them (not with --quant)
+    lazy = quant == "none"
     budget = plan_stream_budget(ckpt, device=device, dtype=dtype, batch_size=batch_size, seq_len=width,
-                                max_vram=max_vram, max_ram=max_ram, prefetch=prefetch)  # before any work
+                                max_vram=max_vram, max_ram=max_ram, prefetch=prefetch, lazy=lazy,
+                                n_samples=len(batches) * batch_size)  # before any work
     if quant != "none":
         check_quant_budget(budget, ckpt, quant, dtype)
     with out_of_memory_errors(device, budget):  # out of memory anyway: one line naming the flag
         tmp = Path(tempfile.mkdtemp(prefix="lowmoe-eval-", dir=str(work_dir) if work_dir else None))
         per_item: dict[int, tuple[bool, float, int]] = {}
+        stream = None
         try:
             stream = EvalStream(ckpt, _EvalTokens([ids for ids, _ in tensors]), ActivationCache(tmp / "cache", persist=False),
                                           device, dtype, 1, budget=budget, prefetch=prefetch, quant=quant)
             t0 = time.perf_counter()
             stream.embed()
             moe = set(ckpt.moe_layers())
-            reader = stream.layers(0, moe)  # layer L+1 is read while L computes
+            reader = stream.layers(0, moe, lazy=lazy)  # layer L+1 is read while L computes
             for layer_idx, data in progress_bar(reader, len(reader), "eval (streaming)", progress):
-                module = stream.materialize(layer_idx, data.runtime)
+                module = stream.materialize(layer_idx, data.runtime, experts=data.experts)
                 del data
                 stream.forward(layer_idx, module, write=True)
                 del module
@@ -248,10 +252,13 @@ def _streaming(model_dir: Path, tok, by_task: dict[str, list[Item]], batch_size:
                 h = stream.cache.read(ckpt.num_layers, c).to(device, dtype)
                 for i, e, l, t in zip(b, *score_logits(_logits_fp32(norm(h), head).cpu(), ids, ans)):
                     per_item[i] = (e, l, t)
-            io, placed = stream.io.to_json(time.perf_counter() - t0), stream.placer.report()
-            stream.close()
-            del head, norm, stream
+            wall = time.perf_counter() - t0
+            io, placed, stages = stream.io.to_json(wall), stream.placer.report(), stream.stages(wall)
+            io.update(stream.files.to_json())
+            del head, norm
         finally:
+            if stream is not None:
+                stream.close()  # its loader thread, cuBLAS workspaces and page-locked buffers
             ckpt.close()
             shutil.rmtree(tmp, ignore_errors=True)
     results, start = {}, 0
@@ -259,7 +266,7 @@ def _streaming(model_dir: Path, tok, by_task: dict[str, list[Item]], batch_size:
         rows = [per_item[start + j] for j in range(len(items))]
         start += len(items)
         results[name] = _summarise(items, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
-    return {"tasks": results, "io": io, "budget": placed}
+    return {"tasks": results, "io": io, "budget": placed, "stages": stages}
 
 
 # ---- public API ----------------------------------------------------------------------------
