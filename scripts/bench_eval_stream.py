@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -48,8 +49,15 @@ def main() -> None:
             out = Path(tmp) / "result.json"
             cmd = [sys.executable, "-m", "lowmoe", "-q", "eval", str(model), "--jsonl", str(qa), "--n", str(args.n),
                    "--streaming", "--batch-size", str(args.batch_size), "--device", "cpu", "--json", str(out), *flags]
-            wall, peak = child_peak(cmd)
-            res = json.loads(out.read_text())
+            try:
+                wall, peak = child_peak(cmd)
+            except subprocess.CalledProcessError as e:  # e.g. a budget the pass refuses: say so, go on
+                lines = (e.stderr or "").strip().splitlines()
+                said = [x for x in lines if x.startswith(("Error", "lowmoe: error"))] or lines[-1:] or [f"exit {e.returncode}"]
+                runs[name] = {"error": said[0]}
+                print(f"{name:18s} failed: {said[0]}", flush=True)
+                continue
+            res = json.loads(out.read_text())["result"]
             io = res.get("io") or {}
             runs[name] = {"wall_s": round(wall, 2), "peak_rss": peak, "peak_rss_over_largest_layer": round(peak / largest, 3),
                           "bytes_read": sum((io.get("bytes") or {}).values()), "perplexity": res["tasks"]["qa"]["perplexity"],
@@ -57,7 +65,7 @@ def main() -> None:
             print(f"{name:18s} peak RSS {peak / GIB:5.2f} GiB ({peak / largest:.2f} x the largest layer, "
                   f"{largest / GIB:.2f} GiB)  wall {wall:6.1f} s  groups {runs[name]['group_sizes']}  "
                   f"perplexity {runs[name]['perplexity']:.4f}", flush=True)
-    same = len({r["perplexity"] for r in runs.values()}) == 1
+    same = len({r["perplexity"] for r in runs.values() if "perplexity" in r}) == 1
     print(f"same perplexity with and without the budget: {'yes' if same else 'NO'}")
     if args.json:
         save_result(args.json, {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": machine(),
