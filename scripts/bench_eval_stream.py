@@ -45,7 +45,7 @@ def main() -> None:
         qa = Path(tmp) / "qa.jsonl"
         qa.write_text("".join(json.dumps({"prompt": f"{i} plus {i} is", "answer": f" {2 * i}"}) + "\n"
                               for i in range(args.n)))
-        for name, flags in (("no flags", []), (f"--max-ram {args.max_ram}", ["--max-ram", args.max_ram])):
+        for name, flags in (("no_flags", []), ("max_ram", ["--max-ram", args.max_ram])):
             out = Path(tmp) / "result.json"
             cmd = [sys.executable, "-m", "lowmoe", "-q", "eval", str(model), "--jsonl", str(qa), "--n", str(args.n),
                    "--streaming", "--batch-size", str(args.batch_size), "--device", "cpu", "--json", str(out), *flags]
@@ -70,7 +70,8 @@ def main() -> None:
     if args.json:
         save_result(args.json, {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": machine(),
                                 "model": str(model), "model_bytes": ck.total_bytes(), "largest_layer_bytes": largest,
-                                "n": args.n, "batch_size": args.batch_size, "runs": runs, "same_perplexity": same})
+                                "n": args.n, "batch_size": args.batch_size, "max_ram": args.max_ram, "runs": runs,
+                                "same_perplexity": same})
 
 
 if __name__ == "__main__":
