@@ -179,12 +179,13 @@ def run_fingerprint(cfg: PruneConfig, ck: Checkpoint) -> str:
 
 def plan_run_budget(cfg: PruneConfig, ck: Checkpoint):
     """``--max-vram``/``--max-ram`` checked against the checkpoint's layer sizes before any work. The
-    one-shot prune (``score_and_write``) reads experts lazily, in groups (``plan_lazy_budget``); methods
-    that drive the run themselves (``methods.RUNNERS``) read whole layers."""
+    one-shot prune (``score_and_write``) and C-Prune (``methods.LAZY_RUNNERS``) read experts lazily, in
+    groups (``plan_lazy_budget``); EEP, which drives its run itself, reads whole layers."""
     device = cfg.compute_device()
     return plan_stream_budget(ck, device=device, dtype=resolve_dtype(DTYPES[cfg.dtype], device), batch_size=cfg.batch_size,
                               seq_len=cfg.seq_len, max_vram=cfg.max_vram, max_ram=cfg.max_ram, prefetch=cfg.prefetch,
-                              lazy=cfg.method not in methods.RUNNERS and reads_lazily(ck), n_samples=cfg.n_samples,
+                              lazy=(cfg.method not in methods.RUNNERS or cfg.method in methods.LAZY_RUNNERS)
+                              and reads_lazily(ck), n_samples=cfg.n_samples,
                               experts=cfg.experts_impl)
 
 

@@ -34,6 +34,9 @@ from .scoring import SCORERS, make_scorer
 LAYER_METHODS = {cls.name: cls for cls in (MergeFreq, HcMerge, DiverseGroup, Dern, ReconstructionMethod)}
 # name -> fn(run, cfg, top_k) -> report extras
 RUNNERS = {"eep": run_eep, "c-prune": run_c_prune}
+# runners whose streamed passes read a MoE layer's routed experts in groups, as the one-shot prune does
+# (``Stream.layers(lazy=True)``, planned by ``budget.plan_lazy_budget``); the others read whole layers
+LAZY_RUNNERS = ("c-prune",)
 # runners that share their work among the processes of a torchrun launch (``engine.dist``)
 DISTRIBUTED = ("eep",)
 PLAN_FIELDS = PlanFields(pre={"align": apply_alignment}, post={"neurons": apply_neurons})
@@ -97,5 +100,5 @@ def scoring_methods() -> list[str]:
     return sorted(set(SCORERS) | set(LAYER_METHODS))
 
 
-__all__ = ["LAYER_METHODS", "PLAN_FIELDS", "RUNNERS", "LayerMethod", "ScoreThenKeep", "check_options",
+__all__ = ["LAYER_METHODS", "LAZY_RUNNERS", "PLAN_FIELDS", "RUNNERS", "LayerMethod", "ScoreThenKeep", "check_options",
            "make_layer_method", "method_names", "option_spec", "options_per_method", "scoring_methods"]

@@ -183,7 +183,9 @@ def _scoring_pass(run, cfg, stream, t_begin: float, t_tokens: float) -> tuple[di
                                 "history": history, "similarity": report_matrix(sim)}
         return None
 
-    reader = stream.layers(0, run.moe)
+    # routed experts read in groups as the layer computes (``methods.LAZY_RUNNERS``); the weight
+    # similarity then reads them once more, a projection at a time (``weight_gram``)
+    reader = stream.layers(0, run.moe, lazy=True)
     steps = walk(stream, reader, observers_for=lambda idx: [LayerStats(E, ck.top_k, saliency=True)] + guarding,
                  decide=summarize, apply=lambda idx, tensors, lp: None)
     for _ in progress(steps, len(reader), "c-prune: score", cfg.progress):

@@ -107,20 +107,27 @@ def neuron_features(w: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def weight_gram(adapter, layer_idx: int, tensors: dict[str, torch.Tensor], num_experts: int) -> torch.Tensor:
     """Gram matrix of the experts' flattened weights, every expert tensor of the layer (GPT-OSS
-    biases included) (E, E) float64. Works on the stored tensors in column chunks, so only a
-    bounded float32 buffer exists at once (a dot product does not depend on the element order, so
-    the on-disk layout serves as is)."""
+    biases included) (E, E) float64. Works on the stored tensors one projection (or fused tensor) at a
+    time, in column chunks, so only that projection and a bounded float32 buffer exist at once
+    (``tensors`` may be a ``lazy.LazyLayer``, which reads an expert tensor when it is asked for; a dot
+    product does not depend on the element order, so the on-disk layout serves as is)."""
     gram = torch.zeros(num_experts, num_experts, dtype=torch.float64)
-    if adapter.expert_layout == "per_expert":
-        per_proj = [[tensors[adapter.expert_keys(layer_idx, e)[p]] for e in range(num_experts)] for p in range(3)]
-        flats_by_proj = [[t.reshape(-1) for t in ts] for ts in per_proj]
-    else:
-        flats_by_proj = [list(tensors[k].reshape(num_experts, -1)) for k in adapter.fused_keys(layer_idx) if k in tensors]
+
+    def flats_by_proj():
+        if adapter.expert_layout == "per_expert":
+            for p in range(3):
+                yield [tensors[adapter.expert_keys(layer_idx, e)[p]].reshape(-1) for e in range(num_experts)]
+        else:
+            for k in adapter.fused_keys(layer_idx):
+                if k in tensors:
+                    yield list(tensors[k].reshape(num_experts, -1))
+
     step = max(1, BLOCK_BYTES // (4 * num_experts))
-    for flats in flats_by_proj:
+    for flats in flats_by_proj():
         for c0 in range(0, flats[0].numel(), step):
             block = torch.stack([f[c0:c0 + step] for f in flats]).float()  # (E, chunk)
             gram += (block @ block.T).double()
+        flats = block = None  # let go of this projection before the next one is read
     return gram
 
 
