@@ -35,12 +35,12 @@ from .engine.calibration import CalibTokens, check_sources, check_tokenizer
 from .engine.checkpoint import Checkpoint
 from .engine.device import DTYPES, resolve_device, resolve_dtype, warm_up
 from .engine.hf import check_experts_impl
-from .engine.lazy import ShardFiles, read_lazy_layer, reads_lazily
+from .engine.lazy import reads_lazily
 from .engine.memory import fmt_bytes, out_of_memory_errors
 from .engine.plan import LayerPlan, Plan
 from .engine.progress import progress
 from .engine.rundir import (MANIFEST, REPORT, WORK_DIR, OutputLock, PruneRun, check_output, fingerprint, output_os_error,
-                            prepare_output)
+                            prepare_output, write_layers)
 from .engine.stream import Stream, calibration_tokens, plan_stream_budget, readahead, with_setup
 from .engine.writer import parse_size
 from .errors import ConfigError, DistributedError, LowmoeError, OutputError, PlanError, UnsupportedModelError
@@ -311,10 +311,7 @@ def _write_run(run: PruneRun, cfg: PruneConfig, ck: Checkpoint, plan_in: Plan | 
     elif plan_in is not None:
         run.layers = dict(plan_in.layers)
         plan_meta = dict(plan_in.meta, applied_from=str(cfg.plan) if not isinstance(cfg.plan, dict) else "dict")
-        files = ShardFiles(ck.path)  # kept experts of selection plans are copied as stored bytes
-        for layer_idx in progress(range(run.next_layer, ck.num_layers), ck.num_layers - run.next_layer, "apply plan", cfg.progress):
-            run.write_layer(layer_idx, read_lazy_layer(ck, files, layer_idx), returned=False)
-            run.finish_layer(layer_idx)
+        write_layers(run, "apply plan", cfg.progress)  # kept experts copied as stored bytes
         top_k = plan_in.num_experts_per_tok
         extra: dict = {"method": plan_in.meta.get("method", "plan")}
     else:

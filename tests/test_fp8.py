@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 import lowmoe
-from lowmoe import pipeline
+from lowmoe.engine import rundir
 from lowmoe.engine import lazy
 from lowmoe.engine.lazy import QuantizedStored
 from lowmoe.cli import main
@@ -345,7 +345,7 @@ def test_merge_decodes_only_the_merged_experts_sources(synth_dir, tmp_path, monk
     assert experts == {0, 1, 5, 7}, "only the sources of the merged rows are decoded"
     assert len(decoded) == len(ck.moe_layers()) * 4 * 3  # 4 source experts x 3 projections, once each
     monkeypatch.setattr(lazy, "reads_lazily", lambda ck: False)  # the whole-layer path, for reference
-    monkeypatch.setattr(pipeline, "read_lazy_layer", lambda ck, files, L: ck.read_layer(L))
+    monkeypatch.setattr(rundir, "read_lazy_layer", lambda ck, files, L: ck.read_layer(L))
     lowmoe.prune(src, tmp_path / "whole", plan=plan, progress=False)
     files = lambda d: {k: v for k, v in dir_digest(d).items() if k not in ("lowmoe_report.json", "README.md")}  # noqa: E731
     assert files(tmp_path / "lazy") == files(tmp_path / "whole")

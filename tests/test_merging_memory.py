@@ -44,3 +44,58 @@ def test_merging_peak_rss_flat_in_layers(models, tmp_path, method, opts):
     p_big = _peak(big, tmp_path / "o12", calib, method, *opts)
     # 10 more layers are 126 MB more model; merging may add at most about one layer to the baseline's growth.
     assert (p_big - p_small) - frequency_growth < LAYER_BYTES, (p_small, p_big, frequency_growth)
+
+
+@pytest.mark.parametrize("method", ["plan", "c-prune"])
+def test_a_merge_decodes_only_its_sources(synth_dir, calib_txt, tmp_path, monkeypatch, method):
+    """Writing a merged layer of an unquantized per-expert checkpoint decodes each merged expert's
+    sources alone, never the whole layer (a saved merge plan; C-Prune's write pass), with the bytes of
+    the layer decoded whole."""
+    import lowmoe
+    from lowmoe.engine import rundir
+    from lowmoe.engine.checkpoint import Checkpoint
+    from lowmoe.engine.lazy import StoredTensor
+
+    from .helpers import dir_digest
+
+    src = synth_dir("mixtral")
+    ck = Checkpoint(src)
+    E = ck.num_experts
+    merge = [[0.5, 0.5] + [0.0] * (E - 2), [0.0, 0.0, 1.0] + [0.0] * (E - 3),
+             [0.0] * 5 + [0.25, 0.0, 0.75], [0.0] * 4 + [1.0] + [0.0] * (E - 5)]
+    plan = {"format": "lowmoe-plan/1", "num_experts_per_tok": 2,
+            "layers": {str(L): {"keep": [0, 2, 7, 4], "merge": merge} for L in ck.moe_layers()}}
+    opts = dict(plan=plan) if method == "plan" else dict(keep=4, method="c-prune", calib=[calib_txt], n_samples=4,
+                                                         seq_len=16, batch_size=2, method_options={"overflow": "merge"})
+    decoded: list[str] = []
+    read = StoredTensor.read
+
+    def counted(self):
+        decoded.append(self.key)
+        return read(self)
+
+    monkeypatch.setattr(StoredTensor, "read", counted)
+    real_write = rundir.PruneRun.write_layer
+    writing: list[str] = []
+
+    def write_layer(self, *a, **k):  # count the reads of the write pass only
+        n = len(decoded)
+        out = real_write(self, *a, **k)
+        writing.extend(decoded[n:])
+        return out
+
+    monkeypatch.setattr(rundir.PruneRun, "write_layer", write_layer)
+    rep = lowmoe.prune(src, tmp_path / "lazy", progress=False, **opts)
+    for L, lp in rep["plan"]["layers"].items():
+        rows = lp.get("merge")
+        sources = {i for row in rows for i, c in enumerate(row) if c != 0.0} if rows else set()
+        got = {int(k.split(".experts.")[1].split(".")[0]) for k in writing if k.startswith(f"model.layers.{L}.")}
+        assert got == sources, (L, got, sources)  # each source once per projection, the others never
+        assert sum(k.startswith(f"model.layers.{L}.") for k in writing) == 3 * len(sources)
+    monkeypatch.setattr(rundir, "read_lazy_layer", lambda ck, files, L: ck.read_layer(L))  # the whole-layer path
+    if method == "plan":
+        lowmoe.prune(src, tmp_path / "whole", progress=False, **opts)
+    else:
+        lowmoe.prune(src, tmp_path / "whole", plan=rep["plan"], progress=False)
+    files = lambda d: {k: v for k, v in dir_digest(d).items() if k not in ("lowmoe_report.json", "README.md")}  # noqa: E731
+    assert files(tmp_path / "lazy") == files(tmp_path / "whole")

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 import lowmoe
-from lowmoe import pipeline
+from lowmoe.engine import rundir
 from lowmoe.cli import main
 from lowmoe.engine import lazy
 from lowmoe.engine.apply import map_rows
@@ -233,7 +233,7 @@ def test_merge_decodes_only_the_merged_experts_sources(synth_dir, tmp_path, monk
     assert not b["model.layers.0.mlp.experts.down_proj_blocks"][4].any()  # zeros, as the full merge gives
     monkeypatch.setattr(QuantizedStored, "read", read)
     monkeypatch.setattr(lazy, "reads_lazily", lambda ck: False)  # the whole-layer path, for reference
-    monkeypatch.setattr(pipeline, "read_lazy_layer", lambda ck, files, L: ck.read_layer(L))
+    monkeypatch.setattr(rundir, "read_lazy_layer", lambda ck, files, L: ck.read_layer(L))
     lowmoe.prune(src, tmp_path / "whole", plan=plan, progress=False)
     files = lambda d: {k: v for k, v in dir_digest(d).items() if k not in ("lowmoe_report.json", "README.md")}  # noqa: E731
     assert files(tmp_path / "lazy") == files(tmp_path / "whole")

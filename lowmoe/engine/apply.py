@@ -312,6 +312,16 @@ def _merged_per_expert(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan,
                 yield f"{base}{j}.{suffix}", (lambda row=merge[j], keys=keys: merged(row, keys))
 
 
+def apply_layer_from_sources(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_experts: int) -> dict:
+    """``apply_layer``'s output for a merge plan (no extra fields) over a per-expert layout whose
+    experts are read on access (``tensors``: a ``lazy.LazyLayer``): each merged expert decodes only its
+    sources with a nonzero coefficient, one output expert at a time (``_merged_per_expert``), so the
+    layer is never decoded whole -- only its merged experts are held, as the writer needs them. The
+    same bits as ``apply_layer`` over the decoded layer (its float32 sums skip zero terms)."""
+    items = _merged_per_expert(adapter, layer_idx, tensors, lp, num_experts, [None] * len(lp.keep))
+    return {key: (t() if callable(t) else t) for key, t in items}
+
+
 def _stored_rows(entry, rows: list[int]) -> torch.Tensor:
     """Rows ``rows`` (dim 0) of a stored tensor: a read tensor, or a ``lazy.StoredTensor`` (only those
     rows' bytes read)."""

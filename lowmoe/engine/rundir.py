@@ -37,13 +37,14 @@ import torch
 from ..errors import OutputError
 from ..version import __version__
 from . import faults
-from .apply import PlanFields, apply_layer, apply_layer_quantized, patch_config
+from .apply import PlanFields, apply_layer, apply_layer_from_sources, apply_layer_quantized, patch_config
 from .card import invocation, write_model_card
 from .checkpoint import Checkpoint
-from .lazy import LazyLayer, selection_only
+from .lazy import LazyLayer, ShardFiles, read_lazy_layer, selection_only
 from .memory import cuda_peak_bytes, peak_rss_bytes
 from .plan import LayerPlan, Plan
 from .prefetch import IOStats, WriteBehind
+from .progress import progress
 from .writer import ShardWriter, parse_size, tensor_nbytes
 
 log = logging.getLogger(__name__)
@@ -328,8 +329,12 @@ class PruneRun:
         if tensors is None:
             tensors = self.ck.read_layer(layer_idx)
         if isinstance(tensors, LazyLayer):
-            # kept experts of a selection plan stay stored entries: the writer copies their bytes
             lp = self.layers.get(layer_idx) if layer_idx in self.moe else None
+            if (lp is not None and lp.merge is not None and not lp.extra and tensors.experts is not None
+                    and self.adapter.expert_layout == "per_expert"):
+                # a merge: each merged expert decodes only its sources, never the whole layer
+                return apply_layer_from_sources(self.adapter, layer_idx, tensors, lp, self.ck.num_experts)
+            # kept experts of a selection plan stay stored entries: the writer copies their bytes
             tensors = tensors.for_plan(selection_only(lp))
         if layer_idx in self.moe:
             return apply_layer(self.adapter, layer_idx, tensors, self.layers[layer_idx], self.ck.num_experts,
@@ -499,3 +504,18 @@ class PruneRun:
         faults.point("cleanup")
         (self.out / MANIFEST).unlink(missing_ok=True)  # last: until here, --resume finishes the run
         return report
+
+
+def write_layers(run: PruneRun, label: str, show_progress: bool) -> None:
+    """Write the rest of ``run``'s decoder layers (``run.next_layer`` on) with their plans
+    (``run.layers``), each read from the input as ``write_layer`` needs it: kept experts copied as
+    stored bytes, a merged expert decoding only its sources (``lazy.read_lazy_layer``), never a whole
+    layer decoded where the layout allows it. Each layer is recorded as done once written."""
+    ck = run.ck
+    files = ShardFiles(ck.path)
+    try:
+        for layer_idx in progress(range(run.next_layer, ck.num_layers), ck.num_layers - run.next_layer, label, show_progress):
+            run.write_layer(layer_idx, read_lazy_layer(ck, files, layer_idx), returned=False)
+            run.finish_layer(layer_idx)
+    finally:
+        files.close()

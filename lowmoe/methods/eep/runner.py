@@ -40,9 +40,8 @@ from ...engine import dist, faults
 from ...engine.apply import apply_layer
 from ...engine.budget import plan_population
 from ...engine.calibration import load_tokenizer
-from ...engine.progress import progress
 from ...engine.quant import QUANT_MODES, layer_weights
-from ...engine.rundir import WORK_DIR, write_json_atomic
+from ...engine.rundir import WORK_DIR, write_json_atomic, write_layers
 from ...errors import ConfigError
 from ..base import ScoreThenKeep
 from ..oneshot import decide_layers, guards
@@ -235,9 +234,7 @@ def run_eep(run, cfg, top_k: int) -> dict:
         write_json_atomic(final_path, {"best": best.to_json(), "report": report})
     # write every layer from the original weights (the checkpoint, never the quantized cache)
     run.layers = {L: space.layer_plan(best, L) for L in ck.moe_layers()}
-    for layer_idx in progress(range(run.next_layer, ck.num_layers), ck.num_layers - run.next_layer, "write", cfg.progress):
-        run.write_layer(layer_idx)
-        run.finish_layer(layer_idx)
+    write_layers(run, "write", cfg.progress)
     png = plot_curve(report.get("curve", []), run.out / "eep_fitness.png")
     return {"eep": {**report, "fitness_png": png}}
 

@@ -42,7 +42,7 @@ import torch
 
 from ...engine.plan import LayerPlan
 from ...engine.progress import progress
-from ...engine.rundir import WORK_DIR
+from ...engine.rundir import WORK_DIR, write_layers
 from ...engine.stream import walk, with_setup
 from ...errors import OutputError
 from ..oneshot import guards, protected_experts
@@ -152,9 +152,7 @@ def run_c_prune(run, cfg, top_k: int) -> dict:
                  **pass_report}
         plan_path.parent.mkdir(parents=True, exist_ok=True)
         plan_path.write_text(json.dumps({"layers": {str(k): v.to_json() for k, v in run.layers.items()}, "extra": extra}))
-    for layer_idx in progress(range(run.next_layer, ck.num_layers), ck.num_layers - run.next_layer, "c-prune: write", cfg.progress):
-        run.write_layer(layer_idx)
-        run.finish_layer(layer_idx)
+    write_layers(run, "c-prune: write", cfg.progress)
     return extra
 
 
