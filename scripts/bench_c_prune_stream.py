@@ -21,13 +21,12 @@ import hashlib
 import json
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from _bench import machine, save_result  # noqa: E402
-from bench_stream import GIB, build_mixtral_8x7b, child_peak
+from bench_stream import geometry_model, measured_child
 
 
 def weights_digest(out: Path) -> str:
@@ -46,11 +45,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    from lowmoe.engine.checkpoint import Checkpoint
-
-    model = build_mixtral_8x7b(Path(args.workdir) / "mixtral-8x7b-3l")
-    ck = Checkpoint(model)
-    largest = max(ck.layer_bytes(i) for i in range(ck.num_layers))
+    model, ck, largest = geometry_model(args.workdir)
     runs = {}
     with tempfile.TemporaryDirectory(prefix="bench-c-prune-", dir=args.workdir) as tmp:
         calib = Path(tmp) / "calib.txt"
@@ -60,21 +55,14 @@ def main() -> None:
             cmd = [sys.executable, "-m", "lowmoe", "-q", "prune", str(model), str(out), "--keep", "4", "--method", "c-prune",
                    "--calib", str(calib), "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len),
                    "--device", "cpu", *flags]
-            try:
-                wall, peak = child_peak(cmd)
-            except subprocess.CalledProcessError as e:  # e.g. a budget the run refuses: say so, go on
-                lines = (e.stderr or "").strip().splitlines()
-                said = [x for x in lines if x.startswith(("Error", "lowmoe: error"))] or lines[-1:] or [f"exit {e.returncode}"]
-                runs[name] = {"error": said[0]}
-                print(f"{name:10s} failed: {said[0]}", flush=True)
+            runs[name] = measured_child(name, cmd, largest)
+            if "error" in runs[name]:
                 continue
             rep = json.loads((out / "lowmoe_report.json").read_text())
-            runs[name] = {"wall_s": round(wall, 2), "peak_rss": peak, "peak_rss_over_largest_layer": round(peak / largest, 3),
-                          "weights_sha256": weights_digest(out), "plan": rep["plan"]["layers"],
-                          "group_sizes": (rep.get("budget") or {}).get("group_sizes"),
-                          "scoring_s": (rep.get("c_prune") or {}).get("scoring_s"), "stages": rep.get("stages")}
-            print(f"{name:10s} peak RSS {peak / GIB:5.2f} GiB ({peak / largest:.2f} x the largest layer, "
-                  f"{largest / GIB:.2f} GiB)  wall {wall:6.1f} s  groups {runs[name]['group_sizes']}", flush=True)
+            runs[name].update(weights_sha256=weights_digest(out), plan=rep["plan"]["layers"],
+                              group_sizes=(rep.get("budget") or {}).get("group_sizes"),
+                              scoring_s=(rep.get("c_prune") or {}).get("scoring_s"), stages=rep.get("stages"))
+            print(f"{'':10s} groups {runs[name]['group_sizes']}", flush=True)
             shutil.rmtree(out, ignore_errors=True)
     done = [r for r in runs.values() if "weights_sha256" in r]
     same = len(done) == 2 and done[0]["weights_sha256"] == done[1]["weights_sha256"]

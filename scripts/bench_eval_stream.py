@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from _bench import machine, save_result  # noqa: E402
-from bench_stream import GIB, build_mixtral_8x7b, child_peak
+from bench_stream import geometry_model, measured_child
 
 
 def main() -> None:
@@ -35,11 +34,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    from lowmoe.engine.checkpoint import Checkpoint
-
-    model = build_mixtral_8x7b(Path(args.workdir) / "mixtral-8x7b-3l")
-    ck = Checkpoint(model)
-    largest = max(ck.layer_bytes(i) for i in range(ck.num_layers))
+    model, ck, largest = geometry_model(args.workdir)
     runs = {}
     with tempfile.TemporaryDirectory(prefix="bench-eval-stream-") as tmp:
         qa = Path(tmp) / "qa.jsonl"
@@ -49,22 +44,14 @@ def main() -> None:
             out = Path(tmp) / "result.json"
             cmd = [sys.executable, "-m", "lowmoe", "-q", "eval", str(model), "--jsonl", str(qa), "--n", str(args.n),
                    "--streaming", "--batch-size", str(args.batch_size), "--device", "cpu", "--json", str(out), *flags]
-            try:
-                wall, peak = child_peak(cmd)
-            except subprocess.CalledProcessError as e:  # e.g. a budget the pass refuses: say so, go on
-                lines = (e.stderr or "").strip().splitlines()
-                said = [x for x in lines if x.startswith(("Error", "lowmoe: error"))] or lines[-1:] or [f"exit {e.returncode}"]
-                runs[name] = {"error": said[0]}
-                print(f"{name:18s} failed: {said[0]}", flush=True)
+            runs[name] = measured_child(name, cmd, largest)
+            if "error" in runs[name]:
                 continue
             res = json.loads(out.read_text())["result"]
             io = res.get("io") or {}
-            runs[name] = {"wall_s": round(wall, 2), "peak_rss": peak, "peak_rss_over_largest_layer": round(peak / largest, 3),
-                          "bytes_read": sum((io.get("bytes") or {}).values()), "perplexity": res["tasks"]["qa"]["perplexity"],
-                          "group_sizes": (res.get("budget") or {}).get("group_sizes"), "stages": res.get("stages")}
-            print(f"{name:18s} peak RSS {peak / GIB:5.2f} GiB ({peak / largest:.2f} x the largest layer, "
-                  f"{largest / GIB:.2f} GiB)  wall {wall:6.1f} s  groups {runs[name]['group_sizes']}  "
-                  f"perplexity {runs[name]['perplexity']:.4f}", flush=True)
+            runs[name].update(bytes_read=sum((io.get("bytes") or {}).values()), perplexity=res["tasks"]["qa"]["perplexity"],
+                              group_sizes=(res.get("budget") or {}).get("group_sizes"), stages=res.get("stages"))
+            print(f"{'':10s} groups {runs[name]['group_sizes']}  perplexity {runs[name]['perplexity']:.4f}", flush=True)
     same = len({r["perplexity"] for r in runs.values() if "perplexity" in r}) == 1
     print(f"same perplexity with and without the budget: {'yes' if same else 'NO'}")
     if args.json:

@@ -66,6 +66,31 @@ def child_peak(cmd: list[str]) -> tuple[float, int]:
     return wall, peak
 
 
+def geometry_model(workdir: str | Path):
+    """The Mixtral-8x7B geometry model under ``workdir`` (built once, kept), its ``Checkpoint`` and the
+    bytes of its largest layer."""
+    from lowmoe.engine.checkpoint import Checkpoint
+
+    model = build_mixtral_8x7b(Path(workdir) / "mixtral-8x7b-3l")
+    ck = Checkpoint(model)
+    return model, ck, max(ck.layer_bytes(i) for i in range(ck.num_layers))
+
+
+def measured_child(name: str, cmd: list[str], largest: int) -> dict:
+    """``cmd`` run as a child (``child_peak``): its wall and peak RSS (also against ``largest``), or,
+    when it fails (a budget the pass refuses), its one-line error. Prints a line either way."""
+    try:
+        wall, peak = child_peak(cmd)
+    except subprocess.CalledProcessError as e:
+        lines = (e.stderr or "").strip().splitlines()
+        said = [x for x in lines if x.startswith(("Error", "lowmoe: error"))] or lines[-1:] or [f"exit {e.returncode}"]
+        print(f"{name:10s} failed: {said[0]}", flush=True)
+        return {"error": said[0]}
+    print(f"{name:10s} peak RSS {peak / GIB:5.2f} GiB ({peak / largest:.2f} x the largest layer, {largest / GIB:.2f} GiB)  "
+          f"wall {wall:6.1f} s", flush=True)
+    return {"wall_s": round(wall, 2), "peak_rss": peak, "peak_rss_over_largest_layer": round(peak / largest, 3)}
+
+
 def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 

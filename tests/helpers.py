@@ -276,3 +276,27 @@ def prune_killed_after_layer(monkeypatch, layer_idx: int, *args, **kw) -> None:
         raise AssertionError(f"the run was not killed after layer {layer_idx}")
     finally:
         monkeypatch.setattr(PruneRun, "finish_layer", orig)
+
+
+def four_way_merge_plan(ck) -> dict:
+    """A saved plan merging every MoE layer of ``ck`` to 4 experts: 0 and 1 averaged, 2 alone
+    (coefficient 1), 5 and 7 mixed 1:3, 4 alone; the other experts are nobody's source."""
+    E = ck.num_experts
+    merge = [[0.5, 0.5] + [0.0] * (E - 2), [0.0, 0.0, 1.0] + [0.0] * (E - 3),
+             [0.0] * 5 + [0.25, 0.0, 0.75], [0.0] * 4 + [1.0] + [0.0] * (E - 5)]
+    return {"format": "lowmoe-plan/1", "num_experts_per_tok": 2,
+            "layers": {str(L): {"keep": [0, 2, 7, 4], "merge": merge} for L in ck.moe_layers()}}
+
+
+def count_decodes(monkeypatch, cls) -> list[str]:
+    """Patch ``cls.read`` (a stored entry decoded: ``lazy.StoredTensor``, ``lazy.QuantizedStored``) to
+    record each entry's key; returns the list it fills."""
+    decoded: list[str] = []
+    read = cls.read
+
+    def counted(self):
+        decoded.append(self.key)
+        return read(self)
+
+    monkeypatch.setattr(cls, "read", counted)
+    return decoded

@@ -23,7 +23,7 @@ from lowmoe.engine.formats import (FP8_MAX, QuantFormat, detect_format, fp8_bloc
                                    fp8_scale_shape, roundtrip_error)
 from lowmoe.errors import CheckpointError, LowmoeError
 
-from .helpers import dir_digest, prune_killed_after_layer
+from .helpers import count_decodes, dir_digest, four_way_merge_plan, prune_killed_after_layer
 from .quantized import IDS, load, reference_pruned, same_bytes, stored
 
 FP8 = torch.float8_e4m3fn
@@ -327,19 +327,8 @@ def test_merge_decodes_only_the_merged_experts_sources(synth_dir, tmp_path, monk
     merge kernel in ``test_merged_experts_are_requantized``)."""
     src = synth_dir("deepseek_v3", **SYNTH)
     ck = Checkpoint(src)
-    E = ck.num_experts
-    merge = [[0.5, 0.5] + [0.0] * (E - 2), [0.0, 0.0, 1.0] + [0.0] * (E - 3),
-             [0.0] * 5 + [0.25, 0.0, 0.75], [0.0] * 4 + [1.0] + [0.0] * (E - 5)]
-    plan = {"format": "lowmoe-plan/1", "num_experts_per_tok": 2,
-            "layers": {str(L): {"keep": [0, 2, 7, 4], "merge": merge} for L in ck.moe_layers()}}
-    decoded: list[str] = []
-    read = QuantizedStored.read
-
-    def counted(self):
-        decoded.append(self.key)
-        return read(self)
-
-    monkeypatch.setattr(QuantizedStored, "read", counted)
+    plan = four_way_merge_plan(ck)
+    decoded = count_decodes(monkeypatch, QuantizedStored)
     lowmoe.prune(src, tmp_path / "lazy", plan=plan, progress=False)
     experts = {int(k.split(".experts.")[1].split(".")[0]) for k in decoded}
     assert experts == {0, 1, 5, 7}, "only the sources of the merged rows are decoded"

@@ -56,25 +56,13 @@ def test_a_merge_decodes_only_its_sources(synth_dir, calib_txt, tmp_path, monkey
     from lowmoe.engine.checkpoint import Checkpoint
     from lowmoe.engine.lazy import StoredTensor
 
-    from .helpers import dir_digest
+    from .helpers import count_decodes, dir_digest, four_way_merge_plan
 
     src = synth_dir("mixtral")
-    ck = Checkpoint(src)
-    E = ck.num_experts
-    merge = [[0.5, 0.5] + [0.0] * (E - 2), [0.0, 0.0, 1.0] + [0.0] * (E - 3),
-             [0.0] * 5 + [0.25, 0.0, 0.75], [0.0] * 4 + [1.0] + [0.0] * (E - 5)]
-    plan = {"format": "lowmoe-plan/1", "num_experts_per_tok": 2,
-            "layers": {str(L): {"keep": [0, 2, 7, 4], "merge": merge} for L in ck.moe_layers()}}
+    plan = four_way_merge_plan(Checkpoint(src))
     opts = dict(plan=plan) if method == "plan" else dict(keep=4, method="c-prune", calib=[calib_txt], n_samples=4,
                                                          seq_len=16, batch_size=2, method_options={"overflow": "merge"})
-    decoded: list[str] = []
-    read = StoredTensor.read
-
-    def counted(self):
-        decoded.append(self.key)
-        return read(self)
-
-    monkeypatch.setattr(StoredTensor, "read", counted)
+    decoded = count_decodes(monkeypatch, StoredTensor)
     real_write = rundir.PruneRun.write_layer
     writing: list[str] = []
 
