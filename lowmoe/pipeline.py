@@ -41,7 +41,7 @@ from .engine.plan import LayerPlan, Plan
 from .engine.progress import progress
 from .engine.rundir import (MANIFEST, REPORT, WORK_DIR, OutputLock, PruneRun, check_output, fingerprint, output_os_error,
                             prepare_output, write_layers)
-from .engine.stream import Stream, calibration_tokens, plan_stream_budget, readahead, with_setup
+from .engine.stream import Stream, calibration_tokens, plan_stream_budget, readahead
 from .engine.writer import parse_size
 from .errors import ConfigError, DistributedError, LowmoeError, OutputError, PlanError, UnsupportedModelError
 from .methods.oneshot import decide_layers, guards, protected_experts
@@ -413,13 +413,8 @@ def _score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int, keep_n: int, t
             "cache_bytes_written": stream.cache.bytes_written,
             "super_experts": next((g.summary for g in guarding if getattr(g, "summary", None)), {}),
             "super_expert_profile": next((g.cache for g in guarding if getattr(g, "cache", None)), {}),
-            "io": {**stream.io.to_json(time.perf_counter() - t_start), **stream.files.to_json()},
-            "stages": with_setup(stream.stages(time.perf_counter() - t_begin, since=before), setup,
-                                  time.perf_counter() - t_begin),
             "profile_s": round(t_start - t_profile, 4),
-            "activations": stream.activation_report(),
-            "experts_impl": stream.skel.experts_impl,
-            "budget": stream.placer.report()}
+            **stream.pass_report(t_begin, t_start, setup, since=before)}
 
 
 def profile_model(model: str | Path, calib, *, seq_len: int = 256, n_samples: int = 64, layout: str = "pack",

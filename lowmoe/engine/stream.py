@@ -17,6 +17,7 @@ either the original or the plan-applied layer's outputs to the next boundary.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -188,6 +189,16 @@ class Stream:
         self.placer.close()
         release_blas_workspaces(self.device)
         release_pinned_cache(self.device)
+
+    def pass_report(self, t_begin: float, t_start: float, setup: dict[str, float], since=None) -> dict:
+        """A streamed pass's report entries, now: ``io`` (reads and waits over the layers' wall, from
+        ``t_start``, and the shard reads), ``stages`` (``setup`` first, then the pass's stages since
+        ``since``; shares of the wall from ``t_begin``), ``activations``, ``experts_impl``, ``budget``."""
+        now = time.perf_counter()
+        return {"io": {**self.io.to_json(now - t_start), **self.files.to_json()},
+                "stages": with_setup(self.stages(now - t_begin, since=since), setup, now - t_begin),
+                "activations": self.activation_report(), "experts_impl": self.skel.experts_impl,
+                "budget": self.placer.report()}
 
     def stages(self, wall_s: float | None = None, since=None) -> dict:
         """Where the pass's time went, per stage (``prefetch.STAGES``): the report's "stages"

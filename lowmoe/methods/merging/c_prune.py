@@ -43,7 +43,7 @@ import torch
 from ...engine.plan import LayerPlan
 from ...engine.progress import progress
 from ...engine.rundir import WORK_DIR, write_layers
-from ...engine.stream import walk, with_setup
+from ...engine.stream import walk
 from ...errors import OutputError
 from ..oneshot import guards, protected_experts
 from .align import align_groups
@@ -189,9 +189,6 @@ def _scoring_pass(run, cfg, stream, t_begin: float, t_tokens: float) -> tuple[di
     for _ in progress(steps, len(reader), "c-prune: score", cfg.progress):
         pass
     stream.cache.drop(ck.num_layers)
-    t_end = time.perf_counter()
     return summaries, protected_by_layer, {
-        "scoring_s": round(t_end - t_score, 3), "cache_bytes_written": stream.cache.bytes_written,
-        "io": {**stream.io.to_json(t_end - t_score), **stream.files.to_json()},
-        "stages": with_setup(stream.stages(t_end - t_begin, since=before), setup, t_end - t_begin),
-        "experts_impl": stream.skel.experts_impl, "budget": stream.placer.report()}
+        "scoring_s": round(time.perf_counter() - t_score, 3), "cache_bytes_written": stream.cache.bytes_written,
+        **stream.pass_report(t_begin, t_score, setup, since=before)}
