@@ -49,8 +49,8 @@ def test_merging_peak_rss_flat_in_layers(models, tmp_path, method, opts):
 @pytest.mark.parametrize("method", ["plan", "c-prune"])
 def test_a_merge_decodes_only_its_sources(synth_dir, calib_txt, tmp_path, monkeypatch, method):
     """Writing a merged layer of an unquantized per-expert checkpoint decodes each merged expert's
-    sources alone, never the whole layer (a saved merge plan; C-Prune's write pass), with the bytes of
-    the layer decoded whole."""
+    sources alone, never the whole layer, and copies a row that is one source with coefficient 1 as
+    stored bytes (a saved merge plan; C-Prune's write pass), with the bytes of the layer decoded whole."""
     import lowmoe
     from lowmoe.engine import rundir
     from lowmoe.engine.checkpoint import Checkpoint
@@ -75,8 +75,10 @@ def test_a_merge_decodes_only_its_sources(synth_dir, calib_txt, tmp_path, monkey
     monkeypatch.setattr(rundir.PruneRun, "write_layer", write_layer)
     rep = lowmoe.prune(src, tmp_path / "lazy", progress=False, **opts)
     for L, lp in rep["plan"]["layers"].items():
-        rows = lp.get("merge")
-        sources = {i for row in rows for i, c in enumerate(row) if c != 0.0} if rows else set()
+        rows = lp.get("merge") or []
+        # a row that is one source with coefficient 1 is that source's stored bytes, copied
+        merged = [row for row in rows if [c for c in row if c != 0.0] != [1.0]]
+        sources = {i for row in merged for i, c in enumerate(row) if c != 0.0}
         got = {int(k.split(".experts.")[1].split(".")[0]) for k in writing if k.startswith(f"model.layers.{L}.")}
         assert got == sources, (L, got, sources)  # each source once per projection, the others never
         assert sum(k.startswith(f"model.layers.{L}.") for k in writing) == 3 * len(sources)

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from .adapters import ALL_EXPERT_COUNT_KEYS, Adapter
+from .lazy import QuantizedStored
 from .plan import LayerPlan, Plan
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,23 @@ class PlanFields:
     ``pre``: fields applied to the layer's *input* tensors before keep/merge (e.g. ``align``: neuron
     permutations that leave each expert's function unchanged): name -> fn(adapter, layer_idx,
     tensors, value) -> tensors. ``post``: fields applied to the kept/merged experts: name ->
-    fn(adapter, layer_idx, experts_out, originals, value) -> experts_out. The methods that make such
-    plans supply them (``lowmoe.methods.PLAN_FIELDS``); a field nobody knows is left alone."""
+    fn(adapter, layer_idx, experts_out, originals, value) -> experts_out, where both mappings may
+    hold stored entries (``lazy.StoredTensor``...; read on use) and ``originals`` may be a
+    ``lazy.LazyLayer``. ``view``: a ``pre`` field applied on access instead, for a per-expert layout
+    read lazily: name -> fn(adapter, layer_idx, tensors, value) -> a mapping over the same keys that
+    computes an expert tensor when it is asked for (and whose ``stored(key)`` gives the entries it
+    leaves alone). The methods that make such plans supply them (``lowmoe.methods.PLAN_FIELDS``); a
+    field nobody knows is left alone."""
 
     pre: dict[str, Callable] = field(default_factory=dict)
     post: dict[str, Callable] = field(default_factory=dict)
+    view: dict[str, Callable] = field(default_factory=dict)
+
+    def from_sources(self, adapter: Adapter, lp: LayerPlan | None) -> bool:
+        """Whether ``apply_layer_from_sources`` applies ``lp``: a per-expert layout whose plan fields
+        are all views, post fields or unknown (a ``pre`` field without a view needs the whole layer)."""
+        return (lp is not None and adapter.expert_layout == "per_expert"
+                and all(n in self.view or n not in self.pre for n in lp.extra))
 
 
 NO_FIELDS = PlanFields()
@@ -162,8 +175,10 @@ def _expert_template(adapter: Adapter, layer_idx: int, key: str) -> str:
 
 def _copy_source(lp: LayerPlan, j: int, fields: PlanFields) -> int | None:
     """The source expert whose stored bytes output expert ``j`` can copy: plain selection, or a
-    merge row that is exactly one source with coefficient 1 (merged from itself alone); None when
-    ``j`` must be re-quantized (a real merge, or a plan field that rewrites experts)."""
+    merge row that is exactly one source with coefficient 1 (merged from itself alone: the same
+    bits); None when ``j`` must be computed (a real merge, or, with ``fields``, a plan field that
+    may rewrite experts: ``_from_sources`` passes no fields, since there a view's rewritten expert
+    has no stored entry and a post field rewrites what it reads)."""
     if any(n in fields.pre or n in fields.post for n in lp.extra):
         return None
     if lp.merge is None:
@@ -198,8 +213,11 @@ def apply_layer_quantized(adapter: Adapter, layer_idx: int, fmt, stored: dict[st
     out: dict[str, torch.Tensor] = {}
     requantized: set[int] = set()  # output experts
     fused_rows = adapter.expert_layout == "fused" and not lp.extra
-    if adapter.expert_layout == "per_expert" and not lp.extra:
-        items = _merged_per_expert(adapter, layer_idx, tensors, lp, num_experts, sources)
+    if fields.from_sources(adapter, lp):
+        # rows that are one source with coefficient 1 come as that source's stored entry where the plan's
+        # fields leave it as it is (copied below), else computed
+        items = _from_sources(adapter, layer_idx, tensors, lp, num_experts, fields,
+                              [_copy_source(lp, j, NO_FIELDS) for j in range(len(lp.keep))])
     elif fused_rows:
         items = _merged_fused(adapter, layer_idx, tensors, lp, num_experts, sources, quantized)
     else:
@@ -221,6 +239,9 @@ def apply_layer_quantized(adapter: Adapter, layer_idx: int, fmt, stored: dict[st
             if src is not None:  # one source, coefficient 1: its stored bytes
                 for p_out, p_in in zip(fmt.parts(key), fmt.parts(template.replace(".*.", f".{src}.", 1))):
                     out[p_out] = stored[p_in]
+                continue
+            if isinstance(t, QuantizedStored):  # an expert a plan field left as it was: its stored bytes
+                out[fmt.parts(key)[0]], out[fmt.parts(key)[1]] = t.main, t.scale
                 continue
         if fused_rows and key not in router_keys:
             # the rows (output experts) that are one source with coefficient 1 take that source's
@@ -303,22 +324,58 @@ def _merged_per_expert(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan,
             return torch.zeros_like(tensors[keys[0]])
         return merge_experts([tensors[keys[i]] for i in ids], torch.tensor([[row[i] for i in ids]]))[0]
 
+    stored = tensors.stored if hasattr(tensors, "stored") else (lambda k: None)
     for suffix, keys in suffixes.items():
         for j in range(len(lp.keep)):
             src = sources[j]
-            if src is not None and lp.merge is None:
-                yield f"{base}{j}.{suffix}", (lambda k=keys[src]: tensors[k])
+            if src is not None:  # one source, coefficient 1: its stored entry (bytes copied), or the tensor
+                yield f"{base}{j}.{suffix}", stored(keys[src]) or (lambda k=keys[src]: tensors[k])
             else:
                 yield f"{base}{j}.{suffix}", (lambda row=merge[j], keys=keys: merged(row, keys))
 
 
-def apply_layer_from_sources(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_experts: int) -> dict:
-    """``apply_layer``'s output for a merge plan (no extra fields) over a per-expert layout whose
-    experts are read on access (``tensors``: a ``lazy.LazyLayer``): each merged expert decodes only its
-    sources with a nonzero coefficient, one output expert at a time (``_merged_per_expert``), so the
-    layer is never decoded whole -- only its merged experts are held, as the writer needs them. The
-    same bits as ``apply_layer`` over the decoded layer (its float32 sums skip zero terms)."""
-    items = _merged_per_expert(adapter, layer_idx, tensors, lp, num_experts, [None] * len(lp.keep))
+def _from_sources(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_experts: int, fields: PlanFields,
+                  sources: list[int | None]):
+    """``apply_layer(...).items()`` for a per-expert layout, computed from each output expert's sources
+    (``fields.from_sources(adapter, lp)``): plan fields with a view are applied on access
+    (``PlanFields.view``); a merge decodes, per output expert, only its sources
+    (``_merged_per_expert``); a selection passes the kept experts' stored entries through, renamed;
+    then post fields rewrite the output experts, reading what they use. Values may be thunks (call
+    them) or stored entries (``read()`` them, or let the writer copy their bytes)."""
+    for name, value in lp.extra.items():
+        view = fields.view.get(name)
+        if view is not None:
+            tensors = view(adapter, layer_idx, tensors, value)
+    posts = [(fields.post[n], v) for n, v in lp.extra.items() if n in fields.post]
+    if lp.merge is not None:
+        items = _merged_per_expert(adapter, layer_idx, tensors, lp, num_experts, sources)
+    else:
+        entries = {k: tensors.stored(k) or tensors[k] if hasattr(tensors, "stored") else tensors[k] for k in tensors}
+        items = apply_layer(adapter, layer_idx, entries, LayerPlan(lp.keep, router=lp.router), num_experts).items()
+    if not posts:
+        yield from items
+        return
+    prefix = adapter.layer_prefix(layer_idx)
+    out, experts_out = {}, {}
+    for key, t in items:
+        (experts_out if adapter.is_expert_key(key[len(prefix):]) else out)[key] = t() if callable(t) else t
+    for fn, value in posts:
+        experts_out = fn(adapter, layer_idx, experts_out, tensors, value)
+    out.update(experts_out)
+    yield from out.items()
+
+
+def apply_layer_from_sources(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_experts: int,
+                             fields: PlanFields | None = None) -> dict:
+    """``apply_layer``'s output for a plan over a per-expert layout whose experts are read on access
+    (``tensors``: a ``lazy.LazyLayer``; ``fields.from_sources(adapter, lp)``): each merged expert
+    decodes only its sources with a nonzero coefficient, one output expert at a time
+    (``_merged_per_expert``), plan fields apply through views and post fields (``_from_sources``), and
+    experts the plan leaves as they are stay stored entries, so the layer is never decoded whole --
+    only its rewritten experts are held, as the writer needs them. The same bits as ``apply_layer``
+    over the decoded layer (its float32 sums skip zero terms; a view permutes the stored values)."""
+    items = _from_sources(adapter, layer_idx, tensors, lp, num_experts, fields or NO_FIELDS,
+                          [_copy_source(lp, j, NO_FIELDS) for j in range(len(lp.keep))])
     return {key: (t() if callable(t) else t) for key, t in items}
 
 

@@ -340,6 +340,9 @@ class LazyLayer(Mapping):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def __contains__(self, key) -> bool:  # without reading (``Mapping``'s would decode the tensor)
+        return key in self._read or key in self._stored
+
     @property
     def resident(self) -> dict[str, torch.Tensor]:
         """The tensors that were read (everything but the routed experts)."""

@@ -37,7 +37,7 @@ import torch
 from ..errors import OutputError
 from ..version import __version__
 from . import faults
-from .apply import PlanFields, apply_layer, apply_layer_from_sources, apply_layer_quantized, patch_config
+from .apply import NO_FIELDS, PlanFields, apply_layer, apply_layer_from_sources, apply_layer_quantized, patch_config
 from .card import invocation, write_model_card
 from .checkpoint import Checkpoint
 from .lazy import LazyLayer, ShardFiles, read_lazy_layer, selection_only
@@ -255,7 +255,7 @@ class PruneRun:
         self.ck = ck
         self.out = Path(out)
         self.fingerprint = fingerprint
-        self.plan_fields = plan_fields
+        self.plan_fields = plan_fields or NO_FIELDS
         self.writer = ShardWriter(self.out, parse_size(max_shard_size))
         self.adapter = ck.adapter
         self.moe = set(ck.moe_layers())
@@ -330,10 +330,11 @@ class PruneRun:
             tensors = self.ck.read_layer(layer_idx)
         if isinstance(tensors, LazyLayer):
             lp = self.layers.get(layer_idx) if layer_idx in self.moe else None
-            if (lp is not None and lp.merge is not None and not lp.extra and tensors.experts is not None
-                    and self.adapter.expert_layout == "per_expert"):
-                # a merge: each merged expert decodes only its sources, never the whole layer
-                return apply_layer_from_sources(self.adapter, layer_idx, tensors, lp, self.ck.num_experts)
+            if (not selection_only(lp) and lp is not None and tensors.experts is not None
+                    and self.plan_fields.from_sources(self.adapter, lp)):
+                # a merge or plan fields: each rewritten expert decodes only its sources, never the whole layer
+                return apply_layer_from_sources(self.adapter, layer_idx, tensors, lp, self.ck.num_experts,
+                                                fields=self.plan_fields)
             # kept experts of a selection plan stay stored entries: the writer copies their bytes
             tensors = tensors.for_plan(selection_only(lp))
         if layer_idx in self.moe:
@@ -353,10 +354,11 @@ class PruneRun:
             out, _ = apply_layer_quantized(self.adapter, layer_idx, ck.quant_format, stored, None, lp, ck.num_experts,
                                            fields=self.plan_fields)
             return out
-        if isinstance(tensors, LazyLayer) and tensors.experts is not None and lp is not None and not lp.extra:
-            # a merge over experts read lazily (per expert, or rows of MXFP4's fused tensors): copied
-            # experts stay stored entries, and each merged one decodes only its sources
-            # (apply_layer_quantized), never the whole layer
+        if (isinstance(tensors, LazyLayer) and tensors.experts is not None and lp is not None
+                and (not lp.extra or self.plan_fields.from_sources(self.adapter, lp))):
+            # a merge over experts read lazily (per expert, or rows of MXFP4's fused tensors), or plan
+            # fields over per-expert ones: copied experts stay stored entries, and each rewritten one
+            # decodes only its sources (apply_layer_quantized), never the whole layer
             out, stats = apply_layer_quantized(self.adapter, layer_idx, ck.quant_format,
                                                self._lazy_stored(layer_idx, tensors), tensors, lp,
                                                ck.num_experts, fields=self.plan_fields)

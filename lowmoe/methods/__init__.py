@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from .base import LayerMethod, ScoreThenKeep
 from .eep import run_eep
 from .eep.runner import OPTION_NAMES as EEP_OPTION_NAMES, parse_options as parse_eep_options
-from .merging import DiverseGroup, Dern, HcMerge, MergeFreq, apply_alignment, apply_neurons, run_c_prune
+from .merging import AlignedLayer, DiverseGroup, Dern, HcMerge, MergeFreq, apply_alignment, apply_neurons, run_c_prune
 from .merging.c_prune import OPTIONS as C_PRUNE_OPTIONS
 from .options import parse_options
 from .reconstruction import ReconstructionMethod
@@ -39,7 +39,7 @@ RUNNERS = {"eep": run_eep, "c-prune": run_c_prune}
 LAZY_RUNNERS = ("c-prune",)
 # runners that share their work among the processes of a torchrun launch (``engine.dist``)
 DISTRIBUTED = ("eep",)
-PLAN_FIELDS = PlanFields(pre={"align": apply_alignment}, post={"neurons": apply_neurons})
+PLAN_FIELDS = PlanFields(pre={"align": apply_alignment}, post={"neurons": apply_neurons}, view={"align": AlignedLayer})
 
 
 def option_spec(name: str) -> dict:

@@ -13,11 +13,11 @@ registry (``lowmoe.methods``) hands to the engine, so ``--plan`` re-applies merg
 
 from __future__ import annotations
 
-from .align import apply_alignment
+from .align import AlignedLayer, apply_alignment
 from .c_prune import run_c_prune
 from .dern import Dern, apply_neurons
 from .diverse_group import DiverseGroup
 from .hc_merge import HcMerge
 from .merge_freq import MergeFreq
 
-__all__ = ["DiverseGroup", "Dern", "HcMerge", "MergeFreq", "apply_alignment", "apply_neurons", "run_c_prune"]
+__all__ = ["AlignedLayer", "DiverseGroup", "Dern", "HcMerge", "MergeFreq", "apply_alignment", "apply_neurons", "run_c_prune"]

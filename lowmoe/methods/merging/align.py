@@ -18,10 +18,13 @@ the merge (``PLAN_FIELDS.pre["align"]`` (``lowmoe.methods``)). The plan stores, 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ...errors import PlanError
-from .stats import expert_dtype, expert_weights, neuron_features, permute_neurons, set_expert_weights
+from .stats import (NEURON_DIM, PROJS, expert_dtype, expert_weights, has_expert, neuron_features, num_neurons,
+                    permute_neurons, read, set_expert_weights)
 
 
 def alignment(leader: dict[str, torch.Tensor], member: dict[str, torch.Tensor]) -> list[int]:
@@ -58,22 +61,73 @@ def align_groups(adapter, layer_idx: int, tensors: dict[str, torch.Tensor], grou
     return out
 
 
+def _permutations(adapter, layer_idx: int, tensors, value) -> list[tuple[int, torch.Tensor]]:
+    """The plan's ``align`` value checked against the layer (nothing read): (expert, permutation) by
+    expert id."""
+    if not isinstance(value, dict):
+        raise PlanError(f"layer {layer_idx} 'align': expected an object {{expert id: permutation}}")
+    n = num_neurons(adapter, layer_idx, tensors)
+    out = []
+    for key, perm in value.items():
+        try:
+            e = int(key)
+        except (TypeError, ValueError):
+            e = -1
+        if not has_expert(adapter, layer_idx, tensors, e):
+            raise PlanError(f"layer {layer_idx} 'align': {key!r} is not an expert of this layer")
+        if not isinstance(perm, list) or sorted(perm) != list(range(n)):
+            raise PlanError(f"layer {layer_idx} 'align'[{key!r}]: expected a permutation of 0..{n - 1}")
+        out.append((e, torch.tensor(perm)))
+    return sorted(out, key=lambda ep: ep[0])
+
+
 def apply_alignment(adapter, layer_idx: int, tensors: dict[str, torch.Tensor], value) -> dict[str, torch.Tensor]:
     """``PLAN_FIELDS.pre["align"]`` (``lowmoe.methods``): the layer's tensors with the plan's experts permuted.
     Returns a new dict; the input tensors are left untouched."""
-    if not isinstance(value, dict):
-        raise PlanError(f"layer {layer_idx} 'align': expected an object {{expert id: permutation}}")
+    perms = _permutations(adapter, layer_idx, tensors, value)
     out = dict(tensors)
     cloned: set[str] = set()
     dtype = expert_dtype(adapter, layer_idx, tensors)
-    for key, perm in sorted(value.items(), key=lambda kv: int(kv[0])):
-        try:
-            e = int(key)
-            w = expert_weights(adapter, layer_idx, tensors, e)
-        except (ValueError, KeyError, IndexError):
-            raise PlanError(f"layer {layer_idx} 'align': {key!r} is not an expert of this layer") from None
-        n = w["gate"].shape[0]
-        if not isinstance(perm, list) or sorted(perm) != list(range(n)):
-            raise PlanError(f"layer {layer_idx} 'align'[{key!r}]: expected a permutation of 0..{n - 1}")
-        set_expert_weights(adapter, layer_idx, out, e, permute_neurons(w, torch.tensor(perm)), dtype, cloned)
+    for e, perm in perms:
+        set_expert_weights(adapter, layer_idx, out, e, permute_neurons(expert_weights(adapter, layer_idx, tensors, e), perm),
+                           dtype, cloned)
     return out
+
+
+class AlignedLayer(Mapping):
+    """``PLAN_FIELDS.view["align"]`` (``lowmoe.methods``): ``apply_alignment``'s result computed on
+    access, for a per-expert layout. An expert tensor the plan permutes is read when asked for and its
+    neurons permuted then (a permutation of the stored values: the same bits as ``apply_alignment``);
+    every other tensor is the layer's own, a stored entry staying one (``stored``), so a lazily read
+    layer (``lazy.LazyLayer``) is never decoded whole."""
+
+    def __init__(self, adapter, layer_idx: int, tensors, value):
+        if adapter.expert_layout != "per_expert":
+            raise ValueError("AlignedLayer: a per-expert layout")
+        self._tensors = tensors
+        self._perm: dict[str, tuple[int, torch.Tensor]] = {}  # key -> (neuron dim, permutation)
+        for e, perm in _permutations(adapter, layer_idx, tensors, value):
+            for key, name in zip(adapter.expert_keys(layer_idx, e), PROJS):
+                self._perm[key] = (NEURON_DIM[name], perm)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        t = read(self._tensors[key])
+        if key not in self._perm:
+            return t
+        dim, perm = self._perm[key]
+        return t.index_select(dim, perm)
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, key) -> bool:
+        return key in self._tensors
+
+    def stored(self, key: str):
+        """The stored entry of a tensor left as it is (None for a permuted one: it must be computed)."""
+        if key in self._perm or not hasattr(self._tensors, "stored"):
+            return None
+        return self._tensors.stored(key)

@@ -34,7 +34,8 @@ from ..base import LayerMethod
 from ...engine.plan import LayerPlan
 from ..scoring import choose_keep
 from .common import parse_options
-from .stats import LayerStats, expert_dtype, expert_weights, neuron_features, set_expert_weights
+from .stats import (LayerStats, entry, expert_dtype, expert_weights, has_expert, hidden_size, neuron_features,
+                    num_neurons, set_expert_weights)
 
 ROWS = 4096  # segments matched per block: bounds the (rows, I) similarity buffer
 
@@ -114,55 +115,91 @@ class Dern(LayerMethod):
         return {"tokens": self.stats.tokens, "routed_tokens": self.stats.counts.tolist(), **self.info}
 
 
+def _stored_nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return sum(p.nbytes for p in value.parts().values())
+
+
+def _slot_blocks(adapter, layer_idx: int, originals, slots: list[int]) -> list[list[int]]:
+    """``slots`` in blocks whose float32 sums (one expert each) together take at most the layer's
+    experts as stored (at least one slot a block): the write holds about one layer whatever the keep."""
+    prefix = adapter.layer_prefix(layer_idx)
+    stored = sum(_stored_nbytes(entry(originals, k)) for k in originals if adapter.is_expert_key(k[len(prefix):]))
+    n, h = num_neurons(adapter, layer_idx, originals), hidden_size(adapter, layer_idx, originals)
+    per_slot = 4 * 3 * n * h
+    size = max(1, stored // per_slot)
+    return [slots[i:i + size] for i in range(0, len(slots), size)]
+
+
 def apply_neurons(adapter, layer_idx: int, experts_out: dict[str, torch.Tensor], originals: dict[str, torch.Tensor],
                   value) -> dict[str, torch.Tensor]:
-    """``PLAN_FIELDS.post["neurons"]`` (``lowmoe.methods``): step 4 of the module docstring on the output experts."""
+    """``PLAN_FIELDS.post["neurons"]`` (``lowmoe.methods``): step 4 of the module docstring on the output experts.
+
+    ``experts_out`` (the kept experts, renumbered) and ``originals`` (the layer's experts) may hold
+    stored entries or be a ``lazy.LazyLayer``: an expert is read when it is used. The slots that
+    receive segments are merged a block at a time (``_slot_blocks``: float32 sums of at most the
+    layer's stored bytes), each source expert read once per block that it feeds, one at a time, so the
+    layer is never decoded whole; a slot's sums are the same in any blocking (each source adds in the
+    same order), so the same bits. Slots that receive nothing are returned as given (stored entries
+    stay entries: copied as bytes)."""
     where = f"layer {layer_idx} 'neurons'"
     if not isinstance(value, dict) or not isinstance(value.get("slot_weights"), list) or not isinstance(value.get("sources"), dict):
         raise PlanError(f"{where}: expected {{'slot_weights': [...], 'sources': {{expert: {{weight, slot, neuron}}}}}}")
     slot_w = [float(x) for x in value["slot_weights"]]
-    out = dict(experts_out)
-    dtype = expert_dtype(adapter, layer_idx, originals)
-    sums = [{k: v * w for k, v in expert_weights(adapter, layer_idx, experts_out, j).items()} for j, w in enumerate(slot_w)]
-    dens = [torch.full((s["gate"].shape[0],), w) for s, w in zip(sums, slot_w)]
-    touched = set()
-    for key, src in sorted(value["sources"].items(), key=lambda kv: int(kv[0])):
+    n = num_neurons(adapter, layer_idx, originals)
+    sources = []  # (expert, slot per neuron, neuron per neuron, weight), by expert id
+    for key, src in value["sources"].items():
         try:
-            seg = expert_weights(adapter, layer_idx, originals, int(key))
-        except (ValueError, KeyError, IndexError):
-            raise PlanError(f"{where}: source {key!r} is not an expert of this layer") from None
-        n = seg["gate"].shape[0]
-        slot, neuron, w = src.get("slot"), src.get("neuron"), float(src.get("weight", 0.0))
+            d = int(key)
+        except (TypeError, ValueError):
+            d = -1
+        if not has_expert(adapter, layer_idx, originals, d):
+            raise PlanError(f"{where}: source {key!r} is not an expert of this layer")
+        slot, neuron = src.get("slot"), src.get("neuron")
         if not (isinstance(slot, list) and isinstance(neuron, list) and len(slot) == n == len(neuron)
                 and all(0 <= s < len(slot_w) for s in slot) and all(0 <= m < n for m in neuron)):
             raise PlanError(f"{where}: source {key!r} needs 'slot' and 'neuron' lists of {n} valid indices")
-        slot_t, neuron_t = torch.tensor(slot), torch.tensor(neuron)
-        for j in set(slot):
-            sel = (slot_t == j).nonzero(as_tuple=True)[0]  # this source's neurons going to slot j
-            dst = neuron_t[sel]
-            for name, t in seg.items():
-                if name == "down_bias":
-                    continue
-                if name == "down":  # (H, I): neurons are columns
-                    sums[j][name].index_add_(1, dst, t[:, sel] * w)
-                else:  # (I, H) or (I,): neurons are rows
-                    sums[j][name].index_add_(0, dst, t[sel] * w)
-            dens[j].index_add_(0, dst, torch.full((len(sel),), w))
-            touched.add(j)
+        sources.append((d, torch.tensor(slot), torch.tensor(neuron), float(src.get("weight", 0.0))))
+    sources.sort(key=lambda s: s[0])
+    out = dict(experts_out)
+    dtype = expert_dtype(adapter, layer_idx, originals)
+    touched = sorted({int(j) for _, slot_t, _, _ in sources for j in slot_t.unique().tolist()})
     cloned: set[str] = set()
-    for j in sorted(touched):
-        own = expert_weights(adapter, layer_idx, experts_out, j)
-        ok = dens[j] > 0  # (I,): neurons with some merge weight; the rest (u_r = 0, no segment) stay as they were
-        den = dens[j].clamp_min(1e-30)
-        merged = {}
-        for name, t in sums[j].items():
-            if name == "down_bias":  # per expert, not per neuron: the retained expert's own
-                merged[name] = own[name]
-            elif name == "down":  # (H, I)
-                merged[name] = torch.where(ok[None, :], t / den[None, :], own[name])
-            elif t.dim() == 2:  # (I, H)
-                merged[name] = torch.where(ok[:, None], t / den[:, None], own[name])
-            else:  # (I,)
-                merged[name] = torch.where(ok, t / den, own[name])
-        set_expert_weights(adapter, layer_idx, out, j, merged, dtype, cloned)
+    for block in _slot_blocks(adapter, layer_idx, originals, touched):
+        sums = {j: {k: v * slot_w[j] for k, v in expert_weights(adapter, layer_idx, experts_out, j).items()} for j in block}
+        dens = {j: torch.full((n,), slot_w[j]) for j in block}
+        for d, slot_t, neuron_t, w in sources:
+            feeds = [j for j in block if bool((slot_t == j).any())]
+            if not feeds:
+                continue
+            seg = expert_weights(adapter, layer_idx, originals, d)
+            for j in feeds:
+                sel = (slot_t == j).nonzero(as_tuple=True)[0]  # this source's neurons going to slot j
+                dst = neuron_t[sel]
+                for name, t in seg.items():
+                    if name == "down_bias":
+                        continue
+                    if name == "down":  # (H, I): neurons are columns
+                        sums[j][name].index_add_(1, dst, t[:, sel] * w)
+                    else:  # (I, H) or (I,): neurons are rows
+                        sums[j][name].index_add_(0, dst, t[sel] * w)
+                dens[j].index_add_(0, dst, torch.full((len(sel),), w))
+            del seg
+        for j in block:
+            own = expert_weights(adapter, layer_idx, experts_out, j)
+            ok = dens[j] > 0  # (I,): neurons with some merge weight; the rest (u_r = 0, no segment) stay as they were
+            den = dens[j].clamp_min(1e-30)
+            merged = {}
+            for name, t in sums.pop(j).items():
+                if name == "down_bias":  # per expert, not per neuron: the retained expert's own
+                    merged[name] = own[name]
+                elif name == "down":  # (H, I)
+                    merged[name] = torch.where(ok[None, :], t / den[None, :], own[name])
+                elif t.dim() == 2:  # (I, H)
+                    merged[name] = torch.where(ok[:, None], t / den[:, None], own[name])
+                else:  # (I,)
+                    merged[name] = torch.where(ok, t / den, own[name])
+            set_expert_weights(adapter, layer_idx, out, j, merged, dtype, cloned)
+            del own, merged
     return out

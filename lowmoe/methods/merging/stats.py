@@ -42,20 +42,68 @@ def _fused_base(adapter, layer_idx: int) -> str:
     return adapter.layer_prefix(layer_idx) + adapter.moe_prefix + "experts."
 
 
+# ``tensors`` below is a layer's on-disk tensors: a dict whose values are tensors or stored entries
+# (``lazy.StoredTensor``/``StoredRows``/``QuantizedStored``: read on access), or a ``lazy.LazyLayer``.
+# The accessors read only what they return: one expert, or one row (expert) of a fused tensor.
+
+
+def entry(tensors, key: str):
+    """``tensors[key]`` without reading it: a lazily read layer's stored entry, else the value."""
+    stored = tensors.stored(key) if hasattr(tensors, "stored") else None
+    return tensors[key] if stored is None else stored
+
+
+def read(value) -> torch.Tensor:
+    """A tensor, or a stored entry decoded."""
+    return value if isinstance(value, torch.Tensor) else value.read()
+
+
+def _row(value, e: int) -> torch.Tensor:
+    """Row ``e`` (one expert of a fused tensor): only its bytes read when ``value`` is a stored entry."""
+    return value[e] if isinstance(value, torch.Tensor) else value.rows([e]).read()[0]
+
+
+def _dtype(value) -> torch.dtype:
+    return value.dtype if isinstance(value, torch.Tensor) else value.torch_dtype
+
+
 def expert_weights(adapter, layer_idx: int, tensors: dict[str, torch.Tensor], e: int) -> dict[str, torch.Tensor]:
     """Expert ``e`` of layer ``layer_idx`` in canonical float32 form (see module docstring)."""
     if adapter.expert_layout == "per_expert":
-        g, u, d = (tensors[k].float() for k in adapter.expert_keys(layer_idx, e))
+        g, u, d = (read(entry(tensors, k)).float() for k in adapter.expert_keys(layer_idx, e))
         return {"gate": g, "up": u, "down": d}
     base = _fused_base(adapter, layer_idx)
-    gu = tensors[base + "gate_up_proj"][e].float()  # (H, 2I)
-    out = {"gate": gu[:, ::2].T, "up": gu[:, 1::2].T, "down": tensors[base + "down_proj"][e].float().T}
+    if not has_expert(adapter, layer_idx, tensors, e):
+        raise IndexError(f"expert {e} is not one of layer {layer_idx}'s")
+    gu = _row(entry(tensors, base + "gate_up_proj"), e).float()  # (H, 2I)
+    out = {"gate": gu[:, ::2].T, "up": gu[:, 1::2].T, "down": _row(entry(tensors, base + "down_proj"), e).float().T}
     if base + "gate_up_proj_bias" in tensors:
-        b = tensors[base + "gate_up_proj_bias"][e].float()  # (2I,)
+        b = _row(entry(tensors, base + "gate_up_proj_bias"), e).float()  # (2I,)
         out["gate_bias"], out["up_bias"] = b[::2], b[1::2]
     if base + "down_proj_bias" in tensors:
-        out["down_bias"] = tensors[base + "down_proj_bias"][e].float()
+        out["down_bias"] = _row(entry(tensors, base + "down_proj_bias"), e).float()
     return out
+
+
+def has_expert(adapter, layer_idx: int, tensors, e: int) -> bool:
+    """Whether expert ``e`` is one of the layer's (nothing read)."""
+    if adapter.expert_layout == "per_expert":
+        return e >= 0 and all(k in tensors for k in adapter.expert_keys(layer_idx, e))
+    return 0 <= e < entry(tensors, _fused_base(adapter, layer_idx) + "gate_up_proj").shape[0]
+
+
+def hidden_size(adapter, layer_idx: int, tensors) -> int:
+    """The experts' hidden size H, from a stored shape (nothing read)."""
+    if adapter.expert_layout == "per_expert":
+        return entry(tensors, adapter.expert_keys(layer_idx, 0)[0]).shape[1]  # gate (I, H)
+    return entry(tensors, _fused_base(adapter, layer_idx) + "gate_up_proj").shape[1]  # (E, H, 2I)
+
+
+def num_neurons(adapter, layer_idx: int, tensors) -> int:
+    """The experts' intermediate size I, from a stored shape (nothing read)."""
+    if adapter.expert_layout == "per_expert":
+        return entry(tensors, adapter.expert_keys(layer_idx, 0)[0]).shape[0]  # gate (I, H)
+    return entry(tensors, _fused_base(adapter, layer_idx) + "gate_up_proj").shape[-1] // 2  # (E, H, 2I)
 
 
 def set_expert_weights(adapter, layer_idx: int, tensors: dict[str, torch.Tensor], slot: int,
@@ -72,7 +120,8 @@ def set_expert_weights(adapter, layer_idx: int, tensors: dict[str, torch.Tensor]
 
     def own(key):
         if key not in cloned:
-            tensors[key] = tensors[key].clone()
+            v = tensors[key]  # a tensor (maybe the input's storage: cloned) or a stored entry (read)
+            tensors[key] = v.clone() if isinstance(v, torch.Tensor) else v.read()
             cloned.add(key)
         return tensors[key]
 
@@ -92,7 +141,7 @@ def set_expert_weights(adapter, layer_idx: int, tensors: dict[str, torch.Tensor]
 
 def expert_dtype(adapter, layer_idx: int, tensors: dict[str, torch.Tensor]) -> torch.dtype:
     key = adapter.expert_keys(layer_idx, 0)[0] if adapter.expert_layout == "per_expert" else _fused_base(adapter, layer_idx) + "gate_up_proj"
-    return tensors[key].dtype
+    return _dtype(entry(tensors, key))
 
 
 def permute_neurons(w: dict[str, torch.Tensor], perm: torch.Tensor) -> dict[str, torch.Tensor]:
