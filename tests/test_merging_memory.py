@@ -89,3 +89,36 @@ def test_a_merge_decodes_only_its_sources(synth_dir, calib_txt, tmp_path, monkey
         lowmoe.prune(src, tmp_path / "whole", plan=rep["plan"], progress=False)
     files = lambda d: {k: v for k, v in dir_digest(d).items() if k not in ("lowmoe_report.json", "README.md")}  # noqa: E731
     assert files(tmp_path / "lazy") == files(tmp_path / "whole")
+
+
+def test_a_merged_layer_runs_from_its_held_experts(synth_dir, calib_txt, tmp_path, monkeypatch):
+    """The sequential pass runs a merged layer from the merged experts held for the writer, in groups
+    (``stream.held_experts``), not stacked into a whole layer beside them: the same plans, scores
+    and bytes as the stacked way, under a --max-ram that makes the groups smaller than the layer."""
+    import lowmoe
+    from lowmoe.engine import lazy, stream
+
+    from .helpers import dir_digest
+
+    import torch
+
+    from lowmoe.engine.budget import plan_lazy_budget
+    from lowmoe.engine.checkpoint import Checkpoint
+
+    src = synth_dir("mixtral")
+    ck = Checkpoint(src)
+    free = plan_lazy_budget(ck, device=torch.device("cpu"), dtype=torch.float32, batch_size=2, seq_len=16)
+    tight = free.min_max_ram + 2 * ck.layer_read_bytes(ck.moe_layers()[0]) // ck.num_experts
+    opts = dict(keep=4, method="merge-freq", calib=[calib_txt], n_samples=4, seq_len=16, batch_size=2, progress=False,
+                max_ram=tight)
+    reads: list[str] = []
+    read_into = lazy.HeldTensor.read_into
+    monkeypatch.setattr(lazy.HeldTensor, "read_into", lambda self, out: (reads.append(self.key), read_into(self, out))[1])
+    held = lowmoe.prune(src, tmp_path / "held", **opts)
+    assert reads, "the merged experts are read from the held tensors"
+    assert max(held["budget"]["group_sizes"].values()) < 4, "groups smaller than the merged layer"
+    monkeypatch.setattr(stream, "held_experts", lambda *a: None)  # the stacked way
+    stacked = lowmoe.prune(src, tmp_path / "stacked", **opts)
+    assert held["plan"] == stacked["plan"] and held["scores"] == stacked["scores"]
+    files = lambda d: {k: v for k, v in dir_digest(d).items() if k not in ("lowmoe_report.json", "README.md")}  # noqa: E731
+    assert files(tmp_path / "held") == files(tmp_path / "stacked")

@@ -262,6 +262,42 @@ class StoredRows:
             copy_range(self.files, self.shard, self.base.offset + r * rb, n * rb, f)
 
 
+class _Computed:
+    """Where a ``HeldTensor``'s bytes are, for error messages: computed, not in a shard."""
+
+    root = Path("<computed by the plan>")
+
+
+@dataclass(frozen=True, eq=False)
+class HeldTensor:
+    """A tensor already in host memory seen as a stored entry (``StoredTensor``'s reading side), so an
+    ``ExpertSource`` serves experts a plan computed (merged experts, held for the writer anyway) in
+    groups, as it serves those in the shards: ``ExpertSource.from_layer`` over a layer's output."""
+
+    tensor: torch.Tensor
+    key: str = ""
+    files = _Computed()
+    shard = ""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return self.tensor.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+    def read(self) -> torch.Tensor:
+        return self.tensor
+
+    def read_into(self, out: torch.Tensor) -> None:
+        out.copy_(self.tensor.view(out.shape))
+
+
 @dataclass(frozen=True)
 class QuantizedStored:
     """One quantized weight as stored, seen as its logical float tensor: FP8 block (``X.weight``

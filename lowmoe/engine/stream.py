@@ -33,7 +33,7 @@ from . import faults
 from .experts import run_wave
 from .hf import LayerInputsCache, ModelSkeleton, MoeProbe, moe_modules, resolve_experts_impl, run_layer
 from .plan import LayerPlan
-from .lazy import ExpertSource, ShardFiles, read_lazy_layer, selection_only
+from .lazy import ExpertSource, HeldTensor, ShardFiles, read_lazy_layer, selection_only
 from .prefetch import IOStats, LayerReader, Prefetcher, Readahead, WriteBehind
 from .quant import build_quantized_layer
 
@@ -461,6 +461,16 @@ def walk(stream: Stream, layers, *, observers_for: Callable[[int], list], decide
                     pruned = stream.materialize(idx, adapter.to_runtime(idx, rest, True), num_experts=num_experts,
                                                 top_k=top_k, kept=(whole, lp.keep) if whole is not None else None,
                                                 experts=source.subset(lp.keep) if whole is None else None)
+                elif source is not None and (held := held_experts(ck, idx, out, len(lp.keep))) is not None:
+                    # merged (or rewritten) experts are held for the writer: run them from there in
+                    # groups, as the kept ones are read, not stacked into a whole layer next to them
+                    if module is not None:
+                        release_layer(module)
+                        module = None
+                    rest = {k: v for k, v in out.items() if k not in _expert_keys(adapter, idx, out)}
+                    pruned = stream.materialize(idx, adapter.to_runtime(idx, _decoded(rest), True), num_experts=num_experts,
+                                                top_k=top_k, experts=held)
+                    del held
                 else:
                     if module is not None:
                         release_layer(module)
@@ -480,6 +490,17 @@ def walk(stream: Stream, layers, *, observers_for: Callable[[int], list], decide
         # dropped only once the caller has recorded the step: a run killed before that resumes at this
         # layer and needs its inputs
         stream.cache.drop(idx)
+
+
+def held_experts(ck: Checkpoint, layer_idx: int, out: dict, num_experts: int) -> ExpertSource | None:
+    """A layer's output experts (``out``: tensors a plan computed, or stored entries it copies) as a
+    source of groups (``lazy.HeldTensor``), for an unquantized per-expert layout; None otherwise."""
+    adapter = ck.adapter
+    if ck.quant_format is not None or adapter.expert_layout != "per_expert":
+        return None
+    keys = _expert_keys(adapter, layer_idx, out)
+    held = {k: HeldTensor(v, k) if isinstance(v, torch.Tensor) else v for k, v in out.items() if k in keys}
+    return ExpertSource.from_layer(adapter, layer_idx, held, num_experts)
 
 
 def _expert_keys(adapter, layer_idx: int, out: dict) -> set[str]:
