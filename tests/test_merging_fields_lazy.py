@@ -113,6 +113,10 @@ def test_dern_blocks_of_slots_give_the_same_bits(synth_dir, tmp_path, monkeypatc
     ({"neurons": {"slot_weights": [1, 1, 1, 1], "sources": {"x": {}}}}, r"'neurons': source 'x' is not an expert"),
     ({"neurons": {"slot_weights": [1, 1, 1, 1], "sources": {"1": {"slot": [9], "neuron": [0]}}}},
      r"'neurons': source '1' needs 'slot' and 'neuron' lists of 32 valid indices"),
+    ({"neurons": {"slot_weights": [1, 1, 1, 1], "sources": {"1": {"slot": [0.5] * 32, "neuron": list(range(32))}}}},
+     r"'neurons': source '1' needs 'slot' and 'neuron' lists of 32 valid indices"),
+    ({"neurons": {"slot_weights": [1, 1, 1, 1], "sources": {"1": [0, 1]}}},
+     r"'neurons': source '1' needs 'slot' and 'neuron' lists of 32 valid indices"),
 ])
 def test_bad_fields_are_refused_before_anything_is_written(synth_dir, tmp_path, bad, match):
     src = synth_dir("mixtral")

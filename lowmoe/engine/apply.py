@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from .adapters import ALL_EXPERT_COUNT_KEYS, Adapter
-from .lazy import QuantizedStored
+from .lazy import QuantizedStored, entry, entry_dtype, entry_rows
 from .plan import LayerPlan, Plan
 
 log = logging.getLogger(__name__)
@@ -216,8 +216,7 @@ def apply_layer_quantized(adapter: Adapter, layer_idx: int, fmt, stored: dict[st
     if fields.from_sources(adapter, lp):
         # rows that are one source with coefficient 1 come as that source's stored entry where the plan's
         # fields leave it as it is (copied below), else computed
-        items = _from_sources(adapter, layer_idx, tensors, lp, num_experts, fields,
-                              [_copy_source(lp, j, NO_FIELDS) for j in range(len(lp.keep))])
+        items = _from_sources(adapter, layer_idx, tensors, lp, num_experts, fields)
     elif fused_rows:
         items = _merged_fused(adapter, layer_idx, tensors, lp, num_experts, sources, quantized)
     else:
@@ -232,7 +231,7 @@ def apply_layer_quantized(adapter: Adapter, layer_idx: int, fmt, stored: dict[st
             out.update({p: stored[p] for p in groups[key]})  # passed through: the stored bytes
             continue
         sample = fmt.parts(template.replace(".*.", ".0.", 1))  # a stored weight of the same kind
-        scale_dtype = _torch_dtype(stored[sample[1]])
+        scale_dtype = entry_dtype(stored[sample[1]])
         if adapter.expert_layout == "per_expert" and key not in router_keys:
             j = int(rel[len(adapter.moe_prefix + "experts."):].split(".", 1)[0])
             src = sources[j]
@@ -249,11 +248,11 @@ def apply_layer_quantized(adapter: Adapter, layer_idx: int, fmt, stored: dict[st
             # (per expert: the same codes as the whole tensor at once) before the next is computed
             parts = {}
             for p_out in fmt.parts(key):
-                entry = stored[p_out]
-                parts[p_out] = torch.empty((len(lp.keep),) + tuple(entry.shape[1:]), dtype=_torch_dtype(entry))
+                part = stored[p_out]
+                parts[p_out] = torch.empty((len(lp.keep),) + tuple(part.shape[1:]), dtype=entry_dtype(part))
                 copies = [(j, src) for j, src in enumerate(sources) if src is not None]
                 if copies:
-                    parts[p_out][[j for j, _ in copies]] = _stored_rows(entry, [src for _, src in copies])
+                    parts[p_out][[j for j, _ in copies]] = entry_rows(part, [src for _, src in copies])
             sums = [0.0, 0.0, 0.0, 0.0]  # max |err|, max |w|, ||err||^2, ||w||^2 over the re-quantized rows
             for j, w in t():
                 q = fmt.quantize(key, w, scale_dtype=scale_dtype)
@@ -291,11 +290,6 @@ def apply_layer_quantized(adapter: Adapter, layer_idx: int, fmt, stored: dict[st
     return out, stats
 
 
-def _torch_dtype(t) -> torch.dtype:
-    """A tensor's dtype, or a stored entry's (``lazy.StoredTensor.torch_dtype``)."""
-    return t.dtype if isinstance(t, torch.Tensor) else t.torch_dtype
-
-
 def _merged_per_expert(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_experts: int,
                        sources: list[int | None]):
     """``apply_layer(...).items()`` of a merge plan over a per-expert layout, in the same order, with
@@ -324,33 +318,33 @@ def _merged_per_expert(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan,
             return torch.zeros_like(tensors[keys[0]])
         return merge_experts([tensors[keys[i]] for i in ids], torch.tensor([[row[i] for i in ids]]))[0]
 
-    stored = tensors.stored if hasattr(tensors, "stored") else (lambda k: None)
     for suffix, keys in suffixes.items():
         for j in range(len(lp.keep)):
             src = sources[j]
             if src is not None:  # one source, coefficient 1: its stored entry (bytes copied), or the tensor
-                yield f"{base}{j}.{suffix}", stored(keys[src]) or (lambda k=keys[src]: tensors[k])
+                yield f"{base}{j}.{suffix}", entry(tensors, keys[src])
             else:
                 yield f"{base}{j}.{suffix}", (lambda row=merge[j], keys=keys: merged(row, keys))
 
 
-def _from_sources(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_experts: int, fields: PlanFields,
-                  sources: list[int | None]):
+def _from_sources(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_experts: int, fields: PlanFields):
     """``apply_layer(...).items()`` for a per-expert layout, computed from each output expert's sources
     (``fields.from_sources(adapter, lp)``): plan fields with a view are applied on access
     (``PlanFields.view``); a merge decodes, per output expert, only its sources
     (``_merged_per_expert``); a selection passes the kept experts' stored entries through, renamed;
     then post fields rewrite the output experts, reading what they use. Values may be thunks (call
-    them) or stored entries (``read()`` them, or let the writer copy their bytes)."""
+    them) or stored entries (``read()`` them, or let the writer copy their bytes): a merge row that is
+    one source with coefficient 1 is that source's entry where no view rewrites it."""
     for name, value in lp.extra.items():
         view = fields.view.get(name)
         if view is not None:
             tensors = view(adapter, layer_idx, tensors, value)
     posts = [(fields.post[n], v) for n, v in lp.extra.items() if n in fields.post]
     if lp.merge is not None:
+        sources = [_copy_source(lp, j, NO_FIELDS) for j in range(len(lp.keep))]
         items = _merged_per_expert(adapter, layer_idx, tensors, lp, num_experts, sources)
     else:
-        entries = {k: tensors.stored(k) or tensors[k] if hasattr(tensors, "stored") else tensors[k] for k in tensors}
+        entries = {k: entry(tensors, k) for k in tensors}
         items = apply_layer(adapter, layer_idx, entries, LayerPlan(lp.keep, router=lp.router), num_experts).items()
     if not posts:
         yield from items
@@ -374,15 +368,8 @@ def apply_layer_from_sources(adapter: Adapter, layer_idx: int, tensors, lp: Laye
     experts the plan leaves as they are stay stored entries, so the layer is never decoded whole --
     only its rewritten experts are held, as the writer needs them. The same bits as ``apply_layer``
     over the decoded layer (its float32 sums skip zero terms; a view permutes the stored values)."""
-    items = _from_sources(adapter, layer_idx, tensors, lp, num_experts, fields or NO_FIELDS,
-                          [_copy_source(lp, j, NO_FIELDS) for j in range(len(lp.keep))])
+    items = _from_sources(adapter, layer_idx, tensors, lp, num_experts, fields or NO_FIELDS)
     return {key: (t() if callable(t) else t) for key, t in items}
-
-
-def _stored_rows(entry, rows: list[int]) -> torch.Tensor:
-    """Rows ``rows`` (dim 0) of a stored tensor: a read tensor, or a ``lazy.StoredTensor`` (only those
-    rows' bytes read)."""
-    return entry[rows] if isinstance(entry, torch.Tensor) else entry.rows(rows).read()
 
 
 def _merged_fused(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_experts: int,
@@ -408,14 +395,12 @@ def _merged_fused(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_
     rows = [j for j, src in enumerate(sources) if src is None]
 
     def merged_rows(key: str):
-        stored = tensors.stored(key) if hasattr(tensors, "stored") else None
-        whole = tensors[key] if stored is None else None
-        shape, dtype = (whole.shape, whole.dtype) if stored is None else (stored.shape, stored.torch_dtype)
+        fused_t = entry(tensors, key)
         for j in rows:
-            out = torch.zeros((1,) + tuple(shape[1:]), dtype=dtype)  # a row without sources stays zero
+            out = torch.zeros((1,) + tuple(fused_t.shape[1:]), dtype=entry_dtype(fused_t))  # a row without sources stays zero
             ids = [i for i, c in enumerate(merge[j]) if c != 0.0]
             if ids:
-                x = whole[ids] if stored is None else stored.rows(ids).read()
+                x = entry_rows(fused_t, ids)
                 merge_experts(x, torch.tensor([[merge[j][i] for i in ids]]), out)
                 del x
             yield j, out

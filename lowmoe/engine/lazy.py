@@ -341,8 +341,39 @@ class QuantizedStored:
     def parts(self) -> dict[str, StoredTensor | StoredRows]:
         return {self.main.key: self.main, self.scale.key: self.scale}
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes as stored: values and scales."""
+        return self.main.nbytes + self.scale.nbytes
+
     def rows(self, keep) -> "QuantizedStored":
         return QuantizedStored(self.main.rows(keep), self.scale.rows(keep), self.fmt, self.torch_dtype, self.logical)
+
+
+# A layer's tensors may be a dict whose values are tensors or stored entries (``StoredTensor``,
+# ``StoredRows``, ``QuantizedStored``, ``HeldTensor``: read on access), or a ``LazyLayer``. These read
+# only what they return.
+
+
+def entry(tensors, key: str):
+    """``tensors[key]`` without reading it: a lazily read layer's stored entry, else the value."""
+    stored = tensors.stored(key) if hasattr(tensors, "stored") else None
+    return tensors[key] if stored is None else stored
+
+
+def decoded(value) -> torch.Tensor:
+    """A tensor, or a stored entry decoded."""
+    return value if isinstance(value, torch.Tensor) else value.read()
+
+
+def entry_dtype(value) -> torch.dtype:
+    """The (decoded) dtype of a tensor or a stored entry."""
+    return value.dtype if isinstance(value, torch.Tensor) else value.torch_dtype
+
+
+def entry_rows(value, rows: list[int]) -> torch.Tensor:
+    """Rows ``rows`` (dim 0) of a tensor, or of a stored entry (only those rows' bytes read)."""
+    return value[rows] if isinstance(value, torch.Tensor) else value.rows(rows).read()
 
 
 def reads_lazily(ck) -> bool:

@@ -330,7 +330,7 @@ class PruneRun:
             tensors = self.ck.read_layer(layer_idx)
         if isinstance(tensors, LazyLayer):
             lp = self.layers.get(layer_idx) if layer_idx in self.moe else None
-            if (not selection_only(lp) and lp is not None and tensors.experts is not None
+            if (lp is not None and not selection_only(lp) and tensors.experts is not None
                     and self.plan_fields.from_sources(self.adapter, lp)):
                 # a merge or plan fields: each rewritten expert decodes only its sources, never the whole layer
                 return apply_layer_from_sources(self.adapter, layer_idx, tensors, lp, self.ck.num_experts,

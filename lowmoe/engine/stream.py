@@ -33,7 +33,7 @@ from . import faults
 from .experts import run_wave
 from .hf import LayerInputsCache, ModelSkeleton, MoeProbe, moe_modules, resolve_experts_impl, run_layer
 from .plan import LayerPlan
-from .lazy import ExpertSource, HeldTensor, ShardFiles, read_lazy_layer, selection_only
+from .lazy import ExpertSource, HeldTensor, ShardFiles, decoded, read_lazy_layer, selection_only
 from .prefetch import IOStats, LayerReader, Prefetcher, Readahead, WriteBehind
 from .quant import build_quantized_layer
 
@@ -457,7 +457,8 @@ def walk(stream: Stream, layers, *, observers_for: Callable[[int], list], decide
                     if whole is None:
                         release_layer(module)
                         module = None
-                    rest = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k not in _expert_keys(adapter, idx, out)}
+                    expert_keys = _expert_keys(adapter, idx, out)
+                    rest = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k not in expert_keys}
                     pruned = stream.materialize(idx, adapter.to_runtime(idx, rest, True), num_experts=num_experts,
                                                 top_k=top_k, kept=(whole, lp.keep) if whole is not None else None,
                                                 experts=source.subset(lp.keep) if whole is None else None)
@@ -467,7 +468,8 @@ def walk(stream: Stream, layers, *, observers_for: Callable[[int], list], decide
                     if module is not None:
                         release_layer(module)
                         module = None
-                    rest = {k: v for k, v in out.items() if k not in _expert_keys(adapter, idx, out)}
+                    expert_keys = _expert_keys(adapter, idx, out)
+                    rest = {k: v for k, v in out.items() if k not in expert_keys}
                     pruned = stream.materialize(idx, adapter.to_runtime(idx, _decoded(rest), True), num_experts=num_experts,
                                                 top_k=top_k, experts=held)
                     del held
@@ -510,7 +512,7 @@ def _expert_keys(adapter, layer_idx: int, out: dict) -> set[str]:
 
 def _decoded(out: dict) -> dict:
     """A layer's output tensors with any stored (byte-copied) entries read."""
-    return {k: (v if isinstance(v, torch.Tensor) else v.read()) for k, v in out.items()}
+    return {k: decoded(v) for k, v in out.items()}
 
 
 def _routed_experts(adapter, module):

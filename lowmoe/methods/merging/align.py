@@ -22,9 +22,10 @@ from collections.abc import Mapping
 
 import torch
 
+from ...engine.lazy import decoded
 from ...errors import PlanError
 from .stats import (NEURON_DIM, PROJS, expert_dtype, expert_weights, has_expert, neuron_features, num_neurons,
-                    permute_neurons, read, set_expert_weights)
+                    permute_neurons, set_expert_weights)
 
 
 def alignment(leader: dict[str, torch.Tensor], member: dict[str, torch.Tensor]) -> list[int]:
@@ -111,7 +112,7 @@ class AlignedLayer(Mapping):
                 self._perm[key] = (NEURON_DIM[name], perm)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        t = read(self._tensors[key])
+        t = decoded(self._tensors[key])
         if key not in self._perm:
             return t
         dim, perm = self._perm[key]

@@ -31,10 +31,12 @@ import torch
 
 from ...errors import PlanError
 from ..base import LayerMethod
+from ...engine.lazy import entry
 from ...engine.plan import LayerPlan
+from ...engine.writer import tensor_nbytes
 from ..scoring import choose_keep
 from .common import parse_options
-from .stats import (LayerStats, entry, expert_dtype, expert_weights, has_expert, hidden_size, neuron_features,
+from .stats import (LayerStats, expert_dtype, expert_weights, has_expert, hidden_size, neuron_features,
                     num_neurons, set_expert_weights)
 
 ROWS = 4096  # segments matched per block: bounds the (rows, I) similarity buffer
@@ -115,17 +117,11 @@ class Dern(LayerMethod):
         return {"tokens": self.stats.tokens, "routed_tokens": self.stats.counts.tolist(), **self.info}
 
 
-def _stored_nbytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    return sum(p.nbytes for p in value.parts().values())
-
-
 def _slot_blocks(adapter, layer_idx: int, originals, slots: list[int]) -> list[list[int]]:
     """``slots`` in blocks whose float32 sums (one expert each) together take at most the layer's
     experts as stored (at least one slot a block): the write holds about one layer whatever the keep."""
     prefix = adapter.layer_prefix(layer_idx)
-    stored = sum(_stored_nbytes(entry(originals, k)) for k in originals if adapter.is_expert_key(k[len(prefix):]))
+    stored = sum(tensor_nbytes(entry(originals, k)) for k in originals if adapter.is_expert_key(k[len(prefix):]))
     n, h = num_neurons(adapter, layer_idx, originals), hidden_size(adapter, layer_idx, originals)
     per_slot = 4 * 3 * n * h
     size = max(1, stored // per_slot)
@@ -148,7 +144,7 @@ def apply_neurons(adapter, layer_idx: int, experts_out: dict[str, torch.Tensor],
         raise PlanError(f"{where}: expected {{'slot_weights': [...], 'sources': {{expert: {{weight, slot, neuron}}}}}}")
     slot_w = [float(x) for x in value["slot_weights"]]
     n = num_neurons(adapter, layer_idx, originals)
-    sources = []  # (expert, slot per neuron, neuron per neuron, weight), by expert id
+    sources = []  # (expert, slot per neuron, neuron per neuron, weight, the slots it feeds), by expert id
     for key, src in value["sources"].items():
         try:
             d = int(key)
@@ -156,25 +152,26 @@ def apply_neurons(adapter, layer_idx: int, experts_out: dict[str, torch.Tensor],
             d = -1
         if not has_expert(adapter, layer_idx, originals, d):
             raise PlanError(f"{where}: source {key!r} is not an expert of this layer")
-        slot, neuron = src.get("slot"), src.get("neuron")
+        slot, neuron = (src.get("slot"), src.get("neuron")) if isinstance(src, dict) else (None, None)
         if not (isinstance(slot, list) and isinstance(neuron, list) and len(slot) == n == len(neuron)
-                and all(0 <= s < len(slot_w) for s in slot) and all(0 <= m < n for m in neuron)):
+                and all(isinstance(s, int) and 0 <= s < len(slot_w) for s in slot)
+                and all(isinstance(m, int) and 0 <= m < n for m in neuron)):
             raise PlanError(f"{where}: source {key!r} needs 'slot' and 'neuron' lists of {n} valid indices")
-        sources.append((d, torch.tensor(slot), torch.tensor(neuron), float(src.get("weight", 0.0))))
+        sources.append((d, torch.tensor(slot), torch.tensor(neuron), float(src.get("weight", 0.0)), set(slot)))
     sources.sort(key=lambda s: s[0])
     out = dict(experts_out)
     dtype = expert_dtype(adapter, layer_idx, originals)
-    touched = sorted({int(j) for _, slot_t, _, _ in sources for j in slot_t.unique().tolist()})
+    touched = sorted(set().union(*(feeds for *_, feeds in sources)))
     cloned: set[str] = set()
     for block in _slot_blocks(adapter, layer_idx, originals, touched):
         sums = {j: {k: v * slot_w[j] for k, v in expert_weights(adapter, layer_idx, experts_out, j).items()} for j in block}
         dens = {j: torch.full((n,), slot_w[j]) for j in block}
-        for d, slot_t, neuron_t, w in sources:
-            feeds = [j for j in block if bool((slot_t == j).any())]
-            if not feeds:
+        for d, slot_t, neuron_t, w, feeds in sources:
+            fed = [j for j in block if j in feeds]
+            if not fed:
                 continue
             seg = expert_weights(adapter, layer_idx, originals, d)
-            for j in feeds:
+            for j in fed:
                 sel = (slot_t == j).nonzero(as_tuple=True)[0]  # this source's neurons going to slot j
                 dst = neuron_t[sel]
                 for name, t in seg.items():

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from ...engine.hf import MoeCall
+from ...engine.lazy import decoded, entry, entry_dtype, entry_rows
 
 PROJS = ("gate", "up", "down")
 # Canonical name -> (which dim of the canonical tensor indexes intermediate neurons).
@@ -42,35 +43,19 @@ def _fused_base(adapter, layer_idx: int) -> str:
     return adapter.layer_prefix(layer_idx) + adapter.moe_prefix + "experts."
 
 
-# ``tensors`` below is a layer's on-disk tensors: a dict whose values are tensors or stored entries
-# (``lazy.StoredTensor``/``StoredRows``/``QuantizedStored``: read on access), or a ``lazy.LazyLayer``.
-# The accessors read only what they return: one expert, or one row (expert) of a fused tensor.
-
-
-def entry(tensors, key: str):
-    """``tensors[key]`` without reading it: a lazily read layer's stored entry, else the value."""
-    stored = tensors.stored(key) if hasattr(tensors, "stored") else None
-    return tensors[key] if stored is None else stored
-
-
-def read(value) -> torch.Tensor:
-    """A tensor, or a stored entry decoded."""
-    return value if isinstance(value, torch.Tensor) else value.read()
+# ``tensors`` below is a layer's on-disk tensors: a dict of tensors or stored entries, or a
+# ``lazy.LazyLayer`` (``lazy.entry``...): the accessors read one expert, or one row of a fused tensor.
 
 
 def _row(value, e: int) -> torch.Tensor:
-    """Row ``e`` (one expert of a fused tensor): only its bytes read when ``value`` is a stored entry."""
-    return value[e] if isinstance(value, torch.Tensor) else value.rows([e]).read()[0]
-
-
-def _dtype(value) -> torch.dtype:
-    return value.dtype if isinstance(value, torch.Tensor) else value.torch_dtype
+    """Expert ``e`` of a fused tensor or of its stored entry (only its bytes read)."""
+    return entry_rows(value, [e])[0]
 
 
 def expert_weights(adapter, layer_idx: int, tensors: dict[str, torch.Tensor], e: int) -> dict[str, torch.Tensor]:
     """Expert ``e`` of layer ``layer_idx`` in canonical float32 form (see module docstring)."""
     if adapter.expert_layout == "per_expert":
-        g, u, d = (read(entry(tensors, k)).float() for k in adapter.expert_keys(layer_idx, e))
+        g, u, d = (decoded(entry(tensors, k)).float() for k in adapter.expert_keys(layer_idx, e))
         return {"gate": g, "up": u, "down": d}
     base = _fused_base(adapter, layer_idx)
     if not has_expert(adapter, layer_idx, tensors, e):
@@ -141,7 +126,7 @@ def set_expert_weights(adapter, layer_idx: int, tensors: dict[str, torch.Tensor]
 
 def expert_dtype(adapter, layer_idx: int, tensors: dict[str, torch.Tensor]) -> torch.dtype:
     key = adapter.expert_keys(layer_idx, 0)[0] if adapter.expert_layout == "per_expert" else _fused_base(adapter, layer_idx) + "gate_up_proj"
-    return _dtype(entry(tensors, key))
+    return entry_dtype(entry(tensors, key))
 
 
 def permute_neurons(w: dict[str, torch.Tensor], perm: torch.Tensor) -> dict[str, torch.Tensor]:
