@@ -1,11 +1,15 @@
 """What every benchmark script shares: the synthetic >= 2 GB Mixtral-layout model (made once, under
-a lock, so concurrent benchmarks do not build it twice) and dropping the page cache for cold reads."""
+a lock, so concurrent benchmarks do not build it twice), dropping the page cache for cold reads, the
+machine and command line stored with each result, and a digest of a written model's weights."""
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 
 BENCH_DIR = Path("/tmp/lowmoe-bench")
@@ -65,3 +69,19 @@ def save_result(path, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def command_line() -> str:
+    """This script's command line as stored with its result (``python script args``, shell-quoted)."""
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def weights_digest(out) -> str:
+    """sha256 over a written model's ``*.safetensors`` in name order, read in 16 MiB pieces (a shard
+    is never held whole)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(out).glob("*.safetensors")):
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()

@@ -17,23 +17,15 @@ outputs are byte-identical.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import shlex
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from _bench import machine, save_result  # noqa: E402
+from _bench import command_line, machine, save_result, weights_digest  # noqa: E402
 from bench_stream import geometry_model, measured_child
 
-
-def weights_digest(out: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(out.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def main() -> None:
@@ -68,7 +60,7 @@ def main() -> None:
     same = len(done) == 2 and done[0]["weights_sha256"] == done[1]["weights_sha256"]
     print(f"the same bytes with and without the budget: {'yes' if same else 'NO' if len(done) == 2 else 'not run'}")
     if args.json:
-        save_result(args.json, {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": machine(),
+        save_result(args.json, {"command": command_line(), "machine": machine(),
                                 "model": str(model), "model_bytes": ck.total_bytes(), "largest_layer_bytes": largest,
                                 "n_samples": args.n_samples, "seq_len": args.seq_len, "max_ram": args.max_ram,
                                 "runs": runs, "same_bytes": same})

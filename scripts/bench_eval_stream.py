@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import tempfile
 from pathlib import Path
 
-from _bench import machine, save_result  # noqa: E402
+from _bench import command_line, machine, save_result  # noqa: E402
 from bench_stream import geometry_model, measured_child
 
 
@@ -55,7 +54,7 @@ def main() -> None:
     same = len({r["perplexity"] for r in runs.values() if "perplexity" in r}) == 1
     print(f"same perplexity with and without the budget: {'yes' if same else 'NO'}")
     if args.json:
-        save_result(args.json, {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": machine(),
+        save_result(args.json, {"command": command_line(), "machine": machine(),
                                 "model": str(model), "model_bytes": ck.total_bytes(), "largest_layer_bytes": largest,
                                 "n": args.n, "batch_size": args.batch_size, "max_ram": args.max_ram, "runs": runs,
                                 "same_perplexity": same})

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
-import shlex
 import shutil
 import sys
 import time
@@ -34,7 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import BENCH_DIR, machine, save_result  # noqa: E402
+from _bench import BENCH_DIR, command_line, machine, save_result, weights_digest  # noqa: E402
 
 # operators whose result size or value the host needs: on CUDA each one waits for the device; and
 # (counted as "d2h_copy", on CUDA only) a blocking copy from the device to the host; and (counted as
@@ -181,12 +179,6 @@ def timed_prune(model: Path, out: Path, opts: dict) -> dict:
             "group_sizes": (rep.get("budget") or {}).get("group_sizes"), "weights_sha256": weights_digest(out)}
 
 
-def weights_digest(out: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(Path(out).glob("*.safetensors")):
-        h.update(p.read_bytes())
-    return h.hexdigest()
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -272,7 +264,7 @@ def main() -> None:
     for k, v in ratios.items():
         print(f"{k}: {v}")
     if args.json:
-        save_result(args.json, {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": machine(),
+        save_result(args.json, {"command": command_line(), "machine": machine(),
                                 "model": str(model), "settings": {k: {kk: vv for kk, vv in v.items() if kk != "calib"}
                                                                   for k, v in settings.items()},
                                 "results": results, "experts_call_peak": peaks, "checks": checks, "ratios": ratios})

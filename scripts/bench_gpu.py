@@ -60,7 +60,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -68,7 +67,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _bench import BENCH_DIR, drop_caches, ensure_model, machine, save_result  # noqa: E402
+from _bench import BENCH_DIR, command_line, drop_caches, ensure_model, machine, save_result  # noqa: E402
 
 PRUNE_RUNS = ("overlap", "serial", "resident", "warm", "imported", "imported-eager", "budget", "ram")
 ALL_RUNS = ("profile", "read", "write") + PRUNE_RUNS + ("score", "accelerate")
@@ -570,7 +569,7 @@ def main() -> None:
     walls: dict[str, list[float]] = {}
     failed: dict[str, str] = {}
     write_bytes: int | None = None
-    doc = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": machine(), "model": str(model), "model_bytes": size,
+    doc = {"command": command_line(), "machine": machine(), "model": str(model), "model_bytes": size,
            "device": describe_device(device), "dtype": args.dtype, "n_samples": args.n_samples, "seq_len": args.seq_len,
            "batch_size": args.batch_size, "max_vram": max_vram, "accelerate_max_memory": args.accelerate_max_memory,
            "results": results, "failed": failed}

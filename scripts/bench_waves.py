@@ -19,7 +19,6 @@ of each run, and checks that the three outputs are byte-identical.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench import machine, save_result  # noqa: E402
+from _bench import machine, save_result, weights_digest  # noqa: E402
 from bench_gpu import calib_file  # noqa: E402
 
 CHILD = r"""
@@ -53,12 +52,6 @@ print(json.dumps({"wall_s": round(wall, 3), "peak_rss_bytes": peak, "expert_byte
                   "wait_experts_s": rep["stages"].get("wait_experts", {}).get("s")}))
 """
 
-
-def digest(out: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(out.glob("*.safetensors")):
-        h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def main() -> None:
@@ -91,7 +84,7 @@ def main() -> None:
             out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], check=True, capture_output=True,
                                  text=True).stdout
             runs[name] = json.loads(out.strip().splitlines()[-1])
-            runs[name]["output_sha256"] = digest(work / name)
+            runs[name]["output_sha256"] = weights_digest(work / name)
             r = runs[name]
             print(f"{name:10s} wall {r['wall_s']:7.2f} s  peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB  expert bytes read "
                   f"{r['expert_bytes_read'] / 1e9:.3f} GB  groups {sorted(set(r['group_sizes'].values()))}  "
