@@ -91,10 +91,12 @@ def test_a_merge_decodes_only_its_sources(synth_dir, calib_txt, tmp_path, monkey
     assert files(tmp_path / "lazy") == files(tmp_path / "whole")
 
 
-def test_a_merged_layer_runs_from_its_held_experts(synth_dir, calib_txt, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3-fp8"])
+def test_a_merged_layer_runs_from_its_held_experts(synth_dir, calib_txt, tmp_path, monkeypatch, arch):
     """The sequential pass runs a merged layer from the merged experts held for the writer, in groups
-    (``stream.held_experts``), not stacked into a whole layer beside them: the same plans, scores
-    and bytes as the stacked way, under a --max-ram that makes the groups smaller than the layer."""
+    (``stream.held_experts``; an FP8 layer's as written, re-quantized, decoded a group at a time), not
+    stacked into a whole layer beside them: the same plans, scores and bytes as the stacked way,
+    under a --max-ram that makes the groups smaller than the layer."""
     import lowmoe
     from lowmoe.engine import lazy, stream
 
@@ -105,7 +107,9 @@ def test_a_merged_layer_runs_from_its_held_experts(synth_dir, calib_txt, tmp_pat
     from lowmoe.engine.budget import plan_lazy_budget
     from lowmoe.engine.checkpoint import Checkpoint
 
-    src = synth_dir("mixtral")
+    fp8 = dict(layers=3, hidden_size=64, intermediate_size=32, experts=8, top_k=2, shard_size="60KB", dtype="bfloat16",
+               quant="fp8", fp8_block=32)
+    src = synth_dir(arch.removesuffix("-fp8"), **(fp8 if arch.endswith("-fp8") else {}))
     ck = Checkpoint(src)
     free = plan_lazy_budget(ck, device=torch.device("cpu"), dtype=torch.float32, batch_size=2, seq_len=16)
     tight = free.min_max_ram + 2 * ck.layer_read_bytes(ck.moe_layers()[0]) // ck.num_experts

@@ -295,7 +295,10 @@ class HeldTensor:
         return self.tensor
 
     def read_into(self, out: torch.Tensor) -> None:
-        out.copy_(self.tensor.view(out.shape))
+        """The tensor into ``out``: its shape and dtype, or its bytes (``out`` uint8, as a packed group's
+        stored parts are loaded)."""
+        src = self.tensor if out.dtype == self.tensor.dtype else self.tensor.contiguous().view(torch.uint8)
+        out.copy_(src.reshape(out.shape))
 
 
 @dataclass(frozen=True)
@@ -326,11 +329,13 @@ class QuantizedStored:
     @property
     def shape(self) -> tuple[int, ...]:
         """The logical (dequantized, runtime-layout) shape."""
-        return tuple(self.fmt.logical_shape({self.main.key: self.main.shape, self.scale.key: self.scale.shape}, self.key))
+        main, scale = self.fmt.parts(self.key)
+        return tuple(self.fmt.logical_shape({main: self.main.shape, scale: self.scale.shape}, self.key))
 
     def decode(self, main: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Stored values and scales (any leading rows, on any device) -> the logical tensor there."""
-        return self.fmt.dequantize({self.main.key: main, self.scale.key: scale}, self.key, dtype)
+        names = self.fmt.parts(self.key)  # (a copied expert's parts keep their input keys: a renumbered expert's differ)
+        return self.fmt.dequantize(dict(zip(names, (main, scale))), self.key, dtype)
 
     def read(self) -> torch.Tensor:
         return self.decode(self.main.read(), self.scale.read(), self.torch_dtype)

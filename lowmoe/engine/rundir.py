@@ -40,7 +40,7 @@ from . import faults
 from .apply import NO_FIELDS, PlanFields, apply_layer, apply_layer_from_sources, apply_layer_quantized, patch_config
 from .card import invocation, write_model_card
 from .checkpoint import Checkpoint
-from .lazy import LazyLayer, ShardFiles, read_lazy_layer, selection_only
+from .lazy import HeldTensor, LazyLayer, QuantizedStored, ShardFiles, decoded, read_lazy_layer, selection_only
 from .memory import cuda_peak_bytes, peak_rss_bytes
 from .plan import LayerPlan, Plan
 from .prefetch import IOStats, WriteBehind
@@ -407,11 +407,28 @@ class PruneRun:
             return out if returned else None
         lp = self.layers.get(layer_idx) if layer_idx in self.moe else None
         if lp is not None and not selection_only(lp):
-            # a merge: the next layer's sequential pass builds this one from what is returned, copied
-            # experts included (read back from the input)
-            return self.ck.dequantize({k: v if isinstance(v, torch.Tensor) else v.read() for k, v in out.items()})
+            # a merge: the next layer's sequential pass builds this one from what is returned; its routed
+            # experts stay as written (re-quantized tensors, copied entries), decoded a group at a time
+            return self._held_quantized(layer_idx, out)
         # copied experts (stored entries) are not decoded: a sequential pass reads them from the input
         return self.ck.dequantize({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
+
+    def _held_quantized(self, layer_idx: int, out: dict) -> dict:
+        """A quantized layer's output (stored keys) as the engine computes with it: logical keys, the
+        routed experts as ``QuantizedStored`` entries over their stored parts (``HeldTensor`` for the
+        re-quantized ones, the input's entries for copies: nothing decoded here), every other tensor
+        dequantized."""
+        ck, fmt = self.ck, self.ck.quant_format
+        prefix = self.adapter.layer_prefix(layer_idx)
+        held, rest = {}, {}
+        for logical, parts in fmt.group_keys(out).items():
+            if len(parts) > 1 and self.adapter.is_expert_key(logical[len(prefix):]):
+                main, scale = (out[p] if not isinstance(out[p], torch.Tensor) else HeldTensor(out[p], p)
+                               for p in fmt.parts(logical))
+                held[logical] = QuantizedStored(main, scale, fmt, ck.compute_dtype, logical)
+            else:
+                rest.update({p: decoded(out[p]) for p in parts})
+        return {**ck.dequantize(rest), **held}
 
     def wait_writes(self) -> None:
         """Wait until every output tensor handed to ``write_layer`` is in the shards (re-raising a
