@@ -79,6 +79,8 @@ def main() -> None:
                     help="budgets to run besides the unbudgeted run (default: the planner's floor, rounded up to 0.25 GiB)")
     ap.add_argument("--workdir", default="/tmp/lowmoe-bench-quant")
     ap.add_argument("--keep-models", action="store_true")
+    ap.add_argument("--method", default="frequency", help="the prune's --method (e.g. merge-freq: a merging method's "
+                    "sequential pass runs its merged, re-quantized experts)")
     ap.add_argument("--merge", action="store_true", help="apply a plan merging the experts in pairs instead of pruning")
     ap.add_argument("--baseline-src", default=None,
                     help="also run each command with the lowmoe package from this folder (PYTHONPATH), for comparison")
@@ -111,7 +113,10 @@ def main() -> None:
         keep = ck.num_experts // 2
         result = {
             "command": f"python scripts/bench_quant_stream.py --geometry {args.geometry} --json {args.json}"
-                       + "".join(f" --max-ram {b}" for b in args.max_ram or []),
+                       + "".join(f" --max-ram {b}" for b in args.max_ram or [])
+                       + ("" if args.method == "frequency" else f" --method {args.method}")
+                       + (" --baseline-src DIR" if args.baseline_src else ""),
+            "method": args.method,
             "geometry": args.geometry, "synth": {**GEOMETRIES[args.geometry], "layers": args.layers, "dtype": "bfloat16"},
             "machine": machine(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "build_s": round(build_s, 1),
@@ -125,15 +130,20 @@ def main() -> None:
             "runs": [],
         }
         digests = {}
-        for flags in [[]] + [["--max-ram", b] for b in budgets]:
+        runs = [(label, src, flags) for label, src in [("current", None)] + ([("baseline", args.baseline_src)]
+                                                                           if args.baseline_src else [])
+                for flags in [[]] + [["--max-ram", b] for b in budgets]]
+        for label, src, flags in runs:
             out = root / ("out-" + ("-".join(flags).replace("--", "") or "free"))
-            cmd = [sys.executable, "-m", "lowmoe", "-q", "prune", str(model), str(out), "--keep", str(keep), "--method",
-                   "frequency", "--calib", str(calib), "--n-samples", str(n_samples), "--seq-len", str(seq_len),
-                   "--batch-size", str(batch), "--device", "cpu", "--overwrite", *flags]
-            wall, rss, _ = time_v(cmd)
+            env, commit, where = code_under_test(src, root)
+            cmd = [sys.executable, "-m", "lowmoe", "-q", "prune", str(model.resolve()), str(out.resolve()), "--keep",
+                   str(keep), "--method", args.method, "--calib", str(calib.resolve()), "--n-samples", str(n_samples),
+                   "--seq-len", str(seq_len), "--batch-size", str(batch), "--device", "cpu", "--overwrite", *flags]
+            wall, rss, _ = time_v(cmd, env=env, cwd=root.resolve())
             rep = json.loads((out / "lowmoe_report.json").read_text())
             io = rep["io"]
-            run = {"command": f"/usr/bin/time -v lowmoe prune MODEL OUT --keep {keep} --method frequency --calib c.txt "
+            run = {"label": label, "lowmoe_commit": commit, "lowmoe_imported_from": where,
+                   "command": f"/usr/bin/time -v lowmoe prune MODEL OUT --keep {keep} --method {args.method} --calib c.txt "
                               f"--n-samples {n_samples} --seq-len {seq_len} --batch-size {batch} --device cpu "
                               + " ".join(flags),
                    "flags": flags, "wall_s": round(wall, 1), "peak_rss_bytes": rss,
@@ -145,7 +155,7 @@ def main() -> None:
                        k: rep.get("quantization", {}).get(k) for k in ("method", "requantized_experts")},
                    "output_bytes": rep["bytes"]["output"]}
             result["runs"].append(run)
-            digests[" ".join(flags) or "none"] = digest(out)
+            digests[f"{label} {' '.join(flags) or 'none'}"] = digest(out)
             print(json.dumps(run), flush=True)
             if not args.keep_models:
                 shutil.rmtree(out)
@@ -186,6 +196,18 @@ def source_commit(src: str | None) -> str | None:
     return f.read_text().strip() if f.is_file() else None
 
 
+def code_under_test(src: str | None, root: Path) -> tuple[dict, str | None, str]:
+    """The environment that runs ``lowmoe`` from ``src`` (None: the installed one), that code's commit
+    and where it is imported from. Commands run from ``root``: ``python -m`` puts the working directory
+    first on sys.path, so from a checkout it would import that checkout's lowmoe whatever PYTHONPATH says."""
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = str(Path(src).resolve()) + os.pathsep + env.get("PYTHONPATH", "")
+    where = subprocess.run([sys.executable, "-c", "import lowmoe; print(lowmoe.__file__)"], capture_output=True,
+                           text=True, env=env, cwd=root.resolve()).stdout.strip()
+    return env, source_commit(src), where
+
+
 def merge_bench(args) -> None:
     """Peak RSS of a merge plan (every output expert re-quantized) on the current code and, with
     --baseline-src, on the code in that folder; the outputs must be identical."""
@@ -220,14 +242,7 @@ def merge_bench(args) -> None:
         digests = {}
         for label, src in [("current", None)] + ([("baseline", args.baseline_src)] if args.baseline_src else []):
             out = root / f"out-{label}"
-            env = dict(os.environ)
-            if src is not None:
-                env["PYTHONPATH"] = str(Path(src).resolve()) + os.pathsep + env.get("PYTHONPATH", "")
-            commit = source_commit(src)  # before the run: the code it runs
-            # run from the work folder: `python -m` puts the working directory first on sys.path, so
-            # from a checkout it would import that checkout's lowmoe whatever PYTHONPATH says
-            where = subprocess.run([sys.executable, "-c", "import lowmoe; print(lowmoe.__file__)"], capture_output=True,
-                                   text=True, env=env, cwd=root.resolve()).stdout.strip()
+            env, commit, where = code_under_test(src, root)
             cmd = [sys.executable, "-m", "lowmoe", "-q", "prune", str(model.resolve()), str(out.resolve()), "--plan",
                    str(plan_file.resolve()), "--device", "cpu", "--overwrite"]
             wall, rss, _ = time_v(cmd, env=env, cwd=root.resolve())
