@@ -204,7 +204,7 @@ def test_merged_experts_are_requantized(synth_dir, tmp_path):
 
 def test_merge_decodes_only_the_merged_experts_sources(synth_dir, tmp_path, monkeypatch):
     """A merge plan over MXFP4's fused experts read lazily: each re-quantized output expert decodes only
-    the rows of its sources with a nonzero coefficient (never the whole fused tensor), copied experts
+    the rows of its sources with a nonzero coefficient, one at a time (never the whole fused tensor), copied experts
     are not decoded at all, and the output bytes equal those written from the layer dequantized whole
     (whose merged rows ``test_merged_experts_are_requantized`` checks against the full merge)."""
     src = synth_dir("gpt_oss", **SYNTH)
@@ -225,7 +225,8 @@ def test_merge_decodes_only_the_merged_experts_sources(synth_dir, tmp_path, monk
 
     monkeypatch.setattr(QuantizedStored, "read", counted)
     report = lowmoe.prune(src, tmp_path / "lazy", plan=plan, progress=False)
-    per_layer = [(name, rows) for name in EXPERTS for rows in ((0, 1), (5, 7))]  # the two merged outputs' sources
+    # the two merged outputs' sources, each row read on its own as it is added (``apply.merge_one``)
+    per_layer = [(name, (row,)) for name in EXPERTS for row in (0, 1, 5, 7)]
     assert sorted(decoded) == sorted(per_layer * len(ck.moe_layers()))
     assert sum(len(rows) for _, rows in decoded) == len(ck.moe_layers()) * len(EXPERTS) * 4 < ck.num_layers * 2 * E
     assert report["quantization"]["requantized_experts"] == 3 * len(ck.moe_layers())  # a row without sources too

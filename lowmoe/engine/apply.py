@@ -74,12 +74,38 @@ def merge_experts(experts, merge: torch.Tensor, out=None, acc: torch.Tensor | No
     if out is None:
         out = [torch.empty(first.shape, dtype=first.dtype, device=first.device) for _ in rows]
     for j, coeffs in enumerate(rows):
-        acc.zero_()
-        for c, t in zip(coeffs, experts):
-            if c != 0.0:
-                acc.add_(t.float(), alpha=c)
+        accumulate(acc, ((c, t) for c, t in zip(coeffs, experts) if c != 0.0))
         out[j].copy_(acc)
     return out
+
+
+def accumulate(acc: torch.Tensor, terms) -> torch.Tensor:
+    """``acc = Σ c · t`` over ``terms`` ((coefficient, tensor) pairs, in order) in float32: the sums of
+    ``merge_experts``, so the same bits. ``terms`` may be a generator that reads each tensor when it
+    is asked for: each is let go once added, so one source is decoded at a time."""
+    acc.zero_()
+    for c, t in terms:
+        acc.add_(t.float(), alpha=c)
+        del t
+    return acc
+
+
+def merge_one(read, coeffs: dict[int, float]) -> torch.Tensor:
+    """One merged expert tensor ``Σ_i coeffs[i] · read(i)`` (sources in id order; the caller leaves
+    zero coefficients out), in the first source's dtype, with ``merge_experts``' bits. Each source is
+    read when it is added: a merge of m experts holds one decoded source and a float32 accumulator,
+    not the m sources."""
+    ids = sorted(coeffs)
+    head = [read(ids[0])]
+    acc = torch.empty(head[0].shape, dtype=torch.float32, device=head[0].device)
+    dtype = head[0].dtype
+
+    def terms():
+        yield coeffs[ids[0]], head.pop()
+        for i in ids[1:]:
+            yield coeffs[i], read(i)
+
+    return accumulate(acc, terms()).to(dtype)
 
 
 def map_rows(t: torch.Tensor, keep: list[int], mat: torch.Tensor | None) -> torch.Tensor:
@@ -313,10 +339,10 @@ def _merged_per_expert(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan,
     merge = lp.merge if lp.merge is not None else [[1.0 if i == k else 0.0 for i in range(num_experts)] for k in lp.keep]
 
     def merged(row: list[float], keys: dict[int, str]) -> torch.Tensor:
-        ids = [i for i, c in enumerate(row) if c != 0.0]
-        if not ids:  # no source: zeros, as the full merge gives
+        coeffs = {i: c for i, c in enumerate(row) if c != 0.0}
+        if not coeffs:  # no source: zeros, as the full merge gives
             return torch.zeros_like(tensors[keys[0]])
-        return merge_experts([tensors[keys[i]] for i in ids], torch.tensor([[row[i] for i in ids]]))[0]
+        return merge_one(lambda i: tensors[keys[i]], coeffs)
 
     for suffix, keys in suffixes.items():
         for j in range(len(lp.keep)):
@@ -397,13 +423,11 @@ def _merged_fused(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_
     def merged_rows(key: str):
         fused_t = entry(tensors, key)
         for j in rows:
-            out = torch.zeros((1,) + tuple(fused_t.shape[1:]), dtype=entry_dtype(fused_t))  # a row without sources stays zero
-            ids = [i for i, c in enumerate(merge[j]) if c != 0.0]
-            if ids:
-                x = entry_rows(fused_t, ids)
-                merge_experts(x, torch.tensor([[merge[j][i] for i in ids]]), out)
-                del x
-            yield j, out
+            coeffs = {i: c for i, c in enumerate(merge[j]) if c != 0.0}
+            if coeffs:  # each source row read when it is added
+                yield j, merge_one(lambda i: entry_rows(fused_t, [i]), coeffs)
+            else:  # a row without sources stays zero
+                yield j, torch.zeros((1,) + tuple(fused_t.shape[1:]), dtype=entry_dtype(fused_t))
 
     for key in fused:
         if key in quantized:
