@@ -6,11 +6,14 @@ from pathlib import Path
 
 import torch
 
-from .engine.budget import parse_budget, plan_lazy_budget
+from . import methods
+from .engine.budget import MergeHold, parse_budget, plan_lazy_budget
 from .engine.checkpoint import Checkpoint
 from .engine.device import DTYPES
 from .engine.hf import resolve_experts_impl
 from .engine.memory import fmt_bytes
+from .errors import ConfigError
+from .pipeline import PruneConfig
 
 # Bytes of Python, torch and transformers before any tensor is loaded, measured on CPU.
 BASE_OVERHEAD = 600 * 10**6
@@ -34,18 +37,34 @@ def estimate_peak_bytes(ck: Checkpoint, *, seq_len: int = 256, batch_size: int =
     return {"largest_layer_bytes": largest, "activation_chunk_bytes": chunk, "estimated_peak_bytes": peak}
 
 
+def merge_for(ck: Checkpoint, method: str | None, keep) -> MergeHold | None:
+    """What ``--method`` with ``--keep`` holds beside a selection's (``budget.MergeHold``); None
+    without a method. ConfigError naming the flag for an unknown method or a bad keep."""
+    if method is None:
+        return None
+    if method not in methods.method_names():
+        raise ConfigError(f"--method {method!r}: unknown; choose one of: {', '.join(methods.method_names())}")
+    keep_n = PruneConfig(model=ck.path, out=Path("."), keep="half" if keep is None else keep).resolve_keep(ck.num_experts)
+    if not 1 <= keep_n <= ck.num_experts:
+        raise ConfigError(f"--keep {keep!r}: {keep_n} experts; expected 1 to {ck.num_experts}")
+    return methods.merge_hold(method, ck.num_experts, keep_n)
+
+
 def budget_info(ck: Checkpoint, *, max_ram=None, max_vram=None, device: str = "cpu", dtype: str = "float32",
-                seq_len: int = 256, batch_size: int = 8) -> dict:
+                seq_len: int = 256, batch_size: int = 8, method: str | None = None, keep=None) -> dict:
     """What a prune (experts read in groups, ``plan_lazy_budget``) needs and holds, from the index alone:
     the smallest --max-ram (and --max-vram on CUDA) that work and, under the given budgets, the group
-    size and the planned host/device peaks term by term. ConfigError (naming the flag) if they cannot hold."""
+    size and the planned host/device peaks term by term. ``method``/``keep``: a merging method's plan
+    also holds its merged experts and one merge (``merge_for``); without them, a prune that drops.
+    ConfigError (naming the flag) if they cannot hold."""
     dev, dt = torch.device(device), DTYPES[dtype]
     kw = dict(device=dev, dtype=dt, batch_size=batch_size, seq_len=seq_len,
-              grouped=resolve_experts_impl("auto", dev) == "grouped")  # what a prune there computes with
+              grouped=resolve_experts_impl("auto", dev) == "grouped",  # what a prune there computes with
+              merge=merge_for(ck, method, keep))
     floor = plan_lazy_budget(ck, **kw)
     p = plan_lazy_budget(ck, max_ram=parse_budget(max_ram, "--max-ram"), max_vram=parse_budget(max_vram, "--max-vram"), **kw)
     groups = sorted({pl.group_size for pl in p.layers.values() if pl.group_size})
-    return {"device": device, "compute_dtype": dtype, "batch_size": batch_size, "seq_len": seq_len,
+    return {"device": device, "compute_dtype": dtype, "batch_size": batch_size, "seq_len": seq_len, "method": method,
             "min_max_ram_bytes": floor.min_max_ram, "min_max_vram_bytes": floor.min_max_vram if dev.type == "cuda" else None,
             "max_ram_bytes": p.max_ram, "max_vram_bytes": p.max_vram, "group_size": groups[0] if groups else None,
             "num_experts": ck.num_experts, "prefetch_layers": p.prefetch_layers,
@@ -53,7 +72,8 @@ def budget_info(ck: Checkpoint, *, max_ram=None, max_vram=None, device: str = "c
             "device_peak_bytes": p.device_peak_bytes, "device_terms": p.device_terms, "notes": p.notes}
 
 
-def inspect_model(path: str | Path, *, max_ram=None, max_vram=None, device: str = "cpu", dtype: str = "float32", **kw) -> dict:
+def inspect_model(path: str | Path, *, max_ram=None, max_vram=None, device: str = "cpu", dtype: str = "float32",
+                  method: str | None = None, keep=None, **kw) -> dict:
     ck = Checkpoint(path)
     ck.validate()
     moe = set(ck.moe_layers())
@@ -73,7 +93,8 @@ def inspect_model(path: str | Path, *, max_ram=None, max_vram=None, device: str 
     }
     info.update(estimate_peak_bytes(ck, **kw))
     info["whole_model_load_bytes"] = total
-    info["budget"] = budget_info(ck, max_ram=max_ram, max_vram=max_vram, device=device, dtype=dtype, **kw)
+    info["budget"] = budget_info(ck, max_ram=max_ram, max_vram=max_vram, device=device, dtype=dtype, method=method,
+                                 keep=keep, **kw)
     info["estimated_peak_bytes"] = info["budget"]["host_peak_bytes"]  # experts are read in groups
     return info
 
@@ -100,7 +121,8 @@ def format_inspection(info: dict) -> str:
     if b:
         lines.append(f"smallest     --max-ram {fmt_bytes(b['min_max_ram_bytes'])}"
                      + (f", --max-vram {fmt_bytes(b['min_max_vram_bytes'])}" if b.get("min_max_vram_bytes") else "")
-                     + f" ({b['device']}, {b['compute_dtype']}, --batch-size {b['batch_size']} x --seq-len {b['seq_len']})")
+                     + f" ({b['device']}, {b['compute_dtype']}, --batch-size {b['batch_size']} x --seq-len {b['seq_len']}"
+                     + (f", --method {b['method']}" if b.get("method") else "") + ")")
         given = ", ".join(f"{flag} {fmt_bytes(b[k])}" for flag, k in (("--max-ram", "max_ram_bytes"), ("--max-vram", "max_vram_bytes")) if b.get(k))
         label = "under" if given else "no budget"
         lines.append(f"{label:<13s}{given + ': ' if given else ''}experts in groups of "

@@ -182,11 +182,12 @@ def plan_run_budget(cfg: PruneConfig, ck: Checkpoint):
     one-shot prune (``score_and_write``) and C-Prune (``methods.LAZY_RUNNERS``) read experts lazily, in
     groups (``plan_lazy_budget``); EEP, which drives its run itself, reads whole layers."""
     device = cfg.compute_device()
+    # a merging method's merged experts (held until written) and one merge's temporaries
+    merge = None if cfg.keep is None else methods.merge_hold(cfg.method, ck.num_experts, cfg.resolve_keep(ck.num_experts))
     return plan_stream_budget(ck, device=device, dtype=resolve_dtype(DTYPES[cfg.dtype], device), batch_size=cfg.batch_size,
                               seq_len=cfg.seq_len, max_vram=cfg.max_vram, max_ram=cfg.max_ram, prefetch=cfg.prefetch,
                               lazy=(cfg.method not in methods.RUNNERS or cfg.method in methods.LAZY_RUNNERS)
-                              and reads_lazily(ck), n_samples=cfg.n_samples,
-                              experts=cfg.experts_impl)
+                              and reads_lazily(ck), n_samples=cfg.n_samples, experts=cfg.experts_impl, merge=merge)
 
 
 def _plan_from_input(cfg: PruneConfig, ck: Checkpoint) -> Plan:
@@ -293,8 +294,9 @@ def _search_worker(cfg: PruneConfig, ck: Checkpoint, budget, group: dist.Group) 
 
 def _write(cfg: PruneConfig, ck: Checkpoint, plan_in: Plan | None, budget, fp: str, start: _Start) -> dict:
     manifest = prepare_output(cfg.out, ck, fp, resume=cfg.resume, overwrite=cfg.overwrite)
-    run = PruneRun(cfg.out, ck, fp, manifest, max_shard_size=cfg.max_shard_size, plan_fields=methods.PLAN_FIELDS,
-                   budget=budget)
+    # DERN's float32 blocks as the budget sized them (None: its default)
+    fields = replace(methods.PLAN_FIELDS, scratch_bytes=getattr(budget, "merge_scratch_bytes", None))
+    run = PruneRun(cfg.out, ck, fp, manifest, max_shard_size=cfg.max_shard_size, plan_fields=fields, budget=budget)
     if manifest is None:
         run.save_manifest()  # from now on the directory is a resumable, unfinished lowmoe output
     try:
@@ -390,7 +392,9 @@ def _score_and_write(run: PruneRun, cfg: PruneConfig, top_k: int, keep_n: int, t
     layers = progress(reader, len(reader), f"prune ({cfg.method})", cfg.progress)
 
     def make_method():
-        return methods.make_layer_method(cfg.method, ck.num_experts, ck.top_k, seed=cfg.seed, **cfg.method_options)
+        method = methods.make_layer_method(cfg.method, ck.num_experts, ck.top_k, seed=cfg.seed, **cfg.method_options)
+        method.scratch_bytes = run.plan_fields.scratch_bytes  # its float32 blocks, as planned
+        return method
 
     t0 = time.perf_counter()
     for d in decide_layers(stream, layers, make_method=make_method, keep_n=keep_n, top_k=top_k, guards=guarding,

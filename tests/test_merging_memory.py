@@ -106,12 +106,14 @@ def test_a_merged_layer_runs_from_its_held_experts(synth_dir, calib_txt, tmp_pat
 
     from lowmoe.engine.budget import plan_lazy_budget
     from lowmoe.engine.checkpoint import Checkpoint
+    from lowmoe.methods import merge_hold
 
     fp8 = dict(layers=3, hidden_size=64, intermediate_size=32, experts=8, top_k=2, shard_size="60KB", dtype="bfloat16",
                quant="fp8", fp8_block=32)
     src = synth_dir(arch.removesuffix("-fp8"), **(fp8 if arch.endswith("-fp8") else {}))
     ck = Checkpoint(src)
-    free = plan_lazy_budget(ck, device=torch.device("cpu"), dtype=torch.float32, batch_size=2, seq_len=16)
+    free = plan_lazy_budget(ck, device=torch.device("cpu"), dtype=torch.float32, batch_size=2, seq_len=16,
+                            merge=merge_hold("merge-freq", ck.num_experts, 4))
     tight = free.min_max_ram + 2 * ck.layer_read_bytes(ck.moe_layers()[0]) // ck.num_experts
     opts = dict(keep=4, method="merge-freq", calib=[calib_txt], n_samples=4, seq_len=16, batch_size=2, progress=False,
                 max_ram=tight)

@@ -144,15 +144,20 @@ def synth(out, arch, layers, hidden_size, intermediate_size, experts, top_k, hea
 @click.option("--dtype", default="float32", show_default=True, help="Compute dtype the prune would use.")
 @click.option("--seq-len", default=256, show_default=True, type=int)
 @click.option("--batch-size", default=8, show_default=True, type=int)
-def inspect(model, as_json, max_ram, max_vram, device, dtype, seq_len, batch_size):
+@click.option("--method", default=None, help="Plan for this --method (a merging method also holds its merged experts); "
+              "default: a prune that drops experts.")
+@click.option("--keep", default=None, help="With --method: experts kept per layer (default half).")
+def inspect(model, as_json, max_ram, max_vram, device, dtype, seq_len, batch_size, method, keep):
     """Family, layers, experts, top-k, bytes per layer, the smallest --max-ram/--max-vram a prune can run
     under, and what a prune under the given budgets will hold."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"--device {device!r}: expected cpu or cuda")
+    if keep is not None and method is None:
+        raise ConfigError("--keep: give --method too (the plan of a prune that drops does not depend on the keep)")
     info = inspect_model(model, max_ram=max_ram, max_vram=max_vram, device=device, dtype=dtype, seq_len=seq_len,
-                         batch_size=batch_size)
+                         batch_size=batch_size, method=method, keep=keep)
     click.echo(json.dumps(info, indent=1) if as_json else format_inspection(info))
 
 

@@ -38,11 +38,14 @@ class PlanFields:
     read lazily: name -> fn(adapter, layer_idx, tensors, value) -> a mapping over the same keys that
     computes an expert tensor when it is asked for (and whose ``stored(key)`` gives the entries it
     leaves alone). The methods that make such plans supply them (``lowmoe.methods.PLAN_FIELDS``); a
-    field nobody knows is left alone."""
+    field nobody knows is left alone. ``scratch_bytes``: the float32 bytes a post field may hold in
+    blocks (``budget.BudgetPlan.merge_scratch_bytes``), passed to it as ``scratch_bytes=``; None: its
+    own default."""
 
     pre: dict[str, Callable] = field(default_factory=dict)
     post: dict[str, Callable] = field(default_factory=dict)
     view: dict[str, Callable] = field(default_factory=dict)
+    scratch_bytes: int | None = None
 
     def from_sources(self, adapter: Adapter, lp: LayerPlan | None) -> bool:
         """Whether ``apply_layer_from_sources`` applies ``lp``: a per-expert layout whose plan fields
@@ -181,7 +184,7 @@ def apply_layer(adapter: Adapter, layer_idx: int, tensors: dict[str, torch.Tenso
     for name, value in lp.extra.items():
         fn = fields.post.get(name)
         if fn is not None:
-            experts_out = fn(adapter, layer_idx, experts_out, originals, value)
+            experts_out = fn(adapter, layer_idx, experts_out, originals, value, scratch_bytes=fields.scratch_bytes)
     out.update(experts_out)
     return out
 
@@ -380,7 +383,7 @@ def _from_sources(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_
     for key, t in items:
         (experts_out if adapter.is_expert_key(key[len(prefix):]) else out)[key] = t() if callable(t) else t
     for fn, value in posts:
-        experts_out = fn(adapter, layer_idx, experts_out, tensors, value)
+        experts_out = fn(adapter, layer_idx, experts_out, tensors, value, scratch_bytes=fields.scratch_bytes)
     out.update(experts_out)
     yield from out.items()
 

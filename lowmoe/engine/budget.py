@@ -237,6 +237,9 @@ class BudgetPlan:
     wave_chunk_bytes: int = 0  # what each chunk of a wave beyond the first holds while it waits (compute dtype)
     blas_workspace_bytes: int = 0  # the cuBLAS workspaces of the pass's computing threads (CUDA; ``device.blas_workspace_bytes``)
     grouped_experts: bool = False  # activations counted for transformers' grouped GEMM (``--experts-impl``)
+    # float32 bytes a merging method may hold in blocks (DERN's slot sums and retained features,
+    # ``MergeHold.blocks``); None: the method's own default (no --max-ram, or not such a method)
+    merge_scratch_bytes: int | None = None
 
     @property
     def chunked_layers(self) -> list[int]:
@@ -418,6 +421,7 @@ class _LazyLayerSize:
     num_experts: int
     res_keys: tuple[int, ...] = ()  # bytes of each non-expert tensor as read (pinned one by one on CUDA)
     exp_parts: tuple[int, ...] = ()  # one expert's bytes in each stored tensor of the experts (values, scales)
+    mat_numel: int = 0  # one routed expert's largest tensor (a merge computes one at a time)
 
     def staging_buffer(self, g: int) -> int:
         """Bytes of a staging buffer holding a group of ``g`` experts: each tensor's slice 64-byte
@@ -435,12 +439,19 @@ def _expert_parts(ck, L: int, num_experts: int) -> tuple[int, ...]:
                  for part in (ck.parts.get(k, (k,)) if ck.quant_format is not None else (k,)) if part in ck.weight_map)
 
 
+def _expert_matrix_numel(ck, L: int, num_experts: int) -> int:
+    """Values in one routed expert's largest tensor (a fused tensor's: / E), logical shapes."""
+    keys, per = _one_expert_keys(ck, L, num_experts)
+    return max((_numel(ck.tensor_info(k)[0]) // per for k in keys if k in ck.parts), default=0)
+
+
 def _lazy_sizes(ck) -> list[_LazyLayerSize]:
     out = []
     ad = ck.adapter
     for L in layer_sizes(ck):
         res_keys = _resident_read_bytes(ck, L.layer_idx, L.num_experts)
         parts = _expert_parts(ck, L.layer_idx, L.num_experts) if L.num_experts else ()
+        mat = _expert_matrix_numel(ck, L.layer_idx, L.num_experts) if L.num_experts else 0
         if ck.quant_format is not None and L.num_experts:
             # quantized experts are held as their stored bytes (``lazy.ExpertSource.packed``), the
             # layer's other weights as read (dequantized)
@@ -448,18 +459,50 @@ def _lazy_sizes(ck) -> list[_LazyLayerSize]:
             exp_stored = sum(ck.tensor_bytes(k) for k in keys) // L.num_experts
             exp_read = L.expert_numel * L.num_experts * dtype_bytes(ck.compute_dtype)
             out.append(_LazyLayerSize(L.layer_idx, max(0, L.stored_bytes - exp_read), L.resident_numel,
-                                      L.expert_numel, exp_stored, L.num_experts, res_keys, parts))
+                                      L.expert_numel, exp_stored, L.num_experts, res_keys, parts, mat))
             continue
         ratio = L.stored_bytes / max(1, L.resident_numel + L.expert_numel * L.num_experts)
         exp_stored = int(round(L.expert_numel * ratio))
         out.append(_LazyLayerSize(L.layer_idx, L.stored_bytes - exp_stored * L.num_experts, L.resident_numel,
-                                  L.expert_numel, exp_stored, L.num_experts, res_keys, parts))
+                                  L.expert_numel, exp_stored, L.num_experts, res_keys, parts, mat))
     return out
+
+
+@dataclass(frozen=True)
+class MergeHold:
+    """What a merging method holds on the host for a MoE layer beside the pass (``plan_lazy_budget``).
+
+    ``rewritten``: output experts its plan may compute rather than copy (a group merge of E experts
+    into k: at most min(k, E - k) groups have more than one member; DERN: the k slots), each held in
+    the stored format until written -- the sequential pass runs the pruned layer from them. Their
+    merge takes float32 temporaries of one expert tensor (``merge_scratch``). ``blocks``: the method
+    also holds float32 copies of whole experts in blocks (DERN's slot sums and retained features)
+    whose size the plan sets (``BudgetPlan.merge_scratch_bytes``): at least one, at most
+    ``rewritten``."""
+
+    rewritten: int
+    blocks: bool = False
+
+
+def merge_scratch(L: "_LazyLayerSize", quant_method: str | None, compute_bytes: int, slots: int = 0) -> int:
+    """Host bytes of one merge's temporaries in layer ``L`` beyond the output it makes: a float32
+    accumulator, one decoded source and its float32 copy (``apply.merge_one``), for a quantized
+    layer the merged tensor in the compute dtype and the re-quantization's scratch (FP8 in bands of
+    ``SCRATCH_BYTES``; MXFP4 one expert row, its round trip ~16 bytes a value); ``slots``: DERN's
+    blocks of float32 experts, plus the source and the merged slot it holds as it finishes one."""
+    n = L.mat_numel
+    s = L.exp_stored / max(1, L.exp_numel) if quant_method is None else compute_bytes
+    one = 4 * n + int(s * n) + (4 * n if s < 4 else 0)
+    if quant_method is not None:
+        one += compute_bytes * n + (SCRATCH_BYTES if quant_method == "fp8" else 16 * n)
+    if slots:
+        one = max(one, (slots + 2) * 4 * L.exp_numel)
+    return one
 
 
 def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int,
                      max_vram: int | None = None, max_ram: int | None = None, prefetch: bool = True,
-                     num_chunks: int = 1, grouped: bool = False) -> BudgetPlan:
+                     num_chunks: int = 1, grouped: bool = False, merge: MergeHold | None = None) -> BudgetPlan:
     """The budget of a pass whose routed experts are read from the shards in groups (``lazy``,
     ``Stream.layers(lazy=True)``), from the index alone. Per MoE layer with E experts, for a group of g
     experts (P params each; stored s bytes, compute b bytes a param):
@@ -481,12 +524,17 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
     Under a budget, the fewest reads come first: the smallest number of waves that fits with g = 1,
     then the largest g that keeps it; without budgets, waves of at most ``DEFAULT_WAVE_BYTES``. The smallest budgets that work (g = 1, no prefetch) are ``min_max_ram``
     and ``min_max_vram``; a budget below them is a ConfigError naming the flag and the floor.
-    Kept experts are copied to the output as bytes, so the written layer holds no expert copy."""
+    Kept experts are copied to the output as bytes, so the written layer holds no expert copy; a
+    merging method (``merge``, ``MergeHold``) adds the experts it rewrites, held until written, and
+    one merge's temporaries (``merge_scratch``). A method with ``blocks`` (DERN) gets the largest
+    block of float32 experts that fits once the group size is set (at least one: the group size is
+    chosen with one), ``merge_scratch_bytes``; without a budget, the layer's experts as stored."""
     b = dtype_bytes(dtype)
     cfg = ck.config
     on_cpu = device.type != "cuda"
     sizes = _lazy_sizes(ck)
     quantized = ck.quant_format
+    b_host = dtype_bytes(ck.compute_dtype)  # a merge decodes its sources to the checkpoint's compute dtype
     terms_act = activation_terms(cfg, batch_size=batch_size, seq_len=seq_len, dtype_bytes=b, top_k=ck.top_k,
                                  num_experts=ck.num_experts, grouped=grouped)
     act = sum(terms_act.values())
@@ -533,11 +581,24 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
         # beside the tensors as read (which the output writer copies from)
         return 0 if on_cpu else sum(pinned_bytes(n, device) for n in L.res_keys)
 
+    def default_slots(L: _LazyLayerSize) -> int:  # DERN's blocks without a budget: the layer's experts as stored
+        return max(1, min(merge.rewritten, L.exp_stored * L.num_experts // max(1, 4 * L.exp_numel)))
+
+    slots = {"n": None}  # DERN's block as ``fits`` tries it (None: its default)
+
+    def merge_need(L: _LazyLayerSize) -> dict[str, int]:
+        if merge is None or not L.num_experts:
+            return {}
+        k = min(merge.rewritten, L.num_experts)
+        blk = (slots["n"] or default_slots(L)) if merge.blocks else 0
+        return {"merged_experts_held": k * L.exp_stored,
+                "merge_scratch": merge_scratch(L, quantized.method if quantized else None, b_host, min(blk, k))}
+
     def host_need(L: _LazyLayerSize, g: int, pre: bool) -> dict[str, int]:
         g = min(g, L.num_experts) if L.num_experts else 0
         t = {"interpreter": HOST_BASE_BYTES, "activation_chunks": chunk_host,
              "layer_non_expert_weights": L.res_stored, "next_layer_prefetched": L.res_stored if pre else 0,
-             "staging_pool": 2 * buffer(L, g) if g else 0}
+             "staging_pool": 2 * buffer(L, g) if g else 0, **merge_need(L)}
         if on_cpu:
             t["compute_copy"] = device_need(L, g)
         else:
@@ -568,6 +629,8 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
     dev_budget = max_vram
     if on_cpu and max_ram is not None:
         dev_budget = None  # the compute copy is inside the host plan
+    if merge is not None and merge.blocks and max_ram is not None:
+        slots["n"] = 1  # the group size is chosen with one float32 expert a block; the block grows after
     floor_ram = int(host_total(1, False) / (1 - SAFETY)) + 1
     floor_vram = int(max(device_total(1), embed_c + act + blas) / (1 - SAFETY)) + 1
 
@@ -583,7 +646,9 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
         raise ConfigError(
             f"--max-ram {fmt_bytes(max_ram)} is too small: the largest layer's non-expert weights "
             f"({fmt_bytes(largest_res.res_stored)}) + two single-expert groups + activation chunks + the interpreter"
-            f"{' + the compute copy' if on_cpu else ''} need about {fmt_bytes(floor_ram)}; raise --max-ram")
+            f"{' + the compute copy' if on_cpu else ''}"
+            f"{' + the merged experts held until written and one merge' if merge is not None else ''} "
+            f"need about {fmt_bytes(floor_ram)}; raise --max-ram")
     if dev_budget is not None and int(dev_budget * (1 - SAFETY)) - act - rounding - blas <= 0:
         raise ConfigError(f"--max-vram {fmt_bytes(max_vram)}: one activation chunk alone needs ~{fmt_bytes(act + rounding)}"
                           f"{f' (+ {fmt_bytes(blas)} of cuBLAS workspace)' if blas else ''} "
@@ -637,6 +702,16 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
     if not (E and any(L.num_experts and min(g, L.num_experts) < L.num_experts for L in sizes)):
         w = 1  # no layer runs in groups: nothing to gather
     wave["w"] = w
+    scratch_bytes = None
+    if slots["n"] is not None:  # DERN's block under --max-ram: the most float32 experts that still fit
+
+        def fits_slots(n: int) -> bool:
+            slots["n"] = n
+            return fits(g, pre)
+
+        slots["n"] = largest(1, max(1, merge.rewritten), fits_slots)
+        scratch_bytes = slots["n"] * 4 * max(L.exp_numel for L in sizes)
+        notes.append(f"merged slots are summed {slots['n']} at a time in float32 (--max-ram)")
     layers: dict[int, Placement] = {}
     for L in sizes:
         if L.num_experts:
@@ -676,7 +751,7 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
                                                default=0),
                       wave_chunks=w, wave_chunk_bytes=wave_chunk if w > 1 else 0,
                       blas_workspace_bytes=max(workspaces(L, min(g, L.num_experts) if L.num_experts else 0) for L in sizes),
-                      grouped_experts=grouped)
+                      grouped_experts=grouped, merge_scratch_bytes=scratch_bytes)
 
 
 # ---- the EEP population evaluator --------------------------------------------------------------

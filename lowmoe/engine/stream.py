@@ -40,19 +40,20 @@ from .quant import build_quantized_layer
 
 def plan_stream_budget(ck: Checkpoint, *, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int,
                        max_vram=None, max_ram=None, prefetch: bool = True, lazy: bool = False, n_samples: int | None = None,
-                       experts: str = "auto"):
+                       experts: str = "auto", merge=None):
     """The ``Stream`` budget of any streamed pass (prune, score, streaming eval): sizes as given on the
     command line (``"20GiB"``, bytes or None), planned from the index; ConfigError naming the flag.
     ``lazy``: a pass reading its layers with ``Stream.layers(lazy=True)`` (``plan_lazy_budget``);
     ``n_samples``: at most this many calibration sequences (layers run in groups then take their
     activation chunks in waves, experts-major; None: one chunk at a time); ``experts``: the pass's
-    ``--experts-impl`` (the grouped GEMM holds more activations, ``budget.activation_terms``)."""
+    ``--experts-impl`` (the grouped GEMM holds more activations, ``budget.activation_terms``);
+    ``merge``: what a merging method holds beside a lazy pass (``budget.MergeHold``)."""
     grouped = resolve_experts_impl(experts, device) == "grouped"
     if lazy:
         chunks = 1 if not n_samples else -(-int(n_samples) // max(1, int(batch_size)))
         return plan_lazy_budget(ck, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
                                 max_vram=parse_budget(max_vram, "--max-vram"), max_ram=parse_budget(max_ram, "--max-ram"),
-                                prefetch=prefetch, num_chunks=chunks, grouped=grouped)
+                                prefetch=prefetch, num_chunks=chunks, grouped=grouped, merge=merge)
     return plan_budget(ck, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
                        max_vram=parse_budget(max_vram, "--max-vram"), max_ram=parse_budget(max_ram, "--max-ram"),
                        prefetch=prefetch, grouped=grouped)

@@ -20,6 +20,7 @@ keep/merge/router (``align``, ``neurons``), so ``--plan`` re-applies their plans
 from __future__ import annotations
 
 from ..engine.apply import PlanFields
+from ..engine.budget import MergeHold
 from ..errors import ConfigError
 from .base import LayerMethod, ScoreThenKeep
 from .eep import run_eep
@@ -81,6 +82,16 @@ def options_per_method(names: list[str], options: dict) -> dict[str, dict]:
     return {m: {k: v for k, v in options.items() if k in specs[m]} for m in names}
 
 
+def merge_hold(name: str, num_experts: int, keep_n: int) -> MergeHold | None:
+    """What ``--method name``'s plans hold on the host beyond a selection's, for the budget
+    (``budget.MergeHold``, ``plan_lazy_budget``); None: a method that only selects experts."""
+    if name in LAYER_METHODS:
+        return LAYER_METHODS[name].merge_hold(num_experts, keep_n)
+    if name == "c-prune":  # k clusters merged, as the merging layer methods
+        return MergeHold(max(0, min(keep_n, num_experts - keep_n)))
+    return None
+
+
 def make_layer_method(name: str, num_experts: int, top_k: int, **options) -> LayerMethod:
     """A new per-layer method by ``--method`` name (ConfigError for a runner or an unknown name)."""
     if name in LAYER_METHODS:
@@ -101,4 +112,4 @@ def scoring_methods() -> list[str]:
 
 
 __all__ = ["LAYER_METHODS", "LAZY_RUNNERS", "PLAN_FIELDS", "RUNNERS", "LayerMethod", "ScoreThenKeep", "check_options",
-           "make_layer_method", "method_names", "option_spec", "options_per_method", "scoring_methods"]
+           "make_layer_method", "merge_hold", "method_names", "option_spec", "options_per_method", "scoring_methods"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..engine.budget import MergeHold
 from ..engine.hf import MoeCall
 from ..engine.plan import LayerPlan
 from .scoring import choose_keep
@@ -25,11 +26,20 @@ class LayerMethod:
 
     def __init__(self, num_experts: int, top_k: int, **options):
         self.num_experts, self.top_k, self.options = num_experts, top_k, options
+        # float32 bytes the budget lets the method hold in blocks (``BudgetPlan.merge_scratch_bytes``,
+        # for a method whose ``merge_hold`` has ``blocks``); None: its own default
+        self.scratch_bytes: int | None = None
 
     @classmethod
     def option_spec(cls) -> dict:
         """Every ``--method-option`` this method takes: ``{name: (default, kind)}``."""
         return dict(cls.OPTIONS)
+
+    @classmethod
+    def merge_hold(cls, num_experts: int, keep_n: int) -> MergeHold | None:
+        """What the method's plans hold on the host beyond a selection's, for the budget
+        (``budget.MergeHold``); None: its plans only select experts (kept ones are copied as bytes)."""
+        return None
 
     def observe(self, call: MoeCall) -> None:
         raise NotImplementedError

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..base import LayerMethod
+from ...engine.budget import MergeHold
 from ...engine.plan import LayerPlan
 from ..options import parse_options
 from .align import align_groups
@@ -184,6 +185,11 @@ class MergeMethod(LayerMethod):
 
     def stats_kwargs(self) -> dict:
         return {}
+
+    @classmethod
+    def merge_hold(cls, num_experts: int, keep_n: int) -> MergeHold:
+        # k groups of E experts: at most E - k of them have more than one member (are merged)
+        return MergeHold(max(0, min(keep_n, num_experts - keep_n)))
 
     def observe(self, call) -> None:
         self.stats.observe(call)

@@ -31,6 +31,7 @@ import torch
 
 from ...errors import PlanError
 from ..base import LayerMethod
+from ...engine.budget import MergeHold
 from ...engine.lazy import entry
 from ...engine.plan import LayerPlan
 from ...engine.writer import tensor_nbytes
@@ -42,14 +43,35 @@ from .stats import (LayerStats, expert_dtype, expert_weights, has_expert, hidden
 ROWS = 4096  # segments matched per block: bounds the (rows, I) similarity buffer
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
-
-
 def features(w: dict[str, torch.Tensor], proj: torch.Tensor | None) -> torch.Tensor:
-    """Unit-norm neuron features (I, 3H), or (I, d) after a random projection."""
+    """Unit-norm neuron features (I, 3H), or (I, d) after a random projection (normed in place:
+    one float32 copy of the expert besides ``w``)."""
     f = neuron_features(w)
-    return _unit(f if proj is None else f @ proj)
+    if proj is not None:
+        f = f @ proj
+    return f.div_(f.norm(dim=1, keepdim=True).clamp_min(1e-30))
+
+
+class Matches:
+    """The best retained (slot, neuron) so far for each neuron of a dropped expert, updated one block
+    of slots at a time in slot order (``update``): the same answer as all slots at once, since each
+    segment compares the slots in the same order with the same sums (ties stay with the earlier)."""
+
+    def __init__(self, n: int):
+        self.sim = torch.full((n,), -2.0)
+        self.slot = torch.zeros(n, dtype=torch.long)
+        self.neuron = torch.zeros(n, dtype=torch.long)
+
+    def update(self, seg: torch.Tensor, retained: list[torch.Tensor], first_slot: int = 0) -> None:
+        """``seg``: the dropped expert's ``features``; ``retained``: slots ``first_slot``... features."""
+        for r0 in range(0, seg.shape[0], ROWS):
+            block, rows = seg[r0:r0 + ROWS], slice(r0, r0 + ROWS)
+            for slot, feats in enumerate(retained, first_slot):
+                sim, neuron = (block @ feats.T).max(dim=1)  # (rows,): best neuron of this slot per segment
+                better = sim > self.sim[rows]  # strict: ties stay with the earlier slot
+                self.sim[rows] = torch.where(better, sim, self.sim[rows])
+                self.slot[rows] = torch.where(better, slot, self.slot[rows])
+                self.neuron[rows] = torch.where(better, neuron, self.neuron[rows])
 
 
 def assign_segments(dropped: dict[str, torch.Tensor], retained: list[torch.Tensor],
@@ -57,18 +79,19 @@ def assign_segments(dropped: dict[str, torch.Tensor], retained: list[torch.Tenso
     """For every neuron of ``dropped`` (canonical weights), the (slot, neuron) of the most similar
     retained neuron; ``retained`` holds each slot's ``features`` (I_r, 3H or d)."""
     seg = features(dropped, proj)  # (I, 3H) or (I, d)
-    best_sim = torch.full((seg.shape[0],), -2.0)
-    best_slot = torch.zeros(seg.shape[0], dtype=torch.long)
-    best_neuron = torch.zeros(seg.shape[0], dtype=torch.long)
-    for r0 in range(0, seg.shape[0], ROWS):
-        block = seg[r0:r0 + ROWS]
-        for slot, feats in enumerate(retained):
-            sim, neuron = (block @ feats.T).max(dim=1)  # (rows,): best neuron of this slot per segment
-            better = sim > best_sim[r0:r0 + ROWS]  # strict: ties stay with the earlier slot
-            best_sim[r0:r0 + ROWS] = torch.where(better, sim, best_sim[r0:r0 + ROWS])
-            best_slot[r0:r0 + ROWS] = torch.where(better, slot, best_slot[r0:r0 + ROWS])
-            best_neuron[r0:r0 + ROWS] = torch.where(better, neuron, best_neuron[r0:r0 + ROWS])
-    return best_slot.tolist(), best_neuron.tolist()
+    m = Matches(seg.shape[0])
+    m.update(seg, retained)
+    return m.slot.tolist(), m.neuron.tolist()
+
+
+def block_size(adapter, layer_idx: int, tensors, per_slot: int, scratch_bytes: int | None) -> int:
+    """Slots per block when each takes ``per_slot`` float32 bytes: ``scratch_bytes`` (the budget's,
+    ``BudgetPlan.merge_scratch_bytes``) or, without one, the layer's experts as stored -- so a
+    layer's DERN holds about one layer whatever the keep (at least one slot a block)."""
+    if scratch_bytes is None:
+        prefix = adapter.layer_prefix(layer_idx)
+        scratch_bytes = sum(tensor_nbytes(entry(tensors, k)) for k in tensors if adapter.is_expert_key(k[len(prefix):]))
+    return max(1, int(scratch_bytes) // max(1, per_slot))
 
 
 class Dern(LayerMethod):
@@ -80,6 +103,11 @@ class Dern(LayerMethod):
         self.opts = parse_options(self.name, options, self.OPTIONS)
         self.stats = LayerStats(num_experts, top_k)
         self.info: dict = {}
+
+    @classmethod
+    def merge_hold(cls, num_experts: int, keep_n: int) -> MergeHold:
+        # every slot may be fed; float32 experts in blocks (retained features, slot sums)
+        return MergeHold(keep_n, blocks=True)
 
     def observe(self, call) -> None:
         self.stats.observe(call)
@@ -96,16 +124,23 @@ class Dern(LayerMethod):
         if self.opts["match_dim"]:
             # Matching costs (E-k)·k·I²·3H multiply-adds per layer; a seeded Gaussian projection to
             # match_dim dims keeps cosines approximately (Johnson-Lindenstrauss) at d/3H of the cost.
-            h3 = expert_weights(adapter, layer_idx, tensors, keep[0])["gate"].shape[1] * 3
+            h3 = hidden_size(adapter, layer_idx, tensors) * 3
             g = torch.Generator().manual_seed(int(self.options.get("seed", 0)) * 1_000_003 + layer_idx)
             proj = torch.randn(h3, self.opts["match_dim"], generator=g) / self.opts["match_dim"] ** 0.5
-        retained = [features(expert_weights(adapter, layer_idx, tensors, e), proj) for e in keep]
-        sources = {}
-        for d in range(self.num_experts):
-            if d in keep or float(u[d]) <= 0.0:
-                continue
-            slot, neuron = assign_segments(expert_weights(adapter, layer_idx, tensors, d), retained, proj)
-            sources[str(d)] = {"weight": float(u[d]), "slot": slot, "neuron": neuron}
+        dropped = [d for d in range(self.num_experts) if d not in keep and float(u[d]) > 0.0]
+        n, h = num_neurons(adapter, layer_idx, tensors), hidden_size(adapter, layer_idx, tensors)
+        # the retained experts' features a block at a time (``block_size``), each dropped expert read
+        # once per block: without a budget, one block of every slot for a layer like Mixtral's at half
+        per_slot = 4 * n * (3 * h if proj is None else proj.shape[1])
+        size = block_size(adapter, layer_idx, tensors, per_slot, self.scratch_bytes)
+        matches = {d: Matches(n) for d in dropped}
+        for b0 in range(0, len(keep), size):
+            retained = [features(expert_weights(adapter, layer_idx, tensors, e), proj) for e in keep[b0:b0 + size]]
+            for d in dropped:
+                matches[d].update(features(expert_weights(adapter, layer_idx, tensors, d), proj), retained, b0)
+            del retained
+        sources = {str(d): {"weight": float(u[d]), "slot": matches[d].slot.tolist(), "neuron": matches[d].neuron.tolist()}
+                   for d in dropped}
         self.info = {"kept": keep, "segments_per_slot": [sum(s["slot"].count(j) for s in sources.values())
                                                          for j in range(len(keep))]}
         return LayerPlan(keep, extra={"neurons": {"slot_weights": [float(u[e]) for e in keep], "sources": sources}})
@@ -117,26 +152,23 @@ class Dern(LayerMethod):
         return {"tokens": self.stats.tokens, "routed_tokens": self.stats.counts.tolist(), **self.info}
 
 
-def _slot_blocks(adapter, layer_idx: int, originals, slots: list[int]) -> list[list[int]]:
-    """``slots`` in blocks whose float32 sums (one expert each) together take at most the layer's
-    experts as stored (at least one slot a block): the write holds about one layer whatever the keep."""
-    prefix = adapter.layer_prefix(layer_idx)
-    stored = sum(tensor_nbytes(entry(originals, k)) for k in originals if adapter.is_expert_key(k[len(prefix):]))
+def _slot_blocks(adapter, layer_idx: int, originals, slots: list[int], scratch_bytes: int | None) -> list[list[int]]:
+    """``slots`` in blocks whose float32 sums (one expert each) together take at most ``scratch_bytes``
+    (``block_size``)."""
     n, h = num_neurons(adapter, layer_idx, originals), hidden_size(adapter, layer_idx, originals)
-    per_slot = 4 * 3 * n * h
-    size = max(1, stored // per_slot)
+    size = block_size(adapter, layer_idx, originals, 4 * 3 * n * h, scratch_bytes)
     return [slots[i:i + size] for i in range(0, len(slots), size)]
 
 
 def apply_neurons(adapter, layer_idx: int, experts_out: dict[str, torch.Tensor], originals: dict[str, torch.Tensor],
-                  value) -> dict[str, torch.Tensor]:
+                  value, scratch_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """``PLAN_FIELDS.post["neurons"]`` (``lowmoe.methods``): step 4 of the module docstring on the output experts.
 
     ``experts_out`` (the kept experts, renumbered) and ``originals`` (the layer's experts) may hold
     stored entries or be a ``lazy.LazyLayer``: an expert is read when it is used. The slots that
-    receive segments are merged a block at a time (``_slot_blocks``: float32 sums of at most the
-    layer's stored bytes), each source expert read once per block that it feeds, one at a time, so the
-    layer is never decoded whole; a slot's sums are the same in any blocking (each source adds in the
+    receive segments are merged a block at a time (``_slot_blocks``: float32 sums of at most
+    ``scratch_bytes``, the budget's, or the layer's stored bytes), each source expert read once per
+    block that it feeds, one at a time, so the layer is never decoded whole; a slot's sums are the same in any blocking (each source adds in the
     same order), so the same bits. Slots that receive nothing are returned as given (stored entries
     stay entries: copied as bytes)."""
     where = f"layer {layer_idx} 'neurons'"
@@ -163,7 +195,7 @@ def apply_neurons(adapter, layer_idx: int, experts_out: dict[str, torch.Tensor],
     dtype = expert_dtype(adapter, layer_idx, originals)
     touched = sorted(set().union(*(feeds for *_, feeds in sources)))
     cloned: set[str] = set()
-    for block in _slot_blocks(adapter, layer_idx, originals, touched):
+    for block in _slot_blocks(adapter, layer_idx, originals, touched, scratch_bytes):
         sums = {j: {k: v * slot_w[j] for k, v in expert_weights(adapter, layer_idx, experts_out, j).items()} for j in block}
         dens = {j: torch.full((n,), slot_w[j]) for j in block}
         for d, slot_t, neuron_t, w, feeds in sources:
