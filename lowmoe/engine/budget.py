@@ -489,7 +489,9 @@ def merge_scratch(L: "_LazyLayerSize", quant_method: str | None, compute_bytes: 
     accumulator, one decoded source and its float32 copy (``apply.merge_one``), for a quantized
     layer the merged tensor in the compute dtype and the re-quantization's scratch (FP8 in bands of
     ``SCRATCH_BYTES``; MXFP4 one expert row, its round trip ~16 bytes a value); ``slots``: DERN's
-    blocks of float32 experts, plus the source and the merged slot it holds as it finishes one."""
+    block of float32 experts (slot sums, or retained features while matching), plus two more: the
+    slot's own weights and its merged ones as it finishes it (a dropped expert's weights and
+    features while matching)."""
     n = L.mat_numel
     s = L.exp_stored / max(1, L.exp_numel) if quant_method is None else compute_bytes
     one = 4 * n + int(s * n) + (4 * n if s < 4 else 0)
@@ -586,19 +588,25 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
 
     slots = {"n": None}  # DERN's block as ``fits`` tries it (None: its default)
 
-    def merge_need(L: _LazyLayerSize) -> dict[str, int]:
+    def merge_need(L: _LazyLayerSize, g: int) -> dict[str, int]:
+        # The pruned pass holds every rewritten expert; the write before it, those written so far and
+        # one merge's temporaries, once the pass's activations and arriving group (in the compute copy
+        # of a CPU run) are gone. DERN's last block starts with k - blk slots written.
         if merge is None or not L.num_experts:
             return {}
         k = min(merge.rewritten, L.num_experts)
-        blk = (slots["n"] or default_slots(L)) if merge.blocks else 0
-        return {"merged_experts_held": k * L.exp_stored,
-                "merge_scratch": merge_scratch(L, quantized.method if quantized else None, b_host, min(blk, k))}
+        blk = min(k, (slots["n"] or default_slots(L))) if merge.blocks else 0
+        held = k * L.exp_stored
+        before = (k - blk) * L.exp_stored if blk else held
+        freed = act + g * L.exp_numel * b if on_cpu else 0
+        scratch = merge_scratch(L, quantized.method if quantized else None, b_host, blk)
+        return {"merged_experts_held": held, "merge_scratch": max(0, before + scratch - freed - held)}
 
     def host_need(L: _LazyLayerSize, g: int, pre: bool) -> dict[str, int]:
         g = min(g, L.num_experts) if L.num_experts else 0
         t = {"interpreter": HOST_BASE_BYTES, "activation_chunks": chunk_host,
              "layer_non_expert_weights": L.res_stored, "next_layer_prefetched": L.res_stored if pre else 0,
-             "staging_pool": 2 * buffer(L, g) if g else 0, **merge_need(L)}
+             "staging_pool": 2 * buffer(L, g) if g else 0, **merge_need(L, g)}
         if on_cpu:
             t["compute_copy"] = device_need(L, g)
         else:
@@ -629,9 +637,11 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
     dev_budget = max_vram
     if on_cpu and max_ram is not None:
         dev_budget = None  # the compute copy is inside the host plan
-    if merge is not None and merge.blocks and max_ram is not None:
-        slots["n"] = 1  # the group size is chosen with one float32 expert a block; the block grows after
+    if merge is not None and merge.blocks:
+        slots["n"] = 1  # the floor, and the group size under --max-ram, with one float32 expert a block
     floor_ram = int(host_total(1, False) / (1 - SAFETY)) + 1
+    if max_ram is None:
+        slots["n"] = None  # the block grows after the group size is chosen; without --max-ram, its default
     floor_vram = int(max(device_total(1), embed_c + act + blas) / (1 - SAFETY)) + 1
 
     def fits(g: int, pre: bool) -> bool:
