@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _bench import BENCH_DIR, ensure_model, machine, save_result  # noqa: E402
+from _bench import BENCH_DIR, ensure_model, machine, save_result, weights_digest  # noqa: E402
 # (label, method, method_options)
 VARIANTS = [
     ("frequency (drop)", "frequency", {}),
@@ -52,7 +52,7 @@ def child_prune(model: Path, out: Path, method: str, options: dict, threads: int
     """Run lowmoe.prune in a fresh process; its report (with that process's peak RSS)."""
     code = (f"import json, sys, torch, lowmoe; torch.set_num_threads({int(threads)}); a = json.loads(sys.argv[1]); "
             "r = lowmoe.prune(a.pop('model'), a.pop('out'), **a); "
-            "print('REPORT' + json.dumps({k: r[k] for k in ('memory', 'timings', 'wall_s', 'bytes', 'num_experts')}))")
+            "print('REPORT' + json.dumps({k: r.get(k) for k in ('memory', 'timings', 'wall_s', 'bytes', 'num_experts', 'budget')}))")
     args = dict(model=str(model), out=str(out), method=method, method_options=options, progress=False, overwrite=True, **kw)
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
@@ -99,29 +99,38 @@ def memory(args) -> None:
                 continue
             out = work / "out"
             rep = child_prune(model, out, method, opts, threads=args.threads, keep=args.keep, calib=[str(calib)], n_samples=args.n_samples,
-                              seq_len=args.seq_len, batch_size=args.batch_size, max_shard_size=args.max_shard_size)
+                              seq_len=args.seq_len, batch_size=args.batch_size, max_shard_size=args.max_shard_size,
+                              max_ram=args.max_ram)
+            digest = weights_digest(out) if args.digest else None
             shutil.rmtree(out, ignore_errors=True)
             mem = rep["memory"]
+            plan = (rep.get("budget") or {}).get("plan") or {}
             rows.append({"label": label, "id": slug(label), "method": method, "options": opts, "wall_s": rep["wall_s"],
                          "process_wall_s": round(rep["process_wall_s"], 1), "peak_rss_bytes": mem["peak_rss_bytes"],
                          "largest_layer_bytes": mem["largest_layer_bytes"], "model_bytes": mem["model_bytes"],
-                         "output_bytes": rep["bytes"]["output"]})
-            print(f"{label:26s} wall {rep['wall_s']:7.1f} s  peak RSS {gb(mem['peak_rss_bytes'])}", flush=True)
+                         "output_bytes": rep["bytes"]["output"], "max_ram_bytes": plan.get("max_ram"),
+                         "planned_host_peak_bytes": plan.get("host_peak_bytes"),
+                         "merge_scratch_bytes": plan.get("merge_scratch_bytes"), "weights_sha256": digest})
+            within = f"  planned {gb(plan['host_peak_bytes'])}" if plan.get("host_peak_bytes") else ""
+            print(f"{label:26s} wall {rep['wall_s']:7.1f} s  peak RSS {gb(mem['peak_rss_bytes'])}{within}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = rows[0] if rows and rows[0]["method"] == "frequency" else None
     print(f"\nmodel {model}: {gb(rows[0]['model_bytes'])}, largest layer {gb(rows[0]['largest_layer_bytes'])}; "
-          f"keep {args.keep}/8, calibration {args.n_samples} x {args.seq_len} tokens, output shards {args.max_shard_size}\n")
-    print("| method | wall s | peak RSS | RSS / model | vs frequency (wall, RSS) |")
-    print("|---|---:|---:|---:|---:|")
+          f"keep {args.keep}/8, calibration {args.n_samples} x {args.seq_len} tokens, output shards {args.max_shard_size}"
+          f"{f', --max-ram {args.max_ram}' if args.max_ram else ''}\n")
+    print("| method | wall s | peak RSS | planned host peak | RSS / model | vs frequency (wall, RSS) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         rel = f"{r['wall_s'] / base['wall_s']:.2f}x, {r['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}x" if base else ""
-        print(f"| {r['label']} | {r['wall_s']:.1f} | {gb(r['peak_rss_bytes'])} | {r['peak_rss_bytes'] / r['model_bytes']:.2f} | {rel} |")
+        planned = gb(r["planned_host_peak_bytes"]) if r["planned_host_peak_bytes"] else "-"
+        print(f"| {r['label']} | {r['wall_s']:.1f} | {gb(r['peak_rss_bytes'])} | {planned} | "
+              f"{r['peak_rss_bytes'] / r['model_bytes']:.2f} | {rel} |")
     if args.json:
         save_result(args.json, {"command": command(), "machine": machine(), "model": str(model),
                                 "model_bytes": rows[0]["model_bytes"], "largest_layer_bytes": rows[0]["largest_layer_bytes"],
                                 "keep": args.keep, "n_samples": args.n_samples, "seq_len": args.seq_len,
-                                "threads": args.threads, "rows": rows})
+                                "threads": args.threads, "max_ram": args.max_ram, "rows": rows})
 
 
 def quality(args) -> None:
@@ -184,6 +193,8 @@ def main() -> None:
     m.add_argument("--methods", nargs="*", help="only these methods")
     m.add_argument("--only", nargs="*", help="only these variant labels, e.g. 'dern match_dim=256'")
     m.add_argument("--threads", type=int, default=2)
+    m.add_argument("--max-ram", default=None, help="run every method under this --max-ram (e.g. 4GiB)")
+    m.add_argument("--digest", action="store_true", help="record each output's weights digest (to compare runs)")
     m.add_argument("--json", help="store the figures here, with the command and the machine")
     q = sub.add_parser("quality", help="exact match per method on the toy MoE, one domain, 50%% and 75%% sparsity")
     q.add_argument("--model", default=str(Path(__file__).resolve().parent.parent / "lowmoe" / "assets" / "toy-moe"))
