@@ -78,8 +78,8 @@ def test_a_merge_plan_books_the_experts_it_holds_and_one_merge(synth_dir, arch):
     E = ck.num_experts
     drop = _plan(ck)
     merge = _plan(ck, merge=merge_hold("merge-freq", E, 4))
-    assert merge_hold("merge-freq", E, 4) == MergeHold(4) and merge_hold("merge-freq", E, 6) == MergeHold(2)
-    assert merge_hold("frequency", E, 4) is None and merge_hold("c-prune", E, 5) == MergeHold(3)
+    assert merge_hold("merge-freq", E, 4) == MergeHold(4, 4) and merge_hold("merge-freq", E, 6) == MergeHold(2, 6)
+    assert merge_hold("frequency", E, 4) is None and merge_hold("c-prune", E, 5) == MergeHold(3, 5)
     t = merge.host_terms
     assert t["merged_experts_held"] == 4 * _one_expert_stored(ck) and "merged_experts_held" not in drop.host_terms
     # one merge's temporaries come after the pass's activations and arriving group are freed: on a
@@ -88,14 +88,14 @@ def test_a_merge_plan_books_the_experts_it_holds_and_one_merge(synth_dir, arch):
     assert merge.host_peak_bytes == drop.host_peak_bytes + t["merged_experts_held"] + t["merge_scratch"]
     assert merge.min_max_ram > drop.min_max_ram
     with pytest.raises(ConfigError, match="--max-ram .*merged experts held until written"):
-        _plan(ck, merge=MergeHold(4), max_ram=drop.min_max_ram)
+        _plan(ck, merge=MergeHold(4, 4), max_ram=drop.min_max_ram)
     assert merge.merge_scratch_bytes is None, "only DERN's blocks are sized by the plan"
 
 
 def test_dern_blocks_follow_max_ram(synth_dir):
     ck = Checkpoint(synth_dir("mixtral", **DERN_SYNTH))
     hold = merge_hold("dern", ck.num_experts, 4)
-    assert hold == MergeHold(4, blocks=True)
+    assert hold == MergeHold(4, 4, blocks=True)
     per_slot = 4 * 3 * 64 * 256  # float32 gate, up, down of one expert
     plan = lambda **kw: _plan(ck, merge=hold, batch_size=1, seq_len=4, **kw)  # noqa: E731  (small activations)
     free = plan()

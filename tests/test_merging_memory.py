@@ -91,12 +91,13 @@ def test_a_merge_decodes_only_its_sources(synth_dir, calib_txt, tmp_path, monkey
     assert files(tmp_path / "lazy") == files(tmp_path / "whole")
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3-fp8"])
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3-fp8", "gpt_oss", "gpt_oss-mxfp4"])
 def test_a_merged_layer_runs_from_its_held_experts(synth_dir, calib_txt, tmp_path, monkeypatch, arch):
     """The sequential pass runs a merged layer from the merged experts held for the writer, in groups
-    (``stream.held_experts``; an FP8 layer's as written, re-quantized, decoded a group at a time), not
-    stacked into a whole layer beside them: the same plans, scores and bytes as the stacked way,
-    under a --max-ram that makes the groups smaller than the layer."""
+    (``stream.held_experts``; an FP8 layer's as written, re-quantized, decoded a group at a time; a
+    fused layout's output rows, MXFP4's as written), not stacked into a whole layer beside them: the
+    same plans, scores and bytes as the stacked way, under a --max-ram that makes the groups smaller
+    than the layer."""
     import lowmoe
     from lowmoe.engine import lazy, stream
 
@@ -110,7 +111,9 @@ def test_a_merged_layer_runs_from_its_held_experts(synth_dir, calib_txt, tmp_pat
 
     fp8 = dict(layers=3, hidden_size=64, intermediate_size=32, experts=8, top_k=2, shard_size="60KB", dtype="bfloat16",
                quant="fp8", fp8_block=32)
-    src = synth_dir(arch.removesuffix("-fp8"), **(fp8 if arch.endswith("-fp8") else {}))
+    quant = {"fp8": fp8, "mxfp4": dict(fp8, quant="mxfp4")}
+    name, _, q = arch.partition("-")
+    src = synth_dir(name, **quant.get(q, {}))
     ck = Checkpoint(src)
     free = plan_lazy_budget(ck, device=torch.device("cpu"), dtype=torch.float32, batch_size=2, seq_len=16,
                             merge=merge_hold("merge-freq", ck.num_experts, 4))
@@ -128,3 +131,31 @@ def test_a_merged_layer_runs_from_its_held_experts(synth_dir, calib_txt, tmp_pat
     assert held["plan"] == stacked["plan"] and held["scores"] == stacked["scores"]
     files = lambda d: {k: v for k, v in dir_digest(d).items() if k not in ("lowmoe_report.json", "README.md")}  # noqa: E731
     assert files(tmp_path / "held") == files(tmp_path / "stacked")
+
+
+def test_a_fused_merge_reads_its_sources_rows(synth_dir, tmp_path, monkeypatch):
+    """A merge plan over an unquantized fused layout (GPT-OSS in bf16) read lazily: the fused expert
+    tensors are never read whole; each merged row reads its sources' rows, one at a time, and a row
+    that is one source with coefficient 1 reads that row -- the bytes of the layer decoded whole."""
+    import lowmoe
+    from lowmoe.engine import lazy, rundir
+    from lowmoe.engine.checkpoint import Checkpoint
+
+    from .helpers import count_decodes, dir_digest, four_way_merge_plan
+
+    src = synth_dir("gpt_oss", dtype="bfloat16")
+    plan = four_way_merge_plan(Checkpoint(src))
+    whole = count_decodes(monkeypatch, lazy.StoredTensor)
+    rows: list[tuple[str, tuple[int, ...]]] = []
+    read_rows = lazy.StoredRows.read
+    monkeypatch.setattr(lazy.StoredRows, "read", lambda self: (rows.append((self.key, self.keep)), read_rows(self))[1])
+    lowmoe.prune(src, tmp_path / "lazy", plan=plan, progress=False)
+    assert not [k for k in whole if ".experts." in k], "no fused expert tensor read whole"
+    # per layer and fused tensor: the two coefficient-1 rows (2, 4) at once, then each merged row's sources
+    want = [(2, 4), (0,), (1,), (5,), (7,)]
+    got = [keep for key, keep in rows if key.endswith("experts.gate_up_proj") and ".layers.1." in key]
+    assert got == want, got
+    monkeypatch.setattr(rundir, "read_lazy_layer", lambda ck, files, L: ck.read_layer(L))  # the whole-layer path
+    lowmoe.prune(src, tmp_path / "whole", plan=plan, progress=False)
+    files = lambda d: {k: v for k, v in dir_digest(d).items() if k not in ("lowmoe_report.json", "README.md")}  # noqa: E731
+    assert files(tmp_path / "lazy") == files(tmp_path / "whole")

@@ -112,26 +112,23 @@ def merge_one(read, coeffs: dict[int, float]) -> torch.Tensor:
 
 
 def map_rows(t: torch.Tensor, keep: list[int], mat: torch.Tensor | None) -> torch.Tensor:
-    """Rows (dim 0) of a per-expert tensor: select ``keep`` or map with ``mat`` (E' x E) as one
-    float32 matrix product (a fused expert layout, router rows), in ``t``'s dtype."""
+    """Router rows (dim 0): select ``keep`` or map with ``mat`` (E' x E) as one float32 matrix product,
+    in ``t``'s dtype. (Expert weights merge by ``merge_experts``, whatever their layout.)"""
     if mat is None:
         return t[keep].clone()
     flat = t.float().reshape(t.shape[0], -1)
     return (mat @ flat).reshape((mat.shape[0],) + tuple(t.shape[1:])).to(t.dtype)
 
 
-def experts_for_plan(x: torch.Tensor, lp: LayerPlan, fused: bool, out: torch.Tensor | None = None,
+def experts_for_plan(x: torch.Tensor, lp: LayerPlan, out: torch.Tensor | None = None,
                      acc: torch.Tensor | None = None) -> torch.Tensor:
-    """One stacked expert tensor (experts on dim 0) with ``lp`` applied: the kept rows, or merged as
-    ``apply_layer`` merges them (``merge_experts`` for a per-expert layout, ``map_rows`` for a fused
-    one), in ``x``'s dtype (or into ``out``, whose dtype rounds the result)."""
+    """One stacked expert tensor (experts on dim 0: a fused tensor, or per-expert ones stacked) with
+    ``lp`` applied: the kept rows, or merged as ``apply_layer`` merges them (``merge_experts``), in
+    ``x``'s dtype (or into ``out``, whose dtype rounds the result)."""
     if lp.merge is None:
         keep = torch.tensor(lp.keep, dtype=torch.long, device=x.device)
         return torch.index_select(x, 0, keep) if out is None else torch.index_select(x, 0, keep, out=out)
-    merge = torch.tensor(lp.merge, dtype=torch.float32, device=x.device if fused else "cpu")
-    if fused:
-        y = map_rows(x, lp.keep, merge)
-        return y if out is None else out.copy_(y)
+    merge = torch.tensor(lp.merge, dtype=torch.float32)
     if out is None:
         out = torch.empty((merge.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     merge_experts(x, merge, out, acc)
@@ -169,8 +166,9 @@ def apply_layer(adapter: Adapter, layer_idx: int, tensors: dict[str, torch.Tenso
             originals[key] = t
             if adapter.expert_layout == "fused" and merge is None and not isinstance(t, torch.Tensor):
                 experts_out[key] = t.rows(lp.keep)  # a stored entry (lazy.StoredTensor): kept rows copied as bytes
-            elif adapter.expert_layout == "fused":
-                experts_out[key] = map_rows(t, lp.keep, merge)
+            elif adapter.expert_layout == "fused":  # rows: the per-expert merge kernel, one row at a time
+                experts_out[key] = t[lp.keep].clone() if merge is None else merge_experts(t, merge, torch.empty(
+                    (n_out,) + tuple(t.shape[1:]), dtype=t.dtype))
             else:
                 _, e, suffix = rel[len(adapter.moe_prefix):].split(".", 2)
                 per_expert.setdefault(suffix, [None] * num_experts)[int(e)] = t
@@ -438,6 +436,31 @@ def _merged_fused(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_
         else:
             t = tensors[key]
             yield from apply_layer(adapter, layer_idx, {key: t}, lp, num_experts).items()
+
+
+def apply_layer_fused_rows(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_experts: int) -> dict:
+    """``apply_layer``'s output for a merge plan (no plan fields) over an unquantized fused layout read
+    lazily (``tensors``: a ``lazy.LazyLayer``): each output row of a fused expert tensor is computed
+    from its sources' rows alone, read one at a time (``_merged_fused``, ``merge_one``); a row that is
+    one source with coefficient 1 is that source's row as stored. The fused tensors are never decoded
+    whole: the layer's output (E' rows) and one merge are held."""
+    sources = [_copy_source(lp, j, NO_FIELDS) for j in range(len(lp.keep))]
+    prefix = adapter.layer_prefix(layer_idx)
+    fused = {k for k in tensors if adapter.is_expert_key(k[len(prefix):])}
+    out = {}
+    for key, t in _merged_fused(adapter, layer_idx, tensors, lp, num_experts, sources, fused):
+        if key not in fused:
+            out[key] = t
+            continue
+        stored = entry(tensors, key)
+        y = torch.empty((len(lp.keep),) + tuple(stored.shape[1:]), dtype=entry_dtype(stored))
+        copies = [(j, src) for j, src in enumerate(sources) if src is not None]
+        if copies:
+            y[[j for j, _ in copies]] = entry_rows(stored, [src for _, src in copies])
+        for j, row in t():
+            y[j] = row[0]
+        out[key] = y
+    return out
 
 
 # ---- config.json -----------------------------------------------------------------------------

@@ -474,13 +474,14 @@ class MergeHold:
 
     ``rewritten``: output experts its plan may compute rather than copy (a group merge of E experts
     into k: at most min(k, E - k) groups have more than one member; DERN: the k slots), each held in
-    the stored format until written -- the sequential pass runs the pruned layer from them. Their
-    merge takes float32 temporaries of one expert tensor (``merge_scratch``). ``blocks``: the method
-    also holds float32 copies of whole experts in blocks (DERN's slot sums and retained features)
-    whose size the plan sets (``BudgetPlan.merge_scratch_bytes``): at least one, at most
-    ``rewritten``."""
+    the stored format until written -- the sequential pass runs the pruned layer from them; a fused
+    layout holds every output row (``kept``: k) in its output tensors. A merge takes float32
+    temporaries of one expert tensor (``merge_scratch``). ``blocks``: the method also holds float32
+    copies of whole experts in blocks (DERN's slot sums and retained features) whose size the plan
+    sets (``BudgetPlan.merge_scratch_bytes``): at least one, at most ``rewritten``."""
 
     rewritten: int
+    kept: int
     blocks: bool = False
 
 
@@ -536,6 +537,7 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
     on_cpu = device.type != "cuda"
     sizes = _lazy_sizes(ck)
     quantized = ck.quant_format
+    fused = ck.adapter.expert_layout == "fused"
     b_host = dtype_bytes(ck.compute_dtype)  # a merge decodes its sources to the checkpoint's compute dtype
     terms_act = activation_terms(cfg, batch_size=batch_size, seq_len=seq_len, dtype_bytes=b, top_k=ck.top_k,
                                  num_experts=ck.num_experts, grouped=grouped)
@@ -596,7 +598,7 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
             return {}
         k = min(merge.rewritten, L.num_experts)
         blk = min(k, (slots["n"] or default_slots(L))) if merge.blocks else 0
-        held = k * L.exp_stored
+        held = (merge.kept if fused else k) * L.exp_stored
         before = (k - blk) * L.exp_stored if blk else held
         freed = act + g * L.exp_numel * b if on_cpu else 0
         scratch = merge_scratch(L, quantized.method if quantized else None, b_host, blk)
@@ -797,11 +799,11 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
     with the run's flags; None or no flag given: None, no budget). From the index alone, before the search.
 
     Host: one layer as read + its runtime copy (no prefetch: the evaluator reads layer by layer) + a
-    candidate's E' experts in the stored dtype + the float32 merge temporaries (one expert, or the
-    whole fused tensors: ``apply.map_rows`` multiplies them at once). Device, per MoE layer with E
-    experts of P params, in the compute dtype (b bytes): whole when
+    candidate's E' experts in the stored dtype + the float32 merge accumulator (one expert's tensor,
+    ``apply.merge_experts``, whatever the layout). Device, per MoE layer with E experts of P params,
+    in the compute dtype (b bytes): whole when
 
-        resident + E*P*b + E' router rows + E'*P*(4 + b) (+ E*P*4 fused)  <=  weights budget
+        resident + E*P*b + E' router rows + E'*P*(4 + b)  <=  weights budget
 
     (the loaded layer plus a merged block and its float32 buffer), else resident + E' router rows + 1
     or 2 groups of the candidate's experts (``choose_placement`` over E'). ConfigError naming the
@@ -810,7 +812,6 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
         return None
     device, dtype = torch.device(plan.device), getattr(torch, plan.compute_dtype)
     b = dtype_bytes(dtype)
-    fused = ck.adapter.expert_layout == "fused"
     E, n = ck.num_experts, int(num_experts)
     sizes = [s for s in layer_sizes(ck) if s.num_experts]
 
@@ -818,13 +819,13 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
         return s.stored_bytes / max(1, s.resident_numel + s.expert_numel * s.num_experts)
 
     def candidate_host(s: LayerSize) -> int:
-        merge = 4 * s.expert_numel * ((E + n) if fused else 1)  # float32: map_rows' temporaries, or one accumulator
+        merge = 4 * s.expert_numel  # float32: the accumulator (at most one expert)
         if device.type != "cuda":
             return int(n * s.expert_numel * stored_elem(s)) + merge
         # page-locked (``PopulationEvaluator.buffer(host=True)``): the E' experts as read, stacked per
         # tensor, and the accumulator, each in torch's power-of-two block
         stacked = sum(pinned_bytes(n * x, device) for x in _expert_read_bytes(ck, s.layer_idx, E))
-        return stacked + (merge if fused else pinned_bytes(merge, device))
+        return stacked + pinned_bytes(merge, device)
 
     cand_host = max((candidate_host(s) for s in sizes), default=0)
     pop = plan_budget(ck, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, max_vram=plan.max_vram,
@@ -836,7 +837,7 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
     for s in sizes:
         router = sum(_numel(ck.tensor_info(k)[0]) for k in ck.adapter.router_keys(s.layer_idx)) * n // E * 4
         res, pe = s.resident_bytes(b), s.expert_bytes(b)
-        whole = res + E * pe + router + n * s.expert_numel * (4 + b) + (4 * E * s.expert_numel if fused else 0)
+        whole = res + E * pe + router + n * s.expert_numel * (4 + b)
         if wb is None or whole <= wb:
             layers[s.layer_idx] = Placement(None, device_bytes=whole + act)
             continue

@@ -300,6 +300,17 @@ class HeldTensor:
         src = self.tensor if out.dtype == self.tensor.dtype else self.tensor.contiguous().view(torch.uint8)
         out.copy_(src.reshape(out.shape))
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row of dim 0 (one expert of a fused expert tensor)."""
+        return self.nbytes // self.tensor.shape[0]
+
+    def read_rows(self, row: int, out: torch.Tensor) -> None:
+        """Rows ``row``, ``row + 1``, ... of dim 0, as many as ``out`` holds (``StoredTensor.read_rows``):
+        a fused expert tensor's experts, in its dtype or as bytes."""
+        n = out.numel() * out.element_size() // self.row_bytes
+        HeldTensor(self.tensor[row:row + n], self.key).read_into(out)
+
 
 @dataclass(frozen=True)
 class QuantizedStored:

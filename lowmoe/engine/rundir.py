@@ -37,7 +37,8 @@ import torch
 from ..errors import OutputError
 from ..version import __version__
 from . import faults
-from .apply import NO_FIELDS, PlanFields, apply_layer, apply_layer_from_sources, apply_layer_quantized, patch_config
+from .apply import (NO_FIELDS, PlanFields, apply_layer, apply_layer_from_sources, apply_layer_fused_rows, apply_layer_quantized,
+                    patch_config)
 from .card import invocation, write_model_card
 from .checkpoint import Checkpoint
 from .lazy import HeldTensor, LazyLayer, QuantizedStored, ShardFiles, decoded, read_lazy_layer, selection_only
@@ -330,11 +331,13 @@ class PruneRun:
             tensors = self.ck.read_layer(layer_idx)
         if isinstance(tensors, LazyLayer):
             lp = self.layers.get(layer_idx) if layer_idx in self.moe else None
-            if (lp is not None and not selection_only(lp) and tensors.experts is not None
-                    and self.plan_fields.from_sources(self.adapter, lp)):
+            if lp is not None and not selection_only(lp) and tensors.experts is not None:
                 # a merge or plan fields: each rewritten expert decodes only its sources, never the whole layer
-                return apply_layer_from_sources(self.adapter, layer_idx, tensors, lp, self.ck.num_experts,
-                                                fields=self.plan_fields)
+                if self.plan_fields.from_sources(self.adapter, lp):
+                    return apply_layer_from_sources(self.adapter, layer_idx, tensors, lp, self.ck.num_experts,
+                                                    fields=self.plan_fields)
+                if self.adapter.expert_layout == "fused" and not lp.extra:  # the merged rows, from their sources' rows
+                    return apply_layer_fused_rows(self.adapter, layer_idx, tensors, lp, self.ck.num_experts)
             # kept experts of a selection plan stay stored entries: the writer copies their bytes
             tensors = tensors.for_plan(selection_only(lp))
         if layer_idx in self.moe:

@@ -498,10 +498,9 @@ def walk(stream: Stream, layers, *, observers_for: Callable[[int], list], decide
 def held_experts(ck: Checkpoint, layer_idx: int, out: dict, num_experts: int) -> ExpertSource | None:
     """A layer's output experts (``out``: tensors a plan computed, or stored entries: copies, and a
     quantized layer's experts as written, ``PruneRun.write_layer``) as a source of groups
-    (``lazy.HeldTensor``), for a per-expert layout; None otherwise."""
+    (``lazy.HeldTensor``; a fused layout's rows, MXFP4's as written). The caller runs it where the
+    input layer's own experts were a source (a layout read in groups)."""
     adapter = ck.adapter
-    if adapter.expert_layout != "per_expert":
-        return None
     keys = _expert_keys(adapter, layer_idx, out)
     held = {k: HeldTensor(v, k) if isinstance(v, torch.Tensor) else v for k, v in out.items() if k in keys}
     return ExpertSource.from_layer(adapter, layer_idx, held, num_experts)

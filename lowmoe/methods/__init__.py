@@ -88,7 +88,7 @@ def merge_hold(name: str, num_experts: int, keep_n: int) -> MergeHold | None:
     if name in LAYER_METHODS:
         return LAYER_METHODS[name].merge_hold(num_experts, keep_n)
     if name == "c-prune":  # k clusters merged, as the merging layer methods
-        return MergeHold(max(0, min(keep_n, num_experts - keep_n)))
+        return MergeHold(max(0, min(keep_n, num_experts - keep_n)), keep_n)
     return None
 
 

@@ -103,7 +103,7 @@ class LoadedLayer:
 
     * keep-list (pruning phase): the kept experts are the loaded ones behind an index map (``KeptExperts``);
     * merged experts: θ'_j = Σ_i W_EM[j, i] θ_i by ``apply.experts_for_plan``, the kernel ``apply_layer``
-      uses (float32 accumulation in expert order, or its matrix product for a fused layout, cast to the
+      uses (float32 accumulation in expert order, per-expert and fused layouts alike, cast to the
       stored dtype);
     * router rows (W_RM) through ``apply_layer`` itself; the block's other tensors (shared experts) are shared.
 
@@ -222,14 +222,13 @@ class LoadedLayer:
             block = materialize(meta, state, ev.device, ev.dtype)
             block.experts = KeptExperts(self.base.experts, lp.keep).to(ev.device)
             return ev.track(block, self._state_bytes(state))
-        fused = ad.expert_layout == "fused"
         for name, x in self.base.experts.named_parameters():  # runtime tensors, experts on dim 0
             out = acc = None
-            if lp.merge is not None and not fused:  # merged into reused buffers: the stored dtype, a float32 accumulator
+            if lp.merge is not None:  # merged into reused buffers: the stored dtype, a float32 accumulator
                 out = ev.buffer("merged:" + name, (n,) + tuple(x.shape[1:]), self.stored_dtype)
                 acc = ev.buffer("merged:acc", tuple(x.shape[1:]), torch.float32)
             # as apply_layer merges the stored tensors, rounded to the stored dtype
-            y = experts_for_plan(x, lp, fused, out, acc).to(self.stored_dtype)
+            y = experts_for_plan(x, lp, out, acc).to(self.stored_dtype)
             if y.dtype != ev.dtype:  # cast for compute into a reused buffer: a new one per candidate costs
                 y = ev.buffer("merged:compute:" + name, tuple(y.shape), ev.dtype).copy_(y)  # page faults (CPU)
             state["experts." + name] = y
@@ -247,11 +246,10 @@ class LoadedLayer:
         E, n = ev.ck.num_experts, len(lp.keep)
         state = self._block_state(ad.to_runtime(L, apply_layer(ad, L, self.router_tensors, lp, E), True))
         experts: dict[str, torch.Tensor] = {}
-        fused = ad.expert_layout == "fused"
         for name, x in self.host.items():  # (E, ...) stored dtype
             y = ev.buffer("host:candidate:" + name, (n,) + tuple(x.shape[1:]), x.dtype, host=True)
-            acc = None if lp.merge is None or fused else ev.buffer("host:acc", tuple(x.shape[1:]), torch.float32, host=True)
-            experts[name] = experts_for_plan(x, lp, fused, y, acc)
+            acc = None if lp.merge is None else ev.buffer("host:acc", tuple(x.shape[1:]), torch.float32, host=True)
+            experts[name] = experts_for_plan(x, lp, y, acc)
         meta.experts = ChunkedExperts(meta.experts, experts, group_size=self.placement.group_size, device=ev.device,
                                       dtype=ev.dtype, double_buffer=self.placement.double_buffer,
                                       accountant=ev.accountant, stats=ev.io)

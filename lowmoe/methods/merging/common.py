@@ -189,7 +189,7 @@ class MergeMethod(LayerMethod):
     @classmethod
     def merge_hold(cls, num_experts: int, keep_n: int) -> MergeHold:
         # k groups of E experts: at most E - k of them have more than one member (are merged)
-        return MergeHold(max(0, min(keep_n, num_experts - keep_n)))
+        return MergeHold(max(0, min(keep_n, num_experts - keep_n)), keep_n)
 
     def observe(self, call) -> None:
         self.stats.observe(call)
