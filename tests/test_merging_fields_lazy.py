@@ -147,3 +147,31 @@ def test_fused_expert_weights_read_one_expert_only(synth_dir):
     assert w.keys() == ref.keys() and all(torch.equal(w[k], ref[k]) for k in w)
     with pytest.raises(IndexError):
         expert_weights(ck.adapter, L, layer, ck.num_experts)
+
+
+@pytest.mark.parametrize("quant", ["none", "mxfp4"])
+def test_a_fused_dern_plan_reads_rows_not_the_layer(synth_dir, tmp_path, monkeypatch, quant):
+    """DERN's plan over GPT-OSS's fused experts read lazily: no fused expert tensor is read whole (the
+    kept rows, then each source's and fed slot's rows), and the bytes equal the whole-layer path's."""
+    kw = dict(dtype="bfloat16") if quant == "none" else dict(dtype="bfloat16", quant="mxfp4", intermediate_size=64,
+                                                             hidden_size=64, shard_size="60KB")
+    src = synth_dir("gpt_oss", **kw)
+    ck = Checkpoint(src)
+    plan = neurons_plan(ck)
+    whole: list[str] = []  # expert tensors decoded whole (an MXFP4 entry over rows is rows)
+    cls = QuantizedStored if quant == "mxfp4" else StoredTensor
+    read = cls.read
+
+    def counted(self):
+        if not isinstance(getattr(self, "main", None), lazy.StoredRows):
+            whole.append(self.key)
+        return read(self)
+
+    monkeypatch.setattr(cls, "read", counted)
+    rep = lowmoe.prune(src, tmp_path / "lazy", plan=plan, progress=False)
+    assert rep["plan"]["layers"] == plan["layers"]
+    assert not [k for k in whole if ".experts." in k], "no fused expert tensor decoded whole"
+    monkeypatch.setattr(lazy, "reads_lazily", lambda ck: False)  # the whole-layer path, for reference
+    monkeypatch.setattr(rundir, "read_lazy_layer", lambda ck, files, L: ck.read_layer(L))
+    lowmoe.prune(src, tmp_path / "whole", plan=plan, progress=False)
+    assert _weights(tmp_path / "lazy") == _weights(tmp_path / "whole")

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from .adapters import ALL_EXPERT_COUNT_KEYS, Adapter
-from .lazy import QuantizedStored, entry, entry_dtype, entry_rows
+from .lazy import QuantizedStored, decoded, entry, entry_dtype, entry_rows
 from .plan import LayerPlan, Plan
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,14 @@ class PlanFields:
 
     def from_sources(self, adapter: Adapter, lp: LayerPlan | None) -> bool:
         """Whether ``apply_layer_from_sources`` applies ``lp``: a per-expert layout whose plan fields
-        are all views, post fields or unknown (a ``pre`` field without a view needs the whole layer)."""
-        return (lp is not None and adapter.expert_layout == "per_expert"
-                and all(n in self.view or n not in self.pre for n in lp.extra))
+        are all views, post fields or unknown (a ``pre`` field without a view needs the whole layer);
+        a fused layout's selection with post fields only (DERN's ``neurons``: the kept rows, then the
+        rows each field reads)."""
+        if lp is None:
+            return False
+        if adapter.expert_layout == "per_expert":
+            return all(n in self.view or n not in self.pre for n in lp.extra)
+        return lp.merge is None and all(n not in self.pre for n in lp.extra)
 
 
 NO_FIELDS = PlanFields()
@@ -295,14 +300,14 @@ def apply_layer_quantized(adapter: Adapter, layer_idx: int, fmt, stored: dict[st
             stats["requant_fro_rel"] = max(stats["requant_fro_rel"], (sums[2] / sums[3]) ** 0.5 if sums[3] else 0.0)
             out.update(parts)
             continue
-        t = t() if callable(t) else t
+        t = decoded(t() if callable(t) else t)
         parts = fmt.quantize(key, t, scale_dtype=scale_dtype)
         if adapter.expert_layout == "fused" and key not in router_keys:
             # rows (experts) that are one source with coefficient 1 take that source's stored rows
-            for j, src in enumerate(sources):
-                if src is not None:
-                    for p in parts:
-                        parts[p][j] = stored[p][src]
+            copies = [(j, src) for j, src in enumerate(sources) if src is not None]
+            if copies:
+                for p in parts:
+                    parts[p][[j for j, _ in copies]] = entry_rows(stored[p], [src for _, src in copies])
             rows = [j for j, src in enumerate(sources) if src is None]
             err = fmt.roundtrip_of({p: v[rows] for p, v in parts.items()}, key, t[rows]) if rows else {}
             requantized.update(rows)
@@ -388,8 +393,9 @@ def _from_sources(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_
 
 def apply_layer_from_sources(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_experts: int,
                              fields: PlanFields | None = None) -> dict:
-    """``apply_layer``'s output for a plan over a per-expert layout whose experts are read on access
-    (``tensors``: a ``lazy.LazyLayer``; ``fields.from_sources(adapter, lp)``): each merged expert
+    """``apply_layer``'s output for a plan whose experts are read on access (``tensors``: a
+    ``lazy.LazyLayer``; ``fields.from_sources(adapter, lp)``: a per-expert layout, or a fused one's
+    selection with post fields, whose kept rows stay a stored entry until a field reads them): each merged expert
     decodes only its sources with a nonzero coefficient, one output expert at a time
     (``_merged_per_expert``), plan fields apply through views and post fields (``_from_sources``), and
     experts the plan leaves as they are stay stored entries, so the layer is never decoded whole --

@@ -599,6 +599,8 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
         k = min(merge.rewritten, L.num_experts)
         blk = min(k, (slots["n"] or default_slots(L))) if merge.blocks else 0
         held = (merge.kept if fused else k) * L.exp_stored
+        if fused and quantized and merge.blocks:  # DERN rewrites a fused layer's output rows decoded, then re-quantizes
+            held = merge.kept * L.exp_numel * b_host
         before = (k - blk) * L.exp_stored if blk else held
         freed = act + g * L.exp_numel * b if on_cpu else 0
         scratch = merge_scratch(L, quantized.method if quantized else None, b_host, blk)
