@@ -171,9 +171,8 @@ def apply_layer(adapter: Adapter, layer_idx: int, tensors: dict[str, torch.Tenso
             originals[key] = t
             if adapter.expert_layout == "fused" and merge is None and not isinstance(t, torch.Tensor):
                 experts_out[key] = t.rows(lp.keep)  # a stored entry (lazy.StoredTensor): kept rows copied as bytes
-            elif adapter.expert_layout == "fused":  # rows: the per-expert merge kernel, one row at a time
-                experts_out[key] = t[lp.keep].clone() if merge is None else merge_experts(t, merge, torch.empty(
-                    (n_out,) + tuple(t.shape[1:]), dtype=t.dtype))
+            elif adapter.expert_layout == "fused":  # rows merged by the per-expert kernel (merge_experts)
+                experts_out[key] = experts_for_plan(t, lp)
             else:
                 _, e, suffix = rel[len(adapter.moe_prefix):].split(".", 2)
                 per_expert.setdefault(suffix, [None] * num_experts)[int(e)] = t
@@ -395,7 +394,7 @@ def apply_layer_from_sources(adapter: Adapter, layer_idx: int, tensors, lp: Laye
                              fields: PlanFields | None = None) -> dict:
     """``apply_layer``'s output for a plan whose experts are read on access (``tensors``: a
     ``lazy.LazyLayer``; ``fields.from_sources(adapter, lp)``: a per-expert layout, or a fused one's
-    selection with post fields, whose kept rows stay a stored entry until a field reads them): each merged expert
+    selection with post fields, its kept rows a stored entry until a field reads them): each merged expert
     decodes only its sources with a nonzero coefficient, one output expert at a time
     (``_merged_per_expert``), plan fields apply through views and post fields (``_from_sources``), and
     experts the plan leaves as they are stay stored entries, so the layer is never decoded whole --
@@ -406,16 +405,15 @@ def apply_layer_from_sources(adapter: Adapter, layer_idx: int, tensors, lp: Laye
 
 
 def _merged_fused(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_experts: int,
-                  sources: list[int | None], quantized: set[str]):
+                  sources: list[int | None], by_row: set[str]):
     """``apply_layer(...).items()`` of a merge plan over a fused expert layout (experts on dim 0 of
-    each fused tensor, e.g. GPT-OSS's MXFP4 ``gate_up_proj``), in the same order, for
-    ``apply_layer_quantized``. A quantized fused tensor is a thunk iterating over the rows (output
-    experts) to re-quantize -- those whose ``sources`` entry is None -- as (row, (1, ...) tensor), each
-    computed from its sources
-    with a nonzero coefficient alone (``tensors`` may be a ``lazy.LazyLayer``: those sources' rows are
-    decoded, one output expert at a time, never the whole tensor) by ``merge_experts``, whose float32
-    sums skip zero terms: the same bits whichever rows are decoded. Unquantized fused tensors (biases)
-    are read and mapped as ``apply_layer`` maps them."""
+    each fused tensor, e.g. GPT-OSS's ``gate_up_proj``), in the same order. A fused tensor in
+    ``by_row`` (MXFP4's quantized ones for ``apply_layer_quantized``, every one for
+    ``apply_layer_fused_rows``) is a thunk iterating over the output rows whose ``sources`` entry is
+    None, as (row, (1, ...) tensor), each computed from its sources with a nonzero coefficient alone
+    (``tensors`` may be a ``lazy.LazyLayer``: those sources' rows are decoded one at a time, never the
+    whole tensor) by ``merge_one``: ``merge_experts``' bits whichever rows are decoded. Other fused
+    tensors (MXFP4's biases) are read and mapped as ``apply_layer`` maps them."""
     prefix = adapter.layer_prefix(layer_idx)
     resident, fused = {}, []
     for key in tensors:
@@ -437,7 +435,7 @@ def _merged_fused(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_
                 yield j, torch.zeros((1,) + tuple(fused_t.shape[1:]), dtype=entry_dtype(fused_t))
 
     for key in fused:
-        if key in quantized:
+        if key in by_row:
             yield key, (lambda k=key: merged_rows(k))
         else:
             t = tensors[key]

@@ -74,16 +74,6 @@ class Matches:
                 self.neuron[rows] = torch.where(better, neuron, self.neuron[rows])
 
 
-def assign_segments(dropped: dict[str, torch.Tensor], retained: list[torch.Tensor],
-                    proj: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
-    """For every neuron of ``dropped`` (canonical weights), the (slot, neuron) of the most similar
-    retained neuron; ``retained`` holds each slot's ``features`` (I_r, 3H or d)."""
-    seg = features(dropped, proj)  # (I, 3H) or (I, d)
-    m = Matches(seg.shape[0])
-    m.update(seg, retained)
-    return m.slot.tolist(), m.neuron.tolist()
-
-
 def block_size(adapter, layer_idx: int, tensors, per_slot: int, scratch_bytes: int | None) -> int:
     """Slots per block when each takes ``per_slot`` float32 bytes: ``scratch_bytes`` (the budget's,
     ``BudgetPlan.merge_scratch_bytes``) or, without one, the layer's experts as stored -- so a
