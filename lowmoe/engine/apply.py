@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from .adapters import ALL_EXPERT_COUNT_KEYS, Adapter
+from .formats import RoundTrip
 from .lazy import QuantizedStored, decoded, entry, entry_dtype, entry_rows
 from .plan import LayerPlan, Plan
 
@@ -284,19 +285,17 @@ def apply_layer_quantized(adapter: Adapter, layer_idx: int, fmt, stored: dict[st
                 copies = [(j, src) for j, src in enumerate(sources) if src is not None]
                 if copies:
                     parts[p_out][[j for j, _ in copies]] = entry_rows(part, [src for _, src in copies])
-            sums = [0.0, 0.0, 0.0, 0.0]  # max |err|, max |w|, ||err||^2, ||w||^2 over the re-quantized rows
+            error = RoundTrip()  # over the re-quantized rows, each checked a band at a time
             for j, w in t():
                 q = fmt.quantize(key, w, scale_dtype=scale_dtype)
                 for p_out, v in q.items():
                     parts[p_out][j] = v[0]
-                w = w.float()
-                err = fmt.dequantize(q, key, torch.float32) - w
-                sums = [max(sums[0], err.abs().max().item()), max(sums[1], w.abs().max().item()),
-                        sums[2] + err.square().sum().item(), sums[3] + w.square().sum().item()]
+                error = error.add(fmt.roundtrip_sums(q, key, w))
                 requantized.add(j)
-                del q, w, err
-            stats["requant_max_abs_rel"] = max(stats["requant_max_abs_rel"], sums[0] / sums[1] if sums[1] else 0.0)
-            stats["requant_fro_rel"] = max(stats["requant_fro_rel"], (sums[2] / sums[3]) ** 0.5 if sums[3] else 0.0)
+                del q, w
+            max_abs_rel, fro_rel = error.rel()
+            stats["requant_max_abs_rel"] = max(stats["requant_max_abs_rel"], max_abs_rel)
+            stats["requant_fro_rel"] = max(stats["requant_fro_rel"], fro_rel)
             out.update(parts)
             continue
         t = decoded(t() if callable(t) else t)

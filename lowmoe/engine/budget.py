@@ -488,8 +488,8 @@ class MergeHold:
 def merge_scratch(L: "_LazyLayerSize", quant_method: str | None, compute_bytes: int, slots: int = 0) -> int:
     """Host bytes of one merge's temporaries in layer ``L`` beyond the output it makes: a float32
     accumulator, one decoded source and its float32 copy (``apply.merge_one``), for a quantized
-    layer the merged tensor in the compute dtype and the re-quantization's scratch (FP8 in bands of
-    ``SCRATCH_BYTES``; MXFP4 one expert row, its round trip ~16 bytes a value); ``slots``: DERN's
+    layer the merged tensor in the compute dtype and the re-quantization's scratch (FP8 and MXFP4
+    encode and check their round trip in bands of ``SCRATCH_BYTES``); ``slots``: DERN's
     block of float32 experts (slot sums, or retained features while matching), plus two more: the
     slot's own weights and its merged ones as it finishes it (a dropped expert's weights and
     features while matching)."""
@@ -497,7 +497,7 @@ def merge_scratch(L: "_LazyLayerSize", quant_method: str | None, compute_bytes: 
     s = L.exp_stored / max(1, L.exp_numel) if quant_method is None else compute_bytes
     one = 4 * n + int(s * n) + (4 * n if s < 4 else 0)
     if quant_method is not None:
-        one += compute_bytes * n + (SCRATCH_BYTES if quant_method == "fp8" else 16 * n)
+        one += compute_bytes * n + SCRATCH_BYTES
     if slots:
         one = max(one, (slots + 2) * 4 * L.exp_numel)
     return one

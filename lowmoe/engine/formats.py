@@ -68,7 +68,7 @@ def _expand_blocks(s: torch.Tensor, rows: int, cols: int, block: tuple[int, int]
 def _band_rows(width: int, block_rows: int, bytes_per_value: int) -> int:
     """Rows per step, a whole number of blocks, whose temporaries (``bytes_per_value`` for each of
     ``width`` values a row) come to about ``SCRATCH_BYTES`` (at least one block row)."""
-    return max(1, SCRATCH_BYTES // (bytes_per_value * width * block_rows)) * block_rows
+    return max(1, SCRATCH_BYTES // (bytes_per_value * max(1, width) * block_rows)) * block_rows
 
 
 def _check_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
@@ -174,10 +174,25 @@ def _e2m1_codes(y: torch.Tensor) -> torch.Tensor:
 
 
 def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w`` (..., out, in) values (in a multiple of 32) -> (blocks (..., out, in/32, 16), scales (..., out, in/32))."""
-    cols = w.shape[-1]
+    """``w`` (..., out, in) values (in a multiple of 32) -> (blocks (..., out, in/32, 16), scales (..., out, in/32)).
+
+    Each group of 32 on its own, so one leading index and a band of rows at a time: the encoder's
+    temporaries (~64 bytes a value: float32 copies, int64 codes) stay near ``SCRATCH_BYTES``."""
+    *lead, rows, cols = w.shape
     if cols % MX_GROUP:
         raise ValueError(f"MXFP4 needs the input dim to be a multiple of {MX_GROUP} (got {cols})")
+    blocks = torch.empty((*lead, rows, cols // MX_GROUP, MX_GROUP // 2), dtype=torch.uint8, device=w.device)
+    scales = torch.empty((*lead, rows, cols // MX_GROUP), dtype=torch.uint8, device=w.device)
+    band = max(1, SCRATCH_BYTES // (64 * max(1, cols)))
+    for idx in itertools.product(*map(range, lead)):
+        for r0 in range(0, rows, band):
+            blocks[idx][r0:r0 + band], scales[idx][r0:r0 + band] = _mxfp4_encode(w[idx][r0:r0 + band])
+    return blocks, scales
+
+
+def _mxfp4_encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mxfp4_quantize`` of (rows, in) values at once."""
+    cols = w.shape[-1]
     g = w.float().unflatten(-1, (cols // MX_GROUP, MX_GROUP))  # (..., out, G, 32)
     amax = g.abs().amax(-1)
     # smallest 2**x with amax / 2**x <= 6; an all-zero group takes the smallest scale
@@ -189,6 +204,25 @@ def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---- formats of a checkpoint --------------------------------------------------------------------
+
+
+@dataclass
+class RoundTrip:
+    """A re-quantization's error, summed over one or more tensors (``QuantFormat.roundtrip_sums``)."""
+
+    err_max: float = 0.0
+    w_max: float = 0.0
+    err_ss: float = 0.0  # sum of squared errors
+    w_ss: float = 0.0  # sum of squared weights
+
+    def add(self, other: "RoundTrip") -> "RoundTrip":
+        return RoundTrip(max(self.err_max, other.err_max), max(self.w_max, other.w_max),
+                         self.err_ss + other.err_ss, self.w_ss + other.w_ss)
+
+    def rel(self) -> tuple[float, float]:
+        """(max |err| / max |w|, ||err|| / ||w||), 0.0 where the weights are all zero."""
+        return (self.err_max / self.w_max if self.w_max else 0.0,
+                (self.err_ss / self.w_ss) ** 0.5 if self.w_ss else 0.0)
 
 
 @dataclass(frozen=True)
@@ -281,57 +315,63 @@ class QuantFormat:
         if self.method == "fp8":
             q, s = fp8_block_quantize(w, self.block, scale_dtype)
             return {main_key: q, scale_key: s}
-        if w.dim() < 3:
-            blocks, scales = mxfp4_quantize(w.transpose(-1, -2))
-            return {main_key: blocks, scale_key: scales}
-        # one expert at a time (each group of 32 is quantized on its own: the same codes as the
-        # whole tensor at once), so the temporaries are one expert's, not the layer's
-        blocks = scales = None
-        for e in range(w.shape[0]):
-            b, s = mxfp4_quantize(w[e].transpose(-1, -2))
-            if blocks is None:
-                blocks = b.new_empty((w.shape[0],) + tuple(b.shape))
-                scales = s.new_empty((w.shape[0],) + tuple(s.shape))
-            blocks[e], scales[e] = b, s
+        # runtime (..., in, out) -> stored (..., out, in/32, 16): a band of rows at a time (``mxfp4_quantize``)
+        blocks, scales = mxfp4_quantize(w.transpose(-1, -2))
         return {main_key: blocks, scale_key: scales}
 
     def roundtrip_of(self, parts: dict[str, torch.Tensor], logical: str, w: torch.Tensor) -> dict:
         """Relative error of the quantized ``parts`` against the float ``w`` they were made from:
-        max |err| / max |w| and ||err|| / ||w|| (Frobenius), err = dequantized (float32) - w.
+        max |err| / max |w| and ||err|| / ||w|| (Frobenius), err = dequantized (float32) - w
+        (``roundtrip_sums``)."""
+        max_abs_rel, fro_rel = self.roundtrip_sums(parts, logical, w).rel()
+        return {"max_abs_rel": max_abs_rel, "fro_rel": fro_rel}
 
-        FP8: one leading index and a band of block rows at a time (float32 temporaries of about
-        ``SCRATCH_BYTES``); the maxima are exact, each squared norm sums per-band float32 norms
-        squared in float64 (within ~1e-7 relative of the one-shot float32 norm)."""
-        if self.method != "fp8":
-            err = self.dequantize(parts, logical, torch.float32) - w.float()
-            amax, norm = w.float().abs().max().item(), w.float().norm().item()
-            return {"max_abs_rel": err.abs().max().item() / amax if amax else 0.0,
-                    "fro_rel": err.norm().item() / norm if norm else 0.0}
-        try:
-            main, scale = self._fp8_parts(parts, logical)
-        except ValueError as e:
-            raise CheckpointError(f"tensor {logical!r}: {e}") from None
-        if tuple(w.shape) != tuple(main.shape):
-            raise ValueError(f"tensor {logical!r}: weight {tuple(w.shape)} does not match its parts {tuple(main.shape)}")
+    def roundtrip_sums(self, parts: dict[str, torch.Tensor], logical: str, w: torch.Tensor) -> "RoundTrip":
+        """max |err|, max |w| and the sums of squares of err and w (err = dequantized (float32) - w),
+        one leading index and a band of stored rows at a time (float32 temporaries of about
+        ``SCRATCH_BYTES``): the maxima exact, each sum of squares per-band float32 norms squared added
+        in float64 (within ~1e-7 relative of a one-shot float32 norm). Several tensors' errors add up
+        (``RoundTrip.add``)."""
+        if self.method == "fp8":
+            try:
+                main, scale = self._fp8_parts(parts, logical)
+            except ValueError as e:
+                raise CheckpointError(f"tensor {logical!r}: {e}") from None
+            if tuple(w.shape) != tuple(main.shape):
+                raise ValueError(f"tensor {logical!r}: weight {tuple(w.shape)} does not match its parts {tuple(main.shape)}")
+            *lead, rows, cols = main.shape
+            bo = self.block[0]
+            band = _band_rows(cols, bo, 16)  # decoded band, w, |.| and the decode's own
+
+            def bands(idx):
+                for r0 in range(0, rows, band):
+                    r1 = min(rows, r0 + band)
+                    yield (fp8_block_dequantize(main[idx][r0:r1], scale[idx][r0 // bo:-(-r1 // bo)], self.block, torch.float32),
+                           w[idx][r0:r1])
+        else:
+            main, scale = (parts[p] for p in self.parts(logical))
+            if tuple(w.shape) != self.logical_shape({p: tuple(parts[p].shape) for p in self.parts(logical)}, logical):
+                raise ValueError(f"tensor {logical!r}: weight {tuple(w.shape)} does not match its parts {tuple(main.shape)}")
+            *lead, rows, groups, _ = main.shape
+            band = max(1, SCRATCH_BYTES // (24 * groups * MX_GROUP))  # decoded rows, w's, |.| and the decode's own
+
+            def bands(idx):  # stored rows are the logical tensor's columns
+                for r0 in range(0, rows, band):
+                    yield (mxfp4_dequantize(main[idx][r0:r0 + band], scale[idx][r0:r0 + band], torch.float32),
+                           w[idx][:, r0:r0 + band].T)
+        out = RoundTrip()
         if main.numel() == 0:
-            return {"max_abs_rel": 0.0, "fro_rel": 0.0}
-        *lead, rows, cols = main.shape
-        bo = self.block[0]
+            return out
         w_max = err_max = torch.zeros((), device=main.device)
         w_ss = err_ss = torch.zeros((), dtype=torch.float64, device=main.device)
-        band = _band_rows(cols, bo, 16)  # decoded band, w, |.| and the decode's own
         for idx in itertools.product(*map(range, lead)):
-            for r0 in range(0, rows, band):
-                r1 = min(rows, r0 + band)
-                err = fp8_block_dequantize(main[idx][r0:r1], scale[idx][r0 // bo:-(-r1 // bo)], self.block, torch.float32)
-                x = w[idx][r0:r1].float()
+            for err, x in bands(idx):
+                x = x.float()
                 w_max, w_ss = torch.maximum(w_max, x.abs().amax()), w_ss + x.norm().double() ** 2
                 err.sub_(x)
                 err_ss = err_ss + err.norm().double() ** 2
                 err_max = torch.maximum(err_max, err.abs_().amax())
-        amax, norm = w_max.item(), w_ss.sqrt().item()
-        return {"max_abs_rel": err_max.item() / amax if amax else 0.0,
-                "fro_rel": err_ss.sqrt().item() / norm if norm else 0.0}
+        return RoundTrip(err_max.item(), w_max.item(), err_ss.item(), w_ss.item())
 
     def logical_shape(self, parts_info: dict[str, tuple[int, ...]], logical: str) -> tuple[int, ...]:
         main = parts_info[self.parts(logical)[0]]
