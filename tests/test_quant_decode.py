@@ -101,6 +101,26 @@ def test_group_arrives_packed_and_decodes_on_its_device(synth_dir, arch, opts):
         assert t.device.type == "cpu" and torch.equal(t, whole[prefix + name][2:6]), name
 
 
+def test_a_per_expert_group_decodes_gate_and_up_in_place(synth_dir, monkeypatch):
+    """A per-expert FP8 group's gate and up decode straight into their rows of the stacked
+    ``gate_up_proj``: no concatenation, so no second copy of the group while it decodes."""
+    ck = Checkpoint(synth_dir("deepseek_v3", **FP8))
+    L = ck.moe_layers()[0]
+    src = read_lazy_layer(ck, ShardFiles(ck.path), L).experts
+    host = src.load(0, 4)
+    whole = ck.adapter.to_runtime(L, ck.read_layer(L), True)
+
+    def no_cat(*a, **k):
+        raise AssertionError("a decoded group was concatenated")
+
+    monkeypatch.setattr(torch, "cat", no_cat)
+    got = src.decode(host, ck.compute_dtype)
+    monkeypatch.undo()
+    prefix = ck.adapter.runtime_moe_prefix + "experts."
+    assert set(got) == {"gate_up_proj", "down_proj"}
+    assert all(torch.equal(t, whole[prefix + name][0:4]) for name, t in got.items())
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("arch,opts", [("deepseek_v3", FP8), ("gpt_oss", MXFP4)])

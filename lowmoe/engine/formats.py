@@ -82,13 +82,18 @@ def _check_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int])
 
 
 def fp8_block_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
-                         dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                         dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
     """``q`` (..., out, in) float8_e4m3fn times its per-block ``scale_inv`` -> ``dtype``, on ``q``'s
     device. Computed a band of block rows at a time (float32 temporaries of about ``SCRATCH_BYTES``
-    whatever the size of ``q``: a whole expert group decodes into little more than its output)."""
+    whatever the size of ``q``: a whole expert group decodes into little more than its output).
+    ``out``: write there instead (``q``'s shape; may be a slice of a larger tensor, e.g. the gate half
+    of a stacked gate-up group)."""
     rows, cols = q.shape[-2:]
     _check_fp8(q, scale_inv, block)
-    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    elif tuple(out.shape) != tuple(q.shape) or out.device != q.device:
+        raise ValueError(f"output {tuple(out.shape)} on {out.device} does not match values {tuple(q.shape)} on {q.device}")
     if q.numel() == 0:
         return out
     q3, s3, o3 = q.reshape(-1, rows, cols), scale_inv.reshape(-1, *scale_inv.shape[-2:]), out.view(-1, rows, cols)
@@ -267,11 +272,16 @@ class QuantFormat:
             out[k] = (k,)
         return out
 
-    def dequantize(self, parts: dict[str, torch.Tensor], logical: str, dtype: torch.dtype) -> torch.Tensor:
+    def dequantize(self, parts: dict[str, torch.Tensor], logical: str, dtype: torch.dtype,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
         """Stored ``parts`` of ``logical`` -> its float tensor in ``dtype`` (CheckpointError naming
-        the key when the parts do not fit together)."""
+        the key when the parts do not fit together); ``out``: written there (FP8 decodes in place,
+        MXFP4 copies its result in)."""
         try:
-            return self._dequantize(parts, logical, dtype)
+            if out is not None and self.method == "fp8":
+                return fp8_block_dequantize(*self._fp8_parts(parts, logical), self.block, dtype, out=out)
+            t = self._dequantize(parts, logical, dtype)
+            return t if out is None else out.copy_(t)
         except ValueError as e:
             raise CheckpointError(f"tensor {logical!r}: {e}") from None
 

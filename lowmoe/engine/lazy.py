@@ -343,10 +343,12 @@ class QuantizedStored:
         main, scale = self.fmt.parts(self.key)
         return tuple(self.fmt.logical_shape({main: self.main.shape, scale: self.scale.shape}, self.key))
 
-    def decode(self, main: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Stored values and scales (any leading rows, on any device) -> the logical tensor there."""
+    def decode(self, main: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Stored values and scales (any leading rows, on any device) -> the logical tensor there (into
+        ``out`` when given)."""
         names = self.fmt.parts(self.key)  # (a copied expert's parts keep their input keys: a renumbered expert's differ)
-        return self.fmt.dequantize(dict(zip(names, (main, scale))), self.key, dtype)
+        return self.fmt.dequantize(dict(zip(names, (main, scale))), self.key, dtype, out=out)
 
     def read(self) -> torch.Tensor:
         return self.decode(self.main.read(), self.scale.read(), self.torch_dtype)
@@ -678,14 +680,25 @@ class ExpertSource:
         n = next(iter(tensors.values())).shape[0]
         out = {}
         for name in self.names:
-            segs = []
-            for i, (st, r) in enumerate(self._pieces[name][self.ids[0]]):
+            pieces = self._pieces[name][self.ids[0]]
+            # several pieces (a per-expert gate and up) decode into their rows of one tensor: no copy
+            # of the group beside it, as a concatenation would make
+            full = None if len(pieces) == 1 else torch.empty((n,) + self._row_shape[name], dtype=dtype,
+                                                              device=next(iter(tensors.values())).device)
+            at = 0
+            for i, (st, r) in enumerate(pieces):
                 parts = _stored_parts(st)
                 raw = [tensors[f"{name}/{i}/{j}"].view(p.torch_dtype).view((n,) + (tuple(p.shape[1:]) if r is not None
                                                                                    else tuple(p.shape)))
                        for j, p in enumerate(parts)]
-                segs.append(st.decode(raw[0], raw[1], dtype) if isinstance(st, QuantizedStored) else raw[0].to(dtype))
-            out[name] = segs[0] if len(segs) == 1 else torch.cat(segs, 1)
+                rows = raw[0].shape[1] if raw[0].dim() > 1 else 1
+                dest = None if full is None else full[:, at:at + rows]
+                if isinstance(st, QuantizedStored):
+                    seg = st.decode(raw[0], raw[1], dtype, out=dest)
+                else:
+                    seg = raw[0].to(dtype) if dest is None else dest.copy_(raw[0])
+                at += rows
+                out[name] = seg if full is None else full
         return out
 
 
