@@ -478,28 +478,32 @@ class MergeHold:
     layout holds every output row (``kept``: k) in its output tensors. A merge takes float32
     temporaries of one expert tensor (``merge_scratch``). ``blocks``: the method also holds float32
     copies of whole experts in blocks (DERN's slot sums and retained features) whose size the plan
-    sets (``BudgetPlan.merge_scratch_bytes``): at least one, at most ``rewritten``."""
+    sets (``BudgetPlan.merge_scratch_bytes``): at least one, at most ``rewritten``. ``match_rows``:
+    the method compares that many of an expert's neurons with all of another's at once (DERN's
+    matching: a float32 (rows, I) similarity buffer)."""
 
     rewritten: int
     kept: int
     blocks: bool = False
+    match_rows: int = 0
 
 
-def merge_scratch(L: "_LazyLayerSize", quant_method: str | None, compute_bytes: int, slots: int = 0) -> int:
+def merge_scratch(L: "_LazyLayerSize", quant_method: str | None, compute_bytes: int, slots: int = 0,
+                  match_bytes: int = 0) -> int:
     """Host bytes of one merge's temporaries in layer ``L`` beyond the output it makes: a float32
     accumulator, one decoded source and its float32 copy (``apply.merge_one``), for a quantized
     layer the merged tensor in the compute dtype and the re-quantization's scratch (FP8 and MXFP4
     encode and check their round trip in bands of ``SCRATCH_BYTES``); ``slots``: DERN's
     block of float32 experts (slot sums, or retained features while matching), plus two more: the
     slot's own weights and its merged ones as it finishes it (a dropped expert's weights and
-    features while matching)."""
+    features, and ``match_bytes`` of similarities, while matching)."""
     n = L.mat_numel
     s = L.exp_stored / max(1, L.exp_numel) if quant_method is None else compute_bytes
     one = 4 * n + int(s * n) + (4 * n if s < 4 else 0)
     if quant_method is not None:
         one += compute_bytes * n + SCRATCH_BYTES
     if slots:
-        one = max(one, (slots + 2) * 4 * L.exp_numel)
+        one = max(one, (slots + 2) * 4 * L.exp_numel + match_bytes)
     return one
 
 
@@ -539,6 +543,7 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
     quantized = ck.quant_format
     fused = ck.adapter.expert_layout == "fused"
     b_host = dtype_bytes(ck.compute_dtype)  # a merge decodes its sources to the checkpoint's compute dtype
+    hidden = max(1, int(cfg.get("hidden_size", 0) or 0))
     terms_act = activation_terms(cfg, batch_size=batch_size, seq_len=seq_len, dtype_bytes=b, top_k=ck.top_k,
                                  num_experts=ck.num_experts, grouped=grouped)
     act = sum(terms_act.values())
@@ -603,7 +608,9 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
             held = merge.kept * L.exp_numel * b_host
         before = (k - blk) * L.exp_stored if blk else held
         freed = act + g * L.exp_numel * b if on_cpu else 0
-        scratch = merge_scratch(L, quantized.method if quantized else None, b_host, blk)
+        neurons = L.mat_numel // hidden  # at most the experts' intermediate size (a fused gate-up: twice it)
+        match = 4 * min(merge.match_rows, neurons) * neurons
+        scratch = merge_scratch(L, quantized.method if quantized else None, b_host, blk, match)
         return {"merged_experts_held": held, "merge_scratch": max(0, before + scratch - freed - held)}
 
     def host_need(L: _LazyLayerSize, g: int, pre: bool) -> dict[str, int]:

@@ -97,7 +97,7 @@ class Dern(LayerMethod):
     @classmethod
     def merge_hold(cls, num_experts: int, keep_n: int) -> MergeHold:
         # every slot may be fed; float32 experts in blocks (retained features, slot sums)
-        return MergeHold(keep_n, keep_n, blocks=True)
+        return MergeHold(keep_n, keep_n, blocks=True, match_rows=ROWS)
 
     def observe(self, call) -> None:
         self.stats.observe(call)
