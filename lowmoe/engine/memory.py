@@ -18,6 +18,38 @@ from contextlib import contextmanager
 from ..errors import ResourceError
 
 
+# glibc's M_MMAP_THRESHOLD (malloc.h): allocations at least this large are mapped on their own
+M_MMAP_THRESHOLD = -3
+FREED_RETURNED_BYTES = 1 << 20
+_returning: list[int] = []  # the threshold set, once per process
+
+
+def return_freed_memory() -> int | None:
+    """Keep glibc from holding on to freed tensors: a fixed 1 MiB mmap threshold (``mallopt``).
+
+    By default glibc raises its threshold, up to 32 MiB, each time a mapped block is freed; blocks
+    below it then come from the heap, and freed ones stay in the process (resident) as free heap,
+    so a pass that allocates and frees mid-sized tensors (a merge's, an experts group's) peaks well
+    above what it holds at once. Fixed, every block of 1 MiB or more is mapped on its own and given
+    back to the OS when freed, at the cost of a page fault per page of each new one. lowmoe sets it
+    for a pass under ``--max-ram`` (``Stream``); returns the threshold, or None where the C library
+    is not glibc (nothing set)."""
+    if _returning:
+        return _returning[0]
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        if not libc.mallopt(M_MMAP_THRESHOLD, FREED_RETURNED_BYTES):
+            return None
+    except (OSError, AttributeError):
+        return None
+    _returning.append(FREED_RETURNED_BYTES)
+    return FREED_RETURNED_BYTES
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -28,6 +28,7 @@ from .cache import ActivationCache, FiniteChecks
 from .calibration import CalibTokens, load_tokenizer, tokenize
 from .checkpoint import Checkpoint
 from .device import DeviceTimer, dtype_bytes, release_blas_workspaces, release_pinned_cache, synchronize
+from .memory import return_freed_memory
 from ..errors import ConfigError
 from . import faults
 from .experts import run_wave
@@ -136,6 +137,8 @@ class Stream:
         self.prefetch = prefetch
         self.prefetch_layers = prefetch if budget is None else budget.prefetch_layers
         self.placer = Placer(device, dtype, budget, self.io)  # builds layers under --max-vram/--max-ram
+        # under --max-ram, freed tensors go back to the OS instead of staying resident as free heap
+        self.malloc_mmap_threshold = return_freed_memory() if budget is not None and budget.max_ram is not None else None
         self.files = ShardFiles(ck.path)  # lazily read experts (Stream.layers(lazy=True)), copied kept experts
         self.quant = quant  # "nf4"/"int8": layers built with bitsandbytes-quantized weights (lowmoe.engine.quant)
         self.skel = ModelSkeleton(ck.config, ck.adapter, experts=resolve_experts_impl(experts, self.device))
@@ -199,7 +202,7 @@ class Stream:
         return {"io": {**self.io.to_json(now - t_start), **self.files.to_json()},
                 "stages": with_setup(self.stages(now - t_begin, since=since), setup, now - t_begin),
                 "activations": self.activation_report(), "experts_impl": self.skel.experts_impl,
-                "budget": self.placer.report()}
+                "budget": {**self.placer.report(), "malloc_mmap_threshold": self.malloc_mmap_threshold}}
 
     def stages(self, wall_s: float | None = None, since=None) -> dict:
         """Where the pass's time went, per stage (``prefetch.STAGES``): the report's "stages"
