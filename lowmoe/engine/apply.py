@@ -278,13 +278,7 @@ def apply_layer_quantized(adapter: Adapter, layer_idx: int, fmt, stored: dict[st
             # the rows (output experts) that are one source with coefficient 1 take that source's
             # stored rows; the others come from ``_merged_fused`` one at a time, each re-quantized
             # (per expert: the same codes as the whole tensor at once) before the next is computed
-            parts = {}
-            for p_out in fmt.parts(key):
-                part = stored[p_out]
-                parts[p_out] = torch.empty((len(lp.keep),) + tuple(part.shape[1:]), dtype=entry_dtype(part))
-                copies = [(j, src) for j, src in enumerate(sources) if src is not None]
-                if copies:
-                    parts[p_out][[j for j, _ in copies]] = entry_rows(part, [src for _, src in copies])
+            parts = {p_out: _copied_rows(None, stored[p_out], sources) for p_out in fmt.parts(key)}
             error = RoundTrip()  # over the re-quantized rows, each checked a band at a time
             for j, w in t():
                 q = fmt.quantize(key, w, scale_dtype=scale_dtype)
@@ -302,10 +296,8 @@ def apply_layer_quantized(adapter: Adapter, layer_idx: int, fmt, stored: dict[st
         parts = fmt.quantize(key, t, scale_dtype=scale_dtype)
         if adapter.expert_layout == "fused" and key not in router_keys:
             # rows (experts) that are one source with coefficient 1 take that source's stored rows
-            copies = [(j, src) for j, src in enumerate(sources) if src is not None]
-            if copies:
-                for p in parts:
-                    parts[p][[j for j, _ in copies]] = entry_rows(stored[p], [src for _, src in copies])
+            for p in parts:
+                _copied_rows(parts[p], stored[p], sources)
             rows = [j for j, src in enumerate(sources) if src is None]
             err = fmt.roundtrip_of({p: v[rows] for p, v in parts.items()}, key, t[rows]) if rows else {}
             requantized.update(rows)
@@ -318,6 +310,18 @@ def apply_layer_quantized(adapter: Adapter, layer_idx: int, fmt, stored: dict[st
         out.update(parts)
     stats["requantized"] = len(requantized)
     return out, stats
+
+
+def _copied_rows(dst: torch.Tensor | None, stored, sources: list[int | None]) -> torch.Tensor:
+    """Output rows (experts on dim 0) of a fused tensor that are one source with coefficient 1
+    (``sources[j]`` not None) filled with that source's stored rows, read at once, into ``dst``
+    (None: a new tensor of ``len(sources)`` rows in ``stored``'s dtype, the other rows unset)."""
+    if dst is None:
+        dst = torch.empty((len(sources),) + tuple(stored.shape[1:]), dtype=entry_dtype(stored))
+    copies = [(j, src) for j, src in enumerate(sources) if src is not None]
+    if copies:
+        dst[[j for j, _ in copies]] = entry_rows(stored, [src for _, src in copies])
+    return dst
 
 
 def _merged_per_expert(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_experts: int,
@@ -455,11 +459,7 @@ def apply_layer_fused_rows(adapter: Adapter, layer_idx: int, tensors, lp: LayerP
         if key not in fused:
             out[key] = t
             continue
-        stored = entry(tensors, key)
-        y = torch.empty((len(lp.keep),) + tuple(stored.shape[1:]), dtype=entry_dtype(stored))
-        copies = [(j, src) for j, src in enumerate(sources) if src is not None]
-        if copies:
-            y[[j for j, _ in copies]] = entry_rows(stored, [src for _, src in copies])
+        y = _copied_rows(None, entry(tensors, key), sources)
         for j, row in t():
             y[j] = row[0]
         out[key] = y

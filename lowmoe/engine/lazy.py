@@ -698,7 +698,7 @@ class ExpertSource:
                 else:
                     seg = raw[0].to(dtype) if dest is None else dest.copy_(raw[0])
                 at += rows
-                out[name] = seg if full is None else full
+            out[name] = seg if full is None else full
         return out
 
 
