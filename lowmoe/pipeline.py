@@ -179,8 +179,9 @@ def run_fingerprint(cfg: PruneConfig, ck: Checkpoint) -> str:
 
 def plan_run_budget(cfg: PruneConfig, ck: Checkpoint):
     """``--max-vram``/``--max-ram`` checked against the checkpoint's layer sizes before any work. The
-    one-shot prune (``score_and_write``) and C-Prune (``methods.LAZY_RUNNERS``) read experts lazily, in
-    groups (``plan_lazy_budget``); EEP, which drives its run itself, reads whole layers."""
+    one-shot prune (``score_and_write``), C-Prune and EEP's seed passes (``methods.LAZY_RUNNERS``) read
+    experts lazily, in groups (``plan_lazy_budget``); EEP's population pass is planned when the search
+    starts (``budget.plan_population``)."""
     device = cfg.compute_device()
     # a merging method's merged experts (held until written) and one merge's temporaries
     merge = None if cfg.keep is None else methods.merge_hold(cfg.method, ck.num_experts, cfg.resolve_keep(ck.num_experts))

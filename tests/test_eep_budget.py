@@ -101,7 +101,12 @@ def test_too_small_budget_fails_before_the_search(synth_dir, tmp_path):
     assert plan_budget(ck, device=torch.device("cpu"), dtype=torch.float32, batch_size=4, seq_len=64,
                        max_vram=vram).layers[0].group_size == 1
     train = write_jsonl(tmp_path / "train.jsonl", records(8))
-    with pytest.raises(ConfigError, match=r"^--max-vram .*EEP search, layer 0: .*raise --max-vram") as e:
+    whole = plan_budget(ck, device=torch.device("cpu"), dtype=torch.float32, batch_size=4, seq_len=64, max_vram=vram)
+    with pytest.raises(ConfigError, match=r"^--max-vram .*EEP search, layer 0: .*raise --max-vram"):
+        plan_population(ck, whole, num_experts=KEEP, batch_size=4, seq_len=64)
+    # the run refuses it before any work (the seed passes read experts in groups of at least one, two
+    # groups at a time: their floor is the first one checked)
+    with pytest.raises(ConfigError, match=r"^--max-vram .*raise --max-vram") as e:
         lowmoe.prune(src, tmp_path / "out", keep=KEEP, method="eep", calib=[train], seq_len=64, batch_size=4,
                      progress=False, device="cpu", max_vram=vram,
                      method_options={"generations": 1, "population": 2, "layer_groups": "layer"})
@@ -111,7 +116,9 @@ def test_too_small_budget_fails_before_the_search(synth_dir, tmp_path):
 
 
 def test_prune_eep_with_max_ram_writes_the_same_checkpoint(synth_dir, tmp_path):
-    src = synth_dir("mixtral")
+    # layers large enough that a budget holding one in host memory but not on the (CPU) device clears
+    # the seed passes' floor (the interpreter's share is the same in both)
+    src = synth_dir("mixtral", layers=2, hidden_size=256, intermediate_size=2048, shard_size="8MB")
     train = write_jsonl(tmp_path / "train.jsonl", records(8))
     opts = dict(keep=KEEP, method="eep", calib=[train], seq_len=32, batch_size=4, progress=False, device="cpu",
                 method_options={"generations": 2, "population": 2, "prune_generations": 1, "layer_groups": "layer"})

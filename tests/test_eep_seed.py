@@ -13,7 +13,7 @@ from lowmoe.methods.eep.space import SearchSpace
 from lowmoe.pipeline import PruneConfig, plan_run_budget
 from lowmoe.score import score
 
-from .helpers import chunking_ram, edit_checkpoint
+from .helpers import lazy_chunking_ram, edit_checkpoint
 
 CAL = {"seq_len": 16, "n_samples": 4, "batch_size": 2}
 PCAL = {"seq_len": 32, "n_samples": 6, "batch_size": 3}  # test_scoring_protect's calibration
@@ -34,10 +34,12 @@ def test_seed_is_the_one_shot_plan_with_and_without_budget(synth_dir, calib_txt,
     assert seed.canonical().key() == want
 
     small = PruneConfig(model=model, out=tmp_path / "out2", keep=4, method="eep", calib=[calib_txt],
-                        max_ram=chunking_ram(model, CAL["batch_size"], CAL["seq_len"]), sequential=False,
+                        max_ram=lazy_chunking_ram(model, CAL["batch_size"], CAL["seq_len"]), sequential=False,
                         protect_super_experts=False, **CAL)
     budget = plan_run_budget(small, ck)
-    assert budget.chunked_layers == ck.moe_layers(), "the RAM budget must force expert chunking"
+    assert budget.lazy_experts, "the seed pass reads experts from the shards in groups, as the prune does"
+    assert all(budget.layers[L].group_size < ck.num_experts for L in ck.moe_layers()), \
+        "the RAM budget must force expert chunking"
     chunked = _seed_candidate(SimpleNamespace(ck=ck, budget=budget), small, space, "reap", tmp_path / "chunked")
     assert chunked.canonical().key() == want
     # sequential (the prune default): each layer scored on the pruned previous layer, chunked or not

@@ -55,7 +55,7 @@ from .device import blas_workspace_bytes, dtype_bytes, pinned_bytes, pinned_stat
 from .experts import ChunkedExperts, KeptExperts, LazyExperts, stage_preloaded
 from .formats import SCRATCH_BYTES
 from .hf import layer_config, materialize, moe_modules, split_experts
-from .lazy import StagingPool
+from .lazy import StagingPool, reads_lazily
 from .memory import Accountant, fmt_bytes
 from .prefetch import DeviceStager, IOStats
 from .writer import parse_size
@@ -792,10 +792,17 @@ class PopulationBudget:
     num_experts: int
     layers: dict[int, Placement] = field(default_factory=dict)
     candidate_host_bytes: int = 0
+    # the layers' routed experts are not read with the layer: each candidate's E' experts are selected
+    # or merged from the shards, one source expert at a time (``plan_sourced_population``)
+    sourced: bool = False
 
     @property
     def chunked_layers(self) -> list[int]:
         return sorted(L for L, p in self.layers.items() if p.chunked)
+
+    def to_json(self) -> dict:
+        return {"sourced": self.sourced, "num_experts": self.num_experts,
+                "candidate_host_bytes": self.candidate_host_bytes, **self.plan.to_json()}
 
 
 def _budget_flag(plan: BudgetPlan) -> str:
@@ -803,9 +810,14 @@ def _budget_flag(plan: BudgetPlan) -> str:
     return "--max-vram" if plan.max_vram is not None and plan.device_budget == plan.max_vram else "--max-ram"
 
 
-def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size: int, seq_len: int) -> PopulationBudget | None:
-    """The budget of the EEP search's streamed population evaluation, from the run's plan (``plan_budget``
-    with the run's flags; None or no flag given: None, no budget). From the index alone, before the search.
+def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size: int, seq_len: int,
+                    quant: str = "none") -> PopulationBudget | None:
+    """The budget of the EEP search's streamed population evaluation, from the run's plan (the run's
+    flags; None or no flag given: None, no budget). From the index alone, before the search.
+
+    A layer as read is held in host memory while its candidates run (``_plan_held_population``) where
+    --max-ram leaves room for it; where it does not, and the weights are the checkpoint's (``quant``
+    "none"), each candidate's experts are read from the shards instead (``plan_sourced_population``).
 
     Host: one layer as read + its runtime copy (no prefetch: the evaluator reads layer by layer) + a
     candidate's E' experts in the stored dtype + the float32 merge accumulator (one expert's tensor,
@@ -819,6 +831,32 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
     flag when not even one expert fits."""
     if plan is None or (plan.max_vram is None and plan.max_ram is None):
         return None
+    try:
+        return _plan_held_population(ck, plan, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len)
+    except ConfigError as held_error:
+        # a layer as read does not fit --max-ram: read each candidate's experts from the shards instead
+        if plan.max_ram is None or not str(held_error).startswith("--max-ram") or not sourced_ok(ck):
+            raise
+        if quant != "none":
+            raise ConfigError(f"{held_error} (under --max-ram the search reads a layer's experts from the shards "
+                              f"one at a time only with --quant none)") from None
+        return plan_sourced_population(ck, plan, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len)
+
+
+def sourced_ok(ck) -> bool:
+    """Whether the EEP evaluator can read this checkpoint's routed experts one at a time from the shards:
+    a format read lazily (``lazy.reads_lazily``) and, for a fused layout, every MoE layer's fused
+    tensors stored under their runtime names (what ``lazy.ExpertSource`` reads row by row)."""
+    if not reads_lazily(ck):
+        return False
+    ad = ck.adapter
+    if ad.expert_layout != "fused":
+        return True
+    return all(ad.layer_prefix(L) + ad.moe_prefix + "experts." + t in ck.parts
+               for L in ck.moe_layers() for t in ad.fused_tensors)
+
+
+def _plan_held_population(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int, seq_len: int) -> PopulationBudget:
     device, dtype = torch.device(plan.device), getattr(torch, plan.compute_dtype)
     b = dtype_bytes(dtype)
     E, n = ck.num_experts, int(num_experts)
@@ -874,6 +912,130 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
     for note in pop.notes:
         log.info(note)
     return out
+
+
+def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int, seq_len: int) -> PopulationBudget:
+    """The population evaluation's budget when a layer's routed experts are never held whole: the
+    layer's non-expert weights are read (``lazy.read_lazy_layer``), and each candidate block's E'
+    experts are selected or merged into host buffers reading one source expert at a time from the
+    shards (``LoadedLayer._sourced_block``), then visit the device in groups (``ChunkedExperts``).
+    Per MoE layer, for groups of g of the candidate's E' experts (P params each, compute dtype b bytes,
+    held in h bytes a param: the stored dtype, a quantized checkpoint's compute dtype):
+
+        device = resident weights (b) + a candidate's router + 2 groups (g P b) + activations
+        host   = interpreter + activation chunks in flight + the non-expert weights as read
+                 + the candidate's E' experts (E' P h) + one merge's temporaries (a float32
+                 accumulator, one source as read and decoded, its float32 copy)
+                 + on a CPU run, the device copy above (it lives in RAM)
+
+    The largest g <= E' that fits is used. ConfigError naming the flag and the floor when g = 1 does
+    not fit. Reads: every candidate block reads its sources (a kept expert, or each expert with a
+    nonzero merge coefficient), not the layer once per generation."""
+    device, dtype = torch.device(plan.device), getattr(torch, plan.compute_dtype)
+    on_cpu = device.type != "cuda"
+    b = dtype_bytes(dtype)
+    n = int(num_experts)
+    cfg = ck.config
+    quantized = ck.quant_format
+    sizes = _lazy_sizes(ck)
+    terms_act = activation_terms(cfg, batch_size=batch_size, seq_len=seq_len, dtype_bytes=b, top_k=ck.top_k,
+                                 num_experts=ck.num_experts, grouped=plan.grouped_experts)
+    act = sum(terms_act.values())
+    blas = blas_workspace_bytes(device)
+    rounding = allocator_rounding(max(len(ck.layer_keys(L.idx)) for L in sizes)) if not on_cpu else 0
+    chunk_host = 4 * batch_size * seq_len * int(cfg.get("hidden_size", 0)) * 4
+    max_ram, max_vram = plan.max_ram, plan.max_vram
+    dev_budget = None if on_cpu else max_vram
+
+    def held_elem(L: _LazyLayerSize) -> float:  # bytes a param of a candidate's held expert
+        return dtype_bytes(ck.compute_dtype) if quantized is not None else L.exp_stored / max(1, L.exp_numel)
+
+    def router(L: _LazyLayerSize) -> int:
+        return sum(_numel(ck.tensor_info(k)[0]) for k in ck.adapter.router_keys(L.idx)) * n // ck.num_experts * 4
+
+    def device_need(L: _LazyLayerSize, g: int) -> dict[str, int]:
+        t = {"resident_weights": L.res_numel * b, **terms_act, "blas_workspaces": blas, "allocator_rounding": rounding}
+        if L.num_experts:
+            t.update(candidate_router=router(L), expert_groups=2 * min(g, n) * L.exp_numel * b)
+        return t
+
+    def candidate_experts(L: _LazyLayerSize) -> int:
+        one = int(L.exp_numel * held_elem(L))
+        return pinned_bytes(n * one, device) if not on_cpu else n * one
+
+    def merge_temporaries(L: _LazyLayerSize) -> int:
+        # float32 accumulators (one expert), the source as read, decoded (quantized) and one tensor's float32 copy
+        t = 4 * L.exp_numel + L.exp_stored + 4 * L.mat_numel
+        if quantized is not None:
+            t += int(L.exp_numel * held_elem(L)) + SCRATCH_BYTES
+        return t
+
+    def host_need(L: _LazyLayerSize, g: int) -> dict[str, int]:
+        t = {"interpreter": HOST_BASE_BYTES, "activation_chunks": chunk_host, "layer_non_expert_weights": L.res_stored}
+        if L.num_experts:
+            t.update(candidate_experts=candidate_experts(L), merge_temporaries=merge_temporaries(L))
+        if on_cpu:
+            t["compute_copy"] = sum(device_need(L, g).values())
+        return t
+
+    head_keys = [k for k in ck.other_keys() if k.startswith("model.norm.")]
+    head_keys.append("lm_head.weight" if "lm_head.weight" in ck.weight_map else "model.embed_tokens.weight")
+    head_s = sum(ck.read_bytes(k) for k in head_keys if k in ck.weight_map)
+    head_c = sum(_numel(ck.tensor_info(k)[0]) for k in head_keys if k in ck.weight_map) * b
+    embed_key = "model.embed_tokens.weight"
+    embed_s = ck.read_bytes(embed_key) if embed_key in ck.weight_map else 0
+    embed_c = _numel(ck.tensor_info(embed_key)[0]) * b if embed_s else 0
+    # embedding the tokens, and the final norm + lm_head: phases of their own, with no layer held
+    other_host = HOST_BASE_BYTES + chunk_host + max(embed_s + (embed_c if on_cpu else 0), head_s + (head_c if on_cpu else 0))
+    other_device = max(embed_c, head_c) + act + blas
+
+    def host_total(g: int) -> int:
+        return max([other_host] + [sum(host_need(L, g).values()) for L in sizes])
+
+    def device_total(g: int) -> int:
+        return max([other_device] + [sum(device_need(L, g).values()) for L in sizes])
+
+    def fits(g: int) -> bool:
+        if max_ram is not None and host_total(g) > max_ram * (1 - SAFETY):
+            return False
+        return dev_budget is None or device_total(g) <= dev_budget * (1 - SAFETY)
+
+    floor_ram = int(host_total(1) / (1 - SAFETY)) + 1
+    if max_ram is not None and host_total(1) > max_ram * (1 - SAFETY):
+        raise ConfigError(
+            f"--max-ram {fmt_bytes(max_ram)} is too small for the EEP search even reading a candidate's experts "
+            f"from the shards: the non-expert weights + a candidate's {n} experts + one merge + two single-expert "
+            f"groups + activations + the interpreter need about {fmt_bytes(floor_ram)}; raise --max-ram")
+    if not fits(1):
+        floor_vram = int(device_total(1) / (1 - SAFETY)) + 1
+        raise ConfigError(
+            f"--max-vram {fmt_bytes(max_vram)}: EEP search: the resident weights + a candidate's router + two "
+            f"single-expert groups + activations need at least {fmt_bytes(floor_vram)}; raise --max-vram or lower "
+            f"--batch-size/--seq-len")
+    lo, hi, g = 1, max(1, n), 1
+    while lo <= hi:  # the largest group of the candidate's experts that fits
+        mid = (lo + hi) // 2
+        if fits(mid):
+            g, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    layers = {L.idx: Placement(min(g, n), g < n, sum(device_need(L, g).values())) for L in sizes if L.num_experts}
+    worst = max(sizes, key=lambda L: sum(host_need(L, g).values()))
+    host_terms = host_need(worst, g)
+    big = max(sizes, key=lambda L: sum(device_need(L, g).values()))
+    pop = BudgetPlan(device=str(device), compute_dtype=plan.compute_dtype, max_vram=max_vram, max_ram=max_ram,
+                     device_budget=dev_budget, activation_bytes=act,
+                     weights_budget=None if dev_budget is None else int(dev_budget * (1 - SAFETY)) - act - blas - rounding,
+                     prefetch_layers=False, layers=dict(layers), host_peak_bytes=int(host_total(g)),
+                     device_peak_bytes=int(device_total(g)), host_layer_bytes=int(worst.res_stored),
+                     host_fixed_bytes=HOST_BASE_BYTES + chunk_host, lazy_experts=True, host_terms=host_terms,
+                     device_terms=device_need(big, g), min_max_ram=floor_ram, blas_workspace_bytes=blas,
+                     grouped_experts=plan.grouped_experts)
+    pop.notes.append(f"EEP search: --max-ram {fmt_bytes(max_ram)} cannot hold a layer's experts; each candidate's {n} "
+                     f"experts are read from the shards one source at a time and run in groups of {min(g, n)}")
+    for note in pop.notes:
+        log.info(note)
+    return PopulationBudget(pop, n, layers, candidate_experts(worst), sourced=True)
 
 
 # ---- bookkeeping -------------------------------------------------------------------------------

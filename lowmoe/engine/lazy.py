@@ -523,6 +523,14 @@ class ExpertSource:
     def expert_numel(self) -> int:
         return sum(_prod(s) for s in self._row_shape.values())
 
+    def row_shape(self, name: str) -> tuple[int, ...]:
+        """One expert's runtime-layout shape of parameter ``name``."""
+        return self._row_shape[name]
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype parameter ``name`` is stored in (a quantized one's: its values')."""
+        return self._dtype[name]
+
     def expert_stored_bytes(self) -> int:
         """Bytes of one expert as loaded into host memory (``buffer_shapes``)."""
         if self.packed:

@@ -36,8 +36,9 @@ LAYER_METHODS = {cls.name: cls for cls in (MergeFreq, HcMerge, DiverseGroup, Der
 # name -> fn(run, cfg, top_k) -> report extras
 RUNNERS = {"eep": run_eep, "c-prune": run_c_prune}
 # runners whose streamed passes read a MoE layer's routed experts in groups, as the one-shot prune does
-# (``Stream.layers(lazy=True)``, planned by ``budget.plan_lazy_budget``); the others read whole layers
-LAZY_RUNNERS = ("c-prune",)
+# (``Stream.layers(lazy=True)``, planned by ``budget.plan_lazy_budget``): C-Prune's scoring pass, EEP's
+# seed passes (its population pass has a plan of its own, ``budget.plan_population``)
+LAZY_RUNNERS = ("c-prune", "eep")
 # runners that share their work among the processes of a torchrun launch (``engine.dist``)
 DISTRIBUTED = ("eep",)
 PLAN_FIELDS = PlanFields(pre={"align": apply_alignment}, post={"neurons": apply_neurons}, view={"align": AlignedLayer})

@@ -56,8 +56,9 @@ from ...engine.checkpoint import Checkpoint
 from ...engine.device import dtype_bytes
 from ...engine.experts import ChunkedExperts, KeptExperts
 from ...engine.hf import (LayerInputsCache, ModelSkeleton, layer_config, whole_model, materialize, materialize_layer,
-                          resolve_experts_impl, run_layer, split_experts)
-from ...engine.memory import Accountant
+                          moe_modules, resolve_experts_impl, run_layer, split_experts)
+from ...engine.lazy import LazyLayer, ShardFiles, read_lazy_layer
+from ...engine.memory import Accountant, return_freed_memory
 from ...engine.progress import progress as progress_bar
 from ...engine.stream import memory_slack
 from ...engine.prefetch import IOStats
@@ -116,10 +117,16 @@ class LoadedLayer:
         ad = ev.adapter
         self.ev, self.idx, self.is_moe = ev, layer_idx, layer_idx in ev.moe
         self.placement = ev.placement(layer_idx)  # under a budget: chunked = experts stay in host memory
+        self.source = None  # sourced layers: the routed experts on disk (``lazy.ExpertSource``)
         if not self.is_moe:
+            if isinstance(tensors, LazyLayer):
+                tensors = dict(tensors.resident)  # a dense layer's tensors are all read
             state = ad.to_runtime(layer_idx, tensors, False)
             self.module = materialize_layer(ev.skel, layer_idx, state, ev.device, ev.dtype)
             ev.track(self.module, sum(v.numel() for v in state.values()) * ev.elem_bytes)
+            return
+        if isinstance(tensors, LazyLayer):  # the budget's sourced layers: experts read per candidate block
+            self._load_sourced(tensors)
             return
         prefix = ad.layer_prefix(layer_idx)
         experts = {k: t for k, t in tensors.items() if ad.is_expert_key(k[len(prefix):])}
@@ -169,6 +176,26 @@ class LoadedLayer:
         self.module = build_layer(ev.skel, L, {**state, **host}, ev.device, ev.dtype, group_size=group,
                                   double_buffer=whole is None or whole.double_buffer, accountant=ev.accountant,
                                   stats=ev.io)
+        self._set_base()
+
+    def _load_sourced(self, layer: LazyLayer) -> None:
+        """Under a --max-ram too small for a layer's experts (``budget.plan_sourced_population``): only
+        the non-expert weights are read; the module is built without routed experts (candidates never
+        run the original block), and each candidate block reads its experts from ``layer.experts``."""
+        ev, ad, L = self.ev, self.ev.adapter, self.idx
+        if layer.experts is None:
+            raise RuntimeError(f"layer {L}: the EEP budget reads experts from the shards, but this layer's are not "
+                               "located there")
+        self.exact, self.tensors, self.stored_dtype = True, None, None
+        self.source = layer.experts
+        rest = dict(layer.resident)
+        self.router_tensors = {k: rest[k] for k in ad.router_keys(L) if k in rest}
+        state = ad.to_runtime(L, rest, True)
+        del rest
+        module = ev.skel.new_layer(L, layer_config(ev.skel, None, None))
+        moe_modules(ad, module)[0].experts = torch.nn.Identity()
+        self.module = materialize(module, state, ev.device, ev.dtype)
+        ev.track(self.module, sum(v.numel() for v in state.values()) * ev.elem_bytes)
         self._set_base()
 
     def _load_experts(self, experts: dict[str, torch.Tensor], host: bool = False) -> dict[str, torch.Tensor]:
@@ -240,13 +267,16 @@ class LoadedLayer:
     def _chunked_block(self, lp, meta: torch.nn.Module) -> torch.nn.Module:
         """The candidate's block with its router (and the shared experts) on the device and its E'
         experts in host memory, visiting the device in the planned groups (``experts.ChunkedExperts``).
-        The experts are selected or merged from the stored-dtype host copy exactly as ``apply_layer``
-        does (``apply.experts_for_plan``), rounded to the stored dtype."""
+        The experts are selected or merged exactly as ``apply_layer`` does, rounded to the stored dtype:
+        from the layer's stored-dtype host copy (``apply.experts_for_plan``), or on a sourced layer
+        from the shards (``_sourced_experts``)."""
         ev, ad, L = self.ev, self.ev.adapter, self.idx
         E, n = ev.ck.num_experts, len(lp.keep)
         state = self._block_state(ad.to_runtime(L, apply_layer(ad, L, self.router_tensors, lp, E), True))
         experts: dict[str, torch.Tensor] = {}
-        for name, x in self.host.items():  # (E, ...) stored dtype
+        if self.source is not None:
+            experts = self._sourced_experts(lp)
+        for name, x in ({} if self.source is not None else self.host).items():  # (E, ...) stored dtype
             y = ev.buffer("host:candidate:" + name, (n,) + tuple(x.shape[1:]), x.dtype, host=True)
             acc = None if lp.merge is None else ev.buffer("host:acc", tuple(x.shape[1:]), torch.float32, host=True)
             experts[name] = experts_for_plan(x, lp, y, acc)
@@ -256,6 +286,57 @@ class LoadedLayer:
         state.update(self.shared)
         ev.stats["chunked_blocks"] += 1
         return ev.track(materialize(meta, state, ev.device, ev.dtype), self._state_bytes(state))
+
+    def _sourced_experts(self, lp) -> dict[str, torch.Tensor]:
+        """A candidate's E' runtime expert tensors in reused host buffers, read from the shards: a kept
+        expert's bytes straight into its row (consecutive ones in one read), a merged one summed in
+        float32 in expert order from one source at a time (``merge_experts``' sums: the same bits as
+        ``experts_for_plan`` over the whole layer). A quantized layer's experts are decoded to the
+        checkpoint's compute dtype, as ``Checkpoint.read_layer`` gives them."""
+        ev, src = self.ev, self.source
+        n = len(lp.keep)
+        dtype = ev.ck.compute_dtype if src.packed else None
+        bufs = {name: ev.buffer("host:candidate:" + name, (n,) + src.row_shape(name),
+                                dtype or src.stored_dtype(name), host=True) for name in src.names}
+        reads = 0
+
+        def read(i: int) -> dict[str, torch.Tensor]:
+            nonlocal reads
+            reads += 1
+            return src.decode(src.load(i, i + 1), dtype) if src.packed else src.load(i, i + 1)
+
+        if lp.merge is None:
+            j = 0
+            while j < n:
+                if src.packed:
+                    for name, t in read(lp.keep[j]).items():
+                        bufs[name][j].copy_(t[0])
+                    j += 1
+                    continue
+                z = j + 1  # a run of consecutive kept experts: one read into consecutive rows
+                while z < n and lp.keep[z] == lp.keep[z - 1] + 1:
+                    z += 1
+                src.load(lp.keep[j], lp.keep[j] + z - j, {name: bufs[name][j:z] for name in src.names})
+                reads += 1
+                j = z
+        else:
+            accs = {name: ev.buffer("host:acc:" + name, src.row_shape(name), torch.float32, host=True)
+                    for name in src.names}
+            # the coefficients as ``experts_for_plan`` uses them: rounded to float32
+            for j, row in enumerate(torch.tensor(lp.merge, dtype=torch.float32).tolist()):
+                for acc in accs.values():
+                    acc.zero_()
+                for i, c in enumerate(row):
+                    if c == 0.0:
+                        continue
+                    got = read(i)
+                    for name, t in got.items():
+                        accs[name].add_(t[0].float(), alpha=c)
+                    del got
+                for name in src.names:
+                    bufs[name][j].copy_(accs[name])
+        ev.stats["source_reads"] = ev.stats.get("source_reads", 0) + reads
+        return bufs
 
     def _state_bytes(self, state: dict[str, torch.Tensor]) -> int:
         """Device bytes a block adds to the loaded layer (its shared tensors are the layer's own)."""
@@ -284,7 +365,7 @@ class PopulationEvaluator:
         ``experts``: how the routed experts are computed (``hf.EXPERTS_IMPLS``, ``--experts-impl``)."""
         if isinstance(budget, BudgetPlan):
             budget = plan_population(ck, budget, num_experts=space.keep, batch_size=batch_size,
-                                     seq_len=int(data.input_ids.shape[1]))
+                                     seq_len=int(data.input_ids.shape[1]), quant=getattr(weights, "mode", "none"))
         self.budget = budget
         self.elem_bytes = dtype_bytes(dtype)
         self.accountant = Accountant(budget.plan.activation_bytes if budget is not None and budget.plan.weights_budget
@@ -316,9 +397,15 @@ class PopulationEvaluator:
         self.trim = trim  # MoE blocks only on those positions (False: every position, bit-exact to the whole model)
         self._final: dict[str, Fitness] = {}  # final-stream key -> fitness (same function, same value)
         self.stats = {"layer_loads": 0, "layer_builds": 0, "layer_runs": 0, "layer_runs_saved": 0, "evaluations": 0}
+        self.files = None  # the shards, where a sourced budget reads each candidate's experts
         if budget is not None:
             self.stats.update(chunked_blocks=0, chunked_layers=budget.chunked_layers, accounted_peak_bytes=0,
                               device_budget_bytes=budget.plan.device_budget)
+            if budget.plan.max_ram is not None:  # freed buffers go back to the OS, as in a prune's pass
+                self.stats["malloc_mmap_threshold"] = return_freed_memory()
+            if budget.sourced:
+                self.files = ShardFiles(ck.path)
+                self.stats.update(sourced=True, source_reads=0, planned_host_peak_bytes=budget.plan.host_peak_bytes)
         if not self.cache.has(0, self.num_chunks, ROOT):
             self._embed()
 
@@ -463,7 +550,10 @@ class PopulationEvaluator:
                 for name in [b for b in self._buffers if b.startswith("host:") != chunked]:
                     del self._buffers[name]
             with self.io.stage("read"):
-                tensors = self.weights.layer(L)
+                if self.budget is not None and self.budget.sourced:  # experts located, not read
+                    tensors = read_lazy_layer(self.ck, self.files, L)
+                else:
+                    tensors = self.weights.layer(L)
             with self.io.stage("materialize"):
                 loaded = LoadedLayer(self, L, tensors)
             del tensors

@@ -40,6 +40,7 @@ from ...engine import dist, faults
 from ...engine.apply import apply_layer
 from ...engine.budget import plan_population
 from ...engine.calibration import load_tokenizer
+from ...engine.lazy import LazyLayer, selection_only
 from ...engine.quant import QUANT_MODES, layer_weights
 from ...engine.rundir import WORK_DIR, write_json_atomic, write_layers
 from ...errors import ConfigError
@@ -113,7 +114,8 @@ def run_eep(run, cfg, top_k: int) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     device, dtype = cfg.compute_device(), cfg.compute_dtype()
     # --max-vram/--max-ram for the population evaluation, planned (and refused if too small) before any work
-    budget = plan_population(ck, run.budget, num_experts=keep_n, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
+    budget = plan_population(ck, run.budget, num_experts=keep_n, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                             quant=opts["quant"])
     final_path = work / "final.json"
     report: dict = {}
     # rank 0's search state (a resume), for every rank: they all continue from the same generation
@@ -214,6 +216,8 @@ def run_eep(run, cfg, top_k: int) -> dict:
             "evaluations_per_hour": round(state.evaluations / max(state.elapsed_s, 1e-9) * 3600, 1),
             "quant": {"mode": opts["quant"], "build_s": round(quant_s, 3), "bytes_read": weights.bytes_read},
             "stream_stats": evaluator.stats,
+            # --max-vram/--max-ram: how the population pass holds each layer (``budget.plan_population``)
+            "population_budget": None if budget is None else budget.to_json(),
             "stages": ranks[0]["stages"],  # where this process's evaluations spent the search's wall
             "dev_stages": None if dev is None else dev_evaluator.io.stages_json(),  # --dev: seeds' and the pick's
             "best": {"fitness": chosen.fitness.to_json(), "dev": None if chosen.dev is None else chosen.dev.to_json(),
@@ -281,14 +285,20 @@ def _seed_keep(run, cfg, space: SearchSpace, method: str, work: Path, top_k: int
         stream.embed()
         guarding = guards(stream, enabled=cfg.protect_super_experts, progress=cfg.progress)  # super experts are never dropped
 
-        def apply(idx: int, tensors: dict, lp) -> dict | None:
-            return None if lp is None else apply_layer(ck.adapter, idx, tensors, lp, ck.num_experts)
+        def apply(idx: int, tensors, lp) -> dict | None:
+            # a seed only keeps experts: their entries stay stored (the pruned pass reads them in groups)
+            if lp is None:
+                return None
+            return apply_layer(ck.adapter, idx, tensors.for_plan(selection_only(lp)) if isinstance(tensors, LazyLayer)
+                               else tensors, lp, ck.num_experts)
 
         def make_method():
             return ScoreThenKeep(make_scorer(method, ck.num_experts, ck.top_k, seed=cfg.seed))
 
         keep: dict[int, list[int]] = {}
-        for d in decide_layers(stream, stream.layers(0, set(ck.moe_layers())), make_method=make_method, keep_n=space.keep,
+        # routed experts read in groups as each layer computes (``methods.LAZY_RUNNERS``), as the prune reads them
+        layers = stream.layers(0, set(ck.moe_layers()), lazy=stream.quant == "none")
+        for d in decide_layers(stream, layers, make_method=make_method, keep_n=space.keep,
                                top_k=top_k or ck.top_k, guards=guarding, apply=apply, sequential=cfg.sequential):
             if d.plan is not None:
                 keep[d.idx] = list(d.plan.keep)

@@ -1,0 +1,181 @@
+"""The EEP search under a ``--max-ram`` too small to hold a layer's experts: the population pass reads
+each candidate's experts from the shards one source at a time (``budget.plan_sourced_population``,
+``LoadedLayer._sourced_experts``) and gives exactly the fitness of the unbudgeted pass; the seed
+passes read experts in groups as the prune does; a prune writes the same checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lowmoe
+from lowmoe.engine.budget import plan_budget, plan_lazy_budget, plan_population, plan_sourced_population
+from lowmoe.engine.checkpoint import Checkpoint
+from lowmoe.engine.lazy import ExpertSource
+from lowmoe.errors import ConfigError
+
+from .helpers import dir_digest, evaluator, merged, population, records, write_jsonl
+
+KEEP = 4
+CPU = torch.device("cpu")
+FP8 = dict(layers=3, hidden_size=64, intermediate_size=32, experts=8, top_k=2, shard_size="60KB", dtype="bfloat16",
+           quant="fp8", fp8_block=32)
+MODELS = {
+    "mixtral": ("mixtral", {}),
+    "deepseek_v3": ("deepseek_v3", {}),  # a dense first layer, shared experts
+    "gpt_oss": ("gpt_oss", {}),  # fused experts: rows of the stored tensors
+    "mixtral-fp8": ("mixtral", FP8),  # FP8 experts decoded as Checkpoint.read_layer decodes them
+    "gpt_oss-mxfp4": ("gpt_oss", dict(dtype="bfloat16", quant="mxfp4", intermediate_size=64, hidden_size=64)),
+}
+# experts large enough that a layer as read, not the interpreter, sets what the held plan needs
+WIDE = dict(layers=2, hidden_size=256, intermediate_size=2048, shard_size="8MB")
+
+
+class NoWholeLayers:
+    """Weights whose whole layers must never be read (a sourced pass reads the shards itself)."""
+
+    mode = "none"
+    bytes_read = 0
+
+    def layer(self, layer_idx: int):
+        raise AssertionError(f"layer {layer_idx} read whole")
+
+
+def sourced_budget(src, seq_len: int, *, groups_of_one: bool = False):
+    """The sourced population budget of ``src`` (roomy, or at its floor: groups of one expert)."""
+    ck = Checkpoint(src)
+    run = plan_budget(ck, device=CPU, dtype=torch.float32, batch_size=4, seq_len=seq_len, max_ram=10**12)
+    pop = plan_sourced_population(ck, run, num_experts=KEEP, batch_size=4, seq_len=seq_len)
+    if groups_of_one:
+        run.max_ram = pop.plan.min_max_ram
+        pop = plan_sourced_population(ck, run, num_experts=KEEP, batch_size=4, seq_len=seq_len)
+    return pop
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_sourced_fitness_equals_unbudgeted(synth_dir, tmp_path, name):
+    """Pruning-phase (sorted and unsorted keep-sets) and merging-phase candidates, prefix sharing, a
+    second generation: the same fitness to the bit, with no layer ever read whole."""
+    arch, kw = MODELS[name]
+    src = synth_dir(arch, **kw)
+    ref = evaluator(src, tmp_path / "ref")
+    seq_len = int(ref.data.input_ids.shape[1])
+    budget = sourced_budget(src, seq_len, groups_of_one=True)
+    assert budget.sourced and {p.group_size for p in budget.layers.values()} == {1}
+    small = evaluator(src, tmp_path / "small", budget=budget)
+    small.weights = NoWholeLayers()
+    rng = np.random.default_rng(0)
+    cands = population(ref.space, rng) + [merged(ref.space, ref.space.random_onehot(rng), rng)]
+    unsorted = ref.space.random_onehot(rng)
+    unsorted.em[0] = unsorted.em[0][::-1].copy()  # keep [e3, e2, e1, e0]: rows out of order
+    unsorted.rm[0] = unsorted.rm[0][::-1].copy()
+    cands.append(unsorted)
+    assert [(f.acc, f.ll) for f in small.evaluate(cands)] == [(f.acc, f.ll) for f in ref.evaluate(cands)]
+    assert small.stats["sourced"] and small.stats["source_reads"] > 0
+    assert small.stats["chunked_blocks"] == small.stats["layer_builds"] > 0
+    more = [merged(ref.space, cands[0], rng), ref.space.random_onehot(rng)]
+    assert [(f.acc, f.ll) for f in small.evaluate(more)] == [(f.acc, f.ll) for f in ref.evaluate(more)]
+
+
+def test_a_candidate_reads_only_its_sources(synth_dir, tmp_path, monkeypatch):
+    """A kept expert is read once (a run of consecutive ones in one read), a merged expert reads each
+    source with a nonzero coefficient once per output row, one expert at a time."""
+    src = synth_dir("mixtral")
+    ref = evaluator(src, tmp_path / "ref")
+    seq_len = int(ref.data.input_ids.shape[1])
+    small = evaluator(src, tmp_path / "small", budget=sourced_budget(src, seq_len))
+    calls: list[tuple[int, int]] = []
+    real = ExpertSource.load
+
+    def load(self, a, z, out=None, check=True):
+        calls.append((a, z))
+        return real(self, a, z, out, check)
+
+    monkeypatch.setattr(ExpertSource, "load", load)
+    space = ref.space
+    keep = space.from_keep({L: [1, 2, 3, 6] for L in ref.ck.moe_layers()})
+    small.evaluate([keep])
+    assert sorted(calls) == sorted([(1, 4), (6, 7)] * len(ref.ck.moe_layers()))
+    calls.clear()
+    m = keep.em.copy()
+    m[:, 0] = 0.0
+    m[:, 0, [0, 5]] = [0.5, 0.5]  # output 0 merges experts 0 and 5; outputs 1..3 are experts 2, 3, 6
+    cand = type(keep)(m, keep.rm.copy()).canonical()
+    small.evaluate([cand])
+    assert all(z == a + 1 for a, z in calls), "a merge reads one source at a time"
+    per_layer = sorted(a for a, _ in calls[:len(calls) // len(ref.ck.moe_layers())])
+    assert per_layer == [0, 2, 3, 5, 6]
+
+
+def test_plan_falls_back_to_sourced_only_when_a_layer_does_not_fit(synth_dir):
+    src = synth_dir("mixtral", **WIDE)
+    ck = Checkpoint(src)
+    kw = dict(device=CPU, dtype=torch.float32, batch_size=4, seq_len=32)
+    roomy = plan_population(ck, plan_budget(ck, max_ram=10**10, **kw), num_experts=KEEP, batch_size=4, seq_len=32)
+    assert not roomy.sourced
+    sourced = plan_sourced_population(ck, plan_budget(ck, max_ram=10**10, **kw), num_experts=KEEP, batch_size=4,
+                                      seq_len=32)
+    floor = sourced.plan.min_max_ram
+    tight = plan_budget(ck, max_ram=10**10, **kw)
+    tight.max_ram = floor
+    got = plan_population(ck, tight, num_experts=KEEP, batch_size=4, seq_len=32)
+    assert got.sourced and got.plan.host_peak_bytes <= floor
+    assert set(got.plan.host_terms) >= {"candidate_experts", "merge_temporaries", "compute_copy"}
+    # a quantized layer cache is read whole: no fallback, an error that says what would work
+    with pytest.raises(ConfigError, match=r"^--max-ram .*only with --quant none\)$"):
+        plan_population(ck, tight, num_experts=KEEP, batch_size=4, seq_len=32, quant="nf4")
+    tight.max_ram = floor - 10**6
+    with pytest.raises(ConfigError, match=r"^--max-ram .* too small for the EEP search even reading .*raise --max-ram$"):
+        plan_population(ck, tight, num_experts=KEEP, batch_size=4, seq_len=32)
+
+
+def test_prune_eep_under_a_small_max_ram_writes_the_same_checkpoint(synth_dir, tmp_path, monkeypatch):
+    """A --max-ram below what one layer as read needs: the seed passes read experts in groups, the
+    population reads them from the shards; same search, same written model."""
+    src = synth_dir("mixtral", **WIDE)
+    ck = Checkpoint(src)
+    train = write_jsonl(tmp_path / "train.jsonl", records(8))
+    opts = dict(keep=KEEP, method="eep", calib=[train], seq_len=32, batch_size=4, progress=False, device="cpu",
+                method_options={"generations": 2, "population": 2, "prune_generations": 1, "layer_groups": "layer",
+                                "init": "frequency"})
+    ref = lowmoe.prune(src, tmp_path / "a", **opts)
+    run = plan_budget(ck, device=CPU, dtype=torch.float32, batch_size=4, seq_len=32, max_ram=10**12)
+    floor = plan_sourced_population(ck, run, num_experts=KEEP, batch_size=4, seq_len=32).plan.min_max_ram
+    seed_floor = plan_lazy_budget(ck, device=CPU, dtype=torch.float32, batch_size=4, seq_len=32,
+                                  max_ram=10**12).min_max_ram
+    ram = max(floor, seed_floor)
+    with monkeypatch.context() as m:  # the seed passes, the population and the writer: no layer read whole
+        m.setattr(Checkpoint, "read_layer", lambda self, L: pytest.fail(f"layer {L} read whole"))
+        small = lowmoe.prune(src, tmp_path / "b", max_ram=ram, **opts)
+    stats = small["eep"]["stream_stats"]
+    assert stats["sourced"] and stats["source_reads"] > 0 and stats["planned_host_peak_bytes"] <= ram
+    assert small["eep"]["population_budget"]["sourced"] and small["eep"]["population_budget"]["host_peak_bytes"] <= ram
+    assert ref["eep"]["population_budget"] is None
+
+    def curve(r):
+        return [{k: v for k, v in c.items() if k != "elapsed_s"} for c in r["eep"]["curve"]]
+
+    assert [c["phase"] for c in ref["eep"]["curve"]] == ["prune", "merge"]
+    assert curve(small) == curve(ref)
+    assert small["eep"]["seeds"] == ref["eep"]["seeds"]
+    assert small["plan"]["layers"] == ref["plan"]["layers"]
+    digest = {k: v for k, v in dir_digest(tmp_path / "a").items() if k.endswith(".safetensors")}
+    assert digest and {k: v for k, v in dir_digest(tmp_path / "b").items() if k.endswith(".safetensors")} == digest
+
+
+def test_prune_eep_below_the_sourced_floor_fails_before_the_search(synth_dir, tmp_path):
+    src = synth_dir("mixtral", **WIDE)
+    ck = Checkpoint(src)
+    train = write_jsonl(tmp_path / "train.jsonl", records(8))
+    run = plan_budget(ck, device=CPU, dtype=torch.float32, batch_size=4, seq_len=32, max_ram=10**12)
+    floor = plan_sourced_population(ck, run, num_experts=KEEP, batch_size=4, seq_len=32).plan.min_max_ram
+    seed_floor = plan_lazy_budget(ck, device=CPU, dtype=torch.float32, batch_size=4, seq_len=32,
+                                  max_ram=10**12).min_max_ram
+    assert seed_floor < floor, "this model's population floor is the higher one"
+    with pytest.raises(ConfigError, match=r"^--max-ram .*EEP search") as e:
+        lowmoe.prune(src, tmp_path / "out", keep=KEEP, method="eep", calib=[train], seq_len=32, batch_size=4,
+                     progress=False, device="cpu", max_ram=floor - 10**6,
+                     method_options={"generations": 1, "population": 2, "layer_groups": "layer", "init": "random"})
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out" / ".lowmoe-work" / "eep" / "state.json").exists()
