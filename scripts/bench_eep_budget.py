@@ -1,13 +1,13 @@
 """Benchmark: peak RSS of an EEP search (``lowmoe prune --method eep``) under --max-ram budgets.
 
-    OMP_NUM_THREADS=1 python scripts/bench_eep_budget.py --model /tmp/lowmoe-bench/mix4l \\
-        --max-ram none 1GiB 900MB [--baseline-src DIR] --json docs/results/eep-budget-mix4l.json
+    cd scripts && OMP_NUM_THREADS=1 python bench_eep_budget.py --model /tmp/lowmoe-bench/mix4l \\
+        --max-ram none 1GiB 900MB [--baseline-src DIR] --json ../docs/results/eep-budget-mix4l.json
 
 Each run is its own process (``/usr/bin/time -v``: wall and peak RSS): the same search (``--init``
 seed pass, ``--generations`` x ``--population``, fitness on ``--examples`` arithmetic examples the
 project generates) with no budget and with each ``--max-ram``. A budget the code refuses is recorded
 with its one-line error. ``--baseline-src DIR`` runs every budget again on the code in DIR (a ``git
-archive`` export with a ``COMMIT`` file). Every run that finishes must write the same weights and
+archive`` export with a ``COMMIT`` file; ``--baseline-max-ram`` other budgets for it). Every run that finishes must write the same weights and
 the same search curve as the unbudgeted run of the current code (``identical_to_unbudgeted``).
 """
 
@@ -41,6 +41,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--baseline-src", default=None)
+    ap.add_argument("--baseline-max-ram", nargs="+", default=None, help="budgets for the baseline (default: --max-ram's)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", required=True)
     return ap.parse_args()
@@ -88,7 +89,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     calib = root / "arith.jsonl"
     calib.write_text("".join(json.dumps(r) + "\n" for r in tasks.make_split("arithmetic", "calib", args.examples, seed=0)))
-    result = {"command": "OMP_NUM_THREADS=1 python scripts/bench_eep_budget.py " + " ".join(sys.argv[1:]),
+    result = {"command": "python " + " ".join(sys.argv),  # as invoked (OMP_NUM_THREADS: "omp_num_threads")
               "machine": machine(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
               "model": {"path": str(model), "arch": ck.config.get("model_type"), "layers": ck.num_layers,
                         "experts": ck.num_experts, "bytes": ck.total_bytes(),
@@ -99,7 +100,7 @@ def main() -> None:
               "runs": []}
     try:
         for label, src in [("current", None)] + ([("baseline", args.baseline_src)] if args.baseline_src else []):
-            for budget in args.max_ram:
+            for budget in (args.baseline_max_ram or args.max_ram) if label == "baseline" else args.max_ram:
                 out = root / f"out-{label}-{budget}"
                 run = {"label": label, **run_one(args, model, calib, out, budget, src, root)}
                 result["runs"].append(run)
