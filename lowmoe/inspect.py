@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from . import methods
-from .engine.budget import MergeHold, parse_budget, plan_lazy_budget
+from .engine.budget import MergeHold, parse_budget, plan_lazy_budget, plan_population, population_floors
 from .engine.checkpoint import Checkpoint
 from .engine.device import DTYPES
 from .engine.hf import resolve_experts_impl
@@ -64,12 +64,27 @@ def budget_info(ck: Checkpoint, *, max_ram=None, max_vram=None, device: str = "c
     floor = plan_lazy_budget(ck, **kw)
     p = plan_lazy_budget(ck, max_ram=parse_budget(max_ram, "--max-ram"), max_vram=parse_budget(max_vram, "--max-vram"), **kw)
     groups = sorted({pl.group_size for pl in p.layers.values() if pl.group_size})
-    return {"device": device, "compute_dtype": dtype, "batch_size": batch_size, "seq_len": seq_len, "method": method,
+    eep = None if method != "eep" else eep_info(ck, p, keep=keep, batch_size=batch_size, seq_len=seq_len)
+    return {"eep": eep, "device": device, "compute_dtype": dtype, "batch_size": batch_size, "seq_len": seq_len, "method": method,
             "min_max_ram_bytes": floor.min_max_ram, "min_max_vram_bytes": floor.min_max_vram if dev.type == "cuda" else None,
             "max_ram_bytes": p.max_ram, "max_vram_bytes": p.max_vram, "group_size": groups[0] if groups else None,
             "num_experts": ck.num_experts, "prefetch_layers": p.prefetch_layers,
             "host_peak_bytes": p.host_peak_bytes, "host_terms": p.host_terms,
             "device_peak_bytes": p.device_peak_bytes, "device_terms": p.device_terms, "notes": p.notes}
+
+
+def eep_info(ck: Checkpoint, plan, *, keep, batch_size: int, seq_len: int) -> dict:
+    """The EEP search's --max-ram floors (``budget.population_floors``) beside its seed passes' (a
+    prune's, ``plan``) and, under the given budget, how its population pass holds a layer."""
+    keep_n = PruneConfig(model=ck.path, out=Path("."), keep="half" if keep is None else keep).resolve_keep(ck.num_experts)
+    floors = population_floors(ck, plan, num_experts=keep_n, batch_size=batch_size, seq_len=seq_len)
+    pop_floor = min(f for f in floors.values() if f is not None)
+    out = {"keep": keep_n, "population_floor_bytes": floors, "min_max_ram_bytes": max(plan.min_max_ram or 0, pop_floor),
+           "population": None}
+    if plan.max_ram is not None or plan.max_vram is not None:
+        pop = plan_population(ck, plan, num_experts=keep_n, batch_size=batch_size, seq_len=seq_len)
+        out["population"] = pop.to_json()
+    return out
 
 
 def inspect_model(path: str | Path, *, max_ram=None, max_vram=None, device: str = "cpu", dtype: str = "float32",
@@ -131,6 +146,20 @@ def format_inspection(info: dict) -> str:
                      + f" = {fmt_bytes(b['host_peak_bytes'])}")
         lines.append("  device     " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in b["device_terms"].items() if v)
                      + f" = {fmt_bytes(b['device_peak_bytes'])}")
+        e = b.get("eep")
+        if e:
+            f = e["population_floor_bytes"]
+            lines.append(f"EEP search   smallest --max-ram {fmt_bytes(e['min_max_ram_bytes'])} (keep {e['keep']}): seed passes "
+                         f"{fmt_bytes(b['min_max_ram_bytes'])}, population with a layer held "
+                         f"{fmt_bytes(f['layer_held']) if f['layer_held'] else 'never'}, reading experts from the shards "
+                         f"{fmt_bytes(f['sourced']) if f['sourced'] else 'not for this checkpoint'}")
+            pop = e.get("population")
+            if pop:
+                how = ("each candidate's experts read from the shards" if pop["sourced"] else
+                       "layers held in host memory" + (", experts in groups" if pop["chunked_layers"] else ""))
+                lines.append(f"  population {how}: host peak {fmt_bytes(pop['host_peak_bytes'])}"
+                             + (" (" + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in pop["host_terms"].items() if v) + ")"
+                                if pop.get("host_terms") else ""))
     sizes = ", ".join(f"{d['layer']}:{fmt_bytes(d['bytes'])}" for d in info["layers"][:8])
     more = " ..." if len(info["layers"]) > 8 else ""
     lines.append(f"per layer    {sizes}{more}")

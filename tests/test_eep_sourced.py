@@ -179,3 +179,30 @@ def test_prune_eep_below_the_sourced_floor_fails_before_the_search(synth_dir, tm
                      method_options={"generations": 1, "population": 2, "layer_groups": "layer", "init": "random"})
     assert "\n" not in str(e.value)
     assert not (tmp_path / "out" / ".lowmoe-work" / "eep" / "state.json").exists()
+
+
+def test_inspect_shows_the_eep_search_floor(synth_dir, tmp_path):
+    """``lowmoe inspect --method eep``: the floors of each way of holding the population's layers, the
+    search's smallest --max-ram (which works; a MiB less is refused), and the plan under a budget."""
+    from click.testing import CliRunner
+
+    from lowmoe.cli import main
+    from lowmoe.inspect import inspect_model
+
+    src = synth_dir("mixtral", **WIDE)
+    e = inspect_model(src, method="eep", keep=KEEP, seq_len=32, batch_size=4)["budget"]["eep"]
+    floors = e["population_floor_bytes"]
+    assert floors["sourced"] < floors["layer_held"], "reading experts from the shards needs less than a held layer"
+    ck = Checkpoint(src)
+    run = plan_lazy_budget(ck, device=CPU, dtype=torch.float32, batch_size=4, seq_len=32, max_ram=e["min_max_ram_bytes"])
+    assert plan_population(ck, run, num_experts=KEEP, batch_size=4, seq_len=32).sourced
+    low = e["min_max_ram_bytes"] - 2**21
+    with pytest.raises(ConfigError, match=r"^--max-ram"):
+        plan_population(ck, plan_lazy_budget(ck, device=CPU, dtype=torch.float32, batch_size=4, seq_len=32,
+                                             max_ram=max(low, run.min_max_ram)), num_experts=KEEP, batch_size=4, seq_len=32)
+    under = inspect_model(src, method="eep", keep=KEEP, seq_len=32, batch_size=4, max_ram=e["min_max_ram_bytes"])
+    assert under["budget"]["eep"]["population"]["sourced"]
+    r = CliRunner().invoke(main, ["inspect", str(src), "--method", "eep", "--keep", "4", "--seq-len", "32",
+                                  "--batch-size", "4", "--max-ram", str(e["min_max_ram_bytes"])])
+    assert r.exit_code == 0, r.output
+    assert "EEP search   smallest --max-ram" in r.output and "each candidate's experts read from the shards" in r.output

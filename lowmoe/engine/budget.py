@@ -843,6 +843,37 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
         return plan_sourced_population(ck, plan, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len)
 
 
+def population_floors(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int, seq_len: int) -> dict[str, int | None]:
+    """The smallest --max-ram each way of holding the population pass's layers works at (``plan``: the
+    run's, for its device, dtype and --max-vram; its --max-ram is ignored): ``layer_held`` (a layer as
+    read in host memory, ``_plan_held_population``) and ``sourced`` (experts read from the shards per
+    candidate, ``plan_sourced_population``; None where the checkpoint's experts cannot be). From the
+    index alone, for ``lowmoe inspect --method eep``."""
+    from dataclasses import replace
+
+    def works(ram: int, held: bool) -> bool:
+        trial = replace(plan, max_ram=ram)
+        try:
+            if held:
+                _plan_held_population(ck, trial, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len)
+            else:
+                plan_sourced_population(ck, trial, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len)
+            return True
+        except ConfigError:
+            return False
+
+    def floor(held: bool) -> int | None:
+        lo, hi = 1, 4 * (ck.total_bytes() + HOST_BASE_BYTES) + 2**30
+        if not works(hi, held):
+            return None
+        while hi - lo > 2**20:  # to a MiB
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if works(mid, held) else (mid, hi)
+        return hi
+
+    return {"layer_held": floor(True), "sourced": floor(False) if sourced_ok(ck) else None}
+
+
 def sourced_ok(ck) -> bool:
     """Whether the EEP evaluator can read this checkpoint's routed experts one at a time from the shards:
     a format read lazily (``lazy.reads_lazily``) and, for a fused layout, every MoE layer's fused
