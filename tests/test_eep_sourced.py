@@ -206,3 +206,30 @@ def test_inspect_shows_the_eep_search_floor(synth_dir, tmp_path):
                                   "--batch-size", "4", "--max-ram", str(e["min_max_ram_bytes"])])
     assert r.exit_code == 0, r.output
     assert "EEP search   smallest --max-ram" in r.output and "each candidate's experts read from the shards" in r.output
+
+
+@pytest.mark.parametrize("quant", ["fp8", pytest.param("mxfp4", marks=pytest.mark.slow)])  # MXFP4's synth: ~10 s
+def test_prune_eep_on_a_quantized_checkpoint_under_a_small_max_ram(synth_dir, tmp_path, quant):
+    """FP8 (per-expert) and MXFP4 (GPT-OSS, fused): the search at its smallest --max-ram reads each
+    candidate's experts from the shards, decoded as a whole-layer read decodes them; same search,
+    same written bytes (kept experts copied, merged ones re-quantized) as without a budget."""
+    from lowmoe.inspect import inspect_model
+
+    # the smallest sizes at which a layer as read, not the interpreter's share, sets the held plan's floor
+    arch, kw = (("mixtral", dict(quant="fp8", fp8_block=128, hidden_size=384, intermediate_size=2048)) if quant == "fp8"
+                else ("gpt_oss", dict(quant="mxfp4", hidden_size=384, intermediate_size=4096)))
+    src = synth_dir(arch, layers=2, shard_size="32MB", dtype="bfloat16", **kw)
+    train = write_jsonl(tmp_path / "train.jsonl", records(8))
+    opts = dict(keep=KEEP, method="eep", calib=[train], seq_len=32, batch_size=4, progress=False, device="cpu",
+                method_options={"generations": 2, "population": 2, "prune_generations": 1, "layer_groups": "layer",
+                                "init": "frequency"})
+    ref = lowmoe.prune(src, tmp_path / "a", **opts)
+    e = inspect_model(src, method="eep", keep=KEEP, seq_len=32, batch_size=4)["budget"]["eep"]
+    assert e["population_floor_bytes"]["sourced"] < e["population_floor_bytes"]["layer_held"]
+    small = lowmoe.prune(src, tmp_path / "b", max_ram=e["min_max_ram_bytes"], **opts)
+    assert small["eep"]["stream_stats"]["sourced"]
+    assert [c["phase"] for c in ref["eep"]["curve"]] == ["prune", "merge"]
+    assert [{k: v for k, v in c.items() if k != "elapsed_s"} for c in small["eep"]["curve"]] == \
+        [{k: v for k, v in c.items() if k != "elapsed_s"} for c in ref["eep"]["curve"]]
+    digest = {k: v for k, v in dir_digest(tmp_path / "a").items() if k.endswith(".safetensors")}
+    assert digest and {k: v for k, v in dir_digest(tmp_path / "b").items() if k.endswith(".safetensors")} == digest

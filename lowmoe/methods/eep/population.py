@@ -271,21 +271,25 @@ class LoadedLayer:
         from the layer's stored-dtype host copy (``apply.experts_for_plan``), or on a sourced layer
         from the shards (``_sourced_experts``)."""
         ev, ad, L = self.ev, self.ev.adapter, self.idx
-        E, n = ev.ck.num_experts, len(lp.keep)
+        E = ev.ck.num_experts
         state = self._block_state(ad.to_runtime(L, apply_layer(ad, L, self.router_tensors, lp, E), True))
-        experts: dict[str, torch.Tensor] = {}
-        if self.source is not None:
-            experts = self._sourced_experts(lp)
-        for name, x in ({} if self.source is not None else self.host).items():  # (E, ...) stored dtype
-            y = ev.buffer("host:candidate:" + name, (n,) + tuple(x.shape[1:]), x.dtype, host=True)
-            acc = None if lp.merge is None else ev.buffer("host:acc", tuple(x.shape[1:]), torch.float32, host=True)
-            experts[name] = experts_for_plan(x, lp, y, acc)
+        experts = self._sourced_experts(lp) if self.source is not None else self._held_experts(lp)
         meta.experts = ChunkedExperts(meta.experts, experts, group_size=self.placement.group_size, device=ev.device,
                                       dtype=ev.dtype, double_buffer=self.placement.double_buffer,
                                       accountant=ev.accountant, stats=ev.io)
         state.update(self.shared)
         ev.stats["chunked_blocks"] += 1
         return ev.track(materialize(meta, state, ev.device, ev.dtype), self._state_bytes(state))
+
+    def _held_experts(self, lp) -> dict[str, torch.Tensor]:
+        """A candidate's E' runtime expert tensors in reused host buffers, from the layer's host copy."""
+        ev, n = self.ev, len(lp.keep)
+        experts: dict[str, torch.Tensor] = {}
+        for name, x in self.host.items():  # (E, ...) stored dtype
+            y = ev.buffer("host:candidate:" + name, (n,) + tuple(x.shape[1:]), x.dtype, host=True)
+            acc = None if lp.merge is None else ev.buffer("host:acc", tuple(x.shape[1:]), torch.float32, host=True)
+            experts[name] = experts_for_plan(x, lp, y, acc)
+        return experts
 
     def _sourced_experts(self, lp) -> dict[str, torch.Tensor]:
         """A candidate's E' runtime expert tensors in reused host buffers, read from the shards: a kept
