@@ -9,6 +9,8 @@ project generates) with no budget and with each ``--max-ram``. A budget the code
 with its one-line error. ``--baseline-src DIR`` runs every budget again on the code in DIR (a ``git
 archive`` export with a ``COMMIT`` file; ``--baseline-max-ram`` other budgets for it). Every run that finishes must write the same weights and
 the same search curve as the unbudgeted run of the current code (``identical_to_unbudgeted``).
+``--plan-only`` runs no search: it stores the plans (``lowmoe inspect --method eep``) for a model too
+large to search here.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--baseline-src", default=None)
     ap.add_argument("--baseline-max-ram", nargs="+", default=None, help="budgets for the baseline (default: --max-ram's)")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="no search: store what lowmoe inspect --method eep plans (floors, and under each --max-ram)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", required=True)
     return ap.parse_args()
@@ -78,6 +82,19 @@ def run_one(args, model: Path, calib: Path, out: Path, budget: str, src: str | N
     return run
 
 
+def plans(args, model: Path) -> list[dict]:
+    """What ``lowmoe inspect MODEL --method eep`` plans, from the index alone: the search's floors and,
+    under each --max-ram, how the population pass would hold a layer and its host terms."""
+    from lowmoe.inspect import inspect_model
+
+    out = []
+    for budget in args.max_ram:
+        b = inspect_model(model, method="eep", keep=args.keep, seq_len=args.seq_len, batch_size=args.batch_size,
+                          dtype=args.dtype, max_ram=None if budget == "none" else budget)["budget"]
+        out.append({"max_ram": budget, "seed_min_max_ram_bytes": b["min_max_ram_bytes"], **b["eep"]})
+    return out
+
+
 def main() -> None:
     args = parse_args()
     from lowmoe.engine.checkpoint import Checkpoint
@@ -98,6 +115,11 @@ def main() -> None:
                          "population": args.population, "examples": args.examples, "seq_len": args.seq_len,
                          "batch_size": args.batch_size, "dtype": args.dtype},
               "runs": []}
+    if args.plan_only:
+        result["plans"] = plans(args, model)
+        save_result(args.json, result)
+        print(json.dumps(result["plans"], indent=1))
+        return
     try:
         for label, src in [("current", None)] + ([("baseline", args.baseline_src)] if args.baseline_src else []):
             for budget in (args.baseline_max_ram or args.max_ram) if label == "baseline" else args.max_ram:

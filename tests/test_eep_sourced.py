@@ -5,6 +5,8 @@ passes read experts in groups as the prune does; a prune writes the same checkpo
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -106,6 +108,24 @@ def test_a_candidate_reads_only_its_sources(synth_dir, tmp_path, monkeypatch):
     assert all(z == a + 1 for a, z in calls), "a merge reads one source at a time"
     per_layer = sorted(a for a, _ in calls[:len(calls) // len(ref.ck.moe_layers())])
     assert per_layer == [0, 2, 3, 5, 6]
+    # a dense W_EM: with room for the 4 outputs' sums, each source is read once a candidate; at the
+    # floor (one output at a time) once per output
+    dense = type(keep)(np.full_like(keep.em, 1 / 8), keep.rm.copy()).canonical()
+    assert small.budget.merge_block == KEEP
+    calls.clear()
+    small.evaluate([dense])
+    assert len(calls) == 8 * len(ref.ck.moe_layers())
+    floor = evaluator(src, tmp_path / "floor", budget=sourced_budget(src, seq_len, groups_of_one=True))
+    assert floor.budget.merge_block == 1
+    calls.clear()
+    got = floor.evaluate([dense])
+    assert len(calls) == KEEP * 8 * len(ref.ck.moe_layers())
+    assert [(f.acc, f.ll) for f in got] == [(f.acc, f.ll) for f in ref.evaluate([dense])]
+    # blocks that do not divide E' give the same bits
+    three = evaluator(src, tmp_path / "three", budget=replace(sourced_budget(src, seq_len), merge_block=3))
+    rng = np.random.default_rng(3)
+    cands = [dense, merged(space, keep, rng, scale=0.5), merged(space, space.random_onehot(rng), rng, scale=0.5)]
+    assert [(f.acc, f.ll) for f in three.evaluate(cands)] == [(f.acc, f.ll) for f in ref.evaluate(cands)]
 
 
 def test_plan_falls_back_to_sourced_only_when_a_layer_does_not_fit(synth_dir):

@@ -795,13 +795,14 @@ class PopulationBudget:
     # the layers' routed experts are not read with the layer: each candidate's E' experts are selected
     # or merged from the shards, one source expert at a time (``plan_sourced_population``)
     sourced: bool = False
+    merge_block: int = 1  # sourced: merged outputs summed together (each source read once per block)
 
     @property
     def chunked_layers(self) -> list[int]:
         return sorted(L for L, p in self.layers.items() if p.chunked)
 
     def to_json(self) -> dict:
-        return {"sourced": self.sourced, "num_experts": self.num_experts,
+        return {"sourced": self.sourced, "merge_block": self.merge_block, "num_experts": self.num_experts,
                 "candidate_host_bytes": self.candidate_host_bytes, **self.plan.to_json()}
 
 
@@ -955,13 +956,15 @@ def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_siz
 
         device = resident weights (b) + a candidate's router + 2 groups (g P b) + activations
         host   = interpreter + activation chunks in flight + the non-expert weights as read
-                 + the candidate's E' experts (E' P h) + one merge's temporaries (a float32
-                 accumulator, one source as read and decoded, its float32 copy)
+                 + the candidate's E' experts (E' P h) + one merge's temporaries (float32
+                 accumulators for a block of m outputs, one source as read and decoded, its float32 copy)
                  + on a CPU run, the device copy above (it lives in RAM)
 
-    The largest g <= E' that fits is used. ConfigError naming the flag and the floor when g = 1 does
-    not fit. Reads: every candidate block reads its sources (a kept expert, or each expert with a
-    nonzero merge coefficient), not the layer once per generation."""
+    Reads: every candidate block reads its sources, not the layer once per generation: a kept expert
+    once, and for merged outputs each source with a nonzero coefficient once per block of m outputs
+    summed together (``merge_block``; a dense W_EM reads the layer ceil(E'/m) times). So m comes
+    first: the largest m <= E' that fits with g = 1, then the largest g <= E' that fits with that m.
+    ConfigError naming the flag and the floor when m = g = 1 does not fit."""
     device, dtype = torch.device(plan.device), getattr(torch, plan.compute_dtype)
     on_cpu = device.type != "cuda"
     b = dtype_bytes(dtype)
@@ -994,9 +997,11 @@ def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_siz
         one = int(L.exp_numel * held_elem(L))
         return pinned_bytes(n * one, device) if not on_cpu else n * one
 
+    blk = {"n": 1}  # merged outputs summed together (float32 accumulators), as ``fits`` tries it
+
     def merge_temporaries(L: _LazyLayerSize) -> int:
-        # float32 accumulators (one expert), the source as read, decoded (quantized) and one tensor's float32 copy
-        t = 4 * L.exp_numel + L.exp_stored + 4 * L.mat_numel
+        # float32 accumulators (a block of outputs), the source as read, decoded (quantized) and one tensor's float32 copy
+        t = 4 * L.exp_numel * blk["n"] + L.exp_stored + 4 * L.mat_numel
         if quantized is not None:
             t += int(L.exp_numel * held_elem(L)) + SCRATCH_BYTES
         return t
@@ -1043,13 +1048,26 @@ def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_siz
             f"--max-vram {fmt_bytes(max_vram)}: EEP search: the resident weights + a candidate's router + two "
             f"single-expert groups + activations need at least {fmt_bytes(floor_vram)}; raise --max-vram or lower "
             f"--batch-size/--seq-len")
-    lo, hi, g = 1, max(1, n), 1
-    while lo <= hi:  # the largest group of the candidate's experts that fits
-        mid = (lo + hi) // 2
-        if fits(mid):
-            g, lo = mid, mid + 1
-        else:
-            hi = mid - 1
+    def largest(ok) -> int:  # the largest m in [1, n] with ok(m), ok(1) known
+        lo, hi, best = 1, max(1, n), 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if ok(mid):
+                best, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        return best
+
+    def fits_block(m: int) -> bool:
+        blk["n"] = m
+        ok = fits(1)
+        blk["n"] = 1
+        return ok
+
+    # fewer reads first: a merged candidate reads each source once per block of outputs summed
+    # together, so the block takes the room before the device groups do
+    blk["n"] = largest(fits_block)
+    g = largest(fits)
     layers = {L.idx: Placement(min(g, n), g < n, sum(device_need(L, g).values())) for L in sizes if L.num_experts}
     worst = max(sizes, key=lambda L: sum(host_need(L, g).values()))
     host_terms = host_need(worst, g)
@@ -1063,10 +1081,11 @@ def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_siz
                      device_terms=device_need(big, g), min_max_ram=floor_ram, blas_workspace_bytes=blas,
                      grouped_experts=plan.grouped_experts)
     pop.notes.append(f"EEP search: --max-ram {fmt_bytes(max_ram)} cannot hold a layer's experts; each candidate's {n} "
-                     f"experts are read from the shards one source at a time and run in groups of {min(g, n)}")
+                     f"experts are read from the shards one source at a time (merged ones {blk['n']} at a time) and run "
+                     f"in groups of {min(g, n)}")
     for note in pop.notes:
         log.info(note)
-    return PopulationBudget(pop, n, layers, candidate_experts(worst), sourced=True)
+    return PopulationBudget(pop, n, layers, candidate_experts(worst), sourced=True, merge_block=blk["n"])
 
 
 # ---- bookkeeping -------------------------------------------------------------------------------

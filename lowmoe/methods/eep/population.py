@@ -324,21 +324,27 @@ class LoadedLayer:
                 reads += 1
                 j = z
         else:
-            accs = {name: ev.buffer("host:acc:" + name, src.row_shape(name), torch.float32, host=True)
+            # outputs summed a block at a time, each source read once per block (``PopulationBudget.merge_block``);
+            # every output's sum runs over its sources in expert order: the bits of ``merge_experts``
+            blk = max(1, min(n, ev.budget.merge_block))
+            accs = {name: ev.buffer("host:acc:" + name, (blk,) + src.row_shape(name), torch.float32, host=True)
                     for name in src.names}
-            # the coefficients as ``experts_for_plan`` uses them: rounded to float32
-            for j, row in enumerate(torch.tensor(lp.merge, dtype=torch.float32).tolist()):
+            rows = torch.tensor(lp.merge, dtype=torch.float32).tolist()  # as ``experts_for_plan`` rounds them
+            for j0 in range(0, n, blk):
+                block = rows[j0:j0 + blk]
                 for acc in accs.values():
                     acc.zero_()
-                for i, c in enumerate(row):
-                    if c == 0.0:
+                for i in range(len(block[0])):
+                    terms = [(k, row[i]) for k, row in enumerate(block) if row[i] != 0.0]
+                    if not terms:
                         continue
-                    got = read(i)
-                    for name, t in got.items():
-                        accs[name].add_(t[0].float(), alpha=c)
-                    del got
+                    for name, t in read(i).items():
+                        x = t[0].float()
+                        for k, c in terms:
+                            accs[name][k].add_(x, alpha=c)
+                        del x
                 for name in src.names:
-                    bufs[name][j].copy_(accs[name])
+                    bufs[name][j0:j0 + len(block)].copy_(accs[name][:len(block)])
         ev.stats["source_reads"] = ev.stats.get("source_reads", 0) + reads
         return bufs
 
