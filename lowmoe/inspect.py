@@ -78,8 +78,9 @@ def eep_info(ck: Checkpoint, plan, *, keep, batch_size: int, seq_len: int) -> di
     prune's, ``plan``) and, under the given budget, how its population pass holds a layer."""
     keep_n = PruneConfig(model=ck.path, out=Path("."), keep="half" if keep is None else keep).resolve_keep(ck.num_experts)
     floors = population_floors(ck, plan, num_experts=keep_n, batch_size=batch_size, seq_len=seq_len)
-    pop_floor = min(f for f in floors.values() if f is not None)
-    out = {"keep": keep_n, "population_floor_bytes": floors, "min_max_ram_bytes": max(plan.min_max_ram or 0, pop_floor),
+    pop_floor = min((f for f in floors.values() if f is not None), default=None)
+    out = {"keep": keep_n, "population_floor_bytes": floors,
+           "min_max_ram_bytes": None if pop_floor is None else max(plan.min_max_ram or 0, pop_floor),
            "population": None}
     if plan.max_ram is not None or plan.max_vram is not None:
         pop = plan_population(ck, plan, num_experts=keep_n, batch_size=batch_size, seq_len=seq_len)
@@ -149,7 +150,8 @@ def format_inspection(info: dict) -> str:
         e = b.get("eep")
         if e:
             f = e["population_floor_bytes"]
-            lines.append(f"EEP search   smallest --max-ram {fmt_bytes(e['min_max_ram_bytes'])} (keep {e['keep']}): seed passes "
+            lines.append(f"EEP search   smallest --max-ram "
+                         f"{fmt_bytes(e['min_max_ram_bytes']) if e['min_max_ram_bytes'] else 'none found'} (keep {e['keep']}): seed passes "
                          f"{fmt_bytes(b['min_max_ram_bytes'])}, population with a layer held "
                          f"{fmt_bytes(f['layer_held']) if f['layer_held'] else 'never'}, reading experts from the shards "
                          f"{fmt_bytes(f['sourced']) if f['sourced'] else 'not for this checkpoint'}")
