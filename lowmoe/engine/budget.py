@@ -44,7 +44,7 @@ import logging
 import math
 import threading
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -850,7 +850,6 @@ def population_floors(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int
     read in host memory, ``_plan_held_population``) and ``sourced`` (experts read from the shards per
     candidate, ``plan_sourced_population``; None where the checkpoint's experts cannot be). From the
     index alone, for ``lowmoe inspect --method eep``."""
-    from dataclasses import replace
 
     def works(ram: int, held: bool) -> bool:
         trial = replace(plan, max_ram=ram)
@@ -950,7 +949,7 @@ def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_siz
     """The population evaluation's budget when a layer's routed experts are never held whole: the
     layer's non-expert weights are read (``lazy.read_lazy_layer``), and each candidate block's E'
     experts are selected or merged into host buffers reading one source expert at a time from the
-    shards (``LoadedLayer._sourced_block``), then visit the device in groups (``ChunkedExperts``).
+    shards (``LoadedLayer._sourced_experts``), then visit the device in groups (``ChunkedExperts``).
     Per MoE layer, for groups of g of the candidate's E' experts (P params each, compute dtype b bytes,
     held in h bytes a param: the stored dtype, a quantized checkpoint's compute dtype):
 
@@ -1048,6 +1047,7 @@ def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_siz
             f"--max-vram {fmt_bytes(max_vram)}: EEP search: the resident weights + a candidate's router + two "
             f"single-expert groups + activations need at least {fmt_bytes(floor_vram)}; raise --max-vram or lower "
             f"--batch-size/--seq-len")
+
     def largest(ok) -> int:  # the largest m in [1, n] with ok(m), ok(1) known
         lo, hi, best = 1, max(1, n), 1
         while lo <= hi:

@@ -297,7 +297,7 @@ def _seed_keep(run, cfg, space: SearchSpace, method: str, work: Path, top_k: int
 
         keep: dict[int, list[int]] = {}
         # routed experts read in groups as each layer computes (``methods.LAZY_RUNNERS``), as the prune reads them
-        layers = stream.layers(0, set(ck.moe_layers()), lazy=stream.quant == "none")
+        layers = stream.layers(0, set(ck.moe_layers()), lazy=True)
         for d in decide_layers(stream, layers, make_method=make_method, keep_n=space.keep,
                                top_k=top_k or ck.top_k, guards=guarding, apply=apply, sequential=cfg.sequential):
             if d.plan is not None:
