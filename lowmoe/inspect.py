@@ -12,6 +12,7 @@ from .engine.checkpoint import Checkpoint
 from .engine.device import DTYPES
 from .engine.hf import resolve_experts_impl
 from .engine.memory import fmt_bytes
+from .engine.quant import QUANT_MODES
 from .errors import ConfigError
 from .pipeline import PruneConfig
 
@@ -51,7 +52,7 @@ def merge_for(ck: Checkpoint, method: str | None, keep) -> MergeHold | None:
 
 
 def budget_info(ck: Checkpoint, *, max_ram=None, max_vram=None, device: str = "cpu", dtype: str = "float32",
-                seq_len: int = 256, batch_size: int = 8, method: str | None = None, keep=None) -> dict:
+                seq_len: int = 256, batch_size: int = 8, method: str | None = None, keep=None, quant: str = "none") -> dict:
     """What a prune (experts read in groups, ``plan_lazy_budget``) needs and holds, from the index alone:
     the smallest --max-ram (and --max-vram on CUDA) that work and, under the given budgets, the group
     size and the planned host/device peaks term by term. ``method``/``keep``: a merging method's plan
@@ -64,7 +65,7 @@ def budget_info(ck: Checkpoint, *, max_ram=None, max_vram=None, device: str = "c
     floor = plan_lazy_budget(ck, **kw)
     p = plan_lazy_budget(ck, max_ram=parse_budget(max_ram, "--max-ram"), max_vram=parse_budget(max_vram, "--max-vram"), **kw)
     groups = sorted({pl.group_size for pl in p.layers.values() if pl.group_size})
-    eep = None if method != "eep" else eep_info(ck, p, keep=keep, batch_size=batch_size, seq_len=seq_len)
+    eep = None if method != "eep" else eep_info(ck, p, keep=keep, batch_size=batch_size, seq_len=seq_len, quant=quant)
     return {"eep": eep, "device": device, "compute_dtype": dtype, "batch_size": batch_size, "seq_len": seq_len, "method": method,
             "min_max_ram_bytes": floor.min_max_ram, "min_max_vram_bytes": floor.min_max_vram if dev.type == "cuda" else None,
             "max_ram_bytes": p.max_ram, "max_vram_bytes": p.max_vram, "group_size": groups[0] if groups else None,
@@ -73,23 +74,26 @@ def budget_info(ck: Checkpoint, *, max_ram=None, max_vram=None, device: str = "c
             "device_peak_bytes": p.device_peak_bytes, "device_terms": p.device_terms, "notes": p.notes}
 
 
-def eep_info(ck: Checkpoint, plan, *, keep, batch_size: int, seq_len: int) -> dict:
+def eep_info(ck: Checkpoint, plan, *, keep, batch_size: int, seq_len: int, quant: str = "none") -> dict:
     """The EEP search's --max-ram floors (``budget.population_floors``) beside its seed passes' (a
-    prune's, ``plan``) and, under the given budget, how its population pass holds a layer."""
+    prune's, ``plan``) and, under the given budget, how its population pass holds a layer (``quant``:
+    the search's --quant cache)."""
+    if quant not in QUANT_MODES:
+        raise ConfigError(f"--quant {quant!r}: choose one of {', '.join(QUANT_MODES)}")
     keep_n = PruneConfig(model=ck.path, out=Path("."), keep="half" if keep is None else keep).resolve_keep(ck.num_experts)
-    floors = population_floors(ck, plan, num_experts=keep_n, batch_size=batch_size, seq_len=seq_len)
+    floors = population_floors(ck, plan, num_experts=keep_n, batch_size=batch_size, seq_len=seq_len, quant=quant)
     pop_floor = min((f for f in floors.values() if f is not None), default=None)
-    out = {"keep": keep_n, "population_floor_bytes": floors,
+    out = {"keep": keep_n, "quant": quant, "population_floor_bytes": floors,
            "min_max_ram_bytes": None if pop_floor is None else max(plan.min_max_ram or 0, pop_floor),
            "population": None}
     if plan.max_ram is not None or plan.max_vram is not None:
-        pop = plan_population(ck, plan, num_experts=keep_n, batch_size=batch_size, seq_len=seq_len)
+        pop = plan_population(ck, plan, num_experts=keep_n, batch_size=batch_size, seq_len=seq_len, quant=quant)
         out["population"] = pop.to_json()
     return out
 
 
 def inspect_model(path: str | Path, *, max_ram=None, max_vram=None, device: str = "cpu", dtype: str = "float32",
-                  method: str | None = None, keep=None, **kw) -> dict:
+                  method: str | None = None, keep=None, quant: str = "none", **kw) -> dict:
     ck = Checkpoint(path)
     ck.validate()
     moe = set(ck.moe_layers())
@@ -110,7 +114,7 @@ def inspect_model(path: str | Path, *, max_ram=None, max_vram=None, device: str 
     info.update(estimate_peak_bytes(ck, **kw))
     info["whole_model_load_bytes"] = total
     info["budget"] = budget_info(ck, max_ram=max_ram, max_vram=max_vram, device=device, dtype=dtype, method=method,
-                                 keep=keep, **kw)
+                                 keep=keep, quant=quant, **kw)
     info["estimated_peak_bytes"] = info["budget"]["host_peak_bytes"]  # experts are read in groups
     return info
 
@@ -151,7 +155,8 @@ def format_inspection(info: dict) -> str:
         if e:
             f = e["population_floor_bytes"]
             lines.append(f"EEP search   smallest --max-ram "
-                         f"{fmt_bytes(e['min_max_ram_bytes']) if e['min_max_ram_bytes'] else 'none found'} (keep {e['keep']}): seed passes "
+                         f"{fmt_bytes(e['min_max_ram_bytes']) if e['min_max_ram_bytes'] else 'none found'} (keep {e['keep']}"
+                         f"{'' if e['quant'] == 'none' else ', --quant ' + e['quant']}): seed passes "
                          f"{fmt_bytes(b['min_max_ram_bytes'])}, population with a layer held "
                          f"{fmt_bytes(f['layer_held']) if f['layer_held'] else 'never'}, reading experts from the shards "
                          f"{fmt_bytes(f['sourced']) if f['sourced'] else 'not for this checkpoint'}")

@@ -42,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--quant", default="none", help="EEP -O quant=: the search's layer cache (none, int8, nf4)")
     ap.add_argument("--baseline-src", default=None)
     ap.add_argument("--baseline-max-ram", nargs="+", default=None, help="budgets for the baseline (default: --max-ram's)")
     ap.add_argument("--plan-only", action="store_true",
@@ -56,7 +57,7 @@ def run_one(args, model: Path, calib: Path, out: Path, budget: str, src: str | N
     cmd = [sys.executable, "-m", "lowmoe", "-q", "prune", str(model), str(out), "--method", "eep", "--keep", args.keep,
            "--calib", str(calib), "--init", args.init, "--generations", str(args.generations), "--population",
            str(args.population), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--dtype",
-           args.dtype, "--device", "cpu", "--seed", "0", "--overwrite"]
+           args.dtype, "--device", "cpu", "--seed", "0", "--overwrite"] + (["--quant", args.quant] if args.quant != "none" else [])
     if budget != "none":
         cmd += ["--max-ram", budget]
     t0 = time.perf_counter()
@@ -90,7 +91,7 @@ def plans(args, model: Path) -> list[dict]:
     out = []
     for budget in args.max_ram:
         b = inspect_model(model, method="eep", keep=args.keep, seq_len=args.seq_len, batch_size=args.batch_size,
-                          dtype=args.dtype, max_ram=None if budget == "none" else budget)["budget"]
+                          dtype=args.dtype, max_ram=None if budget == "none" else budget, quant=args.quant)["budget"]
         out.append({"max_ram": budget, "seed_min_max_ram_bytes": b["min_max_ram_bytes"], **b["eep"]})
     return out
 
@@ -113,7 +114,7 @@ def main() -> None:
                         "largest_layer_bytes": max(ck.layer_bytes(L) for L in range(ck.num_layers))},
               "search": {"keep": args.keep, "init": args.init, "generations": args.generations,
                          "population": args.population, "examples": args.examples, "seq_len": args.seq_len,
-                         "batch_size": args.batch_size, "dtype": args.dtype},
+                         "batch_size": args.batch_size, "dtype": args.dtype, "quant": args.quant},
               "runs": []}
     if args.plan_only:
         result["plans"] = plans(args, model)

@@ -71,14 +71,15 @@ def population(space, rng):
     return [a, b, c.canonical(), merged(space, a, rng), merged(space, b, rng)]
 
 
-def evaluator(src, tmp_path, dtype=torch.float32, top_k=2, **kw):
+def evaluator(src, tmp_path, dtype=torch.float32, top_k=2, weights=None, **kw):
     from lowmoe.engine.calibration import load_tokenizer
     from lowmoe.methods.eep.fitness import FitnessData
 
     ck = Checkpoint(src)
     data = FitnessData.from_records(records(8), load_tokenizer(src))
     space = SearchSpace.build(ck.moe_layers(), ck.num_experts, 4, "layer")
-    return PopulationEvaluator(ck, layer_weights(ck, "none", None), space, data, tmp_path / "acts", device="cpu",
+    weights = layer_weights(ck, "none", None) if weights is None else weights
+    return PopulationEvaluator(ck, weights, space, data, tmp_path / "acts", device="cpu",
                                dtype=dtype, top_k=top_k, batch_size=4, **kw)
 
 

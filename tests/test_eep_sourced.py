@@ -226,6 +226,10 @@ def test_inspect_shows_the_eep_search_floor(synth_dir, tmp_path):
                                   "--batch-size", "4", "--max-ram", str(e["min_max_ram_bytes"])])
     assert r.exit_code == 0, r.output
     assert "EEP search   smallest --max-ram" in r.output and "each candidate's experts read from the shards" in r.output
+    r = CliRunner().invoke(main, ["inspect", str(src), "--method", "eep", "--quant", "nf4"])
+    assert r.exit_code == 0 and "--quant nf4" in r.output, r.output
+    r = CliRunner().invoke(main, ["inspect", str(src), "--quant", "nf4"])
+    assert r.exit_code == 2 and "--quant nf4: only the EEP search" in r.output and r.output.count("\n") == 1, r.output
 
 
 @pytest.mark.parametrize("quant", ["fp8", pytest.param("mxfp4", marks=pytest.mark.slow)])  # MXFP4's synth: ~10 s
@@ -253,3 +257,60 @@ def test_prune_eep_on_a_quantized_checkpoint_under_a_small_max_ram(synth_dir, tm
         [{k: v for k, v in c.items() if k != "elapsed_s"} for c in ref["eep"]["curve"]]
     digest = {k: v for k, v in dir_digest(tmp_path / "a").items() if k.endswith(".safetensors")}
     assert digest and {k: v for k, v in dir_digest(tmp_path / "b").items() if k.endswith(".safetensors")} == digest
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_sourced_fitness_from_the_quant_cache_equals_the_held_one(synth_dir, tmp_path, monkeypatch, mode):
+    """``--quant nf4|int8`` under a budget that cannot hold a layer: each candidate's experts are read
+    from the quantized cache and dequantized one tensor at a time, giving the held cache's fitness to
+    the bit; the cache itself is built without reading a layer whole."""
+    from lowmoe.engine.quant import QuantizedWeights, layer_weights
+
+    src = synth_dir("mixtral", hidden_size=64, intermediate_size=128)
+    with monkeypatch.context() as m:
+        m.setattr(Checkpoint, "read_layer", lambda self, L: pytest.fail(f"layer {L} read whole"))
+        built = layer_weights(Checkpoint(src), mode, tmp_path / "cache")
+    assert isinstance(built, QuantizedWeights)
+    ref = evaluator(src, tmp_path / "ref", weights=built)
+    seq_len = int(ref.data.input_ids.shape[1])
+    ck = Checkpoint(src)
+    run = plan_budget(ck, device=CPU, dtype=torch.float32, batch_size=4, seq_len=seq_len, max_ram=10**12)
+    budget = plan_sourced_population(ck, run, num_experts=KEEP, batch_size=4, seq_len=seq_len, quant=mode)
+    run.max_ram = budget.plan.min_max_ram
+    budget = plan_sourced_population(ck, run, num_experts=KEEP, batch_size=4, seq_len=seq_len, quant=mode)
+    assert budget.quant == mode and budget.merge_block == 1
+    small = evaluator(src, tmp_path / "small", weights=layer_weights(ck, mode, tmp_path / "cache"), budget=budget)
+    small.weights.layer = lambda L: pytest.fail(f"layer {L} read whole from the cache")
+    rng = np.random.default_rng(5)
+    cands = population(ref.space, rng) + [merged(ref.space, ref.space.random_onehot(rng), rng)]
+    assert [(f.acc, f.ll) for f in small.evaluate(cands)] == [(f.acc, f.ll) for f in ref.evaluate(cands)]
+    assert small.stats["source_reads"] > 0
+    with pytest.raises(ValueError, match="--quant"):
+        evaluator(src, tmp_path / "mismatch", budget=budget)
+
+
+def test_prune_eep_quant_under_a_small_max_ram(synth_dir, tmp_path):
+    """The search with --quant nf4 at its smallest --max-ram reads the cache per candidate and writes
+    what it writes without a budget; GPT-OSS's fused experts are refused with --quant, naming it."""
+    from lowmoe.inspect import inspect_model
+
+    src = synth_dir("mixtral", **WIDE)
+    train = write_jsonl(tmp_path / "train.jsonl", records(8))
+    opts = dict(keep=KEEP, method="eep", calib=[train], seq_len=32, batch_size=4, progress=False, device="cpu",
+                method_options={"generations": 2, "population": 2, "prune_generations": 1, "layer_groups": "layer",
+                                "init": "random", "quant": "nf4"})
+    ref = lowmoe.prune(src, tmp_path / "a", **opts)
+    e = inspect_model(src, method="eep", keep=KEEP, seq_len=32, batch_size=4, quant="nf4")["budget"]["eep"]
+    assert e["population_floor_bytes"]["sourced"] < e["population_floor_bytes"]["layer_held"]
+    small = lowmoe.prune(src, tmp_path / "b", max_ram=e["min_max_ram_bytes"], **opts)
+    assert small["eep"]["population_budget"]["sourced"] and small["eep"]["population_budget"]["quant"] == "nf4"
+    assert [{k: v for k, v in c.items() if k != "elapsed_s"} for c in small["eep"]["curve"]] == \
+        [{k: v for k, v in c.items() if k != "elapsed_s"} for c in ref["eep"]["curve"]]
+    digest = {k: v for k, v in dir_digest(tmp_path / "a").items() if k.endswith(".safetensors")}
+    assert digest and {k: v for k, v in dir_digest(tmp_path / "b").items() if k.endswith(".safetensors")} == digest
+    fused = synth_dir("gpt_oss", **WIDE)
+    ck = Checkpoint(fused)
+    run = plan_budget(ck, device=CPU, dtype=torch.float32, batch_size=4, seq_len=32, max_ram=10**12)
+    run.max_ram = plan_sourced_population(ck, run, num_experts=KEEP, batch_size=4, seq_len=32).plan.min_max_ram
+    with pytest.raises(ConfigError, match=r"^--max-ram .*fused layout's experts one at a time only with --quant none\)$"):
+        plan_population(ck, run, num_experts=KEEP, batch_size=4, seq_len=32, quant="nf4")

@@ -119,7 +119,7 @@ def test_disk_full_is_one_line_and_resumable(synth_dir, calib_txt, tmp_path, mon
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer._OpenShard, "add", full)
+    monkeypatch.setattr(writer.OpenShard, "add", full)
     with pytest.raises(OutputError, match="disk full.*--resume"):
         lowmoe.prune(synth_dir("mixtral"), tmp_path / "out", keep=4, calib=[calib_txt], max_shard_size="40KB", **OPTS)
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()

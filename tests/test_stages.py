@@ -332,7 +332,7 @@ def test_output_is_written_on_the_writer_thread(synth_dir, calib_txt, tmp_path, 
     def full(self, key, tensor):
         raise OSError(28, "No space left on device")  # ENOSPC
 
-    monkeypatch.setattr(writer._OpenShard, "add", full)
+    monkeypatch.setattr(writer.OpenShard, "add", full)
     with pytest.raises(lowmoe.errors.OutputError, match="disk full while writing"):
         lowmoe.prune(src, tmp_path / "full", calib=[calib_txt], **OPTS)
     assert not [t for t in threading.enumerate() if t.name.startswith("lowmoe-write")]

@@ -147,7 +147,9 @@ def synth(out, arch, layers, hidden_size, intermediate_size, experts, top_k, hea
 @click.option("--method", default=None, help="Plan for this --method (a merging method also holds its merged experts); "
               "default: a prune that drops experts.")
 @click.option("--keep", default=None, help="With --method: experts kept per layer (default half).")
-def inspect(model, as_json, max_ram, max_vram, device, dtype, seq_len, batch_size, method, keep):
+@click.option("--quant", default="none", show_default=True,
+              help="With --method eep: the search's quantized layer cache (none, int8, nf4).")
+def inspect(model, as_json, max_ram, max_vram, device, dtype, seq_len, batch_size, method, keep, quant):
     """Family, layers, experts, top-k, bytes per layer, the smallest --max-ram/--max-vram a prune can run
     under, and what a prune under the given budgets will hold."""
     if dtype not in DTYPES:
@@ -156,8 +158,10 @@ def inspect(model, as_json, max_ram, max_vram, device, dtype, seq_len, batch_siz
         raise ConfigError(f"--device {device!r}: expected cpu or cuda")
     if keep is not None and method is None:
         raise ConfigError("--keep: give --method too (the plan of a prune that drops does not depend on the keep)")
+    if quant != "none" and method != "eep":
+        raise ConfigError(f"--quant {quant}: only the EEP search uses a quantized layer cache; give --method eep")
     info = inspect_model(model, max_ram=max_ram, max_vram=max_vram, device=device, dtype=dtype, seq_len=seq_len,
-                         batch_size=batch_size, method=method, keep=keep)
+                         batch_size=batch_size, method=method, keep=keep, quant=quant)
     click.echo(json.dumps(info, indent=1) if as_json else format_inspection(info))
 
 

@@ -58,6 +58,7 @@ from .hf import layer_config, materialize, moe_modules, split_experts
 from .lazy import StagingPool, reads_lazily
 from .memory import Accountant, fmt_bytes
 from .prefetch import DeviceStager, IOStats
+from .quant import BYTES_PER_PARAM
 from .writer import parse_size
 
 log = logging.getLogger(__name__)
@@ -796,13 +797,14 @@ class PopulationBudget:
     # or merged from the shards, one source expert at a time (``plan_sourced_population``)
     sourced: bool = False
     merge_block: int = 1  # sourced: merged outputs summed together (each source read once per block)
+    quant: str = "none"  # sourced: experts read from the checkpoint's shards, or from the --quant cache
 
     @property
     def chunked_layers(self) -> list[int]:
         return sorted(L for L, p in self.layers.items() if p.chunked)
 
     def to_json(self) -> dict:
-        return {"sourced": self.sourced, "merge_block": self.merge_block, "num_experts": self.num_experts,
+        return {"sourced": self.sourced, "merge_block": self.merge_block, "quant": self.quant, "num_experts": self.num_experts,
                 "candidate_host_bytes": self.candidate_host_bytes, **self.plan.to_json()}
 
 
@@ -835,16 +837,21 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
     try:
         return _plan_held_population(ck, plan, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len)
     except ConfigError as held_error:
-        # a layer as read does not fit --max-ram: read each candidate's experts from the shards instead
-        if plan.max_ram is None or not str(held_error).startswith("--max-ram") or not sourced_ok(ck):
+        # a layer as read does not fit --max-ram: read each candidate's experts from the shards (or the
+        # quantized cache) instead
+        if plan.max_ram is None or not str(held_error).startswith("--max-ram"):
             raise
-        if quant != "none":
-            raise ConfigError(f"{held_error} (under --max-ram the search reads a layer's experts from the shards "
-                              f"one at a time only with --quant none)") from None
-        return plan_sourced_population(ck, plan, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len)
+        if not sourced_ok(ck, quant):
+            if quant != "none" and ck.adapter.expert_layout != "per_expert":
+                raise ConfigError(f"{held_error} (under --max-ram the search reads a fused layout's experts one at "
+                                  f"a time only with --quant none)") from None
+            raise
+        return plan_sourced_population(ck, plan, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len,
+                                       quant=quant)
 
 
-def population_floors(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int, seq_len: int) -> dict[str, int | None]:
+def population_floors(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int, seq_len: int,
+                      quant: str = "none") -> dict[str, int | None]:
     """The smallest --max-ram each way of holding the population pass's layers works at (``plan``: the
     run's, for its device, dtype and --max-vram; its --max-ram is ignored): ``layer_held`` (a layer as
     read in host memory, ``_plan_held_population``) and ``sourced`` (experts read from the shards per
@@ -857,7 +864,8 @@ def population_floors(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int
             if held:
                 _plan_held_population(ck, trial, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len)
             else:
-                plan_sourced_population(ck, trial, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len)
+                plan_sourced_population(ck, trial, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len,
+                                        quant=quant)
             return True
         except ConfigError:
             return False
@@ -871,16 +879,19 @@ def population_floors(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int
             lo, hi = (lo, mid) if works(mid, held) else (mid, hi)
         return hi
 
-    return {"layer_held": floor(True), "sourced": floor(False) if sourced_ok(ck) else None}
+    return {"layer_held": floor(True), "sourced": floor(False) if sourced_ok(ck, quant) else None}
 
 
-def sourced_ok(ck) -> bool:
-    """Whether the EEP evaluator can read this checkpoint's routed experts one at a time from the shards:
-    a format read lazily (``lazy.reads_lazily``) and, for a fused layout, every MoE layer's fused
-    tensors stored under their runtime names (what ``lazy.ExpertSource`` reads row by row)."""
+def sourced_ok(ck, quant: str = "none") -> bool:
+    """Whether the EEP evaluator can read this checkpoint's routed experts one at a time: from the
+    shards, a format read lazily (``lazy.reads_lazily``) and, for a fused layout, every MoE layer's
+    fused tensors stored under their runtime names (what ``lazy.ExpertSource`` reads row by row);
+    from the ``--quant`` cache, a per-expert layout (``quant.QuantExpertSource``)."""
+    ad = ck.adapter
+    if quant != "none":
+        return ad.expert_layout == "per_expert"
     if not reads_lazily(ck):
         return False
-    ad = ck.adapter
     if ad.expert_layout != "fused":
         return True
     return all(ad.layer_prefix(L) + ad.moe_prefix + "experts." + t in ck.parts
@@ -945,7 +956,8 @@ def _plan_held_population(ck, plan: BudgetPlan, *, num_experts: int, batch_size:
     return out
 
 
-def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int, seq_len: int) -> PopulationBudget:
+def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int, seq_len: int,
+                            quant: str = "none") -> PopulationBudget:
     """The population evaluation's budget when a layer's routed experts are never held whole: the
     layer's non-expert weights are read (``lazy.read_lazy_layer``), and each candidate block's E'
     experts are selected or merged into host buffers reading one source expert at a time from the
@@ -963,7 +975,9 @@ def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_siz
     once, and for merged outputs each source with a nonzero coefficient once per block of m outputs
     summed together (``merge_block``; a dense W_EM reads the layer ceil(E'/m) times). So m comes
     first: the largest m <= E' that fits with g = 1, then the largest g <= E' that fits with that m.
-    ConfigError naming the flag and the floor when m = g = 1 does not fit."""
+    ConfigError naming the flag and the floor when m = g = 1 does not fit. ``quant`` nf4/int8: the
+    sources are the quantized cache's (``quant.QuantExpertSource``): an expert read is its codes, then
+    dequantized one tensor at a time."""
     device, dtype = torch.device(plan.device), getattr(torch, plan.compute_dtype)
     on_cpu = device.type != "cuda"
     b = dtype_bytes(dtype)
@@ -1000,7 +1014,10 @@ def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_siz
 
     def merge_temporaries(L: _LazyLayerSize) -> int:
         # float32 accumulators (a block of outputs), the source as read, decoded (quantized) and one tensor's float32 copy
-        t = 4 * L.exp_numel * blk["n"] + L.exp_stored + 4 * L.mat_numel
+        t = 4 * L.exp_numel * blk["n"] + 4 * L.mat_numel
+        if quant != "none":  # the expert dequantized, one tensor's codes and its dequantized copy before it is placed
+            return t + int(L.exp_numel * held_elem(L)) + int(L.mat_numel * (BYTES_PER_PARAM[quant] + held_elem(L)))
+        t += L.exp_stored
         if quantized is not None:
             t += int(L.exp_numel * held_elem(L)) + SCRATCH_BYTES
         return t
@@ -1085,7 +1102,7 @@ def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_siz
                      f"in groups of {min(g, n)}")
     for note in pop.notes:
         log.info(note)
-    return PopulationBudget(pop, n, layers, candidate_experts(worst), sourced=True, merge_block=blk["n"])
+    return PopulationBudget(pop, n, layers, candidate_experts(worst), sourced=True, merge_block=blk["n"], quant=quant)
 
 
 # ---- bookkeeping -------------------------------------------------------------------------------

@@ -50,7 +50,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import ConfigError
@@ -58,14 +57,17 @@ from .checkpoint import Checkpoint
 from .device import dtype_bytes
 from .experts import QuantExperts
 from .hf import materialize, moe_modules, split_experts
+from .lazy import LazyLayer, ShardFiles, read_lazy_layer
 from .memory import fmt_bytes
 from .progress import progress as progress_bar
+from .writer import OpenShard
 
 log = logging.getLogger(__name__)
 
 QUANT_MODES = ("none", "int8", "nf4")
 MIN_NUMEL = 4096
 BLOCKSIZE = {"nf4": 64, "int8": 256}
+CACHE_FORMAT = 2  # 2: written tensor by tensor (``writer.OpenShard``); a cache of another format is rebuilt
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}
 
 
@@ -117,29 +119,48 @@ class QuantizedWeights:
         return self.root / f"layer{layer_idx:04d}.safetensors"
 
     def _build(self, progress: bool) -> None:
+        """Quantize every layer into its cache file, one tensor at a time: the layer's routed experts
+        are read one tensor at a time from the shards (``lazy.read_lazy_layer``) and every tensor is
+        streamed into the file as it is quantized (``writer.OpenShard``), so a layer is never held whole."""
         marker = self.root / "quant.json"
         want = {"mode": self.mode, "blocksize": self.blocksize, "layers": self.ck.num_layers,
-                "index": hash_weight_map(self.ck)}
+                "index": hash_weight_map(self.ck), "format": CACHE_FORMAT}
         if marker.is_file() and json.loads(marker.read_text()) == want:
             return
         self.root.mkdir(parents=True, exist_ok=True)
         layers = progress_bar(range(self.ck.num_layers), self.ck.num_layers, f"quantize ({self.mode})", progress)
-        for layer_idx in layers:
-            out, meta = {}, {}
-            for key, t in self.ck.read_layer(layer_idx).items():
-                if not self._quantizable(layer_idx, key, t):
-                    out[key] = t.contiguous()
-                    continue
-                qt = quantize_tensor(t, self.mode)  # on the CPU, as read
-                if qt.code is not None:
-                    out["__code__"] = qt.code.float().contiguous()  # the same dynamic map for every tensor
-                out[key + "::q"] = qt.codes.contiguous()
-                out[key + "::absmax"] = qt.absmax.contiguous()
-                meta[key] = {"shape": list(t.shape), "dtype": str(t.dtype)}
-            tmp = self._path(layer_idx).with_suffix(".tmp")
-            save_file(out, str(tmp), metadata={"lowmoe_quant": json.dumps(meta)})
-            os.replace(tmp, self._path(layer_idx))
+        files = ShardFiles(self.ck.path)
+        try:
+            for layer_idx in layers:
+                self._build_layer(layer_idx, read_lazy_layer(self.ck, files, layer_idx))
+        finally:
+            files.close()
         marker.write_text(json.dumps(want))
+
+    def _build_layer(self, layer_idx: int, layer) -> None:
+        meta: dict[str, dict] = {}
+        tmp = self._path(layer_idx).with_suffix(".tmp")
+        keys = self.ck.layer_keys(layer_idx)
+        # room for the header: per key up to three entries (values or codes, absmax) of ~100 bytes of JSON
+        # beside the name, and its shape and dtype in the metadata (a little over: the rest is padding)
+        out = OpenShard(tmp, 8 * ((sum(3 * len(k) + 256 for k in keys) + 2048) // 8))
+        code_written = False
+        for key in keys:
+            t = layer[key]  # a routed expert's tensor is read (and decoded) now, alone
+            if not self._quantizable(layer_idx, key, t):
+                out.add(key, t.contiguous())
+                continue
+            qt = quantize_tensor(t, self.mode)  # on the CPU, as read
+            if qt.code is not None and not code_written:  # the same dynamic map for every tensor
+                out.add("__code__", qt.code.float().contiguous())
+                code_written = True
+            out.add(key + "::q", qt.codes.contiguous())
+            out.add(key + "::absmax", qt.absmax.contiguous())
+            meta[key] = {"shape": list(t.shape), "dtype": str(t.dtype)}
+            del t, qt
+        out.metadata["lowmoe_quant"] = json.dumps(meta)
+        out.close()
+        os.replace(tmp, self._path(layer_idx))
         log.info("quantized %d layers (%s) into %s: %.1f MB (checkpoint layers: %.1f MB)", self.ck.num_layers, self.mode,
                  self.root, self.cache_bytes() / 1e6, sum(self.ck.layer_bytes(i) for i in range(self.ck.num_layers)) / 1e6)
 
@@ -167,6 +188,100 @@ class QuantizedWeights:
         # the checkpoint's key order; on CPU, where apply_layer works (dequantized on the GPU by
         # bitsandbytes' CUDA kernels when the device is one)
         return {k: out[k].cpu() for k in self.ck.layer_keys(layer_idx)}
+
+    def lazy_layer(self, layer_idx: int, files: ShardFiles) -> LazyLayer:
+        """The layer with its routed experts not read (``files``: a ``ShardFiles`` over the cache
+        directory): the other tensors read and dequantized, the experts as a ``QuantExpertSource``
+        that reads and dequantizes one expert at a time. Only for a per-expert layout."""
+        ad, path = self.ck.adapter, self._path(layer_idx)
+        header, _ = files.header(path.name)
+        meta = json.loads(header.get("__metadata__", {}).get("lowmoe_quant", "{}"))
+        prefix = ad.layer_prefix(layer_idx)
+        keys = self.ck.layer_keys(layer_idx)
+        expert = [k for k in keys if ad.is_expert_key(k[len(prefix):])]
+        code = files.stored("__code__", path.name).read() if "__code__" in header else None
+        read: dict[str, torch.Tensor] = {}
+        for k in keys:
+            if k in expert:
+                continue
+            if k in meta:
+                qt = QTensor(self.mode, files.stored(k + "::q", path.name).read(),
+                             files.stored(k + "::absmax", path.name).read(), torch.Size(meta[k]["shape"]), code)
+                read[k] = qt.dequantize(_DTYPES[meta[k]["dtype"]])
+            else:
+                read[k] = files.stored(k, path.name).read()
+        self.bytes_read += sum(files.stored(k, path.name).nbytes for k in header if k != "__metadata__"
+                               and k.split("::")[0] not in expert)
+        source = QuantExpertSource(self, layer_idx, files, meta, code)
+        return LazyLayer(layer_idx, keys, read, {}, source)
+
+
+class QuantExpertSource:
+    """A per-expert layer's routed experts in the quantized cache, read and dequantized one expert at
+    a time: the ``lazy.ExpertSource`` interface (``names``, ``row_shape``, ``stored_dtype``, ``load``,
+    ``decode``) that the EEP evaluator's sourced layers read. An expert's runtime tensors are its
+    dequantized matrices in transformers' layout (gate then up rows in ``gate_up_proj``), the values
+    ``QuantizedWeights.layer`` gives for the whole layer."""
+
+    packed = False
+
+    def __init__(self, weights: QuantizedWeights, layer_idx: int, files: ShardFiles, meta: dict, code):
+        ad = weights.ck.adapter
+        self.weights, self.layer_idx, self.files, self.meta, self.code = weights, layer_idx, files, meta, code
+        self.shard = weights._path(layer_idx).name
+        base = ad.layer_prefix(layer_idx) + ad.moe_prefix + "experts."
+        g, u, d = ad.expert_projs
+        self.names = [ad.runtime_gate_up, ad.runtime_down]
+        self._pieces = {ad.runtime_gate_up: [[f"{base}{e}.{g}.weight", f"{base}{e}.{u}.weight"]
+                                             for e in range(weights.ck.num_experts)],
+                        ad.runtime_down: [[f"{base}{e}.{d}.weight"] for e in range(weights.ck.num_experts)]}
+        self.ids = list(range(weights.ck.num_experts))
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.ids)
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.meta[key]["shape"]) if key in self.meta else tuple(self.files.stored(key, self.shard).shape)
+
+    def row_shape(self, name: str) -> tuple[int, ...]:
+        shapes = [self._shape(k) for k in self._pieces[name][0]]
+        return (sum(s[0] for s in shapes),) + shapes[0][1:]
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        key = self._pieces[name][0][0]
+        return _DTYPES[self.meta[key]["dtype"]] if key in self.meta else self.files.stored(key, self.shard).torch_dtype
+
+    def expert_numel(self) -> int:
+        return sum(math.prod(self.row_shape(n)) for n in self.names)
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        f = self.files
+        if key not in self.meta:
+            return f.stored(key, self.shard).read()
+        m = self.meta[key]
+        qt = QTensor(self.weights.mode, f.stored(key + "::q", self.shard).read(), f.stored(key + "::absmax", self.shard).read(),
+                     torch.Size(m["shape"]), self.code)
+        self.weights.bytes_read += qt.codes.numel() * qt.codes.element_size() + qt.absmax.numel() * 4
+        return qt.dequantize(_DTYPES[m["dtype"]])
+
+    def load(self, a: int, z: int, out: dict[str, torch.Tensor] | None = None, check: bool = True) -> dict[str, torch.Tensor]:
+        """Experts ``a..z-1`` dequantized, runtime layout (into ``out``'s first rows when given)."""
+        res = {}
+        for name in self.names:
+            buf = torch.empty((z - a,) + self.row_shape(name), dtype=self.stored_dtype(name)) if out is None \
+                else out[name][:z - a]
+            for j, e in enumerate(self.ids[a:z]):
+                at = 0
+                for key in self._pieces[name][e]:
+                    t = self._tensor(key)
+                    buf[j, at:at + t.shape[0]].copy_(t)
+                    at += t.shape[0]
+            res[name] = buf
+        return res
+
+    def decode(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return tensors
 
 
 def hash_weight_map(ck: Checkpoint) -> str:

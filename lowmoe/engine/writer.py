@@ -69,7 +69,7 @@ def tensor_nbytes(t) -> int:
 _ST_DTYPES = {dtype: code for code, dtype in ST_TORCH.items()}
 
 
-class _OpenShard:
+class OpenShard:
     """A safetensors file written tensor by tensor.
 
     safetensors has no append mode and ``save_file`` needs every tensor in memory at once, which
@@ -80,9 +80,10 @@ class _OpenShard:
     the data is moved once to make room.
     """
 
-    def __init__(self, path: Path, reserve: int):
+    def __init__(self, path: Path, reserve: int, metadata: dict[str, str] | None = None):
         self.path = path
         self.reserve = reserve
+        self.metadata = {"format": "pt", **(metadata or {})}
         self.f = open(path, "wb")
         self.f.write(b"\0" * (8 + reserve))
         self.entries: dict[str, dict] = {}
@@ -106,7 +107,7 @@ class _OpenShard:
         faults.point("shard-write", self.path)
 
     def close(self) -> None:
-        header = {"__metadata__": {"format": "pt"}, **{k: self.entries[k] for k in sorted(self.entries)}}
+        header = {"__metadata__": self.metadata, **{k: self.entries[k] for k in sorted(self.entries)}}
         raw = json.dumps(header, separators=(",", ":")).encode()
         if len(raw) <= self.reserve:
             self.f.seek(0)
@@ -131,7 +132,7 @@ class ShardWriter:
         self.max_shard_bytes = max_shard_bytes
         # Header room per shard: ~120 bytes per tensor; tiny shards get a small reservation.
         self.header_reserve = int(min(1 << 20, max(4096, max_shard_bytes // 256)) + 7) // 8 * 8
-        self.current: _OpenShard | None = None
+        self.current: OpenShard | None = None
         self.buffer_bytes = 0
         self.shards: list[dict] = []  # [{"tmp": name, "keys": [...], "bytes": n}]
         self.total_bytes = 0
@@ -162,7 +163,7 @@ class ShardWriter:
         if self.current is not None and self.current.entries and self.buffer_bytes + n > self.max_shard_bytes:
             self.flush()
         if self.current is None:
-            self.current = _OpenShard(self.out_dir / f".tmp-{len(self.shards) + 1:05d}.safetensors", self.header_reserve)
+            self.current = OpenShard(self.out_dir / f".tmp-{len(self.shards) + 1:05d}.safetensors", self.header_reserve)
         try:
             self.current.add(key, tensor)
         except OSError as e:

@@ -413,8 +413,11 @@ class PopulationEvaluator:
                               device_budget_bytes=budget.plan.device_budget)
             if budget.plan.max_ram is not None:  # freed buffers go back to the OS, as in a prune's pass
                 self.stats["malloc_mmap_threshold"] = return_freed_memory()
-            if budget.sourced:
-                self.files = ShardFiles(ck.path)
+            if budget.sourced and budget.quant != getattr(weights, "mode", "none"):
+                raise ValueError(f"the population budget reads experts for --quant {budget.quant}, the weights are "
+                                 f"--quant {getattr(weights, 'mode', 'none')}")
+            if budget.sourced:  # the checkpoint's shards, or the --quant cache's files
+                self.files = ShardFiles(ck.path if budget.quant == "none" else weights.root)
                 self.stats.update(sourced=True, source_reads=0, planned_host_peak_bytes=budget.plan.host_peak_bytes)
         if not self.cache.has(0, self.num_chunks, ROOT):
             self._embed()
@@ -561,7 +564,8 @@ class PopulationEvaluator:
                     del self._buffers[name]
             with self.io.stage("read"):
                 if self.budget is not None and self.budget.sourced:  # experts located, not read
-                    tensors = read_lazy_layer(self.ck, self.files, L)
+                    tensors = (read_lazy_layer(self.ck, self.files, L) if self.budget.quant == "none"
+                               else self.weights.lazy_layer(L, self.files))
                 else:
                     tensors = self.weights.layer(L)
             with self.io.stage("materialize"):
