@@ -1015,8 +1015,10 @@ def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_siz
     def merge_temporaries(L: _LazyLayerSize) -> int:
         # float32 accumulators (a block of outputs), the source as read, decoded (quantized) and one tensor's float32 copy
         t = 4 * L.exp_numel * blk["n"] + 4 * L.mat_numel
-        if quant != "none":  # the expert dequantized, one tensor's codes and its dequantized copy before it is placed
-            return t + int(L.exp_numel * held_elem(L)) + int(L.mat_numel * (BYTES_PER_PARAM[quant] + held_elem(L)))
+        if quant != "none":
+            # the expert dequantized, and for one tensor its codes, bitsandbytes' float32 output and its
+            # copy in the stored dtype before it is placed
+            return t + int(L.exp_numel * held_elem(L)) + int(L.mat_numel * (BYTES_PER_PARAM[quant] + 4 + held_elem(L)))
         t += L.exp_stored
         if quantized is not None:
             t += int(L.exp_numel * held_elem(L)) + SCRATCH_BYTES

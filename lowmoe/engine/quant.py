@@ -20,6 +20,13 @@ no GPU was available), on the CPU where ``apply_layer`` works, so the rest of lo
 (``apply_layer``, ``to_runtime``) is unchanged. The final model is never written from this
 cache -- the EEP runner writes from the original checkpoint.
 
+The cache is built one tensor at a time: a layer's routed experts are read from the shards one tensor
+at a time (``lazy.read_lazy_layer``) and each quantized tensor is streamed into the layer's file
+(``writer.OpenShard``), so building it never holds a layer. ``lazy_layer(L, files)`` reads a
+per-expert layer's non-expert tensors and leaves its experts to a ``QuantExpertSource``, which reads
+and dequantizes one expert at a time: what the EEP population pass reads under a ``--max-ram`` too
+small for a layer (``budget.plan_sourced_population``).
+
 **Quantized compute** (``lowmoe score --quant``, ``lowmoe eval --streaming --quant``):
 ``build_quantized_layer`` builds one decoder layer whose linear weights are held on the compute
 device in the same two formats (``QTensor``: bitsandbytes codes + per-block absmax), the rest
@@ -198,7 +205,7 @@ class QuantizedWeights:
         meta = json.loads(header.get("__metadata__", {}).get("lowmoe_quant", "{}"))
         prefix = ad.layer_prefix(layer_idx)
         keys = self.ck.layer_keys(layer_idx)
-        expert = [k for k in keys if ad.is_expert_key(k[len(prefix):])]
+        expert = {k for k in keys if ad.is_expert_key(k[len(prefix):])}
         code = files.stored("__code__", path.name).read() if "__code__" in header else None
         read: dict[str, torch.Tensor] = {}
         for k in keys:
