@@ -142,9 +142,12 @@ def test_plan_falls_back_to_sourced_only_when_a_layer_does_not_fit(synth_dir):
     got = plan_population(ck, tight, num_experts=KEEP, batch_size=4, seq_len=32)
     assert got.sourced and got.plan.host_peak_bytes <= floor
     assert set(got.plan.host_terms) >= {"candidate_experts", "merge_temporaries", "compute_copy"}
-    # a quantized layer cache is read whole: no fallback, an error that says what would work
-    with pytest.raises(ConfigError, match=r"^--max-ram .*only with --quant none\)$"):
-        plan_population(ck, tight, num_experts=KEEP, batch_size=4, seq_len=32, quant="nf4")
+    # with --quant nf4 the experts come from the cache, dequantized: a floor of its own
+    nf4 = plan_sourced_population(ck, plan_budget(ck, max_ram=10**10, **kw), num_experts=KEEP, batch_size=4,
+                                  seq_len=32, quant="nf4")
+    tight.max_ram = nf4.plan.min_max_ram
+    got = plan_population(ck, tight, num_experts=KEEP, batch_size=4, seq_len=32, quant="nf4")
+    assert got.sourced and got.quant == "nf4" and got.to_json()["quant"] == "nf4"
     tight.max_ram = floor - 10**6
     with pytest.raises(ConfigError, match=r"^--max-ram .* too small for the EEP search even reading .*raise --max-ram$"):
         plan_population(ck, tight, num_experts=KEEP, batch_size=4, seq_len=32)

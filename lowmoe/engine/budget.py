@@ -508,6 +508,18 @@ def merge_scratch(L: "_LazyLayerSize", quant_method: str | None, compute_bytes: 
     return one
 
 
+def largest(lo: int, hi: int, ok) -> int:
+    """The largest n in [lo, hi] with ``ok(n)``, ``ok`` monotone and ``ok(lo)`` assumed (bisection)."""
+    best = lo
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
 def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int,
                      max_vram: int | None = None, max_ram: int | None = None, prefetch: bool = True,
                      num_chunks: int = 1, grouped: bool = False, merge: MergeHold | None = None) -> BudgetPlan:
@@ -691,15 +703,6 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
         pre = False
         notes.append(f"--max-ram {fmt_bytes(max_ram)} cannot hold the next layer's non-expert weights too; "
                      f"layer prefetching is off")
-    def largest(lo: int, hi: int, ok) -> int:  # the largest n in [lo, hi] with ok(n), ok(lo) assumed
-        best = lo
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            if ok(mid):
-                best, lo = mid, mid + 1
-            else:
-                hi = mid - 1
-        return best
 
     def fits_wave(g: int, w: int) -> bool:
         wave["w"] = w
@@ -1067,16 +1070,6 @@ def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_siz
             f"single-expert groups + activations need at least {fmt_bytes(floor_vram)}; raise --max-vram or lower "
             f"--batch-size/--seq-len")
 
-    def largest(ok) -> int:  # the largest m in [1, n] with ok(m), ok(1) known
-        lo, hi, best = 1, max(1, n), 1
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            if ok(mid):
-                best, lo = mid, mid + 1
-            else:
-                hi = mid - 1
-        return best
-
     def fits_block(m: int) -> bool:
         blk["n"] = m
         ok = fits(1)
@@ -1085,8 +1078,8 @@ def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_siz
 
     # fewer reads first: a merged candidate reads each source once per block of outputs summed
     # together, so the block takes the room before the device groups do
-    blk["n"] = largest(fits_block)
-    g = largest(fits)
+    blk["n"] = largest(1, max(1, n), fits_block)
+    g = largest(1, max(1, n), fits)
     layers = {L.idx: Placement(min(g, n), g < n, sum(device_need(L, g).values())) for L in sizes if L.num_experts}
     worst = max(sizes, key=lambda L: sum(host_need(L, g).values()))
     host_terms = host_need(worst, g)
