@@ -889,7 +889,7 @@ def sourced_ok(ck, quant: str = "none") -> bool:
     """Whether the EEP evaluator can read this checkpoint's routed experts one at a time: from the
     shards, a format read lazily (``lazy.reads_lazily``) and, for a fused layout, every MoE layer's
     fused tensors stored under their runtime names (what ``lazy.ExpertSource`` reads row by row);
-    from the ``--quant`` cache, a per-expert layout (``quant.QuantExpertSource``)."""
+    from the ``--quant`` cache, a per-expert layout (``quant.CachedTensor`` entries)."""
     ad = ck.adapter
     if quant != "none":
         return ad.expert_layout == "per_expert"
@@ -979,7 +979,7 @@ def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_siz
     summed together (``merge_block``; a dense W_EM reads the layer ceil(E'/m) times). So m comes
     first: the largest m <= E' that fits with g = 1, then the largest g <= E' that fits with that m.
     ConfigError naming the flag and the floor when m = g = 1 does not fit. ``quant`` nf4/int8: the
-    sources are the quantized cache's (``quant.QuantExpertSource``): an expert read is its codes, then
+    sources are the quantized cache's (``quant.CachedTensor`` entries): an expert read is its codes, then
     dequantized one tensor at a time."""
     device, dtype = torch.device(plan.device), getattr(torch, plan.compute_dtype)
     on_cpu = device.type != "cuda"

@@ -23,8 +23,8 @@ cache -- the EEP runner writes from the original checkpoint.
 The cache is built one tensor at a time: a layer's routed experts are read from the shards one tensor
 at a time (``lazy.read_lazy_layer``) and each quantized tensor is streamed into the layer's file
 (``writer.OpenShard``), so building it never holds a layer. ``lazy_layer(L, files)`` reads a
-per-expert layer's non-expert tensors and leaves its experts to a ``QuantExpertSource``, which reads
-and dequantizes one expert at a time: what the EEP population pass reads under a ``--max-ram`` too
+per-expert layer's non-expert tensors and leaves its experts to an ``ExpertSource`` over
+``CachedTensor`` entries, which reads and dequantizes one expert at a time: what the EEP population pass reads under a ``--max-ram`` too
 small for a layer (``budget.plan_sourced_population``).
 
 **Quantized compute** (``lowmoe score --quant``, ``lowmoe eval --streaming --quant``):
@@ -64,7 +64,7 @@ from .checkpoint import Checkpoint
 from .device import dtype_bytes
 from .experts import QuantExperts
 from .hf import materialize, moe_modules, split_experts
-from .lazy import LazyLayer, ShardFiles, read_lazy_layer
+from .lazy import ExpertSource, LazyLayer, ShardFiles, read_lazy_layer
 from .memory import fmt_bytes
 from .progress import progress as progress_bar
 from .writer import OpenShard
@@ -198,97 +198,50 @@ class QuantizedWeights:
 
     def lazy_layer(self, layer_idx: int, files: ShardFiles) -> LazyLayer:
         """The layer with its routed experts not read (``files``: a ``ShardFiles`` over the cache
-        directory): the other tensors read and dequantized, the experts as a ``QuantExpertSource``
-        that reads and dequantizes one expert at a time. Only for a per-expert layout."""
-        ad, path = self.ck.adapter, self._path(layer_idx)
-        header, _ = files.header(path.name)
+        directory): the other tensors read and dequantized, the experts a ``lazy.ExpertSource`` over
+        ``CachedTensor`` entries, which reads and dequantizes one expert at a time. Only for a
+        per-expert layout (``ExpertSource.from_layer``)."""
+        ad, shard = self.ck.adapter, self._path(layer_idx).name
+        header, _ = files.header(shard)
         meta = json.loads(header.get("__metadata__", {}).get("lowmoe_quant", "{}"))
+        code = files.stored("__code__", shard).read() if "__code__" in header else None
         prefix = ad.layer_prefix(layer_idx)
         keys = self.ck.layer_keys(layer_idx)
-        expert = {k for k in keys if ad.is_expert_key(k[len(prefix):])}
-        code = files.stored("__code__", path.name).read() if "__code__" in header else None
-        read: dict[str, torch.Tensor] = {}
+
+        def cached(key: str):
+            return CachedTensor(self, files, shard, key, meta[key], code) if key in meta else files.stored(key, shard)
+
+        expert = {k: cached(k) for k in keys if ad.is_expert_key(k[len(prefix):])}
+        read = {}
         for k in keys:
-            if k in expert:
-                continue
-            if k in meta:
-                qt = QTensor(self.mode, files.stored(k + "::q", path.name).read(),
-                             files.stored(k + "::absmax", path.name).read(), torch.Size(meta[k]["shape"]), code)
-                read[k] = qt.dequantize(_DTYPES[meta[k]["dtype"]])
-            else:
-                read[k] = files.stored(k, path.name).read()
-        self.bytes_read += sum(files.stored(k, path.name).nbytes for k in header if k != "__metadata__"
-                               and k.split("::")[0] not in expert)
-        source = QuantExpertSource(self, layer_idx, files, meta, code)
+            if k not in expert:
+                entry = cached(k)
+                read[k] = entry.read()
+                if not isinstance(entry, CachedTensor):
+                    self.bytes_read += entry.nbytes
+        source = ExpertSource.from_layer(ad, layer_idx, expert, self.ck.num_experts)
         return LazyLayer(layer_idx, keys, read, {}, source)
 
 
-class QuantExpertSource:
-    """A per-expert layer's routed experts in the quantized cache, read and dequantized one expert at
-    a time: the ``lazy.ExpertSource`` interface (``names``, ``row_shape``, ``stored_dtype``, ``load``,
-    ``decode``) that the EEP evaluator's sourced layers read. An expert's runtime tensors are its
-    dequantized matrices in transformers' layout (gate then up rows in ``gate_up_proj``), the values
-    ``QuantizedWeights.layer`` gives for the whole layer."""
+class CachedTensor:
+    """One quantized tensor of the cache seen as a stored entry (``lazy.StoredTensor``'s reading side:
+    ``shape``, ``torch_dtype``, ``read``, ``read_into``), its values dequantized to the dtype it was
+    read in (``QTensor.dequantize``, the values ``QuantizedWeights.layer`` gives): an ``ExpertSource``
+    over such entries reads a per-expert layer's experts from the cache one at a time."""
 
-    packed = False
+    def __init__(self, weights: QuantizedWeights, files: ShardFiles, shard: str, key: str, meta: dict, code):
+        self.weights, self.files, self.shard, self.key, self.code = weights, files, shard, key, code
+        self.shape = tuple(meta["shape"])
+        self.torch_dtype = _DTYPES[meta["dtype"]]
 
-    def __init__(self, weights: QuantizedWeights, layer_idx: int, files: ShardFiles, meta: dict, code):
-        ad = weights.ck.adapter
-        self.weights, self.layer_idx, self.files, self.meta, self.code = weights, layer_idx, files, meta, code
-        self.shard = weights._path(layer_idx).name
-        base = ad.layer_prefix(layer_idx) + ad.moe_prefix + "experts."
-        g, u, d = ad.expert_projs
-        self.names = [ad.runtime_gate_up, ad.runtime_down]
-        self._pieces = {ad.runtime_gate_up: [[f"{base}{e}.{g}.weight", f"{base}{e}.{u}.weight"]
-                                             for e in range(weights.ck.num_experts)],
-                        ad.runtime_down: [[f"{base}{e}.{d}.weight"] for e in range(weights.ck.num_experts)]}
-        self.ids = list(range(weights.ck.num_experts))
+    def read(self) -> torch.Tensor:
+        codes = self.files.stored(self.key + "::q", self.shard).read()
+        absmax = self.files.stored(self.key + "::absmax", self.shard).read()
+        self.weights.bytes_read += codes.numel() * codes.element_size() + absmax.numel() * absmax.element_size()
+        return QTensor(self.weights.mode, codes, absmax, torch.Size(self.shape), self.code).dequantize(self.torch_dtype)
 
-    @property
-    def num_experts(self) -> int:
-        return len(self.ids)
-
-    def _shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.meta[key]["shape"]) if key in self.meta else tuple(self.files.stored(key, self.shard).shape)
-
-    def row_shape(self, name: str) -> tuple[int, ...]:
-        shapes = [self._shape(k) for k in self._pieces[name][0]]
-        return (sum(s[0] for s in shapes),) + shapes[0][1:]
-
-    def stored_dtype(self, name: str) -> torch.dtype:
-        key = self._pieces[name][0][0]
-        return _DTYPES[self.meta[key]["dtype"]] if key in self.meta else self.files.stored(key, self.shard).torch_dtype
-
-    def expert_numel(self) -> int:
-        return sum(math.prod(self.row_shape(n)) for n in self.names)
-
-    def _tensor(self, key: str) -> torch.Tensor:
-        f = self.files
-        if key not in self.meta:
-            return f.stored(key, self.shard).read()
-        m = self.meta[key]
-        qt = QTensor(self.weights.mode, f.stored(key + "::q", self.shard).read(), f.stored(key + "::absmax", self.shard).read(),
-                     torch.Size(m["shape"]), self.code)
-        self.weights.bytes_read += qt.codes.numel() * qt.codes.element_size() + qt.absmax.numel() * 4
-        return qt.dequantize(_DTYPES[m["dtype"]])
-
-    def load(self, a: int, z: int, out: dict[str, torch.Tensor] | None = None, check: bool = True) -> dict[str, torch.Tensor]:
-        """Experts ``a..z-1`` dequantized, runtime layout (into ``out``'s first rows when given)."""
-        res = {}
-        for name in self.names:
-            buf = torch.empty((z - a,) + self.row_shape(name), dtype=self.stored_dtype(name)) if out is None \
-                else out[name][:z - a]
-            for j, e in enumerate(self.ids[a:z]):
-                at = 0
-                for key in self._pieces[name][e]:
-                    t = self._tensor(key)
-                    buf[j, at:at + t.shape[0]].copy_(t)
-                    at += t.shape[0]
-            res[name] = buf
-        return res
-
-    def decode(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        return tensors
+    def read_into(self, out: torch.Tensor) -> None:
+        out.copy_(self.read().reshape(out.shape))
 
 
 def hash_weight_map(ck: Checkpoint) -> str:
