@@ -837,6 +837,14 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
     flag when not even one expert fits."""
     if plan is None or (plan.max_vram is None and plan.max_ram is None):
         return None
+    out = _choose_population(ck, plan, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len, quant=quant)
+    for note in out.plan.notes:  # the chosen plan's, once (the planners themselves are also tried quietly)
+        log.info(note)
+    return out
+
+
+def _choose_population(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int, seq_len: int,
+                       quant: str) -> PopulationBudget:
     try:
         return _plan_held_population(ck, plan, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len)
     except ConfigError as held_error:
@@ -874,13 +882,10 @@ def population_floors(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int
             return False
 
     def floor(held: bool) -> int | None:
-        lo, hi = 1, 4 * (ck.total_bytes() + HOST_BASE_BYTES) + 2**30
+        hi = 4 * (ck.total_bytes() + HOST_BASE_BYTES) + 2**30
         if not works(hi, held):
             return None
-        while hi - lo > 2**20:  # to a MiB
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if works(mid, held) else (mid, hi)
-        return hi
+        return largest(0, hi, lambda ram: not works(ram, held)) + 1  # the byte above the largest refused
 
     return {"layer_held": floor(True), "sourced": floor(False) if sourced_ok(ck, quant) else None}
 
@@ -954,8 +959,6 @@ def _plan_held_population(ck, plan: BudgetPlan, *, num_experts: int, batch_size:
                          f"candidate's {n} experts in groups of "
                          f"{min(layers[L].group_size for L in out.chunked_layers)}-"
                          f"{max(layers[L].group_size for L in out.chunked_layers)}")
-    for note in pop.notes:
-        log.info(note)
     return out
 
 
@@ -1095,8 +1098,6 @@ def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_siz
     pop.notes.append(f"EEP search: --max-ram {fmt_bytes(max_ram)} cannot hold a layer's experts; each candidate's {n} "
                      f"experts are read from the shards one source at a time (merged ones {blk['n']} at a time) and run "
                      f"in groups of {min(g, n)}")
-    for note in pop.notes:
-        log.info(note)
     return PopulationBudget(pop, n, layers, candidate_experts(worst), sourced=True, merge_block=blk["n"], quant=quant)
 
 
