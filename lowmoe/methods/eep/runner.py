@@ -285,12 +285,10 @@ def _seed_keep(run, cfg, space: SearchSpace, method: str, work: Path, top_k: int
         stream.embed()
         guarding = guards(stream, enabled=cfg.protect_super_experts, progress=cfg.progress)  # super experts are never dropped
 
-        def apply(idx: int, tensors, lp) -> dict | None:
+        def apply(idx: int, tensors: LazyLayer, lp) -> dict | None:
             # a seed only keeps experts: their entries stay stored (the pruned pass reads them in groups)
-            if lp is None:
-                return None
-            return apply_layer(ck.adapter, idx, tensors.for_plan(selection_only(lp)) if isinstance(tensors, LazyLayer)
-                               else tensors, lp, ck.num_experts)
+            return None if lp is None else apply_layer(ck.adapter, idx, tensors.for_plan(selection_only(lp)), lp,
+                                                       ck.num_experts)
 
         def make_method():
             return ScoreThenKeep(make_scorer(method, ck.num_experts, ck.top_k, seed=cfg.seed))
