@@ -95,6 +95,91 @@ class TokenSubset(torch.nn.Module):
         return (full, *rest) if rest is not None else full
 
 
+class CandidateSource:
+    """A candidate's E' experts on a sourced layer (``LoadedLayer._load_sourced``), built from the
+    layer's experts on disk (``lazy.ExpertSource``) a few output rows at a time -- the expert source
+    ``ChunkedExperts`` reads when a candidate's experts are built one group at a time
+    (``PopulationBudget.candidate_groups``), and what ``LoadedLayer._sourced_experts`` fills whole.
+
+    ``load(a, z, out)`` builds rows ``a..z-1``: a kept expert's bytes straight into its row (a run of
+    consecutive kept experts in one read), a merged output summed in float32 in expert order from one
+    source at a time, each source with a nonzero coefficient in any of the rows read once
+    (``merge_experts``' sums: the bits of ``experts_for_plan`` over the whole layer). A quantized
+    layer's experts are decoded to the checkpoint's compute dtype, as ``Checkpoint.read_layer`` gives
+    them. The rows come in their held dtype, so ``decode`` leaves them as they are."""
+
+    def __init__(self, loaded: "LoadedLayer", lp, rows_at_once: int):
+        """``rows_at_once``: the most rows one ``load`` builds (the float32 accumulators' rows)."""
+        ev, src = loaded.ev, loaded.source
+        self.ev, self.src, self.keep = ev, src, list(lp.keep)
+        self.rows_at_once = max(1, int(rows_at_once))
+        self.names = list(src.names)
+        self.decode_to = ev.ck.compute_dtype if src.packed else None
+        # the rows rounded as ``experts_for_plan`` rounds them
+        self.rows = None if lp.merge is None else torch.tensor(lp.merge, dtype=torch.float32).tolist()
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.keep)
+
+    def expert_numel(self) -> int:
+        return self.src.expert_numel()
+
+    def buffer_shapes(self, count: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {name: ((count,) + self.src.row_shape(name), self.decode_to or self.src.stored_dtype(name))
+                for name in self.names}
+
+    def decode(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return tensors
+
+    def _read(self, i: int) -> dict[str, torch.Tensor]:
+        self.ev.stats["source_reads"] = self.ev.stats.get("source_reads", 0) + 1
+        src = self.src
+        return src.decode(src.load(i, i + 1), self.decode_to) if src.packed else src.load(i, i + 1)
+
+    def load(self, a: int, z: int, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Rows ``a..z-1`` of the candidate's experts, into ``out`` (buffers of at least ``z - a`` rows)."""
+        src, n = self.src, z - a
+        if out is None:
+            out = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in self.buffer_shapes(n).items()}
+        bufs = {name: b[:n] for name, b in out.items()}
+        if self.rows is None:
+            keep, j = self.keep[a:z], 0
+            while j < n:
+                if src.packed:
+                    for name, t in self._read(keep[j]).items():
+                        bufs[name][j].copy_(t[0])
+                    j += 1
+                    continue
+                k = j + 1  # a run of consecutive kept experts: one read into consecutive rows
+                while k < n and keep[k] == keep[k - 1] + 1:
+                    k += 1
+                src.load(keep[j], keep[j] + k - j, {name: bufs[name][j:k] for name in self.names})
+                self.ev.stats["source_reads"] = self.ev.stats.get("source_reads", 0) + 1
+                j = k
+            return bufs
+        ev = self.ev
+        if n > self.rows_at_once:
+            raise ValueError(f"{n} merged rows at once, the accumulators hold {self.rows_at_once}")
+        accs = {name: ev.buffer("host:acc:" + name, (self.rows_at_once,) + src.row_shape(name), torch.float32,
+                                host=True)[:n] for name in self.names}
+        for acc in accs.values():
+            acc.zero_()
+        block = self.rows[a:z]
+        for i in range(len(block[0])):  # every output's sum runs over its sources in expert order
+            terms = [(k, row[i]) for k, row in enumerate(block) if row[i] != 0.0]
+            if not terms:
+                continue
+            for name, t in self._read(i).items():
+                x = t[0].float()
+                for k, c in terms:
+                    accs[name][k].add_(x, alpha=c)
+                del x
+        for name in self.names:
+            bufs[name].copy_(accs[name])
+        return bufs
+
+
 class LoadedLayer:
     """One decoder layer, loaded once per generation and shared by every candidate that runs it.
 
@@ -292,60 +377,16 @@ class LoadedLayer:
         return experts
 
     def _sourced_experts(self, lp) -> dict[str, torch.Tensor]:
-        """A candidate's E' runtime expert tensors in reused host buffers, read from the shards: a kept
-        expert's bytes straight into its row (consecutive ones in one read), a merged one summed in
-        float32 in expert order from one source at a time (``merge_experts``' sums: the same bits as
-        ``experts_for_plan`` over the whole layer). A quantized layer's experts are decoded to the
-        checkpoint's compute dtype, as ``Checkpoint.read_layer`` gives them."""
-        ev, src = self.ev, self.source
-        n = len(lp.keep)
-        dtype = ev.ck.compute_dtype if src.packed else None
-        bufs = {name: ev.buffer("host:candidate:" + name, (n,) + src.row_shape(name),
-                                dtype or src.stored_dtype(name), host=True) for name in src.names}
-        reads = 0
-
-        def read(i: int) -> dict[str, torch.Tensor]:
-            nonlocal reads
-            reads += 1
-            return src.decode(src.load(i, i + 1), dtype) if src.packed else src.load(i, i + 1)
-
-        if lp.merge is None:
-            j = 0
-            while j < n:
-                if src.packed:
-                    for name, t in read(lp.keep[j]).items():
-                        bufs[name][j].copy_(t[0])
-                    j += 1
-                    continue
-                z = j + 1  # a run of consecutive kept experts: one read into consecutive rows
-                while z < n and lp.keep[z] == lp.keep[z - 1] + 1:
-                    z += 1
-                src.load(lp.keep[j], lp.keep[j] + z - j, {name: bufs[name][j:z] for name in src.names})
-                reads += 1
-                j = z
-        else:
-            # outputs summed a block at a time, each source read once per block (``PopulationBudget.merge_block``);
-            # every output's sum runs over its sources in expert order: the bits of ``merge_experts``
-            blk = max(1, min(n, ev.budget.merge_block))
-            accs = {name: ev.buffer("host:acc:" + name, (blk,) + src.row_shape(name), torch.float32, host=True)
-                    for name in src.names}
-            rows = torch.tensor(lp.merge, dtype=torch.float32).tolist()  # as ``experts_for_plan`` rounds them
-            for j0 in range(0, n, blk):
-                block = rows[j0:j0 + blk]
-                for acc in accs.values():
-                    acc.zero_()
-                for i in range(len(block[0])):
-                    terms = [(k, row[i]) for k, row in enumerate(block) if row[i] != 0.0]
-                    if not terms:
-                        continue
-                    for name, t in read(i).items():
-                        x = t[0].float()
-                        for k, c in terms:
-                            accs[name][k].add_(x, alpha=c)
-                        del x
-                for name in src.names:
-                    bufs[name][j0:j0 + len(block)].copy_(accs[name][:len(block)])
-        ev.stats["source_reads"] = ev.stats.get("source_reads", 0) + reads
+        """A candidate's E' runtime expert tensors in reused host buffers, read from the shards
+        (``CandidateSource.build``): kept experts row by row, merged outputs ``merge_block`` at a time
+        (each source read once per block, ``PopulationBudget.merge_block``)."""
+        ev, n = self.ev, len(lp.keep)
+        step = n if lp.merge is None else max(1, min(n, ev.budget.merge_block))
+        cand = CandidateSource(self, lp, step)
+        bufs = {name: ev.buffer("host:candidate:" + name, shape, dtype, host=True)
+                for name, (shape, dtype) in cand.buffer_shapes(n).items()}
+        for a in range(0, n, step):
+            cand.load(a, min(n, a + step), {name: b[a:] for name, b in bufs.items()})
         return bufs
 
     def _state_bytes(self, state: dict[str, torch.Tensor]) -> int:
