@@ -159,10 +159,12 @@ def format_inspection(info: dict) -> str:
                          f"{'' if e['quant'] == 'none' else ', --quant ' + e['quant']}): seed passes "
                          f"{fmt_bytes(b['min_max_ram_bytes'])}, population with a layer held "
                          f"{fmt_bytes(f['layer_held']) if f['layer_held'] else 'never'}, reading experts from the shards "
-                         f"{fmt_bytes(f['sourced']) if f['sourced'] else 'not for this checkpoint'}")
+                         + (f"{fmt_bytes(f['sourced'])} (a candidate's built a group at a time: "
+                            f"{fmt_bytes(f['sourced_groups'])})" if f['sourced'] else 'not for this checkpoint'))
             pop = e.get("population")
             if pop:
-                how = ("each candidate's experts read from the shards" if pop["sourced"] else
+                how = ("each candidate's experts built from the shards a group at a time" if pop.get("candidate_groups")
+                       else "each candidate's experts read from the shards" if pop["sourced"] else
                        "layers held in host memory" + (", experts in groups" if pop["chunked_layers"] else ""))
                 lines.append(f"  population {how}: host peak {fmt_bytes(pop['host_peak_bytes'])}"
                              + (" (" + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in pop["host_terms"].items() if v) + ")"

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import lowmoe
-from lowmoe.engine.budget import plan_budget, plan_lazy_budget, plan_population, plan_sourced_population
+from lowmoe.engine.budget import (plan_budget, plan_lazy_budget, plan_population, plan_sourced_population,
+                                  population_floors)
 from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.engine.lazy import ExpertSource
 from lowmoe.errors import ConfigError
@@ -44,27 +45,39 @@ class NoWholeLayers:
         raise AssertionError(f"layer {layer_idx} read whole")
 
 
-def sourced_budget(src, seq_len: int, *, groups_of_one: bool = False):
-    """The sourced population budget of ``src`` (roomy, or at its floor: groups of one expert)."""
+def sourced_budget(src, seq_len: int, *, groups_of_one: bool = False, groups: bool = False, num_chunks: int = 3):
+    """The sourced population budget of ``src`` (roomy, or at its floor: groups of one expert), the
+    candidate's experts held (``groups`` False) or built a group at a time."""
     ck = Checkpoint(src)
     run = plan_budget(ck, device=CPU, dtype=torch.float32, batch_size=4, seq_len=seq_len, max_ram=10**12)
-    pop = plan_sourced_population(ck, run, num_experts=KEEP, batch_size=4, seq_len=seq_len)
+    kw = dict(num_experts=KEEP, batch_size=4, seq_len=seq_len, groups=groups, num_chunks=num_chunks)
+    pop = plan_sourced_population(ck, run, **kw)
     if groups_of_one:
-        run.max_ram = pop.plan.min_max_ram
-        pop = plan_sourced_population(ck, run, num_experts=KEEP, batch_size=4, seq_len=seq_len)
+        run.max_ram = population_floors(ck, run, num_experts=KEEP, batch_size=4,
+                                        seq_len=seq_len)["sourced_groups" if groups else "sourced"]
+        pop = plan_sourced_population(ck, run, **kw)
     return pop
 
 
+def regrouped(pop, group_size: int, wave_chunks: int):
+    """``pop`` (built a group at a time) with groups of ``group_size`` and waves of ``wave_chunks``."""
+    assert pop.candidate_groups
+    layers = {L: replace(p, group_size=group_size) for L, p in pop.layers.items()}
+    return replace(pop, layers=layers, plan=replace(pop.plan, wave_chunks=wave_chunks, wave_chunk_bytes=1))
+
+
+@pytest.mark.parametrize("groups", [False, True], ids=["held", "built-in-groups"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_sourced_fitness_equals_unbudgeted(synth_dir, tmp_path, name):
+def test_sourced_fitness_equals_unbudgeted(synth_dir, tmp_path, name, groups):
     """Pruning-phase (sorted and unsorted keep-sets) and merging-phase candidates, prefix sharing, a
-    second generation: the same fitness to the bit, with no layer ever read whole."""
+    second generation: the same fitness to the bit, with no layer ever read whole -- the candidate's
+    experts held, or built one at a time when the device runs them."""
     arch, kw = MODELS[name]
     src = synth_dir(arch, **kw)
     ref = evaluator(src, tmp_path / "ref")
     seq_len = int(ref.data.input_ids.shape[1])
-    budget = sourced_budget(src, seq_len, groups_of_one=True)
-    assert budget.sourced and {p.group_size for p in budget.layers.values()} == {1}
+    budget = sourced_budget(src, seq_len, groups_of_one=True, groups=groups)
+    assert budget.sourced and budget.candidate_groups == groups and {p.group_size for p in budget.layers.values()} == {1}
     small = evaluator(src, tmp_path / "small", budget=budget)
     small.weights = NoWholeLayers()
     rng = np.random.default_rng(0)
@@ -128,29 +141,89 @@ def test_a_candidate_reads_only_its_sources(synth_dir, tmp_path, monkeypatch):
     assert [(f.acc, f.ll) for f in three.evaluate(cands)] == [(f.acc, f.ll) for f in ref.evaluate(cands)]
 
 
+@pytest.mark.parametrize("wave", [1, 2, 3])
+def test_candidate_built_a_group_at_a_time_in_waves(synth_dir, tmp_path, monkeypatch, wave):
+    """Built a group at a time, in groups of 2 of the candidate's 4 experts, the 3 activation chunks in
+    waves of 1, 2 (a wave of two, then one of one) or 3: the same fitness to the bit; each group is built
+    once per wave, but the one a wave ends with is still on the device for the next (a dense W_EM reads
+    every source once per group built), and no buffer ever holds the candidate's 4 experts together."""
+    from lowmoe.methods.eep.population import PopulationEvaluator
+
+    src = synth_dir("mixtral")
+    ref = evaluator(src, tmp_path / "ref")
+    seq_len = int(ref.data.input_ids.shape[1])
+    assert ref.num_chunks == 3
+    budget = regrouped(sourced_budget(src, seq_len, groups=True), 2, wave)
+    small = evaluator(src, tmp_path / "small", budget=budget)
+    space = ref.space
+    rng = np.random.default_rng(7)
+    keep = space.random_onehot(rng)
+    dense = type(keep)(np.full_like(keep.em, 1 / 8), keep.rm.copy()).canonical()
+    cands = population(space, rng) + [merged(space, space.random_onehot(rng), rng), dense]
+    assert [(f.acc, f.ll) for f in small.evaluate(cands)] == [(f.acc, f.ll) for f in ref.evaluate(cands)]
+    assert small.stats["chunked_blocks"] == small.stats["layer_builds"] > 0
+    calls: list[tuple[int, int, int]] = []
+    shapes: dict[str, tuple] = {}
+    real_load, real_buffer = ExpertSource.load, PopulationEvaluator.buffer
+
+    def load(self, a, z, out=None, check=True):
+        calls.append((self.layer_idx, a, z))
+        return real_load(self, a, z, out, check)
+
+    def buffer(self, name, shape, dtype, host=False):
+        shapes[name] = tuple(shape)
+        return real_buffer(self, name, shape, dtype, host)
+
+    monkeypatch.setattr(ExpertSource, "load", load)
+    monkeypatch.setattr(PopulationEvaluator, "buffer", buffer)
+    fresh = evaluator(src, tmp_path / "fresh", budget=budget)
+    fresh.evaluate([dense])
+    first = fresh.ck.moe_layers()[0]  # every position runs there (the last layer's scored ones may not hit a group)
+    # both groups built in the first wave; each later one starts from the group left on the device
+    assert len([c for c in calls if c[0] == first]) == (2 + (-(-3 // wave) - 1)) * 8
+    assert all(z == a + 1 for _, a, z in calls)
+    assert not any(k.startswith("host:candidate:") for k in shapes), "the candidate's experts are never held together"
+    assert {v[0] for k, v in shapes.items() if k.startswith("host:acc:")} == {2}
+
+
 def test_plan_falls_back_to_sourced_only_when_a_layer_does_not_fit(synth_dir):
+    """A layer held where it fits; else a candidate's experts read from the shards and held; else built
+    a group at a time, in waves of as many activation chunks as fit. Refused below that, in one line."""
     src = synth_dir("mixtral", **WIDE)
     ck = Checkpoint(src)
     kw = dict(device=CPU, dtype=torch.float32, batch_size=4, seq_len=32)
-    roomy = plan_population(ck, plan_budget(ck, max_ram=10**10, **kw), num_experts=KEEP, batch_size=4, seq_len=32)
+    pop_kw = dict(num_experts=KEEP, batch_size=4, seq_len=32, num_chunks=3)
+    roomy = plan_population(ck, plan_budget(ck, max_ram=10**10, **kw), **pop_kw)
     assert not roomy.sourced
-    sourced = plan_sourced_population(ck, plan_budget(ck, max_ram=10**10, **kw), num_experts=KEEP, batch_size=4,
-                                      seq_len=32)
-    floor = sourced.plan.min_max_ram
+    floors = population_floors(ck, plan_budget(ck, max_ram=10**10, **kw), num_experts=KEEP, batch_size=4, seq_len=32)
+    assert floors["sourced_groups"] < floors["sourced"] < floors["layer_held"]
     tight = plan_budget(ck, max_ram=10**10, **kw)
-    tight.max_ram = floor
-    got = plan_population(ck, tight, num_experts=KEEP, batch_size=4, seq_len=32)
-    assert got.sourced and got.plan.host_peak_bytes <= floor
+    tight.max_ram = floors["sourced"]
+    got = plan_population(ck, tight, **pop_kw)
+    assert got.sourced and not got.candidate_groups and got.plan.host_peak_bytes <= tight.max_ram
     assert set(got.plan.host_terms) >= {"candidate_experts", "merge_temporaries", "compute_copy"}
+    tight.max_ram = floors["sourced"] - 1
+    got = plan_population(ck, tight, **pop_kw)
+    assert got.sourced and got.candidate_groups and got.plan.host_peak_bytes <= tight.max_ram
+    assert "candidate_experts" not in got.plan.host_terms and "candidate_expert_group" in got.plan.host_terms
+    # the room a held candidate would take goes to the waves first (each group built once for the 3 chunks)
+    assert got.wave_chunks == 3 and got.to_json()["candidate_groups"] and got.to_json()["wave_chunks"] == 3
+    assert got.plan.device_terms["wave_chunks_waiting"] == 2 * got.plan.wave_chunk_bytes > 0
+    tight.max_ram = floors["sourced_groups"]
+    got = plan_population(ck, tight, **pop_kw)
+    assert got.candidate_groups and got.wave_chunks == 1 and {p.group_size for p in got.layers.values()} == {1}
+    assert got.plan.host_peak_bytes <= tight.max_ram and got.plan.min_max_ram == floors["sourced_groups"]
     # with --quant nf4 the experts come from the cache, dequantized: a floor of its own
-    nf4 = plan_sourced_population(ck, plan_budget(ck, max_ram=10**10, **kw), num_experts=KEEP, batch_size=4,
-                                  seq_len=32, quant="nf4")
-    tight.max_ram = nf4.plan.min_max_ram
-    got = plan_population(ck, tight, num_experts=KEEP, batch_size=4, seq_len=32, quant="nf4")
-    assert got.sourced and got.quant == "nf4" and got.to_json()["quant"] == "nf4"
-    tight.max_ram = floor - 10**6
-    with pytest.raises(ConfigError, match=r"^--max-ram .* too small for the EEP search even reading .*raise --max-ram$"):
-        plan_population(ck, tight, num_experts=KEEP, batch_size=4, seq_len=32)
+    nf4 = population_floors(ck, plan_budget(ck, max_ram=10**10, **kw), num_experts=KEEP, batch_size=4, seq_len=32,
+                            quant="nf4")
+    tight.max_ram = nf4["sourced_groups"]
+    got = plan_population(ck, tight, quant="nf4", **pop_kw)
+    assert got.sourced and got.candidate_groups and got.quant == "nf4" and got.to_json()["quant"] == "nf4"
+    tight.max_ram = floors["sourced_groups"] - 1
+    with pytest.raises(ConfigError, match=r"^--max-ram .* too small for the EEP search even building a candidate's "
+                                          r"experts from the shards one at a time: .*raise --max-ram$") as e:
+        plan_population(ck, tight, **pop_kw)
+    assert "\n" not in str(e.value)
 
 
 def test_prune_eep_under_a_small_max_ram_writes_the_same_checkpoint(synth_dir, tmp_path, monkeypatch):
@@ -174,6 +247,7 @@ def test_prune_eep_under_a_small_max_ram_writes_the_same_checkpoint(synth_dir, t
     stats = small["eep"]["stream_stats"]
     assert stats["sourced"] and stats["source_reads"] > 0 and stats["planned_host_peak_bytes"] <= ram
     assert small["eep"]["population_budget"]["sourced"] and small["eep"]["population_budget"]["host_peak_bytes"] <= ram
+    assert small["eep"]["population_budget"]["candidate_groups"], "at its floor a candidate is built a group at a time"
     assert ref["eep"]["population_budget"] is None
 
     def curve(r):
@@ -216,6 +290,7 @@ def test_inspect_shows_the_eep_search_floor(synth_dir, tmp_path):
     e = inspect_model(src, method="eep", keep=KEEP, seq_len=32, batch_size=4)["budget"]["eep"]
     floors = e["population_floor_bytes"]
     assert floors["sourced"] < floors["layer_held"], "reading experts from the shards needs less than a held layer"
+    assert floors["sourced_groups"] < floors["sourced"], "and building them a group at a time, less again"
     ck = Checkpoint(src)
     run = plan_lazy_budget(ck, device=CPU, dtype=torch.float32, batch_size=4, seq_len=32, max_ram=e["min_max_ram_bytes"])
     assert plan_population(ck, run, num_experts=KEEP, batch_size=4, seq_len=32).sourced
@@ -224,11 +299,12 @@ def test_inspect_shows_the_eep_search_floor(synth_dir, tmp_path):
         plan_population(ck, plan_lazy_budget(ck, device=CPU, dtype=torch.float32, batch_size=4, seq_len=32,
                                              max_ram=max(low, run.min_max_ram)), num_experts=KEEP, batch_size=4, seq_len=32)
     under = inspect_model(src, method="eep", keep=KEEP, seq_len=32, batch_size=4, max_ram=e["min_max_ram_bytes"])
-    assert under["budget"]["eep"]["population"]["sourced"]
+    assert under["budget"]["eep"]["population"]["sourced"] and under["budget"]["eep"]["population"]["candidate_groups"]
     r = CliRunner().invoke(main, ["inspect", str(src), "--method", "eep", "--keep", "4", "--seq-len", "32",
                                   "--batch-size", "4", "--max-ram", str(e["min_max_ram_bytes"])])
     assert r.exit_code == 0, r.output
-    assert "EEP search   smallest --max-ram" in r.output and "each candidate's experts read from the shards" in r.output
+    assert "EEP search   smallest --max-ram" in r.output and "a candidate's built a group at a time" in r.output
+    assert "each candidate's experts built from the shards a group at a time" in r.output
     r = CliRunner().invoke(main, ["inspect", str(src), "--method", "eep", "--quant", "nf4"])
     assert r.exit_code == 0 and "--quant nf4" in r.output, r.output
     r = CliRunner().invoke(main, ["inspect", str(src), "--quant", "nf4"])
@@ -307,6 +383,7 @@ def test_prune_eep_quant_under_a_small_max_ram(synth_dir, tmp_path):
     assert e["population_floor_bytes"]["sourced"] < e["population_floor_bytes"]["layer_held"]
     small = lowmoe.prune(src, tmp_path / "b", max_ram=e["min_max_ram_bytes"], **opts)
     assert small["eep"]["population_budget"]["sourced"] and small["eep"]["population_budget"]["quant"] == "nf4"
+    assert small["eep"]["population_budget"]["candidate_groups"]
     assert [{k: v for k, v in c.items() if k != "elapsed_s"} for c in small["eep"]["curve"]] == \
         [{k: v for k, v in c.items() if k != "elapsed_s"} for c in ref["eep"]["curve"]]
     digest = {k: v for k, v in dir_digest(tmp_path / "a").items() if k.endswith(".safetensors")}

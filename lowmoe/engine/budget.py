@@ -801,13 +801,22 @@ class PopulationBudget:
     sourced: bool = False
     merge_block: int = 1  # sourced: merged outputs summed together (each source read once per block)
     quant: str = "none"  # sourced: experts read from the checkpoint's shards, or from the --quant cache
+    # sourced, and --max-ram cannot hold a candidate's E' experts either: each group of ``group_size`` is
+    # built from the shards when the device asks for it (``eep.population.CandidateSource``), and the
+    # activation chunks run in waves of ``plan.wave_chunks`` (experts-major): a group is built once per wave
+    candidate_groups: bool = False
 
     @property
     def chunked_layers(self) -> list[int]:
         return sorted(L for L, p in self.layers.items() if p.chunked)
 
+    @property
+    def wave_chunks(self) -> int:
+        return self.plan.wave_chunks
+
     def to_json(self) -> dict:
         return {"sourced": self.sourced, "merge_block": self.merge_block, "quant": self.quant, "num_experts": self.num_experts,
+                "candidate_groups": self.candidate_groups,
                 "candidate_host_bytes": self.candidate_host_bytes, **self.plan.to_json()}
 
 
@@ -817,13 +826,15 @@ def _budget_flag(plan: BudgetPlan) -> str:
 
 
 def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size: int, seq_len: int,
-                    quant: str = "none") -> PopulationBudget | None:
+                    quant: str = "none", num_chunks: int = 1) -> PopulationBudget | None:
     """The budget of the EEP search's streamed population evaluation, from the run's plan (the run's
     flags; None or no flag given: None, no budget). From the index alone, before the search.
 
     A layer as read is held in host memory while its candidates run (``_plan_held_population``) where
     --max-ram leaves room for it; where it does not, and the weights are the checkpoint's (``quant``
-    "none"), each candidate's experts are read from the shards instead (``plan_sourced_population``).
+    "none"), each candidate's experts are read from the shards instead (``plan_sourced_population``;
+    ``num_chunks``: the fitness data's activation chunks, at most, for the waves of a candidate built a
+    group at a time).
 
     Host: one layer as read + its runtime copy (no prefetch: the evaluator reads layer by layer) + a
     candidate's E' experts in the stored dtype + the float32 merge accumulator (one expert's tensor,
@@ -837,14 +848,15 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
     flag when not even one expert fits."""
     if plan is None or (plan.max_vram is None and plan.max_ram is None):
         return None
-    out = _choose_population(ck, plan, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len, quant=quant)
+    out = _choose_population(ck, plan, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len, quant=quant,
+                             num_chunks=num_chunks)
     for note in out.plan.notes:  # the chosen plan's, once (the planners themselves are also tried quietly)
         log.info(note)
     return out
 
 
 def _choose_population(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int, seq_len: int,
-                       quant: str) -> PopulationBudget:
+                       quant: str, num_chunks: int = 1) -> PopulationBudget:
     try:
         return _plan_held_population(ck, plan, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len)
     except ConfigError as held_error:
@@ -858,36 +870,39 @@ def _choose_population(ck, plan: BudgetPlan, *, num_experts: int, batch_size: in
                                   f"a time only with --quant none)") from None
             raise
         return plan_sourced_population(ck, plan, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len,
-                                       quant=quant)
+                                       quant=quant, num_chunks=num_chunks)
 
 
 def population_floors(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int, seq_len: int,
                       quant: str = "none") -> dict[str, int | None]:
     """The smallest --max-ram each way of holding the population pass's layers works at (``plan``: the
     run's, for its device, dtype and --max-vram; its --max-ram is ignored): ``layer_held`` (a layer as
-    read in host memory, ``_plan_held_population``) and ``sourced`` (experts read from the shards per
-    candidate, ``plan_sourced_population``; None where the checkpoint's experts cannot be). From the
-    index alone, for ``lowmoe inspect --method eep``."""
+    read in host memory, ``_plan_held_population``), ``sourced`` (experts read from the shards per
+    candidate, the candidate's E' held, ``plan_sourced_population``) and ``sourced_groups`` (built
+    a group at a time); None where the checkpoint's experts cannot be read so. From the index alone,
+    for ``lowmoe inspect --method eep``."""
 
-    def works(ram: int, held: bool) -> bool:
+    def works(ram: int, how: str) -> bool:
         trial = replace(plan, max_ram=ram)
         try:
-            if held:
+            if how == "layer_held":
                 _plan_held_population(ck, trial, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len)
             else:
                 plan_sourced_population(ck, trial, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len,
-                                        quant=quant)
+                                        quant=quant, groups=how == "sourced_groups")
             return True
         except ConfigError:
             return False
 
-    def floor(held: bool) -> int | None:
+    def floor(how: str) -> int | None:
         hi = 4 * (ck.total_bytes() + HOST_BASE_BYTES) + 2**30
-        if not works(hi, held):
+        if not works(hi, how):
             return None
-        return largest(0, hi, lambda ram: not works(ram, held)) + 1  # the byte above the largest refused
+        return largest(0, hi, lambda ram: not works(ram, how)) + 1  # the byte above the largest refused
 
-    return {"layer_held": floor(True), "sourced": floor(False) if sourced_ok(ck, quant) else None}
+    sourced = sourced_ok(ck, quant)
+    return {"layer_held": floor("layer_held"), "sourced": floor("sourced") if sourced else None,
+            "sourced_groups": floor("sourced_groups") if sourced else None}
 
 
 def sourced_ok(ck, quant: str = "none") -> bool:
@@ -963,42 +978,58 @@ def _plan_held_population(ck, plan: BudgetPlan, *, num_experts: int, batch_size:
 
 
 def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int, seq_len: int,
-                            quant: str = "none") -> PopulationBudget:
+                            quant: str = "none", num_chunks: int = 1, groups: bool | None = None) -> PopulationBudget:
     """The population evaluation's budget when a layer's routed experts are never held whole: the
     layer's non-expert weights are read (``lazy.read_lazy_layer``), and each candidate block's E'
-    experts are selected or merged into host buffers reading one source expert at a time from the
-    shards (``LoadedLayer._sourced_experts``), then visit the device in groups (``ChunkedExperts``).
-    Per MoE layer, for groups of g of the candidate's E' experts (P params each, compute dtype b bytes,
+    experts are selected or merged reading one source expert at a time from the shards
+    (``eep.population.CandidateSource``), then visit the device in groups (``ChunkedExperts``).
+    Two ways, for groups of g of the candidate's E' experts (P params each, compute dtype b bytes,
     held in h bytes a param: the stored dtype, a quantized checkpoint's compute dtype):
 
-        device = resident weights (b) + a candidate's router + 2 groups (g P b) + activations
+    * **the candidate held** (``candidate_groups`` False): its E' experts are built into host buffers
+      once per candidate block (``LoadedLayer._sourced_experts``), merged outputs m at a time;
+    * **built a group at a time** (``candidate_groups`` True, where --max-ram cannot hold E' experts):
+      a group is built when the device asks for it into the one staging buffer, its merged outputs
+      summed together (m = g), and dropped before the next; the activation chunks run in waves of w
+      (experts-major, ``experts.run_wave``), so each group is built once per wave.
+
+        device = resident weights (b) + a candidate's router + 2 groups (g P b; built a group at a
+                 time: 1) + activations + the w - 1 chunks of a wave waiting at their experts
         host   = interpreter + activation chunks in flight + the non-expert weights as read
-                 + the candidate's E' experts (E' P h) + one merge's temporaries (float32
-                 accumulators for a block of m outputs, one source as read and decoded, its float32 copy)
-                 + on a CPU run, the device copy above (it lives in RAM)
+                 + the candidate's E' experts (E' P h; built a group at a time: g P h) + one merge's
+                 temporaries (float32 accumulators for a block of m outputs, one source as read and
+                 decoded, its float32 copy) + on a CPU run, the device copy above (it lives in RAM)
 
     Reads: every candidate block reads its sources, not the layer once per generation: a kept expert
-    once, and for merged outputs each source with a nonzero coefficient once per block of m outputs
-    summed together (``merge_block``; a dense W_EM reads the layer ceil(E'/m) times). So m comes
-    first: the largest m <= E' that fits with g = 1, then the largest g <= E' that fits with that m.
-    ConfigError naming the flag and the floor when m = g = 1 does not fit. ``quant`` nf4/int8: the
-    sources are the quantized cache's (``quant.CachedTensor`` entries): an expert read is its codes, then
+    once (per wave), and for merged outputs each source with a nonzero coefficient once per block of m
+    outputs summed together (``merge_block``; a dense W_EM reads the layer ceil(E'/m) times). So the
+    fewest reads come first: with the candidate held, the largest m that fits with g = 1, then the
+    largest g; built a group at a time, the fewest waves that fit with g = 1 (``num_chunks``
+    activation chunks), then the largest g that keeps them. ``groups`` None: the candidate held where
+    it fits, else built a group at a time; True/False: that way only. ConfigError naming the flag and
+    the floor (built a group at a time, g = w = 1) when neither fits. ``quant`` nf4/int8: the sources
+    are the quantized cache's (``quant.CachedTensor`` entries): an expert read is its codes, then
     dequantized one tensor at a time."""
     device, dtype = torch.device(plan.device), getattr(torch, plan.compute_dtype)
     on_cpu = device.type != "cuda"
     b = dtype_bytes(dtype)
     n = int(num_experts)
+    C = max(1, int(num_chunks))
     cfg = ck.config
     quantized = ck.quant_format
     sizes = _lazy_sizes(ck)
     terms_act = activation_terms(cfg, batch_size=batch_size, seq_len=seq_len, dtype_bytes=b, top_k=ck.top_k,
                                  num_experts=ck.num_experts, grouped=plan.grouped_experts)
     act = sum(terms_act.values())
+    wave_chunk = sum(terms_act[k] for k in WAVE_TERMS)
     blas = blas_workspace_bytes(device)
     rounding = allocator_rounding(max(len(ck.layer_keys(L.idx)) for L in sizes)) if not on_cpu else 0
     chunk_host = 4 * batch_size * seq_len * int(cfg.get("hidden_size", 0)) * 4
     max_ram, max_vram = plan.max_ram, plan.max_vram
     dev_budget = None if on_cpu else max_vram
+    # as ``fits`` tries them: built a group at a time, merged outputs summed together (held: the
+    # block; built in groups: the group), chunks per wave
+    mode = {"groups": False, "blk": 1, "w": 1}
 
     def held_elem(L: _LazyLayerSize) -> float:  # bytes a param of a candidate's held expert
         return dtype_bytes(ck.compute_dtype) if quantized is not None else L.exp_stored / max(1, L.exp_numel)
@@ -1006,21 +1037,28 @@ def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_siz
     def router(L: _LazyLayerSize) -> int:
         return sum(_numel(ck.tensor_info(k)[0]) for k in ck.adapter.router_keys(L.idx)) * n // ck.num_experts * 4
 
+    def waves_on(L: _LazyLayerSize, g: int) -> bool:
+        return mode["groups"] and mode["w"] > 1 and bool(L.num_experts) and g < n
+
     def device_need(L: _LazyLayerSize, g: int) -> dict[str, int]:
         t = {"resident_weights": L.res_numel * b, **terms_act, "blas_workspaces": blas, "allocator_rounding": rounding}
         if L.num_experts:
-            t.update(candidate_router=router(L), expert_groups=2 * min(g, n) * L.exp_numel * b)
+            on_device = 1 if mode["groups"] else 2  # built a group at a time: the one computing only
+            t.update(candidate_router=router(L), expert_groups=on_device * min(g, n) * L.exp_numel * b)
+        if waves_on(L, g):
+            t["wave_chunks_waiting"] = (mode["w"] - 1) * wave_chunk
+            t["blas_workspaces"] = blas * (1 + mode["w"])  # and one per chunk's thread (``experts.WaveTask``)
         return t
 
-    def candidate_experts(L: _LazyLayerSize) -> int:
+    def candidate_experts(L: _LazyLayerSize, g: int) -> int:
         one = int(L.exp_numel * held_elem(L))
-        return pinned_bytes(n * one, device) if not on_cpu else n * one
+        rows = min(g, n) if mode["groups"] else n  # built a group at a time: one group's staging buffer
+        return pinned_bytes(rows * one, device) if not on_cpu else rows * one
 
-    blk = {"n": 1}  # merged outputs summed together (float32 accumulators), as ``fits`` tries it
-
-    def merge_temporaries(L: _LazyLayerSize) -> int:
+    def merge_temporaries(L: _LazyLayerSize, g: int) -> int:
         # float32 accumulators (a block of outputs), the source as read, decoded (quantized) and one tensor's float32 copy
-        t = 4 * L.exp_numel * blk["n"] + 4 * L.mat_numel
+        blk = min(g, n) if mode["groups"] else mode["blk"]
+        t = 4 * L.exp_numel * blk + 4 * L.mat_numel
         if quant != "none":
             # the expert dequantized, and for one tensor its codes, bitsandbytes' float32 output and its
             # copy in the stored dtype before it is placed
@@ -1033,7 +1071,8 @@ def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_siz
     def host_need(L: _LazyLayerSize, g: int) -> dict[str, int]:
         t = {"interpreter": HOST_BASE_BYTES, "activation_chunks": chunk_host, "layer_non_expert_weights": L.res_stored}
         if L.num_experts:
-            t.update(candidate_experts=candidate_experts(L), merge_temporaries=merge_temporaries(L))
+            key = "candidate_expert_group" if mode["groups"] else "candidate_experts"
+            t.update({key: candidate_experts(L, g), "merge_temporaries": merge_temporaries(L, g)})
         if on_cpu:
             t["compute_copy"] = sum(device_need(L, g).values())
         return t
@@ -1055,38 +1094,56 @@ def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_siz
     def device_total(g: int) -> int:
         return max([other_device] + [sum(device_need(L, g).values()) for L in sizes])
 
-    def fits(g: int) -> bool:
-        if max_ram is not None and host_total(g) > max_ram * (1 - SAFETY):
-            return False
-        return dev_budget is None or device_total(g) <= dev_budget * (1 - SAFETY)
+    def fits(g: int, **trial) -> bool:
+        saved = dict(mode)
+        mode.update(trial)
+        try:
+            if max_ram is not None and host_total(g) > max_ram * (1 - SAFETY):
+                return False
+            return dev_budget is None or device_total(g) <= dev_budget * (1 - SAFETY)
+        finally:
+            mode.update(saved)
 
+    mode["groups"] = True  # the floor: built a group at a time, g = w = 1
     floor_ram = int(host_total(1) / (1 - SAFETY)) + 1
+    mode["groups"] = False
+    if groups is None:
+        groups = not fits(1)  # the candidate held where it fits
+    mode["groups"] = bool(groups)
     if max_ram is not None and host_total(1) > max_ram * (1 - SAFETY):
+        held = "" if groups else f" (holding a candidate's {n} experts: about {fmt_bytes(int(host_total(1) / (1 - SAFETY)) + 1)})"
         raise ConfigError(
-            f"--max-ram {fmt_bytes(max_ram)} is too small for the EEP search even reading a candidate's experts "
-            f"from the shards: the non-expert weights + a candidate's {n} experts + one merge + two single-expert "
-            f"groups + activations + the interpreter need about {fmt_bytes(floor_ram)}; raise --max-ram")
+            f"--max-ram {fmt_bytes(max_ram)} is too small for the EEP search even building a candidate's experts "
+            f"from the shards one at a time: the non-expert weights + one expert + one merge + activations + the "
+            f"interpreter need about {fmt_bytes(floor_ram)}{held}; raise --max-ram")
     if not fits(1):
         floor_vram = int(device_total(1) / (1 - SAFETY)) + 1
         raise ConfigError(
-            f"--max-vram {fmt_bytes(max_vram)}: EEP search: the resident weights + a candidate's router + two "
-            f"single-expert groups + activations need at least {fmt_bytes(floor_vram)}; raise --max-vram or lower "
-            f"--batch-size/--seq-len")
+            f"--max-vram {fmt_bytes(max_vram)}: EEP search: the resident weights + a candidate's router + "
+            f"{'one single-expert group' if groups else 'two single-expert groups'} + activations need at least "
+            f"{fmt_bytes(floor_vram)}; raise --max-vram or lower --batch-size/--seq-len")
 
-    def fits_block(m: int) -> bool:
-        blk["n"] = m
-        ok = fits(1)
-        blk["n"] = 1
-        return ok
-
-    # fewer reads first: a merged candidate reads each source once per block of outputs summed
-    # together, so the block takes the room before the device groups do
-    blk["n"] = largest(1, max(1, n), fits_block)
-    g = largest(1, max(1, n), fits)
-    layers = {L.idx: Placement(min(g, n), g < n, sum(device_need(L, g).values())) for L in sizes if L.num_experts}
+    if not groups:
+        # fewer reads first: a merged candidate reads each source once per block of outputs summed
+        # together, so the block takes the room before the device groups do
+        mode["blk"] = largest(1, max(1, n), lambda m: fits(1, blk=m))
+        g = largest(1, max(1, n), fits)
+    else:
+        # fewer builds first: a group is built once per wave of chunks, so the most chunks per wave
+        # (with groups of one), then the largest group that still builds each group as few times
+        g = largest(1, max(1, n), fits)
+        if g < n and C > 1:
+            waves = -(-C // largest(1, C, lambda w: fits(1, w=w)))
+            need = -(-C // waves)
+            g = largest(1, g, lambda x: fits(x, w=need))
+            mode["w"] = largest(need, C, lambda w: fits(g, w=w))
+        mode["blk"] = min(g, n)
+    g_n = min(g, n)
+    layers = {L.idx: Placement(g_n, g < n, sum(device_need(L, g).values())) for L in sizes if L.num_experts}
     worst = max(sizes, key=lambda L: sum(host_need(L, g).values()))
     host_terms = host_need(worst, g)
     big = max(sizes, key=lambda L: sum(device_need(L, g).values()))
+    w = mode["w"] if groups and g < n else 1
     pop = BudgetPlan(device=str(device), compute_dtype=plan.compute_dtype, max_vram=max_vram, max_ram=max_ram,
                      device_budget=dev_budget, activation_bytes=act,
                      weights_budget=None if dev_budget is None else int(dev_budget * (1 - SAFETY)) - act - blas - rounding,
@@ -1094,11 +1151,17 @@ def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_siz
                      device_peak_bytes=int(device_total(g)), host_layer_bytes=int(worst.res_stored),
                      host_fixed_bytes=HOST_BASE_BYTES + chunk_host, lazy_experts=True, host_terms=host_terms,
                      device_terms=device_need(big, g), min_max_ram=floor_ram, blas_workspace_bytes=blas,
-                     grouped_experts=plan.grouped_experts)
-    pop.notes.append(f"EEP search: --max-ram {fmt_bytes(max_ram)} cannot hold a layer's experts; each candidate's {n} "
-                     f"experts are read from the shards one source at a time (merged ones {blk['n']} at a time) and run "
-                     f"in groups of {min(g, n)}")
-    return PopulationBudget(pop, n, layers, candidate_experts(worst), sourced=True, merge_block=blk["n"], quant=quant)
+                     grouped_experts=plan.grouped_experts, wave_chunks=w, wave_chunk_bytes=wave_chunk if w > 1 else 0)
+    if groups:
+        pop.notes.append(f"EEP search: --max-ram {fmt_bytes(max_ram)} cannot hold a layer's experts nor a candidate's "
+                         f"{n}; each candidate's experts are built from the shards {g_n} at a time, when the device "
+                         f"runs them, for {w} of {C} activation chunks at a time")
+    else:
+        pop.notes.append(f"EEP search: --max-ram {fmt_bytes(max_ram)} cannot hold a layer's experts; each candidate's "
+                         f"{n} experts are read from the shards one source at a time (merged ones {mode['blk']} at a "
+                         f"time) and run in groups of {g_n}")
+    return PopulationBudget(pop, n, layers, candidate_experts(worst, g), sourced=True, merge_block=mode["blk"],
+                            quant=quant, candidate_groups=bool(groups))
 
 
 # ---- bookkeeping -------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import time
 
 import torch
 
@@ -54,10 +55,10 @@ from ...engine.budget import BudgetPlan, Placement, build_layer, plan_population
 from ...engine.cache import ActivationCache, FiniteChecks
 from ...engine.checkpoint import Checkpoint
 from ...engine.device import dtype_bytes
-from ...engine.experts import ChunkedExperts, KeptExperts
+from ...engine.experts import ChunkedExperts, KeptExperts, run_wave
 from ...engine.hf import (LayerInputsCache, ModelSkeleton, layer_config, whole_model, materialize, materialize_layer,
                           moe_modules, resolve_experts_impl, run_layer, split_experts)
-from ...engine.lazy import LazyLayer, ShardFiles, read_lazy_layer
+from ...engine.lazy import LazyLayer, ShardFiles, StagingPool, read_lazy_layer
 from ...engine.memory import Accountant, return_freed_memory
 from ...engine.progress import progress as progress_bar
 from ...engine.stream import memory_slack
@@ -358,10 +359,18 @@ class LoadedLayer:
         ev, ad, L = self.ev, self.ev.adapter, self.idx
         E = ev.ck.num_experts
         state = self._block_state(ad.to_runtime(L, apply_layer(ad, L, self.router_tensors, lp, E), True))
-        experts = self._sourced_experts(lp) if self.source is not None else self._held_experts(lp)
-        meta.experts = ChunkedExperts(meta.experts, experts, group_size=self.placement.group_size, device=ev.device,
-                                      dtype=ev.dtype, double_buffer=self.placement.double_buffer,
-                                      accountant=ev.accountant, stats=ev.io)
+        g = self.placement.group_size
+        if self.source is not None and ev.budget.candidate_groups:
+            # never all E' at once: each group is built from the shards when the device asks for it,
+            # into the one staging buffer, and dropped before the next one is built
+            meta.experts = ChunkedExperts(meta.experts, source=CandidateSource(self, lp, g), group_size=g,
+                                          device=ev.device, dtype=ev.dtype, double_buffer=False,
+                                          accountant=ev.accountant, stats=ev.io, pool=ev.staging_pool())
+        else:
+            experts = self._sourced_experts(lp) if self.source is not None else self._held_experts(lp)
+            meta.experts = ChunkedExperts(meta.experts, experts, group_size=g, device=ev.device, dtype=ev.dtype,
+                                          double_buffer=self.placement.double_buffer, accountant=ev.accountant,
+                                          stats=ev.io)
         state.update(self.shared)
         ev.stats["chunked_blocks"] += 1
         return ev.track(materialize(meta, state, ev.device, ev.dtype), self._state_bytes(state))
@@ -416,7 +425,8 @@ class PopulationEvaluator:
         ``experts``: how the routed experts are computed (``hf.EXPERTS_IMPLS``, ``--experts-impl``)."""
         if isinstance(budget, BudgetPlan):
             budget = plan_population(ck, budget, num_experts=space.keep, batch_size=batch_size,
-                                     seq_len=int(data.input_ids.shape[1]), quant=getattr(weights, "mode", "none"))
+                                     seq_len=int(data.input_ids.shape[1]), quant=getattr(weights, "mode", "none"),
+                                     num_chunks=-(-data.input_ids.shape[0] // batch_size))
         self.budget = budget
         self.elem_bytes = dtype_bytes(dtype)
         self.accountant = Accountant(budget.plan.activation_bytes if budget is not None and budget.plan.weights_budget
@@ -443,6 +453,7 @@ class PopulationEvaluator:
         self._head: Head | None = None
         self._cand_cfg = None
         self._buffers: dict[str, torch.Tensor] = {}
+        self._pool: StagingPool | None = None
         self._positions: dict[int, torch.Tensor] = {}  # chunk -> flat indices of the positions fitness scores
         self._live: dict[int, torch.Tensor | None] = {}  # chunk -> flat indices of the positions it depends on
         self.trim = trim  # MoE blocks only on those positions (False: every position, bit-exact to the whole model)
@@ -474,6 +485,14 @@ class PopulationEvaluator:
                 b = torch.empty(shape, dtype=dtype, device=self.device)
             self._buffers[name] = b
         return b
+
+    def staging_pool(self) -> StagingPool:
+        """The one host buffer a candidate's expert group is built into when its experts are built a
+        group at a time (``PopulationBudget.candidate_groups``; page-locked for a GPU); dropped between
+        generations."""
+        if self._pool is None:
+            self._pool = StagingPool(1, pin=self.device.type == "cuda", stats=self.io)
+        return self._pool
 
     def placement(self, layer_idx: int):
         """Under a budget, how layer ``layer_idx`` is built (``budget.PopulationBudget``); else None."""
@@ -513,24 +532,61 @@ class PopulationEvaluator:
 
     @torch.no_grad()
     def _run(self, loaded: LoadedLayer, block, src: str, dst: str) -> None:
+        """The stream ``src``'s chunks through layer ``loaded`` with ``block`` as its MoE block, into
+        ``dst``. A block whose experts are built a group at a time (``PopulationBudget.candidate_groups``)
+        takes its chunks in waves of ``wave_chunks`` (``experts.run_wave``, experts-major): each group
+        is built once per wave, and every chunk's rows routed to it run there."""
         L = loaded.idx
         last = L == self.ck.num_layers - 1
-        module = loaded.use(block)
         checks = FiniteChecks()  # read once the layer's chunks are queued: no wait per chunk
         io = self.io
-        for c, sl in self.data.batches(self.batch_size):
-            with io.stage("cache_read"):
-                h = self.cache.read(L, c, src, device=self.device).to(self.dtype)
-            with io.stage("compute"):
-                if self.trim and loaded.is_moe:
-                    # after the last layer only the scored positions are read; before it, every position up to them
-                    index = self._flat_positions(c, sl, h) if last else self._live_positions(c, sl, h)
-                    module = loaded.use(block if index is None else
-                                        TokenSubset(block if block is not None else loaded.base, index))
-                out = run_layer(self.skel, module, L, h, self.inputs_for(h))
-            with io.stage("cache_write"):
-                self.cache.put(L + 1, c, out, dst, checks=checks)
-            del out
+        experts = getattr(block, "experts", None)
+        wave = self.budget.wave_chunks if getattr(experts, "defers", False) and self.budget.candidate_groups else 1
+
+        def compute(c: int, sl: slice, h: torch.Tensor) -> torch.Tensor:
+            module = loaded.use(block)
+            if self.trim and loaded.is_moe:
+                # after the last layer only the scored positions are read; before it, every position up to them
+                index = self._flat_positions(c, sl, h) if last else self._live_positions(c, sl, h)
+                module = loaded.use(block if index is None else
+                                    TokenSubset(block if block is not None else loaded.base, index))
+            return run_layer(self.skel, module, L, h, self.inputs_for(h))
+
+        def done(c: int, out: torch.Tensor) -> float:
+            t0 = time.perf_counter()
+            self.cache.put(L + 1, c, out, dst, checks=checks)
+            spent = time.perf_counter() - t0
+            io.add_stage("cache_write", spent)
+            return spent
+
+        batches = list(self.data.batches(self.batch_size))
+        for at in range(0, len(batches), wave):
+            part = []
+            for c, sl in batches[at:at + wave]:
+                with io.stage("cache_read"):
+                    part.append((c, sl, self.cache.read(L, c, src, device=self.device).to(self.dtype)))
+            if len(part) == 1:
+                (c, sl, h), = part
+                del part
+                with io.stage("compute"):
+                    out = compute(c, sl, h)
+                del h
+                done(c, out)
+                del out
+                continue
+            fns = [(lambda c=c, sl=sl, h=h: compute(c, sl, h)) for c, sl, h in part]
+            order = [c for c, _, _ in part]
+            del part
+            held = self.accountant.add((len(order) - 1) * self.budget.plan.wave_chunk_bytes)  # the waiting chunks
+            writes = [0.0]
+            t0 = time.perf_counter()
+            try:
+                # each chunk's output is cached as it ends, in chunk order (timed apart from the compute)
+                run_wave(fns, on_done=lambda i, o: writes.__setitem__(0, writes[0] + done(order[i], o)))
+            finally:
+                self.accountant.release(held)
+                io.add_stage("compute", time.perf_counter() - t0 - writes[0])
+            del fns
         with io.stage("compute"):  # the host's one wait for the layer's kernels (CUDA)
             checks.raise_first()
         self.stats["layer_runs"] += 1
@@ -627,6 +683,8 @@ class PopulationEvaluator:
                 for dst, src, _ in group:
                     self._run(loaded, block, src, dst)
                 loaded.use(None)  # the module lets go of the block before the next one is built
+                if isinstance(getattr(block, "experts", None), ChunkedExperts):
+                    block.experts.release()  # its groups' device copies and staging buffer, now
                 del block
             del loaded
             faults.point("eep-evaluate")
@@ -638,6 +696,7 @@ class PopulationEvaluator:
         if self.budget is not None:  # nothing stays on the device (or pinned) between generations
             self._head = None
             self._buffers.clear()
+            self._pool = None
             self.stats["accounted_peak_bytes"] = self.accountant.peak
         c = self.cache
         self.stats["activations"] = {"memory_limit_bytes": c.memory_limit, "memory_peak_bytes": c.memory_peak,

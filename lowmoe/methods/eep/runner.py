@@ -115,7 +115,7 @@ def run_eep(run, cfg, top_k: int) -> dict:
     device, dtype = cfg.compute_device(), cfg.compute_dtype()
     # --max-vram/--max-ram for the population evaluation, planned (and refused if too small) before any work
     budget = plan_population(ck, run.budget, num_experts=keep_n, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                             quant=opts["quant"])
+                             quant=opts["quant"], num_chunks=-(-cfg.n_samples // cfg.batch_size))
     final_path = work / "final.json"
     report: dict = {}
     # rank 0's search state (a resume), for every rank: they all continue from the same generation
