@@ -106,3 +106,31 @@ def test_eep_nf4_cache_is_refused_where_the_round_trip_is_off(synth_dir, tmp_pat
         layer_weights(Checkpoint(synth_dir("mixtral", hidden_size=64, intermediate_size=128, dtype="float32")), "nf4",
                       tmp_path / "q")
     assert not (tmp_path / "q" / "quant.json").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+@pytest.mark.parametrize("shape", [(64, 64), (300, 257), (3, 7, 4098), (1, (1 << 16) + 192)])
+def test_cpu_dequantization_is_bitsandbytes_to_the_bit(mode, dtype, shape):
+    """``dequantize_cpu`` (a step of values at a time through reused buffers) gives bitsandbytes' own CPU
+    result bit for bit: whole and partial blocks, a matrix longer than one step, every dtype; and it
+    writes into a given tensor without making another."""
+    import bitsandbytes.functional as F
+
+    from lowmoe.engine.quant import BLOCKSIZE, QTensor, dequantize_cpu, quantize_tensor
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))) * 3
+    qt = quantize_tensor(x, mode)
+    if mode == "nf4":
+        st = F.QuantState(absmax=qt.absmax, shape=qt.shape, blocksize=BLOCKSIZE["nf4"], quant_type="nf4", dtype=dtype)
+        ref = F.dequantize_4bit(qt.codes, st).reshape(shape).to(dtype)
+    else:
+        st = F.QuantState(absmax=qt.absmax, shape=qt.shape, code=qt.code, blocksize=BLOCKSIZE["int8"], dtype=dtype)
+        ref = F.dequantize_blockwise(qt.codes, st).reshape(shape).to(dtype)
+    got = dequantize_cpu(qt, dtype)
+    assert got.dtype == dtype and got.shape == ref.shape and torch.equal(got, ref)
+    assert torch.equal(QTensor(mode, qt.codes, qt.absmax, qt.shape, qt.code).dequantize(dtype), ref)
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    assert dequantize_cpu(qt, dtype, out) is out and torch.equal(out, ref)
+    with pytest.raises(ValueError, match="contiguous"):
+        dequantize_cpu(qt, dtype, torch.empty(shape + (2,), dtype=dtype)[..., 0])

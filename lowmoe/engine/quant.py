@@ -52,6 +52,7 @@ import json
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,14 +235,20 @@ class CachedTensor:
         self.shape = tuple(meta["shape"])
         self.torch_dtype = _DTYPES[meta["dtype"]]
 
-    def read(self) -> torch.Tensor:
+    def _quantized(self) -> "QTensor":
         codes = self.files.stored(self.key + "::q", self.shard).read()
         absmax = self.files.stored(self.key + "::absmax", self.shard).read()
         self.weights.bytes_read += codes.numel() * codes.element_size() + absmax.numel() * absmax.element_size()
-        return QTensor(self.weights.mode, codes, absmax, torch.Size(self.shape), self.code).dequantize(self.torch_dtype)
+        return QTensor(self.weights.mode, codes, absmax, torch.Size(self.shape), self.code)
+
+    def read(self) -> torch.Tensor:
+        return self._quantized().dequantize(self.torch_dtype)
 
     def read_into(self, out: torch.Tensor) -> None:
-        out.copy_(self.read().reshape(out.shape))
+        if out.dtype == self.torch_dtype and out.is_contiguous():  # dequantized where it goes
+            self._quantized().dequantize(self.torch_dtype, out)
+        else:
+            out.copy_(self.read().reshape(out.shape))
 
 
 def hash_weight_map(ck: Checkpoint) -> str:
@@ -286,8 +293,12 @@ class QTensor:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.absmax, self.code) if t is not None)
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The matrix in ``dtype``, on the codes' device (bitsandbytes' CUDA kernels on a GPU)."""
+    def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The matrix in ``dtype``, on the codes' device (bitsandbytes' CUDA kernels on a GPU; on the
+        CPU ``dequantize_cpu``, bitsandbytes' arithmetic a chunk at a time). ``out``: a contiguous CPU
+        tensor of ``dtype`` and the matrix's size to write it into (no new tensor)."""
+        if self.codes.device.type == "cpu":
+            return dequantize_cpu(self, dtype, out)
         F = _bnb()
         if self.mode == "nf4":
             st = F.QuantState(absmax=self.absmax, shape=self.shape, blocksize=BLOCKSIZE["nf4"], quant_type="nf4", dtype=dtype)
@@ -296,6 +307,61 @@ class QTensor:
             st = F.QuantState(absmax=self.absmax, shape=self.shape, code=self.code, blocksize=BLOCKSIZE["int8"], dtype=dtype)
             w = F.dequantize_blockwise(self.codes, st)
         return w.reshape(self.shape).to(dtype)
+
+
+# Values dequantized per step on the CPU: the step's temporaries (int32 indices, the looked-up values,
+# their float32 products: 12 bytes a value) stay in the CPU's cache and are reused, where
+# bitsandbytes' CPU path makes three tensors of the matrix's size (fresh mappings under --max-ram's
+# mmap threshold). A multiple of both block sizes.
+DEQUANT_STEP = 1 << 16
+_scratch = threading.local()  # per thread: (int32 indices, uint8 nibbles, values, float32 products)
+
+
+def _nf4_table() -> torch.Tensor:
+    """The 16 NF4 values as float32 (bitsandbytes' own table)."""
+    return _bnb().get_4bit_type("nf4", device="cpu").float()
+
+
+def dequantize_cpu(qt: "QTensor", dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``qt`` dequantized on the CPU into ``out`` (made if None): bitsandbytes' CPU arithmetic to the bit
+    (its default ``dequantize_4bit`` and ``dequantize_blockwise``: each code's table value -- for NF4 the
+    table cast to ``dtype`` first -- times its block's float32 absmax, in float32, cast to ``dtype``), one
+    step of ``DEQUANT_STEP`` values at a time through reused scratch buffers (tested equal)."""
+    n = math.prod(qt.shape)
+    if out is None:
+        out = torch.empty(qt.shape, dtype=dtype)
+    if out.dtype != dtype or out.numel() != n or not out.is_contiguous():
+        raise ValueError(f"dequantize into a contiguous {dtype} tensor of {n} values, got {out.dtype} {tuple(out.shape)}")
+    nf4 = qt.mode == "nf4"
+    bs = BLOCKSIZE[qt.mode]
+    table = (_nf4_table().to(dtype) if nf4 else qt.code.float()).contiguous()
+    codes, absmax, flat = qt.codes.reshape(-1), qt.absmax.reshape(-1), out.reshape(-1)
+    step = DEQUANT_STEP
+    have = getattr(_scratch, "bufs", None)
+    if have is None or have[2].dtype != table.dtype:
+        have = (torch.empty(step, dtype=torch.int32), torch.empty(step // 2, dtype=torch.uint8),
+                torch.empty(step, dtype=table.dtype), torch.empty(step, dtype=torch.float32))
+        _scratch.bufs = have
+    idx, nib, vals, prod = have
+    for a in range(0, n, step):
+        m = min(step, n - a)
+        if nf4:  # two codes a byte, the high nibble first
+            c = codes[a // 2:(a + m + 1) // 2]
+            k = c.numel()
+            torch.bitwise_right_shift(c, 4, out=nib[:k])
+            idx[:2 * k:2].copy_(nib[:k])
+            torch.bitwise_and(c, 0xF, out=nib[:k])
+            idx[1:2 * k:2].copy_(nib[:k])
+        else:
+            idx[:m].copy_(codes[a:a + m])
+        torch.index_select(table, 0, idx[:m], out=vals[:m])
+        full = m // bs * bs  # whole blocks, then a last partial one (the matrix's end)
+        if full:
+            torch.mul(vals[:full].view(-1, bs), absmax[a // bs:(a + full) // bs].view(-1, 1), out=prod[:full].view(-1, bs))
+        if m > full:
+            torch.mul(vals[full:m], absmax[(a + full) // bs], out=prod[full:m])
+        flat[a:a + m].copy_(prod[:m])
+    return out
 
 
 NF4_ROUND_TRIP_MAX = 0.1  # mean |error| of NF4 (blocks of 64) on N(0, 1) data is about 0.073
