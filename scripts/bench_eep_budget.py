@@ -77,6 +77,9 @@ def run_one(args, model: Path, calib: Path, out: Path, budget: str, src: str | N
                curve=[{k: v for k, v in c.items() if k != "elapsed_s"} for c in eep["curve"]],
                plan_layers=rep["plan"]["layers"],
                sourced=bool(pop and pop.get("sourced")), source_reads=eep["stream_stats"].get("source_reads"),
+               candidate_groups=bool(pop and pop.get("candidate_groups")),
+               wave_chunks=None if pop is None else pop.get("wave_chunks"),
+               merge_block=None if pop is None else pop.get("merge_block"),
                planned_host_peak_bytes=None if pop is None else pop["host_peak_bytes"],
                planned_host_terms=None if pop is None else pop.get("host_terms"),
                group_sizes=None if pop is None else sorted({p["group_size"] for p in pop["layers"].values()}))

@@ -826,7 +826,7 @@ def _budget_flag(plan: BudgetPlan) -> str:
 
 
 def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size: int, seq_len: int,
-                    quant: str = "none", num_chunks: int = 1) -> PopulationBudget | None:
+                    quant: str = "none", num_chunks: int = 1, quiet: bool = False) -> PopulationBudget | None:
     """The budget of the EEP search's streamed population evaluation, from the run's plan (the run's
     flags; None or no flag given: None, no budget). From the index alone, before the search.
 
@@ -834,7 +834,7 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
     --max-ram leaves room for it; where it does not, and the weights are the checkpoint's (``quant``
     "none"), each candidate's experts are read from the shards instead (``plan_sourced_population``;
     ``num_chunks``: the fitness data's activation chunks, at most, for the waves of a candidate built a
-    group at a time).
+    group at a time). ``quiet``: the plan's notes are not logged (a plan made again).
 
     Host: one layer as read + its runtime copy (no prefetch: the evaluator reads layer by layer) + a
     candidate's E' experts in the stored dtype + the float32 merge accumulator (one expert's tensor,
@@ -850,7 +850,7 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
         return None
     out = _choose_population(ck, plan, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len, quant=quant,
                              num_chunks=num_chunks)
-    for note in out.plan.notes:  # the chosen plan's, once (the planners themselves are also tried quietly)
+    for note in [] if quiet else out.plan.notes:  # the chosen plan's, once (the planners are tried quietly)
         log.info(note)
     return out
 

@@ -136,6 +136,9 @@ def run_eep(run, cfg, top_k: int) -> dict:
     else:
         tok = load_tokenizer(ck.path)
         train = FitnessData.load(cfg.calib, tok, max_examples=cfg.n_samples, max_len=cfg.seq_len, combine=opts["combine"])
+        if budget is not None and budget.candidate_groups:  # the waves for the chunks there are (planned for --n-samples)
+            budget = plan_population(ck, run.budget, num_experts=keep_n, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                                     quant=opts["quant"], num_chunks=-(-train.num_examples // cfg.batch_size), quiet=True)
         dev = None
         if opts["dev"]:
             if len(opts["dev"]) == len(train.domains):  # dev domain i is calib domain i: same names and weights
