@@ -52,7 +52,8 @@ def merge_for(ck: Checkpoint, method: str | None, keep) -> MergeHold | None:
 
 
 def budget_info(ck: Checkpoint, *, max_ram=None, max_vram=None, device: str = "cpu", dtype: str = "float32",
-                seq_len: int = 256, batch_size: int = 8, method: str | None = None, keep=None, quant: str = "none") -> dict:
+                seq_len: int = 256, batch_size: int = 8, method: str | None = None, keep=None, quant: str = "none",
+                n_samples: int = 64) -> dict:
     """What a prune (experts read in groups, ``plan_lazy_budget``) needs and holds, from the index alone:
     the smallest --max-ram (and --max-vram on CUDA) that work and, under the given budgets, the group
     size and the planned host/device peaks term by term. ``method``/``keep``: a merging method's plan
@@ -65,7 +66,8 @@ def budget_info(ck: Checkpoint, *, max_ram=None, max_vram=None, device: str = "c
     floor = plan_lazy_budget(ck, **kw)
     p = plan_lazy_budget(ck, max_ram=parse_budget(max_ram, "--max-ram"), max_vram=parse_budget(max_vram, "--max-vram"), **kw)
     groups = sorted({pl.group_size for pl in p.layers.values() if pl.group_size})
-    eep = None if method != "eep" else eep_info(ck, p, keep=keep, batch_size=batch_size, seq_len=seq_len, quant=quant)
+    eep = None if method != "eep" else eep_info(ck, p, keep=keep, batch_size=batch_size, seq_len=seq_len, quant=quant,
+                                                 n_samples=n_samples)
     return {"eep": eep, "device": device, "compute_dtype": dtype, "batch_size": batch_size, "seq_len": seq_len, "method": method,
             "min_max_ram_bytes": floor.min_max_ram, "min_max_vram_bytes": floor.min_max_vram if dev.type == "cuda" else None,
             "max_ram_bytes": p.max_ram, "max_vram_bytes": p.max_vram, "group_size": groups[0] if groups else None,
@@ -74,10 +76,12 @@ def budget_info(ck: Checkpoint, *, max_ram=None, max_vram=None, device: str = "c
             "device_peak_bytes": p.device_peak_bytes, "device_terms": p.device_terms, "notes": p.notes}
 
 
-def eep_info(ck: Checkpoint, plan, *, keep, batch_size: int, seq_len: int, quant: str = "none") -> dict:
+def eep_info(ck: Checkpoint, plan, *, keep, batch_size: int, seq_len: int, quant: str = "none",
+             n_samples: int = 64) -> dict:
     """The EEP search's --max-ram floors (``budget.population_floors``) beside its seed passes' (a
     prune's, ``plan``) and, under the given budget, how its population pass holds a layer (``quant``:
-    the search's --quant cache)."""
+    the search's --quant cache; ``n_samples``: its fitness examples, for the waves of a candidate
+    built a group at a time)."""
     if quant not in QUANT_MODES:
         raise ConfigError(f"--quant {quant!r}: choose one of {', '.join(QUANT_MODES)}")
     keep_n = PruneConfig(model=ck.path, out=Path("."), keep="half" if keep is None else keep).resolve_keep(ck.num_experts)
@@ -87,13 +91,14 @@ def eep_info(ck: Checkpoint, plan, *, keep, batch_size: int, seq_len: int, quant
            "min_max_ram_bytes": None if pop_floor is None else max(plan.min_max_ram or 0, pop_floor),
            "population": None}
     if plan.max_ram is not None or plan.max_vram is not None:
-        pop = plan_population(ck, plan, num_experts=keep_n, batch_size=batch_size, seq_len=seq_len, quant=quant)
+        pop = plan_population(ck, plan, num_experts=keep_n, batch_size=batch_size, seq_len=seq_len, quant=quant,
+                              num_chunks=-(-int(n_samples) // batch_size))
         out["population"] = pop.to_json()
     return out
 
 
 def inspect_model(path: str | Path, *, max_ram=None, max_vram=None, device: str = "cpu", dtype: str = "float32",
-                  method: str | None = None, keep=None, quant: str = "none", **kw) -> dict:
+                  method: str | None = None, keep=None, quant: str = "none", n_samples: int = 64, **kw) -> dict:
     ck = Checkpoint(path)
     ck.validate()
     moe = set(ck.moe_layers())
@@ -114,7 +119,7 @@ def inspect_model(path: str | Path, *, max_ram=None, max_vram=None, device: str 
     info.update(estimate_peak_bytes(ck, **kw))
     info["whole_model_load_bytes"] = total
     info["budget"] = budget_info(ck, max_ram=max_ram, max_vram=max_vram, device=device, dtype=dtype, method=method,
-                                 keep=keep, quant=quant, **kw)
+                                 keep=keep, quant=quant, n_samples=n_samples, **kw)
     info["estimated_peak_bytes"] = info["budget"]["host_peak_bytes"]  # experts are read in groups
     return info
 
@@ -163,7 +168,10 @@ def format_inspection(info: dict) -> str:
                             f"{fmt_bytes(f['sourced_groups'])})" if f['sourced'] else 'not for this checkpoint'))
             pop = e.get("population")
             if pop:
-                how = ("each candidate's experts built from the shards a group at a time" if pop.get("candidate_groups")
+                sizes = sorted({pl["group_size"] for pl in pop["layers"].values()})
+                how = (f"each candidate's experts built from the shards a group at a time (groups of "
+                       f"{'-'.join(map(str, sizes)) or pop['num_experts']}, {pop['wave_chunks']} activation chunk(s) a wave)"
+                       if pop.get("candidate_groups")
                        else "each candidate's experts read from the shards" if pop["sourced"] else
                        "layers held in host memory" + (", experts in groups" if pop["chunked_layers"] else ""))
                 lines.append(f"  population {how}: host peak {fmt_bytes(pop['host_peak_bytes'])}"

@@ -301,8 +301,9 @@ def test_inspect_shows_the_eep_search_floor(synth_dir, tmp_path):
     under = inspect_model(src, method="eep", keep=KEEP, seq_len=32, batch_size=4, max_ram=e["min_max_ram_bytes"])
     assert under["budget"]["eep"]["population"]["sourced"] and under["budget"]["eep"]["population"]["candidate_groups"]
     r = CliRunner().invoke(main, ["inspect", str(src), "--method", "eep", "--keep", "4", "--seq-len", "32",
-                                  "--batch-size", "4", "--max-ram", str(e["min_max_ram_bytes"])])
+                                  "--batch-size", "4", "--max-ram", str(e["min_max_ram_bytes"]), "--n-samples", "8"])
     assert r.exit_code == 0, r.output
+    assert "(groups of 1, 1 activation chunk(s) a wave)" in r.output
     assert "EEP search   smallest --max-ram" in r.output and "a candidate's built a group at a time" in r.output
     assert "each candidate's experts built from the shards a group at a time" in r.output
     r = CliRunner().invoke(main, ["inspect", str(src), "--method", "eep", "--quant", "nf4"])

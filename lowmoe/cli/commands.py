@@ -149,7 +149,9 @@ def synth(out, arch, layers, hidden_size, intermediate_size, experts, top_k, hea
 @click.option("--keep", default=None, help="With --method: experts kept per layer (default half).")
 @click.option("--quant", default="none", show_default=True,
               help="With --method eep: the search's quantized layer cache (none, int8, nf4).")
-def inspect(model, as_json, max_ram, max_vram, device, dtype, seq_len, batch_size, method, keep, quant):
+@click.option("--n-samples", default=64, show_default=True, type=int,
+              help="With --method eep: the search's fitness examples (its activation chunks under a small --max-ram).")
+def inspect(model, as_json, max_ram, max_vram, device, dtype, seq_len, batch_size, method, keep, quant, n_samples):
     """Family, layers, experts, top-k, bytes per layer, the smallest --max-ram/--max-vram a prune can run
     under, and what a prune under the given budgets will hold."""
     if dtype not in DTYPES:
@@ -161,7 +163,7 @@ def inspect(model, as_json, max_ram, max_vram, device, dtype, seq_len, batch_siz
     if quant != "none" and method != "eep":
         raise ConfigError(f"--quant {quant}: only the EEP search uses a quantized layer cache; give --method eep")
     info = inspect_model(model, max_ram=max_ram, max_vram=max_vram, device=device, dtype=dtype, seq_len=seq_len,
-                         batch_size=batch_size, method=method, keep=keep, quant=quant)
+                         batch_size=batch_size, method=method, keep=keep, quant=quant, n_samples=n_samples)
     click.echo(json.dumps(info, indent=1) if as_json else format_inspection(info))
 
 
