@@ -72,6 +72,78 @@ def test_streamed_fitness_under_a_ram_budget_equals_unbudgeted(synth_dir, tmp_pa
     assert [(f.acc, f.ll) for f in small.evaluate(more)] == [(f.acc, f.ll) for f in ref.evaluate(more)]
 
 
+@pytest.mark.parametrize("wave", [2, 3])
+def test_held_layer_groups_go_to_the_device_once_a_wave(synth_dir, tmp_path, monkeypatch, wave):
+    """A layer held in host memory whose candidate experts visit the device in groups runs its 3
+    activation chunks in waves of 2 (then 1) or 3: the same fitness to the bit, and fewer groups
+    brought to the device than a chunk at a time."""
+    from dataclasses import replace
+
+    from lowmoe.engine.experts import ChunkedExperts
+
+    src = synth_dir("mixtral")
+    ref = evaluator(src, tmp_path / "ref")
+    seq_len = int(ref.data.input_ids.shape[1])
+    assert ref.num_chunks == 3
+    ck = Checkpoint(src)
+    base = plan_population(ck, ram_plan(src, grouping_ram(src, batch_size=4, seq_len=seq_len), seq_len=seq_len),
+                           num_experts=KEEP, batch_size=4, seq_len=seq_len, num_chunks=3)
+    assert base.chunked_layers == ck.moe_layers() and not base.sourced and base.wave_chunks == 1
+    waved = replace(base, plan=replace(base.plan, wave_chunks=wave, wave_chunk_bytes=1))
+    loads: list[int] = []
+    real = ChunkedExperts.release
+
+    def release(self, wait=True):
+        if wait:  # the evaluator's own call once a block has run (not the collector's)
+            loads.append(self.group_loads)
+        return real(self, wait)
+
+    monkeypatch.setattr(ChunkedExperts, "release", release)
+    rng = np.random.default_rng(4)
+    cands = population(ref.space, rng) + [merged(ref.space, ref.space.random_onehot(rng), rng)]
+    want = [(f.acc, f.ll) for f in ref.evaluate(cands)]
+    one = evaluator(src, tmp_path / "one", budget=base)
+    assert [(f.acc, f.ll) for f in one.evaluate(cands)] == want
+    per_chunk, loads[:] = list(loads), []
+    many = evaluator(src, tmp_path / "many", budget=waved)
+    assert [(f.acc, f.ll) for f in many.evaluate(cands)] == want
+    assert len(loads) == len(per_chunk) > 0 and sum(loads) < sum(per_chunk)
+    assert all(a <= b for a, b in zip(loads, per_chunk))
+
+
+def test_held_plan_gives_the_room_left_to_waves(synth_dir):
+    """With experts far larger than a chunk's activations, the room the groups cannot use goes to
+    waves: all 3 chunks where the budget leaves room for the 2 waiting ones, fewer a byte below
+    that, counted in the plan's peaks."""
+    from lowmoe.engine.budget import WAVE_TERMS, activation_terms, largest
+
+    src = synth_dir("mixtral", layers=2, hidden_size=256, intermediate_size=2048, shard_size="8MB")
+    ck = Checkpoint(src)
+    per = sum(v for k, v in activation_terms(ck.config, batch_size=4, seq_len=32, dtype_bytes=4, top_k=ck.top_k,
+                                             num_experts=ck.num_experts).items() if k in WAVE_TERMS)
+    assert 3 * per < layer_sizes(ck)[0].expert_bytes(4), "a wave is cheaper than another expert"
+
+    def plan(ram: int, chunks: int = 3):
+        return plan_population(ck, ram_plan(src, ram, seq_len=32), num_experts=KEEP, batch_size=4, seq_len=32,
+                               num_chunks=chunks)
+
+    ram = grouping_ram(src, batch_size=4, seq_len=32)
+    three, one = plan(ram), plan(ram, chunks=1)
+    assert {p.group_size for p in three.layers.values()} == {1} and three.wave_chunks == 3 and one.wave_chunks == 1
+    assert three.plan.device_terms["wave_chunks_waiting"] == 2 * per
+    assert three.plan.device_peak_bytes <= three.plan.device_budget * (1 - SAFETY)
+    assert three.plan.host_peak_bytes == one.plan.host_peak_bytes + 2 * per <= ram
+    def short(r: int) -> bool:  # refused, or waves of fewer than 3
+        try:
+            return plan(r).wave_chunks < 3
+        except ConfigError:
+            return True
+
+    least = largest(ram // 2, ram, short) + 1  # the smallest budget with waves of 3
+    below = plan(least - 1)
+    assert below.wave_chunks < 3 and {p.group_size for p in below.layers.values()} == {1}
+
+
 def test_a_layer_that_fits_takes_the_fast_path(synth_dir, tmp_path):
     """Qwen2-MoE (shared experts): a roomy budget keeps the unbudgeted path, a tight one chunks; same fitness."""
     src = synth_dir("qwen2_moe")

@@ -858,7 +858,8 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
 def _choose_population(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int, seq_len: int,
                        quant: str, num_chunks: int = 1) -> PopulationBudget:
     try:
-        return _plan_held_population(ck, plan, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len)
+        return _plan_held_population(ck, plan, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len,
+                                     num_chunks=num_chunks)
     except ConfigError as held_error:
         # a layer as read does not fit --max-ram: read each candidate's experts from the shards (or the
         # quantized cache) instead
@@ -921,7 +922,8 @@ def sourced_ok(ck, quant: str = "none") -> bool:
                for L in ck.moe_layers() for t in ad.fused_tensors)
 
 
-def _plan_held_population(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int, seq_len: int) -> PopulationBudget:
+def _plan_held_population(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int, seq_len: int,
+                          num_chunks: int = 1) -> PopulationBudget:
     device, dtype = torch.device(plan.device), getattr(torch, plan.compute_dtype)
     b = dtype_bytes(dtype)
     E, n = ck.num_experts, int(num_experts)
@@ -970,11 +972,46 @@ def _plan_held_population(ck, plan: BudgetPlan, *, num_experts: int, batch_size:
                            + (pop.device_peak_bytes if device.type != "cuda" else 0))
     out = PopulationBudget(pop, n, layers, cand_host)
     if out.chunked_layers:
+        _held_waves(ck, pop, [layers[L] for L in out.chunked_layers], batch_size=batch_size, seq_len=seq_len,
+                    num_chunks=num_chunks)
         pop.notes.append(f"EEP search: {len(out.chunked_layers)} layer(s) keep their experts in host memory and run a "
                          f"candidate's {n} experts in groups of "
                          f"{min(layers[L].group_size for L in out.chunked_layers)}-"
-                         f"{max(layers[L].group_size for L in out.chunked_layers)}")
+                         f"{max(layers[L].group_size for L in out.chunked_layers)}"
+                         f"{f', {pop.wave_chunks} activation chunks a wave' if pop.wave_chunks > 1 else ''}")
     return out
+
+
+def _held_waves(ck, pop: BudgetPlan, chunked: list[Placement], *, batch_size: int, seq_len: int, num_chunks: int) -> None:
+    """The activation chunks a layer held in host memory runs together through a candidate block whose
+    experts visit the device in groups (``eep.population.PopulationEvaluator._run``, experts-major
+    waves): each group then goes to the device once per wave instead of once per chunk. The most
+    chunks (up to ``num_chunks``) whose waiting hidden states, routing and per-expert outputs (and on
+    CUDA a cuBLAS workspace per chunk's thread) fit in the device budget beside the chunked layers'
+    planned peak (on a CPU run that budget is what --max-ram leaves the compute copy); sets
+    ``pop.wave_chunks`` and adds them to its peaks."""
+    device = torch.device(pop.device)
+    terms = activation_terms(ck.config, batch_size=batch_size, seq_len=seq_len,
+                             dtype_bytes=dtype_bytes(getattr(torch, pop.compute_dtype)), top_k=ck.top_k,
+                             num_experts=ck.num_experts, grouped=pop.grouped_experts)
+    per = sum(terms[k] for k in WAVE_TERMS)
+    blas = blas_workspace_bytes(device)
+    worst = max(p.device_bytes for p in chunked)
+
+    def extra(w: int) -> int:
+        return 0 if w <= 1 else (w - 1) * per + w * blas
+
+    def fits(w: int) -> bool:  # as ``plan_budget`` places a layer (on a CPU run the device budget is --max-ram's rest)
+        return pop.device_budget is None or worst + extra(w) <= pop.device_budget * (1 - SAFETY)
+
+    C = max(1, int(num_chunks))
+    w = largest(1, C, fits) if C > 1 and fits(2) else 1
+    if w > 1:
+        pop.wave_chunks, pop.wave_chunk_bytes = w, per
+        pop.device_terms = {**pop.device_terms, "wave_chunks_waiting": (w - 1) * per}
+        pop.device_peak_bytes = max(pop.device_peak_bytes, worst + extra(w))
+        if device.type != "cuda":
+            pop.host_peak_bytes += extra(w)
 
 
 def plan_sourced_population(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int, seq_len: int,

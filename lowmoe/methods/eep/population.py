@@ -533,15 +533,16 @@ class PopulationEvaluator:
     @torch.no_grad()
     def _run(self, loaded: LoadedLayer, block, src: str, dst: str) -> None:
         """The stream ``src``'s chunks through layer ``loaded`` with ``block`` as its MoE block, into
-        ``dst``. A block whose experts are built a group at a time (``PopulationBudget.candidate_groups``)
-        takes its chunks in waves of ``wave_chunks`` (``experts.run_wave``, experts-major): each group
-        is built once per wave, and every chunk's rows routed to it run there."""
+        ``dst``. A block whose experts visit the device in several groups takes its chunks in waves of
+        the plan's ``wave_chunks`` (``experts.run_wave``, experts-major): each group is brought to the
+        device (or, ``PopulationBudget.candidate_groups``, built) once per wave, and every chunk's rows
+        routed to it run there."""
         L = loaded.idx
         last = L == self.ck.num_layers - 1
         checks = FiniteChecks()  # read once the layer's chunks are queued: no wait per chunk
         io = self.io
         experts = getattr(block, "experts", None)
-        wave = self.budget.wave_chunks if getattr(experts, "defers", False) and self.budget.candidate_groups else 1
+        wave = self.budget.wave_chunks if getattr(experts, "defers", False) else 1
 
         def compute(c: int, sl: slice, h: torch.Tensor) -> torch.Tensor:
             module = loaded.use(block)
