@@ -89,23 +89,28 @@ def test_nf4_round_trip_is_checked_once_per_device_and_shape(monkeypatch):
     monkeypatch.setattr(quant, "_nf4_checked", set())
     monkeypatch.setattr(F, "dequantize_4bit", lambda q, st: real(q, st) * 1.5)  # a 50% scale error
     with pytest.raises(ConfigError, match=r"--quant nf4: bitsandbytes .* 64x64 matrix on cpu .*bitsandbytes<0\.49"):
-        quant.quantize_tensor(torch.randn(64, 64), "nf4")
+        quant.check_nf4("cpu", (64, 64))
     assert not quant._nf4_checked
 
 
-def test_eep_nf4_cache_is_refused_where_the_round_trip_is_off(synth_dir, tmp_path, monkeypatch):
-    """The EEP search's NF4 layer cache quantizes through the same checked path."""
+def test_cpu_nf4_cache_does_not_use_bitsandbytes_cpu_kernels(synth_dir, tmp_path, monkeypatch):
+    """The EEP search's NF4 layer cache is quantized and read on the CPU by lowmoe's own steps of
+    bitsandbytes' arithmetic: a bitsandbytes whose CPU NF4 is off (as 0.49-0.50's on some shapes,
+    ``check_nf4``) changes nothing, and the cache round-trips as NF4 does."""
     import bitsandbytes.functional as F
 
-    from lowmoe.engine import quant
-
-    real = F.dequantize_4bit
-    monkeypatch.setattr(quant, "_nf4_checked", set())
-    monkeypatch.setattr(F, "dequantize_4bit", lambda q, st: real(q, st) * 1.5)
-    with pytest.raises(ConfigError, match=r"--quant nf4: bitsandbytes .* matrix on cpu"):
-        layer_weights(Checkpoint(synth_dir("mixtral", hidden_size=64, intermediate_size=128, dtype="float32")), "nf4",
-                      tmp_path / "q")
-    assert not (tmp_path / "q" / "quant.json").exists()
+    src = synth_dir("mixtral", hidden_size=64, intermediate_size=128, dtype="float32")
+    good = layer_weights(Checkpoint(src), "nf4", tmp_path / "good")
+    want = good.layer(0)
+    for name in ("dequantize_4bit", "quantize_4bit"):
+        monkeypatch.setattr(F, name, lambda *a, **k: pytest.fail("bitsandbytes' NF4 ran on the CPU"))
+    again = layer_weights(Checkpoint(src), "nf4", tmp_path / "again")
+    got = again.layer(0)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    orig = Checkpoint(src).read_layer(0)
+    k = next(k for k in orig if k.endswith("w1.weight"))
+    err = float((got[k] - orig[k]).abs().mean() / orig[k].abs().mean())
+    assert 0 < err < 0.15, err
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -134,3 +139,44 @@ def test_cpu_dequantization_is_bitsandbytes_to_the_bit(mode, dtype, shape):
     assert dequantize_cpu(qt, dtype, out) is out and torch.equal(out, ref)
     with pytest.raises(ValueError, match="contiguous"):
         dequantize_cpu(qt, dtype, torch.empty(shape + (2,), dtype=dtype)[..., 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+@pytest.mark.parametrize("shape", [(64, 64), (300, 258), (3, 7, 4098), (1, (1 << 15) + 192)])
+def test_cpu_quantization_is_bitsandbytes_to_the_bit(mode, dtype, shape):
+    """``quantize_tensor`` on the CPU (a step of values at a time, ``quantize_cpu``) gives bitsandbytes'
+    own codes and absmax bit for bit: whole and partial blocks, several steps, every dtype (int8 from
+    float32 is bitsandbytes' C++ kernel itself)."""
+    import bitsandbytes.functional as F
+
+    from lowmoe.engine.quant import BLOCKSIZE, quantize_tensor
+
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))) * 3).to(dtype)
+    x.view(-1)[5] = 0.0
+    qt = quantize_tensor(x, mode)
+    if mode == "nf4":
+        q, st = F.quantize_4bit(x, quant_type="nf4", blocksize=BLOCKSIZE["nf4"])
+    else:
+        q, st = F.quantize_blockwise(x, blocksize=BLOCKSIZE["int8"])
+        assert torch.equal(qt.code, st.code)
+    assert qt.codes.dtype == q.dtype and qt.codes.shape == q.shape and torch.equal(qt.codes, q)
+    assert torch.equal(qt.absmax, st.absmax.float())
+
+
+def test_nearest_code_is_argmin_with_its_ties():
+    """``nearest_code`` is bitsandbytes' ``argmin(|x - table|)``: the first index when rounded distances
+    tie (in float32 x = 0.5 is 0.5 away from each of 0, 1e-9, 2e-9 and 1), values outside the table's
+    range, and random values against both tables."""
+    from lowmoe.engine.quant import _dynamic_map, _nf4_table, nearest_code
+
+    def argmin(x, table):
+        return torch.argmin(torch.abs(x.reshape(-1, 1) - table), dim=-1).to(torch.uint8)
+
+    table = torch.tensor([0.0, 1e-9, 2e-9, 1.0])
+    x = torch.tensor([0.5, -3.0, 3.0, 1.2e-9, 0.75, 0.25])
+    assert nearest_code(x, table).tolist() == argmin(x, table).tolist() == [0, 0, 3, 1, 3, 0]
+    gen = torch.Generator().manual_seed(0)
+    for table in (_nf4_table(), _dynamic_map()):
+        x = torch.cat([torch.rand(100_000, generator=gen) * 2 - 1, table, (table[1:] + table[:-1]) / 2])
+        assert torch.equal(nearest_code(x, table), argmin(x, table))

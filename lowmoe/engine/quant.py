@@ -374,7 +374,9 @@ def check_nf4(device: str | torch.device, shape: tuple[int, ...]) -> None:
 
     bitsandbytes 0.49-0.50's CPU path gets some shapes wrong: a 128x96 matrix (row length not a
     multiple of the block) comes back with a mean error of 0.17 instead of 0.073 (0.48 and 96x128 give
-    0.073); on the 96-wide toy, streaming-eval perplexity on reverse was 7.4 under NF4, 1.004 in fp32."""
+    0.073); on the 96-wide toy, streaming-eval perplexity on reverse was 7.4 under NF4, 1.004 in fp32.
+    lowmoe no longer runs bitsandbytes' NF4 on the CPU (``quantize_cpu``, ``dequantize_cpu``), so
+    ``quantize_tensor`` checks the devices it does run it on."""
     kind, shape = torch.device(device).type, tuple(int(d) for d in shape)
     if (kind, shape) in _nf4_checked:
         return
@@ -393,17 +395,95 @@ def check_nf4(device: str | torch.device, shape: tuple[int, ...]) -> None:
 
 def quantize_tensor(t: torch.Tensor, mode: str, device: str | torch.device = "cpu") -> QTensor:
     """Quantize ``t`` on ``device`` (moved there first, so a GPU does the work) as the EEP cache does:
-    NF4 with blocks of 64, or blockwise dynamic int8 with blocks of 256."""
+    NF4 with blocks of 64, or blockwise dynamic int8 with blocks of 256 (on the CPU ``quantize_cpu``:
+    bitsandbytes' arithmetic a step at a time)."""
     F = _bnb()
     x = t.to(device).contiguous()
+    if mode not in BLOCKSIZE:
+        raise ConfigError(f"--quant {mode!r}: choose one of {', '.join(QUANT_MODES)}")
+    if x.device.type == "cpu" and not (mode == "int8" and x.dtype == torch.float32):
+        return quantize_cpu(x, mode)  # not bitsandbytes' CPU kernels: nothing of theirs to check
     if mode == "nf4":
         check_nf4(x.device, x.shape)
+    if mode == "nf4":
         q, st = F.quantize_4bit(x, quant_type="nf4", blocksize=BLOCKSIZE["nf4"])
         return QTensor(mode, q, st.absmax.float(), x.shape)
-    if mode == "int8":
-        q, st = F.quantize_blockwise(x, blocksize=BLOCKSIZE["int8"])
-        return QTensor(mode, q, st.absmax.float(), x.shape, st.code)
-    raise ConfigError(f"--quant {mode!r}: choose one of {', '.join(QUANT_MODES)}")
+    q, st = F.quantize_blockwise(x, blocksize=BLOCKSIZE["int8"])
+    return QTensor(mode, q, st.absmax.float(), x.shape, st.code)
+
+
+# Values quantized per step on the CPU (a multiple of both blocks): bitsandbytes' CPU path compares every
+# value with every code at once -- a (values x 16) float32 tensor for NF4 (64 bytes a value), (values x
+# 256) for int8 from a 16-bit dtype (1 KiB a value: 60 GB for one Mixtral-8x7B expert matrix) --; a step
+# holds a few tensors of its own values, and finds each value's code by a binary search (``nearest_code``).
+QUANT_STEP = 1 << 16
+
+
+def nearest_code(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """For each value of ``x``, the index (uint8) of ``table``'s value nearest to it: bitsandbytes'
+    ``argmin(|x - table|)``, the first index on a tie, without its (values x table) tensor. ``table``
+    ascends, so the nearest value is one of the two around x (``searchsorted``); a rounded distance is
+    monotone on each side of x, so the indices tying at the minimum are consecutive, and the first is
+    found by stepping down from the lower one while the distance stays equal (rarely even once)."""
+    k = table.numel()
+    hi = torch.searchsorted(table, x).clamp_(1, k - 1)
+    lo = hi - 1
+    d_lo, d_hi = torch.abs(x - table[lo]), torch.abs(x - table[hi])
+    best = torch.where(d_hi < d_lo, hi, lo)
+    dist = torch.minimum(d_lo, d_hi)
+    while True:
+        prev = (best - 1).clamp_(min=0)
+        tie = (best > 0) & (torch.abs(x - table[prev]) == dist)
+        if not bool(tie.any()):
+            return best.to(torch.uint8)
+        best = torch.where(tie, prev, best)
+
+
+def _dynamic_map() -> torch.Tensor:
+    """bitsandbytes' dynamic 8-bit map, the one ``quantize_blockwise`` uses by default."""
+    F = _bnb()
+    if "dynamic" not in F.name2qmap:
+        F.name2qmap["dynamic"] = F.create_dynamic_map().to("cpu")
+    return F.name2qmap["dynamic"].to("cpu")
+
+
+def quantize_cpu(x: torch.Tensor, mode: str) -> QTensor:
+    """``x`` (a CPU float tensor) quantized with bitsandbytes' CPU arithmetic to the bit (its default
+    ``quantize_4bit``, and ``quantize_blockwise`` for a 16-bit dtype: each block's absmax, the values
+    scaled by its float32 reciprocal and clamped to [-1, 1], the nearest code), ``QUANT_STEP`` values at
+    a time (tested equal). The codes of int8 from float32 come from bitsandbytes' C++ kernel
+    (``quantize_tensor``)."""
+    bs, step = BLOCKSIZE[mode], QUANT_STEP
+    flat = x.reshape(-1)
+    n = flat.numel()
+    full = n // bs * bs
+    rem = n - full
+    absmax = torch.zeros(n // bs + (1 if rem else 0), dtype=torch.float32)
+    # bitsandbytes scales whole blocks in float32 (a 16-bit block times its float32 reciprocal) and a last
+    # partial one in the tensor's dtype (times a 0-d tensor), then compares them in the former's dtype
+    scaled_dtype = torch.promote_types(x.dtype, torch.float32) if full else x.dtype
+    table = (_nf4_table() if mode == "nf4" else _dynamic_map()).to(scaled_dtype)
+    out = torch.empty(n // 2 if mode == "nf4" else n, dtype=torch.uint8)
+
+    def nearest(scaled: torch.Tensor, at: int) -> None:
+        q = nearest_code(scaled.reshape(-1).to(scaled_dtype), table)
+        if mode == "nf4":  # two codes a byte, the first in the high nibble
+            out[at // 2:(at + q.numel()) // 2] = q[::2] << 4 | q[1::2]
+        else:
+            out[at:at + q.numel()] = q
+
+    for a in range(0, full, step):
+        z = min(full, a + step)
+        blocks = flat[a:z].reshape(-1, bs)
+        absmax[a // bs:z // bs] = torch.abs(blocks).max(dim=-1)[0]
+        nearest(torch.clamp(blocks * (1 / absmax[a // bs:z // bs].view(-1, 1)), -1, 1), a)
+    if rem:
+        last = flat[full:]
+        absmax[-1] = torch.abs(last).max()
+        nearest(torch.clamp(last * (1 / absmax[-1]), -1, 1), full)
+    if mode == "nf4":
+        return QTensor(mode, out.view(-1, 1), absmax, x.shape)
+    return QTensor(mode, out.view(x.shape), absmax, x.shape, _dynamic_map())
 
 
 class QuantLinear(nn.Module):
