@@ -33,8 +33,12 @@ candidate's MoE block + one activation chunk, whatever the population size; the 
 MoE layer that does not fit whole beside a merged block keeps its experts in host memory in their
 stored dtype; its resident part (attention, norms, router, shared experts) and each candidate's
 router are on the device, and the candidate's E' experts -- selected or merged on the host exactly
-as ``apply_layer`` does -- visit the device in groups through ``experts.ChunkedExperts``. Same
-fitness, bit for bit (tests). Between generations nothing is left on the device.
+as ``apply_layer`` does -- visit the device in groups through ``experts.ChunkedExperts``, the
+layer's activation chunks in experts-major waves where the budget has room for them (each group goes
+to the device once a wave). Under a --max-ram too small for a layer's experts, only its non-expert
+weights are read and each candidate's experts come from the shards (``CandidateSource``): built whole
+into host buffers, or, when --max-ram cannot hold a candidate's E' either, a group at a time as the
+device runs them. Same fitness, bit for bit (tests). Between generations nothing is left on the device.
 
 ``WholeModelEvaluator`` is the reference and the benchmark baseline: the whole model in memory,
 one candidate at a time, built with transformers from the same applied tensors.
