@@ -142,6 +142,10 @@ def test_held_plan_gives_the_room_left_to_waves(synth_dir):
     least = largest(ram // 2, ram, short) + 1  # the smallest budget with waves of 3
     below = plan(least - 1)
     assert below.wave_chunks < 3 and {p.group_size for p in below.layers.values()} == {1}
+    # a candidate's 4 experts in one group held on the device: nothing waits for a group, no waves planned
+    one_group = plan(grouping_ram(src, batch_size=4, seq_len=32, groups_of=2))
+    assert one_group.chunked_layers and {p.group_size for p in one_group.layers.values()} == {KEEP}
+    assert one_group.wave_chunks == 1 and "wave_chunks_waiting" not in one_group.plan.device_terms
 
 
 def test_a_layer_that_fits_takes_the_fast_path(synth_dir, tmp_path):

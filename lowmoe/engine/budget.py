@@ -971,9 +971,10 @@ def _plan_held_population(ck, plan: BudgetPlan, *, num_experts: int, batch_size:
     pop.host_peak_bytes = (pop.host_fixed_bytes + pop.host_layer_bytes
                            + (pop.device_peak_bytes if device.type != "cuda" else 0))
     out = PopulationBudget(pop, n, layers, cand_host)
+    grouped = [layers[L] for L in out.chunked_layers if layers[L].group_size < n]  # a single group never waits
+    if grouped:
+        _held_waves(ck, pop, grouped, batch_size=batch_size, seq_len=seq_len, num_chunks=num_chunks)
     if out.chunked_layers:
-        _held_waves(ck, pop, [layers[L] for L in out.chunked_layers], batch_size=batch_size, seq_len=seq_len,
-                    num_chunks=num_chunks)
         pop.notes.append(f"EEP search: {len(out.chunked_layers)} layer(s) keep their experts in host memory and run a "
                          f"candidate's {n} experts in groups of "
                          f"{min(layers[L].group_size for L in out.chunked_layers)}-"
