@@ -94,7 +94,8 @@ def plans(args, model: Path) -> list[dict]:
     out = []
     for budget in args.max_ram:
         b = inspect_model(model, method="eep", keep=args.keep, seq_len=args.seq_len, batch_size=args.batch_size,
-                          dtype=args.dtype, max_ram=None if budget == "none" else budget, quant=args.quant)["budget"]
+                          dtype=args.dtype, max_ram=None if budget == "none" else budget, quant=args.quant,
+                          n_samples=args.examples)["budget"]
         out.append({"max_ram": budget, "seed_min_max_ram_bytes": b["min_max_ram_bytes"], **b["eep"]})
     return out
 
