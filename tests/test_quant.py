@@ -146,15 +146,26 @@ def test_cpu_dequantization_is_bitsandbytes_to_the_bit(mode, dtype, shape):
 @pytest.mark.parametrize("shape", [(64, 64), (300, 258), (3, 7, 4098), (1, (1 << 15) + 192)])
 def test_cpu_quantization_is_bitsandbytes_to_the_bit(mode, dtype, shape):
     """``quantize_tensor`` on the CPU (a step of values at a time, ``quantize_cpu``) gives bitsandbytes'
-    own codes and absmax bit for bit: whole and partial blocks, several steps, every dtype (int8 from
-    float32 is bitsandbytes' C++ kernel itself)."""
+    own codes and absmax bit for bit: whole and partial blocks, blocks of zeros, several steps, every
+    dtype (int8 from float32: the same arithmetic, where bitsandbytes' own kernel would crash)."""
     import bitsandbytes.functional as F
 
     from lowmoe.engine.quant import BLOCKSIZE, quantize_tensor
 
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))) * 3).to(dtype)
     x.view(-1)[5] = 0.0
+    x.view(-1)[512:1024] = 0.0  # whole blocks of zeros: scaled by 1/0, NaN
     qt = quantize_tensor(x, mode)
+    if mode == "int8" and dtype == torch.float32:
+        # bitsandbytes' float32 kernel (C++) crashes on a block of zeros: its 16-bit path's arithmetic, written out
+        code = F.quantize_blockwise(torch.ones(256, dtype=torch.float16), blocksize=256)[1].code
+        n, bs = x.numel(), BLOCKSIZE["int8"]
+        blocks = torch.nn.functional.pad(x.reshape(-1), (0, -n % bs)).reshape(-1, bs)
+        absmax = blocks.abs().max(dim=-1)[0]
+        scaled = torch.clamp(blocks * (1 / absmax.view(-1, 1)), -1, 1).reshape(-1)[:n]
+        q = torch.argmin(torch.abs(scaled.view(-1, 1) - code), dim=-1).to(torch.uint8).reshape(shape)
+        assert torch.equal(qt.codes, q) and torch.equal(qt.absmax, absmax) and torch.equal(qt.code, code)
+        return
     if mode == "nf4":
         q, st = F.quantize_4bit(x, quant_type="nf4", blocksize=BLOCKSIZE["nf4"])
     else:
@@ -174,8 +185,8 @@ def test_nearest_code_is_argmin_with_its_ties():
         return torch.argmin(torch.abs(x.reshape(-1, 1) - table), dim=-1).to(torch.uint8)
 
     table = torch.tensor([0.0, 1e-9, 2e-9, 1.0])
-    x = torch.tensor([0.5, -3.0, 3.0, 1.2e-9, 0.75, 0.25])
-    assert nearest_code(x, table).tolist() == argmin(x, table).tolist() == [0, 0, 3, 1, 3, 0]
+    x = torch.tensor([0.5, -3.0, 3.0, 1.2e-9, 0.75, 0.25, float("nan")])
+    assert nearest_code(x, table).tolist() == argmin(x, table).tolist() == [0, 0, 3, 1, 3, 0, 0]
     gen = torch.Generator().manual_seed(0)
     for table in (_nf4_table(), _dynamic_map()):
         x = torch.cat([torch.rand(100_000, generator=gen) * 2 - 1, table, (table[1:] + table[:-1]) / 2])

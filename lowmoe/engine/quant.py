@@ -401,7 +401,7 @@ def quantize_tensor(t: torch.Tensor, mode: str, device: str | torch.device = "cp
     x = t.to(device).contiguous()
     if mode not in BLOCKSIZE:
         raise ConfigError(f"--quant {mode!r}: choose one of {', '.join(QUANT_MODES)}")
-    if x.device.type == "cpu" and not (mode == "int8" and x.dtype == torch.float32):
+    if x.device.type == "cpu":
         return quantize_cpu(x, mode)  # not bitsandbytes' CPU kernels: nothing of theirs to check
     if mode == "nf4":
         check_nf4(x.device, x.shape)
@@ -424,12 +424,13 @@ def nearest_code(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     ``argmin(|x - table|)``, the first index on a tie, without its (values x table) tensor. ``table``
     ascends, so the nearest value is one of the two around x (``searchsorted``); a rounded distance is
     monotone on each side of x, so the indices tying at the minimum are consecutive, and the first is
-    found by stepping down from the lower one while the distance stays equal (rarely even once)."""
+    found by stepping down from the lower one while the distance stays equal (rarely even once). A NaN
+    (an all-zero block scaled by 1/0) is every distance's NaN, where argmin gives index 0."""
     k = table.numel()
     hi = torch.searchsorted(table, x).clamp_(1, k - 1)
     lo = hi - 1
     d_lo, d_hi = torch.abs(x - table[lo]), torch.abs(x - table[hi])
-    best = torch.where(d_hi < d_lo, hi, lo)
+    best = torch.where(d_hi < d_lo, hi, lo).masked_fill_(torch.isnan(x), 0)
     dist = torch.minimum(d_lo, d_hi)
     while True:
         prev = (best - 1).clamp_(min=0)
@@ -451,8 +452,9 @@ def quantize_cpu(x: torch.Tensor, mode: str) -> QTensor:
     """``x`` (a CPU float tensor) quantized with bitsandbytes' CPU arithmetic to the bit (its default
     ``quantize_4bit``, and ``quantize_blockwise`` for a 16-bit dtype: each block's absmax, the values
     scaled by its float32 reciprocal and clamped to [-1, 1], the nearest code), ``QUANT_STEP`` values at
-    a time (tested equal). The codes of int8 from float32 come from bitsandbytes' C++ kernel
-    (``quantize_tensor``)."""
+    a time (tested equal). int8 from float32 takes the same arithmetic: bitsandbytes runs a C++ kernel
+    for it, which crashes the process (a segmentation fault, 0.48.2) on a block of zeros and whose
+    codes differ from its own 16-bit path's."""
     bs, step = BLOCKSIZE[mode], QUANT_STEP
     flat = x.reshape(-1)
     n = flat.numel()
