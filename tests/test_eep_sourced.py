@@ -170,9 +170,9 @@ def test_candidate_built_a_group_at_a_time_in_waves(synth_dir, tmp_path, monkeyp
         calls.append((self.layer_idx, a, z))
         return real_load(self, a, z, out, check)
 
-    def buffer(self, name, shape, dtype, host=False):
+    def buffer(self, name, shape, dtype, host=False, pin=True):
         shapes[name] = tuple(shape)
-        return real_buffer(self, name, shape, dtype, host)
+        return real_buffer(self, name, shape, dtype, host, pin)
 
     monkeypatch.setattr(ExpertSource, "load", load)
     monkeypatch.setattr(PopulationEvaluator, "buffer", buffer)

@@ -166,8 +166,9 @@ class CandidateSource:
         ev = self.ev
         if n > self.rows_at_once:
             raise ValueError(f"{n} merged rows at once, the accumulators hold {self.rows_at_once}")
+        # summed on the host and copied into the rows from there: not page-locked (as the plan counts them)
         accs = {name: ev.buffer("host:acc:" + name, (self.rows_at_once,) + src.row_shape(name), torch.float32,
-                                host=True)[:n] for name in self.names}
+                                host=True, pin=False)[:n] for name in self.names}
         for acc in accs.values():
             acc.zero_()
         block = self.rows[a:z]
@@ -478,13 +479,14 @@ class PopulationEvaluator:
         if not self.cache.has(0, self.num_chunks, ROOT):
             self._embed()
 
-    def buffer(self, name: str, shape: tuple, dtype, host: bool = False) -> torch.Tensor:
+    def buffer(self, name: str, shape: tuple, dtype, host: bool = False, pin: bool = True) -> torch.Tensor:
         """A tensor kept for reuse under ``name`` (its contents are the caller's; one user at a time);
-        ``host``: in host memory (pinned when the compute device is a GPU, for async copies)."""
+        ``host``: in host memory (pinned when the compute device is a GPU, for async copies, unless
+        ``pin`` is False: a host buffer never copied to the device)."""
         b = self._buffers.get(name)
         if b is None or tuple(b.shape) != tuple(shape) or b.dtype != dtype:
             if host:
-                b = torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
+                b = torch.empty(shape, dtype=dtype, pin_memory=pin and self.device.type == "cuda")
             else:
                 b = torch.empty(shape, dtype=dtype, device=self.device)
             self._buffers[name] = b
