@@ -5,7 +5,9 @@
 #      of session 12's grouped experts (--experts-impl auto: transformers' grouped GEMM on CUDA) and
 #      device warm-up (the CUDA context and first pinned buffer made while the pass imports), and
 #      session 13's: the scorers observe a layer's calls with no host wait (set_sync_debug_mode
-#      "error"), a layer's chunks queued with one wait per layer, not per chunk                     <= 120 s
+#      "error"), a layer's chunks queued with one wait per layer, not per chunk, and session 18's: the EEP
+#      population pass with a candidate's experts built a group at a time (shards and NF4 cache, page-
+#      locked staging, waves of chunks) equal to the unbudgeted pass on the card                       <= 120 s
 #   2. the benchmark runs session 10 could not finish: imported, accelerate (the >= 3x target), budget
 #      (a 6.65 GB model under --max-vram 2GiB), serial (--no-prefetch); their reports now carry torch's
 #      pinned-memory figures (budget.pinned: seconds page-locking) and the staging_alloc stage; and
@@ -24,7 +26,7 @@ L=${1:-${OUT:-./gpu-logs}}; mkdir -p "$L"
 export PYTHONPATH=$PWD:$PWD/.gpu-site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 T0=$(date +%s); el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
 el "tests"
-timeout ${TESTS_S:-120} python3 -m pytest -q tests/test_gpu.py -k "pinned or cublas or third or staged or grouped or warm or waiting" > "$L/tests.log" 2>&1
+timeout ${TESTS_S:-120} python3 -m pytest -q tests/test_gpu.py -k "pinned or cublas or third or staged or grouped or warm or waiting or group_at" > "$L/tests.log" 2>&1
 echo "rc=$?"; tail -5 "$L/tests.log"
 el "bench"
 timeout ${BENCH_S:-240} python3 scripts/bench_gpu.py --synth-layers 8 --synth-hidden 2048 --synth-intermediate 8192 --dtype bf16 \

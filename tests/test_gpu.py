@@ -411,3 +411,47 @@ def test_a_layers_chunks_are_queued_without_waiting_for_each(synth_dir, calib_tx
     for L, e in cpu["layers"].items():
         assert torch.allclose(torch.tensor(rep["layers"][L]["scores"]["reap"]), torch.tensor(e["scores"]["reap"]),
                               rtol=1e-3, atol=1e-6), L
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_eep_candidate_built_a_group_at_a_time_on_cuda(synth_dir, tmp_path, quant):
+    """The EEP population pass on CUDA with a candidate's experts built from the shards (or the NF4
+    cache) a group at a time, in waves of chunks, page-locked staging: the fitness of the unbudgeted
+    pass on the card (both with the eager experts loop), and nothing left on the device after it."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from lowmoe.engine.budget import plan_budget, plan_sourced_population
+    from lowmoe.engine.calibration import load_tokenizer
+    from lowmoe.engine.quant import layer_weights
+    from lowmoe.methods.eep.fitness import FitnessData
+    from lowmoe.methods.eep.population import PopulationEvaluator
+    from lowmoe.methods.eep.space import SearchSpace
+
+    from .helpers import merged, population, records
+
+    src = synth_dir("mixtral")
+    ck = Checkpoint(src)
+    data = FitnessData.from_records(records(8), load_tokenizer(src))
+    space = SearchSpace.build(ck.moe_layers(), ck.num_experts, 4, "layer")
+    seq_len = int(data.input_ids.shape[1])
+    run = plan_budget(ck, device=torch.device("cuda"), dtype=torch.float32, batch_size=4, seq_len=seq_len,
+                      max_ram=10**12, max_vram=10**10)
+    pop = plan_sourced_population(ck, run, num_experts=4, batch_size=4, seq_len=seq_len, quant=quant, groups=True,
+                                  num_chunks=3)
+    pop = replace(pop, layers={L: replace(p, group_size=2) for L, p in pop.layers.items()},
+                  plan=replace(pop.plan, wave_chunks=2, wave_chunk_bytes=1))
+
+    def evaluator(root, budget):
+        weights = layer_weights(ck, quant, tmp_path / "cache")
+        return PopulationEvaluator(ck, weights, space, data, tmp_path / root, device="cuda", dtype=torch.float32,
+                                   top_k=2, batch_size=4, budget=budget, experts="eager")
+
+    rng = np.random.default_rng(0)
+    cands = population(space, rng) + [merged(space, space.random_onehot(rng), rng)]
+    want = [(f.acc, f.ll) for f in evaluator("ref", None).evaluate(cands)]
+    small = evaluator("small", pop)
+    assert [(f.acc, f.ll) for f in small.evaluate(cands)] == want
+    assert small.stats["source_reads"] > 0 and small.stats["chunked_blocks"] > 0
+    assert small._pool is None and not small._buffers  # dropped between generations
