@@ -339,14 +339,17 @@ def test_prune_eep_on_a_quantized_checkpoint_under_a_small_max_ram(synth_dir, tm
     assert digest and {k: v for k, v in dir_digest(tmp_path / "b").items() if k.endswith(".safetensors")} == digest
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
-def test_sourced_fitness_from_the_quant_cache_equals_the_held_one(synth_dir, tmp_path, monkeypatch, mode):
+def test_sourced_fitness_from_the_quant_cache_equals_the_held_one(synth_dir, tmp_path, monkeypatch, mode, arch):
     """``--quant nf4|int8`` under a budget that cannot hold a layer: each candidate's experts are read
-    from the quantized cache and dequantized one tensor at a time, giving the held cache's fitness to
-    the bit; the cache itself is built without reading a layer whole."""
+    from the quantized cache and dequantized one tensor (GPT-OSS: one fused tensor's row) at a time,
+    giving the held cache's fitness to the bit; the cache itself is built without reading a layer whole."""
     from lowmoe.engine.quant import QuantizedWeights, layer_weights
 
-    src = synth_dir("mixtral", hidden_size=64, intermediate_size=128)
+    # GPT-OSS: rows of 96 values, so int8's blocks of 256 start inside rows
+    src = synth_dir(arch, hidden_size=64, intermediate_size=128) if arch == "mixtral" else \
+        synth_dir(arch, hidden_size=64, intermediate_size=48)
     with monkeypatch.context() as m:
         m.setattr(Checkpoint, "read_layer", lambda self, L: pytest.fail(f"layer {L} read whole"))
         built = layer_weights(Checkpoint(src), mode, tmp_path / "cache")
@@ -371,7 +374,7 @@ def test_sourced_fitness_from_the_quant_cache_equals_the_held_one(synth_dir, tmp
 
 def test_prune_eep_quant_under_a_small_max_ram(synth_dir, tmp_path):
     """The search with --quant nf4 at its smallest --max-ram reads the cache per candidate and writes
-    what it writes without a budget; GPT-OSS's fused experts are refused with --quant, naming it."""
+    what it writes without a budget; GPT-OSS's fused experts too, a row of the cache at a time."""
     from lowmoe.inspect import inspect_model
 
     src = synth_dir("mixtral", **WIDE)
@@ -389,9 +392,13 @@ def test_prune_eep_quant_under_a_small_max_ram(synth_dir, tmp_path):
         [{k: v for k, v in c.items() if k != "elapsed_s"} for c in ref["eep"]["curve"]]
     digest = {k: v for k, v in dir_digest(tmp_path / "a").items() if k.endswith(".safetensors")}
     assert digest and {k: v for k, v in dir_digest(tmp_path / "b").items() if k.endswith(".safetensors")} == digest
+    # GPT-OSS's fused experts: read from the cache a row at a time, the same written model
     fused = synth_dir("gpt_oss", **WIDE)
-    ck = Checkpoint(fused)
-    run = plan_budget(ck, device=CPU, dtype=torch.float32, batch_size=4, seq_len=32, max_ram=10**12)
-    run.max_ram = plan_sourced_population(ck, run, num_experts=KEEP, batch_size=4, seq_len=32).plan.min_max_ram
-    with pytest.raises(ConfigError, match=r"^--max-ram .*fused layout's experts one at a time only with --quant none\)$"):
-        plan_population(ck, run, num_experts=KEEP, batch_size=4, seq_len=32, quant="nf4")
+    ref = lowmoe.prune(fused, tmp_path / "c", **opts)
+    e = inspect_model(fused, method="eep", keep=KEEP, seq_len=32, batch_size=4, quant="nf4")["budget"]["eep"]
+    small = lowmoe.prune(fused, tmp_path / "d", max_ram=e["min_max_ram_bytes"], **opts)
+    assert small["eep"]["population_budget"]["sourced"] and small["eep"]["population_budget"]["quant"] == "nf4"
+    assert [{k: v for k, v in c.items() if k != "elapsed_s"} for c in small["eep"]["curve"]] == \
+        [{k: v for k, v in c.items() if k != "elapsed_s"} for c in ref["eep"]["curve"]]
+    digest = {k: v for k, v in dir_digest(tmp_path / "c").items() if k.endswith(".safetensors")}
+    assert digest and {k: v for k, v in dir_digest(tmp_path / "d").items() if k.endswith(".safetensors")} == digest

@@ -191,3 +191,35 @@ def test_nearest_code_is_argmin_with_its_ties():
     for table in (_nf4_table(), _dynamic_map()):
         x = torch.cat([torch.rand(100_000, generator=gen) * 2 - 1, table, (table[1:] + table[:-1]) / 2])
         assert torch.equal(nearest_code(x, table), argmin(x, table))
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_cached_rows_dequantize_as_the_whole_tensor(tmp_path, mode):
+    """``CachedTensor.read_rows`` (a fused expert tensor's rows from the cache): rows of 111 values,
+    which start inside quantization blocks (and, for NF4, inside a byte), read alone or several at a
+    time, give the whole tensor's dequantized rows, reading only their blocks."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from lowmoe.engine.lazy import ShardFiles
+    from lowmoe.engine.quant import CachedTensor, quantize_tensor
+
+    x = torch.randn(40, 3, 37, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    qt = quantize_tensor(x, mode)
+    tensors = {"w::q": qt.codes.contiguous(), "w::absmax": qt.absmax.contiguous()}
+    save_file(tensors, str(tmp_path / "layer0000.safetensors"))
+    weights = SimpleNamespace(mode=mode, bytes_read=0)
+    files = ShardFiles(tmp_path)
+    entry = CachedTensor(weights, files, "layer0000.safetensors", "w", {"shape": [40, 3, 37], "dtype": "torch.bfloat16"},
+                         qt.code)
+    whole = qt.dequantize(torch.bfloat16)
+    assert torch.equal(entry.read(), whole)
+    for row, count in [(0, 1), (1, 1), (3, 2), (39, 1), (30, 10), (0, 40)]:
+        out = torch.full((count, 3, 37), float("nan"), dtype=torch.bfloat16)
+        entry.read_rows(row, out)
+        assert torch.equal(out, whole[row:row + count]), (row, count)
+    weights.bytes_read = 0
+    entry.read_rows(2, torch.empty(3, 37, dtype=torch.bfloat16))
+    assert weights.bytes_read < sum(t.numel() * t.element_size() for t in tensors.values()) / 10
+    files.close()

@@ -866,9 +866,6 @@ def _choose_population(ck, plan: BudgetPlan, *, num_experts: int, batch_size: in
         if plan.max_ram is None or not str(held_error).startswith("--max-ram"):
             raise
         if not sourced_ok(ck, quant):
-            if quant != "none" and ck.adapter.expert_layout != "per_expert":
-                raise ConfigError(f"{held_error} (under --max-ram the search reads a fused layout's experts one at "
-                                  f"a time only with --quant none)") from None
             raise
         return plan_sourced_population(ck, plan, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len,
                                        quant=quant, num_chunks=num_chunks)
@@ -908,13 +905,11 @@ def population_floors(ck, plan: BudgetPlan, *, num_experts: int, batch_size: int
 
 def sourced_ok(ck, quant: str = "none") -> bool:
     """Whether the EEP evaluator can read this checkpoint's routed experts one at a time: from the
-    shards, a format read lazily (``lazy.reads_lazily``) and, for a fused layout, every MoE layer's
-    fused tensors stored under their runtime names (what ``lazy.ExpertSource`` reads row by row);
-    from the ``--quant`` cache, a per-expert layout (``quant.CachedTensor`` entries)."""
+    shards, a format read lazily (``lazy.reads_lazily``); for a fused layout, from the shards or the
+    ``--quant`` cache (``quant.CachedTensor`` rows), every MoE layer's fused tensors kept under their
+    runtime names (what ``lazy.ExpertSource`` reads row by row)."""
     ad = ck.adapter
-    if quant != "none":
-        return ad.expert_layout == "per_expert"
-    if not reads_lazily(ck):
+    if quant == "none" and not reads_lazily(ck):
         return False
     if ad.expert_layout != "fused":
         return True

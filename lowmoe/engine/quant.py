@@ -23,9 +23,12 @@ cache -- the EEP runner writes from the original checkpoint.
 The cache is built one tensor at a time: a layer's routed experts are read from the shards one tensor
 at a time (``lazy.read_lazy_layer``) and each quantized tensor is streamed into the layer's file
 (``writer.OpenShard``), so building it never holds a layer. ``lazy_layer(L, files)`` reads a
-per-expert layer's non-expert tensors and leaves its experts to an ``ExpertSource`` over
-``CachedTensor`` entries, which reads and dequantizes one expert at a time: what the EEP population pass reads under a ``--max-ram`` too
-small for a layer (``budget.plan_sourced_population``).
+layer's non-expert tensors and leaves its experts to an ``ExpertSource`` over ``CachedTensor``
+entries, which reads and dequantizes one expert at a time (a per-expert layout's tensors, a fused
+layout's rows): what the EEP population pass reads under a ``--max-ram`` too small for a layer
+(``budget.plan_sourced_population``). On the CPU, quantizing and dequantizing are lowmoe's own steps
+of bitsandbytes' arithmetic (``quantize_cpu``, ``dequantize_cpu``): the same bytes, without
+bitsandbytes' tensors of every value against every code.
 
 **Quantized compute** (``lowmoe score --quant``, ``lowmoe eval --streaming --quant``):
 ``build_quantized_layer`` builds one decoder layer whose linear weights are held on the compute
@@ -200,8 +203,8 @@ class QuantizedWeights:
     def lazy_layer(self, layer_idx: int, files: ShardFiles) -> LazyLayer:
         """The layer with its routed experts not read (``files``: a ``ShardFiles`` over the cache
         directory): the other tensors read and dequantized, the experts a ``lazy.ExpertSource`` over
-        ``CachedTensor`` entries, which reads and dequantizes one expert at a time. Only for a
-        per-expert layout (``ExpertSource.from_layer``)."""
+        ``CachedTensor`` entries, which reads and dequantizes one expert at a time: a per-expert
+        layout's tensors, or a fused layout's rows (``CachedTensor.read_rows``)."""
         ad, shard = self.ck.adapter, self._path(layer_idx).name
         header, _ = files.header(shard)
         meta = json.loads(header.get("__metadata__", {}).get("lowmoe_quant", "{}"))
@@ -249,6 +252,31 @@ class CachedTensor:
             self._quantized().dequantize(self.torch_dtype, out)
         else:
             out.copy_(self.read().reshape(out.shape))
+
+    def read_rows(self, row: int, out: torch.Tensor) -> None:
+        """Rows ``row``, ``row + 1``, ... of dim 0 (a fused expert tensor's experts), as many as ``out``
+        holds (contiguous, this entry's dtype), dequantized into it: only those rows' codes and their
+        blocks' absmax are read. A value's dequantization needs its code and its block's absmax alone,
+        so a first row that starts inside a block reads from the block's start and keeps its own values."""
+        bs = BLOCKSIZE[self.weights.mode]
+        per = math.prod(self.shape[1:])
+        start, n = row * per, out.numel()
+        lead = start % bs  # values of the first block before the first row (even: NF4 packs two a byte)
+        a = start - lead
+        nvals = lead + n
+        q = self.files.stored(self.key + "::q", self.shard)
+        am = self.files.stored(self.key + "::absmax", self.shard)
+        per_byte = 2 if self.weights.mode == "nf4" else 1  # codes a byte (the stored tensors' shapes aside)
+        codes = torch.empty(-(-nvals // per_byte), dtype=torch.uint8)
+        self.files.read_into(q.shard, q.offset + a // per_byte, codes)
+        absmax = torch.empty(-(-nvals // bs), dtype=torch.float32)
+        self.files.read_into(am.shard, am.offset + a // bs * 4, absmax)
+        self.weights.bytes_read += codes.numel() * codes.element_size() + absmax.numel() * absmax.element_size()
+        qt = QTensor(self.weights.mode, codes, absmax, torch.Size([nvals]), self.code)
+        if not lead and out.dtype == self.torch_dtype and out.is_contiguous():
+            qt.dequantize(self.torch_dtype, out)
+            return
+        out.copy_(qt.dequantize(self.torch_dtype)[lead:].view(out.shape))
 
 
 def hash_weight_map(ck: Checkpoint) -> str:
