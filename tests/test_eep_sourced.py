@@ -308,6 +308,8 @@ def test_inspect_shows_the_eep_search_floor(synth_dir, tmp_path):
     assert "each candidate's experts built from the shards a group at a time" in r.output
     r = CliRunner().invoke(main, ["inspect", str(src), "--method", "eep", "--quant", "nf4"])
     assert r.exit_code == 0 and "--quant nf4" in r.output, r.output
+    r = CliRunner().invoke(main, ["inspect", str(src), "--method", "eep", "--n-samples", "0"])
+    assert r.exit_code == 2 and "--n-samples 0: expected at least 1" in r.output and r.output.count("\n") == 1, r.output
     r = CliRunner().invoke(main, ["inspect", str(src), "--quant", "nf4"])
     assert r.exit_code == 2 and "--quant nf4: only the EEP search" in r.output and r.output.count("\n") == 1, r.output
 

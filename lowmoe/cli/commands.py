@@ -162,6 +162,8 @@ def inspect(model, as_json, max_ram, max_vram, device, dtype, seq_len, batch_siz
         raise ConfigError("--keep: give --method too (the plan of a prune that drops does not depend on the keep)")
     if quant != "none" and method != "eep":
         raise ConfigError(f"--quant {quant}: only the EEP search uses a quantized layer cache; give --method eep")
+    if n_samples < 1:
+        raise ConfigError(f"--n-samples {n_samples}: expected at least 1 fitness example")
     info = inspect_model(model, max_ram=max_ram, max_vram=max_vram, device=device, dtype=dtype, seq_len=seq_len,
                          batch_size=batch_size, method=method, keep=keep, quant=quant, n_samples=n_samples)
     click.echo(json.dumps(info, indent=1) if as_json else format_inspection(info))
