@@ -238,25 +238,19 @@ class CachedTensor:
         self.shape = tuple(meta["shape"])
         self.torch_dtype = _DTYPES[meta["dtype"]]
 
-    def _quantized(self) -> "QTensor":
-        codes = self.files.stored(self.key + "::q", self.shard).read()
-        absmax = self.files.stored(self.key + "::absmax", self.shard).read()
-        self.weights.bytes_read += codes.numel() * codes.element_size() + absmax.numel() * absmax.element_size()
-        return QTensor(self.weights.mode, codes, absmax, torch.Size(self.shape), self.code)
-
     def read(self) -> torch.Tensor:
-        return self._quantized().dequantize(self.torch_dtype)
+        out = torch.empty(self.shape, dtype=self.torch_dtype)
+        self.read_rows(0, out)
+        return out
 
     def read_into(self, out: torch.Tensor) -> None:
-        if out.dtype == self.torch_dtype and out.is_contiguous():  # dequantized where it goes
-            self._quantized().dequantize(self.torch_dtype, out)
-        else:
-            out.copy_(self.read().reshape(out.shape))
+        """The whole tensor into ``out`` (its size), dequantized there when ``out`` allows it."""
+        self.read_rows(0, out)
 
     def read_rows(self, row: int, out: torch.Tensor) -> None:
         """Rows ``row``, ``row + 1``, ... of dim 0 (a fused expert tensor's experts), as many as ``out``
-        holds (contiguous, this entry's dtype), dequantized into it: only those rows' codes and their
-        blocks' absmax are read. A value's dequantization needs its code and its block's absmax alone,
+        holds, dequantized into it (straight into a contiguous ``out`` of this entry's dtype, else through
+        a copy): only those rows' codes and their blocks' absmax are read. A value's dequantization needs its code and its block's absmax alone,
         so a first row that starts inside a block reads from the block's start and keeps its own values."""
         bs = BLOCKSIZE[self.weights.mode]
         per = math.prod(self.shape[1:])
@@ -433,7 +427,6 @@ def quantize_tensor(t: torch.Tensor, mode: str, device: str | torch.device = "cp
         return quantize_cpu(x, mode)  # not bitsandbytes' CPU kernels: nothing of theirs to check
     if mode == "nf4":
         check_nf4(x.device, x.shape)
-    if mode == "nf4":
         q, st = F.quantize_4bit(x, quant_type="nf4", blocksize=BLOCKSIZE["nf4"])
         return QTensor(mode, q, st.absmax.float(), x.shape)
     q, st = F.quantize_blockwise(x, blocksize=BLOCKSIZE["int8"])

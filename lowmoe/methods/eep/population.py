@@ -138,7 +138,7 @@ class CandidateSource:
         return tensors
 
     def _read(self, i: int) -> dict[str, torch.Tensor]:
-        self.ev.stats["source_reads"] = self.ev.stats.get("source_reads", 0) + 1
+        self.ev.stats["source_reads"] += 1
         src = self.src
         return src.decode(src.load(i, i + 1), self.decode_to) if src.packed else src.load(i, i + 1)
 
@@ -160,7 +160,7 @@ class CandidateSource:
                 while k < n and keep[k] == keep[k - 1] + 1:
                     k += 1
                 src.load(keep[j], keep[j] + k - j, {name: bufs[name][j:k] for name in self.names})
-                self.ev.stats["source_reads"] = self.ev.stats.get("source_reads", 0) + 1
+                self.ev.stats["source_reads"] += 1
                 j = k
             return bufs
         ev = self.ev
@@ -392,7 +392,7 @@ class LoadedLayer:
 
     def _sourced_experts(self, lp) -> dict[str, torch.Tensor]:
         """A candidate's E' runtime expert tensors in reused host buffers, read from the shards
-        (``CandidateSource.build``): kept experts row by row, merged outputs ``merge_block`` at a time
+        (``CandidateSource.load``): kept experts row by row, merged outputs ``merge_block`` at a time
         (each source read once per block, ``PopulationBudget.merge_block``)."""
         ev, n = self.ev, len(lp.keep)
         step = n if lp.merge is None else max(1, min(n, ev.budget.merge_block))
@@ -559,12 +559,15 @@ class PopulationEvaluator:
                                     TokenSubset(block if block is not None else loaded.base, index))
             return run_layer(self.skel, module, L, h, self.inputs_for(h))
 
-        def done(c: int, out: torch.Tensor) -> float:
+        written = 0.0  # seconds caching outputs (inside a wave, apart from its compute)
+
+        def done(c: int, out: torch.Tensor) -> None:
+            nonlocal written
             t0 = time.perf_counter()
             self.cache.put(L + 1, c, out, dst, checks=checks)
             spent = time.perf_counter() - t0
             io.add_stage("cache_write", spent)
-            return spent
+            written += spent
 
         batches = list(self.data.batches(self.batch_size))
         for at in range(0, len(batches), wave):
@@ -585,14 +588,12 @@ class PopulationEvaluator:
             order = [c for c, _, _ in part]
             del part
             held = self.accountant.add((len(order) - 1) * self.budget.plan.wave_chunk_bytes)  # the waiting chunks
-            writes = [0.0]
-            t0 = time.perf_counter()
+            t0, before = time.perf_counter(), written
             try:
-                # each chunk's output is cached as it ends, in chunk order (timed apart from the compute)
-                run_wave(fns, on_done=lambda i, o: writes.__setitem__(0, writes[0] + done(order[i], o)))
+                run_wave(fns, on_done=lambda i, o: done(order[i], o))  # each output cached as its chunk ends
             finally:
                 self.accountant.release(held)
-                io.add_stage("compute", time.perf_counter() - t0 - writes[0])
+                io.add_stage("compute", time.perf_counter() - t0 - (written - before))
             del fns
         with io.stage("compute"):  # the host's one wait for the layer's kernels (CUDA)
             checks.raise_first()
