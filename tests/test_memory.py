@@ -71,11 +71,10 @@ def test_under_max_ram_freed_tensors_go_back_to_the_os(synth_dir, calib_txt, tmp
     """glibc keeps freed mid-sized tensors resident (heap) once its dynamic mmap threshold has risen:
     64 MiB of freed 4 MiB tensors stay in RSS. ``return_freed_memory`` (set by a pass under
     --max-ram) maps them on their own, so they are given back; the report says it was set."""
-    held = {}
-    for how in ("default", "set"):
-        out = subprocess.run([sys.executable, "-c", _FREED, how], capture_output=True, text=True, check=True)
-        held[how] = int(out.stdout.split()[-1])
-    assert held["default"] >= 48 and held["set"] <= 8, held
+    # Set, the freed blocks are given back. glibc's default keeps them (`_FREED default` here: 64 MiB),
+    # but not on every machine (the project's CI gave them back unasked: -1 MiB), so it is not asserted.
+    out = subprocess.run([sys.executable, "-c", _FREED, "set"], capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) <= 8, out.stdout
     code = ("import json, sys, lowmoe; r = lowmoe.prune(sys.argv[1], sys.argv[2], keep=4, method='frequency', "
             "calib=[sys.argv[3]], n_samples=2, seq_len=16, progress=False, max_ram=sys.argv[4] or None); "
             "print(json.dumps(r['budget'].get('malloc_mmap_threshold')))")
