@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from . import methods
-from .engine.budget import MergeHold, parse_budget, plan_lazy_budget, plan_population, population_floors
+from .engine.budget import (SAFETY, MergeHold, parse_budget, plan_lazy_budget, plan_population, population_floors,
+                            quant_build_bytes)
 from .engine.checkpoint import Checkpoint
 from .engine.device import DTYPES
 from .engine.hf import resolve_experts_impl
@@ -87,8 +88,10 @@ def eep_info(ck: Checkpoint, plan, *, keep, batch_size: int, seq_len: int, quant
     keep_n = PruneConfig(model=ck.path, out=Path("."), keep="half" if keep is None else keep).resolve_keep(ck.num_experts)
     floors = population_floors(ck, plan, num_experts=keep_n, batch_size=batch_size, seq_len=seq_len, quant=quant)
     pop_floor = min((f for f in floors.values() if f is not None), default=None)
-    out = {"keep": keep_n, "quant": quant, "population_floor_bytes": floors,
-           "min_max_ram_bytes": None if pop_floor is None else max(plan.min_max_ram or 0, pop_floor),
+    build = quant_build_bytes(ck, quant)[0] if quant != "none" else None  # the cache, built before the search
+    build_floor = int(build / (1 - SAFETY)) + 1 if build else 0
+    out = {"keep": keep_n, "quant": quant, "population_floor_bytes": floors, "quant_build_bytes": build,
+           "min_max_ram_bytes": None if pop_floor is None else max(plan.min_max_ram or 0, pop_floor, build_floor),
            "population": None}
     if plan.max_ram is not None or plan.max_vram is not None:
         pop = plan_population(ck, plan, num_experts=keep_n, batch_size=batch_size, seq_len=seq_len, quant=quant,
@@ -165,7 +168,9 @@ def format_inspection(info: dict) -> str:
                          f"{fmt_bytes(b['min_max_ram_bytes'])}, population with a layer held "
                          f"{fmt_bytes(f['layer_held']) if f['layer_held'] else 'never'}, reading experts from the shards "
                          + (f"{fmt_bytes(f['sourced'])} (a candidate's built a group at a time: "
-                            f"{fmt_bytes(f['sourced_groups'])})" if f['sourced'] else 'not for this checkpoint'))
+                            f"{fmt_bytes(f['sourced_groups'])})" if f['sourced'] else 'not for this checkpoint')
+                         + (f"; building the --quant cache {fmt_bytes(e['quant_build_bytes'])}"
+                            if e.get("quant_build_bytes") else ""))
             pop = e.get("population")
             if pop:
                 sizes = sorted({pl["group_size"] for pl in pop["layers"].values()})

@@ -5,7 +5,10 @@
 
 Each build is its own process (``/usr/bin/time -v``): ``quant.layer_weights(Checkpoint(MODEL), MODE, DIR)``
 into an empty folder, then every cached layer read back once (``QuantizedWeights.layer``; the read's
-seconds are printed by the child). ``--baseline-src DIR`` builds again with the code in DIR (a
+seconds are printed by the child). ``peak_rss_bytes`` is the whole child's, read-back included;
+``build_peak_rss_bytes`` the peak when the build ended (freed memory given back to the OS,
+``memory.return_freed_memory``, as the EEP runner sets it under ``--max-ram``), beside the plan's figure for it
+(``budget.quant_build_bytes``, what ``--max-ram`` is checked against; None for code without it). ``--baseline-src DIR`` builds again with the code in DIR (a
 ``git archive`` export with a ``COMMIT`` file); the two caches' files must be byte-identical
 (``identical_to_baseline``).
 """
@@ -27,13 +30,23 @@ from _bench import machine, save_result
 from bench_quant_stream import code_under_test
 
 CHILD = """
-import sys, time, warnings
+import resource, sys, time, warnings
 warnings.filterwarnings("ignore")
 from lowmoe.engine.checkpoint import Checkpoint
+from lowmoe.engine.memory import return_freed_memory
 from lowmoe.engine.quant import layer_weights
+return_freed_memory()  # as the EEP runner does before the build under --max-ram
+try:
+    from lowmoe.engine.budget import quant_build_bytes
+except ImportError:  # code from before the build was planned
+    quant_build_bytes = None
+ck = Checkpoint(sys.argv[1])
+if quant_build_bytes is not None:
+    print("PLANNED", quant_build_bytes(ck, sys.argv[2])[0])
 t0 = time.perf_counter()
-w = layer_weights(Checkpoint(sys.argv[1]), sys.argv[2], sys.argv[3])
+w = layer_weights(ck, sys.argv[2], sys.argv[3])
 t1 = time.perf_counter()
+print("BUILD_PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 for layer in range(w.ck.num_layers):
     w.layer(layer)
 print("BUILD_S", t1 - t0, "READ_S", time.perf_counter() - t1)
@@ -63,6 +76,9 @@ def build(model: Path, mode: str, src: str | None, root: Path) -> dict:
         run["error"] = p.stderr.strip().splitlines()[-1]
         return run
     m = re.search(r"BUILD_S (\S+) READ_S (\S+)", p.stdout)
+    planned = re.search(r"PLANNED (\d+)", p.stdout)
+    run.update(build_peak_rss_bytes=int(re.search(r"BUILD_PEAK (\d+)", p.stdout).group(1)),
+               planned_build_bytes=int(planned.group(1)) if planned else None)
     run.update(build_s=round(float(m.group(1)), 2), read_s=round(float(m.group(2)), 2), cache_sha256=digest(out),
                cache_bytes=sum(f.stat().st_size for f in out.glob("layer*.safetensors")))
     shutil.rmtree(out, ignore_errors=True)

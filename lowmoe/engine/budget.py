@@ -58,7 +58,7 @@ from .hf import layer_config, materialize, moe_modules, split_experts
 from .lazy import StagingPool, reads_lazily
 from .memory import Accountant, fmt_bytes
 from .prefetch import DeviceStager, IOStats
-from .quant import BYTES_PER_PARAM
+from .quant import BLOCKSIZE, BYTES_PER_PARAM, MIN_NUMEL, QUANT_STEP, cache_rows
 from .writer import parse_size
 
 log = logging.getLogger(__name__)
@@ -805,6 +805,9 @@ class PopulationBudget:
     # built from the shards when the device asks for it (``eep.population.CandidateSource``), and the
     # activation chunks run in waves of ``plan.wave_chunks`` (experts-major): a group is built once per wave
     candidate_groups: bool = False
+    # host bytes of building the --quant cache before the search (``quant_build_bytes``; None: no cache,
+    # or no --max-ram to check it against)
+    quant_build_bytes: int | None = None
 
     @property
     def chunked_layers(self) -> list[int]:
@@ -816,8 +819,72 @@ class PopulationBudget:
 
     def to_json(self) -> dict:
         return {"sourced": self.sourced, "merge_block": self.merge_block, "quant": self.quant, "num_experts": self.num_experts,
-                "candidate_groups": self.candidate_groups,
+                "candidate_groups": self.candidate_groups, "quant_build_bytes": self.quant_build_bytes,
                 "candidate_host_bytes": self.candidate_host_bytes, **self.plan.to_json()}
+
+
+# bytes a value of one CPU quantization step holds (``quant.quantize_cpu``: its absolute value, the
+# scaled and clamped float32 copies, the binary search's int64 indices and distances), counted generously
+QUANT_STEP_BYTES = 64
+
+
+def quant_build_bytes(ck, mode: str) -> tuple[int, dict[str, int]]:
+    """Host bytes of building the ``--quant`` cache (``quant.QuantizedWeights._build``) at its largest
+    layer, and that layer's terms. From the index alone.
+
+    A layer is built from ``lazy.read_lazy_layer``: its non-expert tensors read (decoded), its routed
+    experts read one tensor at a time (a fused layout's: ``quant.cache_rows`` rows at a time, the
+    whole tensor's absmax kept until written, twice when joined); the tensor being quantized is held
+    decoded with its stored bytes (a quantized checkpoint's), its codes and absmax, and a step's scratch
+    (``QUANT_STEP`` values). A checkpoint not read lazily holds its whole layer as read."""
+    if mode not in BLOCKSIZE:
+        return 0, {}
+    bs, lazily = BLOCKSIZE[mode], reads_lazily(ck)
+    ad, moe = ck.adapter, set(ck.moe_layers())
+    best: tuple[int, dict[str, int]] = (0, {})
+    for L in range(ck.num_layers):
+        keys = ck.layer_keys(L)
+        experts = set(ad.routed_expert_keys(L, ck.num_experts)) if L in moe and lazily else set()
+        fused = set(ad.fused_keys(L)) if ad.expert_layout == "fused" else set()
+        held = sum(ck.read_bytes(k) for k in keys if k not in experts)
+        one, absmax_held, largest = 0, 0, 0  # bytes of a routed expert's tensor (or rows) as quantized
+        for k in keys:
+            shape = ck.tensor_info(k)[0]
+            n = _numel(shape)
+            if len(shape) < 2 or n < MIN_NUMEL or ad.is_router_key(k[len(ad.layer_prefix(L)):]):
+                continue
+            if k not in experts:  # read with the layer: only its codes are new
+                largest = max(largest, n)
+                continue
+            rows = cache_rows(shape, mode) if k in fused and len(shape) >= 3 else shape[0] if k in fused else 1
+            part = n * rows // shape[0] if k in fused else n
+            stored = sum(ck.tensor_bytes(p) for p in ck.parts.get(k, (k,)) if p in ck.weight_map) * part // n \
+                if ck.quant_format is not None and ck.is_quantized(k) else 0
+            decode = min(SCRATCH_BYTES, 8 * part) if stored else 0  # ``formats``' float32 bands
+            one = max(one, ck.read_bytes(k) * part // n + stored + decode)
+            largest = max(largest, part)
+            if k in fused and len(shape) >= 3:
+                absmax_held = max(absmax_held, 2 * 4 * -(-n // bs))
+        terms = {"interpreter": HOST_BASE_BYTES, "layer_non_expert_weights": held, "expert_tensor_read": one,
+                 "codes_and_absmax": int(largest * BYTES_PER_PARAM[mode]) + absmax_held,
+                 "quantize_step": QUANT_STEP * QUANT_STEP_BYTES}
+        if sum(terms.values()) > best[0]:
+            best = (sum(terms.values()), {"layer": L, **terms})
+    return best
+
+
+def check_quant_build(ck, plan: "BudgetPlan | None", mode: str) -> int | None:
+    """The host bytes of building the ``--quant`` cache (``quant_build_bytes``) when --max-ram is
+    given; ConfigError naming --max-ram when they are more than it holds."""
+    if plan is None or plan.max_ram is None or mode not in BLOCKSIZE:
+        return None
+    need, terms = quant_build_bytes(ck, mode)
+    if need > plan.max_ram * (1 - SAFETY):
+        parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in terms.items() if k != "layer" and v)
+        raise ConfigError(f"--max-ram {fmt_bytes(plan.max_ram)}: building the --quant {mode} cache needs "
+                          f"{fmt_bytes(int(need / (1 - SAFETY)) + 1)} at layer {terms['layer']} ({parts}); "
+                          f"raise --max-ram or use --quant none")
+    return need
 
 
 def _budget_flag(plan: BudgetPlan) -> str:
@@ -834,7 +901,8 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
     --max-ram leaves room for it; where it does not, and the weights are the checkpoint's (``quant``
     "none"), each candidate's experts are read from the shards instead (``plan_sourced_population``;
     ``num_chunks``: the fitness data's activation chunks, at most, for the waves of a candidate built a
-    group at a time). ``quiet``: the plan's notes are not logged (a plan made again).
+    group at a time). ``quiet``: the plan's notes are not logged (a plan made again). With ``quant``
+    nf4/int8 and --max-ram, building the cache must fit it too (``check_quant_build``).
 
     Host: one layer as read + its runtime copy (no prefetch: the evaluator reads layer by layer) + a
     candidate's E' experts in the stored dtype + the float32 merge accumulator (one expert's tensor,
@@ -848,8 +916,10 @@ def plan_population(ck, plan: BudgetPlan | None, *, num_experts: int, batch_size
     flag when not even one expert fits."""
     if plan is None or (plan.max_vram is None and plan.max_ram is None):
         return None
+    build = check_quant_build(ck, plan, quant)  # the cache is built before the first candidate runs
     out = _choose_population(ck, plan, num_experts=num_experts, batch_size=batch_size, seq_len=seq_len, quant=quant,
                              num_chunks=num_chunks)
+    out.quant_build_bytes = build
     for note in [] if quiet else out.plan.notes:  # the chosen plan's, once (the planners are tried quietly)
         log.info(note)
     return out

@@ -68,7 +68,7 @@ from .checkpoint import Checkpoint
 from .device import dtype_bytes
 from .experts import QuantExperts
 from .hf import materialize, moe_modules, split_experts
-from .lazy import ExpertSource, LazyLayer, ShardFiles, read_lazy_layer
+from .lazy import ExpertSource, LazyLayer, ShardFiles, entry_rows, read_lazy_layer
 from .memory import fmt_bytes
 from .progress import progress as progress_bar
 from .writer import OpenShard
@@ -121,9 +121,9 @@ class QuantizedWeights:
         self._build(progress)
 
     # ---- building ------------------------------------------------------------------------
-    def _quantizable(self, layer_idx: int, key: str, t: torch.Tensor) -> bool:
+    def _quantizable(self, layer_idx: int, key: str, shape, dtype: torch.dtype) -> bool:
         rel = key[len(self.ck.adapter.layer_prefix(layer_idx)):]
-        return (t.ndim >= 2 and t.numel() >= MIN_NUMEL and t.is_floating_point()
+        return (len(shape) >= 2 and math.prod(shape) >= MIN_NUMEL and dtype.is_floating_point
                 and not self.ck.adapter.is_router_key(rel))
 
     def _path(self, layer_idx: int) -> Path:
@@ -157,23 +157,40 @@ class QuantizedWeights:
         out = OpenShard(tmp, 8 * ((sum(3 * len(k) + 256 for k in keys) + 2048) // 8))
         code_written = False
         for key in keys:
-            t = layer[key]  # a routed expert's tensor is read (and decoded) now, alone
-            if not self._quantizable(layer_idx, key, t):
-                out.add(key, t.contiguous())
+            stored = layer.stored(key) if isinstance(layer, LazyLayer) else None
+            shape, dtype = (stored.shape, stored.torch_dtype) if stored is not None else (layer[key].shape, layer[key].dtype)
+            if not self._quantizable(layer_idx, key, shape, dtype):
+                out.add(key, layer[key].contiguous())
                 continue
-            qt = quantize_tensor(t, self.mode)  # on the CPU, as read
-            if qt.code is not None and not code_written:  # the same dynamic map for every tensor
-                out.add("__code__", qt.code.float().contiguous())
+            if self.mode == "int8" and not code_written:  # the same dynamic map for every tensor
+                out.add("__code__", _dynamic_map().float().contiguous())
                 code_written = True
-            out.add(key + "::q", qt.codes.contiguous())
-            out.add(key + "::absmax", qt.absmax.contiguous())
-            meta[key] = {"shape": list(t.shape), "dtype": str(t.dtype)}
-            del t, qt
+            if stored is not None and len(shape) >= 3:  # a fused layout's experts: quantized a few rows at a time
+                absmax = []
+                out.add_parts(key + "::q", torch.uint8, _codes_shape(shape, self.mode), self._quantized_rows(stored, absmax))
+                out.add(key + "::absmax", torch.cat(absmax))
+            else:  # a routed expert's tensor is read (and decoded) now, alone
+                qt = quantize_tensor(layer[key], self.mode)  # on the CPU, as read
+                out.add(key + "::q", qt.codes.contiguous())
+                out.add(key + "::absmax", qt.absmax.contiguous())
+                del qt
+            meta[key] = {"shape": list(shape), "dtype": str(dtype)}
         out.metadata["lowmoe_quant"] = json.dumps(meta)
         out.close()
         os.replace(tmp, self._path(layer_idx))
         log.info("quantized %d layers (%s) into %s: %.1f MB (checkpoint layers: %.1f MB)", self.ck.num_layers, self.mode,
                  self.root, self.cache_bytes() / 1e6, sum(self.ck.layer_bytes(i) for i in range(self.ck.num_layers)) / 1e6)
+
+    def _quantized_rows(self, stored, absmax: list[torch.Tensor]):
+        """A fused expert tensor (a stored entry, experts on dim 0) quantized ``cache_rows`` rows at a
+        time, each step's rows read and decoded alone: the codes of each step in turn, its absmax appended
+        to ``absmax``. Every step starts on a block's first value, so the codes and absmax are those of
+        the whole tensor quantized at once (tested)."""
+        rows = cache_rows(stored.shape, self.mode)
+        for r in range(0, stored.shape[0], rows):
+            qt = quantize_tensor(entry_rows(stored, list(range(r, min(stored.shape[0], r + rows)))), self.mode)
+            absmax.append(qt.absmax)
+            yield qt.codes
 
     def cache_bytes(self) -> int:
         return sum(self._path(i).stat().st_size for i in range(self.ck.num_layers) if self._path(i).is_file())
@@ -271,6 +288,18 @@ class CachedTensor:
             qt.dequantize(self.torch_dtype, out)
             return
         out.copy_(qt.dequantize(self.torch_dtype)[lead:].view(out.shape))
+
+
+def cache_rows(shape, mode: str) -> int:
+    """Rows of dim 0 the cache build quantizes together in a fused expert tensor of ``shape``: the
+    fewest whose values fill whole blocks (one expert, unless a row's values are not a multiple of
+    the block)."""
+    return BLOCKSIZE[mode] // math.gcd(math.prod(shape[1:]), BLOCKSIZE[mode])
+
+
+def _codes_shape(shape, mode: str) -> list[int]:
+    """The stored shape of a tensor's codes (``quantize_cpu``'s): NF4 packs two a byte in one column."""
+    return [math.prod(shape) // 2, 1] if mode == "nf4" else list(shape)
 
 
 def hash_weight_map(ck: Checkpoint) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -103,6 +104,26 @@ class OpenShard:
         self.f.write(memoryview(data))
         n = data.nbytes
         self.entries[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [self.offset, self.offset + n]}
+        self.offset += n
+        faults.point("shard-write", self.path)
+
+    def add_parts(self, key: str, dtype: torch.dtype, shape: list[int], parts) -> None:
+        """One tensor written from consecutive pieces (``parts``: tensors of ``dtype`` whose bytes, in
+        order, are the tensor's), each piece written as it comes and none held afterwards: a tensor
+        bigger than the memory at hand. OutputError when the pieces do not add up to ``shape``."""
+        if dtype not in _ST_DTYPES:
+            raise OutputError(f"tensor {key}: dtype {dtype} cannot be stored in safetensors")
+        n = 0
+        for t in parts:
+            if t.dtype != dtype:
+                raise OutputError(f"tensor {key}: a piece of dtype {t.dtype}, expected {dtype}")
+            data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            self.f.write(memoryview(data))
+            n += data.nbytes
+        want = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if n != want:
+            raise OutputError(f"tensor {key}: pieces of {n} bytes in all, expected {want} for shape {list(shape)}")
+        self.entries[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [self.offset, self.offset + n]}
         self.offset += n
         faults.point("shard-write", self.path)
 

@@ -41,6 +41,7 @@ from ...engine.apply import apply_layer
 from ...engine.budget import plan_population
 from ...engine.calibration import load_tokenizer
 from ...engine.lazy import LazyLayer, selection_only
+from ...engine.memory import return_freed_memory
 from ...engine.quant import QUANT_MODES, layer_weights
 from ...engine.rundir import WORK_DIR, write_json_atomic, write_layers
 from ...errors import ConfigError
@@ -147,6 +148,8 @@ def run_eep(run, cfg, top_k: int) -> dict:
             else:  # one dev file for several training domains: one dev domain
                 dev = FitnessData.load(opts["dev"], tok, max_len=cfg.seq_len)
         t0 = time.perf_counter()
+        if budget is not None and budget.plan.max_ram is not None:  # the build's freed steps go back to the OS too
+            return_freed_memory()
         weights = layer_weights(ck, opts["quant"], work / f"quant-{opts['quant']}", device=device, progress=cfg.progress)
         quant_s = time.perf_counter() - t0
         methods = [] if opts["init"] == "random" or not space.prunes else \
