@@ -21,8 +21,9 @@ no GPU was available), on the CPU where ``apply_layer`` works, so the rest of lo
 cache -- the EEP runner writes from the original checkpoint.
 
 The cache is built one tensor at a time: a layer's routed experts are read from the shards one tensor
-at a time (``lazy.read_lazy_layer``) and each quantized tensor is streamed into the layer's file
-(``writer.OpenShard``), so building it never holds a layer. ``lazy_layer(L, files)`` reads a
+at a time (``lazy.read_lazy_layer``; a fused layout's ``cache_rows`` experts at a time) and each
+quantized tensor is streamed into the layer's file (``writer.OpenShard``), so building it never holds
+a layer, nor a fused tensor decoded (its host peak: ``budget.quant_build_bytes``). ``lazy_layer(L, files)`` reads a
 layer's non-expert tensors and leaves its experts to an ``ExpertSource`` over ``CachedTensor``
 entries, which reads and dequantizes one expert at a time (a per-expert layout's tensors, a fused
 layout's rows): what the EEP population pass reads under a ``--max-ram`` too small for a layer
