@@ -193,6 +193,29 @@ def test_nearest_code_is_argmin_with_its_ties():
         assert torch.equal(nearest_code(x, table), argmin(x, table))
 
 
+def test_bucket_lookup_is_searchsorted():
+    """``quant._searchsorted`` (a lookup by a float32's top 16 bits) counts what ``torch.searchsorted``
+    counts: at both ends of every one of the 65536 buckets (the values a bucket's count could be wrong
+    at), at the tables' values and their neighbours, at infinities and random bit patterns (NaNs aside:
+    their codes are set apart); a table with two values in one bucket keeps the binary search."""
+    from lowmoe.engine.quant import _bucket_table, _dynamic_map, _nf4_table, _searchsorted
+
+    top = torch.arange(1 << 16, dtype=torch.int64) - (1 << 15)
+    ends = torch.cat([top << 16, (top << 16) | 0xFFFF]).to(torch.int32).view(torch.float32)
+    rand = torch.randint(-2**31, 2**31 - 1, (1 << 20,), generator=torch.Generator().manual_seed(3), dtype=torch.int64)
+    for table in (_nf4_table().float(), _dynamic_map().float(), torch.tensor([0.0, 1e-9, 2e-9, 1.0])):
+        up, down = torch.nextafter(table, torch.full_like(table, 2.0)), torch.nextafter(table, torch.full_like(table, -2.0))
+        x = torch.cat([ends, table, up, down, -table, torch.tensor([float("inf"), -float("inf"), 0.0, -0.0]),
+                       rand.to(torch.int32).view(torch.float32)])
+        x = x[~torch.isnan(x)]
+        assert _bucket_table(table) is not None
+        assert torch.equal(_searchsorted(table, x), torch.searchsorted(table, x))
+    close = torch.tensor([0.0, 1.0, 1.0001])  # 1.0 and 1.0001 share their top 16 bits
+    assert _bucket_table(close) is None
+    x = torch.tensor([1.00005, 1.0, 0.5, 2.0])
+    assert _searchsorted(close, x).tolist() == torch.searchsorted(close, x).tolist() == [2, 1, 1, 3]
+
+
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_cached_rows_dequantize_as_the_whole_tensor(tmp_path, mode):
     """``CachedTensor.read_rows`` (a fused expert tensor's rows from the cache): rows of 111 values,

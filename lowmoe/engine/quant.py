@@ -478,7 +478,7 @@ def nearest_code(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     found by stepping down from the lower one while the distance stays equal (rarely even once). A NaN
     (an all-zero block scaled by 1/0) is every distance's NaN, where argmin gives index 0."""
     k = table.numel()
-    hi = torch.searchsorted(table, x).clamp_(1, k - 1)
+    hi = _searchsorted(table, x).clamp_(1, k - 1)
     lo = hi - 1
     d_lo, d_hi = torch.abs(x - table[lo]), torch.abs(x - table[hi])
     best = torch.where(d_hi < d_lo, hi, lo).masked_fill_(torch.isnan(x), 0)
@@ -489,6 +489,46 @@ def nearest_code(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         if not bool(tie.any()):
             return best.to(torch.uint8)
         best = torch.where(tie, prev, best)
+
+
+_BUCKET_SHIFT = 16  # a float32's sign, exponent and first 7 mantissa bits: 65536 buckets
+_buckets: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _searchsorted(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``torch.searchsorted(table, x)`` (the count of ``table``'s values below each x), for float32 ``x``
+    by a lookup: x's bucket (its bits' top 16) gives the count below the bucket and the one table value
+    inside it, if any (``_bucket_table``), and x above that value adds one -- a gather and a comparison
+    instead of a binary search (about 4x faster on one core). A NaN's count is not searchsorted's (the
+    callers set its code apart). Other dtypes: ``torch.searchsorted``."""
+    lut = _bucket_table(table) if x.dtype == torch.float32 and table.dtype == torch.float32 else None
+    if lut is None:
+        return torch.searchsorted(table, x)
+    below, inside = lut
+    b = (x.view(torch.int32) >> _BUCKET_SHIFT) + (1 << (31 - _BUCKET_SHIFT))  # 0 .. 65535, the sign's half first
+    return below[b] + (x > inside[b])
+
+
+def _bucket_table(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per bucket of float32 bit patterns (``_searchsorted``): how many of ``table``'s values lie below
+    its smallest value, and the table value inside it (+inf where none); None when a bucket holds two
+    (the binary search is kept). Built once per table."""
+    key = tuple(table.tolist())
+    if key not in _buckets:
+        n = 1 << (32 - _BUCKET_SHIFT)
+        top = torch.arange(n, dtype=torch.int64) - n // 2  # the buckets' top bits, as signed int32s
+        first = (top << _BUCKET_SHIFT).to(torch.int32).view(torch.float32)
+        last = ((top << _BUCKET_SHIFT) | ((1 << _BUCKET_SHIFT) - 1)).to(torch.int32).view(torch.float32)
+        low = torch.where(top < 0, last, first)  # a negative bucket's values fall as its bits rise
+        low = torch.where(torch.isnan(low), first, low)  # -inf's bucket: -inf, then NaNs
+        tb = (table.view(torch.int32).to(torch.int64) >> _BUCKET_SHIFT) + n // 2
+        if tb.unique().numel() < tb.numel():
+            _buckets[key] = None
+        else:
+            inside = torch.full((n,), float("inf"))
+            inside[tb] = table
+            _buckets[key] = (torch.searchsorted(table, low), inside)
+    return _buckets[key]
 
 
 def _dynamic_map() -> torch.Tensor:
