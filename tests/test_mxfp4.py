@@ -45,6 +45,22 @@ def test_dequantize_hand_computed():
     assert half[0, :4].tolist() == [0.25, 0.5, 3.0, -3.0]
 
 
+def test_dequantize_every_byte_and_scale():
+    """Every byte (two E2M1 nibbles, the low one first) under every E8M0 scale: E2M1_VALUES[nibble] x
+    2^(scale - 127), in float32 and rounded once to bf16."""
+    blocks = torch.arange(256, dtype=torch.uint8).view(16, 16).expand(256, 16, 16).reshape(256, 16, 16)
+    scales = torch.arange(256, dtype=torch.uint8).view(256, 1).expand(256, 16).contiguous()
+    want = torch.empty(256, 16, 32)
+    lut = torch.tensor(E2M1_VALUES)
+    byte = torch.arange(256).view(16, 16)
+    for s in range(256):
+        want[s, :, 0::2] = lut[byte & 0x0F] * 2.0 ** (s - 127)
+        want[s, :, 1::2] = lut[byte >> 4] * 2.0 ** (s - 127)
+    for dtype in (torch.float32, torch.bfloat16):  # (scale 255, 2^128, is inf in float32: 0 x inf is NaN in both)
+        torch.testing.assert_close(mxfp4_dequantize(blocks, scales, dtype), want.view(256, 512).to(dtype),
+                                   rtol=0, atol=0, equal_nan=True)
+
+
 def test_quantize_hand_computed():
     w = torch.zeros(1, 32)
     w[0, :4] = torch.tensor([3.0, -1.5, 0.75, 0.0])  # amax 3 -> scale 2^-1 (3 / 0.5 = 6, the largest E2M1)

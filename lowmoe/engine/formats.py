@@ -154,13 +154,22 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     if tuple(blocks.shape[:-1]) != tuple(scales.shape) or blocks.shape[-1] != MX_GROUP // 2:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not match "
                          f"(expected blocks = scales shape + ({MX_GROUP // 2},))")
-    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=blocks.device)
-    vals = torch.empty((*blocks.shape[:-1], MX_GROUP), dtype=torch.float32, device=blocks.device)
-    vals[..., 0::2] = lut[(blocks & 0x0F).int()]  # even element from the low nibble
-    vals[..., 1::2] = lut[(blocks >> 4).int()]
+    # each byte's two values at once: the even element from the low nibble, the odd one from the high
+    vals = _e2m1_pairs(blocks.device)[blocks.int()].view(*blocks.shape[:-1], MX_GROUP)
     # 2**(s - 127) exactly (ldexp, not pow), one per group of 32
     vals.mul_(torch.ldexp(torch.ones(scales.shape, device=blocks.device), scales.to(torch.int32) - E8M0_BIAS).unsqueeze(-1))
     return vals.flatten(-2).to(dtype)
+
+
+_pairs: dict[torch.device, torch.Tensor] = {}
+
+
+def _e2m1_pairs(device: torch.device) -> torch.Tensor:
+    """(256, 2) float32: the two E2M1 values a byte of MXFP4 blocks holds (low nibble, high nibble)."""
+    if device not in _pairs:
+        lut, b = torch.tensor(E2M1_VALUES, dtype=torch.float32), torch.arange(256)
+        _pairs[device] = torch.stack([lut[b & 0x0F], lut[b >> 4]], dim=-1).to(device)
+    return _pairs[device]
 
 
 def _e2m1_codes(y: torch.Tensor) -> torch.Tensor:
