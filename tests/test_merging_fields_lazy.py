@@ -85,6 +85,36 @@ def test_a_plan_with_fields_decodes_only_its_sources(synth_dir, tmp_path, monkey
     assert _weights(tmp_path / "lazy") == _weights(tmp_path / "whole")
 
 
+@pytest.mark.parametrize("quant", ["none", "mxfp4"])
+def test_an_aligned_fused_merge_reads_rows_not_the_layer(synth_dir, tmp_path, monkeypatch, quant):
+    """``align`` over GPT-OSS's fused experts (bf16, or MXFP4 merged rows re-quantized): each merged
+    row reads its sources' rows, permuted as they are read (``align.AlignedRows``), and no fused
+    tensor is decoded whole; the same bytes as the whole-layer path."""
+    mxfp4 = quant == "mxfp4"
+    src = synth_dir("gpt_oss", dtype="bfloat16", **({"quant": "mxfp4"} if mxfp4 else {}))
+    ck = Checkpoint(src)
+    plan = align_plan(ck)
+    assert all(len(lp["align"]) == 2 for lp in plan["layers"].values())
+    cls = QuantizedStored if mxfp4 else StoredTensor
+    read, whole, rows = cls.read, [], []
+
+    def spy(self):
+        stored = self.main if mxfp4 else self
+        if ".experts." in self.key:
+            (whole if isinstance(stored, StoredTensor) else rows).append(self.key)
+        return read(self)
+
+    monkeypatch.setattr(cls, "read", spy)
+    monkeypatch.setattr(lazy.StoredRows, "read", lambda self, real=lazy.StoredRows.read: (rows.append(self.key), real(self))[1])
+    lowmoe.prune(src, tmp_path / "lazy", plan=plan, progress=False)
+    assert whole == [] and rows, whole
+    monkeypatch.setattr(cls, "read", read)
+    monkeypatch.setattr(lazy, "reads_lazily", lambda ck: False)  # the whole-layer path, for reference
+    monkeypatch.setattr(rundir, "read_lazy_layer", lambda ck, files, L: ck.read_layer(L))
+    lowmoe.prune(src, tmp_path / "whole", plan=plan, progress=False)
+    assert _weights(tmp_path / "lazy") == _weights(tmp_path / "whole")
+
+
 def test_dern_blocks_of_slots_give_the_same_bits(synth_dir, tmp_path, monkeypatch):
     """DERN's write merges the fed slots a block at a time, reading the sources once per block: one
     slot a block gives the same bytes as all of them at once."""

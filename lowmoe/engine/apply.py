@@ -59,6 +59,20 @@ class PlanFields:
             return all(n in self.view or n not in self.pre for n in lp.extra)
         return lp.merge is None and all(n not in self.pre for n in lp.extra)
 
+    def fused_rows(self, adapter: Adapter, lp: LayerPlan | None) -> bool:
+        """Whether a plan over a fused layout is computed a row (output expert) at a time from its
+        sources' rows (``apply_layer_fused_rows``, ``_merged_fused``): its fields, if any, are all
+        views (``align``: the rows permuted as read, ``viewed``)."""
+        return (lp is not None and adapter.expert_layout == "fused"
+                and all(n in self.view for n in lp.extra))
+
+    def viewed(self, adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan):
+        """``tensors`` seen through the views of ``lp``'s fields (``view``), in the plan's order."""
+        for name, value in lp.extra.items():
+            if name in self.view:
+                tensors = self.view[name](adapter, layer_idx, tensors, value)
+        return tensors
+
 
 NO_FIELDS = PlanFields()
 
@@ -244,13 +258,14 @@ def apply_layer_quantized(adapter: Adapter, layer_idx: int, fmt, stored: dict[st
     prefix = adapter.layer_prefix(layer_idx)
     out: dict[str, torch.Tensor] = {}
     requantized: set[int] = set()  # output experts
-    fused_rows = adapter.expert_layout == "fused" and not lp.extra
+    fused_rows = fields.fused_rows(adapter, lp)
     if fields.from_sources(adapter, lp):
         # rows that are one source with coefficient 1 come as that source's stored entry where the plan's
         # fields leave it as it is (copied below), else computed
         items = _from_sources(adapter, layer_idx, tensors, lp, num_experts, fields)
-    elif fused_rows:
-        items = _merged_fused(adapter, layer_idx, tensors, lp, num_experts, sources, quantized)
+    elif fused_rows:  # (an ``align`` view permutes each source row as it is read)
+        items = _merged_fused(adapter, layer_idx, fields.viewed(adapter, layer_idx, tensors, lp), lp, num_experts,
+                              sources, quantized)
     else:
         items = apply_layer(adapter, layer_idx, tensors, lp, num_experts, fields=fields).items()
     for key, t in items:
@@ -446,8 +461,9 @@ def _merged_fused(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_
 
 
 def apply_layer_fused_rows(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_experts: int) -> dict:
-    """``apply_layer``'s output for a merge plan (no plan fields) over an unquantized fused layout read
-    lazily (``tensors``: a ``lazy.LazyLayer``): each output row of a fused expert tensor is computed
+    """``apply_layer``'s output for a merge plan over an unquantized fused layout read lazily
+    (``tensors``: a ``lazy.LazyLayer``, or the ``align`` view over one, ``PlanFields.viewed``; no other
+    plan fields): each output row of a fused expert tensor is computed
     from its sources' rows alone, read one at a time (``_merged_fused``, ``merge_one``); a row that is
     one source with coefficient 1 is that source's row as stored. The fused tensors are never decoded
     whole: the layer's output (E' rows) and one merge are held."""

@@ -336,8 +336,11 @@ class PruneRun:
                 if self.plan_fields.from_sources(self.adapter, lp):
                     return apply_layer_from_sources(self.adapter, layer_idx, tensors, lp, self.ck.num_experts,
                                                     fields=self.plan_fields)
-                if self.adapter.expert_layout == "fused" and not lp.extra:  # the merged rows, from their sources' rows
-                    return apply_layer_fused_rows(self.adapter, layer_idx, tensors, lp, self.ck.num_experts)
+                if self.plan_fields.fused_rows(self.adapter, lp):
+                    # the merged rows, from their sources' rows (an ``align`` view permutes each as it is read)
+                    return apply_layer_fused_rows(self.adapter, layer_idx,
+                                                  self.plan_fields.viewed(self.adapter, layer_idx, tensors, lp), lp,
+                                                  self.ck.num_experts)
             # kept experts of a selection plan stay stored entries: the writer copies their bytes
             tensors = tensors.for_plan(selection_only(lp))
         if layer_idx in self.moe:
@@ -358,10 +361,12 @@ class PruneRun:
                                            fields=self.plan_fields)
             return out
         if (isinstance(tensors, LazyLayer) and tensors.experts is not None and lp is not None
-                and (not lp.extra or self.plan_fields.from_sources(self.adapter, lp))):
-            # a merge over experts read lazily (per expert, or rows of MXFP4's fused tensors), or plan
-            # fields over per-expert ones: copied experts stay stored entries, and each rewritten one
-            # decodes only its sources (apply_layer_quantized), never the whole layer
+                and (not lp.extra or self.plan_fields.from_sources(self.adapter, lp)
+                     or self.plan_fields.fused_rows(self.adapter, lp))):
+            # a merge over experts read lazily (per expert, or rows of MXFP4's fused tensors, ``align``
+            # permuting them as read), or plan fields over per-expert ones: copied experts stay stored
+            # entries, and each rewritten one decodes only its sources (apply_layer_quantized), never
+            # the whole layer
             out, stats = apply_layer_quantized(self.adapter, layer_idx, ck.quant_format,
                                                self._lazy_stored(layer_idx, tensors), tensors, lp,
                                                ck.num_experts, fields=self.plan_fields)

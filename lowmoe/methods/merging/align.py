@@ -19,13 +19,14 @@ the merge (``PLAN_FIELDS.pre["align"]`` (``lowmoe.methods``)). The plan stores, 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
-from ...engine.lazy import decoded
+from ...engine.lazy import decoded, entry, entry_dtype, entry_rows
 from ...errors import PlanError
-from .stats import (NEURON_DIM, PROJS, expert_dtype, expert_weights, has_expert, neuron_features, num_neurons,
-                    permute_neurons, set_expert_weights)
+from .stats import (NEURON_DIM, PROJS, _fused_base, expert_dtype, expert_weights, has_expert, neuron_features,
+                    num_neurons, permute_neurons, set_expert_weights)
 
 
 def alignment(leader: dict[str, torch.Tensor], member: dict[str, torch.Tensor]) -> list[int]:
@@ -97,21 +98,35 @@ def apply_alignment(adapter, layer_idx: int, tensors: dict[str, torch.Tensor], v
 
 class AlignedLayer(Mapping):
     """``PLAN_FIELDS.view["align"]`` (``lowmoe.methods``): ``apply_alignment``'s result computed on
-    access, for a per-expert layout. An expert tensor the plan permutes is read when asked for and its
+    access. Per-expert layout: an expert tensor the plan permutes is read when asked for and its
     neurons permuted then (a permutation of the stored values: the same bits as ``apply_alignment``);
     every other tensor is the layer's own, a stored entry staying one (``stored``), so a lazily read
-    layer (``lazy.LazyLayer``) is never decoded whole."""
+    layer (``lazy.LazyLayer``) is never decoded whole. Fused layout (GPT-OSS's ``gate_up_proj``, gate
+    and up interleaved on the last dim, ``down_proj``, their biases): a fused tensor the plan permutes
+    is an ``AlignedRows`` entry (``stored``) whose rows are permuted as they are read, so a merge that
+    reads its sources' rows (``apply.apply_layer_fused_rows``) never decodes the layer either."""
 
     def __init__(self, adapter, layer_idx: int, tensors, value):
-        if adapter.expert_layout != "per_expert":
-            raise ValueError("AlignedLayer: a per-expert layout")
         self._tensors = tensors
-        self._perm: dict[str, tuple[int, torch.Tensor]] = {}  # key -> (neuron dim, permutation)
-        for e, perm in _permutations(adapter, layer_idx, tensors, value):
-            for key, name in zip(adapter.expert_keys(layer_idx, e), PROJS):
-                self._perm[key] = (NEURON_DIM[name], perm)
+        self._perm: dict[str, tuple[int, torch.Tensor]] = {}  # per-expert key -> (neuron dim, permutation)
+        self._rows: dict[str, AlignedRows] = {}  # fused key -> its rows, permuted when read
+        perms = _permutations(adapter, layer_idx, tensors, value)
+        if adapter.expert_layout == "per_expert":
+            for e, perm in perms:
+                for key, name in zip(adapter.expert_keys(layer_idx, e), PROJS):
+                    self._perm[key] = (NEURON_DIM[name], perm)
+            return
+        if not perms:
+            return
+        base = _fused_base(adapter, layer_idx)
+        pairs = {e: torch.stack([2 * perm, 2 * perm + 1], dim=-1).flatten() for e, perm in perms}  # gate, up of a neuron
+        for name, dim, index in (("gate_up_proj", -1, pairs), ("gate_up_proj_bias", -1, pairs), ("down_proj", 0, dict(perms))):
+            if base + name in tensors:
+                self._rows[base + name] = AlignedRows(entry(tensors, base + name), dim, index)
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._rows:
+            return self._rows[key].read()
         t = decoded(self._tensors[key])
         if key not in self._perm:
             return t
@@ -128,7 +143,48 @@ class AlignedLayer(Mapping):
         return key in self._tensors
 
     def stored(self, key: str):
-        """The stored entry of a tensor left as it is (None for a permuted one: it must be computed)."""
+        """The stored entry of a tensor left as it is (None for a permuted expert tensor: it must be
+        computed; a permuted fused tensor's ``AlignedRows``)."""
+        if key in self._rows:
+            return self._rows[key]
         if key in self._perm or not hasattr(self._tensors, "stored"):
             return None
         return self._tensors.stored(key)
+
+
+@dataclass(frozen=True, eq=False)
+class AlignedRows:
+    """A fused expert tensor (a tensor or a stored entry, experts on dim 0) with some experts' neurons
+    permuted, as an entry that reads rows (``lazy.entry_rows``): rows ``keep`` are read from ``base``
+    and each permuted expert's row has its values moved along its neuron dim ``dim`` (``index``:
+    expert -> the row's index along it), the stored values in the stored dtype, so the same bits as
+    ``apply_alignment``'s float32 round trip. ``keep``: the rows this entry is (None: all)."""
+
+    base: object
+    dim: int
+    index: dict[int, torch.Tensor]
+    keep: tuple[int, ...] | None = None
+
+    @property
+    def _ids(self) -> list[int]:
+        return list(range(self.base.shape[0])) if self.keep is None else list(self.keep)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self._ids), *tuple(self.base.shape[1:]))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return entry_dtype(self.base)
+
+    def rows(self, keep) -> "AlignedRows":
+        ids = self._ids
+        return AlignedRows(self.base, self.dim, self.index, tuple(ids[int(j)] for j in keep))
+
+    def read(self) -> torch.Tensor:
+        ids = self._ids
+        t = entry_rows(self.base, ids)  # a new tensor (an indexed copy, or the rows read)
+        for j, e in enumerate(ids):
+            if e in self.index:
+                t[j] = t[j].index_select(self.dim, self.index[e])
+        return t
