@@ -39,9 +39,10 @@ def estimate_peak_bytes(ck: Checkpoint, *, seq_len: int = 256, batch_size: int =
     return {"largest_layer_bytes": largest, "activation_chunk_bytes": chunk, "estimated_peak_bytes": peak}
 
 
-def merge_for(ck: Checkpoint, method: str | None, keep) -> MergeHold | None:
-    """What ``--method`` with ``--keep`` holds beside a selection's (``budget.MergeHold``); None
-    without a method. ConfigError naming the flag for an unknown method or a bad keep."""
+def merge_for(ck: Checkpoint, method: str | None, keep, options: dict | None = None) -> MergeHold | None:
+    """What ``--method`` with ``--keep`` (and its ``--method-option`` values, e.g. ``align``) holds
+    beside a selection's (``budget.MergeHold``); None without a method. ConfigError naming the flag
+    for an unknown method, a bad keep or an option the method does not take."""
     if method is None:
         return None
     if method not in methods.method_names():
@@ -49,12 +50,12 @@ def merge_for(ck: Checkpoint, method: str | None, keep) -> MergeHold | None:
     keep_n = PruneConfig(model=ck.path, out=Path("."), keep="half" if keep is None else keep).resolve_keep(ck.num_experts)
     if not 1 <= keep_n <= ck.num_experts:
         raise ConfigError(f"--keep {keep!r}: {keep_n} experts; expected 1 to {ck.num_experts}")
-    return methods.merge_hold(method, ck.num_experts, keep_n)
+    return methods.merge_hold(method, ck.num_experts, keep_n, options)
 
 
 def budget_info(ck: Checkpoint, *, max_ram=None, max_vram=None, device: str = "cpu", dtype: str = "float32",
                 seq_len: int = 256, batch_size: int = 8, method: str | None = None, keep=None, quant: str = "none",
-                n_samples: int = 64) -> dict:
+                n_samples: int = 64, method_options: dict | None = None) -> dict:
     """What a prune (experts read in groups, ``plan_lazy_budget``) needs and holds, from the index alone:
     the smallest --max-ram (and --max-vram on CUDA) that work and, under the given budgets, the group
     size and the planned host/device peaks term by term. ``method``/``keep``: a merging method's plan
@@ -63,7 +64,7 @@ def budget_info(ck: Checkpoint, *, max_ram=None, max_vram=None, device: str = "c
     dev, dt = torch.device(device), DTYPES[dtype]
     kw = dict(device=dev, dtype=dt, batch_size=batch_size, seq_len=seq_len,
               grouped=resolve_experts_impl("auto", dev) == "grouped",  # what a prune there computes with
-              merge=merge_for(ck, method, keep))
+              merge=merge_for(ck, method, keep, method_options))
     floor = plan_lazy_budget(ck, **kw)
     p = plan_lazy_budget(ck, max_ram=parse_budget(max_ram, "--max-ram"), max_vram=parse_budget(max_vram, "--max-vram"), **kw)
     groups = sorted({pl.group_size for pl in p.layers.values() if pl.group_size})
@@ -101,7 +102,8 @@ def eep_info(ck: Checkpoint, plan, *, keep, batch_size: int, seq_len: int, quant
 
 
 def inspect_model(path: str | Path, *, max_ram=None, max_vram=None, device: str = "cpu", dtype: str = "float32",
-                  method: str | None = None, keep=None, quant: str = "none", n_samples: int = 64, **kw) -> dict:
+                  method: str | None = None, keep=None, quant: str = "none", n_samples: int = 64,
+                  method_options: dict | None = None, **kw) -> dict:
     ck = Checkpoint(path)
     ck.validate()
     moe = set(ck.moe_layers())
@@ -122,7 +124,7 @@ def inspect_model(path: str | Path, *, max_ram=None, max_vram=None, device: str 
     info.update(estimate_peak_bytes(ck, **kw))
     info["whole_model_load_bytes"] = total
     info["budget"] = budget_info(ck, max_ram=max_ram, max_vram=max_vram, device=device, dtype=dtype, method=method,
-                                 keep=keep, quant=quant, n_samples=n_samples, **kw)
+                                 keep=keep, quant=quant, n_samples=n_samples, method_options=method_options, **kw)
     info["estimated_peak_bytes"] = info["budget"]["host_peak_bytes"]  # experts are read in groups
     return info
 

@@ -184,7 +184,8 @@ def plan_run_budget(cfg: PruneConfig, ck: Checkpoint):
     starts (``budget.plan_population``)."""
     device = cfg.compute_device()
     # a merging method's merged experts (held until written) and one merge's temporaries
-    merge = None if cfg.keep is None else methods.merge_hold(cfg.method, ck.num_experts, cfg.resolve_keep(ck.num_experts))
+    merge = None if cfg.keep is None else methods.merge_hold(cfg.method, ck.num_experts, cfg.resolve_keep(ck.num_experts),
+                                                             dict(cfg.method_options))
     return plan_stream_budget(ck, device=device, dtype=resolve_dtype(DTYPES[cfg.dtype], device), batch_size=cfg.batch_size,
                               seq_len=cfg.seq_len, max_vram=cfg.max_vram, max_ram=cfg.max_ram, prefetch=cfg.prefetch,
                               lazy=(cfg.method not in methods.RUNNERS or cfg.method in methods.LAZY_RUNNERS)

@@ -16,7 +16,8 @@ from lowmoe.methods.merging.align import alignment, apply_alignment
 from lowmoe.methods.merging.c_prune import clusters_at, decide_layer, global_merges
 from lowmoe.methods.merging.common import agglomerate, assign_to_leaders, groups_to_plan
 from lowmoe.methods.merging.dern import Dern, apply_neurons
-from lowmoe.methods.merging.stats import expert_weights, permute_neurons, set_expert_weights
+from lowmoe.methods.merging.stats import (expert_features, expert_weights, neuron_features, permute_neurons,
+                                          set_expert_weights)
 from lowmoe.methods import make_layer_method
 from lowmoe.engine.plan import LayerPlan
 
@@ -135,7 +136,7 @@ def test_alignment_merges_permuted_twins_back_to_the_original():
     e1 = permute_neurons(e0, perm)
     others = [rand_expert(g), rand_expert(g)]
     tensors = mixtral_layer([e0, e1] + others, torch.randn(4, H, generator=g))
-    assert alignment(e0, e1) == torch.argsort(perm).tolist()
+    assert alignment(neuron_features(e0), neuron_features(e1)) == torch.argsort(perm).tolist()
     logits = torch.randn(40, 4, generator=g)
     logits[:, 1] = logits[:, 0] + 0.01 * torch.randn(40, generator=g)  # the router treats 1 like 0
     results = {}
@@ -149,6 +150,24 @@ def test_alignment_merges_permuted_twins_back_to_the_original():
     for got, name in zip(results[True], ("gate", "up", "down")):
         assert torch.allclose(got, e0[name], atol=1e-5)
     assert not torch.allclose(results[False][0], e0["gate"], atol=1e-2)
+
+
+@pytest.mark.parametrize("arch, kw", [("mixtral", {}), ("gpt_oss", {"dtype": "bfloat16"}),
+                                      ("gpt_oss", {"dtype": "bfloat16", "quant": "mxfp4"}),
+                                      ("qwen3_moe", {"dtype": "bfloat16", "quant": "fp8", "fp8_block": 16})])
+def test_expert_features_are_the_canonical_weights_features(synth_dir, arch, kw):
+    """``expert_features`` (built a stored tensor at a time, from a lazily read layer) holds the same
+    values as ``neuron_features(expert_weights(...))``, for per-expert and fused layouts, bf16, FP8 and MXFP4."""
+    from lowmoe.engine.checkpoint import Checkpoint
+    from lowmoe.engine.lazy import ShardFiles, read_lazy_layer
+
+    ck = Checkpoint(synth_dir(arch, **kw))
+    L = ck.moe_layers()[0]
+    layer = read_lazy_layer(ck, ShardFiles(ck.path), L)
+    for e in (0, ck.num_experts - 1):
+        want = neuron_features(expert_weights(ck.adapter, L, layer, e))
+        got = expert_features(ck.adapter, L, layer, e)
+        assert got.dtype == torch.float32 and torch.equal(got, want), (arch, e)
 
 
 def test_align_plan_field_validates():

@@ -151,7 +151,10 @@ def synth(out, arch, layers, hidden_size, intermediate_size, experts, top_k, hea
               help="With --method eep: the search's quantized layer cache (none, int8, nf4).")
 @click.option("--n-samples", default=64, show_default=True, type=int,
               help="With --method eep: the search's fitness examples (its activation chunks under a small --max-ram).")
-def inspect(model, as_json, max_ram, max_vram, device, dtype, seq_len, batch_size, method, keep, quant, n_samples):
+@click.option("--method-option", "-O", "method_option", multiple=True, metavar="KEY=VALUE",
+              help="With --method: its options as the prune takes them (e.g. align=true: the alignment's memory).")
+def inspect(model, as_json, max_ram, max_vram, device, dtype, seq_len, batch_size, method, keep, quant, n_samples,
+            method_option):
     """Family, layers, experts, top-k, bytes per layer, the smallest --max-ram/--max-vram a prune can run
     under, and what a prune under the given budgets will hold."""
     if dtype not in DTYPES:
@@ -164,8 +167,12 @@ def inspect(model, as_json, max_ram, max_vram, device, dtype, seq_len, batch_siz
         raise ConfigError(f"--quant {quant}: only the EEP search uses a quantized layer cache; give --method eep")
     if n_samples < 1:
         raise ConfigError(f"--n-samples {n_samples}: expected at least 1 fitness example")
+    if method_option and method is None:
+        raise ConfigError("--method-option: give --method too (the options are that method's)")
+    options = _add_method_options({}, method_option).get("method_options", {})
     info = inspect_model(model, max_ram=max_ram, max_vram=max_vram, device=device, dtype=dtype, seq_len=seq_len,
-                         batch_size=batch_size, method=method, keep=keep, quant=quant, n_samples=n_samples)
+                         batch_size=batch_size, method=method, keep=keep, quant=quant, n_samples=n_samples,
+                         method_options=options)
     click.echo(json.dumps(info, indent=1) if as_json else format_inspection(info))
 
 

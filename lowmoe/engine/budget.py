@@ -481,12 +481,24 @@ class MergeHold:
     copies of whole experts in blocks (DERN's slot sums and retained features) whose size the plan
     sets (``BudgetPlan.merge_scratch_bytes``): at least one, at most ``rewritten``. ``match_rows``:
     the method compares that many of an expert's neurons with all of another's at once (DERN's
-    matching: a float32 (rows, I) similarity buffer)."""
+    matching: a float32 (rows, I) similarity buffer). ``align``: before a layer's merge the method
+    aligns each merged member's neurons to its leader's (``-O align=true``): two experts' neuron
+    features and their (I, I) similarities, in float32 and float64 (``alignment_bytes``)."""
 
     rewritten: int
     kept: int
     blocks: bool = False
     match_rows: int = 0
+    align: bool = False
+
+
+def alignment_bytes(neurons: int, hidden: int) -> int:
+    """Host bytes a merging method's ``-O align=true`` holds at once for one merged member (I neurons,
+    hidden size H; ``merging.align.align_groups``): the leader's and the member's neuron features
+    (I x 3H float32 each) with their (I, I) float32 similarities, then the leader's features, the
+    similarities and their float64 copy (``align.assignment``)."""
+    features, sim = neurons * 3 * hidden * 4, neurons * neurons * 4
+    return max(2 * features + sim, features + sim + 2 * sim)
 
 
 def merge_scratch(L: "_LazyLayerSize", quant_method: str | None, compute_bytes: int, slots: int = 0,
@@ -624,7 +636,9 @@ def plan_lazy_budget(ck, *, device: torch.device, dtype: torch.dtype, batch_size
         neurons = L.mat_numel // hidden  # at most the experts' intermediate size (a fused gate-up: twice it)
         match = 4 * min(merge.match_rows, neurons) * neurons
         scratch = merge_scratch(L, quantized.method if quantized else None, b_host, blk, match)
-        return {"merged_experts_held": held, "merge_scratch": max(0, before + scratch - freed - held)}
+        # the alignment comes before the merge (nothing merged held yet), after the pass's activations
+        align = alignment_bytes(neurons // 2 if fused else neurons, hidden) if merge.align else 0
+        return {"merged_experts_held": held, "merge_scratch": max(0, before + scratch - freed - held, align - freed)}
 
     def host_need(L: _LazyLayerSize, g: int, pre: bool) -> dict[str, int]:
         g = min(g, L.num_experts) if L.num_experts else 0

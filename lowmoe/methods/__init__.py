@@ -83,13 +83,15 @@ def options_per_method(names: list[str], options: dict) -> dict[str, dict]:
     return {m: {k: v for k, v in options.items() if k in specs[m]} for m in names}
 
 
-def merge_hold(name: str, num_experts: int, keep_n: int) -> MergeHold | None:
+def merge_hold(name: str, num_experts: int, keep_n: int, options: dict | None = None) -> MergeHold | None:
     """What ``--method name``'s plans hold on the host beyond a selection's, for the budget
-    (``budget.MergeHold``, ``plan_lazy_budget``); None: a method that only selects experts."""
+    (``budget.MergeHold``, ``plan_lazy_budget``; ``options``: its ``--method-option`` values, e.g.
+    ``align``); None: a method that only selects experts."""
     if name in LAYER_METHODS:
-        return LAYER_METHODS[name].merge_hold(num_experts, keep_n)
+        return LAYER_METHODS[name].merge_hold(num_experts, keep_n, options)
     if name == "c-prune":  # k clusters merged, as the merging layer methods
-        return MergeHold(max(0, min(keep_n, num_experts - keep_n)), keep_n)
+        align = parse_options("c-prune", dict(options or {}), C_PRUNE_OPTIONS)["align"]
+        return MergeHold(max(0, min(keep_n, num_experts - keep_n)), keep_n, align=bool(align))
     return None
 
 

@@ -36,9 +36,10 @@ class LayerMethod:
         return dict(cls.OPTIONS)
 
     @classmethod
-    def merge_hold(cls, num_experts: int, keep_n: int) -> MergeHold | None:
+    def merge_hold(cls, num_experts: int, keep_n: int, options: dict | None = None) -> MergeHold | None:
         """What the method's plans hold on the host beyond a selection's, for the budget
-        (``budget.MergeHold``); None: its plans only select experts (kept ones are copied as bytes)."""
+        (``budget.MergeHold``; ``options``: its ``--method-option`` values); None: its plans only
+        select experts (kept ones are copied as bytes)."""
         return None
 
     def observe(self, call: MoeCall) -> None:

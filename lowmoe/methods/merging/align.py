@@ -8,8 +8,9 @@ and the Switch-only permutation step of M-SMoE / UNCURL): with neuron features
 
     π* = argmax_π Σ_m <φ_leader(m), φ_member(π(m))>
 
-by ``scipy.optimize.linear_sum_assignment`` on the (I, I) similarity matrix. Permuting an expert's
-neurons does not change what it computes, so the alignment is applied to the *input* experts before
+by ``scipy.optimize.linear_sum_assignment`` on the (I, I) similarity matrix (host memory:
+``budget.alignment_bytes``; the features are built one stored tensor at a time,
+``stats.expert_features``). Permuting an expert's neurons does not change what it computes, so the alignment is applied to the *input* experts before
 the merge (``PLAN_FIELDS.pre["align"]`` (``lowmoe.methods``)). The plan stores, per layer,
 ``"align": {"<expert id>": [π(0), ..., π(I-1)]}`` (identity permutations are left out), so
 ``--plan`` re-applies it. Works for per-expert and GPT-OSS fused layouts (canonical weights,
@@ -25,18 +26,25 @@ import torch
 
 from ...engine.lazy import decoded, entry, entry_dtype, entry_rows
 from ...errors import PlanError
-from .stats import (NEURON_DIM, PROJS, _fused_base, expert_dtype, expert_weights, has_expert, neuron_features,
+from .stats import (NEURON_DIM, PROJS, _fused_base, expert_dtype, expert_features, expert_weights, has_expert,
                     num_neurons, permute_neurons, set_expert_weights)
 
 
-def alignment(leader: dict[str, torch.Tensor], member: dict[str, torch.Tensor]) -> list[int]:
-    """π with member neuron π(m) matched to leader neuron m (canonical weights, see stats.py)."""
+def alignment(leader: torch.Tensor, member: torch.Tensor) -> list[int]:
+    """π with member neuron π(m) matched to leader neuron m, from their neuron features (I, 3H)
+    float32 (``stats.expert_features``): ``assignment`` of their similarities."""
+    return assignment(leader @ member.T)
+
+
+def assignment(sim: torch.Tensor) -> list[int]:
+    """π maximizing Σ_m sim[m, π(m)] (``sim``: (I, I) float32 similarities, <φ_leader(m), φ_member(n)>).
+    The similarities go to float64 and are negated in place for scipy's minimization (its ``maximize``
+    would negate a copy: the same values, one (I, I) float64 less)."""
     # imported here, not with the module: ``import lowmoe`` took 0.54 s with it and 0.11 s without, so
     # ``--help``, ``inspect`` and the checks that fail fast start sooner (a pass's transformers imports it anyway)
     from scipy.optimize import linear_sum_assignment
 
-    sim = neuron_features(leader) @ neuron_features(member).T  # (I, I): <φ_leader(m), φ_member(n)>
-    rows, cols = linear_sum_assignment(sim.double().numpy(), maximize=True)
+    rows, cols = linear_sum_assignment(sim.double().neg_().numpy())
     perm = [0] * len(rows)
     for r, c in zip(rows.tolist(), cols.tolist()):
         perm[r] = c
@@ -53,11 +61,15 @@ def align_groups(adapter, layer_idx: int, tensors: dict[str, torch.Tensor], grou
         if len(g) < 2:
             continue
         group_routed = any_routed and sum(float(freq[e]) for e in g) > 0
-        lead = expert_weights(adapter, layer_idx, tensors, g[0])
+        lead = expert_features(adapter, layer_idx, tensors, g[0])
         for e in g[1:]:
             if group_routed and float(freq[e]) == 0.0:
                 continue
-            perm = alignment(lead, expert_weights(adapter, layer_idx, tensors, e))
+            member = expert_features(adapter, layer_idx, tensors, e)
+            sim = lead @ member.T
+            del member  # before the similarities' float64 copy (``budget.alignment_bytes``)
+            perm = assignment(sim)
+            del sim
             if perm != list(range(len(perm))):
                 out[str(e)] = perm
     return out

@@ -187,9 +187,10 @@ class MergeMethod(LayerMethod):
         return {}
 
     @classmethod
-    def merge_hold(cls, num_experts: int, keep_n: int) -> MergeHold:
+    def merge_hold(cls, num_experts: int, keep_n: int, options: dict | None = None) -> MergeHold:
         # k groups of E experts: at most E - k of them have more than one member (are merged)
-        return MergeHold(max(0, min(keep_n, num_experts - keep_n)), keep_n)
+        return MergeHold(max(0, min(keep_n, num_experts - keep_n)), keep_n,
+                         align=bool(parse_options(cls.name, dict(options or {}), cls.option_spec())["align"]))
 
     def observe(self, call) -> None:
         self.stats.observe(call)

@@ -95,7 +95,7 @@ class Dern(LayerMethod):
         self.info: dict = {}
 
     @classmethod
-    def merge_hold(cls, num_experts: int, keep_n: int) -> MergeHold:
+    def merge_hold(cls, num_experts: int, keep_n: int, options: dict | None = None) -> MergeHold:
         # every slot may be fed; float32 experts in blocks (retained features, slot sums)
         return MergeHold(keep_n, keep_n, blocks=True, match_rows=ROWS)
 

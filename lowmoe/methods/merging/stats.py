@@ -139,6 +139,32 @@ def neuron_features(w: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([w["gate"], w["up"], w["down"].T], dim=1)
 
 
+def expert_features(adapter, layer_idx: int, tensors, e: int) -> torch.Tensor:
+    """``neuron_features(expert_weights(...))`` of expert ``e`` (the same values), filled one stored
+    tensor (a fused layout's: one row) at a time: no float32 copy of the expert besides the result."""
+    if adapter.expert_layout == "per_expert":
+        g, u, d = (entry(tensors, k) for k in adapter.expert_keys(layer_idx, e))
+        gate = decoded(g)  # (I, H)
+        n, h = gate.shape
+        out = torch.empty(n, 3 * h, dtype=torch.float32)
+        out[:, :h] = gate
+        del gate
+        out[:, h:2 * h] = decoded(u)
+        out[:, 2 * h:] = decoded(d).T  # down (H, I): its columns
+        return out
+    base = _fused_base(adapter, layer_idx)
+    if not has_expert(adapter, layer_idx, tensors, e):
+        raise IndexError(f"expert {e} is not one of layer {layer_idx}'s")
+    gu = _row(entry(tensors, base + "gate_up_proj"), e)  # (H, 2I): gate and up interleaved
+    h, n = gu.shape[0], gu.shape[1] // 2
+    out = torch.empty(n, 3 * h, dtype=torch.float32)
+    out[:, :h] = gu[:, ::2].T
+    out[:, h:2 * h] = gu[:, 1::2].T
+    del gu
+    out[:, 2 * h:] = _row(entry(tensors, base + "down_proj"), e)  # (I, H)
+    return out
+
+
 def weight_gram(adapter, layer_idx: int, tensors: dict[str, torch.Tensor], num_experts: int) -> torch.Tensor:
     """Gram matrix of the experts' flattened weights, every expert tensor of the layer (GPT-OSS
     biases included) (E, E) float64. Works on the stored tensors one projection (or fused tensor) at a
