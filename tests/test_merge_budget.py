@@ -147,3 +147,34 @@ def test_inspect_plans_for_a_merging_method(synth_dir):
                        (("--method", "dern", "--keep", "9"), "--keep '9'")):
         r = run(*args)
         assert r.exit_code == 2 and flag in r.output, r.output
+
+
+def test_alignment_is_planned_when_the_method_aligns(synth_dir):
+    """``-O align=true`` adds the alignment's host memory (two experts' neuron features and their
+    (I, I) similarities in float32 and float64, ``alignment_bytes``) to the plan, beyond what the
+    pass frees; the method's options reach the plan (prune, C-Prune, ``lowmoe inspect -O``)."""
+    from click.testing import CliRunner
+
+    from lowmoe.cli import main
+    from lowmoe.engine.budget import alignment_bytes
+
+    # wide experts (I = 512) next to small activations: the alignment outweighs what the pass frees
+    src = synth_dir("mixtral", hidden_size=64, intermediate_size=512, dtype="bfloat16", shard_size="400KB")
+    ck = Checkpoint(src)
+    E = ck.num_experts
+    assert merge_hold("merge-freq", E, 4, {"align": "true"}) == MergeHold(4, 4, align=True)
+    assert merge_hold("merge-freq", E, 4, {"align": "false"}) == merge_hold("merge-freq", E, 4) == MergeHold(4, 4)
+    assert merge_hold("c-prune", E, 5, {"align": "true"}) == MergeHold(3, 5, align=True)
+    assert merge_hold("dern", E, 4, {}).align is False
+    with pytest.raises(ConfigError, match="--method-option bogus: not an option of --method merge-freq"):
+        merge_hold("merge-freq", E, 4, {"bogus": "1"})
+    plain, aligned = (_plan(ck, merge=merge_hold("merge-freq", E, 4, o)) for o in ({}, {"align": "true"}))
+    need = alignment_bytes(512, 64)
+    assert need == max(2 * 512 * 192 * 4 + 512 * 512 * 4, 512 * 192 * 4 + 3 * 512 * 512 * 4)
+    extra = aligned.host_terms["merge_scratch"] - plain.host_terms["merge_scratch"]
+    assert 0 < extra <= need and aligned.min_max_ram > plain.min_max_ram
+    run = lambda *a: json.loads(CliRunner().invoke(main, ["inspect", str(src), "--json", "--method", "merge-freq", "--keep", "4",  # noqa: E731
+                                                          "--batch-size", "2", "--seq-len", "16", *a]).output)["budget"]
+    assert run("-O", "align=true")["min_max_ram_bytes"] == aligned.min_max_ram > run()["min_max_ram_bytes"] == plain.min_max_ram
+    r = CliRunner().invoke(main, ["inspect", str(src), "-O", "align=true"])
+    assert r.exit_code == 2 and "--method-option: give --method too" in r.output
