@@ -492,13 +492,18 @@ class MergeHold:
     align: bool = False
 
 
+# the similarity matmul's packing buffers (BLAS) and the assignment's own vectors, beside its matrices
+ALIGN_SLACK = 64 << 20
+
+
 def alignment_bytes(neurons: int, hidden: int) -> int:
     """Host bytes a merging method's ``-O align=true`` holds at once for one merged member (I neurons,
     hidden size H; ``merging.align.align_groups``): the leader's and the member's neuron features
     (I x 3H float32 each) with their (I, I) float32 similarities, then the leader's features, the
-    similarities and their float64 copy (``align.assignment``)."""
+    similarities and their float64 copy (``align.assignment``); and ``ALIGN_SLACK`` (measured at the
+    Mixtral-8x7B geometry: 29 MB above the rest, ``scripts/bench_align.py``)."""
     features, sim = neurons * 3 * hidden * 4, neurons * neurons * 4
-    return max(2 * features + sim, features + sim + 2 * sim)
+    return max(2 * features + sim, features + sim + 2 * sim) + ALIGN_SLACK
 
 
 def merge_scratch(L: "_LazyLayerSize", quant_method: str | None, compute_bytes: int, slots: int = 0,
