@@ -875,8 +875,8 @@ def quant_build_bytes(ck, mode: str) -> tuple[int, dict[str, int]]:
             if k not in experts:  # read with the layer: only its codes are new
                 largest = max(largest, n)
                 continue
-            rows = cache_rows(shape, mode) if k in fused and len(shape) >= 3 else shape[0] if k in fused else 1
-            part = n * rows // shape[0] if k in fused else n
+            # a fused tensor's rows quantized at once, else the whole tensor (one expert's, or a fused bias)
+            part = n * min(shape[0], cache_rows(shape, mode)) // shape[0] if k in fused and len(shape) >= 3 else n
             stored = sum(ck.tensor_bytes(p) for p in ck.parts.get(k, (k,)) if p in ck.weight_map) * part // n \
                 if ck.quant_format is not None and ck.is_quantized(k) else 0
             decode = min(SCRATCH_BYTES, 8 * part) if stored else 0  # ``formats``' float32 bands

@@ -23,9 +23,9 @@ cache -- the EEP runner writes from the original checkpoint.
 The cache is built one tensor at a time: a layer's routed experts are read from the shards one tensor
 at a time (``lazy.read_lazy_layer``; a fused layout's ``cache_rows`` experts at a time) and each
 quantized tensor is streamed into the layer's file (``writer.OpenShard``), so building it never holds
-a layer, nor a fused tensor decoded (its host peak: ``budget.quant_build_bytes``). ``lazy_layer(L, files)`` reads a
-layer's non-expert tensors and leaves its experts to an ``ExpertSource`` over ``CachedTensor``
-entries, which reads and dequantizes one expert at a time (a per-expert layout's tensors, a fused
+a layer, nor a fused tensor decoded (its host peak: ``budget.quant_build_bytes``).
+``lazy_layer(L, files)`` reads a layer's non-expert tensors and leaves its experts to an
+``ExpertSource`` over ``CachedTensor`` entries, which reads and dequantizes one expert at a time (a per-expert layout's tensors, a fused
 layout's rows): what the EEP population pass reads under a ``--max-ram`` too small for a layer
 (``budget.plan_sourced_population``). On the CPU, quantizing and dequantizing are lowmoe's own steps
 of bitsandbytes' arithmetic (``quantize_cpu``, ``dequantize_cpu``): the same bytes, without
@@ -492,14 +492,15 @@ def nearest_code(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 _BUCKET_SHIFT = 16  # a float32's sign, exponent and first 7 mantissa bits: 65536 buckets
-_buckets: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_buckets: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
 
 def _searchsorted(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``torch.searchsorted(table, x)`` (the count of ``table``'s values below each x), for float32 ``x``
     by a lookup: x's bucket (its bits' top 16) gives the count below the bucket and the one table value
     inside it, if any (``_bucket_table``), and x above that value adds one -- a gather and a comparison
-    instead of a binary search (about 4x faster on one core). A NaN's count is not searchsorted's (the
+    instead of a binary search (measured on one core: 7 ns a value instead of 40 against int8's 256
+    codes, of 20 against NF4's 16). A NaN's count is not searchsorted's (the
     callers set its code apart). Other dtypes: ``torch.searchsorted``."""
     lut = _bucket_table(table) if x.dtype == torch.float32 and table.dtype == torch.float32 else None
     if lut is None:

@@ -10,10 +10,10 @@ and the Switch-only permutation step of M-SMoE / UNCURL): with neuron features
 
 by ``scipy.optimize.linear_sum_assignment`` on the (I, I) similarity matrix (host memory:
 ``budget.alignment_bytes``; the features are built one stored tensor at a time,
-``stats.expert_features``). Permuting an expert's neurons does not change what it computes, so the alignment is applied to the *input* experts before
-the merge (``PLAN_FIELDS.pre["align"]`` (``lowmoe.methods``)). The plan stores, per layer,
-``"align": {"<expert id>": [π(0), ..., π(I-1)]}`` (identity permutations are left out), so
-``--plan`` re-applies it. Works for per-expert and GPT-OSS fused layouts (canonical weights,
+``stats.expert_features``). Permuting an expert's neurons does not change what it computes, so the
+alignment is applied to the *input* experts before the merge (``PLAN_FIELDS.pre["align"]``
+(``lowmoe.methods``)). The plan stores, per layer, ``"align": {"<expert id>": [π(0), ..., π(I-1)]}``
+(identity permutations are left out), so ``--plan`` re-applies it. Works for per-expert and GPT-OSS fused layouts (canonical weights,
 ``stats.expert_weights``). Cost: one O(I³) assignment per merged member (≈0.5 s at I = 2048).
 """
 
@@ -26,7 +26,7 @@ import torch
 
 from ...engine.lazy import decoded, entry, entry_dtype, entry_rows
 from ...errors import PlanError
-from .stats import (NEURON_DIM, PROJS, _fused_base, expert_dtype, expert_features, expert_weights, has_expert,
+from .stats import (NEURON_DIM, PROJS, expert_dtype, expert_features, expert_weights, fused_base, has_expert,
                     num_neurons, permute_neurons, set_expert_weights)
 
 
@@ -130,7 +130,7 @@ class AlignedLayer(Mapping):
             return
         if not perms:
             return
-        base = _fused_base(adapter, layer_idx)
+        base = fused_base(adapter, layer_idx)
         pairs = {e: torch.stack([2 * perm, 2 * perm + 1], dim=-1).flatten() for e, perm in perms}  # gate, up of a neuron
         for name, dim, index in (("gate_up_proj", -1, pairs), ("gate_up_proj_bias", -1, pairs), ("down_proj", 0, dict(perms))):
             if base + name in tensors:

@@ -39,7 +39,8 @@ BLOCK_BYTES = 256 * 2**20
 # ---- weights -----------------------------------------------------------------------------------
 
 
-def _fused_base(adapter, layer_idx: int) -> str:
+def fused_base(adapter, layer_idx: int) -> str:
+    """The key prefix of a fused layout's expert tensors (``...mlp.experts.``)."""
     return adapter.layer_prefix(layer_idx) + adapter.moe_prefix + "experts."
 
 
@@ -57,7 +58,7 @@ def expert_weights(adapter, layer_idx: int, tensors: dict[str, torch.Tensor], e:
     if adapter.expert_layout == "per_expert":
         g, u, d = (decoded(entry(tensors, k)).float() for k in adapter.expert_keys(layer_idx, e))
         return {"gate": g, "up": u, "down": d}
-    base = _fused_base(adapter, layer_idx)
+    base = fused_base(adapter, layer_idx)
     if not has_expert(adapter, layer_idx, tensors, e):
         raise IndexError(f"expert {e} is not one of layer {layer_idx}'s")
     gu = _row(entry(tensors, base + "gate_up_proj"), e).float()  # (H, 2I)
@@ -74,21 +75,21 @@ def has_expert(adapter, layer_idx: int, tensors, e: int) -> bool:
     """Whether expert ``e`` is one of the layer's (nothing read)."""
     if adapter.expert_layout == "per_expert":
         return e >= 0 and all(k in tensors for k in adapter.expert_keys(layer_idx, e))
-    return 0 <= e < entry(tensors, _fused_base(adapter, layer_idx) + "gate_up_proj").shape[0]
+    return 0 <= e < entry(tensors, fused_base(adapter, layer_idx) + "gate_up_proj").shape[0]
 
 
 def hidden_size(adapter, layer_idx: int, tensors) -> int:
     """The experts' hidden size H, from a stored shape (nothing read)."""
     if adapter.expert_layout == "per_expert":
         return entry(tensors, adapter.expert_keys(layer_idx, 0)[0]).shape[1]  # gate (I, H)
-    return entry(tensors, _fused_base(adapter, layer_idx) + "gate_up_proj").shape[1]  # (E, H, 2I)
+    return entry(tensors, fused_base(adapter, layer_idx) + "gate_up_proj").shape[1]  # (E, H, 2I)
 
 
 def num_neurons(adapter, layer_idx: int, tensors) -> int:
     """The experts' intermediate size I, from a stored shape (nothing read)."""
     if adapter.expert_layout == "per_expert":
         return entry(tensors, adapter.expert_keys(layer_idx, 0)[0]).shape[0]  # gate (I, H)
-    return entry(tensors, _fused_base(adapter, layer_idx) + "gate_up_proj").shape[-1] // 2  # (E, H, 2I)
+    return entry(tensors, fused_base(adapter, layer_idx) + "gate_up_proj").shape[-1] // 2  # (E, H, 2I)
 
 
 def set_expert_weights(adapter, layer_idx: int, tensors: dict[str, torch.Tensor], slot: int,
@@ -101,7 +102,7 @@ def set_expert_weights(adapter, layer_idx: int, tensors: dict[str, torch.Tensor]
         for key, name in zip(adapter.expert_keys(layer_idx, slot), PROJS):
             tensors[key] = w[name].to(dtype).contiguous()
         return
-    base = _fused_base(adapter, layer_idx)
+    base = fused_base(adapter, layer_idx)
 
     def own(key):
         if key not in cloned:
@@ -125,7 +126,7 @@ def set_expert_weights(adapter, layer_idx: int, tensors: dict[str, torch.Tensor]
 
 
 def expert_dtype(adapter, layer_idx: int, tensors: dict[str, torch.Tensor]) -> torch.dtype:
-    key = adapter.expert_keys(layer_idx, 0)[0] if adapter.expert_layout == "per_expert" else _fused_base(adapter, layer_idx) + "gate_up_proj"
+    key = adapter.expert_keys(layer_idx, 0)[0] if adapter.expert_layout == "per_expert" else fused_base(adapter, layer_idx) + "gate_up_proj"
     return entry_dtype(entry(tensors, key))
 
 
@@ -152,7 +153,7 @@ def expert_features(adapter, layer_idx: int, tensors, e: int) -> torch.Tensor:
         out[:, h:2 * h] = decoded(u)
         out[:, 2 * h:] = decoded(d).T  # down (H, I): its columns
         return out
-    base = _fused_base(adapter, layer_idx)
+    base = fused_base(adapter, layer_idx)
     if not has_expert(adapter, layer_idx, tensors, e):
         raise IndexError(f"expert {e} is not one of layer {layer_idx}'s")
     gu = _row(entry(tensors, base + "gate_up_proj"), e)  # (H, 2I): gate and up interleaved
