@@ -6,7 +6,7 @@
 Each build is its own process (``/usr/bin/time -v``): ``quant.layer_weights(Checkpoint(MODEL), MODE, DIR)``
 into an empty folder, then every cached layer read back once (``QuantizedWeights.layer``; the read's
 seconds are printed by the child). ``peak_rss_bytes`` is the whole child's, read-back included;
-``build_peak_rss_bytes`` the peak when the build ended (freed memory given back to the OS,
+``build_peak_rss_bytes`` the peak when the build ended (``--no-read-back``: the only one) (freed memory given back to the OS,
 ``memory.return_freed_memory``, as the EEP runner sets it under ``--max-ram``), beside the plan's figure for it
 (``budget.quant_build_bytes``, what ``--max-ram`` is checked against; None for code without it). ``--baseline-src DIR`` builds again with the code in DIR (a
 ``git archive`` export with a ``COMMIT`` file); the two caches' files must be byte-identical
@@ -47,7 +47,7 @@ t0 = time.perf_counter()
 w = layer_weights(ck, sys.argv[2], sys.argv[3])
 t1 = time.perf_counter()
 print("BUILD_PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-for layer in range(w.ck.num_layers):
+for layer in range(w.ck.num_layers) if sys.argv[4] == "read" else ():
     w.layer(layer)
 print("BUILD_S", t1 - t0, "READ_S", time.perf_counter() - t1)
 """
@@ -57,16 +57,18 @@ def digest(folder: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(folder.glob("layer*.safetensors")):
         h.update(f.name.encode())
-        h.update(f.read_bytes())
+        with open(f, "rb") as fh:  # a chunk at a time: a layer's cache can be GBs
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
-def build(model: Path, mode: str, src: str | None, root: Path) -> dict:
+def build(model: Path, mode: str, src: str | None, root: Path, read: bool = True) -> dict:
     env, commit, where = code_under_test(src, root)
     out = root / f"cache-{mode}-{'baseline' if src else 'current'}"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", CHILD, str(model), mode, str(out)],
+    p = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", CHILD, str(model), mode, str(out), "read" if read else "skip"],
                        capture_output=True, text=True, env=env, cwd=root)
     wall = time.perf_counter() - t0
     run = {"mode": mode, "label": "baseline" if src else "current", "lowmoe_commit": commit, "lowmoe_imported_from": where,
@@ -91,6 +93,8 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["nf4", "int8"])
     ap.add_argument("--baseline-src", default=None)
     ap.add_argument("--json", required=True)
+    ap.add_argument("--no-read-back", action="store_true",
+                    help="skip reading every cached layer back whole (a large layer's read-back can hold more than the build)")
     args = ap.parse_args()
     from lowmoe.engine.checkpoint import Checkpoint
 
@@ -103,7 +107,7 @@ def main() -> None:
     try:
         for mode in args.modes:
             for src in [None] + ([args.baseline_src] if args.baseline_src else []):
-                run = build(model, mode, src, root)
+                run = build(model, mode, src, root, read=not args.no_read_back)
                 result["runs"].append(run)
                 print(json.dumps(run), flush=True)
         for r in result["runs"]:
