@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lowmoe
-from lowmoe.engine import lazy, rundir
+from lowmoe.engine import apply, lazy, rundir
 from lowmoe.engine.checkpoint import Checkpoint
 from lowmoe.engine.lazy import QuantizedStored, ShardFiles, StoredTensor, read_lazy_layer
 from lowmoe.errors import PlanError
@@ -109,8 +109,10 @@ def test_an_aligned_fused_merge_reads_rows_not_the_layer(synth_dir, tmp_path, mo
     lowmoe.prune(src, tmp_path / "lazy", plan=plan, progress=False)
     assert whole == [] and rows, whole
     monkeypatch.setattr(cls, "read", read)
-    monkeypatch.setattr(lazy, "reads_lazily", lambda ck: False)  # the whole-layer path, for reference
+    monkeypatch.setattr(lazy, "reads_lazily", lambda ck: False)  # the whole-layer path, for reference:
     monkeypatch.setattr(rundir, "read_lazy_layer", lambda ck, files, L: ck.read_layer(L))
+    # the layer permuted whole (``apply_alignment``), as before rows were (MXFP4's merged rows included)
+    monkeypatch.setattr(apply.PlanFields, "fused_rows", lambda self, adapter, lp: adapter.expert_layout == "fused" and not lp.extra)
     lowmoe.prune(src, tmp_path / "whole", plan=plan, progress=False)
     assert _weights(tmp_path / "lazy") == _weights(tmp_path / "whole")
 
