@@ -384,10 +384,7 @@ def _from_sources(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_
     then post fields rewrite the output experts, reading what they use. Values may be thunks (call
     them) or stored entries (``read()`` them, or let the writer copy their bytes): a merge row that is
     one source with coefficient 1 is that source's entry where no view rewrites it."""
-    for name, value in lp.extra.items():
-        view = fields.view.get(name)
-        if view is not None:
-            tensors = view(adapter, layer_idx, tensors, value)
+    tensors = fields.viewed(adapter, layer_idx, tensors, lp)
     posts = [(fields.post[n], v) for n, v in lp.extra.items() if n in fields.post]
     if lp.merge is not None:
         sources = [_copy_source(lp, j, NO_FIELDS) for j in range(len(lp.keep))]
@@ -460,13 +457,15 @@ def _merged_fused(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_
             yield from apply_layer(adapter, layer_idx, {key: t}, lp, num_experts).items()
 
 
-def apply_layer_fused_rows(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_experts: int) -> dict:
+def apply_layer_fused_rows(adapter: Adapter, layer_idx: int, tensors, lp: LayerPlan, num_experts: int,
+                           fields: PlanFields = NO_FIELDS) -> dict:
     """``apply_layer``'s output for a merge plan over an unquantized fused layout read lazily
-    (``tensors``: a ``lazy.LazyLayer``, or the ``align`` view over one, ``PlanFields.viewed``; no other
-    plan fields): each output row of a fused expert tensor is computed
+    (``tensors``: a ``lazy.LazyLayer``; ``fields.fused_rows(adapter, lp)``: its plan fields, if any, are
+    views, applied here, ``PlanFields.viewed``): each output row of a fused expert tensor is computed
     from its sources' rows alone, read one at a time (``_merged_fused``, ``merge_one``); a row that is
     one source with coefficient 1 is that source's row as stored. The fused tensors are never decoded
     whole: the layer's output (E' rows) and one merge are held."""
+    tensors = fields.viewed(adapter, layer_idx, tensors, lp)  # (an ``align`` view permutes each source row as read)
     sources = [_copy_source(lp, j, NO_FIELDS) for j in range(len(lp.keep))]
     prefix = adapter.layer_prefix(layer_idx)
     fused = {k for k in tensors if adapter.is_expert_key(k[len(prefix):])}

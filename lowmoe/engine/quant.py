@@ -466,14 +466,15 @@ def quantize_tensor(t: torch.Tensor, mode: str, device: str | torch.device = "cp
 # Values quantized per step on the CPU (a multiple of both blocks): bitsandbytes' CPU path compares every
 # value with every code at once -- a (values x 16) float32 tensor for NF4 (64 bytes a value), (values x
 # 256) for int8 from a 16-bit dtype (1 KiB a value: 60 GB for one Mixtral-8x7B expert matrix) --; a step
-# holds a few tensors of its own values, and finds each value's code by a binary search (``nearest_code``).
+# holds a few tensors of its own values, and finds each value's code between its two neighbouring codes
+# (``nearest_code``, by a lookup on its float32 bits: ``_searchsorted``).
 QUANT_STEP = 1 << 16
 
 
 def nearest_code(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """For each value of ``x``, the index (uint8) of ``table``'s value nearest to it: bitsandbytes'
     ``argmin(|x - table|)``, the first index on a tie, without its (values x table) tensor. ``table``
-    ascends, so the nearest value is one of the two around x (``searchsorted``); a rounded distance is
+    ascends, so the nearest value is one of the two around x (``_searchsorted``); a rounded distance is
     monotone on each side of x, so the indices tying at the minimum are consecutive, and the first is
     found by stepping down from the lower one while the distance stays equal (rarely even once). A NaN
     (an all-zero block scaled by 1/0) is every distance's NaN, where argmin gives index 0."""

@@ -336,11 +336,9 @@ class PruneRun:
                 if self.plan_fields.from_sources(self.adapter, lp):
                     return apply_layer_from_sources(self.adapter, layer_idx, tensors, lp, self.ck.num_experts,
                                                     fields=self.plan_fields)
-                if self.plan_fields.fused_rows(self.adapter, lp):
-                    # the merged rows, from their sources' rows (an ``align`` view permutes each as it is read)
-                    return apply_layer_fused_rows(self.adapter, layer_idx,
-                                                  self.plan_fields.viewed(self.adapter, layer_idx, tensors, lp), lp,
-                                                  self.ck.num_experts)
+                if self.plan_fields.fused_rows(self.adapter, lp):  # the merged rows, from their sources' rows
+                    return apply_layer_fused_rows(self.adapter, layer_idx, tensors, lp, self.ck.num_experts,
+                                                  fields=self.plan_fields)
             # kept experts of a selection plan stay stored entries: the writer copies their bytes
             tensors = tensors.for_plan(selection_only(lp))
         if layer_idx in self.moe:
